@@ -1,0 +1,133 @@
+"""Backends: who computes a layer, whether they can for given inputs, and why not.
+
+A backend says whether it is usable at all (``unavailable_reason``), whether it supports given
+inputs (``unsupported_reason``), and runs one layer over a sequence (``run_layer``). ``"auto"``
+picks the first backend of the preference list for the input's device that supports the inputs.
+Nothing here queries a device at import time.
+"""
+
+from __future__ import annotations
+
+import importlib
+from typing import Sequence
+
+import torch
+
+from .. import variants
+from ..ops.registration import gate_activation_code
+
+BACKENDS = ("reference", "triton", "cuda", "cpu")
+BACKEND_CHOICES = BACKENDS + ("auto",)
+
+# Where each backend object lives; modules are imported on first use.
+_BACKEND_MODULES = {
+    "reference": "convlstm_fast.backends.reference",
+    "triton": "convlstm_fast.backends.triton",
+    "cuda": "convlstm_fast.backends.native",
+    "cpu": "convlstm_fast.backends.native",
+}
+
+# What "auto" tries, in order, per device type. On a GPU the order between "cuda" and "triton"
+# comes from the latest committed GPU benchmark (benchmarks/results/); "auto" never picks Triton
+# for CPU tensors.
+AUTO_PREFERENCE = {
+    "cpu": ("cpu", "reference"),
+    "cuda": ("triton", "cuda", "reference"),
+}
+
+
+class Backend:
+    """Interface every backend implements."""
+
+    name: str = ""
+
+    def unavailable_reason(self) -> str | None:
+        """``None`` when the backend is built and importable here, else why not."""
+        return None
+
+    def unsupported_reason(self, variant: str, x: torch.Tensor) -> str | None:
+        """``None`` when this backend can run ``variant`` on inputs like ``x``, else why not."""
+        return self.unavailable_reason()
+
+    def run_layer(self, variant: str, x: torch.Tensor, h0: torch.Tensor, c0: torch.Tensor,
+                  params: Sequence[torch.Tensor], gate_activation: str):
+        """``x [T, B, Cin, H, W]`` (contiguous), ``h0``, ``c0`` ``[B, C, H, W]``, ``params`` in
+        ``variants.parameter_shapes`` order -> ``(output [T, B, C, H, W], h_n, c_n)``."""
+        raise NotImplementedError
+
+
+class OpBackend(Backend):
+    """A backend whose layers are the registered ops ``convlstm_fast::<name><suffix>``."""
+
+    def __init__(self, name: str, suffix: str, dispatch_key: str, device_type: str,
+                 dtypes: tuple[torch.dtype, ...]):
+        self.name = name
+        self.suffix = suffix
+        self.dispatch_key = dispatch_key
+        self.device_type = device_type
+        self.dtypes = dtypes
+
+    def op_name(self, variant: str) -> str:
+        return variants.OP_NAMES[variant] + self.suffix
+
+    def load(self) -> None:
+        """Import or build whatever registers the ops; raise ImportError with a reason."""
+
+    def unavailable_reason(self) -> str | None:
+        try:
+            self.load()
+        except ImportError as error:
+            return str(error)
+        return None
+
+    def unsupported_reason(self, variant: str, x: torch.Tensor) -> str | None:
+        reason = self.unavailable_reason()
+        if reason is not None:
+            return reason
+        if x.device.type != self.device_type:
+            return f"backend {self.name!r} runs on {self.device_type} tensors, got {x.device.type}"
+        if x.dtype not in self.dtypes:
+            names = ", ".join(str(d).replace("torch.", "") for d in self.dtypes)
+            return f"backend {self.name!r} supports dtypes {names}, got {x.dtype}"
+        qualname = "convlstm_fast::" + self.op_name(variant)
+        if not torch._C._dispatch_has_kernel_for_dispatch_key(qualname, self.dispatch_key):
+            return f"backend {self.name!r} has no {self.dispatch_key} kernel for variant {variant!r}"
+        return None
+
+    def run_layer(self, variant, x, h0, c0, params, gate_activation):
+        op = getattr(torch.ops.convlstm_fast, self.op_name(variant))
+        output, h_n, c_n, _ = op(x, h0, c0, list(params), gate_activation_code(gate_activation))
+        return output, h_n, c_n
+
+
+def check_backend(name: str) -> str:
+    if name not in BACKEND_CHOICES:
+        raise ValueError(f"backend must be one of {BACKEND_CHOICES}, got {name!r}")
+    return name
+
+
+def get_backend(name: str) -> Backend:
+    """The backend object called ``name`` (not ``"auto"``)."""
+    check_backend(name)
+    if name == "auto":
+        raise ValueError("get_backend needs a concrete backend; use select_backend for 'auto'")
+    module = importlib.import_module(_BACKEND_MODULES[name])
+    return module.BACKENDS[name]
+
+
+def select_backend(name: str, variant: str, x: torch.Tensor) -> Backend:
+    """The backend that will run ``variant`` on ``x``: ``name`` itself, checked, or for
+    ``"auto"`` the first supporting backend of ``AUTO_PREFERENCE``. An explicit backend that
+    cannot run the inputs raises a ``ValueError`` saying why."""
+    check_backend(name)
+    if name != "auto":
+        backend = get_backend(name)
+        reason = backend.unsupported_reason(variant, x)
+        if reason is not None:
+            raise ValueError(f"backend={name!r} cannot run variant {variant!r} here: {reason}")
+        return backend
+    for candidate in AUTO_PREFERENCE.get(x.device.type, ("reference",)):
+        backend = get_backend(candidate)
+        if backend.unsupported_reason(variant, x) is None:
+            return backend
+    return get_backend("reference")

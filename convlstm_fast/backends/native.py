@@ -1,0 +1,86 @@
+"""The native backends ``"cpu"`` and ``"cuda"``: fused C++ / CUDA kernels in ``convlstm_fast._C``.
+
+The schemas are declared in csrc/convlstm_fast.cpp; the kernels register themselves with
+TORCH_LIBRARY_IMPL; autograd, fake tensors and flop formulas are wired here, once, through
+:func:`convlstm_fast.ops.registration.register_layer_op`.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from .. import variants
+from .._extension import load_extension
+from ..ops.registration import register_layer_op
+from . import OpBackend
+
+
+def _saved_spec(gate_channels: int, attention: str | None):
+    """What the native forwards save for backward, channels-last, in the input's dtype:
+    ``cell [T, B, H, W, C]`` (C_t of every step), ``candidate [T, B, H, W, C]`` (G = tanh(...)),
+    ``gate_preact [T, B, n·C]`` (pooled-gate pre-activations), plus the attention map when the
+    cell has one: ``[T, B, H, W]`` (b, the softmax A) or ``[T, B, H, W, C]`` (c/d, exp(Z − max)).
+    The attention features and depthwise outputs are recomputed in backward, not saved."""
+
+    def spec(x, h0, params):
+        steps, batch, _, height, width = x.shape
+        hidden = h0.shape[1]
+        state = (steps, batch, height, width, hidden)
+        out = [(state, x.dtype), (state, x.dtype), ((steps, batch, gate_channels * hidden), x.dtype)]
+        if attention == "spatial":
+            out.append(((steps, batch, height, width), x.dtype))
+        elif attention == "channel":
+            out.append((state, x.dtype))
+        return out
+
+    return spec
+
+
+def _convlstm_saved_spec(x, h0, params):
+    """Original ConvLSTM: ``cell [T, B, H, W, C]`` and the gate pre-activations
+    ``gates [T, B, H, W, 4C]`` (order i, f, g, o) — 5 state tensors per step."""
+    steps, batch, _, height, width = x.shape
+    hidden = h0.shape[1]
+    return [((steps, batch, height, width, hidden), x.dtype),
+            ((steps, batch, height, width, 4 * hidden), x.dtype)]
+
+
+# (shape, dtype) of the tensors each native forward returns as ``saved`` (the CPU and the CUDA
+# kernel of an op return the same list, since one fake registration serves both). A variant is
+# listed once its kernels exist.
+SAVED_SPECS: dict = {}
+ALL_SAVED_SPECS = {
+    "convlstm": _convlstm_saved_spec,
+    "a": _saved_spec(3, None),
+    "b": _saved_spec(3, "spatial"),
+    "c": _saved_spec(2, "channel"),
+    "d": _saved_spec(2, "channel"),
+}
+
+_registered: set[str] = set()
+
+
+def _register_ops() -> None:
+    for variant, spec in SAVED_SPECS.items():
+        qualname = "convlstm_fast::" + variants.OP_NAMES[variant]
+        if qualname not in _registered:
+            register_layer_op(qualname, variant, spec)
+            _registered.add(qualname)
+
+
+class NativeBackend(OpBackend):
+    def load(self) -> None:
+        load_extension()
+        _register_ops()
+
+    def unsupported_reason(self, variant, x):
+        reason = super().unsupported_reason(variant, x)
+        if reason is None and variant not in SAVED_SPECS:
+            return f"backend {self.name!r} has no autograd wiring for variant {variant!r}"
+        return reason
+
+
+BACKENDS = {
+    "cpu": NativeBackend("cpu", "", "CPU", "cpu", (torch.float32, torch.float64)),
+    "cuda": NativeBackend("cuda", "", "CUDA", "cuda", (torch.float32, torch.float16, torch.bfloat16)),
+}

@@ -1,0 +1,21 @@
+"""The reference backend: the pure-PyTorch cells of ``convlstm_fast.reference`` in a time loop.
+
+Runs on any device and dtype that PyTorch supports; autograd is PyTorch's own.
+"""
+
+from __future__ import annotations
+
+from .. import variants
+from ..reference import cells
+from . import Backend
+
+
+class ReferenceBackend(Backend):
+    name = "reference"
+
+    def run_layer(self, variant, x, h0, c0, params, gate_activation):
+        named = dict(zip(variants.parameter_names(variant), params))
+        return cells.layer(variant, x, h0, c0, named, gate_activation)
+
+
+BACKENDS = {"reference": ReferenceBackend()}

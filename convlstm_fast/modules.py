@@ -1,0 +1,224 @@
+"""Drop-in modules: ``ConvLSTMCell`` (like ``nn.LSTMCell``) and ``ConvLSTM`` (like ``nn.LSTM``).
+
+Modules are thin: they own the parameters (SPEC names, so a ``state_dict`` loads on every
+backend), their initialisation and the loop over layers; the math runs in
+:func:`convlstm_fast.functional.convlstm_layer`.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Sequence
+
+import torch
+from torch import nn
+
+from . import variants
+from .backends import check_backend
+from .functional import State, check_input, convlstm_layer
+
+INITS = ("default", "reference")
+
+
+def _check_channels(value, name: str) -> int:
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise TypeError(f"{name} must be an int, got {type(value).__name__}")
+    if value <= 0:
+        raise ValueError(f"{name} must be positive, got {value}")
+    return value
+
+
+def _fan_in(name: str, shape: tuple[int, ...]) -> int:
+    # Pointwise/FC weights are [out, in]; convolution kernels [out, in/groups, K, K].
+    return math.prod(shape[1:])
+
+
+@torch.no_grad()
+def init_parameters(cell: "ConvLSTMCell", scheme: str = "default") -> None:
+    """Initialise a cell's parameters in place.
+
+    ``"default"``: every weight U(−1/√fan_in, 1/√fan_in) (PyTorch's convolution default),
+    biases zero except the forget gate's, which is 1 (Jozefowicz et al. 2015) — for the
+    original ConvLSTM and for the pooled gates.
+    ``"reference"``: the reference code's (SPEC "Options"): he_normal, i.e. a normal truncated
+    at ±2σ with σ = √(2/fan_in) (fan_in = K·K·in channels, depthwise kernels included);
+    the pooled-FC gate weights constant 1/C with zero gate bias; forget-gate bias 1 for
+    ``convlstm`` only; other biases zero.
+    """
+    if scheme not in INITS:
+        raise ValueError(f"init must be one of {INITS}, got {scheme!r}")
+    c = cell.hidden_channels
+    for name, param in cell.named_parameters(recurse=False):
+        if variants.is_bias(name):
+            param.zero_()
+            continue
+        fan_in = _fan_in(name, tuple(param.shape))
+        if scheme == "reference" and name.startswith("gate_weight"):
+            param.fill_(1.0 / c)
+        elif scheme == "reference":
+            std = math.sqrt(2.0 / fan_in)
+            nn.init.trunc_normal_(param, std=std, a=-2 * std, b=2 * std)
+        else:
+            bound = 1.0 / math.sqrt(fan_in)
+            nn.init.uniform_(param, -bound, bound)
+    forget = _forget_gate_slice(cell.variant, c)
+    if cell.has_bias and forget is not None and (scheme == "default" or cell.variant == "convlstm"):
+        bias_name = "bias" if cell.variant == "convlstm" else "gate_bias"
+        getattr(cell, bias_name)[forget] = 1.0
+
+
+def _forget_gate_slice(variant: str, c: int) -> slice | None:
+    # Gate orders: convlstm i,f,g,o; a/b i,f,o; c f,o; d i,f.
+    index = {"convlstm": 1, "a": 1, "b": 1, "c": 0, "d": 1}[variant]
+    return slice(index * c, (index + 1) * c)
+
+
+class ConvLSTMCell(nn.Module):
+    """One ConvLSTM cell of the paper, applied to one time step (like ``nn.LSTMCell``).
+
+    Args:
+        in_channels: Cin of the input ``x [B, Cin, H, W]``.
+        hidden_channels: C of the states ``h``, ``c`` ``[B, C, H, W]``.
+        kernel_size: odd K; convolutions use 'same' padding K // 2.
+        variant: ``"convlstm"`` (original), ``"a"``, ``"b"``, ``"c"`` or ``"d"`` (shared/SPEC.md).
+        bias: learn the biases (otherwise they are fixed at zero and absent from the state_dict).
+        gate_activation: ``"sigmoid"`` (paper) or ``"hard_sigmoid"`` (reference code).
+        init: ``"default"`` or ``"reference"`` (see :func:`init_parameters`).
+        backend: ``"reference"``, ``"triton"``, ``"cuda"``, ``"cpu"`` or ``"auto"``.
+
+    ``forward(x, state=None) -> (h, c)``, ``state = (h, c)``; zeros when ``None``.
+    """
+
+    def __init__(self, in_channels: int, hidden_channels: int, kernel_size: int = 3,
+                 variant: str = "a", bias: bool = True, gate_activation: str = "sigmoid",
+                 init: str = "default", backend: str = "auto"):
+        super().__init__()
+        self.in_channels = _check_channels(in_channels, "in_channels")
+        self.hidden_channels = _check_channels(hidden_channels, "hidden_channels")
+        self.kernel_size = variants.check_kernel_size(kernel_size)
+        self.variant = variants.check_variant(variant)
+        self.gate_activation = variants.check_gate_activation(gate_activation)
+        self.backend = check_backend(backend)
+        self.has_bias = bool(bias)
+        shapes = variants.parameter_shapes(variant, in_channels, hidden_channels, kernel_size)
+        for name, shape in shapes.items():
+            if self.has_bias or not variants.is_bias(name):
+                self.register_parameter(name, nn.Parameter(torch.empty(shape)))
+        init_parameters(self, init)
+
+    def parameter_list(self) -> list[torch.Tensor]:
+        """All parameters in op order; absent biases are zeros."""
+        out = []
+        for name, shape in variants.parameter_shapes(
+            self.variant, self.in_channels, self.hidden_channels, self.kernel_size
+        ).items():
+            param = getattr(self, name, None)
+            if param is None:
+                reference = next(self.parameters())
+                param = reference.new_zeros(shape)
+            out.append(param)
+        return out
+
+    def forward_sequence(self, x: torch.Tensor, state: State | None = None):
+        """Run the cell over ``x [T, B, Cin, H, W]``: ``(output [T, B, C, H, W], (h_n, c_n))``."""
+        check_input(x, "x", 5, self.in_channels)
+        return convlstm_layer(x, self.parameter_list(), self.variant, state,
+                              gate_activation=self.gate_activation, backend=self.backend)
+
+    def forward(self, x: torch.Tensor, state: State | None = None) -> State:
+        check_input(x, "x", 4, self.in_channels, channel_dim=1)
+        _, (h, c) = self.forward_sequence(x.unsqueeze(0), state)
+        return h, c
+
+    def extra_repr(self) -> str:
+        return (f"{self.in_channels}, {self.hidden_channels}, kernel_size={self.kernel_size}, "
+                f"variant={self.variant!r}, bias={self.has_bias}, "
+                f"gate_activation={self.gate_activation!r}, backend={self.backend!r}")
+
+
+def _per_layer(value, num_layers: int, name: str) -> list:
+    if isinstance(value, (list, tuple)):
+        if len(value) != num_layers:
+            raise ValueError(f"{name} has {len(value)} entries, expected num_layers={num_layers}")
+        return list(value)
+    return [value] * num_layers
+
+
+class ConvLSTM(nn.Module):
+    """A stack of ConvLSTM layers over a sequence (like ``nn.LSTM``).
+
+    Unlike ``nn.LSTM`` the default is ``batch_first=True``: video tensors are batch-first.
+
+    Args:
+        in_channels: Cin of the input.
+        hidden_channels: C of every layer, or a list with one C per layer.
+        kernel_size: odd K (one for all layers, or a list).
+        num_layers: number of stacked layers.
+        variant: the cell of every layer, or a list with one per layer.
+        batch_first: input and output ``[B, T, C, H, W]`` when True, ``[T, B, C, H, W]`` otherwise.
+        bias, gate_activation, init, backend: as for :class:`ConvLSTMCell`.
+
+    ``forward(x, state=None) -> (output, (h_n, c_n))``: output holds the last layer's hidden
+    state at every step, ``[B, T, C, H, W]``. When every layer has the same C, ``h_n``, ``c_n``
+    and a given ``state = (h_0, c_0)`` are ``[num_layers, B, C, H, W]`` as in ``nn.LSTM``; when
+    the layers' C differ they are tuples with one ``[B, C_l, H, W]`` tensor per layer.
+    Passing ``(h_n, c_n)`` of one call as ``state`` of the next continues the sequence.
+    """
+
+    def __init__(self, in_channels: int, hidden_channels: int | Sequence[int],
+                 kernel_size: int | Sequence[int] = 3, num_layers: int = 1,
+                 variant: str | Sequence[str] = "a", batch_first: bool = True, bias: bool = True,
+                 gate_activation: str = "sigmoid", init: str = "default", backend: str = "auto"):
+        super().__init__()
+        num_layers = _check_channels(num_layers, "num_layers")
+        hiddens = _per_layer(hidden_channels, num_layers, "hidden_channels")
+        kernels = _per_layer(kernel_size, num_layers, "kernel_size")
+        cells = _per_layer(variant, num_layers, "variant")
+        self.in_channels = _check_channels(in_channels, "in_channels")
+        self.num_layers = num_layers
+        self.batch_first = batch_first
+        self.cells = nn.ModuleList()
+        layer_in = in_channels
+        for hidden, kernel, cell_variant in zip(hiddens, kernels, cells):
+            self.cells.append(ConvLSTMCell(layer_in, hidden, kernel, cell_variant, bias,
+                                           gate_activation, init, backend))
+            layer_in = hidden
+        self.hidden_channels = hiddens
+        self.stacked_states = len(set(hiddens)) == 1
+
+    def _split_state(self, state, x: torch.Tensor) -> list[State | None]:
+        if state is None:
+            return [None] * self.num_layers
+        if not isinstance(state, (tuple, list)) or len(state) != 2:
+            raise TypeError("state must be a tuple (h_0, c_0)")
+        h_0, c_0 = state
+        if self.stacked_states:
+            for name, tensor in (("h_0", h_0), ("c_0", c_0)):
+                if not isinstance(tensor, torch.Tensor) or tensor.dim() != 5 or tensor.shape[0] != self.num_layers:
+                    shape = tuple(tensor.shape) if isinstance(tensor, torch.Tensor) else type(tensor).__name__
+                    raise ValueError(f"state {name} must be [num_layers={self.num_layers}, B, C, H, W], got {shape}")
+            return [(h_0[i], c_0[i]) for i in range(self.num_layers)]
+        for name, part in (("h_0", h_0), ("c_0", c_0)):
+            if not isinstance(part, (tuple, list)) or len(part) != self.num_layers:
+                raise ValueError(
+                    f"state {name} must be a tuple of {self.num_layers} per-layer [B, C_l, H, W] "
+                    "tensors (the layers have different hidden_channels)"
+                )
+        return list(zip(h_0, c_0))
+
+    def forward(self, x: torch.Tensor, state=None):
+        check_input(x, "x", 5, self.in_channels)
+        sequence = x.transpose(0, 1) if self.batch_first else x
+        layer_states = self._split_state(state, sequence)
+        h_n, c_n = [], []
+        for cell, layer_state in zip(self.cells, layer_states):
+            sequence, (h, c) = cell.forward_sequence(sequence.contiguous(), layer_state)
+            h_n.append(h)
+            c_n.append(c)
+        output = sequence.transpose(0, 1) if self.batch_first else sequence
+        if self.stacked_states:
+            return output, (torch.stack(h_n), torch.stack(c_n))
+        return output, (tuple(h_n), tuple(c_n))
+
+    def extra_repr(self) -> str:
+        return f"batch_first={self.batch_first}"

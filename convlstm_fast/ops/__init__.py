@@ -1,0 +1,1 @@
+"""Shared wiring of the registered layer ops (autograd, fake tensors, flop formulas)."""

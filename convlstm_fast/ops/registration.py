@@ -1,0 +1,138 @@
+"""Autograd, fake tensors and flop formulas for the layer ops — wired once for every backend.
+
+Every kernel backend exposes, per cell, two ops with the same schemas (KERNELS.md "The unit of an
+op": one layer over a whole sequence):
+
+    <name>(Tensor x, Tensor h0, Tensor c0, Tensor[] params, int gate_activation)
+        -> (Tensor output, Tensor h_n, Tensor c_n, Tensor[] saved)
+    <name>_backward(Tensor grad_output, Tensor grad_h_n, Tensor grad_c_n, Tensor x, Tensor h0,
+                    Tensor c0, Tensor[] params, Tensor output, Tensor[] saved, int gate_activation)
+        -> (Tensor grad_x, Tensor grad_h0, Tensor grad_c0, Tensor[] grad_params)
+
+``x`` is time-first ``[T, B, Cin, H, W]``, ``h0``/``c0`` and ``h_n``/``c_n`` ``[B, C, H, W]``,
+``output`` ``[T, B, C, H, W]``; ``params`` follow ``variants.parameter_shapes`` order;
+``gate_activation`` is an index into ``variants.GATE_ACTIVATIONS``. ``saved`` is whatever the
+backend keeps for its backward (its shapes are declared by the backend's ``saved_spec``); the
+gradients that arrive for it are ignored. Native ops (``convlstm_fast::<name>``) are declared in
+C++ (csrc/convlstm_fast.cpp); Triton ops (``convlstm_fast::<name>_triton``) are declared from
+Python with :func:`define_layer_ops`. Both then go through :func:`register_layer_op`.
+"""
+
+from __future__ import annotations
+
+from typing import Callable, Sequence
+
+import torch
+from torch.utils.flop_counter import register_flop_formula
+
+from .. import variants
+
+LAYER_SCHEMA = (
+    "(Tensor x, Tensor h0, Tensor c0, Tensor[] params, int gate_activation)"
+    " -> (Tensor output, Tensor h_n, Tensor c_n, Tensor[] saved)"
+)
+BACKWARD_SCHEMA = (
+    "(Tensor grad_output, Tensor grad_h_n, Tensor grad_c_n, Tensor x, Tensor h0, Tensor c0,"
+    " Tensor[] params, Tensor output, Tensor[] saved, int gate_activation)"
+    " -> (Tensor grad_x, Tensor grad_h0, Tensor grad_c0, Tensor[] grad_params)"
+)
+
+# (shape, dtype) of each saved tensor, from the forward's inputs: (x, h0, params) -> list.
+SavedSpec = Callable[[torch.Tensor, torch.Tensor, Sequence[torch.Tensor]], list]
+
+_LIBRARY = torch.library.Library("convlstm_fast", "FRAGMENT")
+
+
+def define_layer_ops(name: str) -> None:
+    """Declare ``convlstm_fast::<name>`` and ``<name>_backward`` from Python (Triton ops)."""
+    _LIBRARY.define(name + LAYER_SCHEMA)
+    _LIBRARY.define(name + "_backward" + BACKWARD_SCHEMA)
+
+
+def gate_activation_code(gate_activation: str) -> int:
+    return variants.GATE_ACTIVATIONS.index(gate_activation)
+
+
+def _layer_fake(x, h0, c0, params, gate_activation, *, saved_spec: SavedSpec):
+    steps, hidden = x.shape[0], h0.shape[1]
+    output = x.new_empty((steps, *h0.shape[:1], hidden, *h0.shape[2:]), dtype=h0.dtype)
+    saved = [x.new_empty(shape, dtype=dtype) for shape, dtype in saved_spec(x, h0, params)]
+    return output, torch.empty_like(h0), torch.empty_like(c0), saved
+
+
+def _backward_fake(grad_output, grad_h_n, grad_c_n, x, h0, c0, params, output, saved,
+                   gate_activation):
+    return (torch.empty_like(x), torch.empty_like(h0), torch.empty_like(c0),
+            [torch.empty_like(p) for p in params])
+
+
+def _setup_context(ctx, inputs, output):
+    x, h0, c0, params, gate_activation = inputs
+    out, _, _, saved = output
+    ctx.save_for_backward(x, h0, c0, out, *params, *saved)
+    ctx.num_params = len(params)
+    ctx.gate_activation = gate_activation
+
+
+def _double_backward_error(ctx, *grads):
+    raise RuntimeError(
+        "convlstm_fast: double backward (create_graph=True through the backward of a fused "
+        "layer op) is not supported; use backend='reference' for higher-order gradients"
+    )
+
+
+def _layer_mult_adds(variant: str, x_shape, h0_shape, params_shapes) -> int:
+    steps, batch, cin, height, width = x_shape
+    kernel = params_shapes[1 if variant == "convlstm" else 3][-1]  # weight_h / cand_dw_x
+    return steps * batch * variants.step_mult_adds(variant, cin, h0_shape[1], kernel, height, width)
+
+
+def _flop_formulas(variant: str):
+    """FLOPs = 2 · MACs. The backward is counted as twice the forward's work (the gradients of
+    the inputs and of the weights), as FlopCounterMode counts the reference's convolutions."""
+
+    def forward(x_shape, h0_shape, c0_shape, params_shapes, *args, **kwargs) -> int:
+        return 2 * _layer_mult_adds(variant, x_shape, h0_shape, params_shapes)
+
+    def backward(grad_output_shape, grad_h_n_shape, grad_c_n_shape, x_shape, h0_shape, c0_shape,
+                 params_shapes, *args, **kwargs) -> int:
+        return 4 * _layer_mult_adds(variant, x_shape, h0_shape, params_shapes)
+
+    return forward, backward
+
+
+def register_layer_op(qualname: str, variant: str, saved_spec: SavedSpec) -> None:
+    """Register fake tensors, autograd and flop formulas for ``qualname`` and its backward.
+
+    ``qualname`` is ``"convlstm_fast::<name>"`` with ``<name>_backward`` beside it; the kernels
+    themselves are registered by the backend (TORCH_LIBRARY_IMPL in C++, or torch.library.impl).
+    """
+    backward_qualname = qualname + "_backward"
+    namespace, name = qualname.split("::")
+    ops = getattr(torch.ops, namespace)
+    backward_op = getattr(ops, name + "_backward")
+
+    def fake(x, h0, c0, params, gate_activation):
+        return _layer_fake(x, h0, c0, params, gate_activation, saved_spec=saved_spec)
+
+    def backward(ctx, grad_output, grad_h_n, grad_c_n, grad_saved):
+        x, h0, c0, out, *rest = ctx.saved_tensors
+        params, saved = rest[: ctx.num_params], rest[ctx.num_params:]
+        grad_output = torch.zeros_like(out) if grad_output is None else grad_output.contiguous()
+        grad_h_n = torch.zeros_like(h0) if grad_h_n is None else grad_h_n.contiguous()
+        grad_c_n = torch.zeros_like(c0) if grad_c_n is None else grad_c_n.contiguous()
+        grad_x, grad_h0, grad_c0, grad_params = backward_op(
+            grad_output, grad_h_n, grad_c_n, x, h0, c0, list(params), out, list(saved),
+            ctx.gate_activation,
+        )
+        return grad_x, grad_h0, grad_c0, list(grad_params), None
+
+    torch.library.register_fake(qualname)(fake)
+    torch.library.register_fake(backward_qualname)(_backward_fake)
+    torch.library.register_autograd(qualname, backward, setup_context=_setup_context)
+    torch.library.register_autograd(
+        backward_qualname, _double_backward_error, setup_context=lambda ctx, inputs, output: None
+    )
+    forward_flops, backward_flops = _flop_formulas(variant)
+    register_flop_formula(getattr(ops, name).default)(forward_flops)
+    register_flop_formula(backward_op.default)(backward_flops)
