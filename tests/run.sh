@@ -1,0 +1,37 @@
+#!/usr/bin/env bash
+# The test command (README): builds everything from scratch on a fresh clone and runs every suite.
+#   1. main environment: torch 2.14.1 + triton 3.8, package built with the CUDA kernels compiled for
+#      sm_80/sm_90 (compile check), then the main suite, the benchmark cases in quick mode, the
+#      Triton interpreter suite (its own process: TRITON_INTERPRET=1 must precede importing triton)
+#      and the Triton ahead-of-time compile check for sm_80/sm_90;
+#   2. the GPU machine's triton (3.6) with the CPU build of torch 2.13: interpreter suite and
+#      compile check again.
+# GPU-marked tests skip themselves (with a reason) on a machine without CUDA.
+set -uo pipefail
+ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+cd "$ROOT"
+status=0
+run() {
+  echo "::: $*"
+  "$@" || { echo "::: FAILED ($?): $*"; status=1; }
+}
+
+CONVLSTM_CUDA=1 source .ci/setup-env || exit 1
+PY="$VENV/bin/python"
+# Run from tests/ so the source tree is not on sys.path: tests import the installed package.
+run "$VENV/bin/pytest" -q tests --ignore=tests/triton
+run "$VENV/bin/pytest" -q benchmarks --benchmark-disable
+run env TRITON_INTERPRET=1 "$VENV/bin/pytest" -q tests/triton
+run "$PY" -m convlstm_fast.triton_kernels.compile_check
+
+VENV36="${CONVLSTM_VENV36:-$ROOT/.venv-triton36}"
+[ -x "$VENV36/bin/python" ] || python3 -m venv "$VENV36"
+run "$VENV36/bin/python" -m pip install -q --disable-pip-version-check \
+  torch==2.13.0 triton==3.6.0 numpy==2.1.3 "setuptools>=64" wheel ninja pytest expecttest hypothesis
+run env MAX_JOBS=2 TORCH_CUDA_ARCH_LIST= FORCE_CUDA=0 "$VENV36/bin/python" -m pip install -q \
+  --disable-pip-version-check --no-build-isolation --no-deps --force-reinstall "$ROOT"
+run env TRITON_INTERPRET=1 "$VENV36/bin/pytest" -q tests/triton
+run "$VENV36/bin/python" -m convlstm_fast.triton_kernels.compile_check
+
+if [ "$status" = 0 ]; then echo "::: all suites passed"; else echo "::: some suites failed"; fi
+exit "$status"
