@@ -106,28 +106,40 @@ def check_backend(name: str) -> str:
     return name
 
 
+_LOADED: dict[str, Backend] = {}
+
+
 def get_backend(name: str) -> Backend:
     """The backend object called ``name`` (not ``"auto"``)."""
+    if name in _LOADED:
+        return _LOADED[name]
     check_backend(name)
     if name == "auto":
         raise ValueError("get_backend needs a concrete backend; use select_backend for 'auto'")
     module = importlib.import_module(_BACKEND_MODULES[name])
-    return module.BACKENDS[name]
+    _LOADED[name] = module.BACKENDS[name]
+    return _LOADED[name]
+
+
+@torch._dynamo.assume_constant_result
+def resolve_backend(name: str, variant: str, device: str, dtype: torch.dtype) -> str:
+    """The name of the backend that runs ``variant`` on tensors of ``device`` and ``dtype``:
+    ``name`` itself, checked, or for ``"auto"`` the first supporting backend of
+    ``AUTO_PREFERENCE``. An explicit backend that cannot run them raises a ``ValueError`` saying
+    why. Under torch.compile the answer is computed once while tracing and baked into the graph."""
+    check_backend(name)
+    probe = torch.empty(0, device=device, dtype=dtype)
+    if name != "auto":
+        reason = get_backend(name).unsupported_reason(variant, probe)
+        if reason is not None:
+            raise ValueError(f"backend={name!r} cannot run variant {variant!r} here: {reason}")
+        return name
+    for candidate in AUTO_PREFERENCE.get(probe.device.type, ("reference",)):
+        if get_backend(candidate).unsupported_reason(variant, probe) is None:
+            return candidate
+    return "reference"
 
 
 def select_backend(name: str, variant: str, x: torch.Tensor) -> Backend:
-    """The backend that will run ``variant`` on ``x``: ``name`` itself, checked, or for
-    ``"auto"`` the first supporting backend of ``AUTO_PREFERENCE``. An explicit backend that
-    cannot run the inputs raises a ``ValueError`` saying why."""
-    check_backend(name)
-    if name != "auto":
-        backend = get_backend(name)
-        reason = backend.unsupported_reason(variant, x)
-        if reason is not None:
-            raise ValueError(f"backend={name!r} cannot run variant {variant!r} here: {reason}")
-        return backend
-    for candidate in AUTO_PREFERENCE.get(x.device.type, ("reference",)):
-        backend = get_backend(candidate)
-        if backend.unsupported_reason(variant, x) is None:
-            return backend
-    return get_backend("reference")
+    """The backend object that runs ``variant`` on inputs like ``x`` (see resolve_backend)."""
+    return get_backend(resolve_backend(name, variant, str(x.device), x.dtype))
