@@ -82,7 +82,9 @@ def _check_params(params: list[torch.Tensor], variant: str, x: torch.Tensor, hid
 
 def _autocast(tensors: Sequence[torch.Tensor], device_type: str) -> list[torch.Tensor]:
     """Under torch.autocast the layer runs in the autocast dtype (as a convolution would)."""
-    if not torch.is_autocast_enabled(device_type):
+    # Devices without autocast (e.g. "meta", used to count Mult-Adds) have nothing to cast.
+    if not (torch.amp.is_autocast_available(device_type)
+            and torch.is_autocast_enabled(device_type)):
         return list(tensors)
     dtype = torch.get_autocast_dtype(device_type)
     return [t.to(dtype) if t.is_floating_point() else t for t in tensors]
@@ -126,8 +128,9 @@ def convlstm_layer(
         h0 = x.new_zeros(batch, hidden_channels, height, width)
         c0 = torch.zeros_like(h0)
     else:
-        h0, c0 = _autocast(state, device_type)
-        h0, c0 = check_state((h0, c0), x, batch, hidden_channels, height, width)
+        if isinstance(state, (tuple, list)) and all(isinstance(t, torch.Tensor) for t in state):
+            state = tuple(_autocast(state, device_type))
+        h0, c0 = check_state(state, x, batch, hidden_channels, height, width)
     chosen = select_backend(backend, variant, x)
     if steps == 0 or x.numel() == 0 or h0.numel() == 0:
         output = x.new_zeros(steps, batch, hidden_channels, height, width)

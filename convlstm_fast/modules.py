@@ -28,9 +28,13 @@ def _check_channels(value, name: str) -> int:
     return value
 
 
-def _fan_in(name: str, shape: tuple[int, ...]) -> int:
-    # Pointwise/FC weights are [out, in]; convolution kernels [out, in/groups, K, K].
-    return math.prod(shape[1:])
+def _fan_in(name: str, shape: tuple[int, ...], scheme: str) -> int:
+    # Pointwise/FC weights are [out, in]; convolution kernels [out, in/groups, K, K]. The
+    # reference code's he_normal (Keras) sees a depthwise kernel as [K, K, C, 1]: fan_in = K·K·C.
+    fan_in = math.prod(shape[1:])
+    if scheme == "reference" and "_dw_" in name:
+        fan_in *= shape[0]
+    return fan_in
 
 
 @torch.no_grad()
@@ -52,7 +56,7 @@ def init_parameters(cell: "ConvLSTMCell", scheme: str = "default") -> None:
         if variants.is_bias(name):
             param.zero_()
             continue
-        fan_in = _fan_in(name, tuple(param.shape))
+        fan_in = _fan_in(name, tuple(param.shape), scheme)
         if scheme == "reference" and name.startswith("gate_weight"):
             param.fill_(1.0 / c)
         elif scheme == "reference":

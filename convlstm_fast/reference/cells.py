@@ -18,8 +18,13 @@ Record = dict[str, torch.Tensor]
 
 
 def hard_sigmoid(x: torch.Tensor) -> torch.Tensor:
-    """The reference code's gate activation: clamp(0.2·x + 0.5, 0, 1) (not torch's x/6 form)."""
-    return torch.clamp(0.2 * x + 0.5, 0.0, 1.0)
+    """The reference code's gate activation: clamp(0.2·x + 0.5, 0, 1) (not torch's x/6 form).
+
+    Its derivative is 0.2 on the closed interval 0 <= 0.2·x + 0.5 <= 1 and 0 outside (the op
+    contract, ops/registration.py). Written with ``where`` because torch.clamp's own backward at
+    the bounds changed between releases (inclusive in 2.13, 0 in 2.14)."""
+    y = 0.2 * x + 0.5
+    return torch.where((y >= 0) & (y <= 1), y, (y > 1).to(y.dtype))
 
 
 def gate_activation_fn(name: str) -> Callable[[torch.Tensor], torch.Tensor]:
