@@ -1,0 +1,86 @@
+"""Small cases of every CUDA op, for compute-sanitizer (memcheck, racecheck) in ONE process.
+
+    compute-sanitizer --tool memcheck python benchmarks/sanitizer_cases.py [--backends cuda,triton]
+
+For each variant, gate activation and supported dtype, runs the backend's forward op and,
+through autograd, its ``_backward`` op on an awkward small shape (odd H ≠ W, Cin ≠ C, B = 2) and
+on a one-step case, and checks the output against the reference loosely (a sanity check that
+the kernels ran: the tests own correctness). Prints one line per case; exits 1 if any case
+raised or came out non-finite or far from the reference, 0 otherwise. Backends or variants
+that are not available are listed with their reason.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+import torch
+
+from convlstm_fast import convlstm_layer, variants
+from convlstm_fast.backends import get_backend
+from convlstm_fast.bench.cases import CellShape, make_inputs
+
+SHAPES = (CellShape(2, 3, 5, 12, 7, 5, label="odd"), CellShape(1, 1, 4, 4, 3, 3, label="one-step"))
+
+
+def run_case(backend: str, variant: str, shape: CellShape, dtype: torch.dtype,
+             gate_activation: str, device: str = "cuda") -> str | None:
+    """Forward and backward of one case; returns an error text or None."""
+    x, params = make_inputs(variant, shape, device, dtype)
+    x.requires_grad_()
+    params = [p.requires_grad_() for p in params]
+    output, (h_n, c_n) = convlstm_layer(x, params, variant, gate_activation=gate_activation,
+                                        backend=backend)
+    (output.float().square().sum() + h_n.float().sum() + c_n.float().sum()).backward()
+    if x.is_cuda:
+        torch.cuda.synchronize()
+    with torch.no_grad():
+        expected, _ = convlstm_layer(x.double(), [p.double() for p in params], variant,
+                                     gate_activation=gate_activation, backend="reference")
+    tensors = [output, h_n, c_n, x.grad] + [p.grad for p in params]
+    if any(t is None or not torch.isfinite(t).all() for t in tensors):
+        return "non-finite output or missing gradient"
+    error = (output.double() - expected).abs().max().item()
+    tolerance = 1e-3 if dtype == torch.float32 else 0.1
+    if error > tolerance:
+        return f"output differs from the reference by {error:.3g} (> {tolerance})"
+    return None
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--backends", default="cuda", help="comma list (default: cuda)")
+    parser.add_argument("--variants", default=",".join(variants.VARIANTS))
+    parser.add_argument("--device", default="cuda", help="cuda (cpu only to dry-run this script)")
+    args = parser.parse_args(argv)
+    if args.device == "cuda" and not torch.cuda.is_available():
+        print("no CUDA device: nothing to sanitize")
+        return 1
+    failures = ran = 0
+    for backend in args.backends.split(","):
+        for variant in args.variants.split(","):
+            for dtype in (torch.float32, torch.bfloat16, torch.float16):
+                probe = torch.empty(1, 1, 1, 1, 1, device=args.device, dtype=dtype)
+                reason = get_backend(backend).unsupported_reason(variant, probe)
+                if reason is not None:
+                    print(f"SKIP {backend} {variant} {dtype}: {reason}", flush=True)
+                    continue
+                for shape in SHAPES:
+                    for gate_activation in variants.GATE_ACTIVATIONS:
+                        name = f"{backend} {variant} {str(dtype)[6:]} {shape.label} {gate_activation}"
+                        try:
+                            problem = run_case(backend, variant, shape, dtype, gate_activation,
+                                               args.device)
+                        except Exception as error:  # report every case, then fail at the end
+                            problem = f"{type(error).__name__}: {error}"
+                        ran += 1
+                        failures += problem is not None
+                        print(f"{'FAIL' if problem else 'ok  '} {name}"
+                              + (f": {problem}" if problem else ""), flush=True)
+    print(f"{ran} cases, {failures} failed")
+    return 1 if failures or ran == 0 else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,114 @@
+"""``python -m convlstm_fast.bench`` / ``convlstm-bench``: Table 1, cell latency on every usable
+backend, saved-for-backward bytes, the full network's cost and throughput, and a size sweep.
+
+Without arguments it runs a default sized for a 2-core CPU (a few minutes). ``--table1`` prints
+only Table 1 (fast: counted on fake tensors). ``--quick`` is a seconds-long smoke run.
+``--paper`` uses the paper's shapes (256 channels, 28x28; T=16 B=8 and T=8 B=16), for a GPU.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import sys
+
+import torch
+
+from .. import variants
+from . import cases
+from .harness import device_descriptor
+from .report import full_markdown, table1_markdown, write_outputs
+from .suite import default_config, run_suite
+
+DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16,
+          "float64": torch.float64}
+
+
+def _list(text: str) -> list[str]:
+    return [part.strip() for part in text.split(",") if part.strip()]
+
+
+def _shape(text: str) -> cases.CellShape:
+    """``B,T,C,H,W`` (Cin = C) or ``B,T,Cin,C,H,W``, optionally ``,K`` appended as a 6th/7th."""
+    try:
+        values = [int(v) for v in _list(text)]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"--shape must be integers B,T,C,H,W, got {text!r}")
+    if len(values) == 5:
+        b, t, c, h, w = values
+        return cases.CellShape(b, t, c, c, h, w, label="custom")
+    if len(values) in (6, 7):
+        return cases.CellShape(*values[:6], *(values[6:] or [3]), label="custom")
+    raise argparse.ArgumentTypeError(f"--shape takes B,T,C,H,W or B,T,Cin,C,H,W[,K], got {text!r}")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="convlstm-bench", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--device", help="cpu or cuda[:N] (default: cuda when available)")
+    parser.add_argument("--dtype", choices=sorted(DTYPES),
+                        help="compute dtype (default: float32 on CPU, bfloat16 on CUDA)")
+    parser.add_argument("--variants", type=_list, help=f"comma list of {','.join(variants.VARIANTS)}")
+    parser.add_argument("--backends", type=_list,
+                        help="comma list of registered backends and 'compile' (default: all)")
+    parser.add_argument("--shape", type=_shape, action="append",
+                        help="cell shape B,T,C,H,W or B,T,Cin,C,H,W[,K]; repeatable")
+    parser.add_argument("--paper", action="store_true",
+                        help="paper shapes: 256 channels, 28x28, T=16 B=8 (IsoGD) and T=8 B=16 (Jester)")
+    parser.add_argument("--quick", action="store_true", help="tiny shapes, few repeats (seconds)")
+    parser.add_argument("--table1", action="store_true", help="print only Table 1 and exit")
+    parser.add_argument("--out", help="folder for the JSON, markdown and PNG plots")
+    parser.add_argument("--repeats", type=int, help="timed repetitions per case")
+    parser.add_argument("--time-budget", type=float,
+                        help="seconds after which no new case starts (results so far are kept)")
+    parser.add_argument("--threads", type=int, help="torch.set_num_threads for CPU runs")
+    parser.add_argument("--no-network", action="store_true", help="skip the full-network cases")
+    parser.add_argument("--no-sweep", action="store_true", help="skip the size sweep")
+    parser.add_argument("--no-progress", action="store_true", help="no progress bar")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    if args.table1:
+        print(table1_markdown(cases.table1()))
+        return 0
+    if args.paper and args.quick:
+        print("--paper and --quick exclude each other", file=sys.stderr)
+        return 2
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    config = default_config(args.device, DTYPES.get(args.dtype), quick=args.quick,
+                            paper=args.paper)
+    if args.variants:
+        for variant in args.variants:
+            variants.check_variant(variant)
+        config.variants = args.variants
+    if args.backends:
+        config.backends = cases.backend_names(args.backends)
+    if args.shape:
+        config.shapes = tuple(args.shape)
+    if args.repeats:
+        config.repeats = args.repeats
+    if args.time_budget:
+        config.time_budget_s = args.time_budget
+    if args.no_network:
+        config.network = None
+    if args.no_sweep:
+        config.sweep_spatial = config.sweep_channels = ()
+    result = run_suite(config, progress=not args.no_progress)
+    result["environment"]["argv"] = sys.argv[1:] if argv is None else list(argv)
+    print(full_markdown(result))
+    if args.out:
+        date = datetime.date.today().isoformat()
+        stem = f"{device_descriptor(config.device)}-{date}"
+        if config.label != "default":
+            stem += f"-{config.label}"
+        for kind, path in write_outputs(result, args.out, stem).items():
+            print(f"wrote {kind}: {path}")
+    print(f"benchmark wall time {result['wall_seconds']:.1f} s", file=sys.stderr)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,199 @@
+"""What the benchmarks measure: shapes, the layer runners of every backend, Table 1, the saved
+bytes per step and the full network's cost. Shared by ``python -m convlstm_fast.bench`` and the
+pytest-benchmark files under ``benchmarks/``.
+
+A runner is ``fn(x [T, B, Cin, H, W], params) -> output [T, B, C, H, W]``. The registered
+backends (``convlstm_fast.backends.BACKENDS``, however many there are) run through
+:func:`convlstm_fast.convlstm_layer`; ``"compile"`` is ``torch.compile`` of the reference step.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+
+import torch
+from torch._subclasses.fake_tensor import FakeTensorMode
+
+from .. import variants
+from ..backends import BACKENDS, get_backend
+from ..counting import count_mult_adds, count_parameters, paper_mult_adds
+from ..functional import convlstm_layer
+from ..modules import ConvLSTMCell
+from ..reference import cells
+from .harness import saved_state_tensors
+
+COMPILE = "compile"
+
+
+@dataclass(frozen=True)
+class CellShape:
+    """One layer call: ``x [steps, batch, in_channels, height, width]``, K × K kernels."""
+
+    batch: int
+    steps: int
+    in_channels: int
+    hidden_channels: int
+    height: int
+    width: int
+    kernel_size: int = 3
+    label: str = ""
+
+    @property
+    def state_numel(self) -> int:
+        return self.batch * self.hidden_channels * self.height * self.width
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    def describe(self) -> str:
+        return (f"B={self.batch} T={self.steps} Cin={self.in_channels} C={self.hidden_channels} "
+                f"{self.height}x{self.width} K={self.kernel_size}")
+
+
+# Sized for this 2-core CPU: the whole default run stays under ~5 minutes.
+DEFAULT_SHAPES = (CellShape(2, 8, 64, 64, 28, 28, label="default"),)
+QUICK_SHAPES = (CellShape(1, 2, 8, 8, 8, 8, label="quick"),)
+# SPEC "The full network": the ConvLSTM layers see 256 channels at 28×28, T = 16 at B = 8 for
+# IsoGD (32-frame clips) and T = 8 at B = 16 for Jester (16-frame clips).
+PAPER_SHAPES = (CellShape(8, 16, 256, 256, 28, 28, label="IsoGD"),
+                CellShape(16, 8, 256, 256, 28, 28, label="Jester"))
+
+# Table 1 of the paper as printed (Params, Mult-Adds), for comparison beside our counts.
+PAPER_TABLE1 = {
+    "convlstm": (4.719e6, 3700e6),
+    "a": (0.529e6, 415e6),
+    "b": (0.667e6, 522e6),
+    "c": (0.601e6, 472e6),
+    "d": (0.601e6, 472e6),
+}
+
+
+def sweep_shapes(base: CellShape, spatial_sizes, channel_counts) -> list[CellShape]:
+    """Latency against spatial size (channels of ``base``) and against channels (size of ``base``)."""
+    shapes = [CellShape(base.batch, base.steps, base.in_channels, base.hidden_channels, s, s,
+                        base.kernel_size, "spatial") for s in spatial_sizes]
+    shapes += [CellShape(base.batch, base.steps, c, c, base.height, base.width, base.kernel_size,
+                         "channels") for c in channel_counts]
+    return shapes
+
+
+def backend_names(requested=None, include_compile: bool = True) -> list[str]:
+    """The backends to try: ``requested``, or every registered backend plus ``"compile"``."""
+    if requested:
+        unknown = [b for b in requested if b not in BACKENDS and b != COMPILE]
+        if unknown:
+            raise ValueError(f"unknown backends {unknown}; choose from {BACKENDS + (COMPILE,)}")
+        return list(requested)
+    return list(BACKENDS) + ([COMPILE] if include_compile else [])
+
+
+def unsupported_reason(backend: str, variant: str, x: torch.Tensor) -> str | None:
+    """``None`` when ``backend`` can run ``variant`` on inputs like ``x``, else why not."""
+    if backend == COMPILE:
+        if x.device.type == "cuda":
+            try:
+                import triton  # noqa: F401  (Inductor needs it for GPU code)
+            except ImportError:
+                return "torch.compile on CUDA needs triton"
+        return None
+    return get_backend(backend).unsupported_reason(variant, x)
+
+
+def make_inputs(variant: str, shape: CellShape, device, dtype, seed: int = 0):
+    """``x [T, B, Cin, H, W]`` and the parameter list of a freshly initialised cell."""
+    generator = torch.Generator().manual_seed(seed)
+    torch.manual_seed(seed)
+    cell = ConvLSTMCell(shape.in_channels, shape.hidden_channels, shape.kernel_size, variant,
+                        backend="reference")
+    x = torch.randn(shape.steps, shape.batch, shape.in_channels, shape.height, shape.width,
+                    generator=generator)
+    x = x.to(device=device, dtype=dtype)
+    params = [p.detach().to(device=device, dtype=dtype) for p in cell.parameter_list()]
+    return x, params
+
+
+def layer_runner(backend: str, variant: str, shape: CellShape, gate_activation: str = "sigmoid"):
+    """``fn(x, params) -> output`` running one layer on ``backend`` (or ``"compile"``)."""
+    if backend != COMPILE:
+        def run(x, params):
+            return convlstm_layer(x, params, variant, gate_activation=gate_activation,
+                                  backend=backend)[0]
+        return run
+    # torch.compile of the reference step; the time loop stays in Python (as a user would
+    # write it), so one compiled graph serves every step.
+    step = torch.compile(cells.STEPS[variant], dynamic=False)
+    names = variants.parameter_names(variant)
+
+    def run_compiled(x, params):
+        named = dict(zip(names, params))
+        h = x.new_zeros(shape.batch, shape.hidden_channels, shape.height, shape.width)
+        c = torch.zeros_like(h)
+        outputs = []
+        for t in range(x.shape[0]):
+            h, c = step(x[t], h, c, named, gate_activation, None)
+            outputs.append(h)
+        return torch.stack(outputs)
+
+    return run_compiled
+
+
+def forward_fn(run, x, params):
+    """Inference forward: no autograd."""
+    def fn():
+        with torch.no_grad():
+            return run(x, params)
+    return fn
+
+
+def forward_backward_fn(run, x, params, seed: int = 1):
+    """Forward with autograd, then the gradients of x and every parameter for a fixed random
+    output gradient (``torch.autograd.grad``: nothing accumulates between calls)."""
+    inputs = [x.detach().requires_grad_()] + [p.detach().requires_grad_() for p in params]
+    with torch.no_grad():
+        shape = run(x, params).shape
+    generator = torch.Generator().manual_seed(seed)
+    grad_output = torch.randn(shape, generator=generator).to(device=x.device, dtype=x.dtype)
+
+    def fn():
+        output = run(inputs[0], inputs[1:])
+        return torch.autograd.grad(output, inputs, grad_output, allow_unused=True)
+    return fn
+
+
+def saved_per_step(backend: str, variant: str, shape: CellShape, device, dtype) -> float:
+    """State tensors saved for backward per step (KERNELS.md "How saved for backward is counted")."""
+    x, params = make_inputs(variant, shape, device, dtype)
+    x.requires_grad_()
+    params = [p.requires_grad_() for p in params]
+    run = layer_runner(backend, variant, shape)
+    return saved_state_tensors(lambda: run(x, params), [x] + params, shape.state_numel,
+                               shape.steps)
+
+
+def table1(in_channels: int = 256, hidden_channels: int = 256, kernel_size: int = 3,
+           size: int = 28) -> list[dict]:
+    """The paper's Table 1: per cell, the exact weight count, the paper's Mult-Adds convention
+    (:func:`convlstm_fast.paper_mult_adds`: weights × H·W) and the true MACs of one step and one
+    sample (:func:`convlstm_fast.count_mult_adds`, run on fake tensors: no memory, no compute)."""
+    rows = []
+    fake_mode = FakeTensorMode()
+    for variant in variants.VARIANTS:
+        with fake_mode:
+            cell = ConvLSTMCell(in_channels, hidden_channels, kernel_size, variant,
+                                backend="reference")
+            x = torch.empty(1, in_channels, size, size)
+            true = count_mult_adds(cell, x)
+        weights = count_parameters(cell, include_bias=False)
+        paper = paper_mult_adds(cell, size, size)
+        printed_params, printed_mult_adds = PAPER_TABLE1[variant]
+        rows.append({
+            "variant": variant,
+            "weights": weights,
+            "parameters_with_bias": count_parameters(cell),
+            "paper_mult_adds": paper,
+            "true_mult_adds": true,
+            "overstatement": paper / true,
+            "paper_printed_params": printed_params,
+            "paper_printed_mult_adds": printed_mult_adds,
+        })
+    return rows
