@@ -27,7 +27,7 @@ def _extension():
     sources = [os.path.relpath(p, ROOT) for p in
                sorted(glob.glob(os.path.join(ROOT, "csrc", "*.cpp")))
                + sorted(glob.glob(os.path.join(ROOT, "csrc", "cpu", "*.cpp")))]
-    cxx_flags = ["-O3", "-fopenmp", "-DPy_LIMITED_API=0x03090000"]
+    cxx_flags = ["-O3", "-fopenmp", "-fno-trapping-math", "-DPy_LIMITED_API=0x03090000"]
     link_flags = ["-fopenmp"]
     include_dirs = [os.path.join(ROOT, "csrc")]
     cuda_sources = sorted(glob.glob(os.path.join(ROOT, "csrc", "cuda", "*.cu")))

@@ -46,10 +46,9 @@ def _convlstm_saved_spec(x, h0, params):
 
 
 # (shape, dtype) of the tensors each native forward returns as ``saved`` (the CPU and the CUDA
-# kernel of an op return the same list, since one fake registration serves both). A variant is
-# listed once its kernels exist.
-SAVED_SPECS: dict = {}
-ALL_SAVED_SPECS = {
+# kernel of an op return the same list, since one fake registration serves both). Whether a
+# device has a kernel for an op is asked of the dispatcher (OpBackend.unsupported_reason).
+SAVED_SPECS = {
     "convlstm": _convlstm_saved_spec,
     "a": _saved_spec(3, None),
     "b": _saved_spec(3, "spatial"),

@@ -1,0 +1,152 @@
+// Helpers shared by the CPU layer kernels (csrc/cpu/*_kernel.cpp): argument checks, the
+// channels-last layout, depthwise / separable convolutions and pooling on it, and the
+// per-thread work split of the fused loops.
+//
+// Layout (shared/KERNELS.md "Layout"): inside an op every state-sized tensor is channels-last,
+// `[N, H, W, C]` contiguous (N = T·B or B), so a pixel's channels are contiguous: a pointwise 1×1
+// conv is a row-major GEMM on `[N·H·W, C]` rows, and the fused element loops vectorise over C.
+#pragma once
+
+// The fused loops call the branch-free exp/tanh of cell_math.h; GCC if-converts (and so
+// vectorises) their selects only when it may ignore floating-point exception flags, which
+// nothing here reads: setup.py compiles with -fno-trapping-math.
+
+// The element loops are compiled for the baseline ISA the extension is built for (x86-64: SSE2)
+// and, through GCC function multiversioning, for AVX2+FMA and AVX-512, one picked at load time
+// by the CPU that runs them: the polynomial exp/tanh of cell_math.h run 3.5x (AVX2) and 7x
+// (AVX-512) faster per element than with SSE2 (measured on this project's build machine).
+#if defined(__GNUC__) && !defined(__clang__) && defined(__x86_64__)
+#define CONVLSTM_CPU_MULTIVERSION \
+  __attribute__((noinline, target_clones("default", "arch=x86-64-v3", "arch=x86-64-v4")))
+#else
+#define CONVLSTM_CPU_MULTIVERSION
+#endif
+
+#include <ATen/ATen.h>
+#include <ATen/Parallel.h>
+#include <ATen/record_function.h>
+#include <torch/library.h>
+
+#include <string>
+#include <tuple>
+#include <vector>
+
+#include "cell_math.h"
+
+namespace convlstm_fast {
+namespace cpu {
+
+using LayerResult = std::tuple<at::Tensor, at::Tensor, at::Tensor, std::vector<at::Tensor>>;
+
+// What an op expects of its parameters: name and shape, in `variants.parameter_shapes` order.
+struct ParamSpec {
+  const char* name;
+  std::vector<int64_t> shape;
+};
+
+// Checks the forward inputs of `op`: x [T, B, Cin, H, W], h0 and c0 [B, C, H, W], one CPU tensor
+// of x's dtype (float32 or float64) and the given shape per parameter, gate_activation 0 or 1.
+void check_layer_inputs(const char* op, const at::Tensor& x, const at::Tensor& h0,
+                        const at::Tensor& c0, at::TensorList params,
+                        const std::vector<ParamSpec>& specs, int64_t gate_activation);
+
+// The parameters as contiguous tensors (the kernels read them through data pointers).
+inline std::vector<at::Tensor> contiguous_params(at::TensorList params) {
+  std::vector<at::Tensor> out;
+  for (const auto& p : params) out.push_back(p.contiguous());
+  return out;
+}
+
+// The kernel size K of an op, read from params[index] (a [*, *, K, K] weight), checked.
+int64_t kernel_size_of(const char* op, at::TensorList params, size_t index, size_t count);
+
+// An empty result of the forward shapes (T = 0 or nothing to compute): zero output, copies of
+// h0 and c0, and `saved` allocated with the given shapes.
+LayerResult empty_layer_result(const at::Tensor& x, const at::Tensor& h0, const at::Tensor& c0,
+                               const std::vector<std::vector<int64_t>>& saved_shapes);
+
+// Zero gradients (nothing was computed) shaped like the backward's outputs.
+LayerResult empty_layer_grads(const at::Tensor& x, const at::Tensor& grad_h_n,
+                              const at::Tensor& grad_c_n, at::TensorList params);
+
+// Checks the extra inputs of `op`_backward: the gradients and `output` against the forward's
+// shapes, `saved` against `saved_shapes` (all of x's dtype, CPU).
+void check_backward_inputs(const char* op, const at::Tensor& grad_output,
+                           const at::Tensor& grad_h_n, const at::Tensor& grad_c_n,
+                           const at::Tensor& x, const at::Tensor& h0, const at::Tensor& output,
+                           at::TensorList saved,
+                           const std::vector<std::vector<int64_t>>& saved_shapes);
+
+// [..., C, H, W] -> [..., H, W, C] contiguous, and back.
+at::Tensor to_channels_last(const at::Tensor& t);
+at::Tensor from_channels_last(const at::Tensor& t);
+
+// The NCHW-shaped view (channels-last strides) of a [N, H, W, C] tensor, as ATen's convolutions
+// take it, and back.
+inline at::Tensor nchw_view(const at::Tensor& cl) { return cl.permute({0, 3, 1, 2}); }
+at::Tensor nhwc_of(const at::Tensor& nchw);
+
+// 'same' K×K convolution (padding K // 2, no bias) of a [N, H, W, Cin] tensor with weight
+// [Cout, Cin / groups, K, K] -> [N, H, W, Cout] (ATen's convolution: oneDNN for float32);
+// groups = Cin is the depthwise conv.
+at::Tensor conv_same(const at::Tensor& input, const at::Tensor& weight, int64_t groups);
+
+// Depthwise 'same' conv on [N, H, W, C] (weight [C, 1, K, K]):
+//   out[n, y, x, c] = Σ_{ky, kx} w[c, ky, kx] · in[n, y + ky − K/2, x + kx − K/2, c]  (zero outside)
+// With `transposed`, the kernel is flipped (w[c, K−1−ky, K−1−kx]): that is the conv's gradient
+// with respect to its input.
+at::Tensor depthwise_conv(const at::Tensor& input, const at::Tensor& weight, bool transposed);
+
+// d w[c, ky, kx] = Σ_{n, y, x} grad_out[n, y, x, c] · in[n, y + ky − K/2, x + kx − K/2, c].
+at::Tensor depthwise_conv_weight_grad(const at::Tensor& grad_out, const at::Tensor& input,
+                                      int64_t kernel_size);
+
+// Gradients of conv_same: (grad_input or undefined, grad_weight or undefined); the depthwise
+// case uses depthwise_conv(transposed) and depthwise_conv_weight_grad.
+std::tuple<at::Tensor, at::Tensor> conv_same_backward(const at::Tensor& grad_out,
+                                                      const at::Tensor& input,
+                                                      const at::Tensor& weight, int64_t groups,
+                                                      bool need_input, bool need_weight);
+
+// SepConv (SPEC: depthwise K×K, then pointwise 1×1, no bias in between) of a [N, H, W, Cin]
+// tensor as rows [N·H·W, Cout], plus `bias` [Cout] when defined.
+at::Tensor sepconv_rows(const at::Tensor& input, const at::Tensor& depthwise,
+                        const at::Tensor& pointwise, const at::Tensor& bias);
+
+// Gradients of sepconv_rows given grad_rows [N·H·W, Cout]: (grad_input [N, H, W, Cin] or
+// undefined, grad_depthwise, grad_pointwise). The depthwise output is recomputed; the bias
+// gradient is grad_rows.sum(0), left to the caller.
+std::tuple<at::Tensor, at::Tensor, at::Tensor> sepconv_rows_backward(
+    const at::Tensor& grad_rows, const at::Tensor& input, const at::Tensor& depthwise,
+    const at::Tensor& pointwise, bool need_input);
+
+// [N, H, W, C] -> [N·H·W, C] rows.
+inline at::Tensor rows(const at::Tensor& cl) { return cl.reshape({-1, cl.size(-1)}); }
+
+// GAP over H and W: [N, H, W, C] -> [N, C].
+at::Tensor global_average_pool(const at::Tensor& cl);
+
+// How many pixel chunks per sample the fused loops use (one per thread, at most one per pixel).
+inline int64_t pixel_chunks(int64_t pixels) {
+  return std::max<int64_t>(1, std::min<int64_t>(at::get_num_threads(), pixels));
+}
+
+// Runs fn(b, chunk, begin, end) over the pixel ranges [begin, end) of every sample b < batch,
+// chunk < pixel_chunks(pixels), in parallel. Reductions over pixels write one partial per
+// (b, chunk) and sum the partials afterwards in a fixed order, so results are deterministic.
+template <typename Fn>
+void parallel_over_pixels(int64_t batch, int64_t pixels, const Fn& fn) {
+  const int64_t chunks = pixel_chunks(pixels);
+  const int64_t chunk = (pixels + chunks - 1) / chunks;
+  at::parallel_for(0, batch * chunks, 1, [&](int64_t first, int64_t last) {
+    for (int64_t task = first; task < last; ++task) {
+      const int64_t b = task / chunks;
+      const int64_t begin = (task % chunks) * chunk;
+      const int64_t end = std::min(pixels, begin + chunk);
+      if (begin < end) fn(b, task % chunks, begin, end);
+    }
+  });
+}
+
+}  // namespace cpu
+}  // namespace convlstm_fast

@@ -1,0 +1,219 @@
+// CUDA kernels of the original ConvLSTM, `convlstm_fast::convlstm_layer` and
+// `convlstm_layer_backward` (shared/SPEC.md eqs. 1-6):
+//   [i f g o] = W_x * X_t + W_h * H_{t−1} + b;  i, f, o = σ(·), G = tanh(g)
+//   C_t = f∘C_{t−1} + i∘G;  H_t = o∘tanh(C_t)
+// The K×K convolutions are compute-bound: they run on cuDNN's tensor-core kernels (W_x * X for
+// all T·B samples in one call before the loop, W_h * H_{t−1} once per step); the gate
+// activations and the cell update are one fused elementwise kernel per step. Backward: one fused
+// elementwise kernel per step gives dZ for the four gates, cuDNN's data gradient gives dH_{t−1},
+// and the weight gradients of all steps are one cuDNN weight-gradient call each after the loop.
+//
+// Saved (convlstm_fast/backends/native.py): cell [T, B, H, W, C] (C_t), gates [T, B, H, W, 4C]
+// (the pre-activations, rounded to x's dtype; the forward uses the rounded values too).
+#include "layer_common.cuh"
+
+namespace convlstm_fast {
+namespace cuda {
+namespace {
+
+// Per element (pixel p, channel c) of one step; z rows are [4C] = (i, f, g, o) blocks.
+template <typename scalar_t>
+struct ConvLSTMCellForward {
+  using acc_t = at::opmath_type<scalar_t>;
+  const scalar_t* xz;       // [B·HW, 4C] W_x * X_t + b
+  const scalar_t* hz;       // [B·HW, 4C] W_h * H_{t−1}
+  int64_t activation;
+  acc_t* cell_state;        // [B·HW, C]: C_{t−1} in, C_t out
+  scalar_t* gates_saved;    // [B·HW, 4C] rounded pre-activations
+  scalar_t* h_out;
+  scalar_t* cell_saved;
+  int64_t channels;
+
+  __host__ __device__ void operator()(int64_t idx) const {
+    const int64_t c = idx % channels;
+    const int64_t base = (idx / channels) * 4 * channels + c;
+    acc_t z[4];
+    for (int g = 0; g < 4; ++g) {
+      const int64_t k = base + g * channels;
+      const scalar_t rounded = scalar_t(acc_t(xz[k]) + acc_t(hz[k]));
+      gates_saved[k] = rounded;
+      z[g] = acc_t(rounded);
+    }
+    const acc_t i = gate_activation(z[0], activation), f = gate_activation(z[1], activation);
+    const acc_t o = gate_activation(z[3], activation);
+    acc_t h;
+    const acc_t c_new = cell_update(i, f, o, acc_t(tanh(z[2])), cell_state[idx], &h);
+    cell_state[idx] = c_new;
+    h_out[idx] = scalar_t(h);
+    cell_saved[idx] = scalar_t(c_new);
+  }
+};
+
+// Backward of one step: dH = dH_carry + dO[t]; cell_update_backward gives di, df, dG, do and
+// dC_{t−1}; dZ = (di·σ'(z_i), df·σ'(z_f), dG·(1 − G²), do·σ'(z_o)).
+template <typename scalar_t>
+struct ConvLSTMCellBackward {
+  using acc_t = at::opmath_type<scalar_t>;
+  const scalar_t* grad_out;  // dO[t] [B·HW, C]
+  const acc_t* dh_carry;     // dH_t from step t+1
+  acc_t* dc_state;           // dC_t in, dC_{t−1} out
+  const scalar_t* gates;     // [B·HW, 4C]
+  const scalar_t* cell;
+  const scalar_t* cell_prev;
+  int64_t activation;
+  scalar_t* dz;              // [B·HW, 4C]
+  int64_t channels;
+
+  __host__ __device__ void operator()(int64_t idx) const {
+    const int64_t c = idx % channels;
+    const int64_t base = (idx / channels) * 4 * channels + c;
+    const acc_t zi = acc_t(gates[base]), zf = acc_t(gates[base + channels]);
+    const acc_t zg = acc_t(gates[base + 2 * channels]), zo = acc_t(gates[base + 3 * channels]);
+    const acc_t i = gate_activation(zi, activation), f = gate_activation(zf, activation);
+    const acc_t o = gate_activation(zo, activation), g = tanh(zg);
+    const acc_t dh = dh_carry[idx] + acc_t(grad_out[idx]);
+    acc_t di, df, dg, d_o, dc_prev;
+    cell_update_backward(i, f, o, g, acc_t(cell_prev[idx]), acc_t(cell[idx]), dh, dc_state[idx],
+                         &di, &df, &dg, &d_o, &dc_prev);
+    dc_state[idx] = dc_prev;
+    dz[base] = scalar_t(di * gate_activation_grad(zi, activation));
+    dz[base + channels] = scalar_t(df * gate_activation_grad(zf, activation));
+    dz[base + 2 * channels] = scalar_t(dg * tanh_grad_from_output(g));
+    dz[base + 3 * channels] = scalar_t(d_o * gate_activation_grad(zo, activation));
+  }
+};
+
+void check_convlstm_params(const Tensor& x, const Tensor& h0, at::TensorList params,
+                           const char* op) {
+  const int64_t cin = x.size(2), hidden = h0.size(1), k = params[1].size(-1);
+  TORCH_CHECK(k % 2 == 1, op, ": weight_h must have an odd kernel size, got ", k);
+  const std::vector<std::vector<int64_t>> shapes = {
+      {4 * hidden, cin, k, k}, {4 * hidden, hidden, k, k}, {4 * hidden}};
+  const char* names[] = {"weight_x", "weight_h", "bias"};
+  for (size_t i = 0; i < shapes.size(); ++i) {
+    TORCH_CHECK(params[i].sizes() == at::IntArrayRef(shapes[i]), op, ": parameter ", names[i],
+                " must have shape ", at::IntArrayRef(shapes[i]), ", got ", params[i].sizes());
+  }
+}
+
+std::vector<std::vector<int64_t>> convlstm_saved_shapes(const Tensor& x, int64_t hidden) {
+  const int64_t T = x.size(0), B = x.size(1), H = x.size(3), W = x.size(4);
+  return {{T, B, H, W, hidden}, {T, B, H, W, 4 * hidden}};
+}
+
+LayerResult convlstm_layer(const Tensor& x, const Tensor& h0, const Tensor& c0,
+                           at::TensorList params, int64_t activation) {
+  const char* op = "convlstm_layer";
+  check_layer_inputs(x, h0, c0, params, {"weight_x", "weight_h", "bias"}, op);
+  check_convlstm_params(x, h0, params, op);
+  TORCH_CHECK(activation == kSigmoid || activation == kHardSigmoid, op,
+              ": gate_activation must be 0 (sigmoid) or 1 (hard_sigmoid), got ", activation);
+  LayerDeviceGuard guard(x.device());
+  const int64_t T = x.size(0), B = x.size(1), Cin = x.size(2), H = x.size(3), W = x.size(4);
+  const int64_t C = h0.size(1), HW = H * W;
+  const auto saved_shapes = convlstm_saved_shapes(x, C);
+  if (T == 0 || B == 0 || C == 0 || HW == 0) {
+    std::vector<Tensor> saved;
+    for (const auto& s : saved_shapes) saved.push_back(at::zeros(s, x.options()));
+    return {at::zeros({T, B, C, H, W}, x.options()), h0.clone(), c0.clone(), saved};
+  }
+  const auto dtype = x.scalar_type();
+  // Input side for all steps: xz = W_x * X + b, channels-last rows [T·B·H·W, 4C].
+  const Tensor xz = channels_last_copy(
+      same_conv(x.contiguous().view({T * B, Cin, H, W}), params[0], params[2]), dtype);
+  Tensor output_cl = at::empty({T, B, H, W, C}, x.options());
+  std::vector<Tensor> saved;
+  for (const auto& s : saved_shapes) saved.push_back(at::empty(s, x.options()));
+  Tensor cell_state = channels_last_copy(c0, acc_dtype(x));
+  const int64_t total = B * HW * C;
+  for (int64_t t = 0; t < T; ++t) {
+    const Tensor h_prev = t == 0 ? h0 : nchw_view(output_cl[t - 1], B, H, W, C);
+    const Tensor hz = channels_last_copy(same_conv(h_prev, params[1], Tensor()), dtype);
+    AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, dtype, "convlstm_layer", [&] {
+      using acc_t = at::opmath_type<scalar_t>;
+      launch_elementwise(
+          ConvLSTMCellForward<scalar_t>{
+              xz.const_data_ptr<scalar_t>() + t * total * 4, hz.const_data_ptr<scalar_t>(),
+              activation, cell_state.mutable_data_ptr<acc_t>(),
+              saved[1][t].mutable_data_ptr<scalar_t>(), output_cl[t].mutable_data_ptr<scalar_t>(),
+              saved[0][t].mutable_data_ptr<scalar_t>(), C},
+          total, x);
+    });
+  }
+  Tensor output = channels_first_copy(output_cl, dtype);
+  Tensor h_n = output[T - 1].clone();
+  Tensor c_n = channels_first_copy(cell_state, dtype);
+  return {output, h_n, c_n, saved};
+}
+
+BackwardResult convlstm_layer_backward(const Tensor& grad_output, const Tensor& grad_h_n,
+                                       const Tensor& grad_c_n, const Tensor& x, const Tensor& h0,
+                                       const Tensor& c0, at::TensorList params,
+                                       const Tensor& output, at::TensorList saved,
+                                       int64_t activation) {
+  const char* op = "convlstm_layer_backward";
+  check_layer_inputs(x, h0, c0, params, {"weight_x", "weight_h", "bias"}, op);
+  check_convlstm_params(x, h0, params, op);
+  check_backward_inputs(grad_output, grad_h_n, grad_c_n, x, h0, output, op);
+  TORCH_CHECK(activation == kSigmoid || activation == kHardSigmoid, op,
+              ": gate_activation must be 0 (sigmoid) or 1 (hard_sigmoid), got ", activation);
+  LayerDeviceGuard guard(x.device());
+  const int64_t T = x.size(0), B = x.size(1), Cin = x.size(2), H = x.size(3), W = x.size(4);
+  const int64_t C = h0.size(1), HW = H * W;
+  check_saved(saved, convlstm_saved_shapes(x, C), x, op);
+  if (T == 0 || B == 0 || C == 0 || HW == 0) {
+    std::vector<Tensor> grads;
+    for (const Tensor& p : params) grads.push_back(at::zeros_like(p));
+    return {at::zeros_like(x), grad_h_n.clone(), grad_c_n.clone(), grads};
+  }
+  const auto dtype = x.scalar_type();
+  const auto acc = acc_dtype(x);
+  const Tensor grad_out_cl = channels_last_copy(grad_output.contiguous(), dtype);
+  const Tensor c0_cl = channels_last_copy(c0, dtype);
+  const Tensor output_c = output.contiguous();
+  Tensor dh = channels_last_copy(grad_h_n, acc);  // [B, H, W, C]
+  Tensor dc = channels_last_copy(grad_c_n, acc);
+  Tensor dz_all = at::empty({T, B, H, W, 4 * C}, x.options());
+  const int64_t total = B * HW * C;
+  for (int64_t t = T - 1; t >= 0; --t) {
+    const Tensor cell_prev = t == 0 ? c0_cl : saved[0][t - 1];
+    AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, dtype, "convlstm_layer_backward",
+                                    [&] {
+      using acc_t = at::opmath_type<scalar_t>;
+      launch_elementwise(
+          ConvLSTMCellBackward<scalar_t>{
+              grad_out_cl[t].const_data_ptr<scalar_t>(), dh.const_data_ptr<acc_t>(),
+              dc.mutable_data_ptr<acc_t>(), saved[1][t].const_data_ptr<scalar_t>(),
+              saved[0][t].const_data_ptr<scalar_t>(), cell_prev.const_data_ptr<scalar_t>(),
+              activation, dz_all[t].mutable_data_ptr<scalar_t>(), C},
+          total, x);
+    });
+    // dH_{t−1} = W_hᵀ ⋆ dZ_t (cuDNN data gradient)
+    const Tensor h_prev = t == 0 ? h0 : output_c[t - 1];
+    const Tensor dh_prev = std::get<0>(same_conv_backward(
+        nchw_view(dz_all[t], B, H, W, 4 * C), h_prev, params[1], true, false));
+    dh.copy_(dh_prev.permute({0, 2, 3, 1}));
+  }
+  // Weight gradients over all steps at once.
+  const Tensor dz_nchw = nchw_view(dz_all, T * B, H, W, 4 * C);
+  const Tensor h_prev_all =
+      at::cat({h0.unsqueeze(0), output_c.narrow(0, 0, T - 1)}, 0).view({T * B, C, H, W});
+  std::vector<Tensor> grad_params(3);
+  grad_params[1] =
+      std::get<1>(same_conv_backward(dz_nchw, h_prev_all, params[1], false, true)).contiguous();
+  auto [grad_x, grad_weight_x] = same_conv_backward(
+      dz_nchw, x.contiguous().view({T * B, Cin, H, W}), params[0], true, true);
+  grad_params[0] = grad_weight_x.contiguous();
+  grad_params[2] = dz_all.view({-1, 4 * C}).sum({0}, false, acc).to(dtype);
+  return {grad_x.contiguous().view({T, B, Cin, H, W}), channels_first_copy(dh, dtype),
+          channels_first_copy(dc, dtype), grad_params};
+}
+
+}  // namespace
+}  // namespace cuda
+}  // namespace convlstm_fast
+
+TORCH_LIBRARY_IMPL(convlstm_fast, CONVLSTM_CUDA_DISPATCH_KEY, m) {
+  m.impl("convlstm_layer", &convlstm_fast::cuda::convlstm_layer);
+  m.impl("convlstm_layer_backward", &convlstm_fast::cuda::convlstm_layer_backward);
+}

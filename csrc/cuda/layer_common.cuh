@@ -1,0 +1,494 @@
+// Shared pieces of the CUDA layer ops: argument checks, channels-last layout helpers, and the
+// depthwise K×K convolution kernels (forward, transposed, weight gradient) on channels-last rows.
+//
+// Layout (shared/KERNELS.md "Layout"): inside an op every map is channels-last, a tensor
+// [N, H, W, Cc] whose rows are pixels; a depthwise tap reads the same channel of a neighbour
+// pixel, so consecutive threads (consecutive channels) read consecutive addresses.
+// All reductions here are per-block partials summed in a fixed order (no atomics), so every
+// kernel is deterministic whatever at::globalContext().deterministicAlgorithms() says.
+#pragma once
+
+#include <ATen/core/Tensor.h>
+#include <ATen/Dispatch.h>
+#include <ATen/OpMathType.h>
+#include <ATen/cuda/CUDAContext.h>
+#include <ATen/ops/addmm.h>
+#include <ATen/ops/amax.h>
+#include <ATen/ops/cat.h>
+#include <ATen/ops/conv2d.h>
+#include <ATen/ops/convolution_backward.h>
+#include <ATen/ops/empty.h>
+#include <ATen/ops/mm.h>
+#include <ATen/ops/zeros.h>
+#include <ATen/ops/zeros_like.h>
+#include <c10/cuda/CUDAGuard.h>
+#include <c10/cuda/CUDAException.h>
+#include <torch/library.h>
+
+#include <algorithm>
+#include <string>
+#include <tuple>
+#include <vector>
+
+#include "cell_math.h"
+
+// The dispatch key the kernels register for (TORCH_LIBRARY_IMPL in each *_kernel.cu): CUDA; the
+// test-only emulation build (-DCONVLSTM_CUDA_EMULATE, see tests/test_native_cuda.py) runs the
+// same drivers and kernel bodies on the CPU and registers them for CPU.
+#ifdef CONVLSTM_CUDA_EMULATE
+#define CONVLSTM_CUDA_DISPATCH_KEY CPU
+#else
+#define CONVLSTM_CUDA_DISPATCH_KEY CUDA
+#endif
+
+namespace convlstm_fast {
+namespace cuda {
+namespace {
+
+using at::Tensor;
+using LayerResult = std::tuple<Tensor, Tensor, Tensor, std::vector<Tensor>>;
+using BackwardResult = std::tuple<Tensor, Tensor, Tensor, std::vector<Tensor>>;
+
+constexpr int kThreads = 256;
+// Reduction blocks are kTileC channels × kRows pixel rows.
+constexpr int kTileC = 32;
+constexpr int kRows = 8;
+
+// Accumulation dtype of the op: float for half/bfloat16/float, double for double.
+inline at::ScalarType acc_dtype(const Tensor& x) {
+  return x.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
+}
+
+inline int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
+
+// Grid of a grid-stride elementwise loop over n items.
+inline unsigned int elementwise_blocks(int64_t n) {
+  return static_cast<unsigned int>(std::min<int64_t>(ceil_div(n, kThreads), int64_t(1) << 20));
+}
+
+// How many pixel splits a (sample × channel-tile) reduction grid uses: enough blocks to fill
+// the GPU about twice, never more splits than pixel rows.
+inline int64_t reduction_splits(int64_t blocks_without_split, int64_t pixels,
+                                const Tensor& like) {
+  const int64_t sms =
+      like.is_cuda() ? at::cuda::getCurrentDeviceProperties()->multiProcessorCount : 2;
+  const int64_t wanted = ceil_div(2 * sms, std::max<int64_t>(blocks_without_split, 1));
+  return std::max<int64_t>(1, std::min<int64_t>({wanted, ceil_div(pixels, kRows), 1024}));
+}
+
+// Kernels are functors with __host__ __device__ bodies, launched by the two helpers below. A
+// test-only build with -DCONVLSTM_CUDA_EMULATE also runs them on CPU tensors, thread by thread
+// in the same order of summation, so the host drivers can be checked without a GPU.
+#ifdef CONVLSTM_CUDA_EMULATE
+using LayerDeviceGuard = c10::DeviceGuard;
+constexpr bool kRequireCuda = false;
+#else
+using LayerDeviceGuard = c10::cuda::CUDAGuard;
+constexpr bool kRequireCuda = true;
+#endif
+
+// Grid-stride loop: f(idx) for idx in [0, total).
+template <typename F>
+__global__ void elementwise_kernel(F f, int64_t total) {
+  for (int64_t idx = blockIdx.x * int64_t(blockDim.x) + threadIdx.x; idx < total;
+       idx += int64_t(gridDim.x) * blockDim.x) {
+    f(idx);
+  }
+}
+
+template <typename F>
+void launch_elementwise(const F& f, int64_t total, const Tensor& like) {
+  if (total == 0) return;
+#ifdef CONVLSTM_CUDA_EMULATE
+  if (!like.is_cuda()) {
+    for (int64_t idx = 0; idx < total; ++idx) f(idx);
+    return;
+  }
+#endif
+  elementwise_kernel<F><<<elementwise_blocks(total), kThreads, 0, at::cuda::getCurrentCUDAStream()>>>(
+      f, total);
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+}
+
+// Tile reduction: block (kTileC, kRows); thread (tx, ty) of block (bx, by, bz) adds its rows
+// into Q sums (f.accumulate), the block sums them over ty in order and f.store writes them.
+template <int Q, typename acc_t, typename F>
+__global__ void tile_reduce_kernel(F f) {
+  __shared__ acc_t red[Q][kRows][kTileC];
+  acc_t sums[Q];
+  for (int q = 0; q < Q; ++q) sums[q] = acc_t(0);
+  f.accumulate(blockIdx.x, blockIdx.y, blockIdx.z, threadIdx.x, threadIdx.y, sums);
+  for (int q = 0; q < Q; ++q) red[q][threadIdx.y][threadIdx.x] = sums[q];
+  __syncthreads();
+  if (threadIdx.y == 0) {
+    for (int q = 0; q < Q; ++q) {
+      sums[q] = acc_t(0);
+      for (int k = 0; k < kRows; ++k) sums[q] += red[q][k][threadIdx.x];
+    }
+    f.store(blockIdx.x, blockIdx.y, blockIdx.z, threadIdx.x, sums);
+  }
+}
+
+template <int Q, typename acc_t, typename F>
+void launch_tile_reduce(const F& f, int64_t gx, int64_t gy, int64_t gz, const Tensor& like) {
+  if (gx == 0 || gy == 0 || gz == 0) return;
+  TORCH_CHECK(gx < (int64_t(1) << 31) && gy <= 65535 && gz <= 65535,
+              "convlstm_fast: reduction grid too large (", gx, ", ", gy, ", ", gz, ")");
+#ifdef CONVLSTM_CUDA_EMULATE
+  if (!like.is_cuda()) {
+    for (unsigned bz = 0; bz < gz; ++bz)
+      for (unsigned by = 0; by < gy; ++by)
+        for (unsigned bx = 0; bx < gx; ++bx)
+          for (unsigned tx = 0; tx < unsigned(kTileC); ++tx) {
+            acc_t total[Q];
+            for (int q = 0; q < Q; ++q) total[q] = acc_t(0);
+            for (unsigned ty = 0; ty < unsigned(kRows); ++ty) {
+              acc_t sums[Q];
+              for (int q = 0; q < Q; ++q) sums[q] = acc_t(0);
+              f.accumulate(bx, by, bz, tx, ty, sums);
+              for (int q = 0; q < Q; ++q) total[q] += sums[q];
+            }
+            f.store(bx, by, bz, tx, total);
+          }
+    return;
+  }
+#endif
+  tile_reduce_kernel<Q, acc_t, F>
+      <<<dim3(unsigned(gx), unsigned(gy), unsigned(gz)), dim3(kTileC, kRows), 0,
+         at::cuda::getCurrentCUDAStream()>>>(f);
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+}
+
+// ---------------------------------------------------------------------------------------------
+// Argument checks (messages name the argument and what was expected).
+
+inline void check_cuda_tensor(const Tensor& t, const char* name, const Tensor& x) {
+  TORCH_CHECK(t.defined(), name, " must be a defined tensor");
+  TORCH_CHECK(t.is_cuda() || !kRequireCuda, name, " must be a CUDA tensor, got device ",
+              t.device());
+  TORCH_CHECK(t.device() == x.device(), name, " must be on the input's device ", x.device(),
+              ", got ", t.device());
+  TORCH_CHECK(t.scalar_type() == x.scalar_type(), name, " must have the input's dtype ",
+              x.scalar_type(), ", got ", t.scalar_type());
+}
+
+// x [T, B, Cin, H, W]; h0, c0 [B, C, H, W]; params: `expected` names, same device and dtype.
+inline void check_layer_inputs(const Tensor& x, const Tensor& h0, const Tensor& c0,
+                               at::TensorList params, const std::vector<const char*>& expected,
+                               const char* op) {
+  TORCH_CHECK(x.dim() == 5, op, ": x must be [T, B, Cin, H, W], got ", x.sizes());
+  TORCH_CHECK(x.is_cuda() || !kRequireCuda, op, ": x must be a CUDA tensor, got device ",
+              x.device());
+  TORCH_CHECK(x.scalar_type() == at::kFloat || x.scalar_type() == at::kHalf ||
+                  x.scalar_type() == at::kBFloat16 || x.scalar_type() == at::kDouble,
+              op, ": x must be float32, float16, bfloat16 or float64, got ", x.scalar_type());
+  check_cuda_tensor(h0, "h0", x);
+  check_cuda_tensor(c0, "c0", x);
+  TORCH_CHECK(h0.dim() == 4 && h0.size(0) == x.size(1) && h0.size(2) == x.size(3) &&
+                  h0.size(3) == x.size(4),
+              op, ": h0 must be [B, C, H, W] with B, H, W of x ", x.sizes(), ", got ", h0.sizes());
+  TORCH_CHECK(c0.sizes() == h0.sizes(), op, ": c0 must have h0's shape ", h0.sizes(), ", got ",
+              c0.sizes());
+  TORCH_CHECK(params.size() == expected.size(), op, ": params must be ", expected.size(),
+              " tensors, got ", params.size());
+  for (size_t i = 0; i < params.size(); ++i) {
+    check_cuda_tensor(params[i], expected[i], x);
+  }
+}
+
+inline void check_backward_inputs(const Tensor& grad_output, const Tensor& grad_h_n,
+                                  const Tensor& grad_c_n, const Tensor& x, const Tensor& h0,
+                                  const Tensor& output, const char* op) {
+  check_cuda_tensor(grad_output, "grad_output", x);
+  check_cuda_tensor(grad_h_n, "grad_h_n", x);
+  check_cuda_tensor(grad_c_n, "grad_c_n", x);
+  check_cuda_tensor(output, "output", x);
+  const std::vector<int64_t> out_shape = {x.size(0), x.size(1), h0.size(1), x.size(3), x.size(4)};
+  TORCH_CHECK(output.sizes() == at::IntArrayRef(out_shape), op, ": output must be ",
+              at::IntArrayRef(out_shape), ", got ", output.sizes());
+  TORCH_CHECK(grad_output.sizes() == output.sizes(), op, ": grad_output must have output's shape ",
+              output.sizes(), ", got ", grad_output.sizes());
+  TORCH_CHECK(grad_h_n.sizes() == h0.sizes(), op, ": grad_h_n must be ", h0.sizes(), ", got ",
+              grad_h_n.sizes());
+  TORCH_CHECK(grad_c_n.sizes() == h0.sizes(), op, ": grad_c_n must be ", h0.sizes(), ", got ",
+              grad_c_n.sizes());
+}
+
+inline void check_saved(at::TensorList saved, const std::vector<std::vector<int64_t>>& shapes,
+                        const Tensor& x, const char* op) {
+  TORCH_CHECK(saved.size() == shapes.size(), op, ": saved must hold ", shapes.size(),
+              " tensors (from the forward), got ", saved.size());
+  for (size_t i = 0; i < shapes.size(); ++i) {
+    check_cuda_tensor(saved[i], "saved", x);
+    TORCH_CHECK(saved[i].sizes() == at::IntArrayRef(shapes[i]), op, ": saved[", i, "] must be ",
+                at::IntArrayRef(shapes[i]), ", got ", saved[i].sizes());
+  }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Layout helpers.
+
+// [.., C, H, W] (contiguous NCHW) -> a new contiguous channels-last [.., H, W, C] tensor of dtype.
+inline Tensor channels_last_copy(const Tensor& t, at::ScalarType dtype) {
+  std::vector<int64_t> perm;
+  const int64_t d = t.dim();
+  for (int64_t i = 0; i < d - 3; ++i) perm.push_back(i);
+  perm.push_back(d - 2);
+  perm.push_back(d - 1);
+  perm.push_back(d - 3);
+  auto sizes = t.permute(perm).sizes().vec();
+  Tensor out = at::empty(sizes, t.options().dtype(dtype));
+  out.copy_(t.permute(perm));
+  return out;
+}
+
+// Channels-last [.., H, W, C] -> a new contiguous NCHW [.., C, H, W] tensor of dtype.
+inline Tensor channels_first_copy(const Tensor& t, at::ScalarType dtype) {
+  std::vector<int64_t> perm;
+  const int64_t d = t.dim();
+  for (int64_t i = 0; i < d - 3; ++i) perm.push_back(i);
+  perm.push_back(d - 1);
+  perm.push_back(d - 3);
+  perm.push_back(d - 2);
+  auto sizes = t.permute(perm).sizes().vec();
+  Tensor out = at::empty(sizes, t.options().dtype(dtype));
+  out.copy_(t.permute(perm));
+  return out;
+}
+
+// A channels-last [N, H, W, C] buffer seen as an NCHW tensor (channels_last strides), for ATen
+// convolutions.
+inline Tensor nchw_view(const Tensor& t, int64_t n, int64_t h, int64_t w, int64_t c) {
+  return t.view({n, h, w, c}).permute({0, 3, 1, 2});
+}
+
+// ---------------------------------------------------------------------------------------------
+// Depthwise K×K convolution, 'same' padding r = K // 2, on channels-last maps [N, H, W, Cc]:
+//   out[n, y, x, c] = Σ_{ky,kx} w[c, ky, kx] · in[n, y + ky − r, x + kx − r, c]   (0 outside)
+template <typename scalar_t>
+struct DepthwiseForward {
+  using acc_t = at::opmath_type<scalar_t>;
+  const scalar_t* in;
+  const scalar_t* weight;
+  scalar_t* out;
+  int64_t height, width, channels, kernel;
+
+  __host__ __device__ void operator()(int64_t idx) const {
+    const int64_t r = kernel / 2;
+    const int64_t c = idx % channels;
+    int64_t rest = idx / channels;
+    const int64_t x = rest % width;
+    rest /= width;
+    const int64_t y = rest % height;
+    const int64_t n = rest / height;
+    acc_t acc = 0;
+    for (int64_t ky = 0; ky < kernel; ++ky) {
+      const int64_t yy = y + ky - r;
+      if (yy < 0 || yy >= height) continue;
+      for (int64_t kx = 0; kx < kernel; ++kx) {
+        const int64_t xx = x + kx - r;
+        if (xx < 0 || xx >= width) continue;
+        acc += acc_t(weight[(c * kernel + ky) * kernel + kx]) *
+               acc_t(in[((n * height + yy) * width + xx) * channels + c]);
+      }
+    }
+    out[idx] = scalar_t(acc);
+  }
+};
+
+// in [N, H, W, Cc] (any contiguous shape with that many elements), weight [Cc, 1, K, K]
+// -> [N·H·W, Cc] rows of in's dtype.
+inline Tensor depthwise_forward(const Tensor& in, const Tensor& weight, int64_t n, int64_t height,
+                                int64_t width) {
+  const int64_t channels = weight.size(0), kernel = weight.size(-1);
+  Tensor out = at::empty({n * height * width, channels}, in.options());
+  const int64_t total = out.numel();
+  if (total == 0) return out;
+  TORCH_INTERNAL_ASSERT(in.is_contiguous() && in.numel() == total);
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, in.scalar_type(), "depthwise_forward",
+                                  [&] {
+    launch_elementwise(
+        DepthwiseForward<scalar_t>{in.const_data_ptr<scalar_t>(), weight.const_data_ptr<scalar_t>(),
+                                   out.mutable_data_ptr<scalar_t>(), height, width, channels,
+                                   kernel},
+        total, out);
+  });
+  return out;
+}
+
+// Transposed depthwise convolution (the gradient of `in` above), with optional extras:
+//   out[n, y, x, c] = (add[n, y, x, c] + Σ_{ky,kx} w[c, ky, kx] · g[n, y − ky + r, x − kx + r, c]
+//                      + row_scale · row_add[n, c]) · (1 − tanh_out[n, y, x, c]²)
+// (each extra only when its pointer is given). `add` may alias `out`: each element is read and
+// written by the same thread.
+template <typename scalar_t, typename out_t>
+struct DepthwiseTranspose {
+  using acc_t = at::opmath_type<scalar_t>;
+  const scalar_t* grad;
+  const scalar_t* weight;
+  const out_t* add;
+  const acc_t* row_add;
+  acc_t row_scale;
+  const scalar_t* tanh_out;
+  out_t* out;
+  int64_t height, width, channels, kernel;
+
+  __host__ __device__ void operator()(int64_t idx) const {
+    const int64_t r = kernel / 2;
+    const int64_t c = idx % channels;
+    int64_t rest = idx / channels;
+    const int64_t x = rest % width;
+    rest /= width;
+    const int64_t y = rest % height;
+    const int64_t n = rest / height;
+    acc_t acc = add != nullptr ? acc_t(add[idx]) : acc_t(0);
+    for (int64_t ky = 0; ky < kernel; ++ky) {
+      const int64_t yy = y - ky + r;
+      if (yy < 0 || yy >= height) continue;
+      for (int64_t kx = 0; kx < kernel; ++kx) {
+        const int64_t xx = x - kx + r;
+        if (xx < 0 || xx >= width) continue;
+        acc += acc_t(weight[(c * kernel + ky) * kernel + kx]) *
+               acc_t(grad[((n * height + yy) * width + xx) * channels + c]);
+      }
+    }
+    if (row_add != nullptr) acc += row_scale * row_add[n * channels + c];
+    if (tanh_out != nullptr) acc *= tanh_grad_from_output(acc_t(tanh_out[idx]));
+    out[idx] = out_t(acc);
+  }
+};
+
+// grad [N·H·W, Cc] (dtype of weight) -> out [N·H·W, Cc] (out's dtype: weight's or the
+// accumulation dtype; allocated in the accumulation dtype when undefined).
+// row_add [N, Cc] in the accumulation dtype; add (out's dtype) and tanh_out as in the functor.
+inline Tensor depthwise_transpose(const Tensor& grad, const Tensor& weight, int64_t n,
+                                  int64_t height, int64_t width, Tensor out,
+                                  const Tensor& add = Tensor(), const Tensor& row_add = Tensor(),
+                                  double row_scale = 0.0, const Tensor& tanh_out = Tensor()) {
+  const int64_t channels = weight.size(0), kernel = weight.size(-1);
+  if (!out.defined()) {
+    out = at::empty({n * height * width, channels}, grad.options().dtype(acc_dtype(grad)));
+  }
+  const int64_t total = out.numel();
+  if (total == 0) return out;
+  TORCH_INTERNAL_ASSERT(grad.is_contiguous() && grad.numel() == total && out.is_contiguous());
+  TORCH_INTERNAL_ASSERT(!add.defined() || (add.scalar_type() == out.scalar_type() &&
+                                           add.is_contiguous() && add.numel() == total));
+  TORCH_INTERNAL_ASSERT(!row_add.defined() || (row_add.is_contiguous() &&
+                                               row_add.scalar_type() == acc_dtype(grad) &&
+                                               row_add.numel() == n * channels));
+  TORCH_INTERNAL_ASSERT(!tanh_out.defined() || (tanh_out.is_contiguous() &&
+                                                tanh_out.scalar_type() == grad.scalar_type() &&
+                                                tanh_out.numel() == total));
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, grad.scalar_type(),
+                                  "depthwise_transpose", [&] {
+    using acc_t = at::opmath_type<scalar_t>;
+    const acc_t* row_ptr = row_add.defined() ? row_add.const_data_ptr<acc_t>() : nullptr;
+    const scalar_t* tanh_ptr = tanh_out.defined() ? tanh_out.const_data_ptr<scalar_t>() : nullptr;
+    if (out.scalar_type() == grad.scalar_type()) {
+      launch_elementwise(
+          DepthwiseTranspose<scalar_t, scalar_t>{
+              grad.const_data_ptr<scalar_t>(), weight.const_data_ptr<scalar_t>(),
+              add.defined() ? add.const_data_ptr<scalar_t>() : nullptr, row_ptr, acc_t(row_scale),
+              tanh_ptr, out.mutable_data_ptr<scalar_t>(), height, width, channels, kernel},
+          total, out);
+    } else {
+      TORCH_INTERNAL_ASSERT(out.scalar_type() == acc_dtype(grad));
+      launch_elementwise(
+          DepthwiseTranspose<scalar_t, acc_t>{
+              grad.const_data_ptr<scalar_t>(), weight.const_data_ptr<scalar_t>(),
+              add.defined() ? add.const_data_ptr<acc_t>() : nullptr, row_ptr, acc_t(row_scale),
+              tanh_ptr, out.mutable_data_ptr<acc_t>(), height, width, channels, kernel},
+          total, out);
+    }
+  });
+  return out;
+}
+
+// Weight gradient of the depthwise convolution, summed over all rows:
+//   dw[c, ky, kx] = Σ_{n,y,x} g[n, y, x, c] · in[n, y + ky − r, x + kx − r, c]
+// Block x: a tile of kTileC channels; y: the tap (ky, kx); z: a split of the rows. It writes
+// partial[split, tap, c]; the host sums the splits in order.
+template <typename scalar_t>
+struct DepthwiseWeightGrad {
+  using acc_t = at::opmath_type<scalar_t>;
+  const scalar_t* grad;
+  const scalar_t* in;
+  acc_t* partial;
+  int64_t rows, rows_per_split, height, width, channels, kernel;
+
+  __host__ __device__ void accumulate(unsigned bx, unsigned by, unsigned bz, unsigned tx,
+                                      unsigned ty, acc_t* sums) const {
+    const int64_t c = int64_t(bx) * kTileC + tx;
+    if (c >= channels) return;
+    const int64_t dy = int64_t(by) / kernel - kernel / 2, dx = int64_t(by) % kernel - kernel / 2;
+    const int64_t begin = int64_t(bz) * rows_per_split;
+    const int64_t end = begin + rows_per_split < rows ? begin + rows_per_split : rows;
+    for (int64_t row = begin + ty; row < end; row += kRows) {
+      const int64_t x = row % width;
+      const int64_t y = (row / width) % height;
+      if (y + dy < 0 || y + dy >= height || x + dx < 0 || x + dx >= width) continue;
+      const int64_t src = row + dy * width + dx;  // same sample: the tap is inside the map
+      sums[0] += acc_t(grad[row * channels + c]) * acc_t(in[src * channels + c]);
+    }
+  }
+
+  __host__ __device__ void store(unsigned bx, unsigned by, unsigned bz, unsigned tx,
+                                 const acc_t* totals) const {
+    const int64_t c = int64_t(bx) * kTileC + tx;
+    if (c >= channels) return;
+    partial[(int64_t(bz) * kernel * kernel + by) * channels + c] = totals[0];
+  }
+};
+
+// grad, in [N·H·W, Cc] -> dw [Cc, 1, K, K] in weight's dtype.
+inline Tensor depthwise_weight_grad(const Tensor& grad, const Tensor& in, const Tensor& weight,
+                                    int64_t height, int64_t width) {
+  const int64_t channels = weight.size(0), kernel = weight.size(-1);
+  if (grad.numel() == 0) return at::zeros_like(weight);
+  const int64_t rows = grad.numel() / channels;
+  TORCH_INTERNAL_ASSERT(grad.is_contiguous() && in.is_contiguous() && in.numel() == grad.numel());
+  const int64_t tiles = ceil_div(channels, kTileC);
+  const int64_t splits =
+      std::min<int64_t>(reduction_splits(tiles * kernel * kernel, rows, grad), 65535);
+  const int64_t rows_per_split = ceil_div(rows, splits);
+  Tensor partial = at::empty({splits, kernel * kernel, channels},
+                             grad.options().dtype(acc_dtype(grad)));
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, grad.scalar_type(),
+                                  "depthwise_weight_grad", [&] {
+    using acc_t = at::opmath_type<scalar_t>;
+    launch_tile_reduce<1, acc_t>(
+        DepthwiseWeightGrad<scalar_t>{grad.const_data_ptr<scalar_t>(), in.const_data_ptr<scalar_t>(),
+                                      partial.mutable_data_ptr<acc_t>(), rows, rows_per_split,
+                                      height, width, channels, kernel},
+        tiles, kernel * kernel, splits, grad);
+  });
+  // [K·K, Cc] -> [Cc, 1, K, K]
+  return partial.sum(0).t().reshape({channels, 1, kernel, kernel}).to(weight.scalar_type());
+}
+
+// 'same' K×K convolution (cuDNN) of an NCHW-shaped tensor (any memory
+// format), and its data / weight gradients.
+inline Tensor same_conv(const Tensor& in, const Tensor& weight, const Tensor& bias) {
+  const int64_t r = weight.size(-1) / 2;
+  return at::conv2d(in, weight, bias, {1, 1}, {r, r}, {1, 1}, 1);
+}
+
+inline std::tuple<Tensor, Tensor> same_conv_backward(const Tensor& grad, const Tensor& in,
+                                              const Tensor& weight, bool input_grad,
+                                              bool weight_grad) {
+  const int64_t r = weight.size(-1) / 2;
+  auto grads = at::convolution_backward(grad, in, weight, std::nullopt, {1, 1}, {r, r}, {1, 1},
+                                        false, {0, 0}, 1, {input_grad, weight_grad, false});
+  return {std::get<0>(grads), std::get<1>(grads)};
+}
+
+// Rows [M, in] times a pointwise weight [out, in] transposed, plus `bias` when given:
+// the 1×1 convolution of channels-last rows (cuBLAS, fp32 accumulation).
+inline Tensor pointwise(const Tensor& rows, const Tensor& weight, const Tensor& bias = Tensor()) {
+  return bias.defined() ? at::addmm(bias, rows, weight.t()) : at::mm(rows, weight.t());
+}
+
+}  // namespace
+}  // namespace cuda
+}  // namespace convlstm_fast

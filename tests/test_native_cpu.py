@@ -1,0 +1,196 @@
+"""The fused CPU kernels (``backend="cpu"``, csrc/cpu/*_kernel.cpp) against the reference.
+
+Every variant: forward outputs and
+all gradients vs ``convlstm_fast.reference`` in float32 (atol 2e-5, rtol 1e-4: both sides sum the
+same products in different orders, and the CPU kernels use a polynomial exp/tanh good to 2 ulp),
+float64 gradcheck of the fused ops through the functional layer, ``opcheck`` of each op, and
+``torch.compile(fullgraph=True)`` of a module.
+"""
+
+import pytest
+import torch
+
+import convlstm_fast
+from convlstm_fast import _extension, variants
+from convlstm_fast.functional import convlstm_layer
+
+pytestmark = pytest.mark.skipif(
+    not _extension.extension_built(), reason="the compiled extension convlstm_fast._C is not built"
+)
+
+
+FP32_TOL = dict(atol=2e-5, rtol=1e-4)
+
+
+def _load_ops():
+    from convlstm_fast.backends import get_backend
+
+    get_backend("cpu").load()
+
+
+def make_params(variant, cin, hidden, k, dtype=torch.float32, seed=0):
+    """Random parameters scaled so pre-activations are O(1) (both hard_sigmoid regions occur)."""
+    generator = torch.Generator().manual_seed(seed)
+    params = []
+    for name, shape in variants.parameter_shapes(variant, cin, hidden, k).items():
+        fan_in = 1 if len(shape) == 1 else int(torch.tensor(shape[1:]).prod())
+        scale = 0.5 if variants.is_bias(name) else 1.5 / fan_in ** 0.5
+        params.append((torch.randn(shape, generator=generator, dtype=torch.float64) * scale)
+                      .to(dtype).requires_grad_())
+    return params
+
+
+def make_inputs(steps, batch, cin, hidden, height, width, dtype=torch.float32, seed=1):
+    generator = torch.Generator().manual_seed(seed)
+
+    def rand(*shape):
+        return torch.randn(shape, generator=generator, dtype=torch.float64).to(dtype).requires_grad_()
+
+    return (rand(steps, batch, cin, height, width), rand(batch, hidden, height, width),
+            rand(batch, hidden, height, width))
+
+
+def _run(backend, variant, x, h0, c0, params, gate_activation):
+    out, (h_n, c_n) = convlstm_layer(x, params, variant, (h0, c0),
+                                     gate_activation=gate_activation, backend=backend)
+    return out, h_n, c_n
+
+
+def _compare_with_reference(variant, gate_activation, steps, batch, cin, hidden, height, width,
+                            k, x_transform=None):
+    x, h0, c0 = make_inputs(steps, batch, cin, hidden, height, width)
+    params = make_params(variant, cin, hidden, k)
+    leaves = [x, h0, c0, *params]
+    x_in = x_transform(x) if x_transform else x
+    results = {}
+    for backend in ("cpu", "reference"):
+        outs = _run(backend, variant, x_in, h0, c0, params, gate_activation)
+        generator = torch.Generator().manual_seed(2)
+        weights = [torch.randn(o.shape, generator=generator) for o in outs]
+        loss = sum((o * w).sum() for o, w in zip(outs, weights))
+        grads = torch.autograd.grad(loss, leaves)
+        results[backend] = ([o.detach() for o in outs], grads)
+    names = ["output", "h_n", "c_n"]
+    for name, got, want in zip(names, results["cpu"][0], results["reference"][0]):
+        torch.testing.assert_close(got, want, **FP32_TOL, msg=lambda m: f"{name}: {m}")
+    grad_names = ["x", "h0", "c0", *variants.parameter_names(variant)]
+    for name, got, want in zip(grad_names, results["cpu"][1], results["reference"][1]):
+        torch.testing.assert_close(got, want, **FP32_TOL, msg=lambda m: f"grad {name}: {m}")
+
+
+def test_compiled_extension_loads_when_built():
+    module = convlstm_fast.load_extension()
+    assert module.__name__ == "convlstm_fast._C"
+
+
+@pytest.mark.parametrize("gate_activation", variants.GATE_ACTIVATIONS)
+@pytest.mark.parametrize("variant", variants.VARIANTS)
+def test_matches_reference(variant, gate_activation):
+    _compare_with_reference(variant, gate_activation, steps=3, batch=2, cin=3, hidden=4,
+                            height=5, width=6, k=3)
+
+
+# (steps, batch, cin, hidden, height, width, k): K ∈ {1, 3, 5}, B = 1, T = 1, H ≠ W, Cin ≠ Cout.
+EDGE_CASES = [
+    (2, 2, 3, 5, 4, 7, 1),
+    (2, 1, 4, 3, 6, 5, 5),
+    (1, 2, 2, 2, 3, 3, 3),
+    (3, 1, 1, 6, 2, 4, 3),
+]
+
+
+@pytest.mark.parametrize("shape", EDGE_CASES, ids=lambda s: "T{}B{}Cin{}C{}H{}W{}K{}".format(*s))
+@pytest.mark.parametrize("variant", variants.VARIANTS)
+def test_edge_shapes(variant, shape):
+    _compare_with_reference(variant, "sigmoid", *shape)
+
+
+@pytest.mark.parametrize("variant", variants.VARIANTS)
+def test_non_contiguous_input(variant):
+    # x arrives as a transposed view: [T, B, Cin, W, H] storage read as [T, B, Cin, H, W].
+    _compare_with_reference(variant, "hard_sigmoid", 2, 2, 3, 4, 5, 6, 3,
+                            x_transform=lambda x: x.transpose(3, 4).contiguous().transpose(3, 4))
+    # The op itself takes a non-contiguous x too.
+    _load_ops()
+    forward = getattr(torch.ops.convlstm_fast, variants.OP_NAMES[variant])
+    x, h0, c0, params = _op_args(variant)
+    strided = x.transpose(3, 4).contiguous().transpose(3, 4)
+    assert not strided.is_contiguous()
+    for got, want in zip(forward(strided, h0, c0, params, 0)[:3], forward(x, h0, c0, params, 0)[:3]):
+        torch.testing.assert_close(got, want, atol=0, rtol=0)
+
+
+@pytest.mark.parametrize("gate_activation", variants.GATE_ACTIVATIONS)
+@pytest.mark.parametrize("variant", variants.VARIANTS)
+def test_gradcheck_float64(variant, gate_activation):
+    x, h0, c0 = make_inputs(2, 2, 2, 3, 3, 4, dtype=torch.float64)
+    params = make_params(variant, 2, 3, 3, dtype=torch.float64)
+
+    def layer(x, h0, c0, *params):
+        return _run("cpu", variant, x, h0, c0, list(params), gate_activation)
+
+    assert torch.autograd.gradcheck(layer, (x, h0, c0, *params), eps=1e-6, atol=1e-5,
+                                    rtol=1e-4, fast_mode=True)
+
+
+def _op_args(variant, dtype=torch.float32):
+    x, h0, c0 = (t.detach() for t in make_inputs(2, 2, 3, 4, 4, 5, dtype=dtype))
+    params = [p.detach() for p in make_params(variant, 3, 4, 3, dtype=dtype)]
+    return x, h0, c0, params
+
+
+@pytest.mark.parametrize("variant", variants.VARIANTS)
+def test_opcheck(variant):
+    _load_ops()
+    name = variants.OP_NAMES[variant]
+    x, h0, c0, params = _op_args(variant)
+    forward = getattr(torch.ops.convlstm_fast, name).default
+    torch.library.opcheck(forward, (x.requires_grad_(), h0.requires_grad_(), c0, params, 1))
+    x, h0 = x.detach(), h0.detach()
+    output, h_n, c_n, saved = forward(x, h0, c0, params, 1)
+    backward = getattr(torch.ops.convlstm_fast, name + "_backward").default
+    grads = (torch.randn_like(output), torch.randn_like(h_n), torch.randn_like(c_n))
+    torch.library.opcheck(backward, (*grads, x, h0, c0, params, output, saved, 1),
+                          test_utils=("test_schema", "test_faketensor"))
+
+
+@pytest.mark.parametrize("variant", variants.VARIANTS)
+def test_errors_name_the_argument(variant):
+    _load_ops()
+    forward = getattr(torch.ops.convlstm_fast, variants.OP_NAMES[variant])
+    x, h0, c0, params = _op_args(variant)
+    bad = list(params)
+    bad[2] = bad[2][:-1]
+    name = variants.parameter_names(variant)[2]
+    with pytest.raises(RuntimeError, match=rf"params\[2\] \({name}\)"):
+        forward(x, h0, c0, bad, 0)
+    with pytest.raises(RuntimeError, match="c0 must have shape"):
+        forward(x, h0, c0[:, :1], params, 0)
+    with pytest.raises(RuntimeError, match="gate_activation"):
+        forward(x, h0, c0, params, 2)
+    with pytest.raises(RuntimeError, match="x must be float32 or float64"):
+        forward(x.half(), h0, c0, params, 0)
+
+
+def test_empty_sequence():
+    _load_ops()
+    x, h0, c0, params = _op_args("a")
+    output, h_n, c_n, saved = torch.ops.convlstm_fast.pooled_layer(x[:0], h0, c0, params, 0)
+    assert output.shape == (0, 2, 4, 4, 5)
+    torch.testing.assert_close(h_n, h0)
+    assert h_n.data_ptr() != h0.data_ptr()
+
+
+def test_torch_compile_fullgraph():
+    variant = "a"
+    torch.manual_seed(0)
+    model = convlstm_fast.ConvLSTM(3, 4, kernel_size=3, variant=variant, backend="cpu")
+    x = torch.randn(2, 3, 3, 5, 6, requires_grad=True)
+    eager_out, (eager_h, _) = model(x)
+    compiled = torch.compile(model, fullgraph=True)
+    out, (h_n, _) = compiled(x)
+    torch.testing.assert_close(out, eager_out, **FP32_TOL)
+    torch.testing.assert_close(h_n, eager_h, **FP32_TOL)
+    (grad_compiled,) = torch.autograd.grad(out.sum(), x)
+    (grad_eager,) = torch.autograd.grad(eager_out.sum(), x)
+    torch.testing.assert_close(grad_compiled, grad_eager, **FP32_TOL)
