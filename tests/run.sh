@@ -2,8 +2,9 @@
 # The test command (README): builds everything from scratch on a fresh clone and runs every suite.
 #   1. main environment: torch 2.14.1 + triton 3.8, package built with the CUDA kernels compiled for
 #      sm_80/sm_90 (compile check), then the main suite, the benchmark cases in quick mode, the
-#      Triton interpreter suite (its own process: TRITON_INTERPRET=1 must precede importing triton)
-#      and the Triton ahead-of-time compile check for sm_80/sm_90;
+#      Triton interpreter suite (its own process: TRITON_INTERPRET=1 must precede importing triton),
+#      the Triton ahead-of-time compile check for sm_80/sm_90, and the CUDA kernels run in CPU
+#      emulation against the reference;
 #   2. the GPU machine's triton (3.6) with the CPU build of torch 2.13: interpreter suite and
 #      compile check again.
 # GPU-marked tests skip themselves (with a reason) on a machine without CUDA.
@@ -18,11 +19,15 @@ run() {
 
 CONVLSTM_CUDA=1 source .ci/setup-env || exit 1
 PY="$VENV/bin/python"
-# Run from tests/ so the source tree is not on sys.path: tests import the installed package.
+# `pytest` (not `python -m pytest`) with --import-mode=importlib (pyproject) keeps the source tree
+# off sys.path: the tests import the installed package, compiled _C included.
 run "$VENV/bin/pytest" -q tests --ignore=tests/triton
 run "$VENV/bin/pytest" -q benchmarks --benchmark-disable
 run env TRITON_INTERPRET=1 "$VENV/bin/pytest" -q tests/triton
 run "$PY" -m convlstm_fast.triton_kernels.compile_check
+# The CUDA kernels' host drivers and kernel bodies, built in CPU emulation, against the reference.
+run env CUDA_HOME="${CUDA_HOME:-/usr/local/cuda-13.0}" "$PY" csrc/cuda/emulation_check.py \
+  --build-dir "$ROOT/build/cuda-emulation"
 
 VENV36="${CONVLSTM_VENV36:-$ROOT/.venv-triton36}"
 [ -x "$VENV36/bin/python" ] || python3 -m venv "$VENV36"
