@@ -2,7 +2,9 @@
 
 The ops ``convlstm_fast::<name>_triton`` are declared and implemented from Python when
 ``convlstm_fast.triton_kernels`` is imported; autograd and fake tensors go through the same
-:func:`convlstm_fast.ops.registration.register_layer_op` as the native ops.
+:func:`convlstm_fast.ops.registration.register_layer_op` as the native ops. The backend runs CUDA
+tensors; CPU tensors only under Triton's interpreter (``TRITON_INTERPRET=1`` set before triton
+is imported — tests). ``"auto"`` never picks it for CPU tensors (``AUTO_PREFERENCE``).
 """
 
 from __future__ import annotations
@@ -21,6 +23,23 @@ class TritonBackend(OpBackend):
         except ImportError as error:
             raise ImportError(f"triton is not installed ({error}); pip install triton") from error
         importlib.import_module("convlstm_fast.triton_kernels")
+
+    def unsupported_reason(self, variant, x):
+        reason = self.unavailable_reason()
+        if reason is not None:
+            return reason
+        kernels = importlib.import_module("convlstm_fast.triton_kernels")
+        if variant not in kernels.IMPLEMENTED:
+            return f"backend 'triton' is not implemented for variant {variant!r}"
+        if x.device.type == "cpu" and kernels.INTERPRETED:
+            if x.dtype != torch.float32:
+                return ("backend 'triton' runs CPU tensors (interpreter) in float32 only, "
+                        f"got {x.dtype}")
+            return None
+        if x.device.type == "cpu":
+            return ("backend 'triton' runs CPU tensors only under Triton's interpreter "
+                    "(TRITON_INTERPRET=1 set before triton is imported)")
+        return super().unsupported_reason(variant, x)
 
 
 BACKENDS = {

@@ -134,5 +134,5 @@ def register_layer_op(qualname: str, variant: str, saved_spec: SavedSpec) -> Non
         backward_qualname, _double_backward_error, setup_context=lambda ctx, inputs, output: None
     )
     forward_flops, backward_flops = _flop_formulas(variant)
-    register_flop_formula(getattr(ops, name).default)(forward_flops)
-    register_flop_formula(backward_op.default)(backward_flops)
+    register_flop_formula(getattr(ops, name))(forward_flops)
+    register_flop_formula(backward_op)(backward_flops)

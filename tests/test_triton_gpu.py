@@ -1,0 +1,122 @@
+"""Triton layer ops on a CUDA device against the reference: fp32 (TF32 off), fp16 and bf16.
+
+Every output (output, h_n, c_n) and every gradient (x, h0, c0, each parameter) must satisfy
+STYLE.md's rule max|x − x64| ≤ 2·max|x_ref − x64| + ε·max|x64| (ε = 1e-6 fp32, 1e-3 fp16/bf16),
+x64 the reference in float64 on the same (rounded) inputs, x_ref the reference in x's dtype.
+Skipped with a reason without CUDA (tests/conftest.py); nothing queries a device at import.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from convlstm_fast import variants
+from convlstm_fast.functional import convlstm_layer
+from convlstm_fast.reference import cells
+
+pytestmark = pytest.mark.gpu
+
+# (T, B, Cin, C, H, W, K): paper-like channel counts spanning several 64-channel tiles and pixel
+# tiles, odd sizes, H != W, Cin != C, K in {1, 3, 5}, B = 1, T = 1.
+SHAPES = {
+    "base": (3, 2, 40, 72, 9, 11, 3),
+    "k5_b1": (2, 1, 16, 24, 13, 7, 5),
+    "k1_t1": (1, 3, 8, 130, 6, 10, 1),
+}
+DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+
+
+def _implemented():
+    # Imported lazily: importing the kernels at collection would import triton, not a device query,
+    # but keeps collection cheap.
+    from convlstm_fast.triton_kernels import IMPLEMENTED
+
+    return IMPLEMENTED
+
+
+def _run(variant, x, h0, c0, params, gate_activation, backend, weights):
+    leaves = [t.detach().clone().requires_grad_() for t in (x, h0, c0, *params.values())]
+    lx, lh, lc, *lp = leaves
+    named = dict(zip(params, lp))
+    if backend == "reference":
+        out, h_n, c_n = cells.layer(variant, lx, lh, lc, named, gate_activation)
+    else:
+        out, (h_n, c_n) = convlstm_layer(lx, named, variant, (lh, lc),
+                                         gate_activation=gate_activation, backend=backend)
+    loss = sum((t.double() * w).sum() for t, w in zip((out, h_n, c_n), weights))
+    grads = torch.autograd.grad(loss, leaves)
+    return [out.detach(), h_n.detach(), c_n.detach(), *grads]
+
+
+@pytest.fixture
+def fp32_ieee():
+    previous = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = False
+    torch.backends.cudnn.allow_tf32 = False
+    yield
+    torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = previous
+
+
+@pytest.mark.parametrize("gate_activation", variants.GATE_ACTIVATIONS)
+@pytest.mark.parametrize("shape", list(SHAPES))
+@pytest.mark.parametrize("dtype", list(DTYPES))
+@pytest.mark.parametrize("variant", variants.VARIANTS)
+def test_triton_matches_reference_on_gpu(variant, dtype, shape, gate_activation, fp32_ieee,
+                                         make_params, make_inputs, assert_close_to_float64):
+    if variant not in _implemented():
+        pytest.skip(f"backend 'triton' is not implemented for variant {variant!r}")
+    steps, batch, cin, hidden, height, width, ksize = SHAPES[shape]
+    low = DTYPES[dtype]
+    params64 = make_params(variant, cin, hidden, ksize, seed=1, device="cuda")
+    inputs64 = make_inputs(steps, batch, cin, hidden, height, width, seed=2, device="cuda")
+    # Round once to the low dtype; the float64 reference runs on exactly those values.
+    params = {k: v.to(low) for k, v in params64.items()}
+    x, h0, c0 = (t.to(low) for t in inputs64)
+    params64 = {k: v.double() for k, v in params.items()}
+    x64, h64, c64 = (t.double() for t in (x, h0, c0))
+    gen = torch.Generator(device="cuda").manual_seed(3)
+    shapes = [(steps, batch, hidden, height, width), h0.shape, c0.shape]
+    weights = [torch.randn(s, generator=gen, device="cuda", dtype=torch.float64) for s in shapes]
+
+    got = _run(variant, x, h0, c0, params, gate_activation, "triton", weights)
+    ref = _run(variant, x, h0, c0, params, gate_activation, "reference", weights)
+    exact = _run(variant, x64, h64, c64, params64, gate_activation, "reference", weights)
+    names = ["output", "h_n", "c_n", "grad_x", "grad_h0", "grad_c0",
+             *("grad_" + n for n in params)]
+    for name, a, r, e in zip(names, got, ref, exact):
+        assert a.dtype == low, f"{name}: dtype {a.dtype}, expected {low}"
+        assert_close_to_float64(a, r, e, name=name)
+
+
+@pytest.mark.parametrize("variant", variants.VARIANTS)
+def test_triton_deterministic_on_gpu(variant, make_params, make_inputs):
+    """Under torch.use_deterministic_algorithms(True) two runs agree bitwise."""
+    if variant not in _implemented():
+        pytest.skip(f"backend 'triton' is not implemented for variant {variant!r}")
+    params = make_params(variant, 24, 72, 3, dtype=torch.bfloat16, device="cuda")
+    x, h0, c0 = make_inputs(3, 2, 24, 72, 9, 10, dtype=torch.bfloat16, device="cuda")
+    weights = [torch.ones((), device="cuda", dtype=torch.float64)] * 3
+    previous = torch.are_deterministic_algorithms_enabled()
+    torch.use_deterministic_algorithms(True)
+    try:
+        first = _run(variant, x, h0, c0, params, "sigmoid", "triton", weights)
+        second = _run(variant, x, h0, c0, params, "sigmoid", "triton", weights)
+    finally:
+        torch.use_deterministic_algorithms(previous)
+    for a, b in zip(first, second):
+        assert torch.equal(a, b)
+
+
+@pytest.mark.parametrize("variant", variants.VARIANTS)
+def test_triton_under_autocast(variant, make_params, make_inputs):
+    """Under torch.autocast(bf16) the functional layer casts and the op runs in bf16."""
+    if variant not in _implemented():
+        pytest.skip(f"backend 'triton' is not implemented for variant {variant!r}")
+    params = make_params(variant, 8, 16, 3, dtype=torch.float32, device="cuda")
+    x, h0, c0 = make_inputs(2, 2, 8, 16, 6, 7, dtype=torch.float32, device="cuda")
+    with torch.autocast("cuda", dtype=torch.bfloat16):
+        out, (h_n, c_n) = convlstm_layer(x, params, variant, (h0, c0), backend="triton")
+    assert out.dtype == h_n.dtype == c_n.dtype == torch.bfloat16
+    ref, _, _ = cells.layer(variant, x, h0, c0, params)
+    torch.testing.assert_close(out.float(), ref, rtol=0.05, atol=0.05)

@@ -1,0 +1,281 @@
+"""``convlstm_fast::convlstm_layer_triton``: the original ConvLSTM, one layer over a sequence.
+
+    [i f g o] = W_x * X_t + W_h * H_{t−1} + b;   i, f, o = σ(·), G = tanh(g)      (SPEC eqs. 1-4)
+    C_t = f ∘ C_{t−1} + i ∘ G;   H_t = o ∘ tanh(C_t)                              (eqs. 5-6)
+
+Forward: ``xz = W_x * X + b`` for all steps in one ATen convolution, then ONE launch per step
+(``_convlstm_layer_fwd_kernel``): the H-side K×K convolution as an implicit GEMM over (K·K·C)
+producing the four gate slices of the same output channels in one program, with the LSTM
+epilogue fused. Backward (reverse time): ONE launch per step (``_convlstm_layer_bwd_kernel``):
+the transposed implicit GEMM of the next step's gate gradients back to dH_t, fused with the cell
+backward of step t. Weight and input gradients: two batched ATen convolution backwards after the
+loop. Saved per step (as the native op): C_t and the gate pre-activations (1 + 4 state tensors).
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+import triton
+import triton.language as tl
+
+from ._common import (GPU_BLOCK_M, block_sizes, dot_precision, gate_act, gate_act_grad, nchw,
+                      rows, tanh)
+
+
+
+def launch_options(dtype: torch.dtype) -> dict:
+    """Four fp32 accumulators of BLOCK_M × BLOCK_N per program: 8 warps keep them in registers.
+    Two pipeline stages for 16-bit operands (40 KB of shared memory each); fp32 tiles are twice
+    as large, one stage keeps them within sm_80's 163 KB."""
+    return dict(num_warps=8, num_stages=1 if dtype == torch.float32 else 2)
+
+
+@triton.jit
+def _convlstm_layer_fwd_kernel(
+    h_prev_ptr, c_ptr, xz_ptr, w_ptr,
+    h_out_ptr, cell_ptr, gates_ptr,
+    C, H, W,
+    KSIZE: tl.constexpr, ACT: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+):
+    """One step for BLOCK_M pixels of sample b × BLOCK_N channels of each gate. Rows:
+    h_prev ``[B·H·W, C]``, c fp32 ``[B·H·W, C]`` (C_{t−1} in, C_t out, in place), xz
+    ``[B·H·W, 4C]`` (W_x * X_t + b), w ``[K·K, C, 4C]`` (w[a·K + b, k, j] = W_h[j, k, a, b]).
+        z_j[p] = xz[p, j] + Σ_{a,b,k} H_{t−1}[p + (a − P, b − P), k] · W_h[j, k, a, b]"""
+    pid_m = tl.program_id(0)
+    pid_n = tl.program_id(1)
+    b = tl.program_id(2)
+    HW = H * W
+    PAD: tl.constexpr = KSIZE // 2
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    mask_m = offs_m < HW
+    oy = offs_m // W
+    ox = offs_m % W
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    mask_n = offs_n < C
+    C4 = 4 * C
+    h_prev = h_prev_ptr + b * HW * C
+
+    acc_i = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
+    acc_f = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
+    acc_g = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
+    acc_o = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
+    # One runtime loop over (tap, channel chunk): each iteration is one H tile and four weight
+    # tiles, which the software pipeliner can double-buffer (an unrolled tap loop would make it
+    # buffer all K² taps at once).
+    chunks = tl.cdiv(C, BLOCK_K)
+    for it in range(KSIZE * KSIZE * chunks):
+        tap = it // chunks
+        offs_k = (it % chunks) * BLOCK_K + tl.arange(0, BLOCK_K)
+        mask_k = offs_k < C
+        iy = oy + (tap // KSIZE - PAD)
+        ix = ox + (tap % KSIZE - PAD)
+        valid = mask_m & (iy >= 0) & (iy < H) & (ix >= 0) & (ix < W)
+        hv = tl.load(h_prev + (iy * W + ix)[:, None] * C + offs_k[None, :],
+                     mask=valid[:, None] & mask_k[None, :], other=0.0)
+        wmask = mask_k[:, None] & mask_n[None, :]
+        wbase = w_ptr + tap * C * C4 + offs_k[:, None] * C4 + offs_n[None, :]
+        acc_i = tl.dot(hv, tl.load(wbase, mask=wmask, other=0.0), acc_i,
+                       input_precision=DOT_PRECISION)
+        acc_f = tl.dot(hv, tl.load(wbase + C, mask=wmask, other=0.0), acc_f,
+                       input_precision=DOT_PRECISION)
+        acc_g = tl.dot(hv, tl.load(wbase + 2 * C, mask=wmask, other=0.0), acc_g,
+                       input_precision=DOT_PRECISION)
+        acc_o = tl.dot(hv, tl.load(wbase + 3 * C, mask=wmask, other=0.0), acc_o,
+                       input_precision=DOT_PRECISION)
+
+    # Epilogue (eqs. 3-6) on the four gate slices of the same channels.
+    row = (b * HW + offs_m)[:, None]
+    mask = mask_m[:, None] & mask_n[None, :]
+    zoffs = row * C4 + offs_n[None, :]
+    z_i = acc_i + tl.load(xz_ptr + zoffs, mask=mask, other=0.0).to(tl.float32)
+    z_f = acc_f + tl.load(xz_ptr + zoffs + C, mask=mask, other=0.0).to(tl.float32)
+    z_g = acc_g + tl.load(xz_ptr + zoffs + 2 * C, mask=mask, other=0.0).to(tl.float32)
+    z_o = acc_o + tl.load(xz_ptr + zoffs + 3 * C, mask=mask, other=0.0).to(tl.float32)
+    out_ty = gates_ptr.dtype.element_ty
+    tl.store(gates_ptr + zoffs, z_i.to(out_ty), mask=mask)
+    tl.store(gates_ptr + zoffs + C, z_f.to(out_ty), mask=mask)
+    tl.store(gates_ptr + zoffs + 2 * C, z_g.to(out_ty), mask=mask)
+    tl.store(gates_ptr + zoffs + 3 * C, z_o.to(out_ty), mask=mask)
+    offs = row * C + offs_n[None, :]
+    c_new = gate_act(z_f, ACT) * tl.load(c_ptr + offs, mask=mask, other=0.0) \
+        + gate_act(z_i, ACT) * tanh(z_g)
+    h = gate_act(z_o, ACT) * tanh(c_new)
+    tl.store(c_ptr + offs, c_new, mask=mask)
+    tl.store(cell_ptr + offs, c_new.to(cell_ptr.dtype.element_ty), mask=mask)
+    tl.store(h_out_ptr + offs, h.to(h_out_ptr.dtype.element_ty), mask=mask)
+
+
+@triton.jit
+def _convlstm_layer_bwd_kernel(
+    dz_next_ptr, wt_ptr, gout_ptr, dh_ptr,
+    cell_ptr, cell_prev_ptr, gates_ptr, dc_ptr, dz_ptr,
+    C, H, W,
+    KSIZE: tl.constexpr, ACT: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    HAS_REC: tl.constexpr, CELL: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+):
+    """Backward of step t for BLOCK_M pixels of sample b × BLOCK_N hidden channels.
+
+    dH_t = grad_output[t] + Σ_{a,b,j} dz_{t+1}[p − (a − P, b − P), j] · W_h[j, k, a, b]
+    (``wt [K·K, 4C, C]``, wt[a·K + b, j, k] = W_h[j, k, a, b]). With CELL (eqs. 3-6 backwards):
+        dC = dC_carry + dH ∘ o ∘ (1 − tanh² C_t);   dC_carry ← dC ∘ f
+        dz_i = dC ∘ G ∘ σ'(z_i),  dz_f = dC ∘ C_{t−1} ∘ σ'(z_f),  dz_g = dC ∘ i ∘ (1 − G²),
+        dz_o = dH ∘ tanh C_t ∘ σ'(z_o)      (stored: ``dz [B·H·W, 4C]``)
+    Without CELL, dH is stored: the gradient of h0."""
+    pid_m = tl.program_id(0)
+    pid_n = tl.program_id(1)
+    b = tl.program_id(2)
+    HW = H * W
+    PAD: tl.constexpr = KSIZE // 2
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    mask_m = offs_m < HW
+    oy = offs_m // W
+    ox = offs_m % W
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    mask_n = offs_n < C
+    C4 = 4 * C
+    row = (b * HW + offs_m)[:, None]
+    mask = mask_m[:, None] & mask_n[None, :]
+    offs = row * C + offs_n[None, :]
+
+    dh = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
+    if HAS_REC:
+        dz_next = dz_next_ptr + b * HW * C4
+        chunks = tl.cdiv(C4, BLOCK_K)
+        for it in range(KSIZE * KSIZE * chunks):  # (tap, gate-channel chunk), as the forward
+            tap = it // chunks
+            offs_j = (it % chunks) * BLOCK_K + tl.arange(0, BLOCK_K)
+            mask_j = offs_j < C4
+            iy = oy - (tap // KSIZE - PAD)
+            ix = ox - (tap % KSIZE - PAD)
+            valid = mask_m & (iy >= 0) & (iy < H) & (ix >= 0) & (ix < W)
+            dzv = tl.load(dz_next + (iy * W + ix)[:, None] * C4 + offs_j[None, :],
+                          mask=valid[:, None] & mask_j[None, :], other=0.0)
+            wv = tl.load(wt_ptr + tap * C4 * C + offs_j[:, None] * C + offs_n[None, :],
+                         mask=mask_j[:, None] & mask_n[None, :], other=0.0)
+            dh = tl.dot(dzv, wv, dh, input_precision=DOT_PRECISION)
+    if CELL:
+        dh += tl.load(gout_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+        zoffs = row * C4 + offs_n[None, :]
+        z_i = tl.load(gates_ptr + zoffs, mask=mask, other=0.0).to(tl.float32)
+        z_f = tl.load(gates_ptr + zoffs + C, mask=mask, other=0.0).to(tl.float32)
+        z_g = tl.load(gates_ptr + zoffs + 2 * C, mask=mask, other=0.0).to(tl.float32)
+        z_o = tl.load(gates_ptr + zoffs + 3 * C, mask=mask, other=0.0).to(tl.float32)
+        c_t = tl.load(cell_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+        c_prev = tl.load(cell_prev_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+        g = tanh(z_g)
+        tc = tanh(c_t)
+        dc = tl.load(dc_ptr + offs, mask=mask, other=0.0) \
+            + dh * gate_act(z_o, ACT) * (1.0 - tc * tc)
+        tl.store(dc_ptr + offs, dc * gate_act(z_f, ACT), mask=mask)
+        out_ty = dz_ptr.dtype.element_ty
+        tl.store(dz_ptr + zoffs, (dc * g * gate_act_grad(z_i, ACT)).to(out_ty), mask=mask)
+        tl.store(dz_ptr + zoffs + C, (dc * c_prev * gate_act_grad(z_f, ACT)).to(out_ty),
+                 mask=mask)
+        tl.store(dz_ptr + zoffs + 2 * C, (dc * gate_act(z_i, ACT) * (1.0 - g * g)).to(out_ty),
+                 mask=mask)
+        tl.store(dz_ptr + zoffs + 3 * C, (dh * tc * gate_act_grad(z_o, ACT)).to(out_ty),
+                 mask=mask)
+    else:
+        tl.store(dh_ptr + offs, dh.to(dh_ptr.dtype.element_ty), mask=mask)
+
+
+def convlstm_layer_forward(x, h0, c0, params, gate_activation: int):
+    """``x [T, B, Cin, H, W]``, ``h0``, ``c0`` ``[B, C, H, W]`` -> ``(output [T, B, C, H, W],
+    h_n, c_n, [cell [T, B, H, W, C], gates [T, B, H, W, 4C]])``."""
+    weight_x, weight_h, bias = params
+    steps, batch, cin, height, width = x.shape
+    hidden, pixels, ksize = h0.shape[1], height * width, weight_h.shape[-1]
+    frames = x.reshape(steps * batch, cin, height, width)
+    # W_x * X + b for all steps at once (KERNELS.md "Before the recurrence").
+    xz = rows(F.conv2d(frames, weight_x, bias, padding=ksize // 2))
+    xz = xz.view(steps, batch * pixels, 4 * hidden)
+    w = weight_h.permute(2, 3, 1, 0).reshape(ksize * ksize, hidden, 4 * hidden).contiguous()
+
+    block_m, block_c = block_sizes(x.device, pixels, hidden)
+    out = x.new_empty(steps, batch * pixels, hidden)
+    cell = torch.empty_like(out)
+    gates = x.new_empty(steps, batch * pixels, 4 * hidden)
+    c_state = rows(c0).to(torch.float32, copy=True)
+    h_prev = rows(h0)
+    grid = (triton.cdiv(pixels, block_m), triton.cdiv(hidden, block_c), batch)
+    for t in range(steps):
+        _convlstm_layer_fwd_kernel[grid](
+            h_prev, c_state, xz[t], w, out[t], cell[t], gates[t], hidden, height, width,
+            KSIZE=ksize, ACT=gate_activation, DOT_PRECISION=dot_precision(x.dtype),
+            BLOCK_M=block_m, BLOCK_N=block_c, BLOCK_K=block_c, **launch_options(x.dtype),
+        )
+        h_prev = out[t]
+    state_shape = (steps, batch, height, width, hidden)
+    output = out.view(state_shape).permute(0, 1, 4, 2, 3).contiguous()
+    h_n = nchw(out[-1], batch, height, width).clone(memory_format=torch.contiguous_format)
+    c_n = nchw(c_state, batch, height, width).to(x.dtype, memory_format=torch.contiguous_format,
+                                                 copy=True)
+    return output, h_n, c_n, [cell.view(state_shape),
+                              gates.view(steps, batch, height, width, 4 * hidden)]
+
+
+def convlstm_layer_backward(grad_output, grad_h_n, grad_c_n, x, h0, c0, params, output, saved,
+                            gate_activation: int):
+    """Gradients of :func:`convlstm_layer_forward` w.r.t. x, h0, c0, weight_x, weight_h, bias."""
+    weight_x, weight_h, bias = params
+    steps, batch, cin, height, width = x.shape
+    hidden, pixels, ksize = h0.shape[1], height * width, weight_h.shape[-1]
+    cell = saved[0].reshape(steps, batch * pixels, hidden).contiguous()
+    gates = saved[1].reshape(steps, batch * pixels, 4 * hidden).contiguous()
+    wt = weight_h.permute(2, 3, 0, 1).reshape(ksize * ksize, 4 * hidden, hidden).contiguous()
+
+    gout = grad_output.permute(0, 1, 3, 4, 2).clone(memory_format=torch.contiguous_format)
+    gout = gout.view(steps, batch * pixels, hidden)
+    gout[-1] += rows(grad_h_n)
+    dc = rows(grad_c_n).to(torch.float32, copy=True)
+    c0_rows = rows(c0)
+    dz = torch.empty_like(gates)
+    grad_h0_rows = torch.empty_like(gout[0])
+
+    block_m, block_c = block_sizes(x.device, pixels, hidden)
+    grid = (triton.cdiv(pixels, block_m), triton.cdiv(hidden, block_c), batch)
+    for t in range(steps - 1, -2, -1):
+        here = max(t, 0)
+        _convlstm_layer_bwd_kernel[grid](
+            dz[min(t + 1, steps - 1)], wt, gout[here], grad_h0_rows,
+            cell[here], cell[t - 1] if t > 0 else c0_rows, gates[here], dc, dz[here],
+            hidden, height, width,
+            KSIZE=ksize, ACT=gate_activation, DOT_PRECISION=dot_precision(x.dtype),
+            HAS_REC=t < steps - 1, CELL=t >= 0,
+            BLOCK_M=block_m, BLOCK_N=block_c, BLOCK_K=block_c, **launch_options(x.dtype),
+        )
+
+    # Weight and input gradients of all steps: two batched convolution backwards.
+    frames = x.reshape(steps * batch, cin, height, width)
+    h_prev = torch.cat([h0[None], output[:-1]]).reshape(steps * batch, hidden, height, width)
+    dz_maps = nchw(dz.view(-1, 4 * hidden), steps * batch, height, width)
+    pad = [ksize // 2] * 2
+    _, grad_wh, _ = torch.ops.aten.convolution_backward(
+        dz_maps, h_prev, weight_h, None, [1, 1], pad, [1, 1], False, [0, 0], 1,
+        [False, True, False])
+    grad_frames, grad_wx, _ = torch.ops.aten.convolution_backward(
+        dz_maps, frames, weight_x, None, [1, 1], pad, [1, 1], False, [0, 0], 1,
+        [True, True, False])
+    grad_bias = dz.view(-1, 4 * hidden).sum(0, dtype=torch.float32).to(bias.dtype)
+    grad_x = grad_frames.reshape(x.shape).contiguous()
+    grad_h0 = nchw(grad_h0_rows, batch, height, width).contiguous()
+    grad_c0 = nchw(dc, batch, height, width).to(x.dtype, memory_format=torch.contiguous_format,
+                                               copy=True)
+    return grad_x, grad_h0, grad_c0, [g.contiguous() for g in (grad_wx, grad_wh, grad_bias)]
+
+
+def compile_cases(dtype: torch.dtype, ksize: int, block_c: int, gate_activation: int, dot: str):
+    """(kernel, fp32 pointer names, constexprs, launch options) of every kernel this op launches
+    on a GPU with the given kernel size and channel block (for compile_check)."""
+    blocks = dict(BLOCK_M=GPU_BLOCK_M, BLOCK_N=block_c, BLOCK_K=block_c, KSIZE=ksize,
+                  ACT=gate_activation, DOT_PRECISION=dot)
+    launch = launch_options(dtype)
+    return [
+        (_convlstm_layer_fwd_kernel, {"c_ptr"}, blocks, launch),
+        (_convlstm_layer_bwd_kernel, {"dc_ptr"}, dict(blocks, HAS_REC=True, CELL=True), launch),
+        (_convlstm_layer_bwd_kernel, {"dc_ptr"}, dict(blocks, HAS_REC=False, CELL=True), launch),
+        (_convlstm_layer_bwd_kernel, {"dc_ptr"}, dict(blocks, HAS_REC=True, CELL=False), launch),
+    ]

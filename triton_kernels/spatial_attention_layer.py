@@ -1,0 +1,434 @@
+"""``convlstm_fast::spatial_attention_layer_triton``: variant (b), one layer over a sequence.
+
+    F = tanh(SepConv_xa(X_t) + SepConv_ha(H_{t−1}) + b_a);   Z = W_z * F  (C -> 1 channel)
+    A = softmax_HW(Z) per sample;   X̃ = A ∘ X_t                          (SPEC b, eqs. 17-19)
+    then cell (a) on X̃: [i f o] = σ(U_x GAP(X̃) + U_h GAP(H_{t−1}) + b_g),
+    G = tanh(SepConv_x(X̃) + SepConv_h(H_{t−1}) + b_c), C_t = f∘C_{t−1} + i∘G, H_t = o∘tanh C_t
+
+X̃ depends on H_{t−1}, so only ``xa = SepConv_xa(X) + b_a`` is precomputed. Forward, four
+launches per step: (1) one pass over H_{t−1} for SepConv_h and F (the c/d features kernel with
+RAW_CAND); (2) ``_spatial_logits_kernel``: Z and per-tile softmax statistics (max, Σexp);
+(3) ``_spatial_input_kernel``: A, SepConv_x(X̃) with X̃ formed on the fly, G, and the per-tile
+column sums of X̃ (GAP(X̃) is a grid-wide reduction: the launch boundary before the gates);
+(4) ``_spatial_cell_kernel``: pooled gates, cell update, column sums of H_t.
+Backward (reverse time), per step: the cell backward of (a) with the attention path's dH term
+(pooled_layer's kernel, ATT_PATH), dX̃ and per-pixel dA (``_spatial_input_bwd_kernel``), the
+softmax backward on the [B, H·W] map, dF's pre-activation (``_spatial_features_bwd_kernel``),
+and three GEMMs. Saved per step (as the native op): C_t, G (2 state tensors), the gate
+pre-activations and A ``[T, B, H, W]``.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from ._common import (GPU_BLOCK_M, block_sizes, depthwise, depthwise_backward, depthwise_tile,
+                      dot_precision, gate_act, nchw, pooled_gate_dot, rows, sepconv_rows,
+                      sepconv_rows_backward, tanh)
+from .channel_attention_layer import _attention_features_kernel
+from .pooled_layer import _pooled_layer_bwd_kernel
+
+LAUNCH = dict(num_warps=4, num_stages=1)  # see pooled_layer.LAUNCH
+
+
+@triton.jit
+def _spatial_logits_kernel(
+    feat_ptr, wz_ptr, z_ptr, zstat_ptr,
+    C, H, W, NMT,
+    KSIZE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr,
+):
+    """Z[p] = Σ_{a,b,k} F[p + (a − P, b − P), k] · W_z[0, k, a, b] (fp32) for BLOCK_M pixels of
+    sample b, and the tile's softmax statistics (m = max Z, s = Σ exp(Z − m))."""
+    pid_m = tl.program_id(0)
+    b = tl.program_id(2)
+    HW = H * W
+    PAD: tl.constexpr = KSIZE // 2
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    mask_m = offs_m < HW
+    oy = offs_m // W
+    ox = offs_m % W
+    feat = feat_ptr + b * HW * C
+    acc = tl.zeros([BLOCK_M, BLOCK_K], dtype=tl.float32)
+    for k0 in range(0, C, BLOCK_K):
+        offs_k = k0 + tl.arange(0, BLOCK_K)
+        mask_k = offs_k < C
+        for a in tl.static_range(KSIZE):
+            for bb in tl.static_range(KSIZE):
+                iy = oy + (a - PAD)
+                ix = ox + (bb - PAD)
+                valid = mask_m & (iy >= 0) & (iy < H) & (ix >= 0) & (ix < W)
+                v = tl.load(feat + (iy * W + ix)[:, None] * C + offs_k[None, :],
+                            mask=valid[:, None] & mask_k[None, :], other=0.0).to(tl.float32)
+                w = tl.load(wz_ptr + offs_k * (KSIZE * KSIZE) + (a * KSIZE + bb), mask=mask_k,
+                            other=0.0).to(tl.float32)
+                acc += v * w[None, :]
+    z = tl.sum(acc, axis=1)
+    tl.store(z_ptr + b * HW + offs_m, z, mask=mask_m)
+    z = tl.where(mask_m, z, float("-inf"))
+    m = tl.max(z, axis=0)
+    s = tl.sum(tl.exp(z - m), axis=0)
+    tl.store(zstat_ptr + (b * NMT + pid_m) * 2, m)
+    tl.store(zstat_ptr + (b * NMT + pid_m) * 2 + 1, s)
+
+
+@triton.jit
+def _spatial_input_kernel(
+    x_ptr, z_ptr, zstat_ptr, hc_ptr, dwx_ptr, pwx_ptr, cb_ptr,
+    att_ptr, cand_ptr, xpart_ptr,
+    CIN, C, H, W, NMT,
+    KSIZE: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+):
+    """A = exp(Z − M) / S (M, S merged from the tiles' statistics), then
+    G = tanh(SepConv_x(A∘X_t) + SepConv_h(H_{t−1}) + b_c) with the depthwise of X̃ = A∘X formed
+    on the fly. Programs of the first channel tile also store A and the column sums of X̃ over
+    their pixels (for GAP(X̃))."""
+    pid_m = tl.program_id(0)
+    pid_n = tl.program_id(1)
+    b = tl.program_id(2)
+    HW = H * W
+    PAD: tl.constexpr = KSIZE // 2
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    mask_m = offs_m < HW
+    oy = offs_m // W
+    ox = offs_m % W
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    mask_n = offs_n < C
+    first_n = pid_n == 0
+
+    # Softmax statistics of the whole map, merged in a fixed order:
+    # M = max_i m_i, S = Σ_i s_i · exp(m_i − M).
+    big = tl.load(zstat_ptr + b * NMT * 2)
+    for tile in range(1, NMT):
+        big = tl.maximum(big, tl.load(zstat_ptr + (b * NMT + tile) * 2))
+    total = big * 0.0
+    for tile in range(NMT):
+        m_i = tl.load(zstat_ptr + (b * NMT + tile) * 2)
+        total += tl.load(zstat_ptr + (b * NMT + tile) * 2 + 1) * tl.exp(m_i - big)
+    z_b = z_ptr + b * HW
+    att = tl.exp(tl.load(z_b + offs_m, mask=mask_m, other=0.0) - big) / total
+    tl.store(att_ptr + b * HW + offs_m, att.to(att_ptr.dtype.element_ty), mask=mask_m & first_n)
+
+    x_b = x_ptr + b * HW * CIN
+    acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
+    for k0 in range(0, CIN, BLOCK_K):
+        offs_k = k0 + tl.arange(0, BLOCK_K)
+        mask_k = offs_k < CIN
+        d = tl.zeros([BLOCK_M, BLOCK_K], dtype=tl.float32)
+        for a in tl.static_range(KSIZE):
+            for bb in tl.static_range(KSIZE):
+                iy = oy + (a - PAD)
+                ix = ox + (bb - PAD)
+                valid = mask_m & (iy >= 0) & (iy < H) & (ix >= 0) & (ix < W)
+                q = iy * W + ix
+                a_q = tl.exp(tl.load(z_b + q, mask=valid, other=0.0) - big) / total
+                v = tl.load(x_b + q[:, None] * CIN + offs_k[None, :],
+                            mask=valid[:, None] & mask_k[None, :], other=0.0).to(tl.float32)
+                # X̃ as the reference holds it: A∘X rounded to the input dtype.
+                v = (v * a_q[:, None]).to(x_ptr.dtype.element_ty).to(tl.float32)
+                w = tl.load(dwx_ptr + offs_k * (KSIZE * KSIZE) + (a * KSIZE + bb), mask=mask_k,
+                            other=0.0).to(tl.float32)
+                d += v * w[None, :]
+        center = tl.load(x_b + offs_m[:, None] * CIN + offs_k[None, :],
+                         mask=mask_m[:, None] & mask_k[None, :], other=0.0).to(tl.float32)
+        xt = (center * att[:, None]).to(x_ptr.dtype.element_ty).to(tl.float32)
+        tl.store(xpart_ptr + (b * NMT + pid_m) * CIN + offs_k, tl.sum(xt, axis=0),
+                 mask=mask_k & first_n)
+        wt = tl.load(pwx_ptr + offs_n[None, :] * CIN + offs_k[:, None],
+                     mask=mask_k[:, None] & mask_n[None, :], other=0.0)
+        acc = tl.dot(d.to(wt.dtype), wt, acc, input_precision=DOT_PRECISION)
+    offs = (b * HW + offs_m)[:, None] * C + offs_n[None, :]
+    mask = mask_m[:, None] & mask_n[None, :]
+    pre = acc + tl.load(hc_ptr + offs, mask=mask, other=0.0) \
+        + tl.load(cb_ptr + offs_n, mask=mask_n, other=0.0).to(tl.float32)[None, :]
+    tl.store(cand_ptr + offs, tanh(pre).to(cand_ptr.dtype.element_ty), mask=mask)
+
+
+@triton.jit
+def _spatial_cell_kernel(
+    c_ptr, cand_ptr, gb_ptr, xpart_ptr, ux_ptr, hpart_prev_ptr, hpart_next_ptr, uh_ptr,
+    h_out_ptr, cell_ptr, gate_ptr,
+    CIN, C, H, W, NMT,
+    ACT: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+):
+    """[i f o] = act(U_x GAP(X̃) + U_h GAP(H_{t−1}) + b_g), C_t = f∘C_{t−1} + i∘G,
+    H_t = o∘tanh C_t, and the column sums of H_t over this tile (the next step's h̄)."""
+    pid_m = tl.program_id(0)
+    pid_n = tl.program_id(1)
+    b = tl.program_id(2)
+    HW = H * W
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    mask_m = offs_m < HW
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    mask_n = offs_n < C
+    x0, x1, x2 = pooled_gate_dot(xpart_ptr, ux_ptr, b, offs_n, mask_n, C, CIN, NMT, HW, 3,
+                                 BLOCK_K)
+    h0, h1, h2 = pooled_gate_dot(hpart_prev_ptr, uh_ptr, b, offs_n, mask_n, C, C, NMT, HW, 3,
+                                 BLOCK_K)
+    z_i = x0 + h0 + tl.load(gb_ptr + offs_n, mask=mask_n, other=0.0).to(tl.float32)
+    z_f = x1 + h1 + tl.load(gb_ptr + C + offs_n, mask=mask_n, other=0.0).to(tl.float32)
+    z_o = x2 + h2 + tl.load(gb_ptr + 2 * C + offs_n, mask=mask_n, other=0.0).to(tl.float32)
+    first_tile = mask_n & (pid_m == 0)
+    gate_out = gate_ptr + b * 3 * C + offs_n
+    tl.store(gate_out, z_i.to(gate_ptr.dtype.element_ty), mask=first_tile)
+    tl.store(gate_out + C, z_f.to(gate_ptr.dtype.element_ty), mask=first_tile)
+    tl.store(gate_out + 2 * C, z_o.to(gate_ptr.dtype.element_ty), mask=first_tile)
+    offs = (b * HW + offs_m)[:, None] * C + offs_n[None, :]
+    mask = mask_m[:, None] & mask_n[None, :]
+    g = tl.load(cand_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+    c_new = gate_act(z_f, ACT)[None, :] * tl.load(c_ptr + offs, mask=mask, other=0.0) \
+        + gate_act(z_i, ACT)[None, :] * g
+    h = (gate_act(z_o, ACT)[None, :] * tanh(c_new)).to(h_out_ptr.dtype.element_ty)
+    tl.store(c_ptr + offs, c_new, mask=mask)
+    tl.store(cell_ptr + offs, c_new.to(cell_ptr.dtype.element_ty), mask=mask)
+    tl.store(h_out_ptr + offs, h, mask=mask)
+    hsum = tl.sum(tl.where(mask, h.to(tl.float32), 0.0), axis=0)
+    tl.store(hpart_next_ptr + (b * NMT + pid_m) * C + offs_n, hsum, mask=mask_n)
+
+
+@triton.jit
+def _spatial_input_bwd_kernel(
+    ddx_ptr, dwx_ptr, dxbar_ptr, x_ptr, dxt_ptr, dapart_ptr,
+    CIN, H, W, NKT,
+    KSIZE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+):
+    """dX̃ = dwᵀ_x(dacc·pw_x) + (dgp·U_x) / HW (the GEMM between launches), stored; and this
+    channel tile's part of dA[p] = Σ_k dX̃[p, k] · X[p, k] (``dapart [B, NKT, H·W]``)."""
+    pid_m = tl.program_id(0)
+    pid_n = tl.program_id(1)
+    b = tl.program_id(2)
+    HW = H * W
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    mask_m = offs_m < HW
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    mask_n = offs_n < CIN
+    offs = (b * HW + offs_m)[:, None] * CIN + offs_n[None, :]
+    mask = mask_m[:, None] & mask_n[None, :]
+    dxt = depthwise_tile(ddx_ptr + b * HW * CIN, offs_m // W, offs_m % W, mask_m, offs_n, mask_n,
+                         CIN, H, W, dwx_ptr, KSIZE, True, BLOCK_M, BLOCK_N)
+    dxt += (tl.load(dxbar_ptr + b * CIN + offs_n, mask=mask_n, other=0.0) / HW)[None, :]
+    tl.store(dxt_ptr + offs, dxt.to(dxt_ptr.dtype.element_ty), mask=mask)
+    x = tl.load(x_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+    tl.store(dapart_ptr + (b * NKT + pid_n) * HW + offs_m, tl.sum(tl.where(mask, dxt * x, 0.0), 1),
+             mask=mask_m)
+
+
+@triton.jit
+def _spatial_features_bwd_kernel(
+    dz_ptr, wz_ptr, feat_ptr, dfeat_ptr,
+    C, H, W,
+    KSIZE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+):
+    """dF' = (Σ_{a,b} dZ[p − (a − P, b − P)] · W_z[0, k, a, b]) ∘ (1 − F²): the gradient of the
+    features' pre-activation (Z = W_z * F transposed)."""
+    pid_m = tl.program_id(0)
+    pid_n = tl.program_id(1)
+    b = tl.program_id(2)
+    HW = H * W
+    PAD: tl.constexpr = KSIZE // 2
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    mask_m = offs_m < HW
+    oy = offs_m // W
+    ox = offs_m % W
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    mask_n = offs_n < C
+    acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
+    for a in tl.static_range(KSIZE):
+        for bb in tl.static_range(KSIZE):
+            iy = oy - (a - PAD)
+            ix = ox - (bb - PAD)
+            valid = mask_m & (iy >= 0) & (iy < H) & (ix >= 0) & (ix < W)
+            dz = tl.load(dz_ptr + b * HW + iy * W + ix, mask=valid, other=0.0)
+            w = tl.load(wz_ptr + offs_n * (KSIZE * KSIZE) + (a * KSIZE + bb), mask=mask_n,
+                        other=0.0).to(tl.float32)
+            acc += dz[:, None] * w[None, :]
+    offs = (b * HW + offs_m)[:, None] * C + offs_n[None, :]
+    mask = mask_m[:, None] & mask_n[None, :]
+    f = tl.load(feat_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+    tl.store(dfeat_ptr + offs, (acc * (1.0 - f * f)).to(dfeat_ptr.dtype.element_ty), mask=mask)
+
+
+def _gate_act_grad(z: torch.Tensor, gate_activation: int) -> torch.Tensor:
+    """act'(z) as in _common.gate_act_grad (hard_sigmoid: 0.2 on the closed interval)."""
+    if gate_activation == 0:
+        s = torch.sigmoid(z)
+        return s * (1 - s)
+    u = 0.2 * z + 0.5
+    return ((u >= 0) & (u <= 1)).to(z.dtype) * 0.2
+
+
+def spatial_attention_layer_forward(x, h0, c0, params, gate_activation: int):
+    """``x [T, B, Cin, H, W]``, ``h0``, ``c0`` ``[B, C, H, W]`` -> ``(output [T, B, C, H, W],
+    h_n, c_n, [cell, candidate [T, B, H, W, C], gate_preact [T, B, 3C],
+    attention [T, B, H, W]])``."""
+    p = [q.contiguous() for q in params]
+    gwx, gwh, gb, cdwx, cpwx, cdwh, cpwh, cb, adwx, apwx, adwh, apwh, ab, wz = p
+    steps, batch, cin, height, width = x.shape
+    hidden, pixels, ksize = h0.shape[1], height * width, cdwh.shape[-1]
+    frames = x.reshape(steps * batch, cin, height, width)
+    _, xa = sepconv_rows(frames, adwx, apwx, ab)  # the only X-side term free of A
+    xa = xa.view(steps, batch * pixels, hidden)
+    x_rows = rows(frames).view(steps, batch * pixels, cin)
+
+    block_m, block_c = block_sizes(x.device, pixels, hidden)
+    tiles = triton.cdiv(pixels, block_m)
+    out = x.new_empty(steps, batch * pixels, hidden)
+    cell, cand = torch.empty_like(out), torch.empty_like(out)
+    gate_preact = x.new_empty(steps, batch, 3 * hidden)
+    att = x.new_empty(steps, batch, pixels)
+    f32 = dict(device=x.device, dtype=torch.float32)
+    hc = torch.empty(batch * pixels, hidden, **f32)
+    feat = torch.empty_like(out[0])
+    logits = torch.empty(batch * pixels, **f32)
+    zstat = torch.empty(batch, tiles, 2, **f32)
+    xpart = torch.empty(batch, tiles, cin, **f32)
+    c_state = rows(c0).to(torch.float32, copy=True)
+    hpart = torch.zeros(2, batch, tiles, hidden, **f32)
+    hpart[1, :, 0] = h0.sum((-2, -1), dtype=torch.float32)
+    h_prev = rows(h0)
+    grid = (tiles, triton.cdiv(hidden, block_c), batch)
+    blocks = dict(BLOCK_M=block_m, BLOCK_N=block_c, BLOCK_K=block_c, **LAUNCH)
+    dot = dot_precision(x.dtype)
+    for t in range(steps):
+        _attention_features_kernel[grid](h_prev, hc, xa[t], cdwh, cpwh, adwh, apwh, hc, feat,
+                                         hidden, height, width, KSIZE=ksize, DOT_PRECISION=dot,
+                                         RAW_CAND=True, **blocks)
+        _spatial_logits_kernel[(tiles, 1, batch)](feat, wz, logits, zstat, hidden, height, width,
+                                                  tiles, KSIZE=ksize, BLOCK_M=block_m,
+                                                  BLOCK_K=block_c, **LAUNCH)
+        _spatial_input_kernel[grid](x_rows[t], logits, zstat, hc, cdwx, cpwx, cb, att[t],
+                                    cand[t], xpart, cin, hidden, height, width, tiles,
+                                    KSIZE=ksize, DOT_PRECISION=dot, **blocks)
+        _spatial_cell_kernel[grid](c_state, cand[t], gb, xpart, gwx, hpart[(t + 1) % 2],
+                                   hpart[t % 2], gwh, out[t], cell[t], gate_preact[t], cin,
+                                   hidden, height, width, tiles, ACT=gate_activation, **blocks)
+        h_prev = out[t]
+    state_shape = (steps, batch, height, width, hidden)
+    output = out.view(state_shape).permute(0, 1, 4, 2, 3).contiguous()
+    h_n = nchw(out[-1], batch, height, width).clone(memory_format=torch.contiguous_format)
+    c_n = nchw(c_state, batch, height, width).to(x.dtype, memory_format=torch.contiguous_format,
+                                                 copy=True)
+    return output, h_n, c_n, [cell.view(state_shape), cand.view(state_shape), gate_preact,
+                              att.view(steps, batch, height, width)]
+
+
+def spatial_attention_layer_backward(grad_output, grad_h_n, grad_c_n, x, h0, c0, params, output,
+                                     saved, gate_activation: int):
+    """Gradients of :func:`spatial_attention_layer_forward` w.r.t. x, h0, c0 and every parameter."""
+    p = [q.contiguous() for q in params]
+    gwx, gwh, gb, cdwx, cpwx, cdwh, cpwh, cb, adwx, apwx, adwh, apwh, ab, wz = p
+    steps, batch, cin, height, width = x.shape
+    hidden, pixels, ksize = h0.shape[1], height * width, cdwh.shape[-1]
+    maps, state = steps * batch, (steps, batch * pixels, hidden)
+    cell, cand, gate_preact, att = saved
+    cell, cand = (s.reshape(state).contiguous() for s in (cell, cand))
+    gate_preact = gate_preact.contiguous()
+    att = att.reshape(steps, batch, pixels).contiguous()
+    frames = x.reshape(maps, cin, height, width)
+    x_rows = rows(frames).view(steps, batch * pixels, cin)
+
+    # Recompute the attention features F for all steps (batched; not saved).
+    _, xa = sepconv_rows(frames, adwx, apwx, ab)
+    h_prev = torch.cat([h0[None], output[:-1]]).reshape(maps, hidden, height, width)
+    dwh_a_rows, feat_pre = sepconv_rows(h_prev, adwh, apwh, None)
+    feat = torch.tanh(feat_pre + xa).view(state)
+
+    gout = grad_output.permute(0, 1, 3, 4, 2).clone(memory_format=torch.contiguous_format)
+    gout = gout.view(state)
+    gout[-1] += rows(grad_h_n)
+    dc = rows(grad_c_n).to(torch.float32, copy=True)
+    c0_rows = rows(c0)
+
+    block_m, block_c = block_sizes(x.device, pixels, hidden)
+    tiles, cin_tiles = triton.cdiv(pixels, block_m), triton.cdiv(cin, block_c)
+    f32 = dict(device=x.device, dtype=torch.float32)
+    dacc, ddw_c, dfeat, ddw_a = (torch.empty_like(gout) for _ in range(4))
+    ddx, dxt = torch.empty_like(x_rows), torch.empty_like(x_rows)
+    dapart = torch.empty(batch, cin_tiles, pixels, **f32)
+    dz = torch.empty(steps, batch, pixels, **f32)
+    gpart = torch.empty(steps, batch, tiles, 3 * hidden, **f32)
+    dgp = torch.empty(steps, batch, 3 * hidden, **f32)
+    dgp_kernel = torch.empty_like(dgp)  # the backward kernel's copy of dgp (unused here)
+    grad_h0_rows = torch.empty_like(gout[0])
+    grid = (tiles, triton.cdiv(hidden, block_c), batch)
+    blocks = dict(BLOCK_M=block_m, BLOCK_N=block_c, **LAUNCH)
+    for t in range(steps - 1, -2, -1):
+        here, rec = max(t, 0), min(t + 1, steps - 1)
+        _pooled_layer_bwd_kernel[grid](
+            ddw_c[rec], gpart[rec], gate_preact[rec], dgp_kernel[rec], gwh, cdwh, ddw_a[rec],
+            adwh, gout[here], grad_h0_rows, cell[here], cell[t - 1] if t > 0 else c0_rows,
+            cand[here], gate_preact[here], dc, dacc[here], gpart[here],
+            hidden, height, width, tiles, KSIZE=ksize, ACT=gate_activation,
+            HAS_REC=t < steps - 1, CELL=t >= 0, ATT_PATH=True, BLOCK_K=block_c, **blocks)
+        if t < 0:
+            break
+        # Gates: dgp_t = act'(z_t) ∘ (raw gate grads reduced over tiles); GAP(X̃)'s share of dX̃.
+        dgp[t] = gpart[t].sum(1) * _gate_act_grad(gate_preact[t].float(), gate_activation)
+        dxbar = dgp[t] @ gwx.float()
+        torch.mm(dacc[t], cpwx, out=ddx[t])                  # d dw_x(X̃) = dacc · pw_x
+        _spatial_input_bwd_kernel[(tiles, cin_tiles, batch)](
+            ddx[t], cdwx, dxbar, x_rows[t], dxt[t], dapart, cin, height, width, cin_tiles,
+            KSIZE=ksize, **blocks)
+        # Softmax over H·W: dZ = A ∘ (dA − Σ_HW A ∘ dA), dA[p] = Σ_k dX̃[p, k] X[p, k].
+        d_att = dapart.sum(1)
+        a_t = att[t].float()
+        dz[t] = a_t * (d_att - (a_t * d_att).sum(1, keepdim=True))
+        _spatial_features_bwd_kernel[grid](dz[t], wz, feat[t], dfeat[t], hidden, height, width,
+                                           KSIZE=ksize, **blocks)
+        torch.mm(dacc[t], cpwh, out=ddw_c[t])                # d dw_h(H_{t−1}) = dacc · pw_h
+        torch.mm(dfeat[t], apwh, out=ddw_a[t])               # d dw_ha(H_{t−1}) = dF' · pw_ha
+
+    # Weight gradients of all steps in batched products.
+    def flat(buffer, channels=hidden):
+        return buffer.view(-1, channels)
+
+    def as_maps(buffer, channels=hidden):
+        return nchw(flat(buffer, channels), maps, height, width)
+
+    att_maps = att.view(maps, 1, height, width)
+    attended = att_maps * frames  # X̃
+    feat_maps = as_maps(feat)
+    grad_cpwx = flat(dacc).t() @ rows(depthwise(attended, cdwx))
+    _, grad_cdwx = depthwise_backward(as_maps(ddx, cin), attended, cdwx, False)
+    grad_cpwh = flat(dacc).t() @ rows(depthwise(h_prev, cdwh))
+    _, grad_cdwh = depthwise_backward(as_maps(ddw_c), h_prev, cdwh, False)
+    grad_apwh = flat(dfeat).t() @ dwh_a_rows
+    _, grad_adwh = depthwise_backward(as_maps(ddw_a), h_prev, adwh, False)
+    grad_fa, grad_adwx, grad_apwx = sepconv_rows_backward(flat(dfeat), frames,
+                                                          rows(depthwise(frames, adwx)), adwx, apwx)
+    pad = ksize // 2
+    _, grad_wz, _ = torch.ops.aten.convolution_backward(
+        dz.view(maps, 1, height, width).to(x.dtype), feat_maps, wz, None, [1, 1], [pad, pad],
+        [1, 1], False, [0, 0], 1, [False, True, False])
+    dgp_rows = dgp.view(maps, 3 * hidden)
+    grad_gwh = dgp_rows.t() @ h_prev.mean((-2, -1), dtype=torch.float32)
+    grad_gwx = dgp_rows.t() @ attended.mean((-2, -1), dtype=torch.float32)
+    grad_frames = att_maps * as_maps(dxt, cin) + grad_fa  # X̃ = A ∘ X
+    grads = [grad_gwx, grad_gwh, dgp_rows.sum(0), grad_cdwx, grad_cpwx, grad_cdwh, grad_cpwh,
+             flat(dacc).sum(0, dtype=torch.float32), grad_adwx, grad_apwx, grad_adwh, grad_apwh,
+             flat(dfeat).sum(0, dtype=torch.float32), grad_wz]
+    grad_x = grad_frames.reshape(x.shape).contiguous()
+    grad_h0 = nchw(grad_h0_rows, batch, height, width).contiguous()
+    grad_c0 = nchw(dc, batch, height, width).to(x.dtype, memory_format=torch.contiguous_format,
+                                               copy=True)
+    return grad_x, grad_h0, grad_c0, [g.to(q.dtype).contiguous() for g, q in zip(grads, params)]
+
+
+def compile_cases(dtype: torch.dtype, ksize: int, block_c: int, gate_activation: int, dot: str):
+    """(kernel, fp32 pointer names, constexprs, launch options) of the kernels only this op
+    launches (it also runs channel_attention_layer's features kernel with RAW_CAND and
+    pooled_layer's backward kernel with ATT_PATH, which those modules' cases cover)."""
+    blocks = dict(BLOCK_M=GPU_BLOCK_M, BLOCK_N=block_c)
+    return [
+        (_spatial_logits_kernel, {"z_ptr", "zstat_ptr"},
+         dict(BLOCK_M=GPU_BLOCK_M, BLOCK_K=block_c, KSIZE=ksize), LAUNCH),
+        (_spatial_input_kernel, {"z_ptr", "zstat_ptr", "hc_ptr", "xpart_ptr"},
+         dict(blocks, BLOCK_K=block_c, KSIZE=ksize, DOT_PRECISION=dot), LAUNCH),
+        (_spatial_cell_kernel, {"c_ptr", "xpart_ptr", "hpart_prev_ptr", "hpart_next_ptr"},
+         dict(blocks, BLOCK_K=block_c, ACT=gate_activation), LAUNCH),
+        (_spatial_input_bwd_kernel, {"dxbar_ptr", "dapart_ptr"}, dict(blocks, KSIZE=ksize),
+         LAUNCH),
+        (_spatial_features_bwd_kernel, {"dz_ptr"}, dict(blocks, KSIZE=ksize), LAUNCH),
+    ]
