@@ -9,4 +9,5 @@ cd "$ROOT"
 if [ "$#" -eq 0 ]; then
   set -- --out bench-out
 fi
-exec "$VENV/bin/python" -m convlstm_fast.bench "$@"
+# -P: keep the source tree (no compiled _C, no triton_kernels) off sys.path.
+exec "$VENV/bin/python" -P -m convlstm_fast.bench "$@"

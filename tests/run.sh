@@ -18,13 +18,13 @@ run() {
 }
 
 CONVLSTM_CUDA=1 source .ci/setup-env || exit 1
-PY="$VENV/bin/python"
+PY="$VENV/bin/python"  # with -P for -m: the source tree must not shadow the installed package
 # `pytest` (not `python -m pytest`) with --import-mode=importlib (pyproject) keeps the source tree
 # off sys.path: the tests import the installed package, compiled _C included.
 run "$VENV/bin/pytest" -q tests --ignore=tests/triton
 run "$VENV/bin/pytest" -q benchmarks --benchmark-disable
 run env TRITON_INTERPRET=1 "$VENV/bin/pytest" -q tests/triton
-run "$PY" -m convlstm_fast.triton_kernels.compile_check
+run "$PY" -P -m convlstm_fast.triton_kernels.compile_check
 # The CUDA kernels' host drivers and kernel bodies, built in CPU emulation, against the reference.
 run env CUDA_HOME="${CUDA_HOME:-/usr/local/cuda-13.0}" "$PY" csrc/cuda/emulation_check.py \
   --build-dir "$ROOT/build/cuda-emulation"
@@ -36,7 +36,7 @@ run "$VENV36/bin/python" -m pip install -q --disable-pip-version-check \
 run env MAX_JOBS=2 TORCH_CUDA_ARCH_LIST= FORCE_CUDA=0 "$VENV36/bin/python" -m pip install -q \
   --disable-pip-version-check --no-build-isolation --no-deps --force-reinstall "$ROOT"
 run env TRITON_INTERPRET=1 "$VENV36/bin/pytest" -q tests/triton
-run "$VENV36/bin/python" -m convlstm_fast.triton_kernels.compile_check
+run "$VENV36/bin/python" -P -m convlstm_fast.triton_kernels.compile_check
 
 if [ "$status" = 0 ]; then echo "::: all suites passed"; else echo "::: some suites failed"; fi
 exit "$status"
