@@ -1,6 +1,6 @@
 """Ahead-of-time compile of every Triton kernel for sm_80 and sm_90, without a GPU.
 
-    python -m convlstm_fast.triton_kernels.compile_check [--arch 80 90] [--quick]
+    python -m convlstm_fast.triton_kernels.compile_check [--arch 80 90] [--quick] [--jobs N]
 
 Compiles each ``@triton.jit`` kernel that the launchers can choose on a GPU at every block
 configuration (``_common.GPU_BLOCK_CS``) × K ∈ {1, 3, 5} × {fp32, bf16}, with the launch options
@@ -13,6 +13,9 @@ fails. About 130 compiles per architecture, 1-10 s each.
 from __future__ import annotations
 
 import argparse
+import concurrent.futures
+import multiprocessing
+import os
 import re
 import sys
 import time
@@ -76,32 +79,43 @@ def cases(quick: bool = False):
                     yield label, kernel, signature, constexprs, options
 
 
+def compile_one(arch: int, index: int, quick: bool) -> tuple[str, int, str | None]:
+    """Compile case number ``index`` of :func:`cases` for ``sm_<arch>``:
+    ``(label, shared memory in bytes, error or None)``."""
+    label, kernel, signature, constexprs, options = list(cases(quick))[index]
+    try:
+        compiled = triton.compile(ASTSource(kernel, signature, constexprs),
+                                  target=GPUTarget("cuda", arch, 32), options=options)
+        shared = compiled.metadata.shared
+        if shared > SHARED_MEMORY_LIMIT[arch]:
+            raise RuntimeError(f"needs {shared} B of shared memory, sm_{arch} has "
+                               f"{SHARED_MEMORY_LIMIT[arch]} B per block")
+    except Exception as error:  # report every failure, then exit non-zero
+        return label, 0, f"{type(error).__name__}: {error}"
+    return label, shared, None
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--arch", type=int, nargs="+", default=[80, 90])
     parser.add_argument("--quick", action="store_true", help="K = 3 only")
     parser.add_argument("--only", help="compile only the cases whose label matches this regex")
+    parser.add_argument("--jobs", type=int, default=os.cpu_count() or 1,
+                        help="compiles run in this many processes (default: one per core)")
     args = parser.parse_args(argv)
-    failures, count, start = [], 0, time.time()
-    for arch in args.arch:
-        target = GPUTarget("cuda", arch, 32)
-        for label, kernel, signature, constexprs, options in cases(args.quick):
-            if args.only and not re.search(args.only, label):
-                continue
-            count += 1
-            try:
-                compiled = triton.compile(ASTSource(kernel, signature, constexprs), target=target,
-                                          options=options)
-                shared = compiled.metadata.shared
-                if shared > SHARED_MEMORY_LIMIT[arch]:
-                    raise RuntimeError(f"needs {shared} B of shared memory, sm_{arch} has "
-                                       f"{SHARED_MEMORY_LIMIT[arch]} B per block")
-            except Exception as error:  # report every failure, then exit non-zero
-                failures.append(f"sm_{arch} {label}: {type(error).__name__}: {error}")
+    labels = [case[0] for case in cases(args.quick)]
+    work = [(arch, index, args.quick) for arch in args.arch for index, label in enumerate(labels)
+            if not args.only or re.search(args.only, label)]
+    failures, start = [], time.time()
+    with concurrent.futures.ProcessPoolExecutor(
+            max_workers=max(1, args.jobs), mp_context=multiprocessing.get_context("fork")) as pool:
+        for (arch, _, _), (label, shared, error) in zip(work, pool.map(compile_one, *zip(*work))):
+            if error is not None:
+                failures.append(f"sm_{arch} {label}: {error}")
                 print("FAIL", failures[-1].splitlines()[0], flush=True)
-                continue
-            print(f"ok   sm_{arch} {label} (shared {shared} B)",
-                  flush=True)
+            else:
+                print(f"ok   sm_{arch} {label} (shared {shared} B)", flush=True)
+    count = len(work)
     print(f"{count - len(failures)}/{count} kernels compiled for sm_{args.arch} with triton "
           f"{triton.__version__} in {time.time() - start:.0f} s")
     for failure in failures:
