@@ -12,6 +12,11 @@
 
 #if defined(__CUDACC__) || defined(__HIPCC__)
 #define CONVLSTM_HD __host__ __device__ __forceinline__
+#elif defined(__GNUC__)
+// Always inlined on the host too: the CPU kernels call these from multiversioned loops
+// (layer_common.h), and a call that is not inlined runs the baseline-ISA copy, one element at a
+// time, instead of vectorising with the loop.
+#define CONVLSTM_HD inline __attribute__((always_inline))
 #else
 #define CONVLSTM_HD inline
 #endif

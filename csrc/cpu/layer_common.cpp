@@ -92,23 +92,45 @@ void check_backward_inputs(const char* op, const at::Tensor& grad_output,
 
 namespace {
 
-// out[s, j, i] = in[s, i, j] for in [n, rows, cols] (contiguous), in 32×32 tiles so that both
-// the reads and the writes stay within a few cache lines per tile row.
+// Tiles [first, last) of out[s, j, i] = in[s, i, j] (in [n, rows, cols], contiguous), in square
+// tiles of one 64-byte line per row: a full tile is read a line at a time into a local block
+// and written back a line at a time from its columns, so every memory access is a whole line
+// (a plain strided loop touches one line per element on one side, and at power-of-two strides
+// those lines fight over a few cache sets).
 template <typename scalar_t>
-void transpose_tiles(const scalar_t* in, scalar_t* out, int64_t n, int64_t rows, int64_t cols) {
-  constexpr int64_t kTile = 32;
+CONVLSTM_CPU_MULTIVERSION void transpose_tile_range(const scalar_t* __restrict__ in,
+                                                    scalar_t* __restrict__ out, int64_t first,
+                                                    int64_t last, int64_t rows, int64_t cols) {
+  constexpr int64_t kTile = 64 / sizeof(scalar_t);
   const int64_t row_tiles = (rows + kTile - 1) / kTile, col_tiles = (cols + kTile - 1) / kTile;
-  at::parallel_for(0, n * row_tiles * col_tiles, 4, [=](int64_t first, int64_t last) {
-    for (int64_t tile = first; tile < last; ++tile) {
-      const int64_t sample = tile / (row_tiles * col_tiles);
-      const int64_t i0 = (tile / col_tiles) % row_tiles * kTile, j0 = tile % col_tiles * kTile;
+  alignas(64) scalar_t block[kTile][kTile];
+  for (int64_t tile = first; tile < last; ++tile) {
+    const int64_t sample = tile / (row_tiles * col_tiles);
+    const int64_t i0 = (tile / col_tiles) % row_tiles * kTile, j0 = tile % col_tiles * kTile;
+    const scalar_t* src = in + sample * rows * cols;
+    scalar_t* dst = out + sample * rows * cols;
+    if (i0 + kTile <= rows && j0 + kTile <= cols) {
+      for (int64_t i = 0; i < kTile; ++i) {
+        for (int64_t j = 0; j < kTile; ++j) block[j][i] = src[(i0 + i) * cols + j0 + j];
+      }
+      for (int64_t j = 0; j < kTile; ++j) {
+        for (int64_t i = 0; i < kTile; ++i) dst[(j0 + j) * rows + i0 + i] = block[j][i];
+      }
+    } else {
       const int64_t i1 = std::min(rows, i0 + kTile), j1 = std::min(cols, j0 + kTile);
-      const scalar_t* src = in + sample * rows * cols;
-      scalar_t* dst = out + sample * rows * cols;
       for (int64_t j = j0; j < j1; ++j) {
         for (int64_t i = i0; i < i1; ++i) dst[j * rows + i] = src[i * cols + j];
       }
     }
+  }
+}
+
+template <typename scalar_t>
+void transpose_tiles(const scalar_t* in, scalar_t* out, int64_t n, int64_t rows, int64_t cols) {
+  constexpr int64_t kTile = 64 / sizeof(scalar_t);
+  const int64_t tiles = n * ((rows + kTile - 1) / kTile) * ((cols + kTile - 1) / kTile);
+  at::parallel_for(0, tiles, 16, [=](int64_t first, int64_t last) {
+    transpose_tile_range(in, out, first, last, rows, cols);
   });
 }
 
@@ -142,6 +164,34 @@ at::Tensor from_channels_last(const at::Tensor& t) {
   std::vector<int64_t> shape(t.sizes().begin(), t.sizes().end() - 3);
   shape.insert(shape.end(), {t.size(d - 1), t.size(d - 3), t.size(d - 2)});
   return transpose_trailing(t, d - 3, 2, shape);  // [..., H, W | C] -> [..., C, H, W]
+}
+
+namespace {
+
+// dst [n, cols, rows] = src [n, rows, cols]ᵀ when both are contiguous (the tiled loop), else
+// ATen's strided copy.
+void transpose_copy(const at::Tensor& dst, const at::Tensor& src, int64_t n, int64_t rows,
+                    int64_t cols, const at::Tensor& dst_view_of_src) {
+  if (src.is_contiguous() && dst.is_contiguous() && src.scalar_type() == dst.scalar_type()) {
+    AT_DISPATCH_FLOATING_TYPES(src.scalar_type(), "transpose_copy", [&] {
+      transpose_tiles<scalar_t>(src.data_ptr<scalar_t>(), dst.data_ptr<scalar_t>(), n, rows,
+                                cols);
+    });
+  } else {
+    dst.copy_(dst_view_of_src);
+  }
+}
+
+}  // namespace
+
+void copy_to_channels_last(const at::Tensor& dst, const at::Tensor& src) {
+  transpose_copy(dst, src, src.size(0), src.size(1), src.size(2) * src.size(3),
+                 src.permute({0, 2, 3, 1}));
+}
+
+void copy_from_channels_last(const at::Tensor& dst, const at::Tensor& src) {
+  transpose_copy(dst, src, src.size(0), src.size(1) * src.size(2), src.size(3),
+                 src.permute({0, 3, 1, 2}));
 }
 
 at::Tensor nhwc_of(const at::Tensor& nchw) { return nchw.permute({0, 2, 3, 1}).contiguous(); }
@@ -219,13 +269,125 @@ void pool_loop(const scalar_t* in, scalar_t* out, int64_t n, int64_t pixels, int
 
 }  // namespace
 
-// oneDNN's channels-last depthwise kernel (measured ~3x faster here than a plain loop over the
-// taps); the transpose is the same conv with the kernel flipped.
-at::Tensor depthwise_conv(const at::Tensor& input, const at::Tensor& weight, bool transposed) {
+namespace {
+
+// GCC vector types of 64 bytes: each multiversioned clone lowers them to its own ISA (one zmm
+// register with AVX-512, two ymm with AVX2, four xmm with SSE2), so local accumulators of this
+// type stay in registers where a local array would live on the stack.
+template <typename scalar_t>
+struct Vec64;
+template <>
+struct Vec64<float> {
+  typedef float type __attribute__((vector_size(64)));
+};
+template <>
+struct Vec64<double> {
+  typedef double type __attribute__((vector_size(64)));
+};
+
+template <typename V, typename scalar_t>
+__attribute__((always_inline)) inline V load64(const scalar_t* p) {
+  V v;
+  std::memcpy(&v, p, sizeof(V));
+  return v;
+}
+
+// Output rows [first, last) (row = (n, y)) of the depthwise conv:
+//   out[n, y, x, :] (+)= Σ_taps wt[tap, :] · in[n, y + ky − K/2, x + kx − K/2, :]  (zero outside)
+// with wt [K·K, C] channel-contiguous. Channels go in chunks of four 64-byte vectors whose sums
+// stay in registers over all the taps, so each output value is written once; a channel count
+// that is not a multiple of the chunk is finished by a plain loop.
+template <bool kAccumulate, typename scalar_t>
+CONVLSTM_CPU_MULTIVERSION void depthwise_rows(const scalar_t* __restrict__ in,
+                                              const scalar_t* __restrict__ wt,
+                                              scalar_t* __restrict__ out, int64_t first,
+                                              int64_t last, int64_t height, int64_t width,
+                                              int64_t channels, int64_t k) {
+  using V = typename Vec64<scalar_t>::type;
+  constexpr int64_t kLanes = 64 / sizeof(scalar_t), kChunk = 4 * kLanes;
+  const int64_t pad = k / 2, full = channels / kChunk * kChunk;
+  for (int64_t row = first; row < last; ++row) {
+    const int64_t n = row / height, y = row % height;
+    const int64_t ky0 = std::max<int64_t>(0, pad - y);
+    const int64_t ky1 = std::min<int64_t>(k, height + pad - y);
+    for (int64_t x = 0; x < width; ++x) {
+      const int64_t kx0 = std::max<int64_t>(0, pad - x);
+      const int64_t kx1 = std::min<int64_t>(k, width + pad - x);
+      scalar_t* o = out + ((n * height + y) * width + x) * channels;
+      for (int64_t c0 = 0; c0 < full; c0 += kChunk) {
+        V a0 = {}, a1 = {}, a2 = {}, a3 = {};
+        for (int64_t ky = ky0; ky < ky1; ++ky) {
+          for (int64_t kx = kx0; kx < kx1; ++kx) {
+            const scalar_t* src =
+                in + ((n * height + y + ky - pad) * width + x + kx - pad) * channels + c0;
+            const scalar_t* w = wt + (ky * k + kx) * channels + c0;
+            a0 += load64<V>(w) * load64<V>(src);
+            a1 += load64<V>(w + kLanes) * load64<V>(src + kLanes);
+            a2 += load64<V>(w + 2 * kLanes) * load64<V>(src + 2 * kLanes);
+            a3 += load64<V>(w + 3 * kLanes) * load64<V>(src + 3 * kLanes);
+          }
+        }
+        if (kAccumulate) {
+          a0 += load64<V>(o + c0);
+          a1 += load64<V>(o + c0 + kLanes);
+          a2 += load64<V>(o + c0 + 2 * kLanes);
+          a3 += load64<V>(o + c0 + 3 * kLanes);
+        }
+        std::memcpy(o + c0, &a0, sizeof(V));
+        std::memcpy(o + c0 + kLanes, &a1, sizeof(V));
+        std::memcpy(o + c0 + 2 * kLanes, &a2, sizeof(V));
+        std::memcpy(o + c0 + 3 * kLanes, &a3, sizeof(V));
+      }
+      if (full < channels) {
+        if (!kAccumulate) {
+          for (int64_t c = full; c < channels; ++c) o[c] = scalar_t(0);
+        }
+        for (int64_t ky = ky0; ky < ky1; ++ky) {
+          for (int64_t kx = kx0; kx < kx1; ++kx) {
+            const scalar_t* src =
+                in + ((n * height + y + ky - pad) * width + x + kx - pad) * channels;
+            const scalar_t* w = wt + (ky * k + kx) * channels;
+            for (int64_t c = full; c < channels; ++c) o[c] += w[c] * src[c];
+          }
+        }
+      }
+    }
+  }
+}
+
+}  // namespace
+
+// A direct loop rather than oneDNN: it writes into memory the caller reuses across steps, where
+// ATen's convolution allocates its output every call, and on this project's build machine a
+// fresh multi-MB output costs more in page faults than the convolution itself (oneDNN: ~0.4 ms
+// per [2, 28, 28, 256] step; this loop: see the benchmark note in the kernels).
+void depthwise_conv_out(const at::Tensor& out, const at::Tensor& input, const at::Tensor& weight,
+                        bool transposed, bool accumulate) {
   RECORD_FUNCTION("convlstm_fast::depthwise_conv", {});
-  const at::Tensor w = transposed ? weight.flip({2, 3}) : weight;
-  return nhwc_of(at::conv2d(nchw_view(input.contiguous()), w, {}, 1, weight.size(-1) / 2, 1,
-                            input.size(-1)));
+  const at::Tensor in = input.contiguous();
+  TORCH_INTERNAL_ASSERT(out.is_contiguous() && out.sizes() == in.sizes() && in.dim() == 4);
+  const int64_t n = in.size(0), height = in.size(1), width = in.size(2), channels = in.size(3);
+  const int64_t k = weight.size(-1);
+  const at::Tensor taps = (transposed ? weight.flip({2, 3}) : weight)
+                              .reshape({channels, k * k}).t().contiguous();  // [K·K, C]
+  AT_DISPATCH_FLOATING_TYPES(in.scalar_type(), "depthwise_conv", [&] {
+    const scalar_t* src = in.data_ptr<scalar_t>();
+    const scalar_t* wt = taps.data_ptr<scalar_t>();
+    scalar_t* dst = out.data_ptr<scalar_t>();
+    at::parallel_for(0, n * height, 1, [&](int64_t first, int64_t last) {
+      if (accumulate) {
+        depthwise_rows<true>(src, wt, dst, first, last, height, width, channels, k);
+      } else {
+        depthwise_rows<false>(src, wt, dst, first, last, height, width, channels, k);
+      }
+    });
+  });
+}
+
+at::Tensor depthwise_conv(const at::Tensor& input, const at::Tensor& weight, bool transposed) {
+  at::Tensor out = at::empty(input.sizes(), input.options());
+  depthwise_conv_out(out, input, weight, transposed, false);
+  return out;
 }
 
 at::Tensor depthwise_conv_weight_grad(const at::Tensor& grad_out, const at::Tensor& input,
@@ -257,6 +419,9 @@ at::Tensor global_average_pool(const at::Tensor& cl) {
 }
 
 at::Tensor conv_same(const at::Tensor& input, const at::Tensor& weight, int64_t groups) {
+  if (groups > 1 && groups == input.size(-1) && weight.size(0) == groups) {
+    return depthwise_conv(input, weight, false);
+  }
   const int64_t pad = weight.size(-1) / 2;
   return nhwc_of(at::conv2d(nchw_view(input), weight, {}, 1, pad, 1, groups));
 }
@@ -276,6 +441,23 @@ std::tuple<at::Tensor, at::Tensor> conv_same_backward(const at::Tensor& grad_out
                                         groups, {need_input, need_weight, false});
   at::Tensor grad_input = need_input ? nhwc_of(std::get<0>(grads)) : at::Tensor();
   return {grad_input, std::get<1>(grads)};
+}
+
+void small_addmm_(const at::Tensor& out, const at::Tensor& in, const at::Tensor& weight,
+                  bool transpose) {
+  const at::Tensor a = in.contiguous(), w = weight.contiguous();
+  const int64_t rows = a.size(0), inner = a.size(1), cols = transpose ? w.size(0) : w.size(1);
+  TORCH_INTERNAL_ASSERT(out.is_contiguous() && out.size(0) == rows && out.size(1) == cols &&
+                        w.size(transpose ? 1 : 0) == inner);
+  AT_DISPATCH_FLOATING_TYPES(out.scalar_type(), "small_addmm_", [&] {
+    if (transpose) {
+      small_matmul_t_accumulate<scalar_t>(rows, inner, cols, a.data_ptr<scalar_t>(),
+                                          w.data_ptr<scalar_t>(), out.data_ptr<scalar_t>());
+    } else {
+      small_matmul_accumulate<scalar_t>(rows, inner, cols, a.data_ptr<scalar_t>(),
+                                        w.data_ptr<scalar_t>(), out.data_ptr<scalar_t>());
+    }
+  });
 }
 
 at::Tensor sepconv_rows(const at::Tensor& input, const at::Tensor& depthwise,

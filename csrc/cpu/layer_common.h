@@ -81,6 +81,13 @@ void check_backward_inputs(const char* op, const at::Tensor& grad_output,
 at::Tensor to_channels_last(const at::Tensor& t);
 at::Tensor from_channels_last(const at::Tensor& t);
 
+// One step's slice between the op's NCHW tensors and the channels-last working buffers:
+// dst [B, H, W, C] (contiguous) = src [B, C, H, W], and dst [B, C, H, W] = src [B, H, W, C].
+// The kernels move a step at a time through buffers reused across steps, so no sequence-sized
+// temporary is ever allocated for a layout change (fresh pages cost more here than the copy).
+void copy_to_channels_last(const at::Tensor& dst, const at::Tensor& src);
+void copy_from_channels_last(const at::Tensor& dst, const at::Tensor& src);
+
 // The NCHW-shaped view (channels-last strides) of a [N, H, W, C] tensor, as ATen's convolutions
 // take it, and back.
 inline at::Tensor nchw_view(const at::Tensor& cl) { return cl.permute({0, 3, 1, 2}); }
@@ -88,13 +95,16 @@ at::Tensor nhwc_of(const at::Tensor& nchw);
 
 // 'same' K×K convolution (padding K // 2, no bias) of a [N, H, W, Cin] tensor with weight
 // [Cout, Cin / groups, K, K] -> [N, H, W, Cout] (ATen's convolution: oneDNN for float32);
-// groups = Cin is the depthwise conv.
+// groups = Cin (the depthwise conv) goes to depthwise_conv.
 at::Tensor conv_same(const at::Tensor& input, const at::Tensor& weight, int64_t groups);
 
 // Depthwise 'same' conv on [N, H, W, C] (weight [C, 1, K, K]):
 //   out[n, y, x, c] = Σ_{ky, kx} w[c, ky, kx] · in[n, y + ky − K/2, x + kx − K/2, c]  (zero outside)
 // With `transposed`, the kernel is flipped (w[c, K−1−ky, K−1−kx]): that is the conv's gradient
-// with respect to its input.
+// with respect to its input. The _out form writes into `out` (contiguous, input's shape), or adds
+// to it with `accumulate`.
+void depthwise_conv_out(const at::Tensor& out, const at::Tensor& input, const at::Tensor& weight,
+                        bool transposed, bool accumulate);
 at::Tensor depthwise_conv(const at::Tensor& input, const at::Tensor& weight, bool transposed);
 
 // d w[c, ky, kx] = Σ_{n, y, x} grad_out[n, y, x, c] · in[n, y + ky − K/2, x + kx − K/2, c].
@@ -125,6 +135,49 @@ inline at::Tensor rows(const at::Tensor& cl) { return cl.reshape({-1, cl.size(-1
 
 // GAP over H and W: [N, H, W, C] -> [N, C].
 at::Tensor global_average_pool(const at::Tensor& cl);
+
+// The pooled gates' FCs (rows = B): a few hundred thousand multiply-adds, which a plain
+// vectorised loop finishes in less time than a BLAS call takes to start its threads.
+//   out [rows, N] += in [rows, K] · w [K, N]       (small_matmul_accumulate)
+//   out [rows, N] += in [rows, K] · w [N, K]ᵀ      (small_matmul_t_accumulate)
+template <typename scalar_t>
+CONVLSTM_CPU_MULTIVERSION void small_matmul_accumulate(int64_t rows, int64_t inner,
+                                                       int64_t cols,
+                                                       const scalar_t* __restrict__ in,
+                                                       const scalar_t* __restrict__ w,
+                                                       scalar_t* __restrict__ out) {
+  for (int64_t r = 0; r < rows; ++r) {
+    scalar_t* o = out + r * cols;
+    for (int64_t k = 0; k < inner; ++k) {
+      const scalar_t a = in[r * inner + k];
+      const scalar_t* wk = w + k * cols;
+      for (int64_t n = 0; n < cols; ++n) o[n] += a * wk[n];
+    }
+  }
+}
+
+template <typename scalar_t>
+CONVLSTM_CPU_MULTIVERSION void small_matmul_t_accumulate(int64_t rows, int64_t inner,
+                                                         int64_t cols,
+                                                         const scalar_t* __restrict__ in,
+                                                         const scalar_t* __restrict__ w,
+                                                         scalar_t* __restrict__ out) {
+  for (int64_t r = 0; r < rows; ++r) {
+    const scalar_t* a = in + r * inner;
+    for (int64_t n = 0; n < cols; ++n) {
+      const scalar_t* wn = w + n * inner;
+      scalar_t acc = 0;
+#pragma omp simd reduction(+ : acc)
+      for (int64_t k = 0; k < inner; ++k) acc += a[k] * wn[k];
+      out[r * cols + n] += acc;
+    }
+  }
+}
+
+// out += in · weight (weight [K, N]), or in · weightᵀ with `transpose` (weight [N, K]); out
+// [rows, N] contiguous.
+void small_addmm_(const at::Tensor& out, const at::Tensor& in, const at::Tensor& weight,
+                  bool transpose);
 
 // How many pixel chunks per sample the fused loops use (one per thread, at most one per pixel).
 inline int64_t pixel_chunks(int64_t pixels) {
