@@ -70,6 +70,10 @@ def _setup_context(ctx, inputs, output):
     x, h0, c0, params, gate_activation = inputs
     out, _, _, saved = output
     ctx.save_for_backward(x, h0, c0, out, *params, *saved)
+    # Gradients that never arrive (the saved tensors' always; h_n's or c_n's when unused) stay
+    # None instead of being materialised as zero tensors the size of the sequence: the backward
+    # makes the small zeros it needs itself.
+    ctx.set_materialize_grads(False)
     ctx.num_params = len(params)
     ctx.gate_activation = gate_activation
 
