@@ -2,11 +2,17 @@
 // (shared/SPEC.md "convlstm", eqs. 1-6):
 //   [i f g o] = W_x * X_t + W_h * H_{t−1} + b;  i, f, o = σ(·), G = tanh(g)
 //   C_t = f∘C_{t−1} + i∘G;  H_t = o∘tanh(C_t)
-// Structure (shared/KERNELS.md): W_x * X for all T steps in one batched convolution before the
-// recurrence; a step is one K×K convolution of H_{t−1} (oneDNN, channels-last: the step is
-// compute-bound) and one fused element loop adding the X term and the bias, activating the
-// gates and updating the cell. Saved for backward (native.py SAVED_SPECS["convlstm"]): cell C_t
+// Structure: the cell is compute-bound in its K×K convolutions (3.7 GMAC per sample-step at 256
+// channels), which oneDNN runs at this machine's full matmul rate; everything else is kept off
+// the critical path. A step is one convolution of [X_t | H_{t−1}] with [W_x | W_h] (NCHW, as the
+// op's tensors are: no layout change of x or of the output) and one fused element loop per
+// (sample, channel) plane adding the bias, activating the gates and updating the cell. The X
+// side is not batched over T: at B = 2 the convolution already runs at full rate, and a
+// sequence-sized X-side term costs a fresh multi-MB allocation (page faults). Saved for backward
+// (native.py SAVED_SPECS["convlstm"], the layout every native backend shares): cell C_t
 // [T, B, H, W, C] and the gate pre-activations [T, B, H, W, 4C] (order i, f, g, o).
+#include <array>
+
 #include "cpu/layer_common.h"
 
 namespace convlstm_fast {
@@ -27,89 +33,62 @@ std::vector<std::vector<int64_t>> saved_shapes(const at::Tensor& x, int64_t c) {
   return {{t, b, h, w, c}, {t, b, h, w, 4 * c}};
 }
 
-// The element loops work on one pixel through __restrict__ pointers (all buffers distinct), so
-// the compiler vectorises them over the channels without aliasing checks.
+// The element loops work on one (sample, channel) plane of H·W values through __restrict__
+// pointers (all buffers distinct), so the compiler vectorises them without aliasing checks.
 
-// One pixel: z = z_h + z_x + b (written to `gates`), i, f, o = σ(z), G = tanh(z_g), cell update.
+// One plane: z_k += b_k for the four gate pre-activations (in place: they are what backward
+// needs), i, f, o = σ(z), G = tanh(z_g), C_t = f∘C_{t−1} + i∘G, H_t = o∘tanh(C_t).
 template <int64_t kActivation, typename scalar_t>
-CONVLSTM_CPU_MULTIVERSION void convlstm_cell_forward_row(int64_t channels, const scalar_t* __restrict__ z_h,
-                                      const scalar_t* __restrict__ z_x,
-                                      const scalar_t* __restrict__ bias,
-                                      const scalar_t* __restrict__ c_prev,
-                                      scalar_t* __restrict__ z, scalar_t* __restrict__ cell,
-                                      scalar_t* __restrict__ hidden) {
-  for (int64_t k = 0; k < 4 * channels; ++k) z[k] = z_h[k] + z_x[k] + bias[k];
-  for (int64_t c = 0; c < channels; ++c) {
-    const scalar_t i = gate_activation(z[c], kActivation);
-    const scalar_t f = gate_activation(z[channels + c], kActivation);
-    const scalar_t g = math_tanh(z[2 * channels + c]);
-    const scalar_t o = gate_activation(z[3 * channels + c], kActivation);
+CONVLSTM_CPU_MULTIVERSION void convlstm_plane_forward(
+    int64_t n, scalar_t bi, scalar_t bf, scalar_t bg, scalar_t bo, scalar_t* __restrict__ zi,
+    scalar_t* __restrict__ zf, scalar_t* __restrict__ zg, scalar_t* __restrict__ zo,
+    const scalar_t* __restrict__ c_prev, scalar_t* __restrict__ cell,
+    scalar_t* __restrict__ hidden) {
+  for (int64_t e = 0; e < n; ++e) {
+    zi[e] += bi;
+    zf[e] += bf;
+    zg[e] += bg;
+    zo[e] += bo;
+    const scalar_t i = gate_activation(zi[e], kActivation);
+    const scalar_t f = gate_activation(zf[e], kActivation);
+    const scalar_t g = math_tanh(zg[e]);
+    const scalar_t o = gate_activation(zo[e], kActivation);
     scalar_t h;
-    cell[c] = cell_update(i, f, o, g, c_prev[c], &h);
-    hidden[c] = h;
+    cell[e] = cell_update(i, f, o, g, c_prev[e], &h);
+    hidden[e] = h;
   }
 }
 
-// One step over `rows` pixels. kActivation is the gate activation, a template argument so the
-// element loop has no branch.
-template <int64_t kActivation, typename scalar_t>
-void convlstm_cell_forward(int64_t rows, int64_t channels, const scalar_t* z_h,
-                           const scalar_t* z_x, const scalar_t* bias, const scalar_t* c_prev,
-                           scalar_t* gates, scalar_t* cell, scalar_t* hidden) {
-  at::parallel_for(0, rows, 16, [=](int64_t first, int64_t last) {
-    for (int64_t r = first; r < last; ++r) {
-      convlstm_cell_forward_row<kActivation>(channels, z_h + r * 4 * channels,
-                                             z_x + r * 4 * channels, bias, c_prev + r * channels,
-                                             gates + r * 4 * channels, cell + r * channels,
-                                             hidden + r * channels);
-    }
-  });
-}
-
-// One pixel of the backward step: with dH_t = grad_hidden + grad_hidden_carry, dC_t = grad_cell,
+// One plane of the backward step: with dH_t = grad_hidden + grad_hidden_carry, dC_t = grad_cell,
 //   dC = dC_t + dH_t∘o∘(1 − tanh²C_t); dz_i = dC∘G∘σ'(z_i); dz_f = dC∘C_{t−1}∘σ'(z_f);
 //   dz_g = dC∘i∘(1 − G²); dz_o = dH_t∘tanh C_t∘σ'(z_o); dC_{t−1} = dC∘f.
 template <int64_t kActivation, typename scalar_t>
-CONVLSTM_CPU_MULTIVERSION void convlstm_cell_backward_row(
-    int64_t channels, const scalar_t* __restrict__ z, const scalar_t* __restrict__ c_prev,
-    const scalar_t* __restrict__ cell, const scalar_t* __restrict__ grad_hidden,
-    const scalar_t* __restrict__ grad_hidden_carry, const scalar_t* __restrict__ grad_cell,
-    scalar_t* __restrict__ grad_c_prev, scalar_t* __restrict__ dz) {
-  for (int64_t c = 0; c < channels; ++c) {
-    const scalar_t zi = z[c], zf = z[channels + c], zo = z[3 * channels + c];
-    const scalar_t i = gate_activation(zi, kActivation);
-    const scalar_t f = gate_activation(zf, kActivation);
-    const scalar_t g = math_tanh(z[2 * channels + c]);
-    const scalar_t o = gate_activation(zo, kActivation);
+CONVLSTM_CPU_MULTIVERSION void convlstm_plane_backward(
+    int64_t n, const scalar_t* __restrict__ zi, const scalar_t* __restrict__ zf,
+    const scalar_t* __restrict__ zg, const scalar_t* __restrict__ zo,
+    const scalar_t* __restrict__ c_prev, const scalar_t* __restrict__ cell,
+    const scalar_t* __restrict__ grad_hidden, const scalar_t* __restrict__ grad_hidden_carry,
+    const scalar_t* __restrict__ grad_cell, scalar_t* __restrict__ grad_c_prev,
+    scalar_t* __restrict__ dzi, scalar_t* __restrict__ dzf, scalar_t* __restrict__ dzg,
+    scalar_t* __restrict__ dzo) {
+  for (int64_t e = 0; e < n; ++e) {
+    const scalar_t i = gate_activation(zi[e], kActivation);
+    const scalar_t f = gate_activation(zf[e], kActivation);
+    const scalar_t g = math_tanh(zg[e]);
+    const scalar_t o = gate_activation(zo[e], kActivation);
     scalar_t di, df, dg, do_, dc_prev;
-    cell_update_backward(i, f, o, g, c_prev[c], cell[c],
-                         scalar_t(grad_hidden[c] + grad_hidden_carry[c]), grad_cell[c], &di, &df,
+    cell_update_backward(i, f, o, g, c_prev[e], cell[e],
+                         scalar_t(grad_hidden[e] + grad_hidden_carry[e]), grad_cell[e], &di, &df,
                          &dg, &do_, &dc_prev);
-    dz[c] = di * gate_activation_grad(zi, kActivation);
-    dz[channels + c] = df * gate_activation_grad(zf, kActivation);
-    dz[2 * channels + c] = dg * tanh_grad_from_output(g);
-    dz[3 * channels + c] = do_ * gate_activation_grad(zo, kActivation);
-    grad_c_prev[c] = dc_prev;
+    dzi[e] = di * gate_activation_grad(zi[e], kActivation);
+    dzf[e] = df * gate_activation_grad(zf[e], kActivation);
+    dzg[e] = dg * tanh_grad_from_output(g);
+    dzo[e] = do_ * gate_activation_grad(zo[e], kActivation);
+    grad_c_prev[e] = dc_prev;
   }
 }
 
-template <int64_t kActivation, typename scalar_t>
-void convlstm_cell_backward(int64_t rows, int64_t channels, const scalar_t* gates,
-                            const scalar_t* c_prev, const scalar_t* cell,
-                            const scalar_t* grad_hidden, const scalar_t* grad_hidden_carry,
-                            const scalar_t* grad_cell, scalar_t* grad_c_prev,
-                            scalar_t* grad_gates) {
-  at::parallel_for(0, rows, 16, [=](int64_t first, int64_t last) {
-    for (int64_t r = first; r < last; ++r) {
-      const int64_t row = r * channels;
-      convlstm_cell_backward_row<kActivation>(
-          channels, gates + 4 * row, c_prev + row, cell + row, grad_hidden + row,
-          grad_hidden_carry + row, grad_cell + row, grad_c_prev + row, grad_gates + 4 * row);
-    }
-  });
-}
-
-// Calls fn with the gate activation as a compile-time constant.
+// Calls fn with the gate activation as a compile-time constant (no branch in the element loop).
 template <typename Fn>
 void with_activation(int64_t gate_activation, const Fn& fn) {
   if (gate_activation == kHardSigmoid) {
@@ -117,6 +96,31 @@ void with_activation(int64_t gate_activation, const Fn& fn) {
   } else {
     fn(std::integral_constant<int64_t, kSigmoid>());
   }
+}
+
+// Runs fn(b, c) over every (sample, channel) plane in parallel.
+template <typename Fn>
+void parallel_over_planes(int64_t batch, int64_t channels, const Fn& fn) {
+  at::parallel_for(0, batch * channels, 8, [&](int64_t first, int64_t last) {
+    for (int64_t p = first; p < last; ++p) fn(p / channels, p % channels);
+  });
+}
+
+// The step's input [X_t | H_{t−1}] as one NCHW tensor [B, Cin + C, H, W]: one convolution with
+// [W_x | W_h] then does both products (measured: one conv at 512 input channels is ~10% faster
+// than two at 256 plus the sum).
+void fill_step_input(const at::Tensor& xh, const at::Tensor& x_t, const at::Tensor& h_prev) {
+  const int64_t cin = x_t.size(1);
+  xh.narrow(1, 0, cin).copy_(x_t);
+  xh.narrow(1, cin, h_prev.size(1)).copy_(h_prev);
+}
+
+// Pointers of plane (b, c) of the four gate blocks of a [B, 4C, H·W] tensor.
+template <typename scalar_t>
+std::array<scalar_t*, 4> gate_planes(scalar_t* z, int64_t b, int64_t c, int64_t channels,
+                                     int64_t pixels) {
+  scalar_t* zi = z + (b * 4 * channels + c) * pixels;
+  return {zi, zi + channels * pixels, zi + 2 * channels * pixels, zi + 3 * channels * pixels};
 }
 
 LayerResult convlstm_layer_forward(const at::Tensor& x, const at::Tensor& h0,
@@ -128,40 +132,53 @@ LayerResult convlstm_layer_forward(const at::Tensor& x, const at::Tensor& h0,
   check_layer_inputs(kOp, x, h0, c0, params, param_specs(x.size(2), h0.size(1), k),
                      gate_activation);
   const int64_t steps = x.size(0), batch = x.size(1), cin = x.size(2), height = x.size(3),
-                width = x.size(4), channels = h0.size(1), rows_per_step = batch * height * width;
+                width = x.size(4), channels = h0.size(1), pixels = height * width;
   const auto shapes = saved_shapes(x, channels);
-  if (steps == 0 || rows_per_step * channels == 0 || cin == 0) {
+  if (steps == 0 || batch * pixels * channels == 0 || cin == 0) {
     return empty_layer_result(x, h0, c0, shapes);
   }
-  const at::Tensor cell = at::empty(shapes[0], x.options());
-  const at::Tensor gates = at::empty(shapes[1], x.options());
-  const at::Tensor hidden = at::empty(shapes[0], x.options());
-  // W_x * X for all steps: [T·B, H, W, 4C].
-  const at::Tensor x_cl = to_channels_last(x.reshape({steps * batch, cin, height, width}));
-  const at::Tensor z_x = conv_same(x_cl, params[kWeightX], 1).view(shapes[1]);
-  at::Tensor h_prev = to_channels_last(h0);
-  at::Tensor c_prev = to_channels_last(c0);
+  const at::TensorOptions options = x.options();
+  const at::Tensor cell = at::empty(shapes[0], options);
+  const at::Tensor gates = at::empty(shapes[1], options);
+  const at::Tensor output = at::empty({steps, batch, channels, height, width}, options);
+  const at::Tensor weight = at::cat({params[kWeightX], params[kWeightH]}, 1);
+  const at::Tensor xh = at::empty({batch, cin + channels, height, width}, options);
+  // C in NCHW, ping-ponging between two step buffers.
+  std::array<at::Tensor, 2> cell_step{c0.clone(), at::empty_like(c0)};
   for (int64_t t = 0; t < steps; ++t) {
-    const at::Tensor z_h = conv_same(h_prev, params[kWeightH], 1);
+    fill_step_input(xh, x[t], t > 0 ? output[t - 1] : h0);
+    const at::Tensor z = at::conv2d(xh, weight, {}, 1, k / 2);  // [B, 4C, H, W]
+    const at::Tensor& c_prev = cell_step[t % 2];
+    const at::Tensor& c_next = cell_step[(t + 1) % 2];
     AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), kOp, [&] {
       with_activation(gate_activation, [&](auto activation) {
-        convlstm_cell_forward<decltype(activation)::value, scalar_t>(
-            rows_per_step, channels, z_h.data_ptr<scalar_t>(), z_x[t].data_ptr<scalar_t>(),
-            params[kBias].data_ptr<scalar_t>(), c_prev.data_ptr<scalar_t>(),
-            gates[t].data_ptr<scalar_t>(), cell[t].data_ptr<scalar_t>(),
-            hidden[t].data_ptr<scalar_t>());
+        scalar_t* zp = z.data_ptr<scalar_t>();
+        const scalar_t* bias = params[kBias].data_ptr<scalar_t>();
+        const scalar_t* cp = c_prev.data_ptr<scalar_t>();
+        scalar_t* cn = c_next.data_ptr<scalar_t>();
+        scalar_t* hp = output[t].data_ptr<scalar_t>();
+        parallel_over_planes(batch, channels, [&](int64_t b, int64_t c) {
+          const auto zs = gate_planes(zp, b, c, channels, pixels);
+          const int64_t plane = (b * channels + c) * pixels;
+          convlstm_plane_forward<decltype(activation)::value>(
+              pixels, bias[c], bias[channels + c], bias[2 * channels + c],
+              bias[3 * channels + c], zs[0], zs[1], zs[2], zs[3], cp + plane, cn + plane,
+              hp + plane);
+        });
       });
     });
-    h_prev = hidden[t];
-    c_prev = cell[t];
+    // The saved tensors keep the layout every native backend shares (channels-last).
+    copy_to_channels_last(gates[t], z);
+    copy_to_channels_last(cell[t], c_next);
   }
-  const at::Tensor output = from_channels_last(hidden);
-  return {output, output[steps - 1].clone(), from_channels_last(c_prev), {cell, gates}};
+  const at::Tensor& c_n = cell_step[steps % 2];
+  return {output, output[steps - 1].clone(), c_n.clone(), {cell, gates}};
 }
 
-// Reverse time: the fused loop gives dz_t [B, H, W, 4C] and dC_{t−1}; dH_{t−1} = W_hᵀ ⋆ dz_t (the
-// convolution's input gradient). After the loop, batched over all steps: dW_h from
-// (dz_t, H_{t−1}), db = Σ dz, and dW_x, dX from (dz, X) through the batched X-side convolution.
+// Reverse time, per step: the fused loop gives dz_t [B, 4C, H, W] and dC_{t−1}; the two
+// convolutions' backward give dX_t, dH_{t−1} (carried to step t − 1) and this step's share of
+// dW_x and dW_h, accumulated in fixed order; db = Σ dz. NCHW throughout (oneDNN's
+// backward runs ~12% faster on NCHW than on channels-last here), one step's buffers reused.
 LayerResult convlstm_layer_backward(const at::Tensor& grad_output, const at::Tensor& grad_h_n,
                                     const at::Tensor& grad_c_n, const at::Tensor& x,
                                     const at::Tensor& h0, const at::Tensor& c0,
@@ -174,49 +191,74 @@ LayerResult convlstm_layer_backward(const at::Tensor& grad_output, const at::Ten
   check_layer_inputs(kBackwardOp, x, h0, c0, params, param_specs(x.size(2), h0.size(1), k),
                      gate_activation);
   const int64_t steps = x.size(0), batch = x.size(1), cin = x.size(2), height = x.size(3),
-                width = x.size(4), channels = h0.size(1), rows_per_step = batch * height * width;
+                width = x.size(4), channels = h0.size(1), pixels = height * width;
   const auto shapes = saved_shapes(x, channels);
   check_backward_inputs(kBackwardOp, grad_output, grad_h_n, grad_c_n, x, h0, output, saved,
                         shapes);
-  if (steps == 0 || rows_per_step * channels == 0 || cin == 0) {
+  if (steps == 0 || batch * pixels * channels == 0 || cin == 0) {
     return empty_layer_grads(x, grad_h_n, grad_c_n, params);
   }
+  const at::TensorOptions options = x.options();
   const at::Tensor cell = saved[0].contiguous(), gates = saved[1].contiguous();
-  const at::Tensor h_prev_all = at::cat(
-      {to_channels_last(h0).unsqueeze(0), to_channels_last(output.narrow(0, 0, steps - 1))});
-  const at::Tensor c0_cl = to_channels_last(c0);
-  const at::Tensor grad_out_cl = to_channels_last(grad_output);
-  const at::Tensor grad_gates = at::empty(shapes[1], x.options());
-  at::Tensor grad_h = to_channels_last(grad_h_n);
+  const at::Tensor z = at::empty({batch, 4 * channels, height, width}, options);
+  const at::Tensor grad_z = at::empty({batch, 4 * channels, height, width}, options);
+  const at::Tensor cell_t = at::empty_like(c0), c_prev = at::empty_like(c0);
+  const at::Tensor grad_weight_x = at::zeros_like(params[kWeightX]);
+  const at::Tensor grad_weight_h = at::zeros_like(params[kWeightH]);
+  const at::Tensor grad_bias = at::zeros({4 * channels}, options);
+  const at::Tensor grad_x = at::empty(x.sizes(), options);
+  // dL/dH flowing back to step t − 1: grad_h_n, then the H part of the conv's input gradient.
+  at::Tensor grad_h = grad_h_n.contiguous();
   // dC_t flows back through two buffers: this step reads one and writes dC_{t−1} to the other.
-  at::Tensor grad_c = to_channels_last(grad_c_n);
+  at::Tensor grad_c = grad_c_n.clone();
   at::Tensor grad_c_prev = at::empty_like(grad_c);
+  const std::vector<int64_t> padding{k / 2, k / 2};
   for (int64_t t = steps - 1; t >= 0; --t) {
-    const at::Tensor c_prev = t > 0 ? cell[t - 1] : c0_cl;
+    copy_from_channels_last(z, gates[t]);
+    copy_from_channels_last(cell_t, cell[t]);
+    if (t > 0) {
+      copy_from_channels_last(c_prev, cell[t - 1]);
+    } else {
+      c_prev.copy_(c0);
+    }
     AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), kBackwardOp, [&] {
       with_activation(gate_activation, [&](auto activation) {
-        convlstm_cell_backward<decltype(activation)::value, scalar_t>(
-            rows_per_step, channels, gates[t].data_ptr<scalar_t>(), c_prev.data_ptr<scalar_t>(),
-            cell[t].data_ptr<scalar_t>(), grad_out_cl[t].data_ptr<scalar_t>(),
-            grad_h.data_ptr<scalar_t>(), grad_c.data_ptr<scalar_t>(),
-            grad_c_prev.data_ptr<scalar_t>(), grad_gates[t].data_ptr<scalar_t>());
+        scalar_t* zp = z.data_ptr<scalar_t>();
+        scalar_t* dzp = grad_z.data_ptr<scalar_t>();
+        const scalar_t* cp = c_prev.data_ptr<scalar_t>();
+        const scalar_t* ct = cell_t.data_ptr<scalar_t>();
+        const scalar_t* gout = grad_output[t].data_ptr<scalar_t>();
+        const scalar_t* gh = grad_h.data_ptr<scalar_t>();
+        const int64_t gh_batch_stride = grad_h.stride(0);
+        const scalar_t* gc = grad_c.data_ptr<scalar_t>();
+        scalar_t* gcp = grad_c_prev.data_ptr<scalar_t>();
+        parallel_over_planes(batch, channels, [&](int64_t b, int64_t c) {
+          const auto zs = gate_planes(zp, b, c, channels, pixels);
+          const auto dzs = gate_planes(dzp, b, c, channels, pixels);
+          const int64_t plane = (b * channels + c) * pixels;
+          convlstm_plane_backward<decltype(activation)::value>(
+              pixels, zs[0], zs[1], zs[2], zs[3], cp + plane, ct + plane, gout + plane,
+              gh + b * gh_batch_stride + c * pixels, gc + plane, gcp + plane, dzs[0], dzs[1],
+              dzs[2], dzs[3]);
+        });
       });
     });
     std::swap(grad_c, grad_c_prev);
-    grad_h = std::get<0>(conv_same_backward(grad_gates[t], h_prev_all[t], params[kWeightH], 1,
-                                            true, false));
+    grad_bias.add_(grad_z.sum({0, 2, 3}));
+    // Two convolution backwards (X side, H side): ~6% faster here than one on [X_t | H_{t−1}].
+    auto x_grads = at::convolution_backward(grad_z, x[t], params[kWeightX], std::nullopt, {1, 1},
+                                            padding, {1, 1}, false, {0, 0}, 1,
+                                            {true, true, false});
+    grad_x[t].copy_(std::get<0>(x_grads));
+    grad_weight_x.add_(std::get<1>(x_grads));
+    auto h_grads = at::convolution_backward(grad_z, t > 0 ? output[t - 1] : h0.contiguous(),
+                                            params[kWeightH], std::nullopt, {1, 1}, padding,
+                                            {1, 1}, false, {0, 0}, 1, {true, true, false});
+    grad_h = std::get<0>(h_grads);
+    grad_weight_h.add_(std::get<1>(h_grads));
   }
-  const at::Tensor grad_flat = grad_gates.view({steps * batch, height, width, 4 * channels});
-  const at::Tensor grad_weight_h = std::get<1>(conv_same_backward(
-      grad_flat, h_prev_all.view({steps * batch, height, width, channels}), params[kWeightH], 1,
-      false, true));
-  const at::Tensor x_cl = to_channels_last(x.reshape({steps * batch, cin, height, width}));
-  auto x_grads = conv_same_backward(grad_flat, x_cl, params[kWeightX], 1, true, true);
-  std::vector<at::Tensor> grad_params{std::get<1>(x_grads).contiguous(),
-                                      grad_weight_h.contiguous(),
-                                      grad_flat.reshape({-1, 4 * channels}).sum(0)};
-  return {from_channels_last(std::get<0>(x_grads)).view(x.sizes()), from_channels_last(grad_h),
-          from_channels_last(grad_c), grad_params};
+  std::vector<at::Tensor> grad_params{grad_weight_x, grad_weight_h, grad_bias};
+  return {grad_x, grad_h.contiguous(), grad_c, grad_params};
 }
 
 }  // namespace
