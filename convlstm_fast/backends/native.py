@@ -15,17 +15,28 @@ from ..ops.registration import register_layer_op
 from . import OpBackend
 
 
-def _saved_spec(gate_channels: int, attention: str | None):
-    """What the native forwards save for backward, channels-last, in the input's dtype:
+# (variant, device type) whose kernel saves its state tensors NCHW, [T, B, C, H, W], instead of
+# channels-last: the CPU kernel of variant a works in the op's own NCHW layout throughout.
+NCHW_SAVED = {("a", "cpu")}
+
+
+def _saved_spec(gate_channels: int, attention: str | None, variant: str):
+    """What the native forwards save for backward, in the input's dtype:
     ``cell [T, B, H, W, C]`` (C_t of every step), ``candidate [T, B, H, W, C]`` (G = tanh(...)),
     ``gate_preact [T, B, n·C]`` (pooled-gate pre-activations), plus the attention map when the
     cell has one: ``[T, B, H, W]`` (b, the softmax A) or ``[T, B, H, W, C]`` (c/d, exp(Z − max)).
-    The attention features and depthwise outputs are recomputed in backward, not saved."""
+    The attention features and depthwise outputs are recomputed in backward, not saved. What is
+    saved is private to the kernel that wrote it (only its own backward reads it): the state
+    tensors are channels-last except where ``NCHW_SAVED`` says the kernel keeps them NCHW
+    (``[T, B, C, H, W]``, the same values permuted)."""
 
     def spec(x, h0, params):
         steps, batch, _, height, width = x.shape
         hidden = h0.shape[1]
-        state = (steps, batch, height, width, hidden)
+        if (variant, x.device.type) in NCHW_SAVED:
+            state = (steps, batch, hidden, height, width)
+        else:
+            state = (steps, batch, height, width, hidden)
         out = [(state, x.dtype), (state, x.dtype), ((steps, batch, gate_channels * hidden), x.dtype)]
         if attention == "spatial":
             out.append(((steps, batch, height, width), x.dtype))
@@ -50,10 +61,10 @@ def _convlstm_saved_spec(x, h0, params):
 # device has a kernel for an op is asked of the dispatcher (OpBackend.unsupported_reason).
 SAVED_SPECS = {
     "convlstm": _convlstm_saved_spec,
-    "a": _saved_spec(3, None),
-    "b": _saved_spec(3, "spatial"),
-    "c": _saved_spec(2, "channel"),
-    "d": _saved_spec(2, "channel"),
+    "a": _saved_spec(3, None, "a"),
+    "b": _saved_spec(3, "spatial", "b"),
+    "c": _saved_spec(2, "channel", "c"),
+    "d": _saved_spec(2, "channel", "d"),
 }
 
 _registered: set[str] = set()

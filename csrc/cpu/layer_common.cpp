@@ -1,6 +1,8 @@
 // Helpers shared by the CPU layer kernels (see layer_common.h).
 #include "cpu/layer_common.h"
 
+#include <cstring>
+
 namespace convlstm_fast {
 namespace cpu {
 namespace {
@@ -388,6 +390,217 @@ at::Tensor depthwise_conv(const at::Tensor& input, const at::Tensor& weight, boo
   at::Tensor out = at::empty(input.sizes(), input.options());
   depthwise_conv_out(out, input, weight, transposed, false);
   return out;
+}
+
+namespace {
+
+// The planes are K×K stencils over small maps (28 wide here), whose rows are too short to
+// vectorise well one at a time. So each plane is first copied into a zero-bordered buffer of
+// width Wp = W + 2·(K/2); a tap is then one shift of that buffer, and the whole plane is a single
+// flat loop of H·Wp elements per tap (the Wp − W extra columns of each output row are computed
+// and dropped). The copies are plain loops inside the multiversioned functions (a memcpy call
+// per 28-element row costs more than the row).
+struct PaddedGeometry {
+  int64_t height, width, k, pad, wp;
+  PaddedGeometry(int64_t h, int64_t w, int64_t kernel)
+      : height(h), width(w), k(kernel), pad(kernel / 2), wp(w + 2 * (kernel / 2)) {}
+  // Elements of the zero-bordered buffer, plus 2·pad so that the last tap's reads stay inside.
+  int64_t padded_size() const { return (height + 2 * pad) * wp + 2 * pad; }
+  // Offset of tap (ky, kx) = ky·Wp + kx in the padded buffer, for every tap in order.
+  std::vector<int64_t> tap_offsets() const {
+    std::vector<int64_t> offsets;
+    for (int64_t ky = 0; ky < k; ++ky) {
+      for (int64_t kx = 0; kx < k; ++kx) offsets.push_back(ky * wp + kx);
+    }
+    return offsets;
+  }
+  int64_t flat_size() const { return height * wp; }
+};
+
+// Row copies of a few dozen elements: GCC would turn these loops into memcpy calls (costing more
+// than the copy); kept as vectorised loops.
+#define CONVLSTM_NO_MEMCPY_CALLS __attribute__((optimize("no-tree-loop-distribute-patterns")))
+
+// Copies plane [H, W] into the interior of `padded` (whose border the caller zeroed once).
+template <typename scalar_t>
+CONVLSTM_NO_MEMCPY_CALLS inline void load_padded(const PaddedGeometry& geo, const scalar_t* __restrict__ plane,
+                        scalar_t* __restrict__ padded) {
+  for (int64_t y = 0; y < geo.height; ++y) {
+    scalar_t* dst = padded + (y + geo.pad) * geo.wp + geo.pad;
+    const scalar_t* src = plane + y * geo.width;
+    for (int64_t x = 0; x < geo.width; ++x) dst[x] = src[x];
+  }
+}
+
+// out plane = init + Σ_taps w[tap] · (plane shifted by the tap), zero outside. Each 64-byte
+// vector of an output row sums all the taps in a register and is stored once; a row's last
+// vector overlaps the previous one when W is not a multiple of the vector width (the overlap
+// is recomputed, not accumulated twice).
+template <typename scalar_t>
+CONVLSTM_NO_MEMCPY_CALLS CONVLSTM_CPU_MULTIVERSION void stencil_plane(
+    const PaddedGeometry geo, const int64_t* __restrict__ tap_offsets,
+    const scalar_t* __restrict__ plane, const scalar_t* __restrict__ w, scalar_t init,
+    scalar_t* __restrict__ padded, scalar_t* __restrict__ out) {
+  using V = typename Vec64<scalar_t>::type;
+  constexpr int64_t kLanes = 64 / sizeof(scalar_t);
+  load_padded(geo, plane, padded);
+  const int64_t taps = geo.k * geo.k;
+  for (int64_t y = 0; y < geo.height; ++y) {
+    const scalar_t* rows = padded + y * geo.wp;  // tap (ky, kx) reads rows + ky·Wp + kx + x
+    scalar_t* o = out + y * geo.width;
+    if (geo.width >= kLanes) {
+      for (int64_t x0 = 0; x0 < geo.width; x0 += kLanes) {
+        const int64_t x = std::min(x0, geo.width - kLanes);
+        V acc = V{} + init;
+        for (int64_t tap = 0; tap < taps; ++tap) {
+          acc += w[tap] * load64<V>(rows + tap_offsets[tap] + x);
+        }
+        std::memcpy(o + x, &acc, sizeof(V));
+      }
+    } else {
+      for (int64_t x = 0; x < geo.width; ++x) {
+        scalar_t acc = init;
+        for (int64_t tap = 0; tap < taps; ++tap) acc += w[tap] * rows[tap_offsets[tap] + x];
+        o[x] = acc;
+      }
+    }
+  }
+}
+
+// dw[tap] += Σ_{y, x} g[y, x] · (plane shifted by the tap)[y, x], over the flat padded-width
+// domain (g zero in the extra columns). For kTaps > 0 (K·K known at compile time) one 64-byte
+// vector of g is loaded once and multiplied into kTaps register accumulators; kTaps = 0 is the
+// general K, one tap at a time.
+template <int64_t kTaps, typename scalar_t>
+CONVLSTM_NO_MEMCPY_CALLS CONVLSTM_CPU_MULTIVERSION void stencil_weight_grad_plane(
+    const PaddedGeometry geo, const int64_t* __restrict__ tap_offsets,
+    const scalar_t* __restrict__ plane, const scalar_t* __restrict__ g_plane,
+    scalar_t* __restrict__ padded, scalar_t* __restrict__ g, scalar_t* __restrict__ dw) {
+  using V = typename Vec64<scalar_t>::type;
+  constexpr int64_t kLanes = 64 / sizeof(scalar_t);
+  load_padded(geo, plane, padded);
+  for (int64_t y = 0; y < geo.height; ++y) {
+    scalar_t* dst = g + y * geo.wp;
+    const scalar_t* src = g_plane + y * geo.width;
+    for (int64_t x = 0; x < geo.width; ++x) dst[x] = src[x];
+  }
+  const int64_t n = geo.flat_size(), vectorised = n / kLanes * kLanes;
+  const int64_t taps = kTaps > 0 ? kTaps : geo.k * geo.k;
+  if (kTaps > 0) {
+    V acc[kTaps > 0 ? kTaps : 1] = {};
+    for (int64_t i = 0; i < vectorised; i += kLanes) {
+      const V gv = load64<V>(g + i);
+      for (int64_t tap = 0; tap < kTaps; ++tap) {
+        acc[tap] += gv * load64<V>(padded + tap_offsets[tap] + i);
+      }
+    }
+    for (int64_t tap = 0; tap < kTaps; ++tap) {
+      scalar_t total = 0;
+      for (int64_t lane = 0; lane < kLanes; ++lane) total += acc[tap][lane];
+      dw[tap] += total;
+    }
+  } else {
+    for (int64_t tap = 0; tap < taps; ++tap) {
+      const scalar_t* __restrict__ src = padded + tap_offsets[tap];
+      scalar_t total = 0;
+#pragma omp simd reduction(+ : total)
+      for (int64_t i = 0; i < vectorised; ++i) total += g[i] * src[i];
+      dw[tap] += total;
+    }
+  }
+  for (int64_t tap = 0; tap < taps; ++tap) {
+    scalar_t total = 0;
+    for (int64_t i = vectorised; i < n; ++i) total += g[i] * padded[tap_offsets[tap] + i];
+    dw[tap] += total;
+  }
+}
+
+template <typename scalar_t>
+CONVLSTM_CPU_MULTIVERSION scalar_t plane_sum(const scalar_t* __restrict__ in, int64_t n) {
+  scalar_t acc = 0;
+#pragma omp simd reduction(+ : acc)
+  for (int64_t e = 0; e < n; ++e) acc += in[e];
+  return acc;
+}
+
+}  // namespace
+
+void depthwise_conv_planes(const at::Tensor& out, const at::Tensor& input, const at::Tensor& weight,
+                           bool transposed, const at::Tensor& init) {
+  RECORD_FUNCTION("convlstm_fast::depthwise_conv_planes", {});
+  TORCH_INTERNAL_ASSERT(input.is_contiguous() && out.is_contiguous() && input.dim() == 4 &&
+                        out.sizes() == input.sizes());
+  const int64_t n = input.size(0), channels = input.size(1), height = input.size(2),
+                width = input.size(3), k = weight.size(-1);
+  const at::Tensor taps =
+      (transposed ? weight.flip({2, 3}) : weight).reshape({channels, k * k}).contiguous();
+  const at::Tensor init_c = init.defined() ? init.contiguous() : at::Tensor();
+  AT_DISPATCH_FLOATING_TYPES(input.scalar_type(), "depthwise_conv_planes", [&] {
+    const scalar_t* src = input.data_ptr<scalar_t>();
+    const scalar_t* wt = taps.data_ptr<scalar_t>();
+    const scalar_t* base = init_c.defined() ? init_c.data_ptr<scalar_t>() : nullptr;
+    scalar_t* dst = out.data_ptr<scalar_t>();
+    const int64_t plane = height * width;
+    const PaddedGeometry geo(height, width, k);
+    const std::vector<int64_t> offsets = geo.tap_offsets();
+    at::parallel_for(0, n * channels, 4, [&](int64_t first, int64_t last) {
+      std::vector<scalar_t> padded(geo.padded_size(), scalar_t(0));
+      for (int64_t p = first; p < last; ++p) {
+        stencil_plane(geo, offsets.data(), src + p * plane, wt + (p % channels) * k * k,
+                      base ? base[p] : scalar_t(0), padded.data(), dst + p * plane);
+      }
+    });
+  });
+}
+
+void depthwise_weight_grad_planes(const at::Tensor& grad_weight, const at::Tensor& grad_out,
+                                  const at::Tensor& input) {
+  RECORD_FUNCTION("convlstm_fast::depthwise_weight_grad_planes", {});
+  TORCH_INTERNAL_ASSERT(input.is_contiguous() && grad_out.is_contiguous() &&
+                        grad_weight.is_contiguous() && grad_out.sizes() == input.sizes());
+  const int64_t n = input.size(0), channels = input.size(1), height = input.size(2),
+                width = input.size(3), k = grad_weight.size(-1);
+  AT_DISPATCH_FLOATING_TYPES(input.scalar_type(), "depthwise_weight_grad_planes", [&] {
+    const scalar_t* g = grad_out.data_ptr<scalar_t>();
+    const scalar_t* in = input.data_ptr<scalar_t>();
+    scalar_t* dw = grad_weight.data_ptr<scalar_t>();
+    const int64_t plane = height * width;
+    const PaddedGeometry geo(height, width, k);
+    const std::vector<int64_t> offsets = geo.tap_offsets();
+    at::parallel_for(0, channels, 4, [&](int64_t first, int64_t last) {
+      std::vector<scalar_t> padded(geo.padded_size(), scalar_t(0));
+      std::vector<scalar_t> grad(geo.flat_size(), scalar_t(0));
+      for (int64_t c = first; c < last; ++c) {
+        for (int64_t sample = 0; sample < n; ++sample) {
+          const int64_t offset = (sample * channels + c) * plane;
+          const auto args = std::make_tuple(geo, offsets.data(), in + offset, g + offset,
+                                            padded.data(), grad.data(), dw + c * k * k);
+          if (k == 3) {
+            std::apply(stencil_weight_grad_plane<9, scalar_t>, args);
+          } else if (k == 5) {
+            std::apply(stencil_weight_grad_plane<25, scalar_t>, args);
+          } else {
+            std::apply(stencil_weight_grad_plane<0, scalar_t>, args);
+          }
+        }
+      }
+    });
+  });
+}
+
+void plane_means(const at::Tensor& out, const at::Tensor& input) {
+  TORCH_INTERNAL_ASSERT(input.is_contiguous() && out.is_contiguous() &&
+                        out.numel() == input.size(0) * input.size(1));
+  const int64_t planes = input.size(0) * input.size(1), plane = input.size(2) * input.size(3);
+  AT_DISPATCH_FLOATING_TYPES(input.scalar_type(), "plane_means", [&] {
+    const scalar_t* in = input.data_ptr<scalar_t>();
+    scalar_t* o = out.data_ptr<scalar_t>();
+    at::parallel_for(0, planes, 64, [&](int64_t first, int64_t last) {
+      for (int64_t p = first; p < last; ++p) {
+        o[p] = plane_sum(in + p * plane, plane) / scalar_t(plane);
+      }
+    });
+  });
 }
 
 at::Tensor depthwise_conv_weight_grad(const at::Tensor& grad_out, const at::Tensor& input,

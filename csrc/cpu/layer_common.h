@@ -179,6 +179,25 @@ CONVLSTM_CPU_MULTIVERSION void small_matmul_t_accumulate(int64_t rows, int64_t i
 void small_addmm_(const at::Tensor& out, const at::Tensor& in, const at::Tensor& weight,
                   bool transpose);
 
+// ---- NCHW planes ----------------------------------------------------------------------------
+// Kernels that keep the op's own layout, [N, C, H, W] contiguous, and work one (n, c) plane of
+// H·W values at a time (a cell whose per-channel work is a K×K stencil, an elementwise update
+// and per-plane sums never needs its channels side by side; the pointwise GEMMs take either
+// layout at full rate).
+
+// out[n, c] = init[n, c] (0 when init is undefined) + depthwise 'same' conv of in[n, c] with
+// weight [C, 1, K, K], flipped when `transposed` (the conv's input gradient).
+void depthwise_conv_planes(const at::Tensor& out, const at::Tensor& input, const at::Tensor& weight,
+                           bool transposed, const at::Tensor& init);
+
+// grad_weight [C, 1, K, K] += Σ_n Σ_{y, x} grad_out[n, c, y, x] · in[n, c, y + ky − K/2, x + kx − K/2]
+// (parallel over channels, samples in order: deterministic).
+void depthwise_weight_grad_planes(const at::Tensor& grad_weight, const at::Tensor& grad_out,
+                                  const at::Tensor& input);
+
+// out [N, C] = mean over H·W of in [N, C, H, W].
+void plane_means(const at::Tensor& out, const at::Tensor& input);
+
 // How many pixel chunks per sample the fused loops use (one per thread, at most one per pixel).
 inline int64_t pixel_chunks(int64_t pixels) {
   return std::max<int64_t>(1, std::min<int64_t>(at::get_num_threads(), pixels));

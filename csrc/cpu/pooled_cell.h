@@ -159,6 +159,63 @@ void pooled_cell_backward(int64_t batch, int64_t pixels, int64_t channels,
   });
 }
 
+// ---- NCHW planes (variant a) ------------------------------------------------------------------
+// With only pooled gates, one (sample, channel) plane of H·W values shares its three gates and
+// the candidate bias: scalars, so the loops below are plain vectorised streams.
+
+// Forward, one plane: G = tanh(preact + b_c); C_t = f∘C_{t−1} + i∘G; H_t = o∘tanh(C_t). Writes G,
+// C_t, H_t and returns Σ H_t (the next step's h̄ = Σ / HW).
+template <typename scalar_t>
+CONVLSTM_CPU_MULTIVERSION scalar_t pooled_plane_forward(
+    int64_t n, scalar_t i, scalar_t f, scalar_t o, scalar_t bias,
+    const scalar_t* __restrict__ preact, const scalar_t* __restrict__ c_prev,
+    scalar_t* __restrict__ candidate, scalar_t* __restrict__ cell,
+    scalar_t* __restrict__ hidden) {
+  scalar_t sum = 0;
+#pragma omp simd reduction(+ : sum)
+  for (int64_t e = 0; e < n; ++e) {
+    const scalar_t g = math_tanh(scalar_t(preact[e] + bias));
+    scalar_t h;
+    cell[e] = cell_update(i, f, o, g, c_prev[e], &h);
+    candidate[e] = g;
+    hidden[e] = h;
+    sum += h;
+  }
+  return sum;
+}
+
+// Backward, one plane, with dH_t = grad_hidden + grad_hidden_carry and dC_t = grad_cell:
+//   dC = dC_t + dH_t∘o∘(1 − tanh²C_t); d(candidate preact) = dC∘i∘(1 − G²); dC_{t−1} = dC∘f;
+// sums[0..3] = Σ di = Σ dC∘G, Σ df = Σ dC∘C_{t−1}, Σ do = Σ dH_t∘tanh C_t, Σ d(candidate preact).
+template <typename scalar_t>
+CONVLSTM_CPU_MULTIVERSION void pooled_plane_backward(
+    int64_t n, scalar_t i, scalar_t f, scalar_t o, const scalar_t* __restrict__ candidate,
+    const scalar_t* __restrict__ c_prev, const scalar_t* __restrict__ cell,
+    const scalar_t* __restrict__ grad_hidden, const scalar_t* __restrict__ grad_hidden_carry,
+    const scalar_t* __restrict__ grad_cell, scalar_t* __restrict__ grad_candidate_preact,
+    scalar_t* __restrict__ grad_c_prev, scalar_t* __restrict__ sums) {
+  scalar_t sum_i = 0, sum_f = 0, sum_o = 0, sum_g = 0;
+#pragma omp simd reduction(+ : sum_i, sum_f, sum_o, sum_g)
+  for (int64_t e = 0; e < n; ++e) {
+    const scalar_t g = candidate[e];
+    scalar_t di, df, dg, do_, dc_prev;
+    cell_update_backward(i, f, o, g, c_prev[e], cell[e],
+                         scalar_t(grad_hidden[e] + grad_hidden_carry[e]), grad_cell[e], &di, &df,
+                         &dg, &do_, &dc_prev);
+    const scalar_t dpre = dg * tanh_grad_from_output(g);
+    grad_candidate_preact[e] = dpre;
+    grad_c_prev[e] = dc_prev;
+    sum_i += di;
+    sum_f += df;
+    sum_o += do_;
+    sum_g += dpre;
+  }
+  sums[0] = sum_i;
+  sums[1] = sum_f;
+  sums[2] = sum_o;
+  sums[3] = sum_g;
+}
+
 // Pooled-gate pre-activation gradients of one step: dgp[b, k·C + c] = σ'(preact) · Σ_chunks
 // partial[b, chunk, gate_k, c], where gate_k runs over the pooled gates in the op's order
 // (a, b: i f o; c: f o; d: i f).
