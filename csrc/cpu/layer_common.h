@@ -101,10 +101,7 @@ at::Tensor conv_same(const at::Tensor& input, const at::Tensor& weight, int64_t 
 // Depthwise 'same' conv on [N, H, W, C] (weight [C, 1, K, K]):
 //   out[n, y, x, c] = Σ_{ky, kx} w[c, ky, kx] · in[n, y + ky − K/2, x + kx − K/2, c]  (zero outside)
 // With `transposed`, the kernel is flipped (w[c, K−1−ky, K−1−kx]): that is the conv's gradient
-// with respect to its input. The _out form writes into `out` (contiguous, input's shape), or adds
-// to it with `accumulate`.
-void depthwise_conv_out(const at::Tensor& out, const at::Tensor& input, const at::Tensor& weight,
-                        bool transposed, bool accumulate);
+// with respect to its input.
 at::Tensor depthwise_conv(const at::Tensor& input, const at::Tensor& weight, bool transposed);
 
 // d w[c, ky, kx] = Σ_{n, y, x} grad_out[n, y, x, c] · in[n, y + ky − K/2, x + kx − K/2, c].

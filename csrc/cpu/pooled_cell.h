@@ -32,9 +32,8 @@ void activate_gates(const scalar_t* preact, scalar_t* gates, int64_t count, int6
 // compiler vectorises them without aliasing checks (every output buffer is distinct from every
 // input buffer).
 
-// One pixel: G = tanh(h_term + x_term + b_c) (kSum) or tanh(h_term) (h_term already holds the
-// whole pre-activation); C_t = f∘C_{t−1} + i∘G; H_t = o∘tanh(C_t).
-template <bool kSum, typename scalar_t>
+// One pixel: G = tanh(h_term + x_term + b_c); C_t = f∘C_{t−1} + i∘G; H_t = o∘tanh(C_t).
+template <typename scalar_t>
 CONVLSTM_CPU_MULTIVERSION void pooled_cell_forward_row(int64_t channels, const scalar_t* __restrict__ h_term,
                                     const scalar_t* __restrict__ x_term,
                                     const scalar_t* __restrict__ bias,
@@ -44,7 +43,7 @@ CONVLSTM_CPU_MULTIVERSION void pooled_cell_forward_row(int64_t channels, const s
                                     scalar_t* __restrict__ candidate, scalar_t* __restrict__ cell,
                                     scalar_t* __restrict__ hidden) {
   for (int64_t c = 0; c < channels; ++c) {
-    const scalar_t g = math_tanh(kSum ? scalar_t(h_term[c] + x_term[c] + bias[c]) : h_term[c]);
+    const scalar_t g = math_tanh(h_term[c] + x_term[c] + bias[c]);
     scalar_t h;
     cell[c] = cell_update(i[c], f[c], o[c], g, c_prev[c], &h);
     candidate[c] = g;
@@ -53,44 +52,22 @@ CONVLSTM_CPU_MULTIVERSION void pooled_cell_forward_row(int64_t channels, const s
 }
 
 // One forward step over [B, HW, C]: G = tanh(SepConv_h(H_{t−1}) + SepConv_x(X_t) + b_c) from its
-// three terms (the step's GEMM output, the precomputed X side, the bias [C]) — or, with
-// candidate_x and candidate_bias null, from candidate_h alone when the step's GEMMs already summed
-// them — C_t = f∘C_{t−1} + i∘G, H_t = o∘tanh(C_t). Writes G (saved), C_t (saved) and H_t
-// (channels-last, the next step's input); with hidden_nchw, also H_t in [B, C, HW] layout (the
-// op's output), transposed a block of pixels at a time while the block is still in L1.
+// three terms (the step's GEMM output, the precomputed X side, the bias [C]),
+// C_t = f∘C_{t−1} + i∘G, H_t = o∘tanh(C_t). Writes G (saved), C_t (saved) and H_t.
 template <typename scalar_t>
 void pooled_cell_forward(int64_t batch, int64_t pixels, int64_t channels,
                          const scalar_t* candidate_h, const scalar_t* candidate_x,
                          const scalar_t* candidate_bias, GateView<scalar_t> in_gate,
                          GateView<scalar_t> forget_gate, GateView<scalar_t> out_gate,
                          const scalar_t* c_prev, scalar_t* candidate, scalar_t* cell,
-                         scalar_t* hidden, scalar_t* hidden_nchw = nullptr) {
+                         scalar_t* hidden) {
   RECORD_FUNCTION("convlstm_fast::pooled_cell_forward", {});
-  constexpr int64_t kBlock = 16;  // pixels per transposed block: one 64-byte line per channel
   parallel_over_pixels(batch, pixels, [=](int64_t b, int64_t, int64_t begin, int64_t end) {
-    for (int64_t p0 = begin; p0 < end; p0 += kBlock) {
-      const int64_t p1 = std::min(end, p0 + kBlock);
-      for (int64_t p = p0; p < p1; ++p) {
-        const int64_t row = (b * pixels + p) * channels;
-        if (candidate_x != nullptr) {
-          pooled_cell_forward_row<true>(channels, candidate_h + row, candidate_x + row,
-                                        candidate_bias, in_gate.at(b, p), forget_gate.at(b, p),
-                                        out_gate.at(b, p), c_prev + row, candidate + row,
-                                        cell + row, hidden + row);
-        } else {
-          pooled_cell_forward_row<false>(channels, candidate_h + row, candidate_h + row,
-                                         candidate_h + row, in_gate.at(b, p),
-                                         forget_gate.at(b, p), out_gate.at(b, p), c_prev + row,
-                                         candidate + row, cell + row, hidden + row);
-        }
-      }
-      if (hidden_nchw != nullptr) {
-        const scalar_t* src = hidden + b * pixels * channels;
-        scalar_t* dst = hidden_nchw + b * channels * pixels;
-        for (int64_t c = 0; c < channels; ++c) {
-          for (int64_t p = p0; p < p1; ++p) dst[c * pixels + p] = src[p * channels + c];
-        }
-      }
+    for (int64_t p = begin; p < end; ++p) {
+      const int64_t row = (b * pixels + p) * channels;
+      pooled_cell_forward_row(channels, candidate_h + row, candidate_x + row, candidate_bias,
+                              in_gate.at(b, p), forget_gate.at(b, p), out_gate.at(b, p),
+                              c_prev + row, candidate + row, cell + row, hidden + row);
     }
   });
 }
