@@ -67,6 +67,43 @@ void pointwise_planes_weight_grad(const at::Tensor& grad_weight, const at::Tenso
   }
 }
 
+// One SepConv branch of the candidate (X side or H side) in backward: its parameters, the step
+// buffers and the parameter-sized sums its weight gradients accumulate into.
+struct SepConvBranch {
+  at::Tensor depthwise, pointwise, gate_weight;  // [Cin, 1, K, K], [C, Cin], [3C, Cin]
+  at::Tensor dw, grad_dw, grad_bar;              // step buffers [B, Cin, H, W] ×2, [B, Cin]
+  at::Tensor grad_depthwise, grad_pointwise;     // accumulated over the steps
+  at::Tensor bars;                               // [T, B, Cin]: GAP of the input, for dU
+
+  SepConvBranch(const at::Tensor& depthwise_, const at::Tensor& pointwise_,
+                const at::Tensor& gate_weight_, const at::Tensor& input_like, int64_t steps)
+      : depthwise(depthwise_),
+        pointwise(pointwise_),
+        gate_weight(gate_weight_),
+        dw(at::empty_like(input_like)),
+        grad_dw(at::empty_like(input_like)),
+        grad_bar(at::empty({input_like.size(0), input_like.size(1)}, input_like.options())),
+        grad_depthwise(at::zeros_like(depthwise_)),
+        grad_pointwise(at::zeros_like(pointwise_)),
+        bars(at::empty({steps, input_like.size(0), input_like.size(1)}, input_like.options())) {}
+
+  // Step t with branch input `in` [B, Cin, H, W], dG_pre `grad_cand` [B, C, H, W] and the pooled
+  // gates' pre-activation gradient dgp [B, 3C]: accumulates d dw and dP (recomputing dw(in)),
+  // records GAP(in), and writes grad_in = dwᵀ(Pᵀ·dG_pre) + (dgp·U)/HW on every pixel.
+  void backward_step(int64_t t, const at::Tensor& in, const at::Tensor& grad_cand,
+                     const at::Tensor& dgp, const at::Tensor& grad_in) {
+    plane_means(bars[t], in);
+    grad_bar.zero_();
+    small_addmm_(grad_bar, dgp, gate_weight, false);
+    grad_bar.div_(in.size(2) * in.size(3));
+    depthwise_conv_planes(dw, in, depthwise, false, at::Tensor());
+    pointwise_planes_weight_grad(grad_pointwise, grad_cand, dw);
+    pointwise_planes(grad_dw, pointwise.t(), grad_cand, false);
+    depthwise_weight_grad_planes(grad_depthwise, grad_dw, in);
+    depthwise_conv_planes(grad_in, grad_dw, depthwise, true, grad_bar);
+  }
+};
+
 LayerResult pooled_layer_forward(const at::Tensor& x, const at::Tensor& h0, const at::Tensor& c0,
                                  at::TensorList params_in, int64_t gate_activation) {
   const std::vector<at::Tensor> params = contiguous_params(params_in);
@@ -169,25 +206,14 @@ LayerResult pooled_layer_backward(const at::Tensor& grad_output, const at::Tenso
   const at::Tensor output_c = output.contiguous(), grad_output_c = grad_output.contiguous();
 
   // Step buffers, reused.
-  const at::Tensor dw_h = at::empty({batch, channels, height, width}, options);
-  const at::Tensor dw_x = at::empty({batch, cin, height, width}, options);
   const at::Tensor grad_cand = at::empty({batch, channels, height, width}, options);
-  const at::Tensor grad_dw_h = at::empty({batch, channels, height, width}, options);
-  const at::Tensor grad_dw_x = at::empty({batch, cin, height, width}, options);
   const at::Tensor sums = at::empty({batch, channels, 4}, options);
   const at::Tensor gates = at::empty({batch, 3 * channels}, options);
-  const at::Tensor grad_h_bar = at::empty({batch, channels}, options);
-  const at::Tensor grad_x_bar = at::empty({batch, cin}, options);
-  // Per-step vectors for the pooled gates' weight gradients (reduced after the loop).
+  // The pooled gates' pre-activation gradients of every step (dU is reduced after the loop).
   const at::Tensor grad_gate_preact = at::empty({steps, batch, 3 * channels}, options);
-  const at::Tensor h_bar = at::empty({steps, batch, channels}, options);
-  const at::Tensor x_bar = at::empty({steps, batch, cin}, options);
-  // Parameter-sized accumulators.
-  const at::Tensor grad_cand_pw_h = at::zeros({channels, channels}, options);
-  const at::Tensor grad_cand_pw_x = at::zeros({channels, cin}, options);
-  const at::Tensor grad_cand_dw_h = at::zeros({channels, 1, k, k}, options);
-  const at::Tensor grad_cand_dw_x = at::zeros({cin, 1, k, k}, options);
   const at::Tensor grad_cand_bias = at::zeros({channels}, options);
+  SepConvBranch h_side(params[kCandDwH], params[kCandPwH], params[kGateWh], h0_c, steps);
+  SepConvBranch x_side(params[kCandDwX], params[kCandPwX], params[kGateWx], x_c[0], steps);
 
   const at::Tensor grad_x = at::empty(x.sizes(), options);
   // dL/dH and dL/dC flowing back to step t − 1, each through two buffers: this step reads one
@@ -240,40 +266,21 @@ LayerResult pooled_layer_backward(const at::Tensor& grad_output, const at::Tenso
       }
     });
 
-    // H side: dH_{t−1} (with the pooled gates' share as each plane's initial value), and this
-    // step's share of dP_h, d dw_h and (after the loop) dU_h.
-    plane_means(h_bar[t], h_prev);
-    grad_h_bar.zero_();
-    small_addmm_(grad_h_bar, dgp, params[kGateWh], false);
-    grad_h_bar.div_(pixels);
-    depthwise_conv_planes(dw_h, h_prev, params[kCandDwH], false, at::Tensor());
-    pointwise_planes_weight_grad(grad_cand_pw_h, grad_cand, dw_h);
-    pointwise_planes(grad_dw_h, params[kCandPwH].t(), grad_cand, false);
-    depthwise_weight_grad_planes(grad_cand_dw_h, grad_dw_h, h_prev);
-    depthwise_conv_planes(grad_h[out], grad_dw_h, params[kCandDwH], true, grad_h_bar);
-
-    // X side: dX_t, and this step's share of dP_x, d dw_x and dU_x.
-    plane_means(x_bar[t], x_t);
-    grad_x_bar.zero_();
-    small_addmm_(grad_x_bar, dgp, params[kGateWx], false);
-    grad_x_bar.div_(pixels);
-    depthwise_conv_planes(dw_x, x_t, params[kCandDwX], false, at::Tensor());
-    pointwise_planes_weight_grad(grad_cand_pw_x, grad_cand, dw_x);
-    pointwise_planes(grad_dw_x, params[kCandPwX].t(), grad_cand, false);
-    depthwise_weight_grad_planes(grad_cand_dw_x, grad_dw_x, x_t);
-    depthwise_conv_planes(grad_x[t], grad_dw_x, params[kCandDwX], true, grad_x_bar);
+    // dH_{t−1} and dX_t, each with the pooled gates' share as its planes' initial value.
+    h_side.backward_step(t, h_prev, grad_cand, dgp, grad_h[out]);
+    x_side.backward_step(t, x_t, grad_cand, dgp, grad_x[t]);
   }
 
   const int64_t last = steps % 2;  // the buffers holding dL/dH_0 and dL/dC_0
   const at::Tensor grad_gp_flat = grad_gate_preact.view({steps * batch, 3 * channels});
   std::vector<at::Tensor> grad_params{
-      at::mm(grad_gp_flat.t(), x_bar.view({steps * batch, cin})),
-      at::mm(grad_gp_flat.t(), h_bar.view({steps * batch, channels})),
+      at::mm(grad_gp_flat.t(), x_side.bars.view({steps * batch, cin})),
+      at::mm(grad_gp_flat.t(), h_side.bars.view({steps * batch, channels})),
       grad_gp_flat.sum(0),
-      grad_cand_dw_x,
-      grad_cand_pw_x,
-      grad_cand_dw_h,
-      grad_cand_pw_h,
+      x_side.grad_depthwise,
+      x_side.grad_pointwise,
+      h_side.grad_depthwise,
+      h_side.grad_pointwise,
       grad_cand_bias};
   return {grad_x, grad_h[last], grad_c[last], grad_params};
 }
