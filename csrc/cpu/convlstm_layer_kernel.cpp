@@ -98,14 +98,6 @@ void with_activation(int64_t gate_activation, const Fn& fn) {
   }
 }
 
-// Runs fn(b, c) over every (sample, channel) plane in parallel.
-template <typename Fn>
-void parallel_over_planes(int64_t batch, int64_t channels, const Fn& fn) {
-  at::parallel_for(0, batch * channels, 8, [&](int64_t first, int64_t last) {
-    for (int64_t p = first; p < last; ++p) fn(p / channels, p % channels);
-  });
-}
-
 // The step's input [X_t | H_{t−1}] as one NCHW tensor [B, Cin + C, H, W]: one convolution with
 // [W_x | W_h] then does both products (measured: one conv at 512 input channels is ~10% faster
 // than two at 256 plus the sum).

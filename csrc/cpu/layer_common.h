@@ -195,6 +195,14 @@ void depthwise_weight_grad_planes(const at::Tensor& grad_weight, const at::Tenso
 // out [N, C] = mean over H·W of in [N, C, H, W].
 void plane_means(const at::Tensor& out, const at::Tensor& input);
 
+// Runs fn(b, c) over every (sample, channel) plane in parallel.
+template <typename Fn>
+void parallel_over_planes(int64_t batch, int64_t channels, const Fn& fn) {
+  at::parallel_for(0, batch * channels, 8, [&](int64_t first, int64_t last) {
+    for (int64_t p = first; p < last; ++p) fn(p / channels, p % channels);
+  });
+}
+
 // How many pixel chunks per sample the fused loops use (one per thread, at most one per pixel).
 inline int64_t pixel_chunks(int64_t pixels) {
   return std::max<int64_t>(1, std::min<int64_t>(at::get_num_threads(), pixels));

@@ -140,6 +140,16 @@ void pooled_cell_backward(int64_t batch, int64_t pixels, int64_t channels,
 // With only pooled gates, one (sample, channel) plane of H·W values shares its three gates and
 // the candidate bias: scalars, so the loops below are plain vectorised streams.
 
+// Runs fn(plane, i, f, o) over every (sample, channel) plane (plane = b·C + c) in parallel, with
+// the plane's pooled gates read from gates [B, 3C] (order i, f, o).
+template <typename scalar_t, typename Fn>
+void for_each_gated_plane(int64_t batch, int64_t channels, const scalar_t* gates, const Fn& fn) {
+  parallel_over_planes(batch, channels, [&](int64_t b, int64_t c) {
+    const scalar_t* g = gates + b * 3 * channels;
+    fn(b * channels + c, g[c], g[channels + c], g[2 * channels + c]);
+  });
+}
+
 // Forward, one plane: G = tanh(preact + b_c); C_t = f∘C_{t−1} + i∘G; H_t = o∘tanh(C_t). Writes G,
 // C_t, H_t and returns Σ H_t (the next step's h̄ = Σ / HW).
 template <typename scalar_t>

@@ -156,16 +156,12 @@ LayerResult pooled_layer_forward(const at::Tensor& x, const at::Tensor& h0, cons
       scalar_t* cn = cell[t].data_ptr<scalar_t>();
       scalar_t* hn = output[t].data_ptr<scalar_t>();
       scalar_t* hb = h_bar.data_ptr<scalar_t>();
-      at::parallel_for(0, batch * channels, 8, [&](int64_t first, int64_t last) {
-        for (int64_t p = first; p < last; ++p) {
-          const int64_t b = p / channels, c = p % channels;
-          const scalar_t* g = gp + b * 3 * channels;
-          const int64_t offset = p * pixels;
-          hb[p] = pooled_plane_forward(pixels, g[c], g[channels + c], g[2 * channels + c],
-                                       bias[c], pre + offset, cp + offset, cand + offset,
-                                       cn + offset, hn + offset) /
-                  scalar_t(pixels);
-        }
+      for_each_gated_plane(batch, channels, gp, [&](int64_t p, scalar_t i, scalar_t f,
+                                                    scalar_t o) {
+        const int64_t offset = p * pixels;
+        hb[p] = pooled_plane_forward(pixels, i, f, o, bias[p % channels], pre + offset,
+                                     cp + offset, cand + offset, cn + offset, hn + offset) /
+                scalar_t(pixels);
       });
     });
   }
@@ -240,16 +236,12 @@ LayerResult pooled_layer_backward(const at::Tensor& grad_output, const at::Tenso
       scalar_t* gcand = grad_cand.data_ptr<scalar_t>();
       scalar_t* gcp = grad_c[out].data_ptr<scalar_t>();
       scalar_t* sp = sums.data_ptr<scalar_t>();
-      at::parallel_for(0, batch * channels, 8, [&](int64_t first, int64_t last) {
-        for (int64_t p = first; p < last; ++p) {
-          const int64_t b = p / channels, c = p % channels;
-          const scalar_t* g = gp + b * 3 * channels;
-          const int64_t offset = p * pixels;
-          pooled_plane_backward(pixels, g[c], g[channels + c], g[2 * channels + c],
-                                cand + offset, cp + offset, ct + offset, gout + offset,
-                                gh + offset, gc + offset, gcand + offset, gcp + offset,
-                                sp + 4 * p);
-        }
+      for_each_gated_plane(batch, channels, gp, [&](int64_t p, scalar_t i, scalar_t f,
+                                                    scalar_t o) {
+        const int64_t offset = p * pixels;
+        pooled_plane_backward(pixels, i, f, o, cand + offset, cp + offset, ct + offset,
+                              gout + offset, gh + offset, gc + offset, gcand + offset,
+                              gcp + offset, sp + 4 * p);
       });
       // dgp = Σ_HW [di, df, do] ∘ σ'(gate pre-activation); d b_c += Σ dG_pre.
       scalar_t* dg = dgp.data_ptr<scalar_t>();
