@@ -203,6 +203,25 @@ void parallel_over_planes(int64_t batch, int64_t channels, const Fn& fn) {
   });
 }
 
+// Winograd F(2×2, 3×3) 'same' convolution (winograd.cpp): winograd_weight transforms a
+// [Cout, Cin, 3, 3] kernel once into [16, Cout, Cin]; winograd_conv convolves an NCHW input
+// [N, Cin, H, W] with it (stride 1, padding 1) -> [N, Cout, H, W], using `buffers` (of the
+// input's dtype and device, resized as needed) for its transformed tiles and their products.
+struct WinogradBuffers {
+  at::Tensor tiles, products;
+  explicit WinogradBuffers(const at::TensorOptions& options)
+      : tiles(at::empty({0}, options)), products(at::empty({0}, options)) {}
+};
+at::Tensor winograd_weight(const at::Tensor& weight);
+at::Tensor winograd_conv(const at::Tensor& input, const at::Tensor& transformed_weight,
+                         WinogradBuffers& buffers);
+// The pieces of the weight gradient: the input's tiles V = Bᵀ d B into tiles_out [16, Cin, P],
+// the output gradient's dM = A dY Aᵀ into products_out [16, Cout, P] (both resized), so that
+// dU = Σ dM·Vᵀ [16, Cout, Cin]; winograd_weight_grad(dU) = Gᵀ dU G as [Cout, Cin, 3, 3].
+void winograd_input_transform(const at::Tensor& input, const at::Tensor& tiles_out);
+void winograd_grad_transform(const at::Tensor& grad_out, const at::Tensor& products_out);
+at::Tensor winograd_weight_grad(const at::Tensor& grad_transformed);
+
 // How many pixel chunks per sample the fused loops use (one per thread, at most one per pixel).
 inline int64_t pixel_chunks(int64_t pixels) {
   return std::max<int64_t>(1, std::min<int64_t>(at::get_num_threads(), pixels));
