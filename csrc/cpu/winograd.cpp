@@ -21,20 +21,35 @@ at::Tensor g_matrix(const at::TensorOptions& options) {
       .to(options);
 }
 
+// The transforms walk rows of tiles: row = (channel, sample, tile row ty), with P = N·th·tw tiles
+// per channel in the [16, C, P] transform buffers.
+struct TileGrid {
+  int64_t n, channels, th, tw;
+  int64_t tiles() const { return n * th * tw; }
+  // Offset of the row's first tile in one of the 16 planes of a [16, C, P] buffer.
+  int64_t tile_offset(int64_t row) const {
+    return row / (n * th) * tiles() + row % (n * th) * tw;
+  }
+  // Offset of the row's first map row (2·ty) in an NCHW tensor of `height` × `width` planes.
+  int64_t map_offset(int64_t row, int64_t height, int64_t width) const {
+    const int64_t c = row / (n * th), b = row % (n * th) / th, ty = row % th;
+    return ((b * channels + c) * height + 2 * ty) * width;
+  }
+  int64_t tile_row(int64_t row) const { return row % th; }
+};
+
 // V = Bᵀ d B for the 4×4 tiles of rows [first, last) of (c, n, ty), written to
 // v[(i·4 + j)·Cin·P + c·P + tile], P = N·th·tw tiles. Bᵀ = [1 0 −1 0; 0 1 1 0; 0 −1 1 0; 0 1 0 −1].
 template <typename scalar_t>
-CONVLSTM_CPU_MULTIVERSION void input_transform_rows(const scalar_t* __restrict__ padded,
+CONVLSTM_CPU_MULTIVERSION void input_transform_rows(const TileGrid grid,
+                                                    const scalar_t* __restrict__ padded,
                                                     scalar_t* __restrict__ v, int64_t first,
-                                                    int64_t last, int64_t n, int64_t cin,
-                                                    int64_t th, int64_t tw, int64_t hp,
-                                                    int64_t wp) {
-  const int64_t tiles = n * th * tw, plane_stride = cin * tiles;
+                                                    int64_t last, int64_t hp, int64_t wp) {
+  const int64_t plane_stride = grid.channels * grid.tiles();
   for (int64_t row = first; row < last; ++row) {
-    const int64_t c = row / (n * th), b = row % (n * th) / th, ty = row % th;
-    const scalar_t* src = padded + ((b * cin + c) * hp + 2 * ty) * wp;
-    scalar_t* dst = v + c * tiles + (b * th + ty) * tw;
-    for (int64_t tx = 0; tx < tw; ++tx) {
+    const scalar_t* src = padded + grid.map_offset(row, hp, wp);
+    scalar_t* dst = v + grid.tile_offset(row);
+    for (int64_t tx = 0; tx < grid.tw; ++tx) {
       scalar_t t[4][4];
       for (int64_t l = 0; l < 4; ++l) {
         const scalar_t d0 = src[2 * tx + l], d1 = src[wp + 2 * tx + l],
@@ -58,18 +73,17 @@ CONVLSTM_CPU_MULTIVERSION void input_transform_rows(const scalar_t* __restrict__
 // the 2×2 outputs written to out [N, Cout, H, W] where they fall inside the map.
 // Aᵀ = [1 1 1 0; 0 1 −1 −1].
 template <typename scalar_t>
-CONVLSTM_CPU_MULTIVERSION void output_transform_rows(const scalar_t* __restrict__ m,
+CONVLSTM_CPU_MULTIVERSION void output_transform_rows(const TileGrid grid,
+                                                     const scalar_t* __restrict__ m,
                                                      scalar_t* __restrict__ out, int64_t first,
-                                                     int64_t last, int64_t n, int64_t cout,
-                                                     int64_t th, int64_t tw, int64_t height,
+                                                     int64_t last, int64_t height,
                                                      int64_t width) {
-  const int64_t tiles = n * th * tw, plane_stride = cout * tiles;
+  const int64_t plane_stride = grid.channels * grid.tiles();
   for (int64_t row = first; row < last; ++row) {
-    const int64_t o = row / (n * th), b = row % (n * th) / th, ty = row % th;
-    const scalar_t* src = m + o * tiles + (b * th + ty) * tw;
-    scalar_t* dst = out + ((b * cout + o) * height + 2 * ty) * width;
-    const bool second_row = 2 * ty + 1 < height;
-    for (int64_t tx = 0; tx < tw; ++tx) {
+    const scalar_t* src = m + grid.tile_offset(row);
+    scalar_t* dst = out + grid.map_offset(row, height, width);
+    const bool second_row = 2 * grid.tile_row(row) + 1 < height;
+    for (int64_t tx = 0; tx < grid.tw; ++tx) {
       scalar_t t[2][4];
       for (int64_t j = 0; j < 4; ++j) {
         const scalar_t m0 = src[j * plane_stride + tx], m1 = src[(4 + j) * plane_stride + tx],
@@ -92,18 +106,16 @@ CONVLSTM_CPU_MULTIVERSION void output_transform_rows(const scalar_t* __restrict_
 // The adjoint of output_transform_rows: for the 2×2 gradient block dY of each tile (zero where
 // it falls outside the map), dM = A dY Aᵀ, written to m[(i·4 + j)·Cout·P + o·P + tile].
 template <typename scalar_t>
-CONVLSTM_CPU_MULTIVERSION void grad_transform_rows(const scalar_t* __restrict__ grad,
+CONVLSTM_CPU_MULTIVERSION void grad_transform_rows(const TileGrid grid,
+                                                   const scalar_t* __restrict__ grad,
                                                    scalar_t* __restrict__ m, int64_t first,
-                                                   int64_t last, int64_t n, int64_t cout,
-                                                   int64_t th, int64_t tw, int64_t height,
-                                                   int64_t width) {
-  const int64_t tiles = n * th * tw, plane_stride = cout * tiles;
+                                                   int64_t last, int64_t height, int64_t width) {
+  const int64_t plane_stride = grid.channels * grid.tiles();
   for (int64_t row = first; row < last; ++row) {
-    const int64_t o = row / (n * th), b = row % (n * th) / th, ty = row % th;
-    const scalar_t* src = grad + ((b * cout + o) * height + 2 * ty) * width;
-    scalar_t* dst = m + o * tiles + (b * th + ty) * tw;
-    const bool second_row = 2 * ty + 1 < height;
-    for (int64_t tx = 0; tx < tw; ++tx) {
+    const scalar_t* src = grad + grid.map_offset(row, height, width);
+    scalar_t* dst = m + grid.tile_offset(row);
+    const bool second_row = 2 * grid.tile_row(row) + 1 < height;
+    for (int64_t tx = 0; tx < grid.tw; ++tx) {
       const bool second_col = 2 * tx + 1 < width;
       const scalar_t y00 = src[2 * tx], y01 = second_col ? src[2 * tx + 1] : scalar_t(0);
       const scalar_t y10 = second_row ? src[width + 2 * tx] : scalar_t(0);
@@ -145,8 +157,9 @@ void winograd_input_transform(const at::Tensor& input, const at::Tensor& tiles_o
   AT_DISPATCH_FLOATING_TYPES(input.scalar_type(), "winograd_input_transform", [&] {
     const scalar_t* src = padded.data_ptr<scalar_t>();
     scalar_t* vp = tiles_out.data_ptr<scalar_t>();
+    const TileGrid grid{n, cin, th, tw};
     at::parallel_for(0, cin * n * th, 16, [&](int64_t first, int64_t last) {
-      input_transform_rows(src, vp, first, last, n, cin, th, tw, hp, wp);
+      input_transform_rows(grid, src, vp, first, last, hp, wp);
     });
   });
 }
@@ -160,8 +173,9 @@ void winograd_grad_transform(const at::Tensor& grad_out, const at::Tensor& produ
   AT_DISPATCH_FLOATING_TYPES(grad.scalar_type(), "winograd_grad_transform", [&] {
     const scalar_t* src = grad.data_ptr<scalar_t>();
     scalar_t* mp = products_out.data_ptr<scalar_t>();
+    const TileGrid grid{n, cout, th, tw};
     at::parallel_for(0, cout * n * th, 16, [&](int64_t first, int64_t last) {
-      grad_transform_rows(src, mp, first, last, n, cout, th, tw, height, width);
+      grad_transform_rows(grid, src, mp, first, last, height, width);
     });
   });
 }
@@ -189,8 +203,9 @@ at::Tensor winograd_conv(const at::Tensor& input, const at::Tensor& transformed_
   AT_DISPATCH_FLOATING_TYPES(input.scalar_type(), "winograd_conv", [&] {
     const scalar_t* mp = buffers.products.data_ptr<scalar_t>();
     scalar_t* op = out.data_ptr<scalar_t>();
+    const TileGrid grid{n, cout, th, tw};
     at::parallel_for(0, cout * n * th, 16, [&](int64_t first, int64_t last) {
-      output_transform_rows(mp, op, first, last, n, cout, th, tw, height, width);
+      output_transform_rows(grid, mp, op, first, last, height, width);
     });
   });
   return out;
