@@ -120,7 +120,11 @@ def test_non_contiguous_input(variant):
     x, h0, c0, params = _op_args(variant)
     strided = x.transpose(3, 4).contiguous().transpose(3, 4)
     assert not strided.is_contiguous()
-    for got, want in zip(forward(strided, h0, c0, params, 0)[:3], forward(x, h0, c0, params, 0)[:3]):
+    # ... and non-contiguous initial states.
+    h0_s, c0_s = (t.transpose(2, 3).contiguous().transpose(2, 3) for t in (h0, c0))
+    assert not (h0_s.is_contiguous() or c0_s.is_contiguous())
+    for got, want in zip(forward(strided, h0_s, c0_s, params, 0)[:3],
+                         forward(x, h0, c0, params, 0)[:3]):
         torch.testing.assert_close(got, want, atol=0, rtol=0)
 
 

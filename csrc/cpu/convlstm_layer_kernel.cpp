@@ -3,10 +3,11 @@
 //   [i f g o] = W_x * X_t + W_h * H_{t−1} + b;  i, f, o = σ(·), G = tanh(g)
 //   C_t = f∘C_{t−1} + i∘G;  H_t = o∘tanh(C_t)
 // Structure: the cell is compute-bound in its K×K convolutions (3.7 GMAC per sample-step at 256
-// channels), which oneDNN runs at this machine's full matmul rate; everything else is kept off
-// the critical path. A step is one convolution of [X_t | H_{t−1}] with [W_x | W_h] (NCHW, as the
-// op's tensors are: no layout change of x or of the output) and one fused element loop per
-// (sample, channel) plane adding the bias, activating the gates and updating the cell. The X
+// channels), which oneDNN runs at this machine's full matmul rate; so wide 3×3 convolutions go
+// through Winograd F(2×2, 3×3) (winograd.cpp, 2.25× fewer multiply-adds), and everything else is
+// kept off the critical path. A step is one convolution of [X_t | H_{t−1}] with [W_x | W_h]
+// (NCHW, as the op's tensors are: no layout change of x or of the output) and one fused element
+// loop per (sample, channel) plane adding the bias, activating the gates and updating the cell. The X
 // side is not batched over T: at B = 2 the convolution already runs at full rate, and a
 // sequence-sized X-side term costs a fresh multi-MB allocation (page faults). Saved for backward
 // (native.py SAVED_SPECS["convlstm"], the layout every native backend shares): cell C_t
@@ -189,7 +190,7 @@ LayerResult convlstm_layer_forward(const at::Tensor& x, const at::Tensor& h0,
   const at::Tensor weight_w = winograd ? winograd_weight(weight) : at::Tensor();
   WinogradBuffers buffers(options);
   // C in NCHW, ping-ponging between two step buffers.
-  std::array<at::Tensor, 2> cell_step{c0.clone(), at::empty_like(c0)};
+  std::array<at::Tensor, 2> cell_step{c0.contiguous().clone(), at::empty(c0.sizes(), options)};
   for (int64_t t = 0; t < steps; ++t) {
     fill_step_input(xh, x[t], t > 0 ? output[t - 1] : h0);
     const at::Tensor z =  // [B, 4C, H, W]
@@ -248,13 +249,14 @@ LayerResult convlstm_layer_backward(const at::Tensor& grad_output, const at::Ten
   const at::Tensor cell = saved[0].contiguous(), gates = saved[1].contiguous();
   const at::Tensor z = at::empty({batch, 4 * channels, height, width}, options);
   const at::Tensor grad_z = at::empty({batch, 4 * channels, height, width}, options);
-  const at::Tensor cell_t = at::empty_like(c0), c_prev = at::empty_like(c0);
+  const at::Tensor cell_t = at::empty(c0.sizes(), options), c_prev = at::empty(c0.sizes(), options);
+  const at::Tensor grad_output_c = grad_output.contiguous();
   const at::Tensor grad_bias = at::zeros({4 * channels}, options);
   const at::Tensor grad_x = at::empty(x.sizes(), options);
   // dL/dH flowing back to step t − 1: grad_h_n, then the H part of the conv's input gradient.
-  at::Tensor grad_h = grad_h_n.contiguous();
+  at::Tensor grad_h = grad_h_n.contiguous();  // read with its batch stride (below)
   // dC_t flows back through two buffers: this step reads one and writes dC_{t−1} to the other.
-  at::Tensor grad_c = grad_c_n.clone();
+  at::Tensor grad_c = grad_c_n.contiguous().clone();
   at::Tensor grad_c_prev = at::empty_like(grad_c);
   const std::vector<int64_t> padding{k / 2, k / 2};
   ConvSide x_side(params[kWeightX], channels, k);
@@ -275,7 +277,7 @@ LayerResult convlstm_layer_backward(const at::Tensor& grad_output, const at::Ten
         scalar_t* dzp = grad_z.data_ptr<scalar_t>();
         const scalar_t* cp = c_prev.data_ptr<scalar_t>();
         const scalar_t* ct = cell_t.data_ptr<scalar_t>();
-        const scalar_t* gout = grad_output[t].data_ptr<scalar_t>();
+        const scalar_t* gout = grad_output_c[t].data_ptr<scalar_t>();
         const scalar_t* gh = grad_h.data_ptr<scalar_t>();
         const int64_t gh_batch_stride = grad_h.stride(0);
         const scalar_t* gc = grad_c.data_ptr<scalar_t>();
