@@ -17,6 +17,12 @@ run() {
   "$@" || { echo "::: FAILED ($?): $*"; status=1; }
 }
 
+# A fresh Inductor cache: its keys do not cover a custom op's fake (meta) kernel, so graphs compiled
+# against an earlier build of the ops could be replayed with stale output shapes.
+TORCHINDUCTOR_CACHE_DIR="$(mktemp -d)"
+export TORCHINDUCTOR_CACHE_DIR
+trap 'rm -rf "$TORCHINDUCTOR_CACHE_DIR"' EXIT
+
 CONVLSTM_CUDA=1 source .ci/setup-env || exit 1
 PY="$VENV/bin/python"  # with -P for -m: the source tree must not shadow the installed package
 # `pytest` (not `python -m pytest`) with --import-mode=importlib (pyproject) keeps the source tree

@@ -188,7 +188,7 @@ def test_cpu_and_cuda_agree_float64(variant):
     got_cpu, saved_cpu = _run_ops(variant, x, h0, c0, params, weights, "sigmoid", device="cpu")
     for name, a, b in zip(_names(variant), got_cuda, got_cpu):
         torch.testing.assert_close(a.cpu(), b, **F64_TOL, msg=lambda m: f"{name}: {m}")
-    spec = native.SAVED_SPECS[variant](x, h0, list(params.values()))
+    spec = native.NATIVE_SAVED_SPECS[variant](x, h0, list(params.values()))
     assert [(tuple(s.shape), s.dtype) for s in saved_cuda] == [(tuple(s), d) for s, d in spec]
     for index, (a, b) in enumerate(zip(saved_cuda, saved_cpu)):
         if (variant, "cpu") in native.NCHW_SAVED and b.dim() == 5:
@@ -204,7 +204,7 @@ def test_saved_follows_the_spec(variant, dtype):
     x, h0, c0, params, weights = _problem(variant, (2, 2, 3, 5, 4, 3, 3))
     cast = {n: p.to(dtype) for n, p in params.items()}
     _, saved = _run_ops(variant, x.to(dtype), h0.to(dtype), c0.to(dtype), cast, weights, "sigmoid")
-    spec = native.SAVED_SPECS[variant](x.to(dtype), h0, list(cast.values()))
+    spec = native.NATIVE_SAVED_SPECS[variant](x.to(dtype), h0, list(cast.values()))
     assert [(tuple(s.shape), s.dtype) for s in saved] == [(tuple(s), d) for s, d in spec]
     assert all(s.is_cuda and s.is_contiguous() for s in saved)
 

@@ -15,25 +15,25 @@ from ..ops.registration import register_layer_op
 from . import OpBackend
 
 
-# (variant, device type) whose kernel saves its state tensors NCHW, [T, B, C, H, W], instead of
-# channels-last: the CPU kernel of variant a works in the op's own NCHW layout throughout.
+# (variant, device type) whose native kernel saves its state tensors NCHW, [T, B, C, H, W],
+# instead of channels-last: the CPU kernel of variant a works in the op's own NCHW layout.
 NCHW_SAVED = {("a", "cpu")}
 
 
-def _saved_spec(gate_channels: int, attention: str | None, variant: str):
+def _saved_spec(gate_channels: int, attention: str | None, nchw_devices=frozenset()):
     """What the native forwards save for backward, in the input's dtype:
     ``cell [T, B, H, W, C]`` (C_t of every step), ``candidate [T, B, H, W, C]`` (G = tanh(...)),
     ``gate_preact [T, B, n·C]`` (pooled-gate pre-activations), plus the attention map when the
     cell has one: ``[T, B, H, W]`` (b, the softmax A) or ``[T, B, H, W, C]`` (c/d, exp(Z − max)).
     The attention features and depthwise outputs are recomputed in backward, not saved. What is
     saved is private to the kernel that wrote it (only its own backward reads it): the state
-    tensors are channels-last except where ``NCHW_SAVED`` says the kernel keeps them NCHW
+    tensors are channels-last except on ``nchw_devices``, where the kernel keeps them NCHW
     (``[T, B, C, H, W]``, the same values permuted)."""
 
     def spec(x, h0, params):
         steps, batch, _, height, width = x.shape
         hidden = h0.shape[1]
-        if (variant, x.device.type) in NCHW_SAVED:
+        if x.device.type in nchw_devices:
             state = (steps, batch, hidden, height, width)
         else:
             state = (steps, batch, height, width, hidden)
@@ -56,22 +56,28 @@ def _convlstm_saved_spec(x, h0, params):
             ((steps, batch, height, width, 4 * hidden), x.dtype)]
 
 
-# (shape, dtype) of the tensors each native forward returns as ``saved`` (the CPU and the CUDA
-# kernel of an op return the same list, since one fake registration serves both). Whether a
-# device has a kernel for an op is asked of the dispatcher (OpBackend.unsupported_reason).
+# (shape, dtype) of the tensors a forward returns as ``saved``, in the channels-last layout the
+# CUDA and Triton kernels share. Whether a device has a kernel for an op is asked of the
+# dispatcher (OpBackend.unsupported_reason).
 SAVED_SPECS = {
     "convlstm": _convlstm_saved_spec,
-    "a": _saved_spec(3, None, "a"),
-    "b": _saved_spec(3, "spatial", "b"),
-    "c": _saved_spec(2, "channel", "c"),
-    "d": _saved_spec(2, "channel", "d"),
+    "a": _saved_spec(3, None),
+    "b": _saved_spec(3, "spatial"),
+    "c": _saved_spec(2, "channel"),
+    "d": _saved_spec(2, "channel"),
+}
+# The native ops' (one fake registration serves their CPU and CUDA kernels): as SAVED_SPECS,
+# with the state tensors NCHW on the devices NCHW_SAVED names.
+NATIVE_SAVED_SPECS = {
+    **SAVED_SPECS,
+    "a": _saved_spec(3, None, {device for variant, device in NCHW_SAVED if variant == "a"}),
 }
 
 _registered: set[str] = set()
 
 
 def _register_ops() -> None:
-    for variant, spec in SAVED_SPECS.items():
+    for variant, spec in NATIVE_SAVED_SPECS.items():
         qualname = "convlstm_fast::" + variants.OP_NAMES[variant]
         if qualname not in _registered:
             register_layer_op(qualname, variant, spec)
@@ -85,7 +91,7 @@ class NativeBackend(OpBackend):
 
     def unsupported_reason(self, variant, x):
         reason = super().unsupported_reason(variant, x)
-        if reason is None and variant not in SAVED_SPECS:
+        if reason is None and variant not in NATIVE_SAVED_SPECS:
             return f"backend {self.name!r} has no autograd wiring for variant {variant!r}"
         return reason
 
