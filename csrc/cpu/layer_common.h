@@ -1,10 +1,12 @@
-// Helpers shared by the CPU layer kernels (csrc/cpu/*_kernel.cpp): argument checks, the
-// channels-last layout, depthwise / separable convolutions and pooling on it, and the
-// per-thread work split of the fused loops.
+// Helpers shared by the CPU layer kernels (csrc/cpu/*_kernel.cpp): argument checks, layout
+// changes, depthwise / separable convolutions and pooling, per-plane stencils, Winograd
+// convolution, and the per-thread work split of the fused loops.
 //
-// Layout (shared/KERNELS.md "Layout"): inside an op every state-sized tensor is channels-last,
-// `[N, H, W, C]` contiguous (N = T·B or B), so a pixel's channels are contiguous: a pointwise 1×1
-// conv is a row-major GEMM on `[N·H·W, C]` rows, and the fused element loops vectorise over C.
+// Two layouts. The b, c, d kernels follow shared/KERNELS.md "Layout": every state-sized tensor
+// channels-last, `[N, H, W, C]` contiguous (N = T·B or B), so a pointwise 1×1 conv is a row-major
+// GEMM on `[N·H·W, C]` rows and the fused element loops vectorise over C. The a and ConvLSTM
+// kernels keep the op's own NCHW layout and work per (sample, channel) plane ("NCHW planes"
+// below): on the CPU a layout change costs more than it saves.
 #pragma once
 
 // The fused loops call the branch-free exp/tanh of cell_math.h; GCC if-converts (and so
