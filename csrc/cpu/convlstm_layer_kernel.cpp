@@ -249,7 +249,10 @@ LayerResult convlstm_layer_backward(const at::Tensor& grad_output, const at::Ten
   const at::Tensor cell = saved[0].contiguous(), gates = saved[1].contiguous();
   const at::Tensor z = at::empty({batch, 4 * channels, height, width}, options);
   const at::Tensor grad_z = at::empty({batch, 4 * channels, height, width}, options);
-  const at::Tensor cell_t = at::empty(c0.sizes(), options), c_prev = at::empty(c0.sizes(), options);
+  // C_t and C_{t−1} in NCHW: step t's C_{t−1} is step t − 1's C_t, so the two buffers swap
+  // and each saved cell state is converted once.
+  at::Tensor cell_t = at::empty(c0.sizes(), options), c_prev = at::empty(c0.sizes(), options);
+  copy_from_channels_last(cell_t, cell[steps - 1]);
   const at::Tensor grad_output_c = grad_output.contiguous();
   const at::Tensor grad_bias = at::zeros({4 * channels}, options);
   const at::Tensor grad_x = at::empty(x.sizes(), options);
@@ -265,7 +268,7 @@ LayerResult convlstm_layer_backward(const at::Tensor& grad_output, const at::Ten
   const at::Tensor grad_products = at::empty({0}, options);
   for (int64_t t = steps - 1; t >= 0; --t) {
     copy_from_channels_last(z, gates[t]);
-    copy_from_channels_last(cell_t, cell[t]);
+    if (t < steps - 1) std::swap(cell_t, c_prev);
     if (t > 0) {
       copy_from_channels_last(c_prev, cell[t - 1]);
     } else {
