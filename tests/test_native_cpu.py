@@ -91,14 +91,17 @@ def test_matches_reference(variant, gate_activation):
 
 
 # (steps, batch, cin, hidden, height, width, k): K ∈ {1, 3, 5}, B = 1, T = 1, H ≠ W, Cin ≠ Cout;
-# the last one wide enough that the ConvLSTM's 3×3 convolutions, forward and backward, take the
-# Winograd path (csrc/cpu/convlstm_layer_kernel.cpp: ≥ 256 channels on both sides), with an odd
-# map width.
+# maps 16 and 20 wide, where the per-plane stencils (csrc/cpu/layer_common.cpp) work in 16-float
+# vectors, the last of a 20-wide row overlapping the one before; the last one wide enough that
+# the ConvLSTM's 3×3 convolutions, forward and backward, take the Winograd path
+# (csrc/cpu/convlstm_layer_kernel.cpp: ≥ 256 channels on both sides), with an odd map width.
 EDGE_CASES = [
     (2, 2, 3, 5, 4, 7, 1),
     (2, 1, 4, 3, 6, 5, 5),
     (1, 2, 2, 2, 3, 3, 3),
     (3, 1, 1, 6, 2, 4, 3),
+    (2, 2, 3, 4, 3, 20, 3),
+    (2, 1, 2, 3, 2, 16, 5),
     (2, 1, 256, 256, 6, 5, 3),
 ]
 
@@ -141,26 +144,40 @@ def test_gradcheck_float64(variant, gate_activation):
                                     rtol=1e-4, fast_mode=True)
 
 
-def test_winograd_matches_reference_float64():
-    """The ConvLSTM's Winograd convolutions (forward, input and weight gradients) are exact in
-    exact arithmetic: in float64 the output, final states and every gradient equal the
-    reference's to rounding, at a width that takes that path (gradcheck's fast mode is too
-    coarse here: with 4.7M weights a wrong weight gradient hides in its one projection)."""
-    x, h0, c0 = make_inputs(2, 1, 256, 256, 4, 3, dtype=torch.float64)
-    params = make_params("convlstm", 256, 256, 3, dtype=torch.float64)
+# (variant, steps, batch, cin, hidden, height, width): the ConvLSTM at a width that takes its
+# Winograd path; every variant with 11-wide maps, where the per-plane stencils work in 8-double
+# vectors, the second overlapping the first.
+FLOAT64_CASES = [
+    ("convlstm", 2, 1, 256, 256, 4, 3),
+    *((variant, 2, 2, 3, 4, 3, 11) for variant in variants.VARIANTS),
+]
+
+
+@pytest.mark.parametrize("case", FLOAT64_CASES, ids=lambda c: "{}-T{}B{}Cin{}C{}H{}W{}".format(*c))
+def test_matches_reference_float64(case):
+    """In float64 the output, final states and every gradient equal the reference's to rounding.
+    The ConvLSTM's Winograd convolutions (forward, input and weight gradients) are exact in exact
+    arithmetic, so they are held to the same bound (gradcheck's fast mode is too coarse there:
+    with 4.7M weights a wrong weight gradient hides in its one projection)."""
+    variant, steps, batch, cin, hidden, height, width = case
+    x, h0, c0 = make_inputs(steps, batch, cin, hidden, height, width, dtype=torch.float64)
+    params = make_params(variant, cin, hidden, 3, dtype=torch.float64)
     leaves = [x, h0, c0, *params]
     weights = None
     results = {}
     for backend in ("cpu", "reference"):
-        outs = _run(backend, "convlstm", x, h0, c0, params, "sigmoid")
+        outs = _run(backend, variant, x, h0, c0, params, "sigmoid")
         if weights is None:
             generator = torch.Generator().manual_seed(2)
             weights = [torch.randn(o.shape, generator=generator, dtype=torch.float64)
                        for o in outs]
         loss = sum((o * w).sum() for o, w in zip(outs, weights))
         results[backend] = ([o.detach() for o in outs], torch.autograd.grad(loss, leaves))
-    for got, want in zip(*(results[b][0] + list(results[b][1]) for b in ("cpu", "reference"))):
-        torch.testing.assert_close(got, want, atol=1e-10, rtol=1e-9)
+    names = ["output", "h_n", "c_n", "grad x", "grad h0", "grad c0",
+             *("grad " + n for n in variants.parameter_names(variant))]
+    for name, got, want in zip(names, *(results[b][0] + list(results[b][1])
+                                        for b in ("cpu", "reference"))):
+        torch.testing.assert_close(got, want, atol=1e-10, rtol=1e-9, msg=lambda m: f"{name}: {m}")
 
 
 def _op_args(variant, dtype=torch.float32):

@@ -16,15 +16,15 @@ from . import OpBackend
 
 
 # (variant, device type) whose native kernel saves its state tensors NCHW, [T, B, C, H, W],
-# instead of channels-last: the CPU kernel of variant a works in the op's own NCHW layout.
-NCHW_SAVED = {("a", "cpu")}
+# instead of channels-last: the CPU kernels of the pooled variants work in the op's own NCHW layout.
+NCHW_SAVED = {("a", "cpu"), ("b", "cpu"), ("c", "cpu"), ("d", "cpu")}
 
 
 def _saved_spec(gate_channels: int, attention: str | None, nchw_devices=frozenset()):
     """What the native forwards save for backward, in the input's dtype:
     ``cell [T, B, H, W, C]`` (C_t of every step), ``candidate [T, B, H, W, C]`` (G = tanh(...)),
     ``gate_preact [T, B, n·C]`` (pooled-gate pre-activations), plus the attention map when the
-    cell has one: ``[T, B, H, W]`` (b, the softmax A) or ``[T, B, H, W, C]`` (c/d, exp(Z − max)).
+    cell has one: ``[T, B, H, W]`` (b, the softmax A) or a state tensor (c/d, exp(Z − max)).
     The attention features and depthwise outputs are recomputed in backward, not saved. What is
     saved is private to the kernel that wrote it (only its own backward reads it): the state
     tensors are channels-last except on ``nchw_devices``, where the kernel keeps them NCHW
@@ -68,9 +68,16 @@ SAVED_SPECS = {
 }
 # The native ops' (one fake registration serves their CPU and CUDA kernels): as SAVED_SPECS,
 # with the state tensors NCHW on the devices NCHW_SAVED names.
+def _nchw_devices(variant):
+    return {device for name, device in NCHW_SAVED if name == variant}
+
+
 NATIVE_SAVED_SPECS = {
     **SAVED_SPECS,
-    "a": _saved_spec(3, None, {device for variant, device in NCHW_SAVED if variant == "a"}),
+    "a": _saved_spec(3, None, _nchw_devices("a")),
+    "b": _saved_spec(3, "spatial", _nchw_devices("b")),
+    "c": _saved_spec(2, "channel", _nchw_devices("c")),
+    "d": _saved_spec(2, "channel", _nchw_devices("d")),
 }
 
 _registered: set[str] = set()

@@ -196,81 +196,6 @@ void copy_from_channels_last(const at::Tensor& dst, const at::Tensor& src) {
                  src.permute({0, 3, 1, 2}));
 }
 
-at::Tensor nhwc_of(const at::Tensor& nchw) { return nchw.permute({0, 2, 3, 1}).contiguous(); }
-
-namespace {
-
-// acc[c] += g[c]·src[c] over one pixel's channels.
-template <typename scalar_t>
-inline void multiply_accumulate(int64_t channels, const scalar_t* __restrict__ g,
-                                const scalar_t* __restrict__ src, scalar_t* __restrict__ acc) {
-  for (int64_t c = 0; c < channels; ++c) acc[c] += g[c] * src[c];
-}
-
-// acc [K·K, C] = Σ over image rows [begin, end) of the depthwise weight gradient terms.
-template <typename scalar_t>
-CONVLSTM_CPU_MULTIVERSION void depthwise_weight_grad_rows(const scalar_t* grad,
-                                                          const scalar_t* in, scalar_t* acc,
-                                                          int64_t begin, int64_t end,
-                                                          int64_t height, int64_t width,
-                                                          int64_t channels, int64_t k) {
-  const int64_t pad = k / 2;
-  for (int64_t i = 0; i < k * k * channels; ++i) acc[i] = scalar_t(0);
-  for (int64_t row = begin; row < end; ++row) {
-    const int64_t sample = row / height, y = row % height;
-    for (int64_t x = 0; x < width; ++x) {
-      const scalar_t* g = grad + (row * width + x) * channels;
-      for (int64_t ky = 0; ky < k; ++ky) {
-        const int64_t iy = y + ky - pad;
-        if (iy < 0 || iy >= height) continue;
-        for (int64_t kx = 0; kx < k; ++kx) {
-          const int64_t ix = x + kx - pad;
-          if (ix < 0 || ix >= width) continue;
-          multiply_accumulate(channels, g, in + ((sample * height + iy) * width + ix) * channels,
-                              acc + (ky * k + kx) * channels);
-        }
-      }
-    }
-  }
-}
-
-// Per-chunk partial sums [chunks, K·K, C] over disjoint row ranges, then summed in chunk order.
-template <typename scalar_t>
-void depthwise_weight_grad_loop(const scalar_t* grad, const scalar_t* in, scalar_t* partials,
-                                int64_t chunks, int64_t n, int64_t height, int64_t width,
-                                int64_t channels, int64_t k) {
-  const int64_t total_rows = n * height;
-  const int64_t chunk_rows = (total_rows + chunks - 1) / chunks;
-  at::parallel_for(0, chunks, 1, [=](int64_t first, int64_t last) {
-    for (int64_t chunk = first; chunk < last; ++chunk) {
-      depthwise_weight_grad_rows(grad, in, partials + chunk * k * k * channels,
-                                 chunk * chunk_rows,
-                                 std::min(total_rows, (chunk + 1) * chunk_rows), height, width,
-                                 channels, k);
-    }
-  });
-}
-
-template <typename scalar_t>
-void pool_loop(const scalar_t* in, scalar_t* out, int64_t n, int64_t pixels, int64_t channels) {
-  // One step's state (~10^5-10^6 values) is summed on one thread: a parallel region costs more.
-  const int64_t grain = n * pixels * channels < (int64_t(1) << 20) ? n : 1;
-  at::parallel_for(0, n, grain, [&](int64_t first, int64_t last) {
-    for (int64_t sample = first; sample < last; ++sample) {
-      scalar_t* o = out + sample * channels;
-      for (int64_t c = 0; c < channels; ++c) o[c] = scalar_t(0);
-      for (int64_t p = 0; p < pixels; ++p) {
-        const scalar_t* src = in + (sample * pixels + p) * channels;
-        for (int64_t c = 0; c < channels; ++c) o[c] += src[c];
-      }
-      const scalar_t scale = scalar_t(1) / scalar_t(pixels);
-      for (int64_t c = 0; c < channels; ++c) o[c] *= scale;
-    }
-  });
-}
-
-}  // namespace
-
 namespace {
 
 // GCC vector types of 64 bytes: each multiversioned clone lowers them to its own ISA (one zmm
@@ -294,86 +219,7 @@ __attribute__((always_inline)) inline V load64(const scalar_t* p) {
   return v;
 }
 
-// Output rows [first, last) (row = (n, y)) of the depthwise conv:
-//   out[n, y, x, :] = Σ_taps wt[tap, :] · in[n, y + ky − K/2, x + kx − K/2, :]  (zero outside)
-// with wt [K·K, C] channel-contiguous. Channels go in chunks of four 64-byte vectors whose sums
-// stay in registers over all the taps, so each output value is written once; a channel count
-// that is not a multiple of the chunk is finished by a plain loop.
-template <typename scalar_t>
-CONVLSTM_CPU_MULTIVERSION void depthwise_rows(const scalar_t* __restrict__ in,
-                                              const scalar_t* __restrict__ wt,
-                                              scalar_t* __restrict__ out, int64_t first,
-                                              int64_t last, int64_t height, int64_t width,
-                                              int64_t channels, int64_t k) {
-  using V = typename Vec64<scalar_t>::type;
-  constexpr int64_t kLanes = 64 / sizeof(scalar_t), kChunk = 4 * kLanes;
-  const int64_t pad = k / 2, full = channels / kChunk * kChunk;
-  for (int64_t row = first; row < last; ++row) {
-    const int64_t n = row / height, y = row % height;
-    const int64_t ky0 = std::max<int64_t>(0, pad - y);
-    const int64_t ky1 = std::min<int64_t>(k, height + pad - y);
-    for (int64_t x = 0; x < width; ++x) {
-      const int64_t kx0 = std::max<int64_t>(0, pad - x);
-      const int64_t kx1 = std::min<int64_t>(k, width + pad - x);
-      scalar_t* o = out + ((n * height + y) * width + x) * channels;
-      for (int64_t c0 = 0; c0 < full; c0 += kChunk) {
-        V a0 = {}, a1 = {}, a2 = {}, a3 = {};
-        for (int64_t ky = ky0; ky < ky1; ++ky) {
-          for (int64_t kx = kx0; kx < kx1; ++kx) {
-            const scalar_t* src =
-                in + ((n * height + y + ky - pad) * width + x + kx - pad) * channels + c0;
-            const scalar_t* w = wt + (ky * k + kx) * channels + c0;
-            a0 += load64<V>(w) * load64<V>(src);
-            a1 += load64<V>(w + kLanes) * load64<V>(src + kLanes);
-            a2 += load64<V>(w + 2 * kLanes) * load64<V>(src + 2 * kLanes);
-            a3 += load64<V>(w + 3 * kLanes) * load64<V>(src + 3 * kLanes);
-          }
-        }
-        std::memcpy(o + c0, &a0, sizeof(V));
-        std::memcpy(o + c0 + kLanes, &a1, sizeof(V));
-        std::memcpy(o + c0 + 2 * kLanes, &a2, sizeof(V));
-        std::memcpy(o + c0 + 3 * kLanes, &a3, sizeof(V));
-      }
-      if (full < channels) {
-        for (int64_t c = full; c < channels; ++c) o[c] = scalar_t(0);
-        for (int64_t ky = ky0; ky < ky1; ++ky) {
-          for (int64_t kx = kx0; kx < kx1; ++kx) {
-            const scalar_t* src =
-                in + ((n * height + y + ky - pad) * width + x + kx - pad) * channels;
-            const scalar_t* w = wt + (ky * k + kx) * channels;
-            for (int64_t c = full; c < channels; ++c) o[c] += w[c] * src[c];
-          }
-        }
-      }
-    }
-  }
-}
-
 }  // namespace
-
-// A direct register-blocked loop rather than oneDNN's depthwise kernel: measured on this
-// project's build machine, ~0.1 ms per [2, 28, 28, 256] map against ~0.25–0.4 ms through
-// at::conv2d (whose per-call output allocation and layout handling dominate at this size).
-at::Tensor depthwise_conv(const at::Tensor& input, const at::Tensor& weight, bool transposed) {
-  RECORD_FUNCTION("convlstm_fast::depthwise_conv", {});
-  const at::Tensor in = input.contiguous();
-  TORCH_INTERNAL_ASSERT(in.dim() == 4);
-  at::Tensor out = at::empty(in.sizes(), in.options());
-  const int64_t n = in.size(0), height = in.size(1), width = in.size(2), channels = in.size(3);
-  const int64_t k = weight.size(-1);
-  const at::Tensor taps = (transposed ? weight.flip({2, 3}) : weight)
-                              .reshape({channels, k * k}).t().contiguous();  // [K·K, C]
-  AT_DISPATCH_FLOATING_TYPES(in.scalar_type(), "depthwise_conv", [&] {
-    const scalar_t* src = in.data_ptr<scalar_t>();
-    const scalar_t* wt = taps.data_ptr<scalar_t>();
-    scalar_t* dst = out.data_ptr<scalar_t>();
-    at::parallel_for(0, n * height, 1, [&](int64_t first, int64_t last) {
-      depthwise_rows(src, wt, dst, first, last, height, width, channels, k);
-    });
-  });
-  return out;
-}
-
 
 namespace {
 
@@ -415,15 +261,16 @@ CONVLSTM_NO_MEMCPY_CALLS inline void load_padded(const PaddedGeometry& geo, cons
   }
 }
 
-// out plane = init + Σ_taps w[tap] · (plane shifted by the tap), zero outside. Each 64-byte
-// vector of an output row sums all the taps in a register and is stored once; a row's last
-// vector overlaps the previous one when W is not a multiple of the vector width (the overlap
-// is recomputed, not accumulated twice).
+// out plane = init + Σ_taps w[tap] · (plane shifted by the tap), zero outside, or with
+// `accumulate` out plane += that. Each 64-byte vector of an output row sums all the taps in a
+// register and is stored once; a row's last vector overlaps the previous one when W is not a
+// multiple of the vector width (the overlap is recomputed, not accumulated twice: the last
+// vector's old values are read before the row's first store).
 template <typename scalar_t>
 CONVLSTM_NO_MEMCPY_CALLS CONVLSTM_CPU_MULTIVERSION void stencil_plane(
     const PaddedGeometry geo, const int64_t* __restrict__ tap_offsets,
     const scalar_t* __restrict__ plane, const scalar_t* __restrict__ w, scalar_t init,
-    scalar_t* __restrict__ padded, scalar_t* __restrict__ out) {
+    bool accumulate, scalar_t* __restrict__ padded, scalar_t* __restrict__ out) {
   using V = typename Vec64<scalar_t>::type;
   constexpr int64_t kLanes = 64 / sizeof(scalar_t);
   load_padded(geo, plane, padded);
@@ -432,9 +279,11 @@ CONVLSTM_NO_MEMCPY_CALLS CONVLSTM_CPU_MULTIVERSION void stencil_plane(
     const scalar_t* rows = padded + y * geo.wp;  // tap (ky, kx) reads rows + ky·Wp + kx + x
     scalar_t* o = out + y * geo.width;
     if (geo.width >= kLanes) {
+      const V tail = accumulate ? load64<V>(o + geo.width - kLanes) : V{};
       for (int64_t x0 = 0; x0 < geo.width; x0 += kLanes) {
+        const bool last = x0 + kLanes >= geo.width;
         const int64_t x = std::min(x0, geo.width - kLanes);
-        V acc = V{} + init;
+        V acc = (accumulate ? (last ? tail : load64<V>(o + x)) : V{}) + init;
         for (int64_t tap = 0; tap < taps; ++tap) {
           acc += w[tap] * load64<V>(rows + tap_offsets[tap] + x);
         }
@@ -442,7 +291,7 @@ CONVLSTM_NO_MEMCPY_CALLS CONVLSTM_CPU_MULTIVERSION void stencil_plane(
       }
     } else {
       for (int64_t x = 0; x < geo.width; ++x) {
-        scalar_t acc = init;
+        scalar_t acc = accumulate ? scalar_t(o[x] + init) : init;
         for (int64_t tap = 0; tap < taps; ++tap) acc += w[tap] * rows[tap_offsets[tap] + x];
         o[x] = acc;
       }
@@ -509,12 +358,15 @@ CONVLSTM_CPU_MULTIVERSION scalar_t plane_sum(const scalar_t* __restrict__ in, in
 }  // namespace
 
 void depthwise_conv_planes(const at::Tensor& out, const at::Tensor& input, const at::Tensor& weight,
-                           bool transposed, const at::Tensor& init) {
+                           bool transposed, const at::Tensor& init, bool accumulate) {
   RECORD_FUNCTION("convlstm_fast::depthwise_conv_planes", {});
+  const int64_t n = out.size(0), channels = out.size(1), height = out.size(2),
+                width = out.size(3), k = weight.size(-1);
+  const bool broadcast = input.size(1) == 1 && channels != 1;
   TORCH_INTERNAL_ASSERT(input.is_contiguous() && out.is_contiguous() && input.dim() == 4 &&
-                        out.sizes() == input.sizes());
-  const int64_t n = input.size(0), channels = input.size(1), height = input.size(2),
-                width = input.size(3), k = weight.size(-1);
+                        out.dim() == 4 && input.size(0) == n && input.size(2) == height &&
+                        input.size(3) == width && (broadcast || input.size(1) == channels) &&
+                        weight.size(0) == channels);
   const at::Tensor taps =
       (transposed ? weight.flip({2, 3}) : weight).reshape({channels, k * k}).contiguous();
   const at::Tensor init_c = init.defined() ? init.contiguous() : at::Tensor();
@@ -529,8 +381,9 @@ void depthwise_conv_planes(const at::Tensor& out, const at::Tensor& input, const
     at::parallel_for(0, n * channels, 4, [&](int64_t first, int64_t last) {
       std::vector<scalar_t> padded(geo.padded_size(), scalar_t(0));
       for (int64_t p = first; p < last; ++p) {
-        stencil_plane(geo, offsets.data(), src + p * plane, wt + (p % channels) * k * k,
-                      base ? base[p] : scalar_t(0), padded.data(), dst + p * plane);
+        stencil_plane(geo, offsets.data(), src + (broadcast ? p / channels : p) * plane,
+                      wt + (p % channels) * k * k, base ? base[p] : scalar_t(0), accumulate,
+                      padded.data(), dst + p * plane);
       }
     });
   });
@@ -539,10 +392,13 @@ void depthwise_conv_planes(const at::Tensor& out, const at::Tensor& input, const
 void depthwise_weight_grad_planes(const at::Tensor& grad_weight, const at::Tensor& grad_out,
                                   const at::Tensor& input) {
   RECORD_FUNCTION("convlstm_fast::depthwise_weight_grad_planes", {});
-  TORCH_INTERNAL_ASSERT(input.is_contiguous() && grad_out.is_contiguous() &&
-                        grad_weight.is_contiguous() && grad_out.sizes() == input.sizes());
   const int64_t n = input.size(0), channels = input.size(1), height = input.size(2),
                 width = input.size(3), k = grad_weight.size(-1);
+  const bool broadcast = grad_out.size(1) == 1 && channels != 1;
+  TORCH_INTERNAL_ASSERT(input.is_contiguous() && grad_out.is_contiguous() &&
+                        grad_weight.is_contiguous() && grad_out.dim() == 4 &&
+                        grad_out.size(0) == n && grad_out.size(2) == height &&
+                        grad_out.size(3) == width && (broadcast || grad_out.size(1) == channels));
   AT_DISPATCH_FLOATING_TYPES(input.scalar_type(), "depthwise_weight_grad_planes", [&] {
     const scalar_t* g = grad_out.data_ptr<scalar_t>();
     const scalar_t* in = input.data_ptr<scalar_t>();
@@ -556,7 +412,8 @@ void depthwise_weight_grad_planes(const at::Tensor& grad_weight, const at::Tenso
       for (int64_t c = first; c < last; ++c) {
         for (int64_t sample = 0; sample < n; ++sample) {
           const int64_t offset = (sample * channels + c) * plane;
-          const auto args = std::make_tuple(geo, offsets.data(), in + offset, g + offset,
+          const int64_t grad_offset = broadcast ? sample * plane : offset;
+          const auto args = std::make_tuple(geo, offsets.data(), in + offset, g + grad_offset,
                                             padded.data(), grad.data(), dw + c * k * k);
           if (k == 3) {
             std::apply(stencil_weight_grad_plane<9, scalar_t>, args);
@@ -569,6 +426,29 @@ void depthwise_weight_grad_planes(const at::Tensor& grad_weight, const at::Tenso
       }
     });
   });
+}
+
+void pointwise_planes(const at::Tensor& out, const at::Tensor& weight, const at::Tensor& in,
+                      bool accumulate) {
+  const int64_t batch = in.size(0), planes_in = in.size(1), planes_out = out.size(1);
+  for (int64_t b = 0; b < batch; ++b) {
+    at::Tensor out_b = out[b].view({planes_out, -1});
+    const at::Tensor in_b = in[b].view({planes_in, -1});
+    if (accumulate) {
+      out_b.addmm_(weight, in_b);
+    } else {
+      at::mm_out(out_b, weight, in_b);
+    }
+  }
+}
+
+void pointwise_planes_weight_grad(const at::Tensor& grad_weight, const at::Tensor& grad_out,
+                                  const at::Tensor& in) {
+  const int64_t batch = in.size(0);
+  for (int64_t b = 0; b < batch; ++b) {
+    grad_weight.addmm_(grad_out[b].view({grad_out.size(1), -1}),
+                       in[b].view({in.size(1), -1}).t());
+  }
 }
 
 void plane_means(const at::Tensor& out, const at::Tensor& input) {
@@ -586,59 +466,6 @@ void plane_means(const at::Tensor& out, const at::Tensor& input) {
   });
 }
 
-at::Tensor depthwise_conv_weight_grad(const at::Tensor& grad_out, const at::Tensor& input,
-                                      int64_t kernel_size) {
-  RECORD_FUNCTION("convlstm_fast::depthwise_conv_weight_grad", {});
-  const at::Tensor grad = grad_out.contiguous(), in = input.contiguous();
-  const int64_t channels = in.size(3);
-  const int64_t chunks = std::max<int64_t>(1, std::min<int64_t>(at::get_num_threads(),
-                                                                in.size(0) * in.size(1)));
-  at::Tensor partials = at::empty({chunks, kernel_size * kernel_size, channels}, in.options());
-  AT_DISPATCH_FLOATING_TYPES(in.scalar_type(), "depthwise_conv_weight_grad", [&] {
-    depthwise_weight_grad_loop<scalar_t>(grad.data_ptr<scalar_t>(), in.data_ptr<scalar_t>(),
-                                         partials.data_ptr<scalar_t>(), chunks, in.size(0),
-                                         in.size(1), in.size(2), channels, kernel_size);
-  });
-  return partials.sum(0).t().contiguous().view({channels, 1, kernel_size, kernel_size});
-}
-
-at::Tensor global_average_pool(const at::Tensor& cl) {
-  RECORD_FUNCTION("convlstm_fast::global_average_pool", {});
-  const at::Tensor in = cl.contiguous();
-  const int64_t n = in.size(0), channels = in.size(-1);
-  at::Tensor out = at::empty({n, channels}, in.options());
-  AT_DISPATCH_FLOATING_TYPES(in.scalar_type(), "global_average_pool", [&] {
-    pool_loop<scalar_t>(in.data_ptr<scalar_t>(), out.data_ptr<scalar_t>(), n,
-                        in.numel() / std::max<int64_t>(1, n * channels), channels);
-  });
-  return out;
-}
-
-at::Tensor conv_same(const at::Tensor& input, const at::Tensor& weight, int64_t groups) {
-  if (groups > 1 && groups == input.size(-1) && weight.size(0) == groups) {
-    return depthwise_conv(input, weight, false);
-  }
-  const int64_t pad = weight.size(-1) / 2;
-  return nhwc_of(at::conv2d(nchw_view(input), weight, {}, 1, pad, 1, groups));
-}
-
-std::tuple<at::Tensor, at::Tensor> conv_same_backward(const at::Tensor& grad_out,
-                                                      const at::Tensor& input,
-                                                      const at::Tensor& weight, int64_t groups,
-                                                      bool need_input, bool need_weight) {
-  if (groups > 1 && groups == input.size(-1) && weight.size(0) == groups) {
-    return {need_input ? depthwise_conv(grad_out, weight, true) : at::Tensor(),
-            need_weight ? depthwise_conv_weight_grad(grad_out, input, weight.size(-1))
-                        : at::Tensor()};
-  }
-  const int64_t pad = weight.size(-1) / 2;
-  auto grads = at::convolution_backward(nchw_view(grad_out), nchw_view(input), weight,
-                                        std::nullopt, {1, 1}, {pad, pad}, {1, 1}, false, {0, 0},
-                                        groups, {need_input, need_weight, false});
-  at::Tensor grad_input = need_input ? nhwc_of(std::get<0>(grads)) : at::Tensor();
-  return {grad_input, std::get<1>(grads)};
-}
-
 void small_addmm_(const at::Tensor& out, const at::Tensor& in, const at::Tensor& weight,
                   bool transpose) {
   const at::Tensor a = in.contiguous(), w = weight.contiguous();
@@ -654,24 +481,6 @@ void small_addmm_(const at::Tensor& out, const at::Tensor& in, const at::Tensor&
                                         w.data_ptr<scalar_t>(), out.data_ptr<scalar_t>());
     }
   });
-}
-
-at::Tensor sepconv_rows(const at::Tensor& input, const at::Tensor& depthwise,
-                        const at::Tensor& pointwise, const at::Tensor& bias) {
-  const at::Tensor spatial = rows(conv_same(input, depthwise, input.size(-1)));
-  return bias.defined() ? at::addmm(bias, spatial, pointwise.t()) : at::mm(spatial, pointwise.t());
-}
-
-// y = dw(X)·Pᵀ: dP = dyᵀ·dw(X); d dw(X) = dy·P, then the depthwise conv's own backward.
-std::tuple<at::Tensor, at::Tensor, at::Tensor> sepconv_rows_backward(
-    const at::Tensor& grad_rows, const at::Tensor& input, const at::Tensor& depthwise,
-    const at::Tensor& pointwise, bool need_input) {
-  const int64_t channels = input.size(-1);
-  const at::Tensor spatial = conv_same(input, depthwise, channels);
-  const at::Tensor grad_pointwise = at::mm(grad_rows.t(), rows(spatial));
-  const at::Tensor grad_spatial = at::mm(grad_rows, pointwise).view(input.sizes());
-  auto grads = conv_same_backward(grad_spatial, input, depthwise, channels, need_input, true);
-  return {std::get<0>(grads), std::get<1>(grads), grad_pointwise};
 }
 
 }  // namespace cpu

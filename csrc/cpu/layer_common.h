@@ -1,12 +1,14 @@
 // Helpers shared by the CPU layer kernels (csrc/cpu/*_kernel.cpp): argument checks, layout
-// changes, depthwise / separable convolutions and pooling, per-plane stencils, Winograd
-// convolution, and the per-thread work split of the fused loops.
+// changes, per-plane depthwise stencils and pointwise GEMMs, pooling, the pooled gates' small
+// FCs, Winograd convolution, and the per-thread work split of the fused loops.
 //
-// Two layouts. The b, c, d kernels follow shared/KERNELS.md "Layout": every state-sized tensor
-// channels-last, `[N, H, W, C]` contiguous (N = T·B or B), so a pointwise 1×1 conv is a row-major
-// GEMM on `[N·H·W, C]` rows and the fused element loops vectorise over C. The a and ConvLSTM
-// kernels keep the op's own NCHW layout and work per (sample, channel) plane ("NCHW planes"
-// below): on the CPU a layout change costs more than it saves.
+// Layout: every kernel keeps the op's own NCHW layout for x, the states, the output and the
+// gradients, and works per (sample, channel) plane ("NCHW planes" below): a cell whose
+// per-channel work is a K×K stencil, an elementwise update and per-plane sums never needs its
+// channels side by side, the pointwise GEMMs take either layout at full rate, and on the CPU a
+// layout change costs more than it saves. The one channels-last tensor is what the ConvLSTM
+// kernel saves for backward (the layout every native backend shares for that cell), moved a
+// step at a time (copy_to/from_channels_last).
 #pragma once
 
 // The fused loops call the branch-free exp/tanh of cell_math.h; GCC if-converts (and so
@@ -90,51 +92,6 @@ at::Tensor from_channels_last(const at::Tensor& t);
 void copy_to_channels_last(const at::Tensor& dst, const at::Tensor& src);
 void copy_from_channels_last(const at::Tensor& dst, const at::Tensor& src);
 
-// The NCHW-shaped view (channels-last strides) of a [N, H, W, C] tensor, as ATen's convolutions
-// take it, and back.
-inline at::Tensor nchw_view(const at::Tensor& cl) { return cl.permute({0, 3, 1, 2}); }
-at::Tensor nhwc_of(const at::Tensor& nchw);
-
-// 'same' K×K convolution (padding K // 2, no bias) of a [N, H, W, Cin] tensor with weight
-// [Cout, Cin / groups, K, K] -> [N, H, W, Cout] (ATen's convolution: oneDNN for float32);
-// groups = Cin (the depthwise conv) goes to depthwise_conv.
-at::Tensor conv_same(const at::Tensor& input, const at::Tensor& weight, int64_t groups);
-
-// Depthwise 'same' conv on [N, H, W, C] (weight [C, 1, K, K]):
-//   out[n, y, x, c] = Σ_{ky, kx} w[c, ky, kx] · in[n, y + ky − K/2, x + kx − K/2, c]  (zero outside)
-// With `transposed`, the kernel is flipped (w[c, K−1−ky, K−1−kx]): that is the conv's gradient
-// with respect to its input.
-at::Tensor depthwise_conv(const at::Tensor& input, const at::Tensor& weight, bool transposed);
-
-// d w[c, ky, kx] = Σ_{n, y, x} grad_out[n, y, x, c] · in[n, y + ky − K/2, x + kx − K/2, c].
-at::Tensor depthwise_conv_weight_grad(const at::Tensor& grad_out, const at::Tensor& input,
-                                      int64_t kernel_size);
-
-// Gradients of conv_same: (grad_input or undefined, grad_weight or undefined); the depthwise
-// case uses depthwise_conv(transposed) and depthwise_conv_weight_grad.
-std::tuple<at::Tensor, at::Tensor> conv_same_backward(const at::Tensor& grad_out,
-                                                      const at::Tensor& input,
-                                                      const at::Tensor& weight, int64_t groups,
-                                                      bool need_input, bool need_weight);
-
-// SepConv (SPEC: depthwise K×K, then pointwise 1×1, no bias in between) of a [N, H, W, Cin]
-// tensor as rows [N·H·W, Cout], plus `bias` [Cout] when defined.
-at::Tensor sepconv_rows(const at::Tensor& input, const at::Tensor& depthwise,
-                        const at::Tensor& pointwise, const at::Tensor& bias);
-
-// Gradients of sepconv_rows given grad_rows [N·H·W, Cout]: (grad_input [N, H, W, Cin] or
-// undefined, grad_depthwise, grad_pointwise). The depthwise output is recomputed; the bias
-// gradient is grad_rows.sum(0), left to the caller.
-std::tuple<at::Tensor, at::Tensor, at::Tensor> sepconv_rows_backward(
-    const at::Tensor& grad_rows, const at::Tensor& input, const at::Tensor& depthwise,
-    const at::Tensor& pointwise, bool need_input);
-
-// [N, H, W, C] -> [N·H·W, C] rows.
-inline at::Tensor rows(const at::Tensor& cl) { return cl.reshape({-1, cl.size(-1)}); }
-
-// GAP over H and W: [N, H, W, C] -> [N, C].
-at::Tensor global_average_pool(const at::Tensor& cl);
-
 // The pooled gates' FCs (rows = B): a few hundred thousand multiply-adds, which a plain
 // vectorised loop finishes in less time than a BLAS call takes to start its threads.
 //   out [rows, N] += in [rows, K] · w [K, N]       (small_matmul_accumulate)
@@ -179,20 +136,37 @@ void small_addmm_(const at::Tensor& out, const at::Tensor& in, const at::Tensor&
                   bool transpose);
 
 // ---- NCHW planes ----------------------------------------------------------------------------
-// Kernels that keep the op's own layout, [N, C, H, W] contiguous, and work one (n, c) plane of
-// H·W values at a time (a cell whose per-channel work is a K×K stencil, an elementwise update
-// and per-plane sums never needs its channels side by side; the pointwise GEMMs take either
-// layout at full rate).
+// [N, C, H, W] contiguous, one (n, c) plane of H·W values at a time.
 
 // out[n, c] = init[n, c] (0 when init is undefined) + depthwise 'same' conv of in[n, c] with
-// weight [C, 1, K, K], flipped when `transposed` (the conv's input gradient).
+// weight [C, 1, K, K], flipped when `transposed` (the conv's input gradient); with `accumulate`,
+// out[n, c] += the same. An input of one channel, [N, 1, H, W], is broadcast: every out[n, c]
+// is then the conv of in[n, 0] with weight[c].
 void depthwise_conv_planes(const at::Tensor& out, const at::Tensor& input, const at::Tensor& weight,
-                           bool transposed, const at::Tensor& init);
+                           bool transposed, const at::Tensor& init, bool accumulate = false);
 
 // grad_weight [C, 1, K, K] += Σ_n Σ_{y, x} grad_out[n, c, y, x] · in[n, c, y + ky − K/2, x + kx − K/2]
-// (parallel over channels, samples in order: deterministic).
+// (parallel over channels, samples in order: deterministic). A one-channel grad_out
+// [N, 1, H, W] is broadcast over the channels.
 void depthwise_weight_grad_planes(const at::Tensor& grad_weight, const at::Tensor& grad_out,
                                   const at::Tensor& input);
+
+// out[b] (+)= weight · in[b] for every sample: [C_out, C_in] × [C_in, H·W] GEMMs on NCHW planes.
+void pointwise_planes(const at::Tensor& out, const at::Tensor& weight, const at::Tensor& in,
+                      bool accumulate);
+
+// grad_weight [C_out, C_in] += Σ_b grad_out[b] · in[b]ᵀ (planes [C, H·W]), samples in order.
+void pointwise_planes_weight_grad(const at::Tensor& grad_weight, const at::Tensor& grad_out,
+                                  const at::Tensor& in);
+
+// out (+)= SepConv(in) = pointwise · depthwise(in) on NCHW planes, the depthwise output going to
+// `dw` (a buffer shaped like `in`).
+inline void sepconv_planes(const at::Tensor& out, const at::Tensor& in,
+                           const at::Tensor& depthwise, const at::Tensor& pointwise,
+                           const at::Tensor& dw, bool accumulate) {
+  depthwise_conv_planes(dw, in, depthwise, false, at::Tensor());
+  pointwise_planes(out, pointwise, dw, accumulate);
+}
 
 // out [N, C] = mean over H·W of in [N, C, H, W].
 void plane_means(const at::Tensor& out, const at::Tensor& input);

@@ -1,9 +1,13 @@
-// The fused per-step element loops of the pooled cells a, b, c, d (shared/SPEC.md): gate
-// activation, candidate tanh, cell update and their backward, all from cell_math.h.
+// The fused per-step loops of the pooled cells a, b, c, d (shared/SPEC.md) on NCHW planes: gate
+// activation, candidate tanh, cell update and their backward, all from cell_math.h, plus the
+// SepConv branch every step's backward runs several of.
 //
-// The three gates i, f, o are each either a pooled gate, one value per (sample, channel) broadcast
-// over H·W, or (c: i, d: o) a channel-attention map with one value per element. `kAttention` says
-// which gate is the map: -1 none (a, b), 0 the input gate (c), 2 the output gate (d).
+// The three gates i, f, o are each either a pooled gate, one value per (sample, channel)
+// broadcast over H·W, or (c: i, d: o) a channel-attention map with one value per element.
+// `kAttention` says which gate is the map: -1 none (a, b), 0 the input gate (c), 2 the output
+// gate (d). The pooled gates come in the op's order (a, b: i f o; c: f o; d: i f), so one
+// (sample, channel) plane shares its pooled gates and the candidate bias: scalars, and the loops
+// below are plain vectorised streams over the plane's H·W values.
 #pragma once
 
 #include "cpu/layer_common.h"
@@ -11,14 +15,12 @@
 namespace convlstm_fast {
 namespace cpu {
 
-// Gate values of sample b at pixel p, channel c: data[b·batch_stride + p·pixel_stride + c].
-template <typename scalar_t>
-struct GateView {
-  const scalar_t* data;
-  int64_t batch_stride;
-  int64_t pixel_stride;  // 0 for a pooled gate
-  const scalar_t* at(int64_t b, int64_t p) const {
-    return data + b * batch_stride + p * pixel_stride;
+// How many gates are pooled, and where gate g (0 i, 1 f, 2 o) sits among them (-1: the map).
+template <int kAttention>
+struct PooledGates {
+  static constexpr int64_t count = kAttention < 0 ? 3 : 2;
+  static constexpr int slot(int gate) {
+    return gate == kAttention ? -1 : (kAttention >= 0 && gate > kAttention ? gate - 1 : gate);
   }
 };
 
@@ -28,142 +30,92 @@ void activate_gates(const scalar_t* preact, scalar_t* gates, int64_t count, int6
   for (int64_t k = 0; k < count; ++k) gates[k] = gate_activation(preact[k], activation);
 }
 
-// The element loops work on one pixel's channel row through __restrict__ pointers, so the
-// compiler vectorises them without aliasing checks (every output buffer is distinct from every
-// input buffer).
+// One SepConv branch (depthwise K×K, then pointwise 1×1) of a step in backward, on NCHW planes:
+// its parameters, the step buffers and the parameter-sized sums its weight gradients accumulate
+// into. A branch whose input also feeds the pooled gates (GAP(input) through gate_weight) records
+// the GAPs and adds the gates' share to its input gradient; a branch without (gate_weight
+// undefined) does neither.
+struct SepConvBranch {
+  at::Tensor depthwise, pointwise, gate_weight;  // [Cin, 1, K, K], [C, Cin], [nC, Cin] or none
+  at::Tensor dw, grad_dw, grad_bar;              // step buffers [B, Cin, H, W] ×2, [B, Cin]
+  at::Tensor grad_depthwise, grad_pointwise;     // accumulated over the steps
+  at::Tensor bars;                               // [T, B, Cin]: GAP of the input, for dU
 
-// One pixel: G = tanh(h_term + x_term + b_c); C_t = f∘C_{t−1} + i∘G; H_t = o∘tanh(C_t).
-template <typename scalar_t>
-CONVLSTM_CPU_MULTIVERSION void pooled_cell_forward_row(int64_t channels, const scalar_t* __restrict__ h_term,
-                                    const scalar_t* __restrict__ x_term,
-                                    const scalar_t* __restrict__ bias,
-                                    const scalar_t* __restrict__ i, const scalar_t* __restrict__ f,
-                                    const scalar_t* __restrict__ o,
-                                    const scalar_t* __restrict__ c_prev,
-                                    scalar_t* __restrict__ candidate, scalar_t* __restrict__ cell,
-                                    scalar_t* __restrict__ hidden) {
-  for (int64_t c = 0; c < channels; ++c) {
-    const scalar_t g = math_tanh(h_term[c] + x_term[c] + bias[c]);
-    scalar_t h;
-    cell[c] = cell_update(i[c], f[c], o[c], g, c_prev[c], &h);
-    candidate[c] = g;
-    hidden[c] = h;
+  SepConvBranch(const at::Tensor& depthwise_, const at::Tensor& pointwise_,
+                const at::Tensor& gate_weight_, const at::Tensor& input_like, int64_t steps)
+      : depthwise(depthwise_),
+        pointwise(pointwise_),
+        gate_weight(gate_weight_),
+        dw(at::empty_like(input_like)),
+        grad_dw(at::empty_like(input_like)),
+        grad_bar(at::empty({input_like.size(0), input_like.size(1)}, input_like.options())),
+        grad_depthwise(at::zeros_like(depthwise_)),
+        grad_pointwise(at::zeros_like(pointwise_)),
+        bars(gate_weight_.defined()
+                 ? at::empty({steps, input_like.size(0), input_like.size(1)},
+                             input_like.options())
+                 : at::Tensor()) {}
+
+  // Step t's input `in` [B, Cin, H, W]: recomputes dw(in) (and records GAP(in)).
+  void load(int64_t t, const at::Tensor& in) {
+    if (gate_weight.defined()) plane_means(bars[t], in);
+    depthwise_conv_planes(dw, in, depthwise, false, at::Tensor());
   }
-}
 
-// One forward step over [B, HW, C]: G = tanh(SepConv_h(H_{t−1}) + SepConv_x(X_t) + b_c) from its
-// three terms (the step's GEMM output, the precomputed X side, the bias [C]),
-// C_t = f∘C_{t−1} + i∘G, H_t = o∘tanh(C_t). Writes G (saved), C_t (saved) and H_t.
-template <typename scalar_t>
-void pooled_cell_forward(int64_t batch, int64_t pixels, int64_t channels,
-                         const scalar_t* candidate_h, const scalar_t* candidate_x,
-                         const scalar_t* candidate_bias, GateView<scalar_t> in_gate,
-                         GateView<scalar_t> forget_gate, GateView<scalar_t> out_gate,
-                         const scalar_t* c_prev, scalar_t* candidate, scalar_t* cell,
-                         scalar_t* hidden) {
-  RECORD_FUNCTION("convlstm_fast::pooled_cell_forward", {});
-  parallel_over_pixels(batch, pixels, [=](int64_t b, int64_t, int64_t begin, int64_t end) {
-    for (int64_t p = begin; p < end; ++p) {
-      const int64_t row = (b * pixels + p) * channels;
-      pooled_cell_forward_row(channels, candidate_h + row, candidate_x + row, candidate_bias,
-                              in_gate.at(b, p), forget_gate.at(b, p), out_gate.at(b, p),
-                              c_prev + row, candidate + row, cell + row, hidden + row);
-    }
-  });
-}
-
-// One pixel of the backward step (see pooled_cell_backward).
-template <int kAttention, typename scalar_t>
-CONVLSTM_CPU_MULTIVERSION void pooled_cell_backward_row(
-    int64_t channels, const scalar_t* __restrict__ i, const scalar_t* __restrict__ f,
-    const scalar_t* __restrict__ o, const scalar_t* __restrict__ candidate,
-    const scalar_t* __restrict__ c_prev, const scalar_t* __restrict__ cell,
-    const scalar_t* __restrict__ grad_hidden, const scalar_t* __restrict__ grad_hidden_carry,
-    const scalar_t* __restrict__ grad_cell, scalar_t* __restrict__ grad_candidate_preact,
-    scalar_t* __restrict__ grad_c_prev, scalar_t* __restrict__ grad_attention,
-    scalar_t* __restrict__ sum_i, scalar_t* __restrict__ sum_f, scalar_t* __restrict__ sum_o) {
-  for (int64_t c = 0; c < channels; ++c) {
-    const scalar_t g = candidate[c];
-    scalar_t di, df, dg, do_, dc_prev;
-    cell_update_backward(i[c], f[c], o[c], g, c_prev[c], cell[c],
-                         scalar_t(grad_hidden[c] + grad_hidden_carry[c]), grad_cell[c], &di, &df,
-                         &dg, &do_, &dc_prev);
-    grad_candidate_preact[c] = dg * tanh_grad_from_output(g);
-    grad_c_prev[c] = dc_prev;
-    if (kAttention == 0) {
-      grad_attention[c] = di;
-    } else {
-      sum_i[c] += di;
-    }
-    sum_f[c] += df;
-    if (kAttention == 2) {
-      grad_attention[c] = do_;
-    } else {
-      sum_o[c] += do_;
-    }
+  // out (+)= P·dw(in), the branch's output for the loaded input.
+  void output(const at::Tensor& out, bool accumulate) const {
+    pointwise_planes(out, pointwise, dw, accumulate);
   }
-}
 
-// One backward step over [B, HW, C], with dH_t = grad_hidden + grad_hidden_carry and
-// dC_t = grad_cell (flowing back from t+1):
-//   dC = dC_t + dH_t∘o∘(1 − tanh²C_t);  d(candidate preact) = dC∘i∘(1 − G²);  dC_{t−1} = dC∘f
-//   di = dC∘G, df = dC∘C_{t−1}, do = dH_t∘tanh C_t: per element for the attention gate (written
-//   to grad_attention), summed over the pixels of each chunk for the pooled gates (written to
-//   gate_partials [B, chunks, 3, C] in gate order i, f, o; the attention gate's slot is unused).
-template <int kAttention, typename scalar_t>
-void pooled_cell_backward(int64_t batch, int64_t pixels, int64_t channels,
-                          GateView<scalar_t> in_gate, GateView<scalar_t> forget_gate,
-                          GateView<scalar_t> out_gate, const scalar_t* candidate,
-                          const scalar_t* c_prev, const scalar_t* cell,
-                          const scalar_t* grad_hidden, const scalar_t* grad_hidden_carry,
-                          const scalar_t* grad_cell, scalar_t* grad_candidate_preact,
-                          scalar_t* grad_c_prev, scalar_t* grad_attention,
-                          scalar_t* gate_partials) {
-  RECORD_FUNCTION("convlstm_fast::pooled_cell_backward", {});
-  const int64_t chunks = pixel_chunks(pixels);
-  parallel_over_pixels(batch, pixels, [=](int64_t b, int64_t chunk, int64_t begin, int64_t end) {
-    scalar_t* sums = gate_partials + (b * chunks + chunk) * 3 * channels;
-    for (int64_t k = 0; k < 3 * channels; ++k) sums[k] = scalar_t(0);
-    for (int64_t p = begin; p < end; ++p) {
-      const int64_t row = (b * pixels + p) * channels;
-      pooled_cell_backward_row<kAttention>(
-          channels, in_gate.at(b, p), forget_gate.at(b, p), out_gate.at(b, p), candidate + row,
-          c_prev + row, cell + row, grad_hidden + row, grad_hidden_carry + row, grad_cell + row,
-          grad_candidate_preact + row, grad_c_prev + row,
-          grad_attention ? grad_attention + row : nullptr, sums, sums + channels,
-          sums + 2 * channels);
+  // With the loaded input `in`, the gradient of the branch's output `grad_out` [B, C, H, W] and
+  // (gate branches) the pooled gates' pre-activation gradient dgp [B, nC]: accumulates d dw and
+  // dP, and writes grad_in = dwᵀ(Pᵀ·grad_out) (+ (dgp·U)/HW on every pixel), or adds it to
+  // grad_in with `accumulate`.
+  void backward(const at::Tensor& in, const at::Tensor& grad_out, const at::Tensor& dgp,
+                const at::Tensor& grad_in, bool accumulate) {
+    if (gate_weight.defined()) {
+      grad_bar.zero_();
+      small_addmm_(grad_bar, dgp, gate_weight, false);
+      grad_bar.div_(in.size(2) * in.size(3));
     }
-  });
-}
-
-// ---- NCHW planes (variant a) ------------------------------------------------------------------
-// With only pooled gates, one (sample, channel) plane of H·W values shares its three gates and
-// the candidate bias: scalars, so the loops below are plain vectorised streams.
+    pointwise_planes_weight_grad(grad_pointwise, grad_out, dw);
+    pointwise_planes(grad_dw, pointwise.t(), grad_out, false);
+    depthwise_weight_grad_planes(grad_depthwise, grad_dw, in);
+    depthwise_conv_planes(grad_in, grad_dw, depthwise, true,
+                          gate_weight.defined() ? grad_bar : at::Tensor(), accumulate);
+  }
+};
 
 // Runs fn(plane, i, f, o) over every (sample, channel) plane (plane = b·C + c) in parallel, with
-// the plane's pooled gates read from gates [B, 3C] (order i, f, o).
-template <typename scalar_t, typename Fn>
+// the plane's pooled gates read from gates [B, n·C] (the map gate's value is 0, unused).
+template <int kAttention, typename scalar_t, typename Fn>
 void for_each_gated_plane(int64_t batch, int64_t channels, const scalar_t* gates, const Fn& fn) {
+  using G = PooledGates<kAttention>;
   parallel_over_planes(batch, channels, [&](int64_t b, int64_t c) {
-    const scalar_t* g = gates + b * 3 * channels;
-    fn(b * channels + c, g[c], g[channels + c], g[2 * channels + c]);
+    const scalar_t* g = gates + b * G::count * channels + c;
+    const auto value = [&](int gate) {
+      return G::slot(gate) < 0 ? scalar_t(0) : g[G::slot(gate) * channels];
+    };
+    fn(b * channels + c, value(0), value(1), value(2));
   });
 }
 
-// Forward, one plane: G = tanh(preact + b_c); C_t = f∘C_{t−1} + i∘G; H_t = o∘tanh(C_t). Writes G,
-// C_t, H_t and returns Σ H_t (the next step's h̄ = Σ / HW).
-template <typename scalar_t>
-CONVLSTM_CPU_MULTIVERSION scalar_t pooled_plane_forward(
+// Forward, one plane: G = tanh(preact + b_c); C_t = f∘C_{t−1} + i∘G; H_t = o∘tanh(C_t), with the
+// map gate read per element from `map`. Writes G, C_t, H_t and returns Σ H_t (the next step's
+// h̄ = Σ / HW).
+template <int kAttention, typename scalar_t>
+CONVLSTM_CPU_MULTIVERSION scalar_t gated_plane_forward(
     int64_t n, scalar_t i, scalar_t f, scalar_t o, scalar_t bias,
-    const scalar_t* __restrict__ preact, const scalar_t* __restrict__ c_prev,
-    scalar_t* __restrict__ candidate, scalar_t* __restrict__ cell,
-    scalar_t* __restrict__ hidden) {
+    const scalar_t* __restrict__ map, const scalar_t* __restrict__ preact,
+    const scalar_t* __restrict__ c_prev, scalar_t* __restrict__ candidate,
+    scalar_t* __restrict__ cell, scalar_t* __restrict__ hidden) {
   scalar_t sum = 0;
 #pragma omp simd reduction(+ : sum)
   for (int64_t e = 0; e < n; ++e) {
     const scalar_t g = math_tanh(scalar_t(preact[e] + bias));
     scalar_t h;
-    cell[e] = cell_update(i, f, o, g, c_prev[e], &h);
+    cell[e] = cell_update(kAttention == 0 ? map[e] : i, f, kAttention == 2 ? map[e] : o, g,
+                          c_prev[e], &h);
     candidate[e] = g;
     hidden[e] = h;
     sum += h;
@@ -173,22 +125,27 @@ CONVLSTM_CPU_MULTIVERSION scalar_t pooled_plane_forward(
 
 // Backward, one plane, with dH_t = grad_hidden + grad_hidden_carry and dC_t = grad_cell:
 //   dC = dC_t + dH_t∘o∘(1 − tanh²C_t); d(candidate preact) = dC∘i∘(1 − G²); dC_{t−1} = dC∘f;
-// sums[0..3] = Σ di = Σ dC∘G, Σ df = Σ dC∘C_{t−1}, Σ do = Σ dH_t∘tanh C_t, Σ d(candidate preact).
-template <typename scalar_t>
-CONVLSTM_CPU_MULTIVERSION void pooled_plane_backward(
-    int64_t n, scalar_t i, scalar_t f, scalar_t o, const scalar_t* __restrict__ candidate,
-    const scalar_t* __restrict__ c_prev, const scalar_t* __restrict__ cell,
-    const scalar_t* __restrict__ grad_hidden, const scalar_t* __restrict__ grad_hidden_carry,
-    const scalar_t* __restrict__ grad_cell, scalar_t* __restrict__ grad_candidate_preact,
-    scalar_t* __restrict__ grad_c_prev, scalar_t* __restrict__ sums) {
-  scalar_t sum_i = 0, sum_f = 0, sum_o = 0, sum_g = 0;
-#pragma omp simd reduction(+ : sum_i, sum_f, sum_o, sum_g)
+//   di = dC∘G, df = dC∘C_{t−1}, do = dH_t∘tanh C_t;
+// sums[0..3] = Σ di, Σ df, Σ do, Σ d(candidate preact) (the map gate's sum is unused). For the
+// map gate A = exp(Z − max Z), grad_z gets dZ (torch.amax's rule: the gradient of the max is
+// shared equally by the maxima, the elements where A = exp(0) = 1 exactly):
+//   dZ_e = dA_e∘A_e − [A_e = 1] · Σ_q (dA_q∘A_q) / #{q : A_q = 1}.
+template <int kAttention, typename scalar_t>
+CONVLSTM_CPU_MULTIVERSION void gated_plane_backward(
+    int64_t n, scalar_t i, scalar_t f, scalar_t o, const scalar_t* __restrict__ map,
+    const scalar_t* __restrict__ candidate, const scalar_t* __restrict__ c_prev,
+    const scalar_t* __restrict__ cell, const scalar_t* __restrict__ grad_hidden,
+    const scalar_t* __restrict__ grad_hidden_carry, const scalar_t* __restrict__ grad_cell,
+    scalar_t* __restrict__ grad_candidate_preact, scalar_t* __restrict__ grad_c_prev,
+    scalar_t* __restrict__ grad_z, scalar_t* __restrict__ sums) {
+  scalar_t sum_i = 0, sum_f = 0, sum_o = 0, sum_g = 0, sum_z = 0, ties = 0;
+#pragma omp simd reduction(+ : sum_i, sum_f, sum_o, sum_g, sum_z, ties)
   for (int64_t e = 0; e < n; ++e) {
     const scalar_t g = candidate[e];
     scalar_t di, df, dg, do_, dc_prev;
-    cell_update_backward(i, f, o, g, c_prev[e], cell[e],
-                         scalar_t(grad_hidden[e] + grad_hidden_carry[e]), grad_cell[e], &di, &df,
-                         &dg, &do_, &dc_prev);
+    cell_update_backward(kAttention == 0 ? map[e] : i, f, kAttention == 2 ? map[e] : o, g,
+                         c_prev[e], cell[e], scalar_t(grad_hidden[e] + grad_hidden_carry[e]),
+                         grad_cell[e], &di, &df, &dg, &do_, &dc_prev);
     const scalar_t dpre = dg * tanh_grad_from_output(g);
     grad_candidate_preact[e] = dpre;
     grad_c_prev[e] = dc_prev;
@@ -196,6 +153,17 @@ CONVLSTM_CPU_MULTIVERSION void pooled_plane_backward(
     sum_f += df;
     sum_o += do_;
     sum_g += dpre;
+    if (kAttention >= 0) {
+      const scalar_t dz = (kAttention == 0 ? di : do_) * map[e];
+      grad_z[e] = dz;
+      sum_z += dz;
+      ties += map[e] == scalar_t(1) ? scalar_t(1) : scalar_t(0);
+    }
+  }
+  if (kAttention >= 0) {
+    const scalar_t share = ties > 0 ? sum_z / ties : scalar_t(0);
+#pragma omp simd
+    for (int64_t e = 0; e < n; ++e) grad_z[e] -= map[e] == scalar_t(1) ? share : scalar_t(0);
   }
   sums[0] = sum_i;
   sums[1] = sum_f;
@@ -203,63 +171,160 @@ CONVLSTM_CPU_MULTIVERSION void pooled_plane_backward(
   sums[3] = sum_g;
 }
 
-// Pooled-gate pre-activation gradients of one step: dgp[b, k·C + c] = σ'(preact) · Σ_chunks
-// partial[b, chunk, gate_k, c], where gate_k runs over the pooled gates in the op's order
-// (a, b: i f o; c: f o; d: i f).
-template <typename scalar_t>
-void pooled_gate_grads(int64_t batch, int64_t chunks, int64_t channels,
-                       const std::vector<int>& gates, const scalar_t* partials,
-                       const scalar_t* preact, int64_t activation, scalar_t* grad_preact) {
-  const int64_t n = static_cast<int64_t>(gates.size());
-  for (int64_t b = 0; b < batch; ++b) {
-    for (int64_t k = 0; k < n; ++k) {
+// A step's pooled-gate pre-activations: out [B, nC] = b_g + U_x x̄ + U_h h̄.
+inline void pooled_gate_preact(const at::Tensor& out, const at::Tensor& bias,
+                               const at::Tensor& x_bar, const at::Tensor& weight_x,
+                               const at::Tensor& h_bar, const at::Tensor& weight_h) {
+  out.copy_(bias.expand_as(out));
+  small_addmm_(out, x_bar, weight_x, true);
+  small_addmm_(out, h_bar, weight_h, true);
+}
+
+// One forward step of the cell once the gates' and the candidate's pre-activations are known:
+// gates = σ(gate_preact [B, nC]) (n pooled gates, PooledGates); per plane G = tanh(preact + b_c),
+// C_t = f∘C_{t−1} + i∘G, H_t = o∘tanh(C_t) into candidate, cell and hidden (each [B, C, H, W]),
+// with the map gate from `map` [B, C, H, W] (kAttention ≥ 0); h_bar [B, C] = GAP(H_t), the
+// next step's h̄.
+template <int kAttention>
+void gated_planes_step_forward(const at::Tensor& gate_preact, int64_t activation,
+                               const at::Tensor& gates, const at::Tensor& map,
+                               const at::Tensor& preact, const at::Tensor& bias,
+                               const at::Tensor& c_prev, const at::Tensor& candidate,
+                               const at::Tensor& cell, const at::Tensor& hidden,
+                               const at::Tensor& h_bar) {
+  const int64_t batch = preact.size(0), channels = preact.size(1),
+                pixels = preact.size(2) * preact.size(3);
+  AT_DISPATCH_FLOATING_TYPES(preact.scalar_type(), "gated_planes_step_forward", [&] {
+    activate_gates(gate_preact.data_ptr<scalar_t>(), gates.data_ptr<scalar_t>(), gates.numel(),
+                   activation);
+    const scalar_t* m = kAttention >= 0 ? map.data_ptr<scalar_t>() : nullptr;
+    const scalar_t* bc = bias.data_ptr<scalar_t>();
+    const scalar_t* pre = preact.data_ptr<scalar_t>();
+    const scalar_t* cp = c_prev.data_ptr<scalar_t>();
+    scalar_t* cand = candidate.data_ptr<scalar_t>();
+    scalar_t* cn = cell.data_ptr<scalar_t>();
+    scalar_t* hn = hidden.data_ptr<scalar_t>();
+    scalar_t* hb = h_bar.data_ptr<scalar_t>();
+    for_each_gated_plane<kAttention>(
+        batch, channels, gates.data_ptr<scalar_t>(),
+        [&](int64_t p, scalar_t i, scalar_t f, scalar_t o) {
+          const int64_t offset = p * pixels;
+          hb[p] = gated_plane_forward<kAttention>(pixels, i, f, o, bc[p % channels],
+                                                  m ? m + offset : nullptr, pre + offset,
+                                                  cp + offset, cand + offset, cn + offset,
+                                                  hn + offset) /
+                  scalar_t(pixels);
+        });
+  });
+}
+
+// The fused loop of one backward step, with dH_t = grad_hidden + grad_hidden_carry and
+// dC_t = grad_cell: writes grad_candidate_preact (dG_pre, the gradient of the candidate's
+// pre-activation), grad_c_prev (dC_{t−1}), grad_z (dZ of the map gate, kAttention ≥ 0), the
+// pooled gates' pre-activation gradients grad_gate_preact [B, nC] = [Σ d(gate)]∘σ'(gate_preact),
+// and adds Σ dG_pre to grad_cand_bias [C]. `gates` [B, nC] and `sums` [B, C, 4] are scratch.
+template <int kAttention>
+void gated_planes_step_backward(
+    const at::Tensor& gate_preact, int64_t activation, const at::Tensor& gates,
+    const at::Tensor& sums, const at::Tensor& map, const at::Tensor& candidate,
+    const at::Tensor& c_prev, const at::Tensor& cell, const at::Tensor& grad_hidden,
+    const at::Tensor& grad_hidden_carry, const at::Tensor& grad_cell,
+    const at::Tensor& grad_candidate_preact, const at::Tensor& grad_c_prev,
+    const at::Tensor& grad_z, const at::Tensor& grad_gate_preact,
+    const at::Tensor& grad_cand_bias) {
+  using G = PooledGates<kAttention>;
+  const int64_t batch = candidate.size(0), channels = candidate.size(1),
+                pixels = candidate.size(2) * candidate.size(3);
+  AT_DISPATCH_FLOATING_TYPES(candidate.scalar_type(), "gated_planes_step_backward", [&] {
+    const scalar_t* pre = gate_preact.data_ptr<scalar_t>();
+    activate_gates(pre, gates.data_ptr<scalar_t>(), gates.numel(), activation);
+    const scalar_t* m = kAttention >= 0 ? map.data_ptr<scalar_t>() : nullptr;
+    const scalar_t* cand = candidate.data_ptr<scalar_t>();
+    const scalar_t* cp = c_prev.data_ptr<scalar_t>();
+    const scalar_t* ct = cell.data_ptr<scalar_t>();
+    const scalar_t* gout = grad_hidden.data_ptr<scalar_t>();
+    const scalar_t* gh = grad_hidden_carry.data_ptr<scalar_t>();
+    const scalar_t* gc = grad_cell.data_ptr<scalar_t>();
+    scalar_t* gcand = grad_candidate_preact.data_ptr<scalar_t>();
+    scalar_t* gcp = grad_c_prev.data_ptr<scalar_t>();
+    scalar_t* gz = kAttention >= 0 ? grad_z.data_ptr<scalar_t>() : nullptr;
+    scalar_t* sp = sums.data_ptr<scalar_t>();
+    for_each_gated_plane<kAttention>(
+        batch, channels, gates.data_ptr<scalar_t>(),
+        [&](int64_t p, scalar_t i, scalar_t f, scalar_t o) {
+          const int64_t offset = p * pixels;
+          gated_plane_backward<kAttention>(pixels, i, f, o, m ? m + offset : nullptr,
+                                           cand + offset, cp + offset, ct + offset,
+                                           gout + offset, gh + offset, gc + offset,
+                                           gcand + offset, gcp + offset,
+                                           gz ? gz + offset : nullptr, sp + 4 * p);
+        });
+    scalar_t* dg = grad_gate_preact.data_ptr<scalar_t>();
+    scalar_t* db = grad_cand_bias.data_ptr<scalar_t>();
+    for (int64_t b = 0; b < batch; ++b) {
       for (int64_t c = 0; c < channels; ++c) {
-        scalar_t total = 0;
-        for (int64_t chunk = 0; chunk < chunks; ++chunk) {
-          total += partials[((b * chunks + chunk) * 3 + gates[k]) * channels + c];
+        const scalar_t* s = sp + 4 * (b * channels + c);
+        for (int gate = 0; gate < 3; ++gate) {
+          if (G::slot(gate) < 0) continue;
+          const int64_t idx = (b * G::count + G::slot(gate)) * channels + c;
+          dg[idx] = s[gate] * gate_activation_grad(pre[idx], activation);
         }
-        const int64_t idx = (b * n + k) * channels + c;
-        grad_preact[idx] = total * gate_activation_grad(preact[idx], activation);
+        db[c] += s[3];
       }
-    }
-  }
-}
-
-// out = tanh(a + b + bias) on one row of C channels.
-template <typename scalar_t>
-CONVLSTM_CPU_MULTIVERSION void tanh_of_sum_row(int64_t channels, const scalar_t* __restrict__ a,
-                                               const scalar_t* __restrict__ b,
-                                               const scalar_t* __restrict__ bias,
-                                               scalar_t* __restrict__ out) {
-  for (int64_t c = 0; c < channels; ++c) out[c] = math_tanh(a[c] + b[c] + bias[c]);
-}
-
-// out = tanh(a + b + bias) on rows [rows, C] (the attention features F of b, c, d).
-template <typename scalar_t>
-void tanh_of_sum(int64_t rows, int64_t channels, const scalar_t* a, const scalar_t* b,
-                 const scalar_t* bias, scalar_t* out) {
-  at::parallel_for(0, rows, 64, [=](int64_t first, int64_t last) {
-    for (int64_t r = first; r < last; ++r) {
-      tanh_of_sum_row(channels, a + r * channels, b + r * channels, bias, out + r * channels);
     }
   });
 }
 
+// One plane in place: F = tanh(F + bias).
 template <typename scalar_t>
-CONVLSTM_CPU_MULTIVERSION void tanh_backward_row(int64_t channels,
-                                                 const scalar_t* __restrict__ out,
-                                                 scalar_t* __restrict__ grad) {
-  for (int64_t c = 0; c < channels; ++c) grad[c] *= tanh_grad_from_output(out[c]);
+CONVLSTM_CPU_MULTIVERSION void tanh_plane(int64_t n, scalar_t bias, scalar_t* __restrict__ f) {
+  for (int64_t e = 0; e < n; ++e) f[e] = math_tanh(scalar_t(f[e] + bias));
 }
 
-// grad_preact = grad_out∘(1 − out²) (through out = tanh(preact)), in place on grad_out [rows, C].
+// One plane in place: dF = dF∘(1 − F²), returning Σ of the result (the bias gradient's share).
 template <typename scalar_t>
-void tanh_backward_inplace(int64_t rows, int64_t channels, const scalar_t* out,
-                           scalar_t* grad) {
-  at::parallel_for(0, rows, 64, [=](int64_t first, int64_t last) {
-    for (int64_t r = first; r < last; ++r) {
-      tanh_backward_row(channels, out + r * channels, grad + r * channels);
-    }
+CONVLSTM_CPU_MULTIVERSION scalar_t tanh_backward_plane(int64_t n, const scalar_t* __restrict__ f,
+                                                       scalar_t* __restrict__ grad) {
+  scalar_t sum = 0;
+#pragma omp simd reduction(+ : sum)
+  for (int64_t e = 0; e < n; ++e) {
+    grad[e] *= tanh_grad_from_output(f[e]);
+    sum += grad[e];
+  }
+  return sum;
+}
+
+// The attention features of b, c, d: F = tanh(SepConv_xa(X_t) + SepConv_ha(H_{t−1}) + b_a) on
+// [B, C, H, W], in place on the SepConvs' sum.
+inline void attention_features(const at::Tensor& features, const at::Tensor& bias) {
+  const int64_t channels = features.size(1), pixels = features.size(2) * features.size(3);
+  AT_DISPATCH_FLOATING_TYPES(features.scalar_type(), "attention_features", [&] {
+    const scalar_t* bc = bias.data_ptr<scalar_t>();
+    scalar_t* f = features.data_ptr<scalar_t>();
+    parallel_over_planes(features.size(0), channels, [&](int64_t b, int64_t c) {
+      tanh_plane(pixels, bc[c], f + (b * channels + c) * pixels);
+    });
+  });
+}
+
+// Backward of attention_features: grad [B, C, H, W] = dF∘(1 − F²) in place, and
+// grad_bias [C] += its sum over samples and pixels (samples in order: deterministic).
+inline void attention_features_backward(const at::Tensor& features, const at::Tensor& grad,
+                                        const at::Tensor& grad_bias) {
+  const int64_t batch = features.size(0), channels = features.size(1),
+                pixels = features.size(2) * features.size(3);
+  AT_DISPATCH_FLOATING_TYPES(features.scalar_type(), "attention_features_backward", [&] {
+    const scalar_t* f = features.data_ptr<scalar_t>();
+    scalar_t* g = grad.data_ptr<scalar_t>();
+    scalar_t* db = grad_bias.data_ptr<scalar_t>();
+    at::parallel_for(0, channels, 8, [&](int64_t first, int64_t last) {
+      for (int64_t c = first; c < last; ++c) {
+        for (int64_t b = 0; b < batch; ++b) {
+          const int64_t offset = (b * channels + c) * pixels;
+          db[c] += tanh_backward_plane(pixels, f + offset, g + offset);
+        }
+      }
+    });
   });
 }
 

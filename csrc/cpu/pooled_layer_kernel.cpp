@@ -42,68 +42,6 @@ std::vector<std::vector<int64_t>> saved_shapes(const at::Tensor& x, int64_t c) {
   return {{t, b, c, h, w}, {t, b, c, h, w}, {t, b, 3 * c}};
 }
 
-// out[b] (+)= weight · in[b] for every sample: [C_out, C_in] × [C_in, H·W] GEMMs on NCHW planes.
-void pointwise_planes(const at::Tensor& out, const at::Tensor& weight, const at::Tensor& in,
-                      bool accumulate) {
-  const int64_t batch = in.size(0), planes_in = in.size(1), planes_out = out.size(1);
-  for (int64_t b = 0; b < batch; ++b) {
-    at::Tensor out_b = out[b].view({planes_out, -1});
-    const at::Tensor in_b = in[b].view({planes_in, -1});
-    if (accumulate) {
-      out_b.addmm_(weight, in_b);
-    } else {
-      at::mm_out(out_b, weight, in_b);
-    }
-  }
-}
-
-// grad_weight [C_out, C_in] += Σ_b grad_out[b] · in[b]ᵀ (planes [C, H·W]), samples in order.
-void pointwise_planes_weight_grad(const at::Tensor& grad_weight, const at::Tensor& grad_out,
-                                  const at::Tensor& in) {
-  const int64_t batch = in.size(0);
-  for (int64_t b = 0; b < batch; ++b) {
-    grad_weight.addmm_(grad_out[b].view({grad_out.size(1), -1}),
-                       in[b].view({in.size(1), -1}).t());
-  }
-}
-
-// One SepConv branch of the candidate (X side or H side) in backward: its parameters, the step
-// buffers and the parameter-sized sums its weight gradients accumulate into.
-struct SepConvBranch {
-  at::Tensor depthwise, pointwise, gate_weight;  // [Cin, 1, K, K], [C, Cin], [3C, Cin]
-  at::Tensor dw, grad_dw, grad_bar;              // step buffers [B, Cin, H, W] ×2, [B, Cin]
-  at::Tensor grad_depthwise, grad_pointwise;     // accumulated over the steps
-  at::Tensor bars;                               // [T, B, Cin]: GAP of the input, for dU
-
-  SepConvBranch(const at::Tensor& depthwise_, const at::Tensor& pointwise_,
-                const at::Tensor& gate_weight_, const at::Tensor& input_like, int64_t steps)
-      : depthwise(depthwise_),
-        pointwise(pointwise_),
-        gate_weight(gate_weight_),
-        dw(at::empty_like(input_like)),
-        grad_dw(at::empty_like(input_like)),
-        grad_bar(at::empty({input_like.size(0), input_like.size(1)}, input_like.options())),
-        grad_depthwise(at::zeros_like(depthwise_)),
-        grad_pointwise(at::zeros_like(pointwise_)),
-        bars(at::empty({steps, input_like.size(0), input_like.size(1)}, input_like.options())) {}
-
-  // Step t with branch input `in` [B, Cin, H, W], dG_pre `grad_cand` [B, C, H, W] and the pooled
-  // gates' pre-activation gradient dgp [B, 3C]: accumulates d dw and dP (recomputing dw(in)),
-  // records GAP(in), and writes grad_in = dwᵀ(Pᵀ·dG_pre) + (dgp·U)/HW on every pixel.
-  void backward_step(int64_t t, const at::Tensor& in, const at::Tensor& grad_cand,
-                     const at::Tensor& dgp, const at::Tensor& grad_in) {
-    plane_means(bars[t], in);
-    grad_bar.zero_();
-    small_addmm_(grad_bar, dgp, gate_weight, false);
-    grad_bar.div_(in.size(2) * in.size(3));
-    depthwise_conv_planes(dw, in, depthwise, false, at::Tensor());
-    pointwise_planes_weight_grad(grad_pointwise, grad_cand, dw);
-    pointwise_planes(grad_dw, pointwise.t(), grad_cand, false);
-    depthwise_weight_grad_planes(grad_depthwise, grad_dw, in);
-    depthwise_conv_planes(grad_in, grad_dw, depthwise, true, grad_bar);
-  }
-};
-
 LayerResult pooled_layer_forward(const at::Tensor& x, const at::Tensor& h0, const at::Tensor& c0,
                                  at::TensorList params_in, int64_t gate_activation) {
   const std::vector<at::Tensor> params = contiguous_params(params_in);
@@ -137,33 +75,14 @@ LayerResult pooled_layer_forward(const at::Tensor& x, const at::Tensor& h0, cons
     // Gate pre-activations b_g + U_x x̄ + U_h h̄ (h̄ summed by the previous step's loop).
     plane_means(x_bar, x_t);
     at::Tensor step_preact = gate_preact[t];
-    step_preact.copy_(params[kGateBias].expand({batch, 3 * channels}));
-    small_addmm_(step_preact, x_bar, params[kGateWx], true);
-    small_addmm_(step_preact, h_bar, params[kGateWh], true);
+    pooled_gate_preact(step_preact, params[kGateBias], x_bar, params[kGateWx], h_bar,
+                       params[kGateWh]);
     // Candidate pre-activation (b_c is added in the fused loop).
-    depthwise_conv_planes(dw_x, x_t, params[kCandDwX], false, at::Tensor());
-    depthwise_conv_planes(dw_h, h_prev, params[kCandDwH], false, at::Tensor());
-    pointwise_planes(preact, params[kCandPwX], dw_x, false);
-    pointwise_planes(preact, params[kCandPwH], dw_h, true);
-    AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), kOp, [&] {
-      activate_gates(step_preact.data_ptr<scalar_t>(), gates.data_ptr<scalar_t>(),
-                     gates.numel(), gate_activation);
-      const scalar_t* gp = gates.data_ptr<scalar_t>();
-      const scalar_t* bias = params[kCandBias].data_ptr<scalar_t>();
-      const scalar_t* pre = preact.data_ptr<scalar_t>();
-      const scalar_t* cp = c_prev.data_ptr<scalar_t>();
-      scalar_t* cand = candidate[t].data_ptr<scalar_t>();
-      scalar_t* cn = cell[t].data_ptr<scalar_t>();
-      scalar_t* hn = output[t].data_ptr<scalar_t>();
-      scalar_t* hb = h_bar.data_ptr<scalar_t>();
-      for_each_gated_plane(batch, channels, gp, [&](int64_t p, scalar_t i, scalar_t f,
-                                                    scalar_t o) {
-        const int64_t offset = p * pixels;
-        hb[p] = pooled_plane_forward(pixels, i, f, o, bias[p % channels], pre + offset,
-                                     cp + offset, cand + offset, cn + offset, hn + offset) /
-                scalar_t(pixels);
-      });
-    });
+    sepconv_planes(preact, x_t, params[kCandDwX], params[kCandPwX], dw_x, false);
+    sepconv_planes(preact, h_prev, params[kCandDwH], params[kCandPwH], dw_h, true);
+    gated_planes_step_forward<-1>(step_preact, gate_activation, gates, at::Tensor(), preact,
+                                  params[kCandBias], c_prev, candidate[t], cell[t], output[t],
+                                  h_bar);
   }
   return {output, output[steps - 1].clone(), cell[steps - 1].clone(),
           {cell, candidate, gate_preact}};
@@ -223,44 +142,16 @@ LayerResult pooled_layer_backward(const at::Tensor& grad_output, const at::Tenso
     const at::Tensor h_prev = t > 0 ? output_c[t - 1] : h0_c;
     const at::Tensor x_t = x_c[t];
     const at::Tensor dgp = grad_gate_preact[t];
-    AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), kBackwardOp, [&] {
-      const scalar_t* pre = gate_preact[t].data_ptr<scalar_t>();
-      activate_gates(pre, gates.data_ptr<scalar_t>(), gates.numel(), gate_activation);
-      const scalar_t* gp = gates.data_ptr<scalar_t>();
-      const scalar_t* cand = candidate[t].data_ptr<scalar_t>();
-      const scalar_t* cp = c_prev.data_ptr<scalar_t>();
-      const scalar_t* ct = cell[t].data_ptr<scalar_t>();
-      const scalar_t* gout = grad_output_c[t].data_ptr<scalar_t>();
-      const scalar_t* gh = grad_h[in].data_ptr<scalar_t>();
-      const scalar_t* gc = grad_c[in].data_ptr<scalar_t>();
-      scalar_t* gcand = grad_cand.data_ptr<scalar_t>();
-      scalar_t* gcp = grad_c[out].data_ptr<scalar_t>();
-      scalar_t* sp = sums.data_ptr<scalar_t>();
-      for_each_gated_plane(batch, channels, gp, [&](int64_t p, scalar_t i, scalar_t f,
-                                                    scalar_t o) {
-        const int64_t offset = p * pixels;
-        pooled_plane_backward(pixels, i, f, o, cand + offset, cp + offset, ct + offset,
-                              gout + offset, gh + offset, gc + offset, gcand + offset,
-                              gcp + offset, sp + 4 * p);
-      });
-      // dgp = Σ_HW [di, df, do] ∘ σ'(gate pre-activation); d b_c += Σ dG_pre.
-      scalar_t* dg = dgp.data_ptr<scalar_t>();
-      scalar_t* db = grad_cand_bias.data_ptr<scalar_t>();
-      for (int64_t b = 0; b < batch; ++b) {
-        for (int64_t c = 0; c < channels; ++c) {
-          const scalar_t* s = sp + 4 * (b * channels + c);
-          for (int64_t gate = 0; gate < 3; ++gate) {
-            const int64_t idx = b * 3 * channels + gate * channels + c;
-            dg[idx] = s[gate] * convlstm_fast::gate_activation_grad(pre[idx], gate_activation);
-          }
-          db[c] += s[3];
-        }
-      }
-    });
+    gated_planes_step_backward<-1>(gate_preact[t], gate_activation, gates, sums, at::Tensor(),
+                                   candidate[t], c_prev, cell[t], grad_output_c[t], grad_h[in],
+                                   grad_c[in], grad_cand, grad_c[out], at::Tensor(), dgp,
+                                   grad_cand_bias);
 
     // dH_{t−1} and dX_t, each with the pooled gates' share as its planes' initial value.
-    h_side.backward_step(t, h_prev, grad_cand, dgp, grad_h[out]);
-    x_side.backward_step(t, x_t, grad_cand, dgp, grad_x[t]);
+    h_side.load(t, h_prev);
+    h_side.backward(h_prev, grad_cand, dgp, grad_h[out], false);
+    x_side.load(t, x_t);
+    x_side.backward(x_t, grad_cand, dgp, grad_x[t], false);
   }
 
   const int64_t last = steps % 2;  // the buffers holding dL/dH_0 and dL/dC_0

@@ -4,10 +4,15 @@
 //   A = softmax of Z over the H·W positions of each sample;  X̃ = A∘X_t
 //   then cell (a) on X̃: [i f o] = σ(U_x GAP(X̃) + U_h GAP(H_{t−1}) + b_g),
 //   G = tanh(SepConv_x(X̃) + SepConv_h(H_{t−1}) + b_c), C_t = f∘C_{t−1} + i∘G, H_t = o∘tanh(C_t)
-// X̃ depends on H_{t−1}, so only SepConv_xa(X) is computed for all steps before the recurrence
-// (KERNELS.md "b"); the candidate's X-side SepConv and GAP(X̃) run inside each step.
-// Saved (native.py SAVED_SPECS["b"]): cell, candidate [T, B, H, W, C], gate_preact [T, B, 3C],
-// attention A [T, B, H, W]; F and X̃ are recomputed for all steps at once in backward.
+// Structure: variant a's (pooled_layer_kernel.cpp) — everything in the op's own NCHW layout, a
+// step at a time through step buffers reused across steps: per-plane depthwise stencils,
+// per-sample pointwise GEMMs, and the fused per-plane cell loop of pooled_cell.h. The attention
+// adds two SepConvs feeding F (X_t's is computed per step like the rest: the per-step GEMM runs
+// at the full matmul rate, and a sequence-sized X-side term would cost a fresh multi-MB buffer),
+// Z as the per-channel stencils of W_z summed over the channels, and the softmax per sample.
+// Saved (native.py NATIVE_SAVED_SPECS["b"]): cell and candidate [T, B, C, H, W] (NCHW:
+// native.py NCHW_SAVED), gate_preact [T, B, 3C], attention A [T, B, H, W]; F and X̃ are
+// recomputed step by step in backward.
 #include <array>
 
 #include "cpu/pooled_cell.h"
@@ -36,15 +41,100 @@ std::vector<ParamSpec> param_specs(int64_t cin, int64_t c, int64_t k) {
 
 std::vector<std::vector<int64_t>> saved_shapes(const at::Tensor& x, int64_t c) {
   const int64_t t = x.size(0), b = x.size(1), h = x.size(3), w = x.size(4);
-  return {{t, b, h, w, c}, {t, b, h, w, c}, {t, b, 3 * c}, {t, b, h, w}};
+  return {{t, b, c, h, w}, {t, b, c, h, w}, {t, b, 3 * c}, {t, b, h, w}};
 }
 
+// One plane: out = a∘x, returning Σ out.
 template <typename scalar_t>
-std::array<GateView<scalar_t>, 3> pooled_views(const at::Tensor& gates, int64_t c) {
-  const scalar_t* g = gates.data_ptr<scalar_t>();
-  return {GateView<scalar_t>{g, 3 * c, 0}, GateView<scalar_t>{g + c, 3 * c, 0},
-          GateView<scalar_t>{g + 2 * c, 3 * c, 0}};
+CONVLSTM_CPU_MULTIVERSION scalar_t attend_plane(int64_t n, const scalar_t* __restrict__ a,
+                                                const scalar_t* __restrict__ x,
+                                                scalar_t* __restrict__ out) {
+  scalar_t sum = 0;
+#pragma omp simd reduction(+ : sum)
+  for (int64_t e = 0; e < n; ++e) {
+    out[e] = a[e] * x[e];
+    sum += out[e];
+  }
+  return sum;
 }
+
+// One channel's pixels [0, n) of X̃ = A∘X in backward: grad_x = a∘grad_att, grad_a += grad_att∘x.
+template <typename scalar_t>
+CONVLSTM_CPU_MULTIVERSION void attend_plane_backward(int64_t n, const scalar_t* __restrict__ a,
+                                                     const scalar_t* __restrict__ x,
+                                                     const scalar_t* __restrict__ grad_att,
+                                                     scalar_t* __restrict__ grad_x,
+                                                     scalar_t* __restrict__ grad_a) {
+  for (int64_t e = 0; e < n; ++e) {
+    grad_x[e] = a[e] * grad_att[e];
+    grad_a[e] += grad_att[e] * x[e];
+  }
+}
+
+// One step's X̃ = A∘X_t [B, Cin, H, W] (A [B, H, W]) and, when x_bar is defined, x̄ = GAP(X̃)
+// [B, Cin].
+void attend(const at::Tensor& x_att, const at::Tensor& x_bar, const at::Tensor& attention,
+            const at::Tensor& x_t) {
+  const int64_t cin = x_t.size(1), pixels = x_t.size(2) * x_t.size(3);
+  AT_DISPATCH_FLOATING_TYPES(x_t.scalar_type(), "attend", [&] {
+    const scalar_t* a = attention.data_ptr<scalar_t>();
+    const scalar_t* x = x_t.data_ptr<scalar_t>();
+    scalar_t* out = x_att.data_ptr<scalar_t>();
+    scalar_t* bar = x_bar.defined() ? x_bar.data_ptr<scalar_t>() : nullptr;
+    parallel_over_planes(x_t.size(0), cin, [&](int64_t b, int64_t c) {
+      const int64_t offset = (b * cin + c) * pixels;
+      const scalar_t sum = attend_plane(pixels, a + b * pixels, x + offset, out + offset);
+      if (bar) bar[b * cin + c] = sum / scalar_t(pixels);
+    });
+  });
+}
+
+// Backward of X̃ = A∘X_t and A = softmax_HW(Z), one step: given dX̃ `grad_att` [B, Cin, H, W],
+// writes dX_t = A∘dX̃ into grad_x and dZ = A∘(dA − Σ_p A_p dA_p), dA_p = Σ_cin dX̃_p∘X_p, into
+// grad_z [B, 1, H, W]. Parallel over pixel ranges, channels in order within each.
+void attend_backward(const at::Tensor& grad_att, const at::Tensor& x_t, const at::Tensor& attention,
+                     const at::Tensor& grad_x, const at::Tensor& grad_z) {
+  const int64_t batch = x_t.size(0), cin = x_t.size(1), pixels = x_t.size(2) * x_t.size(3);
+  AT_DISPATCH_FLOATING_TYPES(x_t.scalar_type(), "attend_backward", [&] {
+    const scalar_t* a = attention.data_ptr<scalar_t>();
+    const scalar_t* x = x_t.data_ptr<scalar_t>();
+    const scalar_t* gatt = grad_att.data_ptr<scalar_t>();
+    scalar_t* gx = grad_x.data_ptr<scalar_t>();
+    scalar_t* gz = grad_z.data_ptr<scalar_t>();
+    parallel_over_pixels(batch, pixels, [&](int64_t b, int64_t, int64_t begin, int64_t end) {
+      scalar_t* ga = gz + b * pixels + begin;
+      for (int64_t p = 0; p < end - begin; ++p) ga[p] = scalar_t(0);
+      for (int64_t c = 0; c < cin; ++c) {
+        const int64_t offset = (b * cin + c) * pixels + begin;
+        attend_plane_backward(end - begin, a + b * pixels + begin, x + offset, gatt + offset,
+                              gx + offset, ga);
+      }
+    });
+    for (int64_t b = 0; b < batch; ++b) {
+      const scalar_t* ab = a + b * pixels;
+      scalar_t* g = gz + b * pixels;
+      scalar_t dot = 0;
+      for (int64_t p = 0; p < pixels; ++p) dot += ab[p] * g[p];
+      for (int64_t p = 0; p < pixels; ++p) g[p] = ab[p] * (g[p] - dot);
+    }
+  });
+}
+
+// Z = W_z * F, the attention's full K×K conv from C channels to 1, as C depthwise stencils summed.
+struct AttentionFeatures {
+  at::Tensor taps_z;  // W_z [1, C, K, K] as [C, 1, K, K]: one stencil per channel of F
+  explicit AttentionFeatures(const at::Tensor& weight_z)
+      : taps_z(weight_z.view({weight_z.size(1), 1, weight_z.size(2), weight_z.size(3)})) {}
+
+  // A [B, H, W] = softmax_HW(W_z * F), with `scratch` [B, C, H, W] for the per-channel stencils.
+  void attention(const at::Tensor& out, const at::Tensor& features, const at::Tensor& scratch,
+                 const at::Tensor& z) const {
+    depthwise_conv_planes(scratch, features, taps_z, false, at::Tensor());
+    at::Tensor z_out = z, a_out = out.view({features.size(0), -1});
+    at::sum_out(z_out, scratch, {1});
+    at::_softmax_out(a_out, z.view({features.size(0), -1}), 1, false);
+  }
+};
 
 LayerResult spatial_attention_layer_forward(const at::Tensor& x, const at::Tensor& h0,
                                             const at::Tensor& c0, at::TensorList params_in,
@@ -56,74 +146,61 @@ LayerResult spatial_attention_layer_forward(const at::Tensor& x, const at::Tenso
                      gate_activation);
   const int64_t steps = x.size(0), batch = x.size(1), cin = x.size(2), height = x.size(3),
                 width = x.size(4), c = h0.size(1), pixels = height * width;
-  const int64_t rows_per_step = batch * pixels;
   const auto shapes = saved_shapes(x, c);
-  if (steps == 0 || rows_per_step * c == 0 || cin == 0) {
+  if (steps == 0 || batch * pixels * c == 0 || cin == 0) {
     return empty_layer_result(x, h0, c0, shapes);
   }
-  const at::Tensor cell = at::empty(shapes[0], x.options());
-  const at::Tensor candidate = at::empty(shapes[1], x.options());
-  const at::Tensor gate_preact = at::empty(shapes[2], x.options());
-  const at::Tensor attention = at::empty(shapes[3], x.options());
-  const at::Tensor hidden = at::empty(shapes[0], x.options());
-
-  // X side for all steps: xa = SepConv_xa(X) [T, B·HW, C] (the rest sees X̃, known per step).
-  const at::Tensor x_cl = to_channels_last(x.reshape({steps * batch, cin, height, width}))
-                              .view({steps, batch, height, width, cin});
-  const at::Tensor xa = sepconv_rows(x_cl.view({steps * batch, height, width, cin}),
-                                     params[kAttDwX], params[kAttPwX], at::Tensor())
-                            .view({steps, rows_per_step, c});
-
-  at::Tensor h_prev = to_channels_last(h0);
-  at::Tensor c_prev = to_channels_last(c0);
-  const at::Tensor gates = at::empty({batch, 3 * c}, x.options());
-  at::Tensor candidate_h = at::empty({rows_per_step, c}, x.options());
-  at::Tensor attention_h = at::empty({rows_per_step, c}, x.options());
-  const at::Tensor features = at::empty({batch, height, width, c}, x.options());
+  const at::TensorOptions options = x.options();
+  const at::Tensor cell = at::empty(shapes[0], options);
+  const at::Tensor candidate = at::empty(shapes[1], options);
+  const at::Tensor gate_preact = at::empty(shapes[2], options);
+  const at::Tensor attention = at::empty(shapes[3], options);
+  const at::Tensor output = at::empty({steps, batch, c, height, width}, options);
+  const at::Tensor x_c = x.contiguous(), h0_c = h0.contiguous(), c0_c = c0.contiguous();
+  // Step buffers, reused.
+  const at::Tensor dw_x = at::empty({batch, cin, height, width}, options);
+  const at::Tensor x_att = at::empty({batch, cin, height, width}, options);
+  const at::Tensor dw_h = at::empty({batch, c, height, width}, options);
+  const at::Tensor features = at::empty({batch, c, height, width}, options);
+  const at::Tensor preact = at::empty({batch, c, height, width}, options);
+  const at::Tensor z = at::empty({batch, height, width}, options);
+  const at::Tensor x_bar = at::empty({batch, cin}, options);
+  const at::Tensor h_bar = at::empty({batch, c}, options);
+  const at::Tensor gates = at::empty({batch, 3 * c}, options);
+  const AttentionFeatures att(params[kAttWz]);
+  plane_means(h_bar, h0_c);
   for (int64_t t = 0; t < steps; ++t) {
-    // Attention: F, Z = W_z * F, A = softmax_HW(Z), X̃ = A∘X_t.
-    at::mm_out(attention_h, rows(conv_same(h_prev, params[kAttDwH], c)), params[kAttPwH].t());
-    AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), kOp, [&] {
-      tanh_of_sum<scalar_t>(rows_per_step, c, attention_h.data_ptr<scalar_t>(),
-                            xa[t].data_ptr<scalar_t>(), params[kAttBias].data_ptr<scalar_t>(),
-                            features.data_ptr<scalar_t>());
-    });
-    const at::Tensor z = conv_same(features, params[kAttWz], 1).view({batch, pixels});
-    at::Tensor step_attention = attention[t].view({batch, pixels});
-    at::_softmax_out(step_attention, z, 1, false);
-    const at::Tensor x_att = x_cl[t] * attention[t].unsqueeze(-1);
-    // Gates σ(U_x GAP(X̃) + b_g + U_h GAP(H_{t−1})) and the candidate's two SepConv terms.
+    const at::Tensor x_t = x_c[t];
+    const at::Tensor h_prev = t > 0 ? output[t - 1] : h0_c;
+    const at::Tensor c_prev = t > 0 ? cell[t - 1] : c0_c;
+    // Attention: F, A = softmax(W_z * F), X̃ = A∘X_t and its GAP.
+    sepconv_planes(features, x_t, params[kAttDwX], params[kAttPwX], dw_x, false);
+    sepconv_planes(features, h_prev, params[kAttDwH], params[kAttPwH], dw_h, true);
+    attention_features(features, params[kAttBias]);
+    att.attention(attention[t], features, dw_h, z);
+    attend(x_att, x_bar, attention[t], x_t);
+    // Cell (a) on X̃ (h̄ summed by the previous step's loop).
     at::Tensor step_preact = gate_preact[t];
-    at::addmm_out(step_preact, params[kGateBias], global_average_pool(x_att),
-                  params[kGateWx].t());
-    step_preact.addmm_(global_average_pool(h_prev), params[kGateWh].t());
-    const at::Tensor candidate_x =
-        sepconv_rows(x_att, params[kCandDwX], params[kCandPwX], at::Tensor());
-    at::mm_out(candidate_h, rows(conv_same(h_prev, params[kCandDwH], c)), params[kCandPwH].t());
-    AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), kOp, [&] {
-      activate_gates(step_preact.data_ptr<scalar_t>(), gates.data_ptr<scalar_t>(),
-                     gates.numel(), gate_activation);
-      const auto views = pooled_views<scalar_t>(gates, c);
-      pooled_cell_forward<scalar_t>(
-          batch, pixels, c, candidate_h.data_ptr<scalar_t>(), candidate_x.data_ptr<scalar_t>(),
-          params[kCandBias].data_ptr<scalar_t>(), views[0], views[1], views[2],
-          c_prev.data_ptr<scalar_t>(), candidate[t].data_ptr<scalar_t>(),
-          cell[t].data_ptr<scalar_t>(), hidden[t].data_ptr<scalar_t>());
-    });
-    h_prev = hidden[t];
-    c_prev = cell[t];
+    pooled_gate_preact(step_preact, params[kGateBias], x_bar, params[kGateWx], h_bar,
+                       params[kGateWh]);
+    sepconv_planes(preact, x_att, params[kCandDwX], params[kCandPwX], dw_x, false);
+    sepconv_planes(preact, h_prev, params[kCandDwH], params[kCandPwH], dw_h, true);
+    gated_planes_step_forward<-1>(step_preact, gate_activation, gates, at::Tensor(), preact,
+                                  params[kCandBias], c_prev, candidate[t], cell[t], output[t],
+                                  h_bar);
   }
-  const at::Tensor output = from_channels_last(hidden);
-  return {output, output[steps - 1].clone(), from_channels_last(c_prev),
+  return {output, output[steps - 1].clone(), cell[steps - 1].clone(),
           {cell, candidate, gate_preact, attention}};
 }
 
-// Reverse time, per step: the fused cell loop gives dG_pre and the pooled-gate sums (dgp); then
-//   dX̃ = dw_xᵀ(dG_pre·P_x) + (dgp·U_x)/HW;  dX_t = A∘dX̃;  dA_p = Σ_cin dX̃_p∘X_p
-//   dZ = A∘(dA − Σ_p A_p dA_p)  (softmax);  dF = W_zᵀ ⋆ dZ;  dU = dF∘(1 − F²)
-//   dH_{t−1} = dw_hᵀ(dG_pre·P_h) + dw_haᵀ(dU·P_ha) + (dgp·U_h)/HW.
-// F and X̃ are recomputed for all steps before the loop; weight gradients are reduced over all
-// steps after it.
+// Reverse time, per step: F and X̃ recomputed, then
+//   the fused cell loop gives dG_pre, dC_{t−1} and the pooled gates' dgp (variant a's);
+//   dX̃ = dw_xᵀ(P_xᵀ·dG_pre) + (dgp·U_x)/HW;  dX_t = A∘dX̃;  dA_p = Σ_cin dX̃_p∘X_p
+//   dZ = A∘(dA − Σ_p A_p dA_p)  (softmax);  dF = W_zᵀ ⋆ dZ;  dF_pre = dF∘(1 − F²)
+//   dX_t += dw_xaᵀ(P_xaᵀ·dF_pre)
+//   dH_{t−1} = dw_hᵀ(P_hᵀ·dG_pre) + dw_haᵀ(P_haᵀ·dF_pre) + (dgp·U_h)/HW.
+// Weight gradients accumulate step by step in fixed order (deterministic); nothing
+// sequence-sized is allocated besides grad_x.
 LayerResult spatial_attention_layer_backward(const at::Tensor& grad_output,
                                              const at::Tensor& grad_h_n,
                                              const at::Tensor& grad_c_n, const at::Tensor& x,
@@ -138,133 +215,96 @@ LayerResult spatial_attention_layer_backward(const at::Tensor& grad_output,
                      gate_activation);
   const int64_t steps = x.size(0), batch = x.size(1), cin = x.size(2), height = x.size(3),
                 width = x.size(4), c = h0.size(1), pixels = height * width;
-  const int64_t rows_per_step = batch * pixels, n = steps * batch;
   check_backward_inputs(kBackwardOp, grad_output, grad_h_n, grad_c_n, x, h0, output, saved,
                         saved_shapes(x, c));
-  if (steps == 0 || rows_per_step * c == 0 || cin == 0) {
+  if (steps == 0 || batch * pixels * c == 0 || cin == 0) {
     return empty_layer_grads(x, grad_h_n, grad_c_n, params);
   }
-  const auto options = x.options();
+  const at::TensorOptions options = x.options();
   const at::Tensor cell = saved[0].contiguous(), candidate = saved[1].contiguous(),
                    gate_preact = saved[2].contiguous(), attention = saved[3].contiguous();
-  const at::Tensor x_flat = to_channels_last(x.reshape({n, cin, height, width}));
-  const at::Tensor x_cl = x_flat.view({steps, batch, height, width, cin});
-  const at::Tensor h_prev_all = at::cat(
-      {to_channels_last(h0).unsqueeze(0), to_channels_last(output.narrow(0, 0, steps - 1))});
-  const at::Tensor h_prev_flat = h_prev_all.view({n, height, width, c});
-  // Recomputed for all steps: F [T, B, H, W, C] and X̃ = A∘X [T·B, H, W, Cin].
-  const at::Tensor att_dw_h_all = conv_same(h_prev_flat, params[kAttDwH], c);
-  const at::Tensor attention_h_all = at::mm(rows(att_dw_h_all), params[kAttPwH].t());
-  const at::Tensor xa = sepconv_rows(x_flat, params[kAttDwX], params[kAttPwX], at::Tensor());
-  const at::Tensor features = at::empty({steps, batch, height, width, c}, options);
-  AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), kBackwardOp, [&] {
-    tanh_of_sum<scalar_t>(n * pixels, c, attention_h_all.data_ptr<scalar_t>(),
-                          xa.data_ptr<scalar_t>(), params[kAttBias].data_ptr<scalar_t>(),
-                          features.data_ptr<scalar_t>());
-  });
-  const at::Tensor x_att_flat = x_flat * attention.view({n, height, width, 1});
+  const at::Tensor x_c = x.contiguous(), h0_c = h0.contiguous(), c0_c = c0.contiguous();
+  const at::Tensor output_c = output.contiguous(), grad_output_c = grad_output.contiguous();
 
-  const at::Tensor c0_cl = to_channels_last(c0);
-  const at::Tensor grad_out_cl = to_channels_last(grad_output);
-  const at::Tensor grad_cand_preact = at::empty({steps, rows_per_step, c}, options);
-  const at::Tensor grad_att_preact = at::empty({steps, rows_per_step, c}, options);
-  const at::Tensor grad_dw_cand_h = at::empty({steps, rows_per_step, c}, options);
-  const at::Tensor grad_dw_att_h = at::empty({steps, rows_per_step, c}, options);
-  const at::Tensor grad_dw_cand_x = at::empty({steps, rows_per_step, cin}, options);
-  const at::Tensor grad_z = at::empty({steps, batch, height, width, 1}, options);
-  const at::Tensor grad_gate_preact = at::empty({steps, batch, 3 * c}, options);
-  const at::Tensor grad_x_cl = at::empty({steps, batch, height, width, cin}, options);
-  const int64_t chunks = pixel_chunks(pixels);
-  const at::Tensor partials = at::empty({batch, chunks, 3, c}, options);
+  // Step buffers, reused.
+  const at::Tensor x_att = at::empty({batch, cin, height, width}, options);
+  const at::Tensor grad_x_att = at::empty({batch, cin, height, width}, options);
+  const at::Tensor features = at::empty({batch, c, height, width}, options);
+  const at::Tensor grad_features = at::empty({batch, c, height, width}, options);
+  const at::Tensor grad_cand = at::empty({batch, c, height, width}, options);
+  const at::Tensor grad_z = at::empty({batch, 1, height, width}, options);
+  const at::Tensor sums = at::empty({batch, c, 4}, options);
   const at::Tensor gates = at::empty({batch, 3 * c}, options);
-  at::Tensor grad_h = to_channels_last(grad_h_n);
-  at::Tensor grad_c = to_channels_last(grad_c_n);
-  at::Tensor grad_c_prev = at::empty_like(grad_c);
-  const auto hw = [&](const at::Tensor& t, int64_t channels) {
-    return t.view({batch, height, width, channels});
-  };
+  // The pooled gates' pre-activation gradients of every step (dU is reduced after the loop).
+  const at::Tensor grad_gate_preact = at::empty({steps, batch, 3 * c}, options);
+  const at::Tensor grad_cand_bias = at::zeros({c}, options);
+  const at::Tensor grad_att_bias = at::zeros({c}, options);
+  const at::Tensor grad_weight_z = at::zeros_like(params[kAttWz]);
+  const at::Tensor grad_taps_z = grad_weight_z.view({c, 1, k, k});
+  SepConvBranch cand_h(params[kCandDwH], params[kCandPwH], params[kGateWh], h0_c, steps);
+  SepConvBranch cand_x(params[kCandDwX], params[kCandPwX], params[kGateWx], x_c[0], steps);
+  SepConvBranch att_h(params[kAttDwH], params[kAttPwH], at::Tensor(), h0_c, steps);
+  SepConvBranch att_x(params[kAttDwX], params[kAttPwX], at::Tensor(), x_c[0], steps);
+  const AttentionFeatures att(params[kAttWz]);
+
+  const at::Tensor grad_x = at::empty(x.sizes(), options);
+  // dL/dH and dL/dC flowing back to step t − 1, each through two buffers: this step reads one
+  // and writes the other.
+  std::array<at::Tensor, 2> grad_h{at::empty_like(h0_c).copy_(grad_h_n), at::empty_like(h0_c)};
+  std::array<at::Tensor, 2> grad_c{at::empty_like(c0_c).copy_(grad_c_n), at::empty_like(c0_c)};
 
   for (int64_t t = steps - 1; t >= 0; --t) {
-    const at::Tensor c_prev = t > 0 ? cell[t - 1] : c0_cl;
-    AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), kBackwardOp, [&] {
-      activate_gates(gate_preact[t].data_ptr<scalar_t>(), gates.data_ptr<scalar_t>(),
-                     gates.numel(), gate_activation);
-      const auto views = pooled_views<scalar_t>(gates, c);
-      pooled_cell_backward<-1, scalar_t>(
-          batch, pixels, c, views[0], views[1], views[2], candidate[t].data_ptr<scalar_t>(),
-          c_prev.data_ptr<scalar_t>(), cell[t].data_ptr<scalar_t>(),
-          grad_out_cl[t].data_ptr<scalar_t>(), grad_h.data_ptr<scalar_t>(),
-          grad_c.data_ptr<scalar_t>(), grad_cand_preact[t].data_ptr<scalar_t>(),
-          grad_c_prev.data_ptr<scalar_t>(), nullptr, partials.data_ptr<scalar_t>());
-      pooled_gate_grads<scalar_t>(batch, chunks, c, {0, 1, 2}, partials.data_ptr<scalar_t>(),
-                                  gate_preact[t].data_ptr<scalar_t>(), gate_activation,
-                                  grad_gate_preact[t].data_ptr<scalar_t>());
-    });
-    std::swap(grad_c, grad_c_prev);
-    // dX̃ from the candidate's SepConv_x and from GAP(X̃) in the gates.
-    at::Tensor grad_dw_x = grad_dw_cand_x[t];
-    at::mm_out(grad_dw_x, grad_cand_preact[t], params[kCandPwX]);
-    at::Tensor grad_x_att = depthwise_conv(hw(grad_dw_x, cin), params[kCandDwX], true);
-    grad_x_att.view({batch, pixels, cin})
-        .add_(at::mm(grad_gate_preact[t], params[kGateWx]).div_(pixels).unsqueeze(1));
-    // X̃ = A∘X: dX = A∘dX̃, dA = Σ_cin dX̃∘X; softmax: dZ = A∘(dA − Σ A∘dA).
-    const at::Tensor step_attention = attention[t].unsqueeze(-1);  // [B, H, W, 1]
-    at::Tensor grad_x_t = grad_x_cl[t];
-    at::mul_out(grad_x_t, grad_x_att, step_attention);
-    const at::Tensor grad_a = (grad_x_att * x_cl[t]).sum(-1, true);
-    const at::Tensor weighted = grad_a * step_attention;
-    at::Tensor grad_z_t = grad_z[t];
-    at::sub_out(grad_z_t, weighted,
-                step_attention * weighted.sum({1, 2, 3}, true));
-    // Z = W_z * F: dF = W_zᵀ ⋆ dZ; dU = dF∘(1 − F²).
-    at::Tensor grad_att_t = grad_att_preact[t];
-    grad_att_t.copy_(rows(std::get<0>(
-        conv_same_backward(grad_z_t, features[t], params[kAttWz], 1, true, false))));
-    AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), kBackwardOp, [&] {
-      tanh_backward_inplace<scalar_t>(rows_per_step, c, features[t].data_ptr<scalar_t>(),
-                                      grad_att_t.data_ptr<scalar_t>());
-    });
-    // dH_{t−1} from the candidate, the attention features and the pooled gates.
-    at::Tensor grad_dw_cand_t = grad_dw_cand_h[t], grad_dw_att_t = grad_dw_att_h[t];
-    at::mm_out(grad_dw_cand_t, grad_cand_preact[t], params[kCandPwH]);
-    at::mm_out(grad_dw_att_t, grad_att_t, params[kAttPwH]);
-    grad_h = depthwise_conv(hw(grad_dw_cand_t, c), params[kCandDwH], true);
-    grad_h.add_(depthwise_conv(hw(grad_dw_att_t, c), params[kAttDwH], true));
-    grad_h.view({batch, pixels, c})
-        .add_(at::mm(grad_gate_preact[t], params[kGateWh]).div_(pixels).unsqueeze(1));
+    const int64_t in = (steps - 1 - t) % 2, out = 1 - in;
+    const at::Tensor c_prev = t > 0 ? cell[t - 1] : c0_c;
+    const at::Tensor h_prev = t > 0 ? output_c[t - 1] : h0_c;
+    const at::Tensor x_t = x_c[t];
+    const at::Tensor dgp = grad_gate_preact[t];
+    // Recompute F and X̃ (the branches keep their depthwise outputs for the weight gradients).
+    att_x.load(t, x_t);
+    att_h.load(t, h_prev);
+    att_x.output(features, false);
+    att_h.output(features, true);
+    attention_features(features, params[kAttBias]);
+    attend(x_att, at::Tensor(), attention[t], x_t);
+    cand_x.load(t, x_att);
+    cand_h.load(t, h_prev);
+
+    gated_planes_step_backward<-1>(gate_preact[t], gate_activation, gates, sums, at::Tensor(),
+                                   candidate[t], c_prev, cell[t], grad_output_c[t], grad_h[in],
+                                   grad_c[in], grad_cand, grad_c[out], at::Tensor(), dgp,
+                                   grad_cand_bias);
+    // dX̃, then through X̃ = A∘X_t and the softmax to dZ, through Z = W_z * F to dF_pre.
+    cand_x.backward(x_att, grad_cand, dgp, grad_x_att, false);
+    at::Tensor grad_x_t = grad_x[t];
+    attend_backward(grad_x_att, x_t, attention[t], grad_x_t, grad_z);
+    depthwise_conv_planes(grad_features, grad_z, att.taps_z, true, at::Tensor());
+    depthwise_weight_grad_planes(grad_taps_z, grad_z, features);
+    attention_features_backward(features, grad_features, grad_att_bias);
+    att_x.backward(x_t, grad_features, at::Tensor(), grad_x_t, true);
+    // dH_{t−1}: the candidate's share with the pooled gates' as the planes' initial value, then
+    // the attention's.
+    cand_h.backward(h_prev, grad_cand, dgp, grad_h[out], false);
+    att_h.backward(h_prev, grad_features, at::Tensor(), grad_h[out], true);
   }
 
-  // Weight gradients, reduced over all steps in batched products.
-  const auto flat = [&](const at::Tensor& t) { return t.view({-1, t.size(-1)}); };
-  const auto flat_hw = [&](const at::Tensor& t) {
-    return t.view({n, height, width, t.size(-1)});
-  };
-  const at::Tensor grad_gp_flat = grad_gate_preact.view({n, 3 * c});
+  const int64_t last = steps % 2;  // the buffers holding dL/dH_0 and dL/dC_0
+  const at::Tensor grad_gp_flat = grad_gate_preact.view({steps * batch, 3 * c});
   std::vector<at::Tensor> grads(kNumParams);
-  grads[kGateWx] = at::mm(grad_gp_flat.t(), global_average_pool(x_att_flat));
-  grads[kGateWh] = at::mm(grad_gp_flat.t(), global_average_pool(h_prev_flat));
+  grads[kGateWx] = at::mm(grad_gp_flat.t(), cand_x.bars.view({steps * batch, cin}));
+  grads[kGateWh] = at::mm(grad_gp_flat.t(), cand_h.bars.view({steps * batch, c}));
   grads[kGateBias] = grad_gp_flat.sum(0);
-  grads[kCandPwX] = at::mm(flat(grad_cand_preact).t(),
-                           rows(conv_same(x_att_flat, params[kCandDwX], cin)));
-  grads[kCandDwX] = depthwise_conv_weight_grad(flat_hw(grad_dw_cand_x), x_att_flat, k);
-  grads[kCandPwH] = at::mm(flat(grad_cand_preact).t(),
-                           rows(conv_same(h_prev_flat, params[kCandDwH], c)));
-  grads[kCandDwH] = depthwise_conv_weight_grad(flat_hw(grad_dw_cand_h), h_prev_flat, k);
-  grads[kCandBias] = flat(grad_cand_preact).sum(0);
-  grads[kAttPwH] = at::mm(flat(grad_att_preact).t(), rows(att_dw_h_all));
-  grads[kAttDwH] = depthwise_conv_weight_grad(flat_hw(grad_dw_att_h), h_prev_flat, k);
-  grads[kAttBias] = flat(grad_att_preact).sum(0);
-  grads[kAttWz] = std::get<1>(conv_same_backward(flat_hw(grad_z), flat_hw(features),
-                                                 params[kAttWz], 1, false, true))
-                      .contiguous();
-  // X side of the attention: backpropagate d xa = dU through the batched SepConv_xa.
-  auto att_x = sepconv_rows_backward(flat(grad_att_preact), x_flat, params[kAttDwX],
-                                     params[kAttPwX], true);
-  grads[kAttDwX] = std::get<1>(att_x);
-  grads[kAttPwX] = std::get<2>(att_x);
-  const at::Tensor grad_x_total = grad_x_cl.view({n, height, width, cin}).add_(std::get<0>(att_x));
-  return {from_channels_last(grad_x_total).view(x.sizes()), from_channels_last(grad_h),
-          from_channels_last(grad_c), grads};
+  grads[kCandDwX] = cand_x.grad_depthwise;
+  grads[kCandPwX] = cand_x.grad_pointwise;
+  grads[kCandDwH] = cand_h.grad_depthwise;
+  grads[kCandPwH] = cand_h.grad_pointwise;
+  grads[kCandBias] = grad_cand_bias;
+  grads[kAttDwX] = att_x.grad_depthwise;
+  grads[kAttPwX] = att_x.grad_pointwise;
+  grads[kAttDwH] = att_h.grad_depthwise;
+  grads[kAttPwH] = att_h.grad_pointwise;
+  grads[kAttBias] = grad_att_bias;
+  grads[kAttWz] = grad_weight_z;
+  return {grad_x, grad_h[last], grad_c[last], grads};
 }
 
 }  // namespace
