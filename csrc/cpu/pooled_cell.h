@@ -194,6 +194,7 @@ void gated_planes_step_forward(const at::Tensor& gate_preact, int64_t activation
                                const at::Tensor& h_bar) {
   const int64_t batch = preact.size(0), channels = preact.size(1),
                 pixels = preact.size(2) * preact.size(3);
+  RECORD_FUNCTION("convlstm_fast::gated_planes_step_forward", {});
   AT_DISPATCH_FLOATING_TYPES(preact.scalar_type(), "gated_planes_step_forward", [&] {
     activate_gates(gate_preact.data_ptr<scalar_t>(), gates.data_ptr<scalar_t>(), gates.numel(),
                    activation);
@@ -235,6 +236,7 @@ void gated_planes_step_backward(
   using G = PooledGates<kAttention>;
   const int64_t batch = candidate.size(0), channels = candidate.size(1),
                 pixels = candidate.size(2) * candidate.size(3);
+  RECORD_FUNCTION("convlstm_fast::gated_planes_step_backward", {});
   AT_DISPATCH_FLOATING_TYPES(candidate.scalar_type(), "gated_planes_step_backward", [&] {
     const scalar_t* pre = gate_preact.data_ptr<scalar_t>();
     activate_gates(pre, gates.data_ptr<scalar_t>(), gates.numel(), activation);
@@ -298,6 +300,7 @@ CONVLSTM_CPU_MULTIVERSION scalar_t tanh_backward_plane(int64_t n, const scalar_t
 // [B, C, H, W], in place on the SepConvs' sum.
 inline void attention_features(const at::Tensor& features, const at::Tensor& bias) {
   const int64_t channels = features.size(1), pixels = features.size(2) * features.size(3);
+  RECORD_FUNCTION("convlstm_fast::attention_features", {});
   AT_DISPATCH_FLOATING_TYPES(features.scalar_type(), "attention_features", [&] {
     const scalar_t* bc = bias.data_ptr<scalar_t>();
     scalar_t* f = features.data_ptr<scalar_t>();
@@ -313,6 +316,7 @@ inline void attention_features_backward(const at::Tensor& features, const at::Te
                                         const at::Tensor& grad_bias) {
   const int64_t batch = features.size(0), channels = features.size(1),
                 pixels = features.size(2) * features.size(3);
+  RECORD_FUNCTION("convlstm_fast::attention_features_backward", {});
   AT_DISPATCH_FLOATING_TYPES(features.scalar_type(), "attention_features_backward", [&] {
     const scalar_t* f = features.data_ptr<scalar_t>();
     scalar_t* g = grad.data_ptr<scalar_t>();
