@@ -4,11 +4,14 @@ Every variant: forward outputs and
 all gradients vs ``convlstm_fast.reference`` in float32 (atol 2e-5, rtol 1e-4: both sides sum the
 same products in different orders, and the CPU kernels use a polynomial exp/tanh good to 2 ulp),
 float64 gradcheck of the fused ops through the functional layer, ``opcheck`` of each op, and
-``torch.compile(fullgraph=True)`` of a module.
+``torch.compile(fullgraph=True)`` of a module; the ``_inference`` twins (the forward without the
+saved tensors) against the ops themselves, and that calls wanting no gradient go to them.
 """
 
 import pytest
 import torch
+from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils.flop_counter import FlopCounterMode
 
 import convlstm_fast
 from convlstm_fast import _extension, variants
@@ -226,6 +229,79 @@ def test_empty_sequence():
     assert output.shape == (0, 2, 4, 4, 5)
     torch.testing.assert_close(h_n, h0)
     assert h_n.data_ptr() != h0.data_ptr()
+
+
+@pytest.mark.parametrize("variant", variants.VARIANTS)
+def test_inference_op_equals_the_forward(variant):
+    """``<op>_inference`` runs the same kernel without keeping the saved tensors: the same
+    output and final states, bit for bit; and opcheck (schema, fake tensors, AOT dispatch)."""
+    _load_ops()
+    name = variants.OP_NAMES[variant]
+    x, h0, c0, params = _op_args(variant)
+    inference = getattr(torch.ops.convlstm_fast, name + "_inference").default
+    want = getattr(torch.ops.convlstm_fast, name)(x, h0, c0, params, 1)[:3]
+    got = inference(x, h0, c0, params, 1)
+    assert len(got) == 3
+    for g, w in zip(got, want):
+        torch.testing.assert_close(g, w, atol=0, rtol=0)
+    torch.library.opcheck(inference, (x, h0, c0, params, 1),
+                          test_utils=("test_schema", "test_faketensor",
+                                      "test_aot_dispatch_dynamic"))
+
+
+class _OpRecorder(TorchDispatchMode):
+    def __init__(self):
+        super().__init__()
+        self.ops = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.ops.append(func._schema.name)
+        return func(*args, **(kwargs or {}))
+
+
+@pytest.mark.parametrize("variant", variants.VARIANTS)
+def test_calls_wanting_no_gradient_run_the_inference_op(variant):
+    x, h0, c0 = (t.detach() for t in make_inputs(2, 2, 3, 4, 4, 5))
+    params = [p.detach() for p in make_params(variant, 3, 4, 3)]
+    name = "convlstm_fast::" + variants.OP_NAMES[variant]
+
+    def ops_of(x, params):
+        with _OpRecorder() as recorder:
+            out = _run("cpu", variant, x, h0, c0, params, "sigmoid")
+        return recorder.ops, out
+
+    with torch.no_grad():
+        ops, out = ops_of(x, [p.requires_grad_() for p in params])
+    assert name + "_inference" in ops and name not in ops
+    want = _run("reference", variant, x, h0, c0, params, "sigmoid")
+    for g, w in zip(out, want):
+        torch.testing.assert_close(g, w.detach(), **FP32_TOL)
+    ops, _ = ops_of(x, [p.detach() for p in params])  # grad mode on, nothing requires grad
+    assert name + "_inference" in ops and name not in ops
+    ops, _ = ops_of(x.requires_grad_(), [p.detach() for p in params])
+    assert name in ops and name + "_inference" not in ops
+
+
+def test_inference_flops_equal_the_forwards():
+    """FlopCounterMode counts the inference op as the forward it is."""
+    model = convlstm_fast.ConvLSTM(3, 4, kernel_size=3, variant="b", backend="cpu")
+    x = torch.randn(2, 3, 3, 5, 6)
+    with FlopCounterMode(display=False) as training:
+        model(x)
+    with torch.no_grad(), FlopCounterMode(display=False) as inference:
+        model(x)
+    assert inference.get_total_flops() == training.get_total_flops() > 0
+
+
+def test_torch_compile_fullgraph_no_grad():
+    torch.manual_seed(0)
+    model = convlstm_fast.ConvLSTM(3, 4, kernel_size=3, variant="c", backend="cpu")
+    x = torch.randn(2, 3, 3, 5, 6)
+    with torch.no_grad():
+        eager_out, (eager_h, eager_c) = model(x)
+        out, (h_n, c_n) = torch.compile(model, fullgraph=True)(x)
+    for got, want in ((out, eager_out), (h_n, eager_h), (c_n, eager_c)):
+        torch.testing.assert_close(got, want, **FP32_TOL)
 
 
 def test_torch_compile_fullgraph():

@@ -33,6 +33,8 @@ def test_native_schemas_match_the_python_contract():
         backward = getattr(torch.ops.convlstm_fast, name + "_backward").default._schema
         assert str(forward) == f"convlstm_fast::{name}{registration.LAYER_SCHEMA}"
         assert str(backward) == f"convlstm_fast::{name}_backward{registration.BACKWARD_SCHEMA}"
+        inference = getattr(torch.ops.convlstm_fast, name + "_inference").default._schema
+        assert str(inference) == f"convlstm_fast::{name}_inference{registration.INFERENCE_SCHEMA}"
 
 
 def test_info_lists_every_backend_and_variant():

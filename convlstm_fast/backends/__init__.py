@@ -17,6 +17,11 @@ from .. import variants
 from ..ops.registration import gate_activation_code
 
 BACKENDS = ("reference", "triton", "cuda", "cpu")
+
+# An op ``<name><suffix>`` may have a twin ``<name><suffix>_inference`` (the native ops do;
+# csrc/convlstm_fast.cpp): the forward without the tensors saved for backward, which a backend
+# runs instead whenever no input needs a gradient (inference neither writes nor keeps them).
+INFERENCE_SUFFIX = "_inference"
 BACKEND_CHOICES = BACKENDS + ("auto",)
 
 # Where each backend object lives; modules are imported on first use.
@@ -95,9 +100,25 @@ class OpBackend(Backend):
         return None
 
     def run_layer(self, variant, x, h0, c0, params, gate_activation):
-        op = getattr(torch.ops.convlstm_fast, self.op_name(variant))
-        output, h_n, c_n, _ = op(x, h0, c0, list(params), gate_activation_code(gate_activation))
+        args = (x, h0, c0, list(params), gate_activation_code(gate_activation))
+        name = self.op_name(variant)
+        wants_grad = torch.is_grad_enabled() and any(
+            t.requires_grad for t in (x, h0, c0, *params))
+        if not wants_grad and _has_kernel(name + INFERENCE_SUFFIX, self.dispatch_key):
+            return getattr(torch.ops.convlstm_fast, name + INFERENCE_SUFFIX)(*args)
+        output, h_n, c_n, _ = getattr(torch.ops.convlstm_fast, name)(*args)
         return output, h_n, c_n
+
+
+@torch._dynamo.assume_constant_result
+def _has_kernel(name: str, dispatch_key: str) -> bool:
+    """Whether ``convlstm_fast::<name>`` exists and has a kernel for ``dispatch_key`` (a constant
+    under torch.compile, like resolve_backend)."""
+    try:
+        return torch._C._dispatch_has_kernel_for_dispatch_key("convlstm_fast::" + name,
+                                                              dispatch_key)
+    except RuntimeError:
+        return False
 
 
 def check_backend(name: str) -> str:

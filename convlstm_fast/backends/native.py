@@ -11,8 +11,8 @@ import torch
 
 from .. import variants
 from .._extension import load_extension
-from ..ops.registration import register_layer_op
-from . import OpBackend
+from ..ops.registration import register_inference_op, register_layer_op
+from . import INFERENCE_SUFFIX, OpBackend
 
 
 # (variant, device type) whose native kernel saves its state tensors NCHW, [T, B, C, H, W],
@@ -88,6 +88,7 @@ def _register_ops() -> None:
         qualname = "convlstm_fast::" + variants.OP_NAMES[variant]
         if qualname not in _registered:
             register_layer_op(qualname, variant, spec)
+            register_inference_op(qualname + INFERENCE_SUFFIX, variant)
             _registered.add(qualname)
 
 

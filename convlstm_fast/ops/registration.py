@@ -37,6 +37,12 @@ BACKWARD_SCHEMA = (
     " -> (Tensor grad_x, Tensor grad_h0, Tensor grad_c0, Tensor[] grad_params)"
 )
 
+# The forward without the saved tensors (a native op's ``<name>_inference`` twin).
+INFERENCE_SCHEMA = (
+    "(Tensor x, Tensor h0, Tensor c0, Tensor[] params, int gate_activation)"
+    " -> (Tensor output, Tensor h_n, Tensor c_n)"
+)
+
 # (shape, dtype) of each saved tensor, from the forward's inputs: (x, h0, params) -> list.
 SavedSpec = Callable[[torch.Tensor, torch.Tensor, Sequence[torch.Tensor]], list]
 
@@ -140,3 +146,19 @@ def register_layer_op(qualname: str, variant: str, saved_spec: SavedSpec) -> Non
     forward_flops, backward_flops = _flop_formulas(variant)
     register_flop_formula(getattr(ops, name))(forward_flops)
     register_flop_formula(backward_op)(backward_flops)
+
+
+def register_inference_op(qualname: str, variant: str) -> None:
+    """Register the fake tensors and flop formula of ``qualname`` (``<name>_inference``): the
+    forward without the saved tensors, ``-> (output, h_n, c_n)``, for calls that want no
+    gradient. It has no autograd; :meth:`OpBackend.run_layer` calls it only when no input needs
+    a gradient."""
+    namespace, name = qualname.split("::")
+
+    def fake(x, h0, c0, params, gate_activation):
+        output, h_n, c_n, _ = _layer_fake(x, h0, c0, params, gate_activation,
+                                          saved_spec=lambda *args: [])
+        return output, h_n, c_n
+
+    torch.library.register_fake(qualname)(fake)
+    register_flop_formula(getattr(getattr(torch.ops, namespace), name))(_flop_formulas(variant)[0])

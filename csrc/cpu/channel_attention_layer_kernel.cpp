@@ -75,7 +75,7 @@ void channel_attention(const at::Tensor& out, const at::Tensor& z) {
 template <int kAttention>
 LayerResult attention_layer_forward(const at::Tensor& x, const at::Tensor& h0,
                                     const at::Tensor& c0, at::TensorList params_in,
-                                    int64_t gate_activation) {
+                                    int64_t gate_activation, bool save) {
   const char* op = Names<kAttention>::op;
   const std::vector<at::Tensor> params = contiguous_params(params_in);
   const int64_t k = kernel_size_of(op, params, kCandDwX, kNumParams);
@@ -89,10 +89,11 @@ LayerResult attention_layer_forward(const at::Tensor& x, const at::Tensor& h0,
     return empty_layer_result(x, h0, c0, shapes);
   }
   const at::TensorOptions options = x.options();
-  const at::Tensor cell = at::empty(shapes[0], options);
-  const at::Tensor candidate = at::empty(shapes[1], options);
+  // Without `save`, C_t in two step buffers (C_{t−1} is read while C_t is written), G and A in one.
+  const StepBuffers cell(shapes[0], options, save, 2);
+  const StepBuffers candidate(shapes[1], options, save, 1);
   const at::Tensor gate_preact = at::empty(shapes[2], options);
-  const at::Tensor attention = at::empty(shapes[3], options);
+  const StepBuffers attention(shapes[3], options, save, 1);
   const at::Tensor output = at::empty({steps, batch, c, height, width}, options);
   const at::Tensor x_c = x.contiguous(), h0_c = h0.contiguous(), c0_c = c0.contiguous();
   // Step buffers, reused.
@@ -127,7 +128,7 @@ LayerResult attention_layer_forward(const at::Tensor& x, const at::Tensor& h0,
                                           cell[t], output[t], h_bar);
   }
   return {output, output[steps - 1].clone(), cell[steps - 1].clone(),
-          {cell, candidate, gate_preact, attention}};
+          {cell.all(), candidate.all(), gate_preact, attention.all()}};
 }
 
 // Reverse time, per step: F and the depthwise outputs recomputed, then
@@ -241,9 +242,11 @@ LayerResult attention_layer_backward(const at::Tensor& grad_output, const at::Te
 }  // namespace
 
 TORCH_LIBRARY_IMPL(convlstm_fast, CPU, m) {
-  m.impl("input_attention_layer", &attention_layer_forward<0>);
+  m.impl("input_attention_layer", &training_forward<attention_layer_forward<0>>);
+  m.impl("input_attention_layer_inference", &inference_forward<attention_layer_forward<0>>);
   m.impl("input_attention_layer_backward", &attention_layer_backward<0>);
-  m.impl("output_attention_layer", &attention_layer_forward<2>);
+  m.impl("output_attention_layer", &training_forward<attention_layer_forward<2>>);
+  m.impl("output_attention_layer_inference", &inference_forward<attention_layer_forward<2>>);
   m.impl("output_attention_layer_backward", &attention_layer_backward<2>);
 }
 

@@ -168,7 +168,7 @@ struct ConvSide {
 
 LayerResult convlstm_layer_forward(const at::Tensor& x, const at::Tensor& h0,
                                    const at::Tensor& c0, at::TensorList params_in,
-                                   int64_t gate_activation) {
+                                   int64_t gate_activation, bool save) {
   const std::vector<at::Tensor> params = contiguous_params(params_in);
   const int64_t k = kernel_size_of(kOp, params, kWeightH, 3);
   TORCH_CHECK(x.dim() == 5 && h0.dim() == 4, kOp, ": x must be [T, B, Cin, H, W], h0 [B, C, H, W]");
@@ -181,8 +181,9 @@ LayerResult convlstm_layer_forward(const at::Tensor& x, const at::Tensor& h0,
     return empty_layer_result(x, h0, c0, shapes);
   }
   const at::TensorOptions options = x.options();
-  const at::Tensor cell = at::empty(shapes[0], options);
-  const at::Tensor gates = at::empty(shapes[1], options);
+  // Saved (only with `save`): written a step at a time, in the shared channels-last layout.
+  const at::Tensor cell = at::empty(save ? shapes[0] : std::vector<int64_t>{0}, options);
+  const at::Tensor gates = at::empty(save ? shapes[1] : std::vector<int64_t>{0}, options);
   const at::Tensor output = at::empty({steps, batch, channels, height, width}, options);
   const at::Tensor weight = at::cat({params[kWeightX], params[kWeightH]}, 1);
   const at::Tensor xh = at::empty({batch, cin + channels, height, width}, options);
@@ -214,9 +215,10 @@ LayerResult convlstm_layer_forward(const at::Tensor& x, const at::Tensor& h0,
         });
       });
     });
-    // The saved tensors keep the layout every native backend shares (channels-last).
-    copy_to_channels_last(gates[t], z);
-    copy_to_channels_last(cell[t], c_next);
+    if (save) {
+      copy_to_channels_last(gates[t], z);
+      copy_to_channels_last(cell[t], c_next);
+    }
   }
   const at::Tensor& c_n = cell_step[steps % 2];
   return {output, output[steps - 1].clone(), c_n.clone(), {cell, gates}};
@@ -310,7 +312,8 @@ LayerResult convlstm_layer_backward(const at::Tensor& grad_output, const at::Ten
 }  // namespace
 
 TORCH_LIBRARY_IMPL(convlstm_fast, CPU, m) {
-  m.impl("convlstm_layer", &convlstm_layer_forward);
+  m.impl("convlstm_layer", &training_forward<convlstm_layer_forward>);
+  m.impl("convlstm_layer_inference", &inference_forward<convlstm_layer_forward>);
   m.impl("convlstm_layer_backward", &convlstm_layer_backward);
 }
 

@@ -61,6 +61,45 @@ inline std::vector<at::Tensor> contiguous_params(at::TensorList params) {
   return out;
 }
 
+// A forward (x, h0, c0, params, gate_activation, save) -> LayerResult, with `save` false when
+// nothing is kept for backward; registered twice: the op itself (saving) and its `_inference`
+// twin, which returns (output, h_n, c_n) only.
+using InferenceResult = std::tuple<at::Tensor, at::Tensor, at::Tensor>;
+using LayerForward = LayerResult (*)(const at::Tensor&, const at::Tensor&, const at::Tensor&,
+                                     at::TensorList, int64_t, bool);
+
+template <LayerForward kForward>
+LayerResult training_forward(const at::Tensor& x, const at::Tensor& h0, const at::Tensor& c0,
+                             at::TensorList params, int64_t gate_activation) {
+  return kForward(x, h0, c0, params, gate_activation, true);
+}
+
+template <LayerForward kForward>
+InferenceResult inference_forward(const at::Tensor& x, const at::Tensor& h0,
+                                  const at::Tensor& c0, at::TensorList params,
+                                  int64_t gate_activation) {
+  const LayerResult result = kForward(x, h0, c0, params, gate_activation, false);
+  return {std::get<0>(result), std::get<1>(result), std::get<2>(result)};
+}
+
+// A per-step tensor a forward writes, [T, ...]: every step kept when it is saved for backward,
+// else `ring` step buffers reused in turn (step t in buffer t % ring).
+class StepBuffers {
+ public:
+  StepBuffers(std::vector<int64_t> shape, const at::TensorOptions& options, bool save,
+              int64_t ring)
+      : ring_(save ? 0 : ring) {
+    if (ring_ > 0) shape[0] = std::min(shape[0], ring_);
+    data_ = at::empty(shape, options);
+  }
+  at::Tensor operator[](int64_t t) const { return data_[ring_ > 0 ? t % ring_ : t]; }
+  const at::Tensor& all() const { return data_; }
+
+ private:
+  int64_t ring_;
+  at::Tensor data_;
+};
+
 // The kernel size K of an op, read from params[index] (a [*, *, K, K] weight), checked.
 int64_t kernel_size_of(const char* op, at::TensorList params, size_t index, size_t count);
 

@@ -43,7 +43,7 @@ std::vector<std::vector<int64_t>> saved_shapes(const at::Tensor& x, int64_t c) {
 }
 
 LayerResult pooled_layer_forward(const at::Tensor& x, const at::Tensor& h0, const at::Tensor& c0,
-                                 at::TensorList params_in, int64_t gate_activation) {
+                                 at::TensorList params_in, int64_t gate_activation, bool save) {
   const std::vector<at::Tensor> params = contiguous_params(params_in);
   const int64_t k = kernel_size_of(kOp, params, kCandDwX, 8);
   TORCH_CHECK(x.dim() == 5 && h0.dim() == 4, kOp, ": x must be [T, B, Cin, H, W], h0 [B, C, H, W]");
@@ -52,12 +52,14 @@ LayerResult pooled_layer_forward(const at::Tensor& x, const at::Tensor& h0, cons
   const int64_t steps = x.size(0), batch = x.size(1), cin = x.size(2), height = x.size(3),
                 width = x.size(4), channels = h0.size(1), pixels = height * width;
   const at::TensorOptions options = x.options();
-  const at::Tensor cell = at::empty({steps, batch, channels, height, width}, options);
-  const at::Tensor candidate = at::empty({steps, batch, channels, height, width}, options);
-  const at::Tensor gate_preact = at::empty({steps, batch, 3 * channels}, options);
+  const auto shapes = saved_shapes(x, channels);
   if (steps == 0 || batch * pixels * channels == 0 || cin == 0) {
-    return empty_layer_result(x, h0, c0, saved_shapes(x, channels));
+    return empty_layer_result(x, h0, c0, shapes);
   }
+  // Without `save`, C_t in two step buffers (C_{t−1} is read while C_t is written), G in one.
+  const StepBuffers cell(shapes[0], options, save, 2);
+  const StepBuffers candidate(shapes[1], options, save, 1);
+  const at::Tensor gate_preact = at::empty(shapes[2], options);
   const at::Tensor output = at::empty({steps, batch, channels, height, width}, options);
   const at::Tensor x_c = x.contiguous(), h0_c = h0.contiguous(), c0_c = c0.contiguous();
   // Step buffers, reused.
@@ -85,7 +87,7 @@ LayerResult pooled_layer_forward(const at::Tensor& x, const at::Tensor& h0, cons
                                   h_bar);
   }
   return {output, output[steps - 1].clone(), cell[steps - 1].clone(),
-          {cell, candidate, gate_preact}};
+          {cell.all(), candidate.all(), gate_preact}};
 }
 
 // Reverse time (KERNELS.md "One step, backward"), per step:
@@ -171,7 +173,8 @@ LayerResult pooled_layer_backward(const at::Tensor& grad_output, const at::Tenso
 }  // namespace
 
 TORCH_LIBRARY_IMPL(convlstm_fast, CPU, m) {
-  m.impl("pooled_layer", &pooled_layer_forward);
+  m.impl("pooled_layer", &training_forward<pooled_layer_forward>);
+  m.impl("pooled_layer_inference", &inference_forward<pooled_layer_forward>);
   m.impl("pooled_layer_backward", &pooled_layer_backward);
 }
 

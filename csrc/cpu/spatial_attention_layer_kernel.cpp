@@ -138,7 +138,7 @@ struct AttentionFeatures {
 
 LayerResult spatial_attention_layer_forward(const at::Tensor& x, const at::Tensor& h0,
                                             const at::Tensor& c0, at::TensorList params_in,
-                                            int64_t gate_activation) {
+                                            int64_t gate_activation, bool save) {
   const std::vector<at::Tensor> params = contiguous_params(params_in);
   const int64_t k = kernel_size_of(kOp, params, kCandDwX, kNumParams);
   TORCH_CHECK(x.dim() == 5 && h0.dim() == 4, kOp, ": x must be [T, B, Cin, H, W], h0 [B, C, H, W]");
@@ -151,10 +151,11 @@ LayerResult spatial_attention_layer_forward(const at::Tensor& x, const at::Tenso
     return empty_layer_result(x, h0, c0, shapes);
   }
   const at::TensorOptions options = x.options();
-  const at::Tensor cell = at::empty(shapes[0], options);
-  const at::Tensor candidate = at::empty(shapes[1], options);
+  // Without `save`, C_t in two step buffers (C_{t−1} is read while C_t is written), G and A in one.
+  const StepBuffers cell(shapes[0], options, save, 2);
+  const StepBuffers candidate(shapes[1], options, save, 1);
   const at::Tensor gate_preact = at::empty(shapes[2], options);
-  const at::Tensor attention = at::empty(shapes[3], options);
+  const StepBuffers attention(shapes[3], options, save, 1);
   const at::Tensor output = at::empty({steps, batch, c, height, width}, options);
   const at::Tensor x_c = x.contiguous(), h0_c = h0.contiguous(), c0_c = c0.contiguous();
   // Step buffers, reused.
@@ -190,7 +191,7 @@ LayerResult spatial_attention_layer_forward(const at::Tensor& x, const at::Tenso
                                   h_bar);
   }
   return {output, output[steps - 1].clone(), cell[steps - 1].clone(),
-          {cell, candidate, gate_preact, attention}};
+          {cell.all(), candidate.all(), gate_preact, attention.all()}};
 }
 
 // Reverse time, per step: F and X̃ recomputed, then
@@ -310,7 +311,9 @@ LayerResult spatial_attention_layer_backward(const at::Tensor& grad_output,
 }  // namespace
 
 TORCH_LIBRARY_IMPL(convlstm_fast, CPU, m) {
-  m.impl("spatial_attention_layer", &spatial_attention_layer_forward);
+  m.impl("spatial_attention_layer", &training_forward<spatial_attention_layer_forward>);
+  m.impl("spatial_attention_layer_inference",
+         &inference_forward<spatial_attention_layer_forward>);
   m.impl("spatial_attention_layer_backward", &spatial_attention_layer_backward);
 }
 
