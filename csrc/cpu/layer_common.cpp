@@ -136,40 +136,6 @@ void transpose_tiles(const scalar_t* in, scalar_t* out, int64_t n, int64_t rows,
   });
 }
 
-// Views t as [n, rows, cols] (n: the first lead_dims sizes, rows: the next first_dims, cols: the
-// rest) and returns its [n, cols, rows] transpose, shaped out_shape.
-at::Tensor transpose_trailing(const at::Tensor& t, int64_t lead_dims, int64_t first_dims,
-                              std::vector<int64_t> out_shape) {
-  const at::Tensor in = t.contiguous();
-  int64_t n = 1, rows = 1, cols = 1;
-  for (int64_t i = 0; i < in.dim(); ++i) {
-    (i < lead_dims ? n : (i < lead_dims + first_dims ? rows : cols)) *= in.size(i);
-  }
-  at::Tensor out = at::empty(out_shape, in.options());
-  AT_DISPATCH_FLOATING_TYPES(in.scalar_type(), "transpose_trailing", [&] {
-    transpose_tiles<scalar_t>(in.data_ptr<scalar_t>(), out.data_ptr<scalar_t>(), n, rows, cols);
-  });
-  return out;
-}
-
-}  // namespace
-
-at::Tensor to_channels_last(const at::Tensor& t) {
-  const int64_t d = t.dim();
-  std::vector<int64_t> shape(t.sizes().begin(), t.sizes().end() - 3);
-  shape.insert(shape.end(), {t.size(d - 2), t.size(d - 1), t.size(d - 3)});
-  return transpose_trailing(t, d - 3, 1, shape);  // [..., C | H, W] -> [..., H, W, C]
-}
-
-at::Tensor from_channels_last(const at::Tensor& t) {
-  const int64_t d = t.dim();
-  std::vector<int64_t> shape(t.sizes().begin(), t.sizes().end() - 3);
-  shape.insert(shape.end(), {t.size(d - 1), t.size(d - 3), t.size(d - 2)});
-  return transpose_trailing(t, d - 3, 2, shape);  // [..., H, W | C] -> [..., C, H, W]
-}
-
-namespace {
-
 // dst [n, cols, rows] = src [n, rows, cols]ᵀ when both are contiguous (the tiled loop), else
 // ATen's strided copy.
 void transpose_copy(const at::Tensor& dst, const at::Tensor& src, int64_t n, int64_t rows,

@@ -120,14 +120,10 @@ void check_backward_inputs(const char* op, const at::Tensor& grad_output,
                            at::TensorList saved,
                            const std::vector<std::vector<int64_t>>& saved_shapes);
 
-// [..., C, H, W] -> [..., H, W, C] contiguous, and back.
-at::Tensor to_channels_last(const at::Tensor& t);
-at::Tensor from_channels_last(const at::Tensor& t);
-
-// One step's slice between the op's NCHW tensors and the channels-last working buffers:
+// One step's slice between the op's NCHW tensors and a channels-last tensor:
 // dst [B, H, W, C] (contiguous) = src [B, C, H, W], and dst [B, C, H, W] = src [B, H, W, C].
-// The kernels move a step at a time through buffers reused across steps, so no sequence-sized
-// temporary is ever allocated for a layout change (fresh pages cost more here than the copy).
+// A step at a time, so no sequence-sized temporary is ever allocated for a layout change
+// (fresh pages cost more here than the copy).
 void copy_to_channels_last(const at::Tensor& dst, const at::Tensor& src);
 void copy_from_channels_last(const at::Tensor& dst, const at::Tensor& src);
 

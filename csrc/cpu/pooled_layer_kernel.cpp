@@ -6,7 +6,7 @@
 // the output or the gradients (on this CPU a transpose of one step's state costs a quarter of
 // the step's GEMM time, and a layer would need several per step). A step is the depthwise convs
 // of X_t and H_{t−1} (per-plane stencils, layer_common.h), the two pointwise GEMMs per sample
-// (P·dw(·) on [C, H·W] planes, which BLAS runs at the same rate as the channels-last form), the
+// (P·dw(·) on [C, H·W] planes, which BLAS runs at the same rate as a channels-last form), the
 // pooled-gate FCs, and one fused loop per (sample, channel) plane that adds b_c, applies tanh,
 // updates the cell, writes H_t straight into the output and sums it for the next step's h̄.
 // Unlike shared/KERNELS.md's GPU design, the X side is not batched over T before the loop: the
@@ -14,8 +14,8 @@
 // fresh multi-MB allocation, paid in page faults (measured: a 6.4 MB depthwise output took
 // 4.6 ms freshly allocated vs 0.9 ms in reused memory). Everything else lives in step buffers
 // reused across steps.
-// Saved for backward (native.py SAVED_SPECS["a"]): cell C_t and candidate G [T, B, C, H, W] (NCHW,
-// where the other native kernels save channels-last: native.py NCHW_SAVED), gate_preact [T, B, 3C].
+// Saved for backward (native.py NATIVE_SAVED_SPECS["a"]): cell C_t and candidate G [T, B, C, H, W]
+// (NCHW, where the CUDA kernels save channels-last: native.py NCHW_SAVED), gate_preact [T, B, 3C].
 #include <array>
 
 #include "cpu/pooled_cell.h"
@@ -36,7 +36,7 @@ std::vector<ParamSpec> param_specs(int64_t cin, int64_t c, int64_t k) {
           {"cand_pw_h", {c, c}},           {"cand_bias", {c}}};
 }
 
-// NCHW, unlike the other native kernels' channels-last (native.py NCHW_SAVED).
+// NCHW, unlike the CUDA kernels' channels-last (native.py NCHW_SAVED).
 std::vector<std::vector<int64_t>> saved_shapes(const at::Tensor& x, int64_t c) {
   const int64_t t = x.size(0), b = x.size(1), h = x.size(3), w = x.size(4);
   return {{t, b, c, h, w}, {t, b, c, h, w}, {t, b, 3 * c}};
