@@ -21,8 +21,7 @@ namespace cpu {
 namespace {
 
 enum Param {
-  kGateWx, kGateWh, kGateBias, kCandDwX, kCandPwX, kCandDwH, kCandPwH, kCandBias,
-  kAttDwX, kAttPwX, kAttDwH, kAttPwH, kAttBias, kAttDwZ, kAttPwZ, kNumParams
+  kAttDwX = kPooledParams, kAttPwX, kAttDwH, kAttPwH, kAttBias, kAttDwZ, kAttPwZ, kNumParams
 };
 
 // kAttention: which gate is the attention map (0: input gate, variant c; 2: output gate, d).
@@ -89,46 +88,23 @@ LayerResult attention_layer_forward(const at::Tensor& x, const at::Tensor& h0,
     return empty_layer_result(x, h0, c0, shapes);
   }
   const at::TensorOptions options = x.options();
-  // Without `save`, C_t in two step buffers (C_{t−1} is read while C_t is written), G and A in one.
-  const StepBuffers cell(shapes[0], options, save, 2);
-  const StepBuffers candidate(shapes[1], options, save, 1);
-  const at::Tensor gate_preact = at::empty(shapes[2], options);
+  PooledForward<kAttention> fwd(x, h0, c0, params, gate_activation, shapes, save);
+  // Without `save`, A in one step buffer.
   const StepBuffers attention(shapes[3], options, save, 1);
-  const at::Tensor output = at::empty({steps, batch, c, height, width}, options);
-  const at::Tensor x_c = x.contiguous(), h0_c = h0.contiguous(), c0_c = c0.contiguous();
   // Step buffers, reused.
-  const at::Tensor dw_x = at::empty({batch, cin, height, width}, options);
-  const at::Tensor dw_h = at::empty({batch, c, height, width}, options);
   const at::Tensor features = at::empty({batch, c, height, width}, options);
+  const at::Tensor dw_z = at::empty({batch, c, height, width}, options);
   const at::Tensor z = at::empty({batch, c, height, width}, options);
-  const at::Tensor preact = at::empty({batch, c, height, width}, options);
-  const at::Tensor x_bar = at::empty({batch, cin}, options);
-  const at::Tensor h_bar = at::empty({batch, c}, options);
-  const at::Tensor gates = at::empty({batch, 2 * c}, options);
-  plane_means(h_bar, h0_c);
   for (int64_t t = 0; t < steps; ++t) {
-    const at::Tensor x_t = x_c[t];
-    const at::Tensor h_prev = t > 0 ? output[t - 1] : h0_c;
-    const at::Tensor c_prev = t > 0 ? cell[t - 1] : c0_c;
-    // Attention: F, Z = SepConv_z(F), A = exp(Z − max Z).
-    sepconv_planes(features, x_t, params[kAttDwX], params[kAttPwX], dw_x, false);
-    sepconv_planes(features, h_prev, params[kAttDwH], params[kAttPwH], dw_h, true);
+    // Attention: F, Z = SepConv_z(F), A = exp(Z − max Z); then the cell with A as a gate.
+    fwd.sepconvs(t, features, params[kAttDwX], params[kAttPwX], params[kAttDwH],
+                 params[kAttPwH]);
     attention_features(features, params[kAttBias]);
-    sepconv_planes(z, features, params[kAttDwZ], params[kAttPwZ], dw_h, false);
+    sepconv_planes(z, features, params[kAttDwZ], params[kAttPwZ], dw_z, false);
     channel_attention(attention[t], z);
-    // Pooled gates (h̄ summed by the previous step's loop) and the candidate.
-    plane_means(x_bar, x_t);
-    at::Tensor step_preact = gate_preact[t];
-    pooled_gate_preact(step_preact, params[kGateBias], x_bar, params[kGateWx], h_bar,
-                       params[kGateWh]);
-    sepconv_planes(preact, x_t, params[kCandDwX], params[kCandPwX], dw_x, false);
-    sepconv_planes(preact, h_prev, params[kCandDwH], params[kCandPwH], dw_h, true);
-    gated_planes_step_forward<kAttention>(step_preact, gate_activation, gates, attention[t],
-                                          preact, params[kCandBias], c_prev, candidate[t],
-                                          cell[t], output[t], h_bar);
+    fwd.cell_step(t, fwd.x[t], false, attention[t]);
   }
-  return {output, output[steps - 1].clone(), cell[steps - 1].clone(),
-          {cell.all(), candidate.all(), gate_preact, attention.all()}};
+  return fwd.result({attention.all()});
 }
 
 // Reverse time, per step: F and the depthwise outputs recomputed, then
@@ -158,85 +134,43 @@ LayerResult attention_layer_backward(const at::Tensor& grad_output, const at::Te
     return empty_layer_grads(x, grad_h_n, grad_c_n, params);
   }
   const at::TensorOptions options = x.options();
-  const at::Tensor cell = saved[0].contiguous(), candidate = saved[1].contiguous(),
-                   gate_preact = saved[2].contiguous(), attention = saved[3].contiguous();
-  const at::Tensor x_c = x.contiguous(), h0_c = h0.contiguous(), c0_c = c0.contiguous();
-  const at::Tensor output_c = output.contiguous(), grad_output_c = grad_output.contiguous();
-
+  PooledBackward<kAttention> back(grad_output, grad_h_n, grad_c_n, x, h0, c0, params, output,
+                                  saved);
+  const at::Tensor attention = saved[3].contiguous();
+  AttentionFeaturesBackward att_f(params[kAttDwX], params[kAttPwX], params[kAttDwH],
+                                  params[kAttPwH], params[kAttBias], back.x[0], back.h0, steps);
+  SepConvBranch att_z(params[kAttDwZ], params[kAttPwZ], at::Tensor(), back.h0, steps);
   // Step buffers, reused.
   const at::Tensor features = at::empty({batch, c, height, width}, options);
   const at::Tensor grad_features = at::empty({batch, c, height, width}, options);
-  const at::Tensor grad_cand = at::empty({batch, c, height, width}, options);
   const at::Tensor grad_z = at::empty({batch, c, height, width}, options);
-  const at::Tensor sums = at::empty({batch, c, 4}, options);
-  const at::Tensor gates = at::empty({batch, 2 * c}, options);
-  // The pooled gates' pre-activation gradients of every step (dU is reduced after the loop).
-  const at::Tensor grad_gate_preact = at::empty({steps, batch, 2 * c}, options);
-  const at::Tensor grad_cand_bias = at::zeros({c}, options);
-  const at::Tensor grad_att_bias = at::zeros({c}, options);
-  SepConvBranch cand_h(params[kCandDwH], params[kCandPwH], params[kGateWh], h0_c, steps);
-  SepConvBranch cand_x(params[kCandDwX], params[kCandPwX], params[kGateWx], x_c[0], steps);
-  SepConvBranch att_h(params[kAttDwH], params[kAttPwH], at::Tensor(), h0_c, steps);
-  SepConvBranch att_x(params[kAttDwX], params[kAttPwX], at::Tensor(), x_c[0], steps);
-  SepConvBranch att_z(params[kAttDwZ], params[kAttPwZ], at::Tensor(), h0_c, steps);
-
-  const at::Tensor grad_x = at::empty(x.sizes(), options);
-  // dL/dH and dL/dC flowing back to step t − 1, each through two buffers: this step reads one
-  // and writes the other.
-  std::array<at::Tensor, 2> grad_h{at::empty_like(h0_c).copy_(grad_h_n), at::empty_like(h0_c)};
-  std::array<at::Tensor, 2> grad_c{at::empty_like(c0_c).copy_(grad_c_n), at::empty_like(c0_c)};
 
   for (int64_t t = steps - 1; t >= 0; --t) {
-    const int64_t in = (steps - 1 - t) % 2, out = 1 - in;
-    const at::Tensor c_prev = t > 0 ? cell[t - 1] : c0_c;
-    const at::Tensor h_prev = t > 0 ? output_c[t - 1] : h0_c;
-    const at::Tensor x_t = x_c[t];
-    const at::Tensor dgp = grad_gate_preact[t];
-    // Recompute F (the branches keep their depthwise outputs for the weight gradients).
-    att_x.load(t, x_t);
-    att_h.load(t, h_prev);
-    att_x.output(features, false);
-    att_h.output(features, true);
-    attention_features(features, params[kAttBias]);
+    const auto s = back.step(t);
+    att_f.recompute(t, s.x, s.h_prev, features);
     att_z.load(t, features);
-    cand_x.load(t, x_t);
-    cand_h.load(t, h_prev);
-
-    gated_planes_step_backward<kAttention>(
-        gate_preact[t], gate_activation, gates, sums, attention[t], candidate[t], c_prev,
-        cell[t], grad_output_c[t], grad_h[in], grad_c[in], grad_cand, grad_c[out], grad_z, dgp,
-        grad_cand_bias);
-    // Through Z = SepConv_z(F) and F = tanh(·) to dF_pre.
+    back.cand_x.load(t, s.x);
+    back.cand_h.load(t, s.h_prev);
+    back.cell_backward(s, gate_activation, attention[t], grad_z);
+    // Through Z = SepConv_z(F) to dF.
     att_z.backward(features, grad_z, at::Tensor(), grad_features, false);
-    attention_features_backward(features, grad_features, grad_att_bias);
     // dX_t and dH_{t−1}: the candidate's share with the pooled gates' as the planes' initial
-    // value, then the attention's.
-    at::Tensor grad_x_t = grad_x[t];
-    cand_x.backward(x_t, grad_cand, dgp, grad_x_t, false);
-    att_x.backward(x_t, grad_features, at::Tensor(), grad_x_t, true);
-    cand_h.backward(h_prev, grad_cand, dgp, grad_h[out], false);
-    att_h.backward(h_prev, grad_features, at::Tensor(), grad_h[out], true);
+    // value, then the attention features'.
+    const at::Tensor grad_x_t = back.grad_x[t];
+    back.cand_x.backward(s.x, back.grad_cand, s.dgp, grad_x_t, false);
+    back.cand_h.backward(s.h_prev, back.grad_cand, s.dgp, s.grad_h_out, false);
+    att_f.backward(s.x, s.h_prev, features, grad_features, grad_x_t, s.grad_h_out);
   }
 
-  const int64_t last = steps % 2;  // the buffers holding dL/dH_0 and dL/dC_0
-  const at::Tensor grad_gp_flat = grad_gate_preact.view({steps * batch, 2 * c});
   std::vector<at::Tensor> grads(kNumParams);
-  grads[kGateWx] = at::mm(grad_gp_flat.t(), cand_x.bars.view({steps * batch, cin}));
-  grads[kGateWh] = at::mm(grad_gp_flat.t(), cand_h.bars.view({steps * batch, c}));
-  grads[kGateBias] = grad_gp_flat.sum(0);
-  grads[kCandDwX] = cand_x.grad_depthwise;
-  grads[kCandPwX] = cand_x.grad_pointwise;
-  grads[kCandDwH] = cand_h.grad_depthwise;
-  grads[kCandPwH] = cand_h.grad_pointwise;
-  grads[kCandBias] = grad_cand_bias;
-  grads[kAttDwX] = att_x.grad_depthwise;
-  grads[kAttPwX] = att_x.grad_pointwise;
-  grads[kAttDwH] = att_h.grad_depthwise;
-  grads[kAttPwH] = att_h.grad_pointwise;
-  grads[kAttBias] = grad_att_bias;
+  grads[kAttDwX] = att_f.x.grad_depthwise;
+  grads[kAttPwX] = att_f.x.grad_pointwise;
+  grads[kAttDwH] = att_f.h.grad_depthwise;
+  grads[kAttPwH] = att_f.h.grad_pointwise;
+  grads[kAttBias] = att_f.grad_bias;
   grads[kAttDwZ] = att_z.grad_depthwise;
   grads[kAttPwZ] = att_z.grad_pointwise;
-  return {grad_x, grad_h[last], grad_c[last], grads};
+  return back.result(std::move(grads));
 }
 
 }  // namespace

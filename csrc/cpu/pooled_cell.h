@@ -10,6 +10,8 @@
 // below are plain vectorised streams over the plane's H·W values.
 #pragma once
 
+#include <array>
+
 #include "cpu/layer_common.h"
 
 namespace convlstm_fast {
@@ -331,6 +333,202 @@ inline void attention_features_backward(const at::Tensor& features, const at::Te
     });
   });
 }
+
+// The parameters every pooled cell starts with (shared/SPEC.md "Parameters"), in this order; b,
+// c, d append their attention's after kCandBias.
+enum PooledParam {
+  kGateWx, kGateWh, kGateBias, kCandDwX, kCandPwX, kCandDwH, kCandPwH, kCandBias, kPooledParams
+};
+
+// What the forward of every pooled cell (a, b, c, d) shares: the inputs made contiguous, the
+// output, what is saved for backward (saved_shapes[0..2]: cell C_t and candidate G, the gate
+// pre-activations; with `save` false, C_t in two step buffers — C_{t−1} is read while C_t is
+// written — and G in one), the step buffers of the candidate's SepConvs and of the pooled gates,
+// and the cell step itself.
+template <int kAttention>
+struct PooledForward {
+  const std::vector<at::Tensor>& params;
+  int64_t activation;
+  at::Tensor x, h0, c0, output, gate_preact;
+  StepBuffers cell, candidate;
+  at::Tensor dw_x, dw_h, preact, x_bar, h_bar, gates;
+
+  PooledForward(const at::Tensor& x_, const at::Tensor& h0_, const at::Tensor& c0_,
+                const std::vector<at::Tensor>& params_, int64_t activation_,
+                const std::vector<std::vector<int64_t>>& saved_shapes, bool save)
+      : params(params_),
+        activation(activation_),
+        x(x_.contiguous()),
+        h0(h0_.contiguous()),
+        c0(c0_.contiguous()),
+        output(at::empty({x.size(0), h0.size(0), h0.size(1), h0.size(2), h0.size(3)},
+                         x.options())),
+        gate_preact(at::empty(saved_shapes[2], x.options())),
+        cell(saved_shapes[0], x.options(), save, 2),
+        candidate(saved_shapes[1], x.options(), save, 1),
+        dw_x(at::empty_like(x[0])),
+        dw_h(at::empty_like(h0)),
+        preact(at::empty_like(h0)),
+        x_bar(at::empty({x.size(1), x.size(2)}, x.options())),
+        h_bar(at::empty({h0.size(0), h0.size(1)}, x.options())),
+        gates(at::empty_like(gate_preact[0])) {
+    plane_means(h_bar, h0);
+  }
+
+  at::Tensor h_prev(int64_t t) const { return t > 0 ? output[t - 1] : h0; }
+
+  // features = SepConv_x(X_t) + SepConv_h(H_{t−1}) with the given weights (the attention's).
+  void sepconvs(int64_t t, const at::Tensor& features, const at::Tensor& dw_x_weight,
+                const at::Tensor& pw_x_weight, const at::Tensor& dw_h_weight,
+                const at::Tensor& pw_h_weight) const {
+    sepconv_planes(features, x[t], dw_x_weight, pw_x_weight, dw_x, false);
+    sepconv_planes(features, h_prev(t), dw_h_weight, pw_h_weight, dw_h, true);
+  }
+
+  // Step t of the cell on input x_in (X_t, or b's X̃): the pooled gates from x̄ (GAP(x_in),
+  // computed here unless `x_bar_ready`) and h̄ (summed by the previous step's loop), the
+  // candidate's SepConvs, and the fused loop with the map gate `map` (kAttention ≥ 0).
+  void cell_step(int64_t t, const at::Tensor& x_in, bool x_bar_ready, const at::Tensor& map) {
+    if (!x_bar_ready) plane_means(x_bar, x_in);
+    const at::Tensor step_preact = gate_preact[t];
+    pooled_gate_preact(step_preact, params[kGateBias], x_bar, params[kGateWx], h_bar,
+                       params[kGateWh]);
+    sepconv_planes(preact, x_in, params[kCandDwX], params[kCandPwX], dw_x, false);
+    sepconv_planes(preact, h_prev(t), params[kCandDwH], params[kCandPwH], dw_h, true);
+    gated_planes_step_forward<kAttention>(step_preact, activation, gates, map, preact,
+                                          params[kCandBias], t > 0 ? cell[t - 1] : c0,
+                                          candidate[t], cell[t], output[t], h_bar);
+  }
+
+  // (output, h_n, c_n, saved): the cell's three saved tensors, then `more`.
+  LayerResult result(const std::vector<at::Tensor>& more) const {
+    const int64_t steps = x.size(0);
+    std::vector<at::Tensor> saved{cell.all(), candidate.all(), gate_preact};
+    saved.insert(saved.end(), more.begin(), more.end());
+    return {output, output[steps - 1].clone(), cell[steps - 1].clone(), saved};
+  }
+};
+
+// What the backward of every pooled cell (a, b, c, d) carries through reverse time: the inputs
+// made contiguous, the saved cell, candidate and gate pre-activations, the state gradients
+// dL/dH and dL/dC flowing back to step t − 1 (each through two buffers: a step reads one and
+// writes the other), the candidate's two SepConv branches (whose inputs also feed the pooled
+// gates through GAP), the fused loop's step buffers, and the gradients of the pooled gates and of
+// the candidate bias. Nothing sequence-sized is allocated besides grad_x.
+template <int kAttention>
+struct PooledBackward {
+  // Step t's tensors: its input (the candidate's X side), H_{t−1}, C_{t−1}, the pooled gates'
+  // pre-activation gradients, and the state gradients read (in) and written (out).
+  struct Step {
+    int64_t t;
+    at::Tensor x, h_prev, c_prev, dgp, grad_h_in, grad_h_out, grad_c_in, grad_c_out;
+  };
+
+  int64_t steps;
+  at::Tensor x, h0, c0, output, grad_output, cell, candidate, gate_preact;
+  at::Tensor grad_cand, sums, gates, grad_gate_preact, grad_cand_bias, grad_x;
+  std::array<at::Tensor, 2> grad_h, grad_c;
+  SepConvBranch cand_x, cand_h;
+
+  PooledBackward(const at::Tensor& grad_output_, const at::Tensor& grad_h_n,
+                 const at::Tensor& grad_c_n, const at::Tensor& x_, const at::Tensor& h0_,
+                 const at::Tensor& c0_, const std::vector<at::Tensor>& params,
+                 const at::Tensor& output_, at::TensorList saved)
+      : steps(x_.size(0)),
+        x(x_.contiguous()),
+        h0(h0_.contiguous()),
+        c0(c0_.contiguous()),
+        output(output_.contiguous()),
+        grad_output(grad_output_.contiguous()),
+        cell(saved[0].contiguous()),
+        candidate(saved[1].contiguous()),
+        gate_preact(saved[2].contiguous()),
+        grad_cand(at::empty_like(h0)),
+        sums(at::empty({h0.size(0), h0.size(1), 4}, h0.options())),
+        gates(at::empty_like(gate_preact[0])),
+        grad_gate_preact(at::empty_like(gate_preact)),
+        grad_cand_bias(at::zeros_like(params[kCandBias])),
+        grad_x(at::empty(x.sizes(), x.options())),
+        grad_h{at::empty_like(h0).copy_(grad_h_n), at::empty_like(h0)},
+        grad_c{at::empty_like(c0).copy_(grad_c_n), at::empty_like(c0)},
+        cand_x(params[kCandDwX], params[kCandPwX], params[kGateWx], x[0], steps),
+        cand_h(params[kCandDwH], params[kCandPwH], params[kGateWh], h0, steps) {}
+
+  Step step(int64_t t) const {
+    const int64_t in = (steps - 1 - t) % 2, out = 1 - in;
+    return {t,
+            x[t],
+            t > 0 ? output[t - 1] : h0,
+            t > 0 ? cell[t - 1] : c0,
+            grad_gate_preact[t],
+            grad_h[in],
+            grad_h[out],
+            grad_c[in],
+            grad_c[out]};
+  }
+
+  // The fused loop of step t (gated_planes_step_backward), with the map gate's A and dZ
+  // (kAttention ≥ 0).
+  void cell_backward(const Step& s, int64_t activation, const at::Tensor& map,
+                     const at::Tensor& grad_z) {
+    gated_planes_step_backward<kAttention>(
+        gate_preact[s.t], activation, gates, sums, map, candidate[s.t], s.c_prev, cell[s.t],
+        grad_output[s.t], s.grad_h_in, s.grad_c_in, grad_cand, s.grad_c_out, grad_z, s.dgp,
+        grad_cand_bias);
+  }
+
+  // The layer's gradients once every step is done: grads gets those of the pooled parameters
+  // (dU_x, dU_h, d b_g reduced over the steps), the rest left to the caller.
+  LayerResult result(std::vector<at::Tensor> grads) const {
+    const int64_t n = steps * x.size(1);
+    const at::Tensor grad_gp = grad_gate_preact.view({n, -1});
+    grads[kGateWx] = at::mm(grad_gp.t(), cand_x.bars.view({n, -1}));
+    grads[kGateWh] = at::mm(grad_gp.t(), cand_h.bars.view({n, -1}));
+    grads[kGateBias] = grad_gp.sum(0);
+    grads[kCandDwX] = cand_x.grad_depthwise;
+    grads[kCandPwX] = cand_x.grad_pointwise;
+    grads[kCandDwH] = cand_h.grad_depthwise;
+    grads[kCandPwH] = cand_h.grad_pointwise;
+    grads[kCandBias] = grad_cand_bias;
+    return {grad_x, grad_h[steps % 2], grad_c[steps % 2], grads};
+  }
+};
+
+// The attention features of b, c, d in backward: F = tanh(SepConv_xa(X_t) + SepConv_ha(H_{t−1})
+// + b_a), recomputed per step (the branches keep their depthwise outputs for the weight
+// gradients), and its backward into dX_t and dH_{t−1}.
+struct AttentionFeaturesBackward {
+  SepConvBranch x, h;
+  at::Tensor bias, grad_bias;
+
+  AttentionFeaturesBackward(const at::Tensor& dw_x, const at::Tensor& pw_x,
+                            const at::Tensor& dw_h, const at::Tensor& pw_h,
+                            const at::Tensor& bias_, const at::Tensor& x_like,
+                            const at::Tensor& h_like, int64_t steps)
+      : x(dw_x, pw_x, at::Tensor(), x_like, steps),
+        h(dw_h, pw_h, at::Tensor(), h_like, steps),
+        bias(bias_),
+        grad_bias(at::zeros_like(bias_)) {}
+
+  void recompute(int64_t t, const at::Tensor& x_t, const at::Tensor& h_prev,
+                 const at::Tensor& features) {
+    x.load(t, x_t);
+    h.load(t, h_prev);
+    x.output(features, false);
+    h.output(features, true);
+    attention_features(features, bias);
+  }
+
+  // grad_features holds dF: becomes dF_pre in place; d b_a accumulates, and the two SepConvs'
+  // input gradients are added to grad_x_t and grad_h_prev.
+  void backward(const at::Tensor& x_t, const at::Tensor& h_prev, const at::Tensor& features,
+                const at::Tensor& grad_features, const at::Tensor& grad_x_t,
+                const at::Tensor& grad_h_prev) {
+    attention_features_backward(features, grad_features, grad_bias);
+    x.backward(x_t, grad_features, at::Tensor(), grad_x_t, true);
+    h.backward(h_prev, grad_features, at::Tensor(), grad_h_prev, true);
+  }
+};
 
 }  // namespace cpu
 }  // namespace convlstm_fast

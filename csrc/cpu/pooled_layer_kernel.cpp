@@ -27,8 +27,6 @@ namespace {
 constexpr const char* kOp = "pooled_layer";
 constexpr const char* kBackwardOp = "pooled_layer_backward";
 
-enum Param { kGateWx, kGateWh, kGateBias, kCandDwX, kCandPwX, kCandDwH, kCandPwH, kCandBias };
-
 std::vector<ParamSpec> param_specs(int64_t cin, int64_t c, int64_t k) {
   return {{"gate_weight_x", {3 * c, cin}}, {"gate_weight_h", {3 * c, c}},
           {"gate_bias", {3 * c}},          {"cand_dw_x", {cin, 1, k, k}},
@@ -45,49 +43,19 @@ std::vector<std::vector<int64_t>> saved_shapes(const at::Tensor& x, int64_t c) {
 LayerResult pooled_layer_forward(const at::Tensor& x, const at::Tensor& h0, const at::Tensor& c0,
                                  at::TensorList params_in, int64_t gate_activation, bool save) {
   const std::vector<at::Tensor> params = contiguous_params(params_in);
-  const int64_t k = kernel_size_of(kOp, params, kCandDwX, 8);
+  const int64_t k = kernel_size_of(kOp, params, kCandDwX, kPooledParams);
   TORCH_CHECK(x.dim() == 5 && h0.dim() == 4, kOp, ": x must be [T, B, Cin, H, W], h0 [B, C, H, W]");
   check_layer_inputs(kOp, x, h0, c0, params, param_specs(x.size(2), h0.size(1), k),
                      gate_activation);
   const int64_t steps = x.size(0), batch = x.size(1), cin = x.size(2), height = x.size(3),
                 width = x.size(4), channels = h0.size(1), pixels = height * width;
-  const at::TensorOptions options = x.options();
   const auto shapes = saved_shapes(x, channels);
   if (steps == 0 || batch * pixels * channels == 0 || cin == 0) {
     return empty_layer_result(x, h0, c0, shapes);
   }
-  // Without `save`, C_t in two step buffers (C_{t−1} is read while C_t is written), G in one.
-  const StepBuffers cell(shapes[0], options, save, 2);
-  const StepBuffers candidate(shapes[1], options, save, 1);
-  const at::Tensor gate_preact = at::empty(shapes[2], options);
-  const at::Tensor output = at::empty({steps, batch, channels, height, width}, options);
-  const at::Tensor x_c = x.contiguous(), h0_c = h0.contiguous(), c0_c = c0.contiguous();
-  // Step buffers, reused.
-  const at::Tensor dw_x = at::empty({batch, cin, height, width}, options);
-  const at::Tensor dw_h = at::empty({batch, channels, height, width}, options);
-  const at::Tensor preact = at::empty({batch, channels, height, width}, options);
-  const at::Tensor x_bar = at::empty({batch, cin}, options);
-  const at::Tensor h_bar = at::empty({batch, channels}, options);
-  const at::Tensor gates = at::empty({batch, 3 * channels}, options);
-  plane_means(h_bar, h0_c);
-  for (int64_t t = 0; t < steps; ++t) {
-    const at::Tensor x_t = x_c[t];
-    const at::Tensor h_prev = t > 0 ? output[t - 1] : h0_c;
-    const at::Tensor c_prev = t > 0 ? cell[t - 1] : c0_c;
-    // Gate pre-activations b_g + U_x x̄ + U_h h̄ (h̄ summed by the previous step's loop).
-    plane_means(x_bar, x_t);
-    at::Tensor step_preact = gate_preact[t];
-    pooled_gate_preact(step_preact, params[kGateBias], x_bar, params[kGateWx], h_bar,
-                       params[kGateWh]);
-    // Candidate pre-activation (b_c is added in the fused loop).
-    sepconv_planes(preact, x_t, params[kCandDwX], params[kCandPwX], dw_x, false);
-    sepconv_planes(preact, h_prev, params[kCandDwH], params[kCandPwH], dw_h, true);
-    gated_planes_step_forward<-1>(step_preact, gate_activation, gates, at::Tensor(), preact,
-                                  params[kCandBias], c_prev, candidate[t], cell[t], output[t],
-                                  h_bar);
-  }
-  return {output, output[steps - 1].clone(), cell[steps - 1].clone(),
-          {cell.all(), candidate.all(), gate_preact}};
+  PooledForward<-1> fwd(x, h0, c0, params, gate_activation, shapes, save);
+  for (int64_t t = 0; t < steps; ++t) fwd.cell_step(t, fwd.x[t], false, at::Tensor());
+  return fwd.result({});
 }
 
 // Reverse time (KERNELS.md "One step, backward"), per step:
@@ -104,7 +72,7 @@ LayerResult pooled_layer_backward(const at::Tensor& grad_output, const at::Tenso
                                   at::TensorList params_in, const at::Tensor& output,
                                   at::TensorList saved, int64_t gate_activation) {
   const std::vector<at::Tensor> params = contiguous_params(params_in);
-  const int64_t k = kernel_size_of(kBackwardOp, params, kCandDwX, 8);
+  const int64_t k = kernel_size_of(kBackwardOp, params, kCandDwX, kPooledParams);
   TORCH_CHECK(x.dim() == 5 && h0.dim() == 4, kBackwardOp,
               ": x must be [T, B, Cin, H, W], h0 [B, C, H, W]");
   check_layer_inputs(kBackwardOp, x, h0, c0, params, param_specs(x.size(2), h0.size(1), k),
@@ -116,58 +84,17 @@ LayerResult pooled_layer_backward(const at::Tensor& grad_output, const at::Tenso
   if (steps == 0 || batch * pixels * channels == 0 || cin == 0) {
     return empty_layer_grads(x, grad_h_n, grad_c_n, params);
   }
-  const at::TensorOptions options = x.options();
-  const at::Tensor cell = saved[0].contiguous(), candidate = saved[1].contiguous();
-  const at::Tensor gate_preact = saved[2].contiguous();
-  const at::Tensor x_c = x.contiguous(), h0_c = h0.contiguous(), c0_c = c0.contiguous();
-  const at::Tensor output_c = output.contiguous(), grad_output_c = grad_output.contiguous();
-
-  // Step buffers, reused.
-  const at::Tensor grad_cand = at::empty({batch, channels, height, width}, options);
-  const at::Tensor sums = at::empty({batch, channels, 4}, options);
-  const at::Tensor gates = at::empty({batch, 3 * channels}, options);
-  // The pooled gates' pre-activation gradients of every step (dU is reduced after the loop).
-  const at::Tensor grad_gate_preact = at::empty({steps, batch, 3 * channels}, options);
-  const at::Tensor grad_cand_bias = at::zeros({channels}, options);
-  SepConvBranch h_side(params[kCandDwH], params[kCandPwH], params[kGateWh], h0_c, steps);
-  SepConvBranch x_side(params[kCandDwX], params[kCandPwX], params[kGateWx], x_c[0], steps);
-
-  const at::Tensor grad_x = at::empty(x.sizes(), options);
-  // dL/dH and dL/dC flowing back to step t − 1, each through two buffers: this step reads one
-  // and writes the other.
-  std::array<at::Tensor, 2> grad_h{at::empty_like(h0_c).copy_(grad_h_n), at::empty_like(h0_c)};
-  std::array<at::Tensor, 2> grad_c{at::empty_like(c0_c).copy_(grad_c_n), at::empty_like(c0_c)};
-
+  PooledBackward<-1> back(grad_output, grad_h_n, grad_c_n, x, h0, c0, params, output, saved);
   for (int64_t t = steps - 1; t >= 0; --t) {
-    const int64_t in = (steps - 1 - t) % 2, out = 1 - in;
-    const at::Tensor c_prev = t > 0 ? cell[t - 1] : c0_c;
-    const at::Tensor h_prev = t > 0 ? output_c[t - 1] : h0_c;
-    const at::Tensor x_t = x_c[t];
-    const at::Tensor dgp = grad_gate_preact[t];
-    gated_planes_step_backward<-1>(gate_preact[t], gate_activation, gates, sums, at::Tensor(),
-                                   candidate[t], c_prev, cell[t], grad_output_c[t], grad_h[in],
-                                   grad_c[in], grad_cand, grad_c[out], at::Tensor(), dgp,
-                                   grad_cand_bias);
-
+    const auto s = back.step(t);
+    back.cell_backward(s, gate_activation, at::Tensor(), at::Tensor());
     // dH_{t−1} and dX_t, each with the pooled gates' share as its planes' initial value.
-    h_side.load(t, h_prev);
-    h_side.backward(h_prev, grad_cand, dgp, grad_h[out], false);
-    x_side.load(t, x_t);
-    x_side.backward(x_t, grad_cand, dgp, grad_x[t], false);
+    back.cand_h.load(t, s.h_prev);
+    back.cand_h.backward(s.h_prev, back.grad_cand, s.dgp, s.grad_h_out, false);
+    back.cand_x.load(t, s.x);
+    back.cand_x.backward(s.x, back.grad_cand, s.dgp, back.grad_x[t], false);
   }
-
-  const int64_t last = steps % 2;  // the buffers holding dL/dH_0 and dL/dC_0
-  const at::Tensor grad_gp_flat = grad_gate_preact.view({steps * batch, 3 * channels});
-  std::vector<at::Tensor> grad_params{
-      at::mm(grad_gp_flat.t(), x_side.bars.view({steps * batch, cin})),
-      at::mm(grad_gp_flat.t(), h_side.bars.view({steps * batch, channels})),
-      grad_gp_flat.sum(0),
-      x_side.grad_depthwise,
-      x_side.grad_pointwise,
-      h_side.grad_depthwise,
-      h_side.grad_pointwise,
-      grad_cand_bias};
-  return {grad_x, grad_h[last], grad_c[last], grad_params};
+  return back.result(std::vector<at::Tensor>(kPooledParams));
 }
 
 }  // namespace

@@ -24,10 +24,7 @@ namespace {
 constexpr const char* kOp = "spatial_attention_layer";
 constexpr const char* kBackwardOp = "spatial_attention_layer_backward";
 
-enum Param {
-  kGateWx, kGateWh, kGateBias, kCandDwX, kCandPwX, kCandDwH, kCandPwH, kCandBias,
-  kAttDwX, kAttPwX, kAttDwH, kAttPwH, kAttBias, kAttWz, kNumParams
-};
+enum Param { kAttDwX = kPooledParams, kAttPwX, kAttDwH, kAttPwH, kAttBias, kAttWz, kNumParams };
 
 std::vector<ParamSpec> param_specs(int64_t cin, int64_t c, int64_t k) {
   return {{"gate_weight_x", {3 * c, cin}}, {"gate_weight_h", {3 * c, c}},
@@ -151,47 +148,25 @@ LayerResult spatial_attention_layer_forward(const at::Tensor& x, const at::Tenso
     return empty_layer_result(x, h0, c0, shapes);
   }
   const at::TensorOptions options = x.options();
-  // Without `save`, C_t in two step buffers (C_{t−1} is read while C_t is written), G and A in one.
-  const StepBuffers cell(shapes[0], options, save, 2);
-  const StepBuffers candidate(shapes[1], options, save, 1);
-  const at::Tensor gate_preact = at::empty(shapes[2], options);
+  PooledForward<-1> fwd(x, h0, c0, params, gate_activation, shapes, save);
+  // Without `save`, A in one step buffer.
   const StepBuffers attention(shapes[3], options, save, 1);
-  const at::Tensor output = at::empty({steps, batch, c, height, width}, options);
-  const at::Tensor x_c = x.contiguous(), h0_c = h0.contiguous(), c0_c = c0.contiguous();
   // Step buffers, reused.
-  const at::Tensor dw_x = at::empty({batch, cin, height, width}, options);
   const at::Tensor x_att = at::empty({batch, cin, height, width}, options);
-  const at::Tensor dw_h = at::empty({batch, c, height, width}, options);
   const at::Tensor features = at::empty({batch, c, height, width}, options);
-  const at::Tensor preact = at::empty({batch, c, height, width}, options);
+  const at::Tensor scratch = at::empty({batch, c, height, width}, options);
   const at::Tensor z = at::empty({batch, height, width}, options);
-  const at::Tensor x_bar = at::empty({batch, cin}, options);
-  const at::Tensor h_bar = at::empty({batch, c}, options);
-  const at::Tensor gates = at::empty({batch, 3 * c}, options);
   const AttentionFeatures att(params[kAttWz]);
-  plane_means(h_bar, h0_c);
   for (int64_t t = 0; t < steps; ++t) {
-    const at::Tensor x_t = x_c[t];
-    const at::Tensor h_prev = t > 0 ? output[t - 1] : h0_c;
-    const at::Tensor c_prev = t > 0 ? cell[t - 1] : c0_c;
-    // Attention: F, A = softmax(W_z * F), X̃ = A∘X_t and its GAP.
-    sepconv_planes(features, x_t, params[kAttDwX], params[kAttPwX], dw_x, false);
-    sepconv_planes(features, h_prev, params[kAttDwH], params[kAttPwH], dw_h, true);
+    // Attention: F, A = softmax(W_z * F), X̃ = A∘X_t and its GAP; then cell (a) on X̃.
+    fwd.sepconvs(t, features, params[kAttDwX], params[kAttPwX], params[kAttDwH],
+                 params[kAttPwH]);
     attention_features(features, params[kAttBias]);
-    att.attention(attention[t], features, dw_h, z);
-    attend(x_att, x_bar, attention[t], x_t);
-    // Cell (a) on X̃ (h̄ summed by the previous step's loop).
-    at::Tensor step_preact = gate_preact[t];
-    pooled_gate_preact(step_preact, params[kGateBias], x_bar, params[kGateWx], h_bar,
-                       params[kGateWh]);
-    sepconv_planes(preact, x_att, params[kCandDwX], params[kCandPwX], dw_x, false);
-    sepconv_planes(preact, h_prev, params[kCandDwH], params[kCandPwH], dw_h, true);
-    gated_planes_step_forward<-1>(step_preact, gate_activation, gates, at::Tensor(), preact,
-                                  params[kCandBias], c_prev, candidate[t], cell[t], output[t],
-                                  h_bar);
+    att.attention(attention[t], features, scratch, z);
+    attend(x_att, fwd.x_bar, attention[t], fwd.x[t]);
+    fwd.cell_step(t, x_att, true, at::Tensor());
   }
-  return {output, output[steps - 1].clone(), cell[steps - 1].clone(),
-          {cell.all(), candidate.all(), gate_preact, attention.all()}};
+  return fwd.result({attention.all()});
 }
 
 // Reverse time, per step: F and X̃ recomputed, then
@@ -222,90 +197,48 @@ LayerResult spatial_attention_layer_backward(const at::Tensor& grad_output,
     return empty_layer_grads(x, grad_h_n, grad_c_n, params);
   }
   const at::TensorOptions options = x.options();
-  const at::Tensor cell = saved[0].contiguous(), candidate = saved[1].contiguous(),
-                   gate_preact = saved[2].contiguous(), attention = saved[3].contiguous();
-  const at::Tensor x_c = x.contiguous(), h0_c = h0.contiguous(), c0_c = c0.contiguous();
-  const at::Tensor output_c = output.contiguous(), grad_output_c = grad_output.contiguous();
-
+  PooledBackward<-1> back(grad_output, grad_h_n, grad_c_n, x, h0, c0, params, output, saved);
+  const at::Tensor attention = saved[3].contiguous();
+  AttentionFeaturesBackward att_f(params[kAttDwX], params[kAttPwX], params[kAttDwH],
+                                  params[kAttPwH], params[kAttBias], back.x[0], back.h0, steps);
+  const AttentionFeatures att(params[kAttWz]);
   // Step buffers, reused.
   const at::Tensor x_att = at::empty({batch, cin, height, width}, options);
   const at::Tensor grad_x_att = at::empty({batch, cin, height, width}, options);
   const at::Tensor features = at::empty({batch, c, height, width}, options);
   const at::Tensor grad_features = at::empty({batch, c, height, width}, options);
-  const at::Tensor grad_cand = at::empty({batch, c, height, width}, options);
   const at::Tensor grad_z = at::empty({batch, 1, height, width}, options);
-  const at::Tensor sums = at::empty({batch, c, 4}, options);
-  const at::Tensor gates = at::empty({batch, 3 * c}, options);
-  // The pooled gates' pre-activation gradients of every step (dU is reduced after the loop).
-  const at::Tensor grad_gate_preact = at::empty({steps, batch, 3 * c}, options);
-  const at::Tensor grad_cand_bias = at::zeros({c}, options);
-  const at::Tensor grad_att_bias = at::zeros({c}, options);
   const at::Tensor grad_weight_z = at::zeros_like(params[kAttWz]);
   const at::Tensor grad_taps_z = grad_weight_z.view({c, 1, k, k});
-  SepConvBranch cand_h(params[kCandDwH], params[kCandPwH], params[kGateWh], h0_c, steps);
-  SepConvBranch cand_x(params[kCandDwX], params[kCandPwX], params[kGateWx], x_c[0], steps);
-  SepConvBranch att_h(params[kAttDwH], params[kAttPwH], at::Tensor(), h0_c, steps);
-  SepConvBranch att_x(params[kAttDwX], params[kAttPwX], at::Tensor(), x_c[0], steps);
-  const AttentionFeatures att(params[kAttWz]);
-
-  const at::Tensor grad_x = at::empty(x.sizes(), options);
-  // dL/dH and dL/dC flowing back to step t − 1, each through two buffers: this step reads one
-  // and writes the other.
-  std::array<at::Tensor, 2> grad_h{at::empty_like(h0_c).copy_(grad_h_n), at::empty_like(h0_c)};
-  std::array<at::Tensor, 2> grad_c{at::empty_like(c0_c).copy_(grad_c_n), at::empty_like(c0_c)};
 
   for (int64_t t = steps - 1; t >= 0; --t) {
-    const int64_t in = (steps - 1 - t) % 2, out = 1 - in;
-    const at::Tensor c_prev = t > 0 ? cell[t - 1] : c0_c;
-    const at::Tensor h_prev = t > 0 ? output_c[t - 1] : h0_c;
-    const at::Tensor x_t = x_c[t];
-    const at::Tensor dgp = grad_gate_preact[t];
-    // Recompute F and X̃ (the branches keep their depthwise outputs for the weight gradients).
-    att_x.load(t, x_t);
-    att_h.load(t, h_prev);
-    att_x.output(features, false);
-    att_h.output(features, true);
-    attention_features(features, params[kAttBias]);
-    attend(x_att, at::Tensor(), attention[t], x_t);
-    cand_x.load(t, x_att);
-    cand_h.load(t, h_prev);
-
-    gated_planes_step_backward<-1>(gate_preact[t], gate_activation, gates, sums, at::Tensor(),
-                                   candidate[t], c_prev, cell[t], grad_output_c[t], grad_h[in],
-                                   grad_c[in], grad_cand, grad_c[out], at::Tensor(), dgp,
-                                   grad_cand_bias);
-    // dX̃, then through X̃ = A∘X_t and the softmax to dZ, through Z = W_z * F to dF_pre.
-    cand_x.backward(x_att, grad_cand, dgp, grad_x_att, false);
-    at::Tensor grad_x_t = grad_x[t];
-    attend_backward(grad_x_att, x_t, attention[t], grad_x_t, grad_z);
+    const auto s = back.step(t);
+    // Recompute F and X̃.
+    att_f.recompute(t, s.x, s.h_prev, features);
+    attend(x_att, at::Tensor(), attention[t], s.x);
+    back.cand_x.load(t, x_att);
+    back.cand_h.load(t, s.h_prev);
+    back.cell_backward(s, gate_activation, at::Tensor(), at::Tensor());
+    // dX̃, then through X̃ = A∘X_t and the softmax to dZ, through Z = W_z * F to dF.
+    back.cand_x.backward(x_att, back.grad_cand, s.dgp, grad_x_att, false);
+    const at::Tensor grad_x_t = back.grad_x[t];
+    attend_backward(grad_x_att, s.x, attention[t], grad_x_t, grad_z);
     depthwise_conv_planes(grad_features, grad_z, att.taps_z, true, at::Tensor());
     depthwise_weight_grad_planes(grad_taps_z, grad_z, features);
-    attention_features_backward(features, grad_features, grad_att_bias);
-    att_x.backward(x_t, grad_features, at::Tensor(), grad_x_t, true);
-    // dH_{t−1}: the candidate's share with the pooled gates' as the planes' initial value, then
-    // the attention's.
-    cand_h.backward(h_prev, grad_cand, dgp, grad_h[out], false);
-    att_h.backward(h_prev, grad_features, at::Tensor(), grad_h[out], true);
+    // dH_{t−1}: the candidate's share with the pooled gates' as the planes' initial value; then
+    // the attention features' shares of dX_t and dH_{t−1}.
+    back.cand_h.backward(s.h_prev, back.grad_cand, s.dgp, s.grad_h_out, false);
+    att_f.backward(s.x, s.h_prev, features, grad_features, grad_x_t, s.grad_h_out);
   }
 
-  const int64_t last = steps % 2;  // the buffers holding dL/dH_0 and dL/dC_0
-  const at::Tensor grad_gp_flat = grad_gate_preact.view({steps * batch, 3 * c});
   std::vector<at::Tensor> grads(kNumParams);
-  grads[kGateWx] = at::mm(grad_gp_flat.t(), cand_x.bars.view({steps * batch, cin}));
-  grads[kGateWh] = at::mm(grad_gp_flat.t(), cand_h.bars.view({steps * batch, c}));
-  grads[kGateBias] = grad_gp_flat.sum(0);
-  grads[kCandDwX] = cand_x.grad_depthwise;
-  grads[kCandPwX] = cand_x.grad_pointwise;
-  grads[kCandDwH] = cand_h.grad_depthwise;
-  grads[kCandPwH] = cand_h.grad_pointwise;
-  grads[kCandBias] = grad_cand_bias;
-  grads[kAttDwX] = att_x.grad_depthwise;
-  grads[kAttPwX] = att_x.grad_pointwise;
-  grads[kAttDwH] = att_h.grad_depthwise;
-  grads[kAttPwH] = att_h.grad_pointwise;
-  grads[kAttBias] = grad_att_bias;
+  grads[kAttDwX] = att_f.x.grad_depthwise;
+  grads[kAttPwX] = att_f.x.grad_pointwise;
+  grads[kAttDwH] = att_f.h.grad_depthwise;
+  grads[kAttPwH] = att_f.h.grad_pointwise;
+  grads[kAttBias] = att_f.grad_bias;
   grads[kAttWz] = grad_weight_z;
-  return {grad_x, grad_h[last], grad_c[last], grads};
+  return back.result(std::move(grads));
 }
 
 }  // namespace
