@@ -8,7 +8,8 @@ and compared with the reference's autograd on the same inputs:
   reference, on edge shapes (K ∈ {1, 3, 5}, H ≠ W, Cin ≠ C, B = 1, T = 1, C over several tiles);
 - CPU vs CUDA in float64: outputs, ``saved`` and gradients of the two native backends agree;
 - opcheck, autograd through ``convlstm_layer(backend="cuda")``, deterministic mode (bitwise
-  equal twice), errors that name the argument, empty sequences.
+  equal twice), errors that name the argument, empty sequences; the ``_inference`` twins equal
+  the ops bit for bit.
 Every test is marked ``gpu`` and skipped with a reason without CUDA (tests/conftest.py).
 """
 
@@ -242,6 +243,35 @@ def test_opcheck(variant):
     out, _, _, saved = forward(*args, [p.detach() for p in plist], 1)
     grads = [w.float().cuda() for w in weights]
     torch.library.opcheck(backward, (*grads, *args, [p.detach() for p in plist], out, saved, 1),
+                          test_utils=("test_schema", "test_faketensor"))
+
+
+@pytest.mark.parametrize("variant", variants.VARIANTS)
+def test_inference_op_equals_the_forward(variant, monkeypatch):
+    """``<op>_inference`` (nothing saved) gives the op's output and final states bit for bit (in
+    deterministic mode), and ``convlstm_layer(backend="cuda")`` under no_grad runs it."""
+    from convlstm_fast.functional import convlstm_layer
+
+    forward, _ = _ops(variant)
+    _wired(variant)
+    x, h0, c0, params, _ = _problem(variant, BASE)
+    args = [t.float().cuda() for t in (x, h0, c0)]
+    plist = [p.float().cuda() for p in params.values()]
+    inference = getattr(torch.ops.convlstm_fast, variants.OP_NAMES[variant] + "_inference")
+    monkeypatch.setenv("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+    previous = torch.are_deterministic_algorithms_enabled()
+    torch.use_deterministic_algorithms(True)
+    try:
+        want = forward(*args, plist, 1)[:3]
+        got = inference(*args, plist, 1)
+        with torch.no_grad():
+            out, (h_n, c_n) = convlstm_layer(args[0], plist, variant, (args[1], args[2]),
+                                             gate_activation="hard_sigmoid", backend="cuda")
+    finally:
+        torch.use_deterministic_algorithms(previous)
+    for name, a, b, c in zip(("output", "h_n", "c_n"), got, (out, h_n, c_n), want):
+        assert torch.equal(a, c) and torch.equal(b, c), f"{name} differs from the op's"
+    torch.library.opcheck(inference.default, (*args, plist, 1),
                           test_utils=("test_schema", "test_faketensor"))
 
 

@@ -36,11 +36,12 @@
 #include <vector>
 
 #include "cell_math.h"
+#include "inference_twin.h"
 
 namespace convlstm_fast {
 namespace cpu {
 
-using LayerResult = std::tuple<at::Tensor, at::Tensor, at::Tensor, std::vector<at::Tensor>>;
+using LayerResult = LayerOutputs;
 
 // What an op expects of its parameters: name and shape, in `variants.parameter_shapes` order.
 struct ParamSpec {
@@ -59,27 +60,6 @@ inline std::vector<at::Tensor> contiguous_params(at::TensorList params) {
   std::vector<at::Tensor> out;
   for (const auto& p : params) out.push_back(p.contiguous());
   return out;
-}
-
-// A forward (x, h0, c0, params, gate_activation, save) -> LayerResult, with `save` false when
-// nothing is kept for backward; registered twice: the op itself (saving) and its `_inference`
-// twin, which returns (output, h_n, c_n) only.
-using InferenceResult = std::tuple<at::Tensor, at::Tensor, at::Tensor>;
-using LayerForward = LayerResult (*)(const at::Tensor&, const at::Tensor&, const at::Tensor&,
-                                     at::TensorList, int64_t, bool);
-
-template <LayerForward kForward>
-LayerResult training_forward(const at::Tensor& x, const at::Tensor& h0, const at::Tensor& c0,
-                             at::TensorList params, int64_t gate_activation) {
-  return kForward(x, h0, c0, params, gate_activation, true);
-}
-
-template <LayerForward kForward>
-InferenceResult inference_forward(const at::Tensor& x, const at::Tensor& h0,
-                                  const at::Tensor& c0, at::TensorList params,
-                                  int64_t gate_activation) {
-  const LayerResult result = kForward(x, h0, c0, params, gate_activation, false);
-  return {std::get<0>(result), std::get<1>(result), std::get<2>(result)};
 }
 
 // A per-step tensor a forward writes, [T, ...]: every step kept when it is saved for backward,

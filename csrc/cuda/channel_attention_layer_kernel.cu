@@ -14,8 +14,8 @@ namespace cuda {
 namespace {
 
 LayerResult input_attention_layer(const Tensor& x, const Tensor& h0, const Tensor& c0,
-                                  at::TensorList params, int64_t gate_activation) {
-  return pooled_family_forward(x, h0, c0, params, gate_activation, kInputAttention,
+                                  at::TensorList params, int64_t gate_activation, bool save) {
+  return pooled_family_forward(x, h0, c0, params, gate_activation, save, kInputAttention,
                                "input_attention_layer");
 }
 
@@ -28,8 +28,8 @@ BackwardResult input_attention_layer_backward(
 }
 
 LayerResult output_attention_layer(const Tensor& x, const Tensor& h0, const Tensor& c0,
-                                   at::TensorList params, int64_t gate_activation) {
-  return pooled_family_forward(x, h0, c0, params, gate_activation, kOutputAttention,
+                                   at::TensorList params, int64_t gate_activation, bool save) {
+  return pooled_family_forward(x, h0, c0, params, gate_activation, save, kOutputAttention,
                                "output_attention_layer");
 }
 
@@ -47,8 +47,14 @@ BackwardResult output_attention_layer_backward(
 }  // namespace convlstm_fast
 
 TORCH_LIBRARY_IMPL(convlstm_fast, CONVLSTM_CUDA_DISPATCH_KEY, m) {
-  m.impl("input_attention_layer", &convlstm_fast::cuda::input_attention_layer);
+  m.impl("input_attention_layer",
+         &convlstm_fast::training_forward<convlstm_fast::cuda::input_attention_layer>);
+  m.impl("input_attention_layer_inference",
+         &convlstm_fast::inference_forward<convlstm_fast::cuda::input_attention_layer>);
   m.impl("input_attention_layer_backward", &convlstm_fast::cuda::input_attention_layer_backward);
-  m.impl("output_attention_layer", &convlstm_fast::cuda::output_attention_layer);
+  m.impl("output_attention_layer",
+         &convlstm_fast::training_forward<convlstm_fast::cuda::output_attention_layer>);
+  m.impl("output_attention_layer_inference",
+         &convlstm_fast::inference_forward<convlstm_fast::cuda::output_attention_layer>);
   m.impl("output_attention_layer_backward", &convlstm_fast::cuda::output_attention_layer_backward);
 }

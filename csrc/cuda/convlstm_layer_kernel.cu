@@ -102,7 +102,7 @@ std::vector<std::vector<int64_t>> convlstm_saved_shapes(const Tensor& x, int64_t
 }
 
 LayerResult convlstm_layer(const Tensor& x, const Tensor& h0, const Tensor& c0,
-                           at::TensorList params, int64_t activation) {
+                           at::TensorList params, int64_t activation, bool save) {
   const char* op = "convlstm_layer";
   check_layer_inputs(x, h0, c0, params, {"weight_x", "weight_h", "bias"}, op);
   check_convlstm_params(x, h0, params, op);
@@ -122,8 +122,7 @@ LayerResult convlstm_layer(const Tensor& x, const Tensor& h0, const Tensor& c0,
   const Tensor xz = channels_last_copy(
       same_conv(x.contiguous().view({T * B, Cin, H, W}), params[0], params[2]), dtype);
   Tensor output_cl = at::empty({T, B, H, W, C}, x.options());
-  std::vector<Tensor> saved;
-  for (const auto& s : saved_shapes) saved.push_back(at::empty(s, x.options()));
+  const SavedSteps saved(saved_shapes, x.options(), save);
   Tensor cell_state = channels_last_copy(c0, acc_dtype(x));
   const int64_t total = B * HW * C;
   for (int64_t t = 0; t < T; ++t) {
@@ -135,15 +134,15 @@ LayerResult convlstm_layer(const Tensor& x, const Tensor& h0, const Tensor& c0,
           ConvLSTMCellForward<scalar_t>{
               xz.const_data_ptr<scalar_t>() + t * total * 4, hz.const_data_ptr<scalar_t>(),
               activation, cell_state.mutable_data_ptr<acc_t>(),
-              saved[1][t].mutable_data_ptr<scalar_t>(), output_cl[t].mutable_data_ptr<scalar_t>(),
-              saved[0][t].mutable_data_ptr<scalar_t>(), C},
+              saved(1, t).mutable_data_ptr<scalar_t>(), output_cl[t].mutable_data_ptr<scalar_t>(),
+              saved(0, t).mutable_data_ptr<scalar_t>(), C},
           total, x);
     });
   }
   Tensor output = channels_first_copy(output_cl, dtype);
   Tensor h_n = output[T - 1].clone();
   Tensor c_n = channels_first_copy(cell_state, dtype);
-  return {output, h_n, c_n, saved};
+  return {output, h_n, c_n, saved.all()};
 }
 
 BackwardResult convlstm_layer_backward(const Tensor& grad_output, const Tensor& grad_h_n,
@@ -214,6 +213,8 @@ BackwardResult convlstm_layer_backward(const Tensor& grad_output, const Tensor& 
 }  // namespace convlstm_fast
 
 TORCH_LIBRARY_IMPL(convlstm_fast, CONVLSTM_CUDA_DISPATCH_KEY, m) {
-  m.impl("convlstm_layer", &convlstm_fast::cuda::convlstm_layer);
+  m.impl("convlstm_layer", &convlstm_fast::training_forward<convlstm_fast::cuda::convlstm_layer>);
+  m.impl("convlstm_layer_inference",
+         &convlstm_fast::inference_forward<convlstm_fast::cuda::convlstm_layer>);
   m.impl("convlstm_layer_backward", &convlstm_fast::cuda::convlstm_layer_backward);
 }

@@ -6,7 +6,8 @@ another, summing in the device's order) and register for the CPU dispatch key. T
 compiles the four *_kernel.cu files that way with nvcc (one arch; ~3 min on 2 cores) together
 with the schemas (csrc/convlstm_fast.cpp) into a library of its own, loads it in a process that
 never imports convlstm_fast._C, and compares every output and gradient with the reference:
-float64 within 1e-9 (relative), float32/float16/bfloat16 with STYLE.md's rule.
+float64 within 1e-9 (relative), float32/float16/bfloat16 with STYLE.md's rule; and each
+`<op>_inference` twin against its op, bit for bit.
 What it cannot check: launch configurations, shared memory and anything cuBLAS/cuDNN-specific.
 
     CUDA_HOME=/usr/local/cuda-13.0 python csrc/cuda/emulation_check.py [--build-dir DIR] [--no-build]
@@ -87,6 +88,12 @@ def check(variant: str, gate_activation: str, dtype: torch.dtype, shape, seed: i
     plist = [cast(p) for p in params.values()]
     args = [cast(t) for t in (x, h0, c0)]
     out, h_n, c_n, saved = getattr(torch.ops.convlstm_fast, name)(*args, plist, code)
+    # The _inference twin runs the same kernels keeping nothing: the same values, bit for bit.
+    inference = getattr(torch.ops.convlstm_fast, name + "_inference")(*args, plist, code)
+    for label, a, b in zip(("output", "h_n", "c_n"), inference, (out, h_n, c_n)):
+        if not torch.equal(a, b):
+            print(f"  FAIL {variant} {gate_activation} {dtype} {shape} {name}_inference {label}")
+            return False
     grads = getattr(torch.ops.convlstm_fast, name + "_backward")(
         *[cast(w) for w in weights], *args, plist, out, saved, code)
     got = [out, h_n, c_n, grads[0], grads[1], grads[2], *grads[3]]

@@ -41,13 +41,36 @@
 #define CONVLSTM_CUDA_DISPATCH_KEY CUDA
 #endif
 
+#include "inference_twin.h"
+
 namespace convlstm_fast {
 namespace cuda {
 namespace {
 
 using at::Tensor;
-using LayerResult = std::tuple<Tensor, Tensor, Tensor, std::vector<Tensor>>;
+using LayerResult = LayerOutputs;
 using BackwardResult = std::tuple<Tensor, Tensor, Tensor, std::vector<Tensor>>;
+
+// What a forward saves for backward (`shapes`, [T, ...] each), written step by step: every step
+// when `save`, else (the `_inference` ops) one step buffer per tensor, rewritten each step — the
+// forwards never read back what they saved (the running cell state lives in cell_state).
+class SavedSteps {
+ public:
+  SavedSteps(const std::vector<std::vector<int64_t>>& shapes, const at::TensorOptions& options,
+             bool save)
+      : save_(save) {
+    for (auto shape : shapes) {
+      if (!save) shape[0] = std::min<int64_t>(shape[0], 1);
+      tensors_.push_back(at::empty(shape, options));
+    }
+  }
+  Tensor operator()(size_t index, int64_t t) const { return tensors_[index][save_ ? t : 0]; }
+  const std::vector<Tensor>& all() const { return tensors_; }
+
+ private:
+  bool save_;
+  std::vector<Tensor> tensors_;
+};
 
 constexpr int kThreads = 256;
 // Reduction blocks are kTileC channels × kRows pixel rows.

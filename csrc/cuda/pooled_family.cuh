@@ -85,7 +85,7 @@ inline BackwardResult empty_backward_result(const Tensor& x, const Tensor& grad_
 }
 
 inline LayerResult pooled_family_forward(const Tensor& x, const Tensor& h0, const Tensor& c0,
-                                         at::TensorList params, int64_t activation,
+                                         at::TensorList params, int64_t activation, bool save,
                                          int attention_gate, const char* op) {
   check_layer_inputs(x, h0, c0, params, pooled_family_param_names(attention_gate), op);
   TORCH_CHECK(activation == kSigmoid || activation == kHardSigmoid, op,
@@ -111,8 +111,7 @@ inline LayerResult pooled_family_forward(const Tensor& x, const Tensor& h0, cons
   const Tensor gate_weight_h = params[1].to(acc);
 
   Tensor output_cl = at::empty({T, B, H, W, C}, x.options());
-  std::vector<Tensor> saved;
-  for (const auto& s : saved_shapes) saved.push_back(at::empty(s, x.options()));
+  const SavedSteps saved(saved_shapes, x.options(), save);
   const Tensor h0_cl = channels_last_copy(h0, x.scalar_type());
   Tensor cell_state = channels_last_copy(c0, acc).view({B * HW, C});
   Tensor h_mean = h0_cl.view({B, HW, C}).mean({1}, false, acc);  // GAP(H_{t−1}) [B, C]
@@ -123,7 +122,7 @@ inline LayerResult pooled_family_forward(const Tensor& x, const Tensor& h0, cons
     const Tensor zc = at::addmm(xc.narrow(0, t * B * HW, B * HW),
                                 depthwise_forward(h_prev, params[5], B, H, W), params[6].t());
     // gate pre-activations U_x·x̄ + U_h·h̄ + b_g, saved (rounded) and used rounded
-    Tensor gate_pre = saved[2][t];
+    Tensor gate_pre = saved(2, t);
     gate_pre.copy_(at::addmm(xg.narrow(0, t * B, B), h_mean, gate_weight_h.t()));
     Tensor logits, logits_max;
     if (attention) {
@@ -135,13 +134,13 @@ inline LayerResult pooled_family_forward(const Tensor& x, const Tensor& h0, cons
       logits_max = logits.view({B, HW, C}).amax({1}).to(acc);
     }
     h_mean = pooled_cell_forward(zc, gate_pre, logits, logits_max, attention_gate, activation,
-                                 cell_state, output_cl[t], saved[0][t], saved[1][t],
-                                 attention ? saved[3][t] : Tensor(), B, HW, C);
+                                 cell_state, output_cl[t], saved(0, t), saved(1, t),
+                                 attention ? saved(3, t) : Tensor(), B, HW, C);
   }
   Tensor output = channels_first_copy(output_cl, x.scalar_type());
   Tensor h_n = output[T - 1].clone();
   Tensor c_n = channels_first_copy(cell_state.view({B, H, W, C}), x.scalar_type());
-  return {output, h_n, c_n, saved};
+  return {output, h_n, c_n, saved.all()};
 }
 
 inline BackwardResult pooled_family_backward(

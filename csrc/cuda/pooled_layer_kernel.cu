@@ -8,8 +8,9 @@ namespace cuda {
 namespace {
 
 LayerResult pooled_layer(const Tensor& x, const Tensor& h0, const Tensor& c0,
-                         at::TensorList params, int64_t gate_activation) {
-  return pooled_family_forward(x, h0, c0, params, gate_activation, kNoAttention, "pooled_layer");
+                         at::TensorList params, int64_t gate_activation, bool save) {
+  return pooled_family_forward(x, h0, c0, params, gate_activation, save, kNoAttention,
+                               "pooled_layer");
 }
 
 BackwardResult pooled_layer_backward(const Tensor& grad_output, const Tensor& grad_h_n,
@@ -25,6 +26,8 @@ BackwardResult pooled_layer_backward(const Tensor& grad_output, const Tensor& gr
 }  // namespace convlstm_fast
 
 TORCH_LIBRARY_IMPL(convlstm_fast, CONVLSTM_CUDA_DISPATCH_KEY, m) {
-  m.impl("pooled_layer", &convlstm_fast::cuda::pooled_layer);
+  m.impl("pooled_layer", &convlstm_fast::training_forward<convlstm_fast::cuda::pooled_layer>);
+  m.impl("pooled_layer_inference",
+         &convlstm_fast::inference_forward<convlstm_fast::cuda::pooled_layer>);
   m.impl("pooled_layer_backward", &convlstm_fast::cuda::pooled_layer_backward);
 }

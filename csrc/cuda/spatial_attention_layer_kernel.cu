@@ -42,7 +42,7 @@ std::vector<std::vector<int64_t>> spatial_saved_shapes(const Tensor& x, int64_t 
 }
 
 LayerResult spatial_attention_layer(const Tensor& x, const Tensor& h0, const Tensor& c0,
-                                    at::TensorList params, int64_t activation) {
+                                    at::TensorList params, int64_t activation, bool save) {
   const char* op = "spatial_attention_layer";
   check_layer_inputs(x, h0, c0, params, kSpatialParamNames, op);
   check_spatial_params(x, h0, params, op);
@@ -66,8 +66,7 @@ LayerResult spatial_attention_layer(const Tensor& x, const Tensor& h0, const Ten
   const Tensor gate_bias = params[2].to(acc);
 
   Tensor output_cl = at::empty({T, B, H, W, C}, x.options());
-  std::vector<Tensor> saved;
-  for (const auto& s : saved_shapes) saved.push_back(at::empty(s, x.options()));
+  const SavedSteps saved(saved_shapes, x.options(), save);
   const Tensor h0_cl = channels_last_copy(h0, dtype);
   Tensor cell_state = channels_last_copy(c0, acc).view({rows, C});
   Tensor h_mean = h0_cl.view({B, HW, C}).mean({1}, false, acc);
@@ -78,24 +77,24 @@ LayerResult spatial_attention_layer(const Tensor& x, const Tensor& h0, const Ten
                                       depthwise_forward(h_prev, params[10], B, H, W),
                                       params[11].t()).tanh_();
     const Tensor logits = same_conv(nchw_view(features, B, H, W, C), params[13], Tensor());
-    saved[3][t].view({B, HW}).copy_(logits.reshape({B, HW}).softmax(1, acc));
+    saved(3, t).view({B, HW}).copy_(logits.reshape({B, HW}).softmax(1, acc));
     // X̃ = A∘X_t (A rounded to x's dtype, as saved)
-    const Tensor x_att = x_cl[t].view({B, HW, Cin}).mul(saved[3][t].view({B, HW, 1})).contiguous();
+    const Tensor x_att = x_cl[t].view({B, HW, Cin}).mul(saved(3, t).view({B, HW, 1})).contiguous();
     // zc = SepConv_x(X̃) + b_c + SepConv_h(H_{t−1})
     Tensor zc = pointwise(depthwise_forward(x_att, params[3], B, H, W), params[4], params[7]);
     zc.addmm_(depthwise_forward(h_prev, params[5], B, H, W), params[6].t());
     // gates U_x·GAP(X̃) + U_h·h̄ + b_g
-    Tensor gate_pre = saved[2][t];
+    Tensor gate_pre = saved(2, t);
     gate_pre.copy_(at::addmm(gate_bias, x_att.mean({1}, false, acc), gate_weight_x.t())
                        .addmm_(h_mean, gate_weight_h.t()));
     h_mean = pooled_cell_forward(zc, gate_pre, Tensor(), Tensor(), kNoAttention, activation,
-                                 cell_state, output_cl[t], saved[0][t], saved[1][t], Tensor(), B,
+                                 cell_state, output_cl[t], saved(0, t), saved(1, t), Tensor(), B,
                                  HW, C);
   }
   Tensor output = channels_first_copy(output_cl, dtype);
   Tensor h_n = output[T - 1].clone();
   Tensor c_n = channels_first_copy(cell_state.view({B, H, W, C}), dtype);
-  return {output, h_n, c_n, saved};
+  return {output, h_n, c_n, saved.all()};
 }
 
 BackwardResult spatial_attention_layer_backward(
@@ -218,7 +217,10 @@ BackwardResult spatial_attention_layer_backward(
 }  // namespace convlstm_fast
 
 TORCH_LIBRARY_IMPL(convlstm_fast, CONVLSTM_CUDA_DISPATCH_KEY, m) {
-  m.impl("spatial_attention_layer", &convlstm_fast::cuda::spatial_attention_layer);
+  m.impl("spatial_attention_layer",
+         &convlstm_fast::training_forward<convlstm_fast::cuda::spatial_attention_layer>);
+  m.impl("spatial_attention_layer_inference",
+         &convlstm_fast::inference_forward<convlstm_fast::cuda::spatial_attention_layer>);
   m.impl("spatial_attention_layer_backward",
          &convlstm_fast::cuda::spatial_attention_layer_backward);
 }
