@@ -66,12 +66,14 @@ SAVED_SPECS = {
     "c": _saved_spec(2, "channel"),
     "d": _saved_spec(2, "channel"),
 }
-# The native ops' (one fake registration serves their CPU and CUDA kernels): as SAVED_SPECS,
-# with the state tensors NCHW on the devices NCHW_SAVED names.
+
+
 def _nchw_devices(variant):
     return {device for name, device in NCHW_SAVED if name == variant}
 
 
+# The native ops' (one fake registration serves their CPU and CUDA kernels): as SAVED_SPECS,
+# with the state tensors NCHW on the devices NCHW_SAVED names.
 NATIVE_SAVED_SPECS = {
     **SAVED_SPECS,
     "a": _saved_spec(3, None, _nchw_devices("a")),
