@@ -189,10 +189,25 @@ def test_hard_sigmoid_is_the_reference_codes_not_torchs():
     value = reference.gate_activation_fn("hard_sigmoid")(z)
     torch.testing.assert_close(value, expected, rtol=0, atol=1e-15)
     assert not torch.allclose(value, F.hardsigmoid(z))  # torch's is clamp(x/6 + 0.5, 0, 1)
-    # Derivative 0.2 on the closed interval 0 <= 0.2x + 0.5 <= 1 (torch.clamp's backward), else 0.
+    # Derivative 0.2 on the closed interval -2.5 <= x <= 2.5, decided on x, else 0.
     (grad,) = torch.autograd.grad(value.sum(), z)
     expected_grad = torch.tensor([0.0, 0.2, 0.2, 0.2, 0.2, 0.2, 0.2, 0.0], dtype=torch.float64)
     torch.testing.assert_close(grad, expected_grad, rtol=0, atol=1e-15)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16, torch.float64])
+def test_hard_sigmoid_kinks_and_nan(dtype):
+    """At exactly x = ±2.5 (representable in every dtype) the derivative is 0.2 and the values
+    are 0 and 1; NaN maps to NaN (SPEC's clamp propagates it), infinities to 0 and 1."""
+    z = torch.tensor([-2.5, 2.5, float("nan"), -float("inf"), float("inf")], dtype=dtype,
+                     requires_grad=True)
+    value = reference.hard_sigmoid(z)
+    assert value.dtype == dtype
+    torch.testing.assert_close(value[:2], torch.tensor([0.0, 1.0], dtype=dtype), rtol=0, atol=0)
+    assert torch.isnan(value[2])
+    torch.testing.assert_close(value[3:], torch.tensor([0.0, 1.0], dtype=dtype), rtol=0, atol=0)
+    (grad,) = torch.autograd.grad(value[:2].sum(), z)
+    torch.testing.assert_close(grad[:2], torch.full((2,), 0.2, dtype=dtype), rtol=0, atol=0)
 
 
 @pytest.mark.parametrize("variant", VARIANTS)

@@ -16,6 +16,16 @@ backend keeps for its backward (its shapes are declared by the backend's ``saved
 gradients that arrive for it are ignored. Native ops (``convlstm_fast::<name>``) are declared in
 C++ (csrc/convlstm_fast.cpp); Triton ops (``convlstm_fast::<name>_triton``) are declared from
 Python with :func:`define_layer_ops`. Both then go through :func:`register_layer_op`.
+
+The numeric contract every kernel keeps, whatever its backend (the reference defines it):
+- ``hard_sigmoid(x)`` is 0 for x < −2.5, 1 for x > 2.5 and 0.2·x + 0.5 in between, the pieces
+  chosen on ``x`` itself; its derivative is 0.2 on the closed interval −2.5 ≤ x ≤ 2.5, else 0;
+- tanh and sigmoid (and their derivatives) are accurate to a few ulps *relative* at every
+  magnitude, tiny activations included (no 1 − e cancellation near 0);
+- NaN propagates: a NaN in a sample makes that sample's results NaN as the reference's do (the
+  max of c/d's attention logits, clamps and activations keep NaN) and never reaches another
+  sample;
+- accumulation in fp32 (fp64 for fp64 inputs), deterministic (no unordered atomics).
 """
 
 from __future__ import annotations

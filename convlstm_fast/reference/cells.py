@@ -20,11 +20,13 @@ Record = dict[str, torch.Tensor]
 def hard_sigmoid(x: torch.Tensor) -> torch.Tensor:
     """The reference code's gate activation: clamp(0.2·x + 0.5, 0, 1) (not torch's x/6 form).
 
-    Its derivative is 0.2 on the closed interval 0 <= 0.2·x + 0.5 <= 1 and 0 outside (the op
-    contract, ops/registration.py). Written with ``where`` because torch.clamp's own backward at
-    the bounds changed between releases (inclusive in 2.13, 0 in 2.14)."""
-    y = 0.2 * x + 0.5
-    return torch.where((y >= 0) & (y <= 1), y, (y > 1).to(y.dtype))
+    The numeric contract every backend follows (ops/registration.py): the pieces are chosen on
+    ``x`` itself — 0 for x < −2.5, 1 for x > 2.5, 0.2·x + 0.5 in between — never on the rounded
+    0.2·x + 0.5, whose sign at x = −2.5 depends on whether a compiler contracts it into an FMA.
+    So the derivative is 0.2 on the closed interval −2.5 ≤ x ≤ 2.5 and 0 outside, and NaN stays
+    NaN (a clamp through min/max would turn it into 0 or 1)."""
+    inner = 0.2 * x + 0.5
+    return torch.where(x < -2.5, 0.0, torch.where(x > 2.5, 1.0, inner))
 
 
 def gate_activation_fn(name: str) -> Callable[[torch.Tensor], torch.Tensor]:
