@@ -80,11 +80,17 @@ def _check_params(params: list[torch.Tensor], variant: str, x: torch.Tensor, hid
             )
 
 
+@torch._dynamo.assume_constant_result
+def _autocast_available(device_type: str) -> bool:
+    """Whether ``device_type`` has autocast at all (not "meta", used to count Mult-Adds). A
+    constant under torch.compile: Dynamo cannot trace ``torch.amp.is_autocast_available`` on
+    torch 2.6 … 2.11, and the answer never changes within a process."""
+    return torch.amp.is_autocast_available(device_type)
+
+
 def _autocast(tensors: Sequence[torch.Tensor], device_type: str) -> list[torch.Tensor]:
     """Under torch.autocast the layer runs in the autocast dtype (as a convolution would)."""
-    # Devices without autocast (e.g. "meta", used to count Mult-Adds) have nothing to cast.
-    if not (torch.amp.is_autocast_available(device_type)
-            and torch.is_autocast_enabled(device_type)):
+    if not (_autocast_available(device_type) and torch.is_autocast_enabled(device_type)):
         return list(tensors)
     dtype = torch.get_autocast_dtype(device_type)
     return [t.to(dtype) if t.is_floating_point() else t for t in tensors]
