@@ -22,6 +22,10 @@ from convlstm_fast.backends import get_backend
 from convlstm_fast.bench.cases import CellShape, make_inputs
 
 SHAPES = (CellShape(2, 3, 5, 12, 7, 5, label="odd"), CellShape(1, 1, 4, 4, 3, 3, label="one-step"))
+# --quick (the GPU check's default): one case per backend and variant, bf16 with sigmoid on the
+# shape of tests/test_backends.py's "small" case, so that the Triton kernels come from the
+# on-disk cache its correctness stage filled instead of being compiled again under the sanitizer.
+QUICK_SHAPE = CellShape(2, 3, 48, 80, 8, 10, label="quick")
 
 
 def run_case(backend: str, variant: str, shape: CellShape, dtype: torch.dtype,
@@ -53,21 +57,29 @@ def main(argv=None) -> int:
     parser.add_argument("--backends", default="cuda", help="comma list (default: cuda)")
     parser.add_argument("--variants", default=",".join(variants.VARIANTS))
     parser.add_argument("--device", default="cuda", help="cuda (cpu only to dry-run this script)")
+    parser.add_argument("--quick", action="store_true",
+                        help="one case per backend and variant (bf16, or float32 on the CPU)")
     args = parser.parse_args(argv)
+    if args.quick:
+        dtypes = (torch.bfloat16,) if args.device == "cuda" else (torch.float32,)
+        shapes, activations = (QUICK_SHAPE,), ("sigmoid",)
+    else:
+        dtypes = (torch.float32, torch.bfloat16, torch.float16)
+        shapes, activations = SHAPES, variants.GATE_ACTIVATIONS
     if args.device == "cuda" and not torch.cuda.is_available():
         print("no CUDA device: nothing to sanitize")
         return 1
     failures = ran = 0
     for backend in args.backends.split(","):
         for variant in args.variants.split(","):
-            for dtype in (torch.float32, torch.bfloat16, torch.float16):
+            for dtype in dtypes:
                 probe = torch.empty(1, 1, 1, 1, 1, device=args.device, dtype=dtype)
                 reason = get_backend(backend).unsupported_reason(variant, probe)
                 if reason is not None:
                     print(f"SKIP {backend} {variant} {dtype}: {reason}", flush=True)
                     continue
-                for shape in SHAPES:
-                    for gate_activation in variants.GATE_ACTIVATIONS:
+                for shape in shapes:
+                    for gate_activation in activations:
                         name = f"{backend} {variant} {str(dtype)[6:]} {shape.label} {gate_activation}"
                         try:
                             problem = run_case(backend, variant, shape, dtype, gate_activation,

@@ -57,7 +57,11 @@ def build_parser() -> argparse.ArgumentParser:
                         help="paper shapes: 256 channels, 28x28, T=16 B=8 (IsoGD) and T=8 B=16 (Jester)")
     parser.add_argument("--quick", action="store_true", help="tiny shapes, few repeats (seconds)")
     parser.add_argument("--table1", action="store_true", help="print only Table 1 and exit")
-    parser.add_argument("--out", help="folder for the JSON, markdown and PNG plots")
+    parser.add_argument("--out", help="folder for the JSON, markdown and PNG plots (the JSON is "
+                                      "rewritten after every case, so a killed run keeps its cases)")
+    parser.add_argument("--stem", help="file name stem of the outputs (default: "
+                                       "<device>-<date>[-<preset>])")
+    parser.add_argument("--no-plots", action="store_true", help="no PNG plots")
     parser.add_argument("--repeats", type=int, help="timed repetitions per case")
     parser.add_argument("--time-budget", type=float,
                         help="seconds after which no new case starts (results so far are kept)")
@@ -96,15 +100,20 @@ def main(argv: list[str] | None = None) -> int:
         config.network = None
     if args.no_sweep:
         config.sweep_spatial = config.sweep_channels = ()
-    result = run_suite(config, progress=not args.no_progress)
-    result["environment"]["argv"] = sys.argv[1:] if argv is None else list(argv)
+    stem = args.stem or f"{device_descriptor(config.device)}-{datetime.date.today().isoformat()}" \
+        + ("" if config.label == "default" else f"-{config.label}")
+    run_argv = sys.argv[1:] if argv is None else list(argv)
+
+    def checkpoint(partial: dict) -> None:
+        partial["environment"]["argv"] = run_argv
+        write_outputs(partial, args.out, stem, plots=False)
+
+    result = run_suite(config, progress=not args.no_progress,
+                       on_task=checkpoint if args.out else None)
+    result["environment"]["argv"] = run_argv
     print(full_markdown(result))
     if args.out:
-        date = datetime.date.today().isoformat()
-        stem = f"{device_descriptor(config.device)}-{date}"
-        if config.label != "default":
-            stem += f"-{config.label}"
-        for kind, path in write_outputs(result, args.out, stem).items():
+        for kind, path in write_outputs(result, args.out, stem, plots=not args.no_plots).items():
             print(f"wrote {kind}: {path}")
     print(f"benchmark wall time {result['wall_seconds']:.1f} s", file=sys.stderr)
     return 0

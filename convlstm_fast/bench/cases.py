@@ -9,6 +9,7 @@ backends (``convlstm_fast.backends.BACKENDS``, however many there are) run throu
 
 from __future__ import annotations
 
+import math
 from dataclasses import asdict, dataclass
 
 import torch
@@ -168,6 +169,47 @@ def saved_per_step(backend: str, variant: str, shape: CellShape, device, dtype) 
     run = layer_runner(backend, variant, shape)
     return saved_state_tensors(lambda: run(x, params), [x] + params, shape.state_numel,
                                shape.steps)
+
+
+def layer_flops(variant: str, shape: CellShape, mode: str) -> int:
+    """FLOPs of one layer call: 2 × the true MACs of every step (Table 1's last column, as
+    FlopCounterMode counts them); forward+backward counts the backward as twice the forward."""
+    macs = shape.steps * shape.batch * variants.step_mult_adds(
+        variant, shape.in_channels, shape.hidden_channels, shape.kernel_size, shape.height,
+        shape.width)
+    return 2 * macs * (3 if mode == "forward+backward" else 1)
+
+
+def compulsory_bytes(variant: str, shape: CellShape, dtype: torch.dtype, mode: str) -> int:
+    """The bytes any implementation must move through device memory for one layer call:
+    forward — X, h0, c0 and the parameters read once, the output, h_n and c_n written once;
+    forward+backward — that, plus grad_output read, X and the output read once more (the weight
+    gradients need X, the recurrent ones H_{t−1}), grad_x and the parameter gradients written.
+    Nothing saved for backward is counted (a recomputing design needs none), so this is a floor,
+    not a model of our kernels: KERNELS.md's design floor for (a) is higher (≈ 410 MB forward
+    at the paper's layer, with the input-side term written and read once)."""
+    element = torch.empty((), dtype=dtype).element_size()
+    sequence_in = shape.steps * shape.batch * shape.in_channels * shape.height * shape.width
+    sequence_out = shape.steps * shape.state_numel
+    params = sum(math.prod(s) for s in variants.parameter_shapes(
+        variant, shape.in_channels, shape.hidden_channels, shape.kernel_size).values())
+    forward = sequence_in + sequence_out + 4 * shape.state_numel + params
+    if mode != "forward+backward":
+        return forward * element
+    backward = 2 * sequence_out + 2 * sequence_in + params
+    return (forward + backward) * element
+
+
+def floor_ms(variant: str, shape: CellShape, dtype: torch.dtype, mode: str,
+             ceilings: dict | None) -> tuple[float, str] | None:
+    """The larger of compulsory bytes / memory bandwidth and FLOPs / matmul rate (the device's
+    measured ceilings, :func:`convlstm_fast.bench.harness.device_ceilings`): ``(ms, "memory" or
+    "compute")``, or None without ceilings."""
+    if not ceilings:
+        return None
+    memory = compulsory_bytes(variant, shape, dtype, mode) / (ceilings["copy_GBps"] * 1e9) * 1e3
+    compute = layer_flops(variant, shape, mode) / (ceilings["matmul_TFLOPs"] * 1e12) * 1e3
+    return (memory, "memory") if memory >= compute else (compute, "compute")
 
 
 def table1(in_channels: int = 256, hidden_channels: int = 256, kernel_size: int = 3,

@@ -132,6 +132,27 @@ def _time_cuda(fn, device: torch.device, warmup: int, repeats: int) -> Timing:
         return summarize(samples)
 
 
+def device_ceilings(device: torch.device | str, dtype: torch.dtype) -> dict:
+    """The two ceilings a roofline needs, measured here (METHOD.md: datasheet rates are leads):
+    a large device-to-device copy (bytes read + written per second) and a large matrix product
+    in ``dtype`` (FLOP/s), each the median of :func:`time_function` runs on random data."""
+    device = torch.device(device)
+    big = device.type == "cuda"
+    elements = (1 << 28) if big else (1 << 25)  # 512 MiB / 64 MiB of bf16-or-wider words
+    source = torch.randn(elements, device=device)
+    target = torch.empty_like(source)
+    copy = time_function(lambda: target.copy_(source), device, 2, 10, 2.0)
+    side = 8192 if big else 1024
+    matmul_dtype = dtype if dtype != torch.float64 or not big else torch.float32
+    a = torch.randn(side, side, device=device).to(matmul_dtype)
+    b = torch.randn(side, side, device=device).to(matmul_dtype)
+    product = time_function(lambda: a @ b, device, 2, 10, 2.0)
+    del source, target, a, b
+    return {"copy_GBps": 2 * elements * 4 / (copy.median_ms * 1e-3) / 1e9,
+            "matmul_TFLOPs": 2 * side ** 3 / (product.median_ms * 1e-3) / 1e12,
+            "matmul_dtype": str(matmul_dtype).replace("torch.", "")}
+
+
 def saved_state_tensors(forward: Callable[[], torch.Tensor], excluded: Iterable[torch.Tensor],
                         state_numel: int, steps: int) -> float:
     """KERNELS.md "How saved for backward is counted": the unique storages that autograd saves

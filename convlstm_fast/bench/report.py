@@ -44,6 +44,12 @@ def _ratio(record: dict | None) -> str:
     return f"{record['speedup_vs_reference']:.2f}x"
 
 
+def _over_floor(record: dict | None) -> str:
+    if record is None or not record.get("floor_ms"):
+        return "-"
+    return f"{record['median_ms'] / record['floor_ms']:.1f}"
+
+
 def latency_markdown(result: dict) -> str:
     """One table per shape: a row per (variant, backend) with the forward and forward+backward
     median (p20-p80) in ms, the speedup over the reference measured in the same run, and the
@@ -63,16 +69,26 @@ def latency_markdown(result: dict) -> str:
                 f"K={shape['kernel_size']}")
         lines = [f"Cell latency, {label}: {desc}, {result['config']['dtype']}, "
                  f"{result['environment']['device_name']} (ms: median (p20-p80))", "",
-                 "| cell | backend | forward | vs reference | forward+backward | vs reference "
-                 "| saved/step |",
-                 "|---|---|---:|---:|---:|---:|---:|"]
+                 "| cell | backend | forward | vs reference | x floor | forward+backward "
+                 "| vs reference | x floor | saved/step |",
+                 "|---|---|---:|---:|---:|---:|---:|---:|---:|"]
         for variant, backend in rows:
             fwd = by_key.get((label, variant, backend, FORWARD))
             both = by_key.get((label, variant, backend, FORWARD_BACKWARD))
             kept = saved.get((label, variant, backend))
             lines.append(f"| {variant} | {backend} | {_timing(fwd)} | {_ratio(fwd)} | "
-                         f"{_timing(both)} | {_ratio(both)} | "
-                         f"{'-' if kept is None else f'{kept:.2f}'} |")
+                         f"{_over_floor(fwd)} | {_timing(both)} | {_ratio(both)} | "
+                         f"{_over_floor(both)} | {'-' if kept is None else f'{kept:.2f}'} |")
+        floors = [by_key.get((label, v, b, m)) for v, b in rows for m in (FORWARD, FORWARD_BACKWARD)]
+        floors = [r for r in floors if r and r.get("floor_ms")]
+        if floors:
+            ceilings = result.get("ceilings") or {}
+            lines += ["", "x floor: median / max(compulsory bytes / copy bandwidth, FLOPs / matmul "
+                      f"rate), measured here: {ceilings.get('copy_GBps', 0):.0f} GB/s, "
+                      f"{ceilings.get('matmul_TFLOPs', 0):.1f} TFLOP/s "
+                      f"({ceilings.get('matmul_dtype', '?')}); floors (ms): "
+                      + ", ".join(sorted({f"{r['variant']} {r['mode']} {r['floor_ms']:.3g} "
+                                          f"({r['floor_bound']})" for r in floors}))]
         blocks.append("\n".join(lines))
     if result.get("skipped"):
         lines = ["Skipped:"]
@@ -137,8 +153,11 @@ def full_markdown(result: dict) -> str:
 
 
 def write_json(result: dict, path: str) -> None:
-    with open(path, "w") as f:
+    """Written atomically (a temporary file renamed over ``path``): a reader, or a kill midway,
+    sees the previous complete file or the new one, never half of one."""
+    with open(path + ".tmp", "w") as f:
         json.dump(result, f, indent=1, sort_keys=False)
+    os.replace(path + ".tmp", path)
 
 
 def _pyplot():
@@ -230,15 +249,18 @@ def plot_sweep(result: dict, path: str) -> None:
     plt.close(fig)
 
 
-def write_outputs(result: dict, out_dir: str, stem: str) -> dict[str, str]:
-    """``<stem>.json``, ``<stem>.md``, ``<stem>-latency.png`` and (with a sweep)
-    ``<stem>-sweep.png`` in ``out_dir``; returns the paths."""
+def write_outputs(result: dict, out_dir: str, stem: str, plots: bool = True) -> dict[str, str]:
+    """``<stem>.json``, ``<stem>.md``, and unless ``plots`` is False ``<stem>-latency.png`` and
+    (with a sweep) ``<stem>-sweep.png`` in ``out_dir``; returns the paths."""
     os.makedirs(out_dir, exist_ok=True)
     paths = {"json": os.path.join(out_dir, stem + ".json"),
              "markdown": os.path.join(out_dir, stem + ".md")}
     write_json(result, paths["json"])
-    with open(paths["markdown"], "w") as f:
+    with open(paths["markdown"] + ".tmp", "w") as f:
         f.write(full_markdown(result))
+    os.replace(paths["markdown"] + ".tmp", paths["markdown"])
+    if not plots:
+        return paths
     try:
         _pyplot()
     except ImportError as error:

@@ -6,15 +6,17 @@ from __future__ import annotations
 import sys
 import time
 from dataclasses import dataclass, field
+from typing import Callable
 
 import torch
 
 from .. import variants as variants_module
 from ..backends import select_backend
 from ..counting import count_parameters
+from ..info import triton_specializations
 from ..models import GestureNet
 from . import cases
-from .harness import environment, time_function, time_interleaved
+from .harness import device_ceilings, environment, time_function, time_interleaved
 from .report import FORWARD, FORWARD_BACKWARD
 
 
@@ -47,6 +49,7 @@ class BenchConfig:
     gate_activation: str = "sigmoid"
     time_budget_s: float | None = None  # start no new case after this many seconds
     label: str = "default"
+    ceilings: bool = True  # measure the device's copy bandwidth and matmul rate (the floors)
     extra: dict = field(default_factory=dict)
 
     def to_dict(self) -> dict:
@@ -145,42 +148,48 @@ def _tasks(config: BenchConfig, result: dict):
     """The run as a list of ``(description, thunk)``, so one progress bar covers it."""
     tasks = []
 
-    def latency_task(shape_index, shape, variant):
+    def latency_task(shape_index, shape, variant, mode):
+        """One (shape, variant, mode): every backend timed, one checkpoint of the result."""
+        make = cases.forward_fn if mode == FORWARD else cases.forward_backward_fn
+
         def run():
             x, params = cases.make_inputs(variant, shape, config.device, config.dtype)
-            runners = {}
+            fns = {}
             for backend in config.backends:
                 reason = cases.unsupported_reason(backend, variant, x)
                 if reason is None and backend == cases.COMPILE and shape_index >= config.compile_shapes:
                     reason = f"torch.compile timed on the first {config.compile_shapes} shape(s) only"
                 if reason is not None:
-                    result["skipped"].append({"shape": shape.label, "variant": variant,
-                                              "backend": backend, "reason": reason})
+                    if mode == FORWARD:  # one row per (shape, variant, backend)
+                        result["skipped"].append({"shape": shape.label, "variant": variant,
+                                                  "backend": backend, "reason": reason})
                     continue
                 if backend == cases.COMPILE:
                     torch._dynamo.reset()
-                runners[backend] = cases.layer_runner(backend, variant, shape, config.gate_activation)
-            for mode, make in ((FORWARD, cases.forward_fn),
-                               (FORWARD_BACKWARD, cases.forward_backward_fn)):
-                fns = {}
-                for backend, runner in runners.items():
-                    fns[backend] = make(runner, x, params)
-                    if backend == cases.COMPILE:
-                        started = time.perf_counter()
-                        fns[backend]()  # compile outside the timing
-                        key = f"{shape.label}/{variant}/{mode}"
-                        result["compile_seconds"][key] = round(time.perf_counter() - started, 2)
-                # All backends of one case are timed round-robin, so that the load of a shared
-                # machine weighs on each alike and their ratios stay meaningful.
-                timings = time_interleaved(fns, config.device, config.warmup, config.repeats,
-                                           config.max_seconds)
-                for backend, timing in timings.items():
-                    result["latency"].append({"shape": shape.to_dict(), "variant": variant,
-                                              "backend": backend, "mode": mode,
-                                              "dtype": result["config"]["dtype"],
-                                              **timing.to_dict()})
+                runner = cases.layer_runner(backend, variant, shape, config.gate_activation)
+                fns[backend] = make(runner, x, params)
+                if backend == cases.COMPILE:
+                    started = time.perf_counter()
+                    fns[backend]()  # compile outside the timing
+                    key = f"{shape.label}/{variant}/{mode}"
+                    result["compile_seconds"][key] = round(time.perf_counter() - started, 2)
+            # All backends of one case are timed round-robin, so that the load of a shared
+            # machine weighs on each alike and their ratios stay meaningful.
+            timings = time_interleaved(fns, config.device, config.warmup, config.repeats,
+                                       config.max_seconds)
+            floor = cases.floor_ms(variant, shape, config.dtype, mode, result["ceilings"])
+            for backend, timing in timings.items():
+                result["latency"].append({
+                    "shape": shape.to_dict(), "variant": variant, "backend": backend,
+                    "mode": mode, "dtype": result["config"]["dtype"], **timing.to_dict(),
+                    "flops": cases.layer_flops(variant, shape, mode),
+                    "compulsory_bytes": cases.compulsory_bytes(variant, shape, config.dtype, mode),
+                    "floor_ms": None if floor is None else floor[0],
+                    "floor_bound": None if floor is None else floor[1]})
+            if mode != FORWARD_BACKWARD:
+                return
             state_bytes = shape.state_numel * x.element_size()
-            for backend in runners:
+            for backend in fns:
                 if backend != cases.COMPILE:
                     saved = cases.saved_per_step(backend, variant, shape, config.device,
                                                  config.dtype)
@@ -191,7 +200,9 @@ def _tasks(config: BenchConfig, result: dict):
 
     for index, shape in enumerate(config.shapes):
         for variant in config.variants:
-            tasks.append((f"{shape.label} {variant}", latency_task(index, shape, variant)))
+            for mode in (FORWARD, FORWARD_BACKWARD):
+                tasks.append((f"{shape.label} {variant} {mode}",
+                              latency_task(index, shape, variant, mode)))
 
     if config.network is not None:
         def costs():
@@ -257,10 +268,15 @@ def _add_ratios(result: dict) -> None:
         r["speedup_vs_reference"] = None if base is None else base / r["median_ms"]
 
 
-def run_suite(config: BenchConfig, progress: bool = True) -> dict:
-    """Run every case of ``config``; returns the result dict (JSON-serialisable)."""
+def run_suite(config: BenchConfig, progress: bool = True,
+              on_task: Callable[[dict], None] | None = None) -> dict:
+    """Run every case of ``config``; returns the result dict (JSON-serialisable). ``on_task``
+    is called with the result so far after every task (``result["complete"]`` is False until
+    the end), so that a run killed midway still leaves what it measured."""
     result = {
+        "complete": False,
         "environment": environment(config.device),
+        "ceilings": device_ceilings(config.device, config.dtype) if config.ceilings else None,
         "config": config.to_dict(),
         "table1": cases.table1(),
         "latency": [],
@@ -290,6 +306,11 @@ def run_suite(config: BenchConfig, progress: bool = True) -> dict:
         task_started = time.perf_counter()
         task()
         result["task_seconds"][description] = round(time.perf_counter() - task_started, 3)
+        if on_task is not None:
+            _add_ratios(result)
+            on_task(result)
     _add_ratios(result)
+    result["environment"]["triton_specializations"] = sum(triton_specializations().values())
     result["wall_seconds"] = time.perf_counter() - started
+    result["complete"] = True
     return result
