@@ -19,6 +19,8 @@ do itself, after setting TRITON_INTERPRET=1.
 from __future__ import annotations
 
 import math
+import os
+
 import pytest
 import torch
 
@@ -26,6 +28,32 @@ import torch
 def pytest_runtest_setup(item):
     if item.get_closest_marker("gpu") is not None and not torch.cuda.is_available():
         pytest.skip("needs a CUDA device (torch.cuda.is_available() is False)")
+
+
+def pytest_collection_finish(session):
+    """GPU tests never run interpreted: triton reads TRITON_INTERPRET when each kernel is
+    decorated, so in a session where it is set (e.g. tests/triton's conftest was collected
+    beside them) the "GPU" Triton tests would test the interpreter on host copies and pass."""
+    gpu_items = [item for item in session.items if item.get_closest_marker("gpu") is not None]
+    if gpu_items and os.environ.get("TRITON_INTERPRET", "0") == "1":
+        raise pytest.UsageError(
+            f"{len(gpu_items)} GPU-marked tests collected with TRITON_INTERPRET=1 (e.g. "
+            f"{gpu_items[0].nodeid}): they would run Triton's interpreter, not GPU code. Run "
+            "tests/triton in its own pytest process and the GPU tests without TRITON_INTERPRET.")
+
+
+def pytest_terminal_summary(terminalreporter):
+    """How many Triton specialisations this session compiled (the GPU check bounds them)."""
+    import sys
+
+    if "convlstm_fast.triton_kernels" not in sys.modules:
+        return
+    from convlstm_fast.info import triton_specializations
+
+    counts = triton_specializations()
+    if sum(counts.values()):
+        terminalreporter.write_line(f"triton specialisations compiled: {sum(counts.values())} "
+                                    f"in {sum(1 for n in counts.values() if n)} kernels")
 
 
 def _uniform(shape, bound: float, generator: torch.Generator) -> torch.Tensor:
@@ -122,3 +150,50 @@ def assert_close_to_float64():
     """``(actual, reference, reference64, eps=None, name="output")``: STYLE.md's distance rule
     for low-precision results, on tensors or nested sequences of tensors."""
     return check_close_to_float64
+
+
+# Smallest gap between the largest and the second-largest attention logit of every c/d map that
+# the rounding of a dtype cannot flip (see find_separated_problem).
+ATTENTION_MIN_GAP = {torch.float64: 0.0, torch.float32: 1e-5, torch.float16: 0.03,
+                     torch.bfloat16: 0.03}
+
+
+def separated_problem(variant: str, shape, dtype: torch.dtype, gate_activation: str,
+                      max_seeds: int = 200):
+    """``(x, h0, c0, params, weights)``, float64 on the CPU, with values already rounded to
+    ``dtype`` (so x64 and x_ref of the distance rule see the kernels' numbers) and ``weights``
+    the output gradients' ``[out, h_n, c_n]``; ``shape`` is ``(T, B, Cin, C, H, W, K)``.
+
+    For c/d the seed is chosen so that in every map (t, b, c) the maximum of the attention
+    logits Z exceeds the runner-up by ``ATTENTION_MIN_GAP[dtype]`` in the float64 reference:
+    the gradient of exp(Z − max Z) jumps where the argmax changes, so a near-tie that rounding
+    flips would move a whole map's Σ dA∘A to another pixel — in the kernel or in x_ref, by chance.
+    """
+    from convlstm_fast.reference import cells
+
+    steps, batch, cin, hidden, height, width, kernel_size = shape
+    for seed in range(max_seeds):
+        params = random_params(variant, cin, hidden, kernel_size, seed=seed)
+        x, h0, c0 = random_inputs(steps, batch, cin, hidden, height, width, seed=seed)
+        x, h0, c0 = (t.to(dtype).double() for t in (x, h0, c0))
+        params = {name: p.to(dtype).double() for name, p in params.items()}
+        generator = torch.Generator().manual_seed(seed + 17)
+        weights = [torch.randn(size, generator=generator, dtype=torch.float64)
+                   for size in ((steps, *h0.shape), h0.shape, c0.shape)]
+        if variant not in ("c", "d") or ATTENTION_MIN_GAP[dtype] == 0:
+            return x, h0, c0, params, weights
+        records = []
+        cells.layer(variant, x, h0, c0, params, gate_activation, records=records)
+        attention = torch.stack([r["attention"] for r in records]).flatten(-2)  # exp(Z − max)
+        runner_up = attention.topk(2, dim=-1).values[..., 1]
+        if (-runner_up.log()).min().item() >= ATTENTION_MIN_GAP[dtype]:
+            return x, h0, c0, params, weights
+    raise AssertionError(f"no seed < {max_seeds} separates the maxima of Z by "
+                         f"{ATTENTION_MIN_GAP[dtype]} for {variant} {shape}")
+
+
+@pytest.fixture
+def find_separated_problem():
+    """``(variant, shape, dtype, gate_activation) -> (x, h0, c0, params, weights)``, see
+    :func:`separated_problem`."""
+    return separated_problem
