@@ -1,12 +1,19 @@
 #!/usr/bin/env bash
-# The test command (README): builds everything from scratch on a fresh clone and runs every suite.
-#   1. main environment: torch 2.14.1 + triton 3.8, package built with the CUDA kernels compiled for
-#      sm_80/sm_90 (compile check), then the main suite, the benchmark cases in quick mode, the
-#      Triton interpreter suite (its own process: TRITON_INTERPRET=1 must precede importing triton),
-#      the Triton ahead-of-time compile check for sm_80/sm_90, and the CUDA kernels run in CPU
-#      emulation against the reference;
-#   2. the GPU machine's triton (3.6) with the CPU build of torch 2.13: interpreter suite and
-#      compile check again.
+# The test command (README): builds everything from scratch on a fresh clone and runs every suite,
+# on every torch/triton pair the project promises (pyproject.toml: torch >= 2.6, triton >= 3.6).
+# Each leg runs only what the others do not already prove:
+#   1. main — torch 2.14.1 + triton 3.8 (this machine's wheel cache), package built with
+#      FORCE_CUDA=1 alone (sm_80 + sm_90 compile check): the main suite, the benchmark cases in
+#      quick mode, the Triton interpreter suite (its own process: TRITON_INTERPRET=1 must precede
+#      importing triton), the Triton AOT compile check with its resource report, the CUDA kernels
+#      in CPU emulation against the reference, and the GPU check's rehearsal;
+#   2. the GPU machine's pair — torch 2.11.0 (a CUDA 13.0 build) + triton 3.6.0: the CUDA sources
+#      compiled against it for sm_90, the main suite, the interpreter suite, and the AOT compile
+#      check whose spill/occupancy gate is the one the H200 will run;
+#   3. the newest — torch 2.15.0 + triton 3.9.0 (what `pip install` gives a new user): the main
+#      suite and the interpreter suite;
+#   4. the lowest promised — torch 2.6.0 (its triton 3.2 is below the Triton backend's floor,
+#      which must then say so): the main suite.
 # GPU-marked tests skip themselves (with a reason) on a machine without CUDA.
 set -uo pipefail
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
@@ -14,35 +21,57 @@ cd "$ROOT"
 status=0
 run() {
   echo "::: $*"
+  local started=$SECONDS
   "$@" || { echo "::: FAILED ($?): $*"; status=1; }
+  echo "::: $((SECONDS - started)) s"
 }
 
 # A fresh Inductor cache: its keys do not cover a custom op's fake (meta) kernel, so graphs compiled
 # against an earlier build of the ops could be replayed with stale output shapes.
 TORCHINDUCTOR_CACHE_DIR="$(mktemp -d)"
+RESULTS="$(mktemp -d)"
 export TORCHINDUCTOR_CACHE_DIR
-trap 'rm -rf "$TORCHINDUCTOR_CACHE_DIR"' EXIT
+trap 'rm -rf "$TORCHINDUCTOR_CACHE_DIR" "$RESULTS"' EXIT
 
-CONVLSTM_CUDA=1 source .ci/setup-env || exit 1
-PY="$VENV/bin/python"  # with -P for -m: the source tree must not shadow the installed package
 # `pytest` (not `python -m pytest`) with --import-mode=importlib (pyproject) keeps the source tree
-# off sys.path: the tests import the installed package, compiled _C included.
-run "$VENV/bin/pytest" -q tests --ignore=tests/triton
-run "$VENV/bin/pytest" -q benchmarks --benchmark-disable
-run env TRITON_INTERPRET=1 "$VENV/bin/pytest" -q tests/triton
-run "$PY" -P -m convlstm_fast.triton_kernels.compile_check
-# The CUDA kernels' host drivers and kernel bodies, built in CPU emulation, against the reference.
-run env CUDA_HOME="${CUDA_HOME:-/usr/local/cuda-13.0}" "$PY" csrc/cuda/emulation_check.py \
-  --build-dir "$ROOT/build/cuda-emulation"
+# off sys.path: the tests import the installed package, compiled _C included; `-P` does the same
+# for `python -m`.
+main_suite() { run "$VENV/bin/pytest" -q tests --ignore=tests/triton; }
+interpreter_suite() { run env TRITON_INTERPRET=1 "$VENV/bin/pytest" -q tests/triton; }
+compile_check() {
+  run "$VENV/bin/python" -P -m convlstm_fast.triton_kernels.compile_check \
+    --report "$RESULTS/triton-resources-$1.md"
+}
+leg() {
+  echo "::: leg: $1"
+  CONVLSTM_VENV="$ROOT/$2" CONVLSTM_TOOLCHAIN="$3" CONVLSTM_PYPI="$4" CONVLSTM_CUDA="$5" \
+    CONVLSTM_CUDA_ARCHS="${6:-}" source .ci/setup-env || { echo "::: FAILED: setup of $1"; status=1; return 1; }
+}
 
-VENV36="${CONVLSTM_VENV36:-$ROOT/.venv-triton36}"
-[ -x "$VENV36/bin/python" ] || python3 -m venv "$VENV36"
-run "$VENV36/bin/python" -m pip install -q --disable-pip-version-check \
-  torch==2.13.0 triton==3.6.0 numpy==2.1.3 "setuptools>=64" wheel ninja pytest expecttest hypothesis
-run env MAX_JOBS=2 TORCH_CUDA_ARCH_LIST= FORCE_CUDA=0 "$VENV36/bin/python" -m pip install -q \
-  --disable-pip-version-check --no-build-isolation --no-deps --force-reinstall "$ROOT"
-run env TRITON_INTERPRET=1 "$VENV36/bin/pytest" -q tests/triton
-run "$VENV36/bin/python" -P -m convlstm_fast.triton_kernels.compile_check
+if leg "main, torch 2.14.1 + triton 3.8" .venv "torch==2.14.1 triton==3.8.0 numpy" 0 1; then
+  main_suite
+  run "$VENV/bin/pytest" -q benchmarks --benchmark-disable
+  interpreter_suite
+  compile_check triton3.8
+  run "$VENV/bin/python" csrc/cuda/emulation_check.py --build-dir "$ROOT/build/cuda-emulation"
+  run "$VENV/bin/python" benchmarks/gpu_check.py --rehearse --out "$RESULTS/gpu-check-rehearsal"
+fi
+
+if leg "GPU machine, torch 2.11.0 + triton 3.6.0" .venv-torch211 \
+    "torch==2.11.0 triton==3.6.0 numpy==2.1.3" 1 1 9.0; then
+  main_suite
+  interpreter_suite
+  compile_check triton3.6
+fi
+
+if leg "newest, torch 2.15.0 + triton 3.9.0" .venv-torch215 "torch==2.15.0 triton==3.9.0 numpy" 1 0; then
+  main_suite
+  interpreter_suite
+fi
+
+if leg "lowest, torch 2.6.0" .venv-torch26 "torch==2.6.0 numpy" 1 0; then
+  main_suite
+fi
 
 if [ "$status" = 0 ]; then echo "::: all suites passed"; else echo "::: some suites failed"; fi
 exit "$status"

@@ -16,12 +16,32 @@ import torch
 from . import OpBackend
 
 
+# The oldest triton the kernels are written and tested for (pyproject.toml's "triton" extra).
+MIN_TRITON = (3, 6)
+
+
+def _release(version: str) -> tuple[int, ...]:
+    """``"3.6.0"`` / ``"3.9.0+git1234"`` -> ``(3, 6, 0)``."""
+    parts = []
+    for part in version.split("+")[0].split("."):
+        digits = "".join(ch for ch in part if ch.isdigit())
+        if not digits:
+            break
+        parts.append(int(digits))
+    return tuple(parts)
+
+
 class TritonBackend(OpBackend):
     def load(self) -> None:
         try:
-            importlib.import_module("triton")
+            triton = importlib.import_module("triton")
         except ImportError as error:
             raise ImportError(f"triton is not installed ({error}); pip install triton") from error
+        if _release(triton.__version__) < MIN_TRITON:
+            raise ImportError(
+                f"triton {triton.__version__} is older than the Triton kernels need "
+                f"(>= {'.'.join(map(str, MIN_TRITON))}); pip install 'triton>="
+                f"{'.'.join(map(str, MIN_TRITON))}'")
         importlib.import_module("convlstm_fast.triton_kernels")
 
     def unsupported_reason(self, variant, x):
