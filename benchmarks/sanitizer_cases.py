@@ -17,7 +17,8 @@ import sys
 
 import torch
 
-from convlstm_fast import convlstm_layer, variants
+from convlstm_fast import VARIANTS, convlstm_layer
+from convlstm_fast.registry import GATE_ACTIVATIONS
 from convlstm_fast.backends import get_backend
 from convlstm_fast.bench.cases import CellShape, make_inputs
 
@@ -55,7 +56,7 @@ def run_case(backend: str, variant: str, shape: CellShape, dtype: torch.dtype,
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--backends", default="cuda", help="comma list (default: cuda)")
-    parser.add_argument("--variants", default=",".join(variants.VARIANTS))
+    parser.add_argument("--variants", default=",".join(VARIANTS))
     parser.add_argument("--device", default="cuda", help="cuda (cpu only to dry-run this script)")
     parser.add_argument("--quick", action="store_true",
                         help="one case per backend and variant (bf16, or float32 on the CPU)")
@@ -65,7 +66,7 @@ def main(argv=None) -> int:
         shapes, activations = (QUICK_SHAPE,), ("sigmoid",)
     else:
         dtypes = (torch.float32, torch.bfloat16, torch.float16)
-        shapes, activations = SHAPES, variants.GATE_ACTIVATIONS
+        shapes, activations = SHAPES, GATE_ACTIVATIONS
     if args.device == "cuda" and not torch.cuda.is_available():
         print("no CUDA device: nothing to sanitize")
         return 1

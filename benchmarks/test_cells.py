@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import pytest
 
-from convlstm_fast import variants
+from convlstm_fast import VARIANTS
 from convlstm_fast.backends import BACKENDS
 from convlstm_fast.bench import cases
 
@@ -26,7 +26,7 @@ def _synchronized(fn, device):
 
 @pytest.mark.parametrize("mode", ["forward", "forward+backward"])
 @pytest.mark.parametrize("backend", BACKEND_PARAMS)
-@pytest.mark.parametrize("variant", variants.VARIANTS)
+@pytest.mark.parametrize("variant", VARIANTS)
 def test_cell_layer(benchmark, bench_config, variant, backend, mode):
     shape = bench_config.shapes[0]
     x, params = cases.make_inputs(variant, shape, bench_config.device, bench_config.dtype)

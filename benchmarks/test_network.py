@@ -6,12 +6,12 @@ from __future__ import annotations
 import pytest
 import torch
 
-from convlstm_fast import variants
+from convlstm_fast import VARIANTS
 from convlstm_fast.models import GestureNet
 
 
 @pytest.mark.parametrize("training", [False, True], ids=["inference", "training"])
-@pytest.mark.parametrize("variant", variants.VARIANTS)
+@pytest.mark.parametrize("variant", VARIANTS)
 def test_gesture_net(benchmark, bench_config, variant, training):
     cfg = bench_config.network
     torch.manual_seed(0)

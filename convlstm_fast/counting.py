@@ -12,16 +12,17 @@ import torch
 from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 
-from . import variants
+from .registry import is_bias_name
 
 
 def count_parameters(module: nn.Module, include_bias: bool = True) -> int:
-    """Number of parameter elements; with ``include_bias=False`` the parameters whose names end
-    in ``bias`` are left out (the paper's Params column counts weights only)."""
+    """Number of parameter elements; with ``include_bias=False`` the cells' biases (the
+    parameters their registry entries mark as such) are left out (the paper's Params column
+    counts weights only)."""
     return sum(
         p.numel()
         for name, p in module.named_parameters()
-        if include_bias or not variants.is_bias(name.rsplit(".", 1)[-1])
+        if include_bias or not is_bias_name(name)
     )
 
 

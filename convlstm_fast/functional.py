@@ -10,8 +10,8 @@ from typing import Mapping, Sequence
 
 import torch
 
-from . import variants
 from .backends import select_backend
+from .registry import CellSpec, check_gate_activation, get_cell
 
 State = tuple[torch.Tensor, torch.Tensor]
 
@@ -54,22 +54,26 @@ def check_state(state, x: torch.Tensor, batch: int, hidden_channels: int, height
     return state[0], state[1]
 
 
-def _params_list(params, variant: str) -> list[torch.Tensor]:
-    names = variants.parameter_names(variant)
+def _params_list(params, spec: CellSpec) -> list[torch.Tensor]:
+    names = spec.parameter_names
     if isinstance(params, Mapping):
         missing = [n for n in names if n not in params]
         if missing:
-            raise ValueError(f"params for variant {variant!r} lack {missing}")
-        return [params[n] for n in names]
+            raise ValueError(f"params for variant {spec.name!r} lack {missing}")
+        params = [params[n] for n in names]
     params = list(params)
     if len(params) != len(names):
-        raise ValueError(f"params for variant {variant!r} must be {len(names)} tensors {names}, got {len(params)}")
+        raise ValueError(f"params for variant {spec.name!r} must be {len(names)} tensors {names}, "
+                         f"got {len(params)}")
+    for name, p in zip(names, params):
+        if not isinstance(p, torch.Tensor):
+            raise TypeError(f"parameter {name} must be a torch.Tensor, got {type(p).__name__}")
     return params
 
 
-def _check_params(params: list[torch.Tensor], variant: str, x: torch.Tensor, hidden_channels: int,
+def _check_params(params: list[torch.Tensor], spec: CellSpec, x: torch.Tensor, hidden_channels: int,
                   kernel_size: int) -> None:
-    expected = variants.parameter_shapes(variant, x.shape[2], hidden_channels, kernel_size)
+    expected = spec.parameter_shapes(x.shape[2], hidden_channels, kernel_size)
     for (name, shape), p in zip(expected.items(), params):
         if tuple(p.shape) != shape:
             raise ValueError(f"parameter {name} must have shape {shape}, got {tuple(p.shape)}")
@@ -109,9 +113,10 @@ def convlstm_layer(
 
     Args:
         x (Tensor[T, B, Cin, H, W]): the input sequence, time-first.
-        params: the cell's parameters by SPEC name (or a list in ``variants.parameter_shapes``
-            order); the hidden size C and kernel size K are read from them.
-        variant: ``"convlstm"``, ``"a"``, ``"b"``, ``"c"`` or ``"d"``.
+        params: the cell's parameters by name (or a list in the order of its registry entry's
+            ``parameters``); the hidden size C and kernel size K are read from them.
+        variant: a registered cell (:func:`convlstm_fast.cell_names`): ``"convlstm"``, ``"a"``,
+            ``"b"``, ``"c"``, ``"d"`` or one added with :func:`convlstm_fast.register_cell`.
         state: ``(h_0, c_0)``, each Tensor[B, C, H, W]; zeros when ``None``.
         gate_activation: ``"sigmoid"`` or ``"hard_sigmoid"`` (clamp(0.2·x + 0.5, 0, 1)).
         backend: ``"reference"``, ``"triton"``, ``"cuda"``, ``"cpu"`` or ``"auto"``.
@@ -119,17 +124,15 @@ def convlstm_layer(
     Returns:
         ``(output, (h_n, c_n))`` with output Tensor[T, B, C, H, W], h_n, c_n Tensor[B, C, H, W].
     """
-    variants.check_variant(variant)
-    variants.check_gate_activation(gate_activation)
+    spec = get_cell(variant)
+    check_gate_activation(gate_activation)
     check_input(x, "x", 5)
-    param_list = _params_list(params, variant)
-    first = param_list[0]
-    hidden_channels = first.shape[0] // (4 if variant == "convlstm" else variants.num_pooled_gates(variant))
-    kernel_size = param_list[1 if variant == "convlstm" else 3].shape[-1]
+    param_list = _params_list(params, spec)
+    hidden_channels, kernel_size = spec.sizes(param_list)
     steps, batch, _, height, width = x.shape
     device_type = x.device.type
     x, *param_list = _autocast([x, *param_list], device_type)
-    _check_params(param_list, variant, x, hidden_channels, kernel_size)
+    _check_params(param_list, spec, x, hidden_channels, kernel_size)
     if state is None:
         h0 = x.new_zeros(batch, hidden_channels, height, width)
         c0 = torch.zeros_like(h0)

@@ -14,9 +14,10 @@ import sys
 
 import torch
 
-from . import __version__, variants
+from . import __version__
 from ._extension import extension_built
 from .backends import BACKENDS, get_backend
+from .registry import cell_names
 
 
 def _triton_version() -> str:
@@ -33,7 +34,7 @@ def backend_report(device: torch.device) -> list[tuple[str, str, str]]:
     probe = torch.empty(1, 1, 1, 1, 1, device=device)
     for name in BACKENDS:
         backend = get_backend(name)
-        for variant in variants.VARIANTS:
+        for variant in cell_names():
             reason = backend.unsupported_reason(variant, probe)
             rows.append((name, variant, "usable" if reason is None else reason))
     return rows

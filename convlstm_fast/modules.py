@@ -13,9 +13,9 @@ from typing import Sequence
 import torch
 from torch import nn
 
-from . import variants
 from .backends import check_backend
 from .functional import State, check_input, convlstm_layer
+from .registry import Parameter, check_gate_activation, check_kernel_size, get_cell
 
 INITS = ("default", "reference")
 
@@ -28,11 +28,11 @@ def _check_channels(value, name: str) -> int:
     return value
 
 
-def _fan_in(name: str, shape: tuple[int, ...], scheme: str) -> int:
+def _fan_in(parameter: Parameter, shape: tuple[int, ...], scheme: str) -> int:
     # Pointwise/FC weights are [out, in]; convolution kernels [out, in/groups, K, K]. The
     # reference code's he_normal (Keras) sees a depthwise kernel as [K, K, C, 1]: fan_in = K·K·C.
     fan_in = math.prod(shape[1:])
-    if scheme == "reference" and "_dw_" in name:
+    if scheme == "reference" and parameter.role == "depthwise":
         fan_in *= shape[0]
     return fan_in
 
@@ -41,23 +41,29 @@ def _fan_in(name: str, shape: tuple[int, ...], scheme: str) -> int:
 def init_parameters(cell: "ConvLSTMCell", scheme: str = "default") -> None:
     """Initialise a cell's parameters in place.
 
+    The rules follow each parameter's role in the cell's registry entry.
     ``"default"``: every weight U(−1/√fan_in, 1/√fan_in) (PyTorch's convolution default),
-    biases zero except the forget gate's, which is 1 (Jozefowicz et al. 2015) — for the
-    original ConvLSTM and for the pooled gates.
+    biases zero except the forget gate's slot of the gates' bias, which is 1 (Jozefowicz et al.
+    2015).
     ``"reference"``: the reference code's (SPEC "Options"): he_normal, i.e. a normal truncated
     at ±2σ with σ = √(2/fan_in) (fan_in = K·K·in channels, depthwise kernels included);
-    the pooled-FC gate weights constant 1/C with zero gate bias; forget-gate bias 1 for
-    ``convlstm`` only; other biases zero.
+    the pooled-FC gate weights (role ``fc``) constant 1/C with zero gate bias; the forget-gate
+    bias 1 only where the cell's ``Gates.reference_forget_bias`` says so (``convlstm``); other
+    biases zero.
     """
     if scheme not in INITS:
         raise ValueError(f"init must be one of {INITS}, got {scheme!r}")
     c = cell.hidden_channels
-    for name, param in cell.named_parameters(recurse=False):
-        if variants.is_bias(name):
+    spec = get_cell(cell.variant)
+    for parameter in spec.parameters:
+        param = getattr(cell, parameter.name, None)
+        if param is None:  # an absent bias (bias=False)
+            continue
+        if parameter.is_bias:
             param.zero_()
             continue
-        fan_in = _fan_in(name, tuple(param.shape), scheme)
-        if scheme == "reference" and name.startswith("gate_weight"):
+        fan_in = _fan_in(parameter, tuple(param.shape), scheme)
+        if scheme == "reference" and parameter.role == "fc":
             param.fill_(1.0 / c)
         elif scheme == "reference":
             std = math.sqrt(2.0 / fan_in)
@@ -65,16 +71,10 @@ def init_parameters(cell: "ConvLSTMCell", scheme: str = "default") -> None:
         else:
             bound = 1.0 / math.sqrt(fan_in)
             nn.init.uniform_(param, -bound, bound)
-    forget = _forget_gate_slice(cell.variant, c)
-    if cell.has_bias and forget is not None and (scheme == "default" or cell.variant == "convlstm"):
-        bias_name = "bias" if cell.variant == "convlstm" else "gate_bias"
-        getattr(cell, bias_name)[forget] = 1.0
-
-
-def _forget_gate_slice(variant: str, c: int) -> slice | None:
-    # Gate orders: convlstm i,f,g,o; a/b i,f,o; c f,o; d i,f.
-    index = {"convlstm": 1, "a": 1, "b": 1, "c": 0, "d": 1}[variant]
-    return slice(index * c, (index + 1) * c)
+    gates = spec.gates
+    if (cell.has_bias and gates is not None and gates.forget in gates.order
+            and (scheme == "default" or gates.reference_forget_bias)):
+        getattr(cell, gates.bias)[gates.slot(gates.forget, c)] = 1.0
 
 
 class ConvLSTMCell(nn.Module):
@@ -84,7 +84,8 @@ class ConvLSTMCell(nn.Module):
         in_channels: Cin of the input ``x [B, Cin, H, W]``.
         hidden_channels: C of the states ``h``, ``c`` ``[B, C, H, W]``.
         kernel_size: odd K; convolutions use 'same' padding K // 2.
-        variant: ``"convlstm"`` (original), ``"a"``, ``"b"``, ``"c"`` or ``"d"`` (shared/SPEC.md).
+        variant: ``"convlstm"`` (original), ``"a"``, ``"b"``, ``"c"`` or ``"d"`` (shared/SPEC.md),
+            or a cell added with :func:`convlstm_fast.register_cell`.
         bias: learn the biases (otherwise they are fixed at zero and absent from the state_dict).
         gate_activation: ``"sigmoid"`` (paper) or ``"hard_sigmoid"`` (reference code).
         init: ``"default"`` or ``"reference"`` (see :func:`init_parameters`).
@@ -99,22 +100,23 @@ class ConvLSTMCell(nn.Module):
         super().__init__()
         self.in_channels = _check_channels(in_channels, "in_channels")
         self.hidden_channels = _check_channels(hidden_channels, "hidden_channels")
-        self.kernel_size = variants.check_kernel_size(kernel_size)
-        self.variant = variants.check_variant(variant)
-        self.gate_activation = variants.check_gate_activation(gate_activation)
+        self.kernel_size = check_kernel_size(kernel_size)
+        spec = get_cell(variant)
+        self.variant = variant
+        self.gate_activation = check_gate_activation(gate_activation)
         self.backend = check_backend(backend)
         self.has_bias = bool(bias)
-        shapes = variants.parameter_shapes(variant, in_channels, hidden_channels, kernel_size)
-        for name, shape in shapes.items():
-            if self.has_bias or not variants.is_bias(name):
-                self.register_parameter(name, nn.Parameter(torch.empty(shape)))
+        for parameter in spec.parameters:
+            if self.has_bias or not parameter.is_bias:
+                shape = parameter.shape(in_channels, hidden_channels, kernel_size)
+                self.register_parameter(parameter.name, nn.Parameter(torch.empty(shape)))
         init_parameters(self, init)
 
     def parameter_list(self) -> list[torch.Tensor]:
         """All parameters in op order; absent biases are zeros."""
         out = []
-        for name, shape in variants.parameter_shapes(
-            self.variant, self.in_channels, self.hidden_channels, self.kernel_size
+        for name, shape in get_cell(self.variant).parameter_shapes(
+            self.in_channels, self.hidden_channels, self.kernel_size
         ).items():
             param = getattr(self, name, None)
             if param is None:

@@ -5,7 +5,7 @@ reason, when CUDA is unavailable.
 
 Fixtures:
 - ``make_params(variant, in_channels, hidden_channels, kernel_size, dtype, seed)`` -> dict of a
-  cell's parameters by SPEC name, in ``variants.parameter_shapes`` order (the op order).
+  cell's parameters by SPEC name, in the order of its registry entry (the op order).
 - ``make_inputs(steps, batch, in_channels, hidden_channels, height, width, dtype, seed)`` ->
   ``(x [T, B, Cin, H, W], h0, c0 [B, C, H, W])``.
 - ``assert_close_to_float64(actual, reference, reference64)``: STYLE.md's low-precision rule.
@@ -66,13 +66,14 @@ def random_params(variant: str, in_channels: int, hidden_channels: int, kernel_s
                   requires_grad: bool = False) -> dict[str, torch.Tensor]:
     """Weights U(−scale/√fan_in, scale/√fan_in) (fan_in = all dims but the first), biases
     U(−bias_scale, bias_scale); leaves, in the op's parameter order."""
-    from convlstm_fast import variants
+    from convlstm_fast import get_cell
 
     generator = torch.Generator().manual_seed(seed)
     params = {}
-    shapes = variants.parameter_shapes(variant, in_channels, hidden_channels, kernel_size)
+    biases = {p.name for p in get_cell(variant).parameters if p.is_bias}
+    shapes = get_cell(variant).parameter_shapes(in_channels, hidden_channels, kernel_size)
     for name, shape in shapes.items():
-        if variants.is_bias(name):
+        if name in biases:
             value = _uniform(shape, bias_scale, generator)
         else:
             value = _uniform(shape, scale / math.sqrt(math.prod(shape[1:])), generator)

@@ -23,7 +23,7 @@ import dataclasses
 import pytest
 import torch
 
-from convlstm_fast import variants
+from convlstm_fast import VARIANTS
 from convlstm_fast.backends import get_backend
 from convlstm_fast.functional import convlstm_layer
 from convlstm_fast.reference import cells
@@ -65,7 +65,7 @@ def _params():
             marks = [pytest.mark.gpu] if device == "cuda" else []
             if case.extended:
                 marks.append(pytest.mark.extended)
-            for variant in variants.VARIANTS:
+            for variant in VARIANTS:
                 yield pytest.param(backend, variant, case, marks=marks,
                                    id=f"{backend}-{variant}-{case.name}")
 

@@ -11,7 +11,7 @@ import torch
 
 from convlstm_fast import (ConvLSTM, ConvLSTMCell, count_mult_adds, count_parameters,
                            paper_mult_adds)
-from convlstm_fast.variants import VARIANTS
+from convlstm_fast import VARIANTS
 
 # SPEC Table 1 (Cin = Cout = 256, K = 3, 28×28): exact weights, the paper's Mult-Adds (M) and the
 # true multiply-accumulates of one step for one sample (M, one decimal).

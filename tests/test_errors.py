@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from convlstm_fast import ConvLSTM, ConvLSTMCell, convlstm_layer
-from convlstm_fast.variants import VARIANTS
+from convlstm_fast import VARIANTS
 
 B, CIN, C, H, W = 2, 3, 4, 5, 6
 

@@ -1,7 +1,7 @@
 """GestureNet (shared/SPEC.md "The full network of Fig. 1"): shapes, stage costs, hooks.
 
 Tiny configuration (width_mult = 0.125, S = 32, T = 4): Res3D gives 32 channels at 8×8 over
-T' = 2 steps. The ConvLSTM stages' MACs are checked against ``variants.step_mult_adds`` (a
+T' = 2 steps. The ConvLSTM stages' MACs are checked against the registry's ``mult_adds`` (a
 closed formula independent of the counter) and the paper convention against the weight count.
 """
 
@@ -10,7 +10,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from convlstm_fast import ConvLSTM, count_parameters, variants
+from convlstm_fast import VARIANTS, ConvLSTM, count_parameters, get_cell
 from convlstm_fast.models import STAGES, GestureNet
 
 TINY = dict(width_mult=0.125)
@@ -24,7 +24,7 @@ def tiny_clip(seed: int = 0) -> torch.Tensor:
     return torch.randn(BATCH, 3, FRAMES, SIZE, SIZE, generator=generator)
 
 
-@pytest.mark.parametrize("variant", variants.VARIANTS)
+@pytest.mark.parametrize("variant", VARIANTS)
 def test_output_and_feature_shapes(variant):
     torch.manual_seed(0)
     net = GestureNet(10, variant, backend="reference", **TINY).eval()
@@ -64,7 +64,7 @@ def test_features_match_forward_hook_on_convlstm2():
     torch.testing.assert_close(features, seen[0], rtol=0, atol=0)
 
 
-@pytest.mark.parametrize("variant", variants.VARIANTS)
+@pytest.mark.parametrize("variant", VARIANTS)
 def test_summary_adds_up_and_convlstm_macs_follow_the_formula(variant):
     net = GestureNet(10, variant, **TINY)
     summary = net.summary((BATCH, 3, FRAMES, SIZE, SIZE))
@@ -74,9 +74,9 @@ def test_summary_adds_up_and_convlstm_macs_follow_the_formula(variant):
     assert sum(s.parameters for s in summary.stages) == summary.total_parameters
     assert summary.total_parameters == count_parameters(net)
     for stage, cell_variant in (("convlstm1", variant), ("convlstm2", net.second_variant)):
-        per_step = variants.step_mult_adds(cell_variant, HIDDEN, HIDDEN, 3, MAP, MAP)
+        per_step = get_cell(cell_variant).mult_adds(HIDDEN, HIDDEN, 3, MAP, MAP)
         assert stages[stage].mult_adds == per_step * STEPS * BATCH
-        weights = variants.weight_count(cell_variant, HIDDEN, HIDDEN, 3)
+        weights = get_cell(cell_variant).weight_count(HIDDEN, HIDDEN, 3)
         assert stages[stage].paper_mult_adds == weights * MAP * MAP * STEPS * BATCH
         assert stages[stage].output_shape == (BATCH, STEPS, HIDDEN, MAP, MAP)
     assert stages["head"].output_shape == (BATCH, 10)
@@ -90,7 +90,7 @@ def test_full_size_network_cost():
     stages = {s.name: s for s in summary.stages}
     assert stages["convlstm1"].output_shape == (1, 8, 256, 28, 28)
     assert stages["mobilenet"].output_shape == (1, 8, 1024, 4, 4)
-    assert stages["convlstm1"].mult_adds == variants.step_mult_adds("a", 256, 256, 3, 28, 28) * 8
+    assert stages["convlstm1"].mult_adds == get_cell("a").mult_adds(256, 256, 3, 28, 28) * 8
 
 
 def test_backward_reaches_every_parameter():

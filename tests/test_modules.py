@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from convlstm_fast import ConvLSTM, ConvLSTMCell, convlstm_layer
-from convlstm_fast.variants import VARIANTS
+from convlstm_fast import VARIANTS
 
 BATCH, CIN, HEIGHT, WIDTH, KERNEL = 2, 3, 5, 6, 3
 
@@ -98,7 +98,7 @@ def test_cell_step_by_step_equals_sequence(variant):
 
 
 def _expected_parameters(variant, cin, c, k):
-    """SPEC "Parameters" table, written out independently of variants.py."""
+    """SPEC "Parameters" table, written out independently of the registry."""
     if variant == "convlstm":
         return {"weight_x": (4 * c, cin, k, k), "weight_h": (4 * c, c, k, k), "bias": (4 * c,)}
     n = 3 if variant in ("a", "b") else 2

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 import convlstm_fast
-from convlstm_fast import _extension, variants
+from convlstm_fast import VARIANTS, _extension, get_cell
 from convlstm_fast.ops import registration
 
 
@@ -28,7 +28,7 @@ def test_native_schemas_match_the_python_contract():
     if not _extension.extension_built():
         pytest.skip("this installation has no compiled convlstm_fast._C")
     convlstm_fast.load_extension()
-    for name in variants.OP_NAMES.values():
+    for name in (get_cell(v).op for v in VARIANTS):
         forward = getattr(torch.ops.convlstm_fast, name).default._schema
         backward = getattr(torch.ops.convlstm_fast, name + "_backward").default._schema
         assert str(forward) == f"convlstm_fast::{name}{registration.LAYER_SCHEMA}"
@@ -45,7 +45,7 @@ def test_info_lists_every_backend_and_variant():
         assert name in text
     rows = info.backend_report(torch.device("cpu"))
     assert {(b, v) for b, v, _ in rows} == {
-        (b, v) for b in ("reference", "triton", "cuda", "cpu") for v in variants.VARIANTS
+        (b, v) for b in ("reference", "triton", "cuda", "cpu") for v in VARIANTS
     }
     assert all(status == "usable" for b, _, status in rows if b == "reference")
     # CUDA kernels can never run on CPU tensors: the reason must say so.

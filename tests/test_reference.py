@@ -11,7 +11,8 @@ import torch
 import torch.nn.functional as F
 
 from convlstm_fast import convlstm_layer, reference
-from convlstm_fast.variants import GATE_ACTIVATIONS, VARIANTS
+from convlstm_fast import VARIANTS
+from convlstm_fast.registry import GATE_ACTIVATIONS
 
 STEPS, BATCH, CIN, HIDDEN, HEIGHT, WIDTH, KERNEL = 2, 2, 3, 4, 5, 6, 3
 

@@ -1,17 +1,15 @@
 """Fused Triton kernels of the recurrent step, installed as ``convlstm_fast.triton_kernels``.
 
-Importing this package declares the ``convlstm_fast::<name>_triton`` ops and registers their
-kernels (CUDA; CPU too, for TRITON_INTERPRET=1), autograd and fake tensors. ``IMPLEMENTED``
-lists the variants whose ops exist.
+Importing this package declares the ``convlstm_fast::<op>_triton`` ops of every cell whose
+registry entry has a triton kernel and registers their kernels (CUDA; CPU too, for
+TRITON_INTERPRET=1), autograd and fake tensors. ``IMPLEMENTED`` lists those cells.
 """
 
 from __future__ import annotations
 
 import torch
 
-from convlstm_fast import variants
-from convlstm_fast.backends.native import SAVED_SPECS
-from convlstm_fast.ops.registration import define_layer_ops, register_layer_op
+from convlstm_fast.ops.registration import register_all
 
 from ._common import INTERPRETED
 from .channel_attention_layer import (input_attention_layer_backward,
@@ -23,15 +21,14 @@ from .pooled_layer import pooled_layer_backward, pooled_layer_forward
 from .spatial_attention_layer import (spatial_attention_layer_backward,
                                       spatial_attention_layer_forward)
 
-# variant -> (forward, backward): one file per op, named after it.
+# op name -> (forward, backward): one file per op, named after it.
 _KERNELS = {
-    "convlstm": (convlstm_layer_forward, convlstm_layer_backward),
-    "a": (pooled_layer_forward, pooled_layer_backward),
-    "b": (spatial_attention_layer_forward, spatial_attention_layer_backward),
-    "c": (input_attention_layer_forward, input_attention_layer_backward),
-    "d": (output_attention_layer_forward, output_attention_layer_backward),
+    "convlstm_layer": (convlstm_layer_forward, convlstm_layer_backward),
+    "pooled_layer": (pooled_layer_forward, pooled_layer_backward),
+    "spatial_attention_layer": (spatial_attention_layer_forward, spatial_attention_layer_backward),
+    "input_attention_layer": (input_attention_layer_forward, input_attention_layer_backward),
+    "output_attention_layer": (output_attention_layer_forward, output_attention_layer_backward),
 }
-IMPLEMENTED = tuple(_KERNELS)
 
 __all__ = ["IMPLEMENTED", "INTERPRETED"]
 
@@ -52,19 +49,8 @@ def _on_device(fn, name: str, x_index: int):
     return run
 
 
-def _register(variant: str) -> None:
-    forward, backward = _KERNELS[variant]
-    name = variants.OP_NAMES[variant] + "_triton"
-    qualname = "convlstm_fast::" + name
-    if hasattr(torch.ops.convlstm_fast, name):  # already declared (module re-imported)
-        return
-    define_layer_ops(name)
-    for key in ("CUDA", "CPU"):
-        torch.library.impl(qualname, key)(_on_device(forward, qualname, 0))
-        torch.library.impl(qualname + "_backward", key)(
-            _on_device(backward, qualname + "_backward", 3))
-    register_layer_op(qualname, variant, SAVED_SPECS[variant])
-
-
-for _variant in IMPLEMENTED:
-    _register(_variant)
+# The cells whose registry entries name a triton kernel, wired (once) to these implementations.
+IMPLEMENTED = tuple(register_all("triton", {
+    op: (_on_device(forward, f"convlstm_fast::{op}_triton", 0),
+         _on_device(backward, f"convlstm_fast::{op}_triton_backward", 3))
+    for op, (forward, backward) in _KERNELS.items()}))

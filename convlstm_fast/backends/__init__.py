@@ -13,15 +13,14 @@ from typing import Sequence
 
 import torch
 
-from .. import variants
-from ..ops.registration import gate_activation_code
+from ..ops.registration import INFERENCE_SUFFIX, gate_activation_code
+from ..registry import get_cell
 
 BACKENDS = ("reference", "triton", "cuda", "cpu")
 
 # An op ``<name><suffix>`` may have a twin ``<name><suffix>_inference`` (the native ops do;
 # csrc/convlstm_fast.cpp): the forward without the tensors saved for backward, which a backend
 # runs instead whenever no input needs a gradient (inference neither writes nor keeps them).
-INFERENCE_SUFFIX = "_inference"
 BACKEND_CHOICES = BACKENDS + ("auto",)
 
 # Where each backend object lives; modules are imported on first use.
@@ -57,7 +56,7 @@ class Backend:
     def run_layer(self, variant: str, x: torch.Tensor, h0: torch.Tensor, c0: torch.Tensor,
                   params: Sequence[torch.Tensor], gate_activation: str):
         """``x [T, B, Cin, H, W]`` (contiguous), ``h0``, ``c0`` ``[B, C, H, W]``, ``params`` in
-        ``variants.parameter_shapes`` order -> ``(output [T, B, C, H, W], h_n, c_n)``."""
+        the order of the cell's registry entry -> ``(output [T, B, C, H, W], h_n, c_n)``."""
         raise NotImplementedError
 
 
@@ -73,7 +72,7 @@ class OpBackend(Backend):
         self.dtypes = dtypes
 
     def op_name(self, variant: str) -> str:
-        return variants.OP_NAMES[variant] + self.suffix
+        return get_cell(variant).op + self.suffix
 
     def load(self) -> None:
         """Import or build whatever registers the ops; raise ImportError with a reason."""
@@ -89,6 +88,8 @@ class OpBackend(Backend):
         reason = self.unavailable_reason()
         if reason is not None:
             return reason
+        if self.name not in get_cell(variant).kernels:
+            return f"variant {variant!r} has no {self.name} kernel"
         if x.device.type != self.device_type:
             return f"backend {self.name!r} runs on {self.device_type} tensors, got {x.device.type}"
         if x.dtype not in self.dtypes:

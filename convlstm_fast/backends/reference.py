@@ -5,7 +5,7 @@ Runs on any device and dtype that PyTorch supports; autograd is PyTorch's own.
 
 from __future__ import annotations
 
-from .. import variants
+from ..registry import get_cell
 from ..reference import cells
 from . import Backend
 
@@ -14,7 +14,7 @@ class ReferenceBackend(Backend):
     name = "reference"
 
     def run_layer(self, variant, x, h0, c0, params, gate_activation):
-        named = dict(zip(variants.parameter_names(variant), params))
+        named = dict(zip(get_cell(variant).parameter_names, params))
         return cells.layer(variant, x, h0, c0, named, gate_activation)
 
 

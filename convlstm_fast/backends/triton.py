@@ -13,6 +13,7 @@ import importlib
 
 import torch
 
+from ..registry import get_cell
 from . import OpBackend
 
 
@@ -49,8 +50,8 @@ class TritonBackend(OpBackend):
         if reason is not None:
             return reason
         kernels = importlib.import_module("convlstm_fast.triton_kernels")
-        if variant not in kernels.IMPLEMENTED:
-            return f"backend 'triton' is not implemented for variant {variant!r}"
+        if "triton" not in get_cell(variant).kernels:
+            return f"variant {variant!r} has no triton kernel"
         if x.device.type == "cpu" and kernels.INTERPRETED:
             if x.dtype != torch.float32:
                 return ("backend 'triton' runs CPU tensors (interpreter) in float32 only, "

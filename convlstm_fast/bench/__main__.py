@@ -14,7 +14,7 @@ import sys
 
 import torch
 
-from .. import variants
+from ..registry import IMPORT_HELP, cell_names, check_variant, import_cell_modules
 from . import cases
 from .harness import device_descriptor
 from .report import full_markdown, table1_markdown, write_outputs
@@ -48,7 +48,10 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--device", help="cpu or cuda[:N] (default: cuda when available)")
     parser.add_argument("--dtype", choices=sorted(DTYPES),
                         help="compute dtype (default: float32 on CPU, bfloat16 on CUDA)")
-    parser.add_argument("--variants", type=_list, help=f"comma list of {','.join(variants.VARIANTS)}")
+    parser.add_argument("--import", dest="imports", action="append", metavar="MODULE",
+                        help=IMPORT_HELP)
+    parser.add_argument("--variants", type=_list,
+                        help=f"comma list of registered cells ({','.join(cell_names())})")
     parser.add_argument("--backends", type=_list,
                         help="comma list of registered backends and 'compile' (default: all)")
     parser.add_argument("--shape", type=_shape, action="append",
@@ -73,6 +76,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    import_cell_modules(argv)
     args = build_parser().parse_args(argv)
     if args.table1:
         print(table1_markdown(cases.table1()))
@@ -86,7 +90,7 @@ def main(argv: list[str] | None = None) -> int:
                             paper=args.paper)
     if args.variants:
         for variant in args.variants:
-            variants.check_variant(variant)
+            check_variant(variant)
         config.variants = args.variants
     if args.backends:
         config.backends = cases.backend_names(args.backends)

@@ -15,7 +15,7 @@ from dataclasses import asdict, dataclass
 import torch
 from torch._subclasses.fake_tensor import FakeTensorMode
 
-from .. import variants
+from ..registry import cell_names, get_cell
 from ..backends import BACKENDS, get_backend
 from ..counting import count_mult_adds, count_parameters, paper_mult_adds
 from ..functional import convlstm_layer
@@ -58,15 +58,6 @@ QUICK_SHAPES = (CellShape(1, 2, 8, 8, 8, 8, label="quick"),)
 # IsoGD (32-frame clips) and T = 8 at B = 16 for Jester (16-frame clips).
 PAPER_SHAPES = (CellShape(8, 16, 256, 256, 28, 28, label="IsoGD"),
                 CellShape(16, 8, 256, 256, 28, 28, label="Jester"))
-
-# Table 1 of the paper as printed (Params, Mult-Adds), for comparison beside our counts.
-PAPER_TABLE1 = {
-    "convlstm": (4.719e6, 3700e6),
-    "a": (0.529e6, 415e6),
-    "b": (0.667e6, 522e6),
-    "c": (0.601e6, 472e6),
-    "d": (0.601e6, 472e6),
-}
 
 
 def sweep_shapes(base: CellShape, spatial_sizes, channel_counts) -> list[CellShape]:
@@ -122,8 +113,8 @@ def layer_runner(backend: str, variant: str, shape: CellShape, gate_activation: 
         return run
     # torch.compile of the reference step; the time loop stays in Python (as a user would
     # write it), so one compiled graph serves every step.
-    step = torch.compile(cells.STEPS[variant], dynamic=False)
-    names = variants.parameter_names(variant)
+    step = torch.compile(get_cell(variant).step, dynamic=False)
+    names = get_cell(variant).parameter_names
 
     def run_compiled(x, params):
         named = dict(zip(names, params))
@@ -174,9 +165,8 @@ def saved_per_step(backend: str, variant: str, shape: CellShape, device, dtype) 
 def layer_flops(variant: str, shape: CellShape, mode: str) -> int:
     """FLOPs of one layer call: 2 × the true MACs of every step (Table 1's last column, as
     FlopCounterMode counts them); forward+backward counts the backward as twice the forward."""
-    macs = shape.steps * shape.batch * variants.step_mult_adds(
-        variant, shape.in_channels, shape.hidden_channels, shape.kernel_size, shape.height,
-        shape.width)
+    macs = shape.steps * shape.batch * get_cell(variant).mult_adds(
+        shape.in_channels, shape.hidden_channels, shape.kernel_size, shape.height, shape.width)
     return 2 * macs * (3 if mode == "forward+backward" else 1)
 
 
@@ -191,8 +181,8 @@ def compulsory_bytes(variant: str, shape: CellShape, dtype: torch.dtype, mode: s
     element = torch.empty((), dtype=dtype).element_size()
     sequence_in = shape.steps * shape.batch * shape.in_channels * shape.height * shape.width
     sequence_out = shape.steps * shape.state_numel
-    params = sum(math.prod(s) for s in variants.parameter_shapes(
-        variant, shape.in_channels, shape.hidden_channels, shape.kernel_size).values())
+    params = sum(math.prod(s) for s in get_cell(variant).parameter_shapes(
+        shape.in_channels, shape.hidden_channels, shape.kernel_size).values())
     forward = sequence_in + sequence_out + 4 * shape.state_numel + params
     if mode != "forward+backward":
         return forward * element
@@ -214,12 +204,13 @@ def floor_ms(variant: str, shape: CellShape, dtype: torch.dtype, mode: str,
 
 def table1(in_channels: int = 256, hidden_channels: int = 256, kernel_size: int = 3,
            size: int = 28) -> list[dict]:
-    """The paper's Table 1: per cell, the exact weight count, the paper's Mult-Adds convention
-    (:func:`convlstm_fast.paper_mult_adds`: weights × H·W) and the true MACs of one step and one
-    sample (:func:`convlstm_fast.count_mult_adds`, run on fake tensors: no memory, no compute)."""
+    """The paper's Table 1: per registered cell, the exact weight count, the paper's Mult-Adds
+    convention (:func:`convlstm_fast.paper_mult_adds`: weights × H·W) and the true MACs of one
+    step and one sample (:func:`convlstm_fast.count_mult_adds`, run on fake tensors: no memory,
+    no compute), beside the paper's printed numbers for its five cells."""
     rows = []
     fake_mode = FakeTensorMode()
-    for variant in variants.VARIANTS:
+    for variant in cell_names():
         with fake_mode:
             cell = ConvLSTMCell(in_channels, hidden_channels, kernel_size, variant,
                                 backend="reference")
@@ -227,7 +218,7 @@ def table1(in_channels: int = 256, hidden_channels: int = 256, kernel_size: int 
             true = count_mult_adds(cell, x)
         weights = count_parameters(cell, include_bias=False)
         paper = paper_mult_adds(cell, size, size)
-        printed_params, printed_mult_adds = PAPER_TABLE1[variant]
+        printed_params, printed_mult_adds = get_cell(variant).paper_table1 or (None, None)
         rows.append({
             "variant": variant,
             "weights": weights,

@@ -16,6 +16,10 @@ def _millions(value: float) -> str:
     return f"{value / 1e6:,.1f}M"
 
 
+def _printed(value: float | None) -> str:
+    return "-" if value is None else f"{value / 1e6:,.0f}M"
+
+
 def table1_markdown(rows: list[dict]) -> str:
     lines = [
         "Table 1 (Cin = Cout = 256, K = 3, 28x28; per step and sample)",
@@ -27,7 +31,7 @@ def table1_markdown(rows: list[dict]) -> str:
     for r in rows:
         lines.append(
             f"| {r['variant']} | {r['weights']:,} | {r['weights'] / 1e6:.3f}M | "
-            f"{_millions(r['paper_mult_adds'])} | {r['paper_printed_mult_adds'] / 1e6:,.0f}M | "
+            f"{_millions(r['paper_mult_adds'])} | {_printed(r['paper_printed_mult_adds'])} | "
             f"{_millions(r['true_mult_adds'])} | {r['overstatement']:.2f}x |")
     return "\n".join(lines)
 

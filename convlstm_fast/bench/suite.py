@@ -10,7 +10,7 @@ from typing import Callable
 
 import torch
 
-from .. import variants as variants_module
+from ..registry import cell_names
 from ..backends import select_backend
 from ..counting import count_parameters
 from ..info import triton_specializations
@@ -79,7 +79,7 @@ def default_config(device: str | torch.device | None = None, dtype: torch.dtype 
     device = torch.device(device)
     if dtype is None:
         dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
-    names = list(variants_module.VARIANTS)
+    names = list(cell_names())
     if quick:
         return BenchConfig(device, dtype, names, cases.backend_names(include_compile=False),
                            cases.QUICK_SHAPES, NetworkConfig(0.125, 32, 4, 1),

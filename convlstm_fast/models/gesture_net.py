@@ -19,7 +19,7 @@ from torch import nn
 from torch._subclasses.fake_tensor import FakeTensorMode
 from torch.utils.flop_counter import FlopCounterMode
 
-from .. import variants
+from ..registry import check_variant
 from ..counting import count_mult_adds, count_parameters, paper_mult_adds
 from ..modules import ConvLSTM, INITS
 from .mobilenet import MOBILENET_LAYERS, MobileNet
@@ -75,9 +75,10 @@ class GestureNet(nn.Module):
 
     Args:
         num_classes: outputs of the final Linear layer (27 Jester, 249 IsoGD).
-        variant: the first ConvLSTM layer's cell: ``"convlstm"``, ``"a"``, ``"b"``, ``"c"``, ``"d"``.
-        second_variant: the second layer's cell; ``None`` picks ``"a"`` for a–d (as the
-            reference code does) and ``"convlstm"`` for the baseline.
+        variant: the first ConvLSTM layer's cell: ``"convlstm"``, ``"a"``, ``"b"``, ``"c"``, ``"d"``
+            or any registered cell (:func:`convlstm_fast.register_cell`).
+        second_variant: the second layer's cell; ``None`` picks ``"convlstm"`` for the baseline
+            and ``"a"`` otherwise (as the reference code does for a–d).
         backend: backend of both ConvLSTM layers (``"auto"``, ``"reference"``, ``"cpu"``, ...).
         init: ``"default"`` (PyTorch defaults; ConvLSTM as :func:`~convlstm_fast.modules.init_parameters`)
             or ``"reference"`` (he_normal for every conv/linear kernel, the reference code's
@@ -104,10 +105,10 @@ class GestureNet(nn.Module):
                  backend: str = "auto", init: str = "default", width_mult: float = 1.0,
                  gate_activation: str = "sigmoid", kernel_size: int = 3, in_channels: int = 3):
         super().__init__()
-        variants.check_variant(variant)
-        if second_variant is None:
+        check_variant(variant)
+        if second_variant is None:  # SPEC "The full network": the reference code's choice
             second_variant = "convlstm" if variant == "convlstm" else "a"
-        variants.check_variant(second_variant)
+        check_variant(second_variant)
         if init not in INITS:
             raise ValueError(f"init must be one of {INITS}, got {init!r}")
         if not width_mult > 0:

@@ -10,12 +10,13 @@ op": one layer over a whole sequence):
         -> (Tensor grad_x, Tensor grad_h0, Tensor grad_c0, Tensor[] grad_params)
 
 ``x`` is time-first ``[T, B, Cin, H, W]``, ``h0``/``c0`` and ``h_n``/``c_n`` ``[B, C, H, W]``,
-``output`` ``[T, B, C, H, W]``; ``params`` follow ``variants.parameter_shapes`` order;
-``gate_activation`` is an index into ``variants.GATE_ACTIVATIONS``. ``saved`` is whatever the
-backend keeps for its backward (its shapes are declared by the backend's ``saved_spec``); the
-gradients that arrive for it are ignored. Native ops (``convlstm_fast::<name>``) are declared in
-C++ (csrc/convlstm_fast.cpp); Triton ops (``convlstm_fast::<name>_triton``) are declared from
-Python with :func:`define_layer_ops`. Both then go through :func:`register_layer_op`.
+``output`` ``[T, B, C, H, W]``; ``params`` follow the order of the cell's registry entry;
+``gate_activation`` is an index into ``registry.GATE_ACTIVATIONS``. ``saved`` is whatever the
+kernel keeps for its backward (shapes and dtypes declared per layout in the registry entry's
+``saved``); the gradients that arrive for it are ignored. Native ops (``convlstm_fast::<op>``)
+are declared in C++ (csrc/convlstm_fast.cpp); Triton ops (``convlstm_fast::<op>_triton``) are
+declared from Python with :func:`define_layer_ops`. :func:`register_all` then wires every
+registered cell's op of a backend family, once.
 
 The numeric contract every kernel keeps, whatever its backend (the reference defines it):
 - ``hard_sigmoid(x)`` is 0 for x < −2.5, 1 for x > 2.5 and 0.2·x + 0.5 in between, the pieces
@@ -30,12 +31,12 @@ The numeric contract every kernel keeps, whatever its backend (the reference def
 
 from __future__ import annotations
 
-from typing import Callable, Sequence
+from typing import Callable, Mapping, Sequence
 
 import torch
 from torch.utils.flop_counter import register_flop_formula
 
-from .. import variants
+from ..registry import GATE_ACTIVATIONS, CellSpec, cell_names, get_cell
 
 LAYER_SCHEMA = (
     "(Tensor x, Tensor h0, Tensor c0, Tensor[] params, int gate_activation)"
@@ -48,6 +49,7 @@ BACKWARD_SCHEMA = (
 )
 
 # The forward without the saved tensors (a native op's ``<name>_inference`` twin).
+INFERENCE_SUFFIX = "_inference"
 INFERENCE_SCHEMA = (
     "(Tensor x, Tensor h0, Tensor c0, Tensor[] params, int gate_activation)"
     " -> (Tensor output, Tensor h_n, Tensor c_n)"
@@ -66,7 +68,7 @@ def define_layer_ops(name: str) -> None:
 
 
 def gate_activation_code(gate_activation: str) -> int:
-    return variants.GATE_ACTIVATIONS.index(gate_activation)
+    return GATE_ACTIVATIONS.index(gate_activation)
 
 
 def _layer_fake(x, h0, c0, params, gate_activation, *, saved_spec: SavedSpec):
@@ -101,27 +103,28 @@ def _double_backward_error(ctx, *grads):
     )
 
 
-def _layer_mult_adds(variant: str, x_shape, h0_shape, params_shapes) -> int:
+def _layer_mult_adds(spec: CellSpec, x_shape, h0_shape, params_shapes) -> int:
     steps, batch, cin, height, width = x_shape
-    kernel = params_shapes[1 if variant == "convlstm" else 3][-1]  # weight_h / cand_dw_x
-    return steps * batch * variants.step_mult_adds(variant, cin, h0_shape[1], kernel, height, width)
+    by_name = dict(zip(spec.parameter_names, params_shapes))
+    kernel = by_name[spec.kernel_of][-1] if spec.kernel_of else 1
+    return steps * batch * spec.mult_adds(cin, h0_shape[1], kernel, height, width)
 
 
-def _flop_formulas(variant: str):
+def _flop_formulas(spec: CellSpec):
     """FLOPs = 2 · MACs. The backward is counted as twice the forward's work (the gradients of
     the inputs and of the weights), as FlopCounterMode counts the reference's convolutions."""
 
     def forward(x_shape, h0_shape, c0_shape, params_shapes, *args, **kwargs) -> int:
-        return 2 * _layer_mult_adds(variant, x_shape, h0_shape, params_shapes)
+        return 2 * _layer_mult_adds(spec, x_shape, h0_shape, params_shapes)
 
     def backward(grad_output_shape, grad_h_n_shape, grad_c_n_shape, x_shape, h0_shape, c0_shape,
                  params_shapes, *args, **kwargs) -> int:
-        return 4 * _layer_mult_adds(variant, x_shape, h0_shape, params_shapes)
+        return 4 * _layer_mult_adds(spec, x_shape, h0_shape, params_shapes)
 
     return forward, backward
 
 
-def register_layer_op(qualname: str, variant: str, saved_spec: SavedSpec) -> None:
+def register_layer_op(qualname: str, spec: CellSpec, saved_spec: SavedSpec) -> None:
     """Register fake tensors, autograd and flop formulas for ``qualname`` and its backward.
 
     ``qualname`` is ``"convlstm_fast::<name>"`` with ``<name>_backward`` beside it; the kernels
@@ -153,12 +156,12 @@ def register_layer_op(qualname: str, variant: str, saved_spec: SavedSpec) -> Non
     torch.library.register_autograd(
         backward_qualname, _double_backward_error, setup_context=lambda ctx, inputs, output: None
     )
-    forward_flops, backward_flops = _flop_formulas(variant)
+    forward_flops, backward_flops = _flop_formulas(spec)
     register_flop_formula(getattr(ops, name))(forward_flops)
     register_flop_formula(backward_op)(backward_flops)
 
 
-def register_inference_op(qualname: str, variant: str) -> None:
+def register_inference_op(qualname: str, spec: CellSpec) -> None:
     """Register the fake tensors and flop formula of ``qualname`` (``<name>_inference``): the
     forward without the saved tensors, ``-> (output, h_n, c_n)``, for calls that want no
     gradient. It has no autograd; :meth:`OpBackend.run_layer` calls it only when no input needs
@@ -171,4 +174,54 @@ def register_inference_op(qualname: str, variant: str) -> None:
         return output, h_n, c_n
 
     torch.library.register_fake(qualname)(fake)
-    register_flop_formula(getattr(getattr(torch.ops, namespace), name))(_flop_formulas(variant)[0])
+    register_flop_formula(getattr(getattr(torch.ops, namespace), name))(_flop_formulas(spec)[0])
+
+
+_WIRED: set[str] = set()
+
+
+def register_all(family: str, implementations: Mapping[str, tuple] | None = None) -> list[str]:
+    """Wire autograd, fake tensors and flop formulas of every registered cell that has a kernel
+    in ``family``, once per op; returns the cells wired.
+
+    ``family="native"``: the ops ``convlstm_fast::<op>`` and their ``<op>_inference`` twins of
+    the compiled extension (declared in C++), one registration for the CPU and CUDA kernels —
+    the fake tensors follow the saved layout of the tensors' device (the spec's ``kernels``).
+    ``family="triton"``: declares ``convlstm_fast::<op>_triton`` and ``_backward`` and registers
+    ``implementations[op] = (forward_impl, backward_impl)`` for the CUDA and CPU (interpreter)
+    dispatch keys."""
+    devices = ("cpu", "cuda") if family == "native" else ("triton",)
+    wired = []
+    for name in cell_names():
+        spec = get_cell(name)
+        if not any(device in spec.kernels for device in devices):
+            continue
+        wired.append(name)
+        qualname = "convlstm_fast::" + spec.op + ("_triton" if family == "triton" else "")
+        if qualname in _WIRED or (family == "triton"
+                                  and hasattr(torch.ops.convlstm_fast, qualname.split("::")[1])):
+            continue  # wired already (e.g. by an earlier import of the Triton package)
+        if family == "triton":
+            forward, backward = implementations[spec.op]
+            define_layer_ops(qualname.split("::")[1])
+            for key in ("CUDA", "CPU"):
+                torch.library.impl(qualname, key)(forward)
+                torch.library.impl(qualname + "_backward", key)(backward)
+            register_layer_op(qualname, spec, spec.saved_spec("triton"))
+        else:
+            register_layer_op(qualname, spec, _native_saved_spec(spec))
+            register_inference_op(qualname + INFERENCE_SUFFIX, spec)
+        _WIRED.add(qualname)
+    return wired
+
+
+def _native_saved_spec(spec: CellSpec) -> SavedSpec:
+    """One fake registration serves a native op's CPU and CUDA kernels: the saved layout is the
+    one the kernel of the tensors' device keeps (a device without a kernel of its own, e.g.
+    "meta", takes the CUDA kernel's)."""
+
+    def saved(x, h0, params):
+        layout = spec.kernels.get(x.device.type, spec.kernels.get("cuda"))
+        return spec.saved[layout](x, h0, params)
+
+    return saved

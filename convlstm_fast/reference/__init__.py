@@ -1,7 +1,6 @@
 """The pure-PyTorch reference cells: the oracle every backend is tested against."""
 
 from .cells import (
-    STEPS,
     channel_attention,
     gate_activation_fn,
     global_average_pool,
@@ -13,7 +12,6 @@ from .cells import (
 )
 
 __all__ = [
-    "STEPS",
     "channel_attention",
     "gate_activation_fn",
     "global_average_pool",

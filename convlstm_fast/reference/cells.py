@@ -152,19 +152,12 @@ def output_attention_step(x, h, c, params: Params, gate_activation: str,
     return _channel_attention_step(x, h, c, params, gate_activation, "output", record)
 
 
-STEPS = {
-    "convlstm": convlstm_step,
-    "a": pooled_step,
-    "b": spatial_attention_step,
-    "c": input_attention_step,
-    "d": output_attention_step,
-}
-
-
 def step(variant: str, x, h, c, params: Params, gate_activation: str = "sigmoid",
          record: Record | None = None):
-    """One step of ``variant``: returns ``(h_next, c_next)``."""
-    return STEPS[variant](x, h, c, params, gate_activation, record)
+    """One step of ``variant`` (any registered cell: its spec's ``step``): ``(h_next, c_next)``."""
+    from ..registry import get_cell
+
+    return get_cell(variant).step(x, h, c, params, gate_activation, record)
 
 
 def layer(variant: str, x, h0, c0, params: Params, gate_activation: str = "sigmoid",

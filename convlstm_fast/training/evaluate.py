@@ -17,6 +17,7 @@ import torch
 from torch.utils.data import DataLoader
 
 from ..backends import BACKEND_CHOICES
+from ..registry import IMPORT_HELP, import_cell_modules
 from . import checkpoint as ckpt
 from .train import amp_dtype, build_datasets, build_model, evaluate_model
 
@@ -84,6 +85,9 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--threads", type=int, help="torch CPU threads")
     p.add_argument("--out", default="confusion.png", help="confusion-matrix PNG")
     p.add_argument("--json", help="also write the results here")
+    p.add_argument("--import", dest="imports", action="append", metavar="MODULE",
+                   help=IMPORT_HELP)
+    import_cell_modules(argv)
     args = p.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)

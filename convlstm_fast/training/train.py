@@ -29,7 +29,7 @@ import torch
 import torch.nn.functional as F
 from torch.utils.data import DataLoader
 
-from .. import variants
+from ..registry import GATE_ACTIVATIONS, IMPORT_HELP, cell_names, import_cell_modules
 from ..backends import BACKEND_CHOICES
 from . import checkpoint as ckpt
 from .distributed import (DistributedContext, ShardSampler, SkipSampler, all_reduce_sum, barrier,
@@ -60,10 +60,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--dataset", choices=DATASETS)
     p.add_argument("--data", help="dataset folder (jester: frame folders + jester-v1-*.csv; "
                    "isogd: videos + train_list.txt, valid_list.txt)")
-    p.add_argument("--variant", choices=variants.VARIANTS, help="first ConvLSTM layer's cell")
-    p.add_argument("--second-variant", choices=variants.VARIANTS)
+    p.add_argument("--import", dest="imports", action="append", metavar="MODULE", help=IMPORT_HELP)
+    p.add_argument("--variant", choices=cell_names(), help="first ConvLSTM layer's cell")
+    p.add_argument("--second-variant", choices=cell_names())
     p.add_argument("--backend", choices=BACKEND_CHOICES)
-    p.add_argument("--gate-activation", choices=variants.GATE_ACTIVATIONS)
+    p.add_argument("--gate-activation", choices=GATE_ACTIVATIONS)
     p.add_argument("--init", choices=("default", "reference"))
     p.add_argument("--width-mult", type=float)
     p.add_argument("--frames", type=int, help="frames per clip (default 16; IsoGD 32)")
@@ -384,6 +385,7 @@ def _train(config, out, context, device, checkpoint_dir, latest, max_steps, prog
 
 
 def main(argv: list[str] | None = None) -> dict:
+    import_cell_modules(argv)
     args = build_parser().parse_args(argv)
     config = resolve_config(args)
     return train(config, Path(args.out), resume=args.resume, device_name=args.device,

@@ -23,9 +23,9 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from .. import variants
 from ..backends import BACKEND_CHOICES
 from ..reference import cells
+from ..registry import IMPORT_HELP, get_cell, import_cell_modules
 from .evaluate import load_for_inference
 
 
@@ -64,10 +64,10 @@ def figure_maps(model, x: torch.Tensor) -> dict:
     result = {"hidden": hidden, "channels": channels, "logits": stages["head"][0],
               "heatmaps": _upsample_normalised(maps, size)}
     cell = model.convlstm1.cells[0]
-    if cell.variant in ("b", "c", "d"):
+    if "attention" in get_cell(cell.variant).records:
         sequence = stages["res3d"].transpose(0, 1)  # time-first [T', 1, C, H', W']
         zeros = sequence.new_zeros(1, cell.hidden_channels, *sequence.shape[-2:])
-        params = dict(zip(variants.parameter_names(cell.variant), cell.parameter_list()))
+        params = dict(zip(get_cell(cell.variant).parameter_names, cell.parameter_list()))
         records: list[dict] = []
         cells.layer(cell.variant, sequence, zeros, zeros, params, cell.gate_activation,
                     records=records)
@@ -123,6 +123,9 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--data", help="dataset folder, if it differs from the training run's")
     p.add_argument("--backend", choices=BACKEND_CHOICES, default="reference")
     p.add_argument("--out", default="fig3.png")
+    p.add_argument("--import", dest="imports", action="append", metavar="MODULE",
+                   help=IMPORT_HELP)
+    import_cell_modules(argv)
     args = p.parse_args(argv)
 
     model, config, meta, val_set = load_for_inference(args.checkpoint, args.backend, "cpu",

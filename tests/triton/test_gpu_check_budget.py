@@ -19,7 +19,7 @@ import sys
 import pytest
 import torch
 
-from convlstm_fast import variants
+from convlstm_fast import VARIANTS, get_cell
 from convlstm_fast.functional import convlstm_layer
 from convlstm_fast.triton_kernels import _common
 from triton.runtime.interpreter import InterpretedFunction
@@ -75,7 +75,7 @@ def _run(variant, shape, gate_activation):
     steps, batch, cin, hidden, height, width, _ = shape
     generator = torch.Generator().manual_seed(0)
     params = {n: (torch.randn(s, generator=generator) * 0.1).requires_grad_()
-              for n, s in variants.parameter_shapes(variant, cin, hidden, shape[-1]).items()}
+              for n, s in get_cell(variant).parameter_shapes(cin, hidden, shape[-1]).items()}
     x = torch.randn(steps, batch, cin, height, width, generator=generator, requires_grad=True)
     out, (h_n, c_n) = convlstm_layer(x, params, variant, gate_activation=gate_activation, backend="triton")
     (out.sum() + h_n.sum() + c_n.sum()).backward()
@@ -89,7 +89,7 @@ def test_default_gpu_check_compiles_at_most_60_specialisations(recorded):
         if case.extended:
             continue
         recorded.clear()
-        for variant in variants.VARIANTS:
+        for variant in VARIANTS:
             _run(variant, cases._shape(variant, case), case.gate_activation)
         if case.dtype == torch.bfloat16:
             for variant in ("a", "convlstm"):  # the bench
