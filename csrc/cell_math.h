@@ -1,9 +1,10 @@
 // Per-element math of every cell, shared by the CPU and the CUDA kernels (host and device).
 //
 // shared/SPEC.md: gate activation σ is sigmoid (paper) or hard_sigmoid = clamp(0.2·x + 0.5, 0, 1)
-// (reference code); the cell update is C_t = f∘C_{t−1} + i∘G, H_t = o∘tanh(C_t). Derivatives are
-// written next to the functions they differentiate; `Acc` is the accumulation type (float for
-// half/bfloat16/float, double for double).
+// (reference code; its pieces chosen on x, see hard_sigmoid); the cell update is
+// C_t = f∘C_{t−1} + i∘G, H_t = o∘tanh(C_t). Derivatives are written next to the functions they
+// differentiate; `Acc` is the accumulation type (float for half/bfloat16/float, double for
+// double). The numeric contract (ops/registration.py) is kept here for every kernel.
 #pragma once
 
 #include <cmath>
@@ -75,10 +76,14 @@ CONVLSTM_HD Acc sigmoid(Acc x) {
   return Acc(1) / (Acc(1) + math_exp(-x));
 }
 
+// The reference's hard_sigmoid (reference/cells.py, ops/registration.py): 0 for x < −2.5, 1 for
+// x > 2.5, 0.2·x + 0.5 between, the pieces chosen on x itself. The middle is written
+// 0.2·(x + 2.5): x + 2.5 is exact near −2.5, so hard_sigmoid(−2.5) = 0 exactly whether or not
+// the compiler contracts anything into an FMA (0.2·x + 0.5 contracted gives −7.45e-9 there),
+// and 0.2·5 rounds to 1. NaN fails both comparisons and stays NaN.
 template <typename Acc>
 CONVLSTM_HD Acc hard_sigmoid(Acc x) {
-  const Acc y = Acc(0.2) * x + Acc(0.5);
-  return y < Acc(0) ? Acc(0) : (y > Acc(1) ? Acc(1) : y);
+  return x < Acc(-2.5) ? Acc(0) : (x > Acc(2.5) ? Acc(1) : Acc(0.2) * (x + Acc(2.5)));
 }
 
 // σ(x) for the chosen activation.
@@ -87,13 +92,13 @@ CONVLSTM_HD Acc gate_activation(Acc x, int64_t activation) {
   return activation == kHardSigmoid ? hard_sigmoid(x) : sigmoid(x);
 }
 
-// dσ/dx from the pre-activation x. sigmoid: s·(1 − s). hard_sigmoid: 0.2 where
-// 0 ≤ 0.2·x + 0.5 ≤ 1 (both kinks inclusive, as torch.clamp's backward), else 0.
+// dσ/dx from the pre-activation x. sigmoid: s·(1 − s). hard_sigmoid: 0.2 on the closed interval
+// −2.5 ≤ x ≤ 2.5, decided on x itself, else 0; NaN is in neither open piece and gets 0.2, as the
+// reference's autograd gives it (torch.where's inner branch).
 template <typename Acc>
 CONVLSTM_HD Acc gate_activation_grad(Acc x, int64_t activation) {
   if (activation == kHardSigmoid) {
-    const Acc y = Acc(0.2) * x + Acc(0.5);
-    return (y >= Acc(0) && y <= Acc(1)) ? Acc(0.2) : Acc(0);
+    return (x < Acc(-2.5) || x > Acc(2.5)) ? Acc(0) : Acc(0.2);
   }
   const Acc s = sigmoid(x);
   return s * (Acc(1) - s);
