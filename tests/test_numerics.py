@@ -33,6 +33,17 @@ BACKENDS = ["reference", "cpu", pytest.param("cuda", marks=pytest.mark.gpu)]
 GATE_ORDER = {"convlstm": "ifgo", "a": "ifo", "b": "ifo", "c": "fo", "d": "if"}
 
 
+@pytest.fixture(autouse=True)
+def _ieee_float32():
+    """float32 is float32 on CUDA too (no TF32 in cuBLAS or cuDNN), for the backend and for the
+    reference it is measured against, as in tests/test_native_cuda.py."""
+    previous = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = False
+    torch.backends.cudnn.allow_tf32 = False
+    yield
+    torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = previous
+
+
 def _backend_device(backend: str, variant: str, dtype: torch.dtype) -> str:
     """The device the backend runs on; skips with the backend's reason when it cannot run."""
     device = "cuda" if backend == "cuda" else "cpu"
