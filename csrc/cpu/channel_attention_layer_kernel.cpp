@@ -13,6 +13,7 @@
 // [T, B, C, H, W] (NCHW: native.py NCHW_SAVED), gate_preact [T, B, 2C]; F and the depthwise
 // outputs are recomputed step by step in backward.
 #include <array>
+#include <limits>
 
 #include "cpu/pooled_cell.h"
 
@@ -49,13 +50,24 @@ std::vector<std::vector<int64_t>> saved_shapes(const at::Tensor& x, int64_t c) {
   return {{t, b, c, h, w}, {t, b, c, h, w}, {t, b, 2 * c}, {t, b, c, h, w}};
 }
 
-// One plane: out = exp(z − max z).
+// One plane: out = exp(z − max z). The max keeps NaN, as torch.amax does, so a NaN logit makes
+// the whole plane NaN: a NaN m stays (both tests fail), a NaN z[e] is taken (z[e] != z[e]);
+// `z[e] > m ? z[e] : m` alone would step over every NaN but a first one.
+// out = 1 exactly at the maxima z = m only: the backward (gated_plane_backward) finds them, for
+// torch.amax's gradient, as the elements with A = 1. A z less than half an ulp of 1 below m
+// (z − m > −2^-25 for float, as is common when the logits are tiny) would round to 1 too and
+// take a share of the max's gradient; it gets the number just below 1 instead, an error under
+// one ulp.
 template <typename scalar_t>
 CONVLSTM_CPU_MULTIVERSION void exp_minus_max_plane(int64_t n, const scalar_t* __restrict__ z,
                                                    scalar_t* __restrict__ out) {
+  constexpr scalar_t below_one = scalar_t(1) - std::numeric_limits<scalar_t>::epsilon() / 2;
   scalar_t m = z[0];
-  for (int64_t e = 1; e < n; ++e) m = z[e] > m ? z[e] : m;
-  for (int64_t e = 0; e < n; ++e) out[e] = math_exp(scalar_t(z[e] - m));
+  for (int64_t e = 1; e < n; ++e) m = (z[e] > m || z[e] != z[e]) ? z[e] : m;
+  for (int64_t e = 0; e < n; ++e) {
+    const scalar_t a = math_exp(scalar_t(z[e] - m));
+    out[e] = (z[e] != m && a > below_one) ? below_one : a;
+  }
 }
 
 // A = exp(Z − max_HW Z) for every plane of z [B, C, H, W].

@@ -42,7 +42,7 @@ struct ConvLSTMCellForward {
     const acc_t i = gate_activation(z[0], activation), f = gate_activation(z[1], activation);
     const acc_t o = gate_activation(z[3], activation);
     acc_t h;
-    const acc_t c_new = cell_update(i, f, o, acc_t(tanh(z[2])), cell_state[idx], &h);
+    const acc_t c_new = cell_update(i, f, o, math_tanh(z[2]), cell_state[idx], &h);
     cell_state[idx] = c_new;
     h_out[idx] = scalar_t(h);
     cell_saved[idx] = scalar_t(c_new);
@@ -70,7 +70,7 @@ struct ConvLSTMCellBackward {
     const acc_t zi = acc_t(gates[base]), zf = acc_t(gates[base + channels]);
     const acc_t zg = acc_t(gates[base + 2 * channels]), zo = acc_t(gates[base + 3 * channels]);
     const acc_t i = gate_activation(zi, activation), f = gate_activation(zf, activation);
-    const acc_t o = gate_activation(zo, activation), g = tanh(zg);
+    const acc_t o = gate_activation(zo, activation), g = math_tanh(zg);
     const acc_t dh = dh_carry[idx] + acc_t(grad_out[idx]);
     acc_t di, df, dg, d_o, dc_prev;
     cell_update_backward(i, f, o, g, acc_t(cell_prev[idx]), acc_t(cell[idx]), dh, dc_state[idx],

@@ -73,11 +73,11 @@ struct PooledCellForward {
       const int64_t idx = (b * pixels + p) * channels + c;
       if (att_logits != nullptr) {
         // exp(Z − max Z): the overflow-free form of eq. 23; rounded once, used as saved.
-        const scalar_t a = scalar_t(exp(acc_t(att_logits[idx]) - zmax));
+        const scalar_t a = scalar_t(math_exp(acc_t(att_logits[idx]) - zmax));
         att_saved[idx] = a;
         if (attention_gate == kInputAttention) i = acc_t(a); else o = acc_t(a);
       }
-      const scalar_t g = scalar_t(tanh(acc_t(zc[idx])));
+      const scalar_t g = scalar_t(math_tanh(acc_t(zc[idx])));
       acc_t h;
       const acc_t c_new = cell_update(i, f, o, acc_t(g), cell_state[idx], &h);
       cell_state[idx] = c_new;
