@@ -58,13 +58,14 @@ class Parameter:
 
 @dataclass(frozen=True)
 class Gates:
-    """The gate slots stacked along dim 0 of ``bias`` (and of the weights that feed it), in
+    """The gate slots stacked along dim 0 of ``bias`` and of the ``weights`` that feed it, in
     ``order``; ``forget`` names the forget gate, whose bias starts at 1 (Jozefowicz et al. 2015)
     under the default init, and under the reference code's init only if
     ``reference_forget_bias``."""
 
     order: tuple
     bias: str
+    weights: tuple = ()
     forget: str = "f"
     reference_forget_bias: bool = False
 
@@ -118,8 +119,9 @@ class CellSpec:
             raise ValueError(f"cell {self.name!r}: parameter names repeat: {names}")
         if self.hidden_of[0] not in names or (self.kernel_of and self.kernel_of not in names):
             raise ValueError(f"cell {self.name!r}: hidden_of/kernel_of must name parameters {names}")
-        if self.gates is not None and self.gates.bias not in names:
-            raise ValueError(f"cell {self.name!r}: gates.bias must be one of {names}")
+        if self.gates is not None and not {self.gates.bias, *self.gates.weights} <= set(names):
+            raise ValueError(f"cell {self.name!r}: gates.bias and gates.weights must be among "
+                             f"{names}")
         for backend, layout in self.kernels.items():
             if layout not in self.saved:
                 raise ValueError(f"cell {self.name!r}: kernel of {backend!r} saves in layout "
@@ -324,7 +326,8 @@ def _register_builtins() -> None:
                     Parameter("bias", lambda cin, c, k: (4 * c,), "bias")),
         step=reference.convlstm_step, mult_adds=_conv_mult_adds,
         hidden_of=("weight_x", 4), kernel_of="weight_h",
-        gates=Gates(("i", "f", "g", "o"), "bias", reference_forget_bias=True),
+        gates=Gates(("i", "f", "g", "o"), "bias", ("weight_x", "weight_h"),
+                    reference_forget_bias=True),
         op="convlstm_layer",
         kernels={"cpu": "channels_last", "cuda": "channels_last", "triton": "channels_last"},
         saved={"channels_last": _convlstm_saved}, paper_table1=(4.719e6, 3700e6)))
@@ -345,7 +348,7 @@ def _register_builtins() -> None:
             parameters=_pooled_parameters(len(order), attention), step=step,
             mult_adds=_pooled_mult_adds(len(order), attention),
             hidden_of=("gate_weight_x", len(order)), kernel_of="cand_dw_x",
-            gates=Gates(order, "gate_bias"),
+            gates=Gates(order, "gate_bias", ("gate_weight_x", "gate_weight_h")),
             records=("gates",) + (() if attention is None else ("attention",)),
             op=op, kernels=native_pooled, saved=_pooled_saved(len(order), attention),
             paper_table1=table1))

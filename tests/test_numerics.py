@@ -21,7 +21,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from convlstm_fast import ConvLSTM, variants
+from convlstm_fast import VARIANTS, ConvLSTM, get_cell
+from convlstm_fast.registry import GATE_ACTIVATIONS
 from convlstm_fast.backends import get_backend
 from convlstm_fast.functional import convlstm_layer
 
@@ -30,9 +31,6 @@ BACKENDS = ["reference", "cpu", pytest.param("cuda", marks=pytest.mark.gpu)]
 # The gates of each cell in the order of its gate parameters' blocks (shared/SPEC.md
 # "Parameters"): convlstm's bias / weight_x rows, the pooled cells' gate_bias / gate_weight_x
 # rows; c and d lack the gate their attention map replaces.
-GATE_ORDER = {"convlstm": "ifgo", "a": "ifo", "b": "ifo", "c": "fo", "d": "if"}
-
-
 @pytest.fixture(autouse=True)
 def _ieee_float32():
     """float32 is float32 on CUDA too (no TF32 in cuBLAS or cuDNN), for the backend and for the
@@ -57,7 +55,7 @@ def _backend_device(backend: str, variant: str, dtype: torch.dtype) -> str:
 
 def _names(variant: str) -> list[str]:
     return ["output", "h_n", "c_n", "grad x", "grad h0", "grad c0",
-            *("grad " + name for name in variants.parameter_names(variant))]
+            *("grad " + name for name in get_cell(variant).parameter_names)]
 
 
 def _run(backend, variant, gate_activation, inputs, params, dtype, device="cpu",
@@ -103,16 +101,15 @@ def _check_all(got, want, want64, dtype, assert_close_to_float64, names):
 
 
 def _gate_rows(variant: str, gate: str, hidden: int) -> slice:
-    k = GATE_ORDER[variant].index(gate)
-    return slice(k * hidden, (k + 1) * hidden)
+    return get_cell(variant).gates.slot(gate, hidden)
 
 
 def _gate_bias(params, variant):
-    return params["bias" if variant == "convlstm" else "gate_bias"]
+    return params[get_cell(variant).gates.bias]
 
 
 def _gate_weight_x(params, variant):
-    return params["weight_x" if variant == "convlstm" else "gate_weight_x"]
+    return params[get_cell(variant).gates.weights[0]]
 
 
 # ---- hard_sigmoid at its kinks -----------------------------------------------------------
@@ -134,8 +131,10 @@ def _kink_params(variant, cin, hidden, k, generator):
     exactly that bias whatever the inputs; the candidate's and the attention's biases are
     random, so G, F ≠ 0."""
     params = {}
-    for name, shape in variants.parameter_shapes(variant, cin, hidden, k).items():
-        if variants.is_bias(name):
+    spec = get_cell(variant)
+    biases = {p.name for p in spec.parameters if p.is_bias}
+    for name, shape in spec.parameter_shapes(cin, hidden, k).items():
+        if name in biases:
             params[name] = torch.rand(shape, generator=generator, dtype=torch.float64) * 2 - 1
         else:
             params[name] = torch.zeros(shape, dtype=torch.float64)
@@ -146,12 +145,12 @@ def _kink_params(variant, cin, hidden, k, generator):
 def _set_kink_biases(params, variant, hidden, offset):
     """The gate biases at ±(2.5 − offset), in place."""
     bias = _gate_bias(params, variant)
-    for gate in GATE_ORDER[variant].replace("g", ""):
+    for gate in (g for g in get_cell(variant).gates.order if g != "g"):
         bias[_gate_rows(variant, gate, hidden)] = (
             torch.tensor(KINK_SIGNS[gate], dtype=torch.float64) * (2.5 - offset))
 
 
-@pytest.mark.parametrize("variant", variants.VARIANTS)
+@pytest.mark.parametrize("variant", VARIANTS)
 @pytest.mark.parametrize("backend, dtype", KINK_CASES)
 def test_hard_sigmoid_kinks(backend, dtype, variant, make_inputs, assert_close_to_float64):
     """Every gate pre-activation exactly −2.5 or +2.5 (zero weights, gate biases ±2.5, random
@@ -191,8 +190,8 @@ SCALES = (1e-4, 1e-5, 1e-6)
 
 
 @pytest.mark.parametrize("scale", SCALES)
-@pytest.mark.parametrize("gate_activation", variants.GATE_ACTIVATIONS)
-@pytest.mark.parametrize("variant", variants.VARIANTS)
+@pytest.mark.parametrize("gate_activation", GATE_ACTIVATIONS)
+@pytest.mark.parametrize("variant", VARIANTS)
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_small_activations(backend, variant, gate_activation, scale, make_params, make_inputs,
                            assert_close_to_float64):
@@ -211,7 +210,8 @@ def test_small_activations(backend, variant, gate_activation, scale, make_params
     steps, batch, cin, hidden, height, width, k = 3, 2, 3, 4, 5, 6, 3
     inputs = [t * scale for t in make_inputs(steps, batch, cin, hidden, height, width, seed=11)]
     params = make_params(variant, cin, hidden, k, seed=13)
-    params = {name: p * scale if variants.is_bias(name) else p for name, p in params.items()}
+    biases = {p.name for p in get_cell(variant).parameters if p.is_bias}
+    params = {name: p * scale if name in biases else p for name, p in params.items()}
     weights = _loss_weights([(steps, batch, hidden, height, width)]
                             + [(batch, hidden, height, width)] * 2)
     want64 = _run("reference", variant, gate_activation, _rounded(inputs, torch.float32),
@@ -223,7 +223,7 @@ def test_small_activations(backend, variant, gate_activation, scale, make_params
     _check_all(got, want, want64, torch.float32, assert_close_to_float64, _names(variant))
 
 
-@pytest.mark.parametrize("variant", variants.VARIANTS)
+@pytest.mark.parametrize("variant", VARIANTS)
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_small_activations_of_a_deep_stack(backend, variant, assert_close_to_float64):
     """The review's reproduction: ConvLSTM(num_layers=3, bias=False) with N(0, 1) input, whose
@@ -289,7 +289,7 @@ def _sweep_cell(variant, readout):
     pre-activation = x, so c_n = G = tanh(x); "sigmoid_forget" (sigmoid gates) gives the forget
     gate's pre-activation = x, c0 = 1 and G = 0, so c_n = σ(x) and dc_n/dx = σ'(x)."""
     params = {name: torch.zeros(shape, dtype=torch.float64)
-              for name, shape in variants.parameter_shapes(variant, 1, 1, 1).items()}
+              for name, shape in get_cell(variant).parameter_shapes(1, 1, 1).items()}
     opened = {"tanh_cell": {"i": -3.0, "f": 3.0, "o": 3.0},
               "tanh_candidate": {"i": 3.0, "f": -3.0, "o": 3.0},
               "sigmoid_forget": {}}[readout]
@@ -309,7 +309,7 @@ def _sweep_cell(variant, readout):
 
 
 @pytest.mark.parametrize("readout", ["tanh_cell", "tanh_candidate", "sigmoid_forget"])
-@pytest.mark.parametrize("variant", variants.VARIANTS)
+@pytest.mark.parametrize("variant", VARIANTS)
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_activation_accuracy_sweep(backend, variant, readout, assert_close_to_float64):
     """tanh (the cell's tanh C_t, the candidate's G) and σ, float32, at |v| from 1e-30 to 20 of
@@ -421,8 +421,8 @@ def _nan_case(backend, variant, gate_activation, x, h0, c0, params, device, name
 
 
 @pytest.mark.parametrize("poison", ["frame", "pixel"])
-@pytest.mark.parametrize("gate_activation", variants.GATE_ACTIVATIONS)
-@pytest.mark.parametrize("variant", variants.VARIANTS)
+@pytest.mark.parametrize("gate_activation", GATE_ACTIVATIONS)
+@pytest.mark.parametrize("variant", VARIANTS)
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_nan_stays_in_its_sample(backend, variant, gate_activation, poison, make_params,
                                  make_inputs):
@@ -459,7 +459,7 @@ def test_nan_stays_in_its_sample(backend, variant, gate_activation, poison, make
             f"{int(want_mask.sum())}; differing at {int((got_mask != want_mask).sum())}")
 
 
-@pytest.mark.parametrize("gate_activation", variants.GATE_ACTIVATIONS)
+@pytest.mark.parametrize("gate_activation", GATE_ACTIVATIONS)
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_nan_masks_through_winograd(backend, gate_activation, make_params, make_inputs):
     """convlstm at 192 + 64 → 256 channels, where the cpu backend's 3×3 convolutions run
@@ -490,7 +490,7 @@ def test_nan_masks_through_winograd(backend, gate_activation, make_params, make_
                 f"{int(want_mask.sum())}")
 
 
-@pytest.mark.parametrize("gate_activation", variants.GATE_ACTIVATIONS)
+@pytest.mark.parametrize("gate_activation", GATE_ACTIVATIONS)
 @pytest.mark.parametrize("variant", ["c", "d"])
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_nan_in_attention_logits_fills_the_plane(backend, variant, gate_activation, make_params,

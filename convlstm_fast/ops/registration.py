@@ -21,8 +21,10 @@ registered cell's op of a backend family, once.
 The numeric contract every kernel keeps, whatever its backend (the reference defines it):
 - ``hard_sigmoid(x)`` is 0 for x < −2.5, 1 for x > 2.5 and 0.2·x + 0.5 in between, the pieces
   chosen on ``x`` itself; its derivative is 0.2 on the closed interval −2.5 ≤ x ≤ 2.5, else 0;
-- tanh and sigmoid (and their derivatives) are accurate to a few ulps *relative* at every
-  magnitude, tiny activations included (no 1 − e cancellation near 0);
+- tanh and sigmoid are accurate to a few ulps *relative* at every magnitude, tiny activations
+  included (no 1 − e cancellation near 0); so are their derivatives where the kernel keeps the
+  pre-activation, and otherwise (1 − t², s·(1 − s) from the output, as the reference's autograd)
+  they are as accurate as the reference's;
 - NaN propagates: a NaN in a sample makes that sample's results NaN as the reference's do (the
   max of c/d's attention logits, clamps and activations keep NaN) and never reaches another
   sample;
