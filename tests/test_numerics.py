@@ -295,7 +295,7 @@ def _sweep_cell(variant, readout):
               "sigmoid_forget": {}}[readout]
     bias = _gate_bias(params, variant)
     for gate, value in opened.items():
-        if gate in GATE_ORDER[variant]:
+        if gate in get_cell(variant).gates.order:
             bias[_gate_rows(variant, gate, 1)] = value
     if readout == "tanh_candidate":
         if variant == "convlstm":
