@@ -8,9 +8,11 @@ backend), their initialisation and the loop over layers; the math runs in
 from __future__ import annotations
 
 import math
+import warnings
 from typing import Sequence
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from .backends import check_backend
@@ -162,6 +164,8 @@ class ConvLSTM(nn.Module):
         num_layers: number of stacked layers.
         variant: the cell of every layer, or a list with one per layer.
         batch_first: input and output ``[B, T, C, H, W]`` when True, ``[T, B, C, H, W]`` otherwise.
+        dropout: as ``nn.LSTM``'s: in training, dropout with this probability on the output of
+            every layer but the last (never inside a cell, never on the returned states).
         bias, gate_activation, init, backend: as for :class:`ConvLSTMCell`.
 
     ``forward(x, state=None) -> (output, (h_n, c_n))``: output holds the last layer's hidden
@@ -174,9 +178,17 @@ class ConvLSTM(nn.Module):
     def __init__(self, in_channels: int, hidden_channels: int | Sequence[int],
                  kernel_size: int | Sequence[int] = 3, num_layers: int = 1,
                  variant: str | Sequence[str] = "a", batch_first: bool = True, bias: bool = True,
-                 gate_activation: str = "sigmoid", init: str = "default", backend: str = "auto"):
+                 gate_activation: str = "sigmoid", init: str = "default", backend: str = "auto",
+                 dropout: float = 0.0):
         super().__init__()
         num_layers = _check_channels(num_layers, "num_layers")
+        if isinstance(dropout, bool) or not isinstance(dropout, (int, float)) \
+                or not 0 <= dropout <= 1:
+            raise ValueError(f"dropout must be a probability in [0, 1], got {dropout!r}")
+        if dropout > 0 and num_layers == 1:
+            warnings.warn("dropout acts between layers (as in nn.LSTM): with num_layers=1 it "
+                          f"does nothing (dropout={dropout})", stacklevel=2)
+        self.dropout = float(dropout)
         hiddens = _per_layer(hidden_channels, num_layers, "hidden_channels")
         kernels = _per_layer(kernel_size, num_layers, "kernel_size")
         cells = _per_layer(variant, num_layers, "variant")
@@ -217,7 +229,9 @@ class ConvLSTM(nn.Module):
         sequence = x.transpose(0, 1) if self.batch_first else x
         layer_states = self._split_state(state, sequence)
         h_n, c_n = [], []
-        for cell, layer_state in zip(self.cells, layer_states):
+        for index, (cell, layer_state) in enumerate(zip(self.cells, layer_states)):
+            if index > 0 and self.dropout > 0:
+                sequence = F.dropout(sequence, self.dropout, self.training)
             sequence, (h, c) = cell.forward_sequence(sequence.contiguous(), layer_state)
             h_n.append(h)
             c_n.append(c)
@@ -227,4 +241,4 @@ class ConvLSTM(nn.Module):
         return output, (tuple(h_n), tuple(c_n))
 
     def extra_repr(self) -> str:
-        return f"batch_first={self.batch_first}"
+        return f"batch_first={self.batch_first}" + (f", dropout={self.dropout}" if self.dropout else "")

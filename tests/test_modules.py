@@ -243,3 +243,27 @@ def test_module_gradients_reach_every_parameter():
     (output.sum() + sum(c.sum() for c in c_n)).backward()
     for name, param in model.named_parameters():
         assert param.grad is not None and torch.isfinite(param.grad).all(), name
+
+
+def test_dropout_between_layers_as_nn_lstm():
+    """dropout acts on each layer's output but the last, in training only: with p = 1 the second
+    layer sees zeros (so its output equals a fresh layer's on zero input), in eval nothing."""
+    torch.manual_seed(0)
+    lstm = ConvLSTM(3, 4, num_layers=2, dropout=1.0, backend="reference")
+    x = torch.randn(2, 3, 3, 5, 5)
+    second = lstm.cells[1]
+    zero_input = torch.zeros(3, 2, 4, 5, 5)
+    want, (want_h, want_c) = second.forward_sequence(zero_input)
+    out, (h_n, c_n) = lstm(x)
+    torch.testing.assert_close(out, want.transpose(0, 1), rtol=0, atol=0)
+    torch.testing.assert_close(h_n[1], want_h, rtol=0, atol=0)
+    lstm.eval()
+    plain = ConvLSTM(3, 4, num_layers=2, backend="reference")
+    plain.load_state_dict(lstm.state_dict())
+    torch.testing.assert_close(lstm(x)[0], plain(x)[0], rtol=0, atol=0)
+    half = ConvLSTM(3, 4, num_layers=2, dropout=0.5, backend="reference").train()
+    assert not torch.equal(half(x)[0], half(x)[0])  # a fresh mask per call
+    with pytest.warns(UserWarning, match="num_layers=1"):
+        ConvLSTM(3, 4, num_layers=1, dropout=0.2)
+    with pytest.raises(ValueError, match="dropout"):
+        ConvLSTM(3, 4, num_layers=2, dropout=1.5)
