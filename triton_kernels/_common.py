@@ -65,6 +65,14 @@ def gate_act_grad(x, ACT: tl.constexpr):
 
 
 @triton.jit
+def mask_if(mask, cond):
+    """``mask`` where the scalar ``cond`` (e.g. ``pid_m == 0``) holds, else all False.
+    Not ``mask & cond``: triton 3.9's interpreter turns a block & a scalar comparison into an
+    int32 array, which tl.load/tl.store reject ("mask has unsupported dtype")."""
+    return tl.where(cond, mask, False)
+
+
+@triton.jit
 def depthwise_tile(src_ptr, oy, ox, mask_m, offs_k, mask_k, C, H, W, dw_ptr,
                    KSIZE: tl.constexpr, FLIP: tl.constexpr,
                    BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr):
@@ -160,7 +168,7 @@ def pooled_hidden_grad(gpart_ptr, gate_ptr, dgp_ptr, uh_ptr, b, offs_n, mask_n, 
         z = tl.load(gate_ptr + b * GC + offs_j, mask=mask_j, other=0.0).to(tl.float32)
         dgp = raw * gate_act_grad(z, ACT)
         if STORE:
-            tl.store(dgp_ptr + b * GC + offs_j, dgp, mask=mask_j & store_here)
+            tl.store(dgp_ptr + b * GC + offs_j, dgp, mask=mask_if(mask_j, store_here))
         u = tl.load(uh_ptr + offs_j[:, None] * C + offs_n[None, :],
                     mask=mask_j[:, None] & mask_n[None, :], other=0.0).to(tl.float32)
         dhbar += tl.sum(u * dgp[:, None], axis=0)

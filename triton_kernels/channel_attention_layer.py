@@ -25,8 +25,8 @@ import triton
 import triton.language as tl
 
 from ._common import (GPU_BLOCK_M, block_sizes, depthwise, depthwise_backward, depthwise_tile,
-                      dot_precision, gate_act, nchw, pooled_gate_preacts, pooled_hidden_grad,
-                      rows, sepconv_rows, sepconv_rows_backward, tanh)
+                      dot_precision, gate_act, mask_if, nchw, pooled_gate_preacts,
+                      pooled_hidden_grad, rows, sepconv_rows, sepconv_rows_backward, tanh)
 
 LAUNCH = dict(num_warps=4, num_stages=1)  # see pooled_layer.LAUNCH
 
@@ -144,7 +144,7 @@ def _attention_cell_kernel(
 
     z0, z1, _unused = pooled_gate_preacts(xg_ptr, hpart_prev_ptr, uh_ptr, b, offs_n, mask_n, C,
                                           NMT, HW, 2, BLOCK_K)
-    first_tile = mask_n & (pid_m == 0)
+    first_tile = mask_if(mask_n, pid_m == 0)
     tl.store(gate_ptr + b * 2 * C + offs_n, z0.to(gate_ptr.dtype.element_ty), mask=first_tile)
     tl.store(gate_ptr + b * 2 * C + C + offs_n, z1.to(gate_ptr.dtype.element_ty),
              mask=first_tile)
