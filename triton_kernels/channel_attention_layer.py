@@ -25,8 +25,9 @@ import triton
 import triton.language as tl
 
 from ._common import (GPU_BLOCK_M, block_sizes, depthwise, depthwise_backward, depthwise_tile,
-                      dot_precision, gate_act, mask_if, nchw, pooled_gate_preacts,
-                      pooled_hidden_grad, rows, sepconv_rows, sepconv_rows_backward, tanh)
+                      dot_precision, gate_act, mask_if, nan_max, nan_maximum, nchw,
+                      pooled_gate_preacts, pooled_hidden_grad, rows, sepconv_rows,
+                      sepconv_rows_backward, tanh, tanh_with_grad)
 
 LAUNCH = dict(num_warps=4, num_stages=1)  # see pooled_layer.LAUNCH
 
@@ -109,7 +110,7 @@ def _attention_logits_kernel(
     offs = (b * HW + offs_m)[:, None] * C + offs_n[None, :]
     mask = mask_m[:, None] & mask_n[None, :]
     tl.store(z_ptr + offs, acc, mask=mask)
-    tile_max = tl.max(tl.where(mask, acc, float("-inf")), axis=0)
+    tile_max = nan_max(tl.where(mask, acc, float("-inf")), 0)
     tl.store(zpart_ptr + (b * NMT + pid_m) * C + offs_n, tile_max, mask=mask_n)
 
 
@@ -136,8 +137,8 @@ def _attention_cell_kernel(
 
     zmax = tl.full([BLOCK_N], float("-inf"), dtype=tl.float32)
     for tile in range(NMT):
-        zmax = tl.maximum(zmax, tl.load(zpart_ptr + (b * NMT + tile) * C + offs_n, mask=mask_n,
-                                        other=0.0))
+        zmax = nan_maximum(zmax, tl.load(zpart_ptr + (b * NMT + tile) * C + offs_n, mask=mask_n,
+                                         other=0.0))
     zmax = tl.where(mask_n, zmax, 0.0)
     att = tl.exp(tl.load(z_ptr + offs, mask=mask, other=0.0) - zmax[None, :])
     tl.store(att_ptr + offs, att.to(att_ptr.dtype.element_ty), mask=mask)
@@ -219,18 +220,18 @@ def _attention_cell_bwd_kernel(
         c_t = tl.load(cell_ptr + offs, mask=mask, other=0.0).to(tl.float32)
         c_prev = tl.load(cell_prev_ptr + offs, mask=mask, other=0.0).to(tl.float32)
         g = tl.load(cand_ptr + offs, mask=mask, other=0.0).to(tl.float32)
-        tc = tanh(c_t)
+        tc, dtc = tanh_with_grad(c_t)  # tanh C_t and 1 − tanh² C_t
         carry = tl.load(dc_ptr + offs, mask=mask, other=0.0)
         part = gpart_ptr + (b * NMT + pid_m) * 2 * C + offs_n
         if OUTPUT_GATE:
-            dc = carry + dh * att * (1.0 - tc * tc)
+            dc = carry + dh * att * dtc
             datt = dh * tc
             tl.store(dc_ptr + offs, dc * g1[None, :], mask=mask)
             dacc = dc * g0[None, :] * (1.0 - g * g)
             tl.store(part, tl.sum(tl.where(mask, dc * g, 0.0), axis=0), mask=mask_n)
             tl.store(part + C, tl.sum(tl.where(mask, dc * c_prev, 0.0), axis=0), mask=mask_n)
         else:
-            dc = carry + dh * g1[None, :] * (1.0 - tc * tc)
+            dc = carry + dh * g1[None, :] * dtc
             datt = dc * g
             tl.store(dc_ptr + offs, dc * g0[None, :], mask=mask)
             dacc = dc * att * (1.0 - g * g)
