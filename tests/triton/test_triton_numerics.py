@@ -1,6 +1,6 @@
 """The numeric contract of ops/registration.py, for the Triton kernels (CPU, interpreter):
 hard_sigmoid's pieces and derivative chosen on x, tanh/sigmoid relative-accurate at every
-magnitude, and NaN kept inside its sample.
+magnitude, NaN kept inside its sample, and the c/d backward's tie mask taken on the forward's Z.
 
 Run alone: ``pytest tests/triton -q`` (its conftest sets TRITON_INTERPRET=1 before triton is
 imported). The checks that the interpreter cannot make (it never contracts FMAs, and triton
@@ -24,7 +24,7 @@ import triton.language as tl
 import convlstm_fast
 from convlstm_fast import variants
 from convlstm_fast.reference import cells
-from convlstm_fast.triton_kernels import IMPLEMENTED
+from convlstm_fast.triton_kernels import IMPLEMENTED, channel_attention_layer
 from convlstm_fast.triton_kernels._common import (gate_act, gate_act_grad, sigmoid, sigmoid_grad,
                                                   tanh_with_grad)
 
@@ -269,3 +269,60 @@ def test_nan_stays_in_its_sample(variant, gate_activation, poison):
         kept = got[name].select(axis, 1)
         assert kept.isfinite().all(), f"{name}: NaN reached the clean sample"
         assert torch.equal(kept, clean[name].select(axis, 1)), f"{name}: clean sample changed"
+
+
+# ---------------------------------------------------------------------------------------------
+# c/d backward: the tie mask of max_HW Z is the forward's
+# ---------------------------------------------------------------------------------------------
+
+class _Recorder:
+    """Stands in for a @triton.jit kernel: launches it and keeps a copy of the named argument."""
+
+    def __init__(self, kernel, argument: str):
+        self.kernel, self.argument, self.seen = kernel, argument, []
+
+    def __getitem__(self, grid):
+        def launch(*args, **kwargs):
+            self.kernel[grid](*args, **kwargs)
+            self.seen.append(args[self.kernel.arg_names.index(self.argument)].clone())
+        return launch
+
+
+def _mirrored(t: torch.Tensor) -> torch.Tensor:
+    """t made symmetric under flipping its last axis (the width of a map or of a K×K kernel)."""
+    half = (t.shape[-1] + 1) // 2
+    return torch.cat([t[..., :half], t[..., : t.shape[-1] - half].flip(-1)], -1)
+
+
+@pytest.mark.parametrize("variant", [v for v in ("c", "d") if v in IMPLEMENTED])
+def test_tie_mask_is_the_forwards(variant, monkeypatch):
+    """The backward's τ = [Z = max_HW Z]/#ties must be taken on the Z_t that the forward's
+    logits kernel produced (and normalised M by). A constructed near-tie: x, h0, c0 and every
+    depthwise kernel mirror-symmetric in width, so in exact arithmetic Z(y, w) = Z(y, W−1−w) and
+    each channel's max sits on a mirrored pair that only rounding separates. Before, the
+    backward recomputed A and Z through ATen (A rounded to fp16 after an fp16 GEMM, Z in fp32):
+    its rounding split the pairs differently, and τ (hence Σ M∘dM) went to the other pixel in
+    many (step, sample, channel)."""
+    name = variants.OP_NAMES[variant] + "_triton"
+    forward = getattr(torch.ops.convlstm_fast, name)
+    backward = getattr(torch.ops.convlstm_fast, name + "_backward")
+    x, h0, c0, params = make_inputs(variant, 3, 2, 8, 16, 6, 7, 3, seed=4)
+    x, h0, c0 = (_mirrored(t).half() for t in (x, h0, c0))
+    params = [(_mirrored(v) if key.endswith(("dw_x", "dw_h", "dw_z")) else v).half()
+              for key, v in params.items()]
+    logits = _Recorder(channel_attention_layer._attention_logits_kernel, "z_ptr")
+    ties = _Recorder(channel_attention_layer._attention_logits_bwd_kernel, "tie_ptr")
+    monkeypatch.setattr(channel_attention_layer, "_attention_logits_kernel", logits)
+    monkeypatch.setattr(channel_attention_layer, "_attention_logits_bwd_kernel", ties)
+    output, h_n, c_n, saved = forward(x, h0, c0, params, 0)
+    forward_z = logits.seen[:]
+    gen = torch.Generator().manual_seed(2)
+    grads = [torch.randn(t.shape, generator=gen).to(t.dtype) for t in (output, h_n, c_n)]
+    backward(*grads, x, h0, c0, params, output, saved, 0)
+    steps, batch, hidden = x.shape[0], x.shape[1], h0.shape[1]
+    assert len(forward_z) == len(ties.seen) == steps
+    for t, tie in zip(range(steps - 1, -1, -1), ties.seen):  # the backward runs in reverse time
+        z = forward_z[t].view(batch, -1, hidden)
+        is_max = z == z.amax(1, keepdim=True)
+        torch.testing.assert_close(tie.view(batch, -1, hidden), is_max / is_max.sum(1, True),
+                                   rtol=0, atol=0, msg=lambda m, t=t: f"step {t}: {m}")
