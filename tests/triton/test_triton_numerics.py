@@ -1,6 +1,7 @@
 """The numeric contract of ops/registration.py, for the Triton kernels (CPU, interpreter):
 hard_sigmoid's pieces and derivative chosen on x, tanh/sigmoid relative-accurate at every
-magnitude, NaN kept inside its sample, and the c/d backward's tie mask taken on the forward's Z.
+magnitude, NaN kept inside its sample, the c/d backward's tie mask taken on the forward's Z, and
+launches on the input's device.
 
 Run alone: ``pytest tests/triton -q`` (its conftest sets TRITON_INTERPRET=1 before triton is
 imported). The checks that the interpreter cannot make (it never contracts FMAs, and triton
@@ -15,6 +16,7 @@ import re
 import struct
 import subprocess
 import sys
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -22,6 +24,7 @@ import triton
 import triton.language as tl
 
 import convlstm_fast
+import convlstm_fast.triton_kernels as triton_kernels
 from convlstm_fast import variants
 from convlstm_fast.reference import cells
 from convlstm_fast.triton_kernels import IMPLEMENTED, channel_attention_layer
@@ -326,3 +329,33 @@ def test_tie_mask_is_the_forwards(variant, monkeypatch):
         is_max = z == z.amax(1, keepdim=True)
         torch.testing.assert_close(tie.view(batch, -1, hidden), is_max / is_max.sum(1, True),
                                    rtol=0, atol=0, msg=lambda m, t=t: f"step {t}: {m}")
+
+
+# ---------------------------------------------------------------------------------------------
+# Launches run on the input's device
+# ---------------------------------------------------------------------------------------------
+
+def test_launches_run_on_the_inputs_device(monkeypatch):
+    """The registered kernels run inside ``torch.cuda.device(x.device)`` for CUDA inputs (Triton
+    launches on the current device: a model on cuda:1 with cuda:0 current would otherwise launch
+    on cuda:0), and without a guard for CPU tensors. torch.cuda.device is replaced by a recorder."""
+    entered = []
+
+    class DeviceRecorder:
+        def __init__(self, device):
+            self.device = device
+
+        def __enter__(self):
+            entered.append(self.device)
+
+        def __exit__(self, *exc):
+            entered.remove(self.device)
+
+    monkeypatch.setattr(torch.cuda, "device", DeviceRecorder)
+    during = []
+    run = triton_kernels._on_device(lambda *args: during.append(list(entered)) or "done", "op", 1)
+    cuda1 = SimpleNamespace(device=torch.device("cuda", 1), is_cuda=True)
+    assert run(None, cuda1) == "done"
+    assert run(None, torch.zeros(1)) == "done"
+    assert during == [[torch.device("cuda", 1)], []]
+    assert entered == []
