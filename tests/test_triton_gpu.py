@@ -120,3 +120,24 @@ def test_triton_under_autocast(variant, make_params, make_inputs):
     assert out.dtype == h_n.dtype == c_n.dtype == torch.bfloat16
     ref, _, _ = cells.layer(variant, x, h0, c0, params)
     torch.testing.assert_close(out.float(), ref, rtol=0.05, atol=0.05)
+
+
+@pytest.mark.parametrize("variant", variants.VARIANTS)
+def test_triton_on_a_second_gpu(variant, fp32_ieee, make_params, make_inputs):
+    """A layer whose tensors live on cuda:1 while cuda:0 is the current device: the launches
+    must go to cuda:1 (the ops run their kernels under torch.cuda.device(x.device)), and the
+    results match the reference there, forward and backward."""
+    if variant not in _implemented():
+        pytest.skip(f"backend 'triton' is not implemented for variant {variant!r}")
+    if torch.cuda.device_count() < 2:
+        pytest.skip(f"needs 2 CUDA devices, found {torch.cuda.device_count()}")
+    device = torch.device("cuda", 1)
+    params = make_params(variant, 8, 16, 3, dtype=torch.float32, device=device)
+    x, h0, c0 = make_inputs(2, 2, 8, 16, 6, 7, dtype=torch.float32, device=device)
+    weights = [torch.ones((), device=device, dtype=torch.float64)] * 3
+    with torch.cuda.device(0):
+        got = _run(variant, x, h0, c0, params, "sigmoid", "triton", weights)
+        want = _run(variant, x, h0, c0, params, "sigmoid", "reference", weights)
+    for a, b in zip(got, want):
+        assert a.device == device
+        torch.testing.assert_close(a, b, rtol=1e-3, atol=1e-4)  # fp32, TF32 off

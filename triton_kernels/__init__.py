@@ -7,6 +7,8 @@ TRITON_INTERPRET=1), autograd and fake tensors. ``IMPLEMENTED`` lists those cell
 
 from __future__ import annotations
 
+import contextlib
+
 import torch
 
 from convlstm_fast.ops.registration import register_all
@@ -41,9 +43,14 @@ def _check_device(x: torch.Tensor, name: str) -> None:
 
 
 def _on_device(fn, name: str, x_index: int):
+    """``fn`` run on the device of its argument ``x_index``: Triton launches (and allocations
+    without a device) go to the *current* CUDA device, so a model on cuda:1 needs cuda:1 made
+    current around them."""
     def run(*args):
-        _check_device(args[x_index], name)
-        return fn(*args)
+        x = args[x_index]
+        _check_device(x, name)
+        with torch.cuda.device(x.device) if x.device.type == "cuda" else contextlib.nullcontext():
+            return fn(*args)
 
     run.__name__ = fn.__name__
     return run

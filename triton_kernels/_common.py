@@ -30,38 +30,95 @@ GPU_BLOCK_CS = (64,)
 KERNEL_SIZES_CHECKED = (1, 3, 5)
 
 
+# Activations, written with tl.exp and arithmetic only (libdevice is not available under the
+# interpreter) and branch-free (tl.where): each keeps a few ulps of RELATIVE accuracy at every
+# magnitude (ops/registration.py's numeric contract), and NaN in gives NaN out.
+
 @triton.jit
 def sigmoid(x):
-    return 1.0 / (1.0 + tl.exp(-x))
+    """σ(x) = 1/(1 + e) for x ≥ 0 and e/(1 + e) for x < 0, with e = exp(−|x|) ∈ (0, 1]: never
+    overflows, and σ(−40) ≈ 4e−18 is not computed as 1 − (1 − 4e−18)."""
+    e = tl.exp(-tl.abs(x))
+    r = 1.0 / (1.0 + e)
+    return tl.where(x < 0.0, e * r, r)
+
+
+@triton.jit
+def sigmoid_grad(x):
+    """σ'(x) = σ(x)·σ(−x) = e/(1 + e)², e = exp(−|x|) (not σ(1 − σ), which cancels for x ≫ 0)."""
+    e = tl.exp(-tl.abs(x))
+    r = 1.0 / (1.0 + e)
+    return e * r * r
+
+
+@triton.jit
+def tanh_with_grad(x):
+    """(tanh x, 1 − tanh² x), both relative-accurate (2σ(2x) − 1 would cancel near 0):
+        |x| < 0.625:  tanh x = x + x³·P(x²)   (cephes tanhf's minimax polynomial; 1 − t² ≥ 0.69)
+        |x| ≥ 0.625:  tanh|x| = (1 − e)/(1 + e),  1 − tanh² x = 4e/(1 + e)²,  e = exp(−2|x|) ≤ 0.29
+    (no cancellation in 1 − e, no overflow for large |x|; the sign is restored for x < 0)."""
+    a = tl.abs(x)
+    z = x * x
+    p = (((-5.70498872745e-3 * z + 2.06390887954e-2) * z - 5.37397155531e-2) * z
+         + 1.33314422036e-1) * z - 3.33332819422e-1
+    t_small = x + x * z * p
+    e = tl.exp(-2.0 * a)
+    r = 1.0 / (1.0 + e)
+    t_large = (1.0 - e) * r
+    t = tl.where(a < 0.625, t_small, tl.where(x < 0.0, -t_large, t_large))
+    d = tl.where(a < 0.625, 1.0 - t_small * t_small, 4.0 * e * r * r)
+    return t, d
 
 
 @triton.jit
 def tanh(x):
-    # tanh(x) = 2·σ(2x) − 1: libdevice's tanh is not available under the interpreter.
-    return 2.0 / (1.0 + tl.exp(-2.0 * x)) - 1.0
+    """tanh x, relative-accurate at every magnitude (see :func:`tanh_with_grad`)."""
+    t, _unused = tanh_with_grad(x)
+    return t
 
 
 @triton.jit
 def gate_act(x, ACT: tl.constexpr):
-    """σ(x) or hard_sigmoid(x) = clamp(0.2·x + 0.5, 0, 1) (SPEC "Options")."""
+    """σ(x) or hard_sigmoid(x) (SPEC "Options"): 0 for x < −2.5, 1 for x > 2.5, 0.2·x + 0.5
+    between, the pieces chosen on x itself (never on the rounded 0.2·x + 0.5, whose sign at
+    x = −2.5 depends on FMA contraction); NaN stays NaN (no min/max clamp)."""
     if ACT == 0:
         y = sigmoid(x)
     else:
-        y = tl.minimum(tl.maximum(0.2 * x + 0.5, 0.0), 1.0)
+        y = tl.where(x < -2.5, 0.0, tl.where(x > 2.5, 1.0, 0.2 * x + 0.5))
     return y
 
 
 @triton.jit
 def gate_act_grad(x, ACT: tl.constexpr):
-    """dσ/dx = σ(1 − σ); hard_sigmoid: 0.2 where 0 <= 0.2·x + 0.5 <= 1 (inclusive, as
-    torch.clamp's backward), else 0."""
+    """dσ/dx (:func:`sigmoid_grad`); hard_sigmoid: 0 for x < −2.5 or x > 2.5, else 0.2 (so 0.2
+    at the kinks ±2.5, and for NaN), decided on x itself as :func:`gate_act`."""
     if ACT == 0:
-        s = sigmoid(x)
-        d = s * (1.0 - s)
+        d = sigmoid_grad(x)
     else:
-        u = 0.2 * x + 0.5
-        d = tl.where((u >= 0.0) & (u <= 1.0), 0.2, 0.0)
+        d = tl.where((x < -2.5) | (x > 2.5), 0.0, 0.2)
     return d
+
+
+@triton.jit
+def nan_maximum(a, b):
+    """max(a, b), NaN if either is NaN (tl.maximum's default, and so tl.max, drop NaN on a GPU)."""
+    return tl.maximum(a, b, propagate_nan=tl.PropagateNan.ALL)
+
+
+@triton.jit
+def nan_max(x, axis: tl.constexpr):
+    """tl.max(x, axis) that keeps NaN: a NaN logit makes its whole softmax/max-normalisation NaN,
+    as the reference's amax and softmax do."""
+    return tl.reduce(x, axis, nan_maximum)
+
+
+@triton.jit
+def mask_if(mask, cond):
+    """``mask`` where the scalar ``cond`` (e.g. ``pid_m == 0``) holds, else all False.
+    Not ``mask & cond``: triton 3.9's interpreter turns a block & a scalar comparison into an
+    int32 array, which tl.load/tl.store reject ("mask has unsupported dtype")."""
+    return tl.where(cond, mask, False)
 
 
 @triton.jit
@@ -160,7 +217,7 @@ def pooled_hidden_grad(gpart_ptr, gate_ptr, dgp_ptr, uh_ptr, b, offs_n, mask_n, 
         z = tl.load(gate_ptr + b * GC + offs_j, mask=mask_j, other=0.0).to(tl.float32)
         dgp = raw * gate_act_grad(z, ACT)
         if STORE:
-            tl.store(dgp_ptr + b * GC + offs_j, dgp, mask=mask_j & store_here)
+            tl.store(dgp_ptr + b * GC + offs_j, dgp, mask=mask_if(mask_j, store_here))
         u = tl.load(uh_ptr + offs_j[:, None] * C + offs_n[None, :],
                     mask=mask_j[:, None] & mask_n[None, :], other=0.0).to(tl.float32)
         dhbar += tl.sum(u * dgp[:, None], axis=0)

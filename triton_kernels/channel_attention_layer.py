@@ -12,8 +12,10 @@ SepConv_z(A) (needs A's neighbours, hence the launch boundary) and per-tile chan
 (3) ``_attention_cell_kernel``: M = exp(Z − max), pooled gates, cell update, column sums of H_t.
 Backward (reverse time), per step: the cell backward fused with the two transposed depthwise
 convolutions into dH_t (``_attention_cell_bwd_kernel``), dZ (``_attention_logits_bwd_kernel``),
-a GEMM, dA's pre-activation (``_attention_features_bwd_kernel``) and two GEMMs. A and Z are
-recomputed for all steps in batched calls before the loop; weight gradients after it.
+a GEMM, dA's pre-activation (``_attention_features_bwd_kernel``) and two GEMMs. A_t and Z_t
+are recomputed per step by the forward's own launches (1) and (2), so the tie mask of max Z is
+the forward's (as the CUDA op does; it costs the candidate GEMM once more); weight gradients
+are batched after the loop.
 Saved per step (as the native op): C_t, G, M (3 state tensors) and the gate pre-activations.
 """
 
@@ -25,8 +27,9 @@ import triton
 import triton.language as tl
 
 from ._common import (GPU_BLOCK_M, block_sizes, depthwise, depthwise_backward, depthwise_tile,
-                      dot_precision, gate_act, nchw, pooled_gate_preacts, pooled_hidden_grad,
-                      rows, sepconv_rows, sepconv_rows_backward, tanh)
+                      dot_precision, gate_act, mask_if, nan_max, nan_maximum, nchw,
+                      pooled_gate_preacts, pooled_hidden_grad, rows, sepconv_rows,
+                      sepconv_rows_backward, tanh, tanh_with_grad)
 
 LAUNCH = dict(num_warps=4, num_stages=1)  # see pooled_layer.LAUNCH
 
@@ -109,7 +112,7 @@ def _attention_logits_kernel(
     offs = (b * HW + offs_m)[:, None] * C + offs_n[None, :]
     mask = mask_m[:, None] & mask_n[None, :]
     tl.store(z_ptr + offs, acc, mask=mask)
-    tile_max = tl.max(tl.where(mask, acc, float("-inf")), axis=0)
+    tile_max = nan_max(tl.where(mask, acc, float("-inf")), 0)
     tl.store(zpart_ptr + (b * NMT + pid_m) * C + offs_n, tile_max, mask=mask_n)
 
 
@@ -136,15 +139,15 @@ def _attention_cell_kernel(
 
     zmax = tl.full([BLOCK_N], float("-inf"), dtype=tl.float32)
     for tile in range(NMT):
-        zmax = tl.maximum(zmax, tl.load(zpart_ptr + (b * NMT + tile) * C + offs_n, mask=mask_n,
-                                        other=0.0))
+        zmax = nan_maximum(zmax, tl.load(zpart_ptr + (b * NMT + tile) * C + offs_n, mask=mask_n,
+                                         other=0.0))
     zmax = tl.where(mask_n, zmax, 0.0)
     att = tl.exp(tl.load(z_ptr + offs, mask=mask, other=0.0) - zmax[None, :])
     tl.store(att_ptr + offs, att.to(att_ptr.dtype.element_ty), mask=mask)
 
     z0, z1, _unused = pooled_gate_preacts(xg_ptr, hpart_prev_ptr, uh_ptr, b, offs_n, mask_n, C,
                                           NMT, HW, 2, BLOCK_K)
-    first_tile = mask_n & (pid_m == 0)
+    first_tile = mask_if(mask_n, pid_m == 0)
     tl.store(gate_ptr + b * 2 * C + offs_n, z0.to(gate_ptr.dtype.element_ty), mask=first_tile)
     tl.store(gate_ptr + b * 2 * C + C + offs_n, z1.to(gate_ptr.dtype.element_ty),
              mask=first_tile)
@@ -219,18 +222,18 @@ def _attention_cell_bwd_kernel(
         c_t = tl.load(cell_ptr + offs, mask=mask, other=0.0).to(tl.float32)
         c_prev = tl.load(cell_prev_ptr + offs, mask=mask, other=0.0).to(tl.float32)
         g = tl.load(cand_ptr + offs, mask=mask, other=0.0).to(tl.float32)
-        tc = tanh(c_t)
+        tc, dtc = tanh_with_grad(c_t)  # tanh C_t and 1 − tanh² C_t
         carry = tl.load(dc_ptr + offs, mask=mask, other=0.0)
         part = gpart_ptr + (b * NMT + pid_m) * 2 * C + offs_n
         if OUTPUT_GATE:
-            dc = carry + dh * att * (1.0 - tc * tc)
+            dc = carry + dh * att * dtc
             datt = dh * tc
             tl.store(dc_ptr + offs, dc * g1[None, :], mask=mask)
             dacc = dc * g0[None, :] * (1.0 - g * g)
             tl.store(part, tl.sum(tl.where(mask, dc * g, 0.0), axis=0), mask=mask_n)
             tl.store(part + C, tl.sum(tl.where(mask, dc * c_prev, 0.0), axis=0), mask=mask_n)
         else:
-            dc = carry + dh * g1[None, :] * (1.0 - tc * tc)
+            dc = carry + dh * g1[None, :] * dtc
             datt = dc * g
             tl.store(dc_ptr + offs, dc * g0[None, :], mask=mask)
             dacc = dc * att * (1.0 - g * g)
@@ -308,11 +311,28 @@ def _x_side(frames, p, steps, batch, pixels, hidden):
     return xc.view(shape), xa.view(shape), xg.view(steps, batch, 2 * hidden)
 
 
+def _attention_logits_step(h_prev, xc, xa, p, cand, feat, logits, zpart, height, width, grid,
+                           launch, dot):
+    """Launches (1) and (2) of one forward step, from ``h_prev`` rows ``[B·H·W, C]`` and the step's
+    X-side terms: ``cand`` ← G_t, ``feat`` ← A_t, ``logits`` ← Z_t (fp32 rows) and ``zpart
+    [B, tiles, C]`` ← its per-tile channel maxima. The backward recomputes A_t and Z_t through
+    this same call: the tie mask of max_HW Z must be taken on the very numbers the forward
+    normalised by (an ATen recompute rounds differently and, in bf16, can move the max)."""
+    hidden = h_prev.shape[1]
+    cdwh, cpwh, adwh, apwh, zdw, zpw = (p[i] for i in (5, 6, 10, 11, 13, 14))
+    ksize = cdwh.shape[-1]
+    _attention_features_kernel[grid](h_prev, xc, xa, cdwh, cpwh, adwh, apwh, cand, feat,
+                                     hidden, height, width, KSIZE=ksize, DOT_PRECISION=dot,
+                                     RAW_CAND=False, **launch)
+    _attention_logits_kernel[grid](feat, zdw, zpw, logits, zpart, hidden, height, width,
+                                   zpart.shape[1], KSIZE=ksize, DOT_PRECISION=dot, **launch)
+
+
 def _channel_attention_forward(x, h0, c0, params, gate_activation: int, output_gate: bool):
     p = _unpack(params)
-    _, gwh, _, _, _, cdwh, cpwh, _, _, _, adwh, apwh, _, zdw, zpw = p
+    gwh = p[1]
     steps, batch, cin, height, width = x.shape
-    hidden, pixels, ksize = h0.shape[1], height * width, cdwh.shape[-1]
+    hidden, pixels = h0.shape[1], height * width
     frames = x.reshape(steps * batch, cin, height, width)
     xc, xa, xg = _x_side(frames, p, steps, batch, pixels, hidden)
 
@@ -329,18 +349,15 @@ def _channel_attention_forward(x, h0, c0, params, gate_activation: int, output_g
     hpart[1, :, 0] = h0.sum((-2, -1), dtype=torch.float32)
     h_prev = rows(h0)
     grid = (tiles, triton.cdiv(hidden, block_c), batch)
-    blocks = dict(BLOCK_M=block_m, BLOCK_N=block_c, BLOCK_K=block_c, **LAUNCH)
+    launch = dict(BLOCK_M=block_m, BLOCK_N=block_c, BLOCK_K=block_c, **LAUNCH)
     dot = dot_precision(x.dtype)
     for t in range(steps):
-        _attention_features_kernel[grid](h_prev, xc[t], xa[t], cdwh, cpwh, adwh, apwh, cand[t],
-                                         feat, hidden, height, width, KSIZE=ksize,
-                                         DOT_PRECISION=dot, RAW_CAND=False, **blocks)
-        _attention_logits_kernel[grid](feat, zdw, zpw, logits, zpart, hidden, height, width,
-                                       tiles, KSIZE=ksize, DOT_PRECISION=dot, **blocks)
+        _attention_logits_step(h_prev, xc[t], xa[t], p, cand[t], feat, logits, zpart, height,
+                               width, grid, launch, dot)
         _attention_cell_kernel[grid](logits, zpart, c_state, cand[t], xg[t], hpart[(t + 1) % 2],
                                      hpart[t % 2], gwh, out[t], cell[t], att[t], gate_preact[t],
                                      hidden, height, width, tiles, ACT=gate_activation,
-                                     OUTPUT_GATE=output_gate, **blocks)
+                                     OUTPUT_GATE=output_gate, **launch)
         h_prev = out[t]
     state_shape = (steps, batch, height, width, hidden)
     output = out.view(state_shape).permute(0, 1, 4, 2, 3).contiguous()
@@ -364,16 +381,10 @@ def _channel_attention_backward(grad_output, grad_h_n, grad_c_n, x, h0, c0, para
     frames = x.reshape(steps * batch, cin, height, width)
     maps = steps * batch
 
-    # Recompute A and Z for all steps (batched; not saved). Z in fp32 for the max's tie mask.
-    _, xa, _ = _x_side(frames, p, steps, batch, pixels, hidden)
+    # A_t and Z_t are not saved: each step of the loop recomputes them with the forward's kernels.
+    xc, xa, _ = _x_side(frames, p, steps, batch, pixels, hidden)
     h_prev = torch.cat([h0[None], output[:-1]]).reshape(maps, hidden, height, width)
-    dwh_a_rows, feat_pre = sepconv_rows(h_prev, adwh, apwh, None)
-    feat = torch.tanh(feat_pre.view(state) + xa)
-    feat_maps = nchw(feat.view(-1, hidden), maps, height, width)
-    _, logits = sepconv_rows(feat_maps.float(), zdw.float(), zpw.float(), None)
-    logits = logits.view(steps, batch, pixels, hidden)
-    is_max = logits == logits.amax(2, keepdim=True)
-    tie = (is_max / is_max.sum(2, keepdim=True)).view(state)
+    h_prev_rows = rows(h_prev).view(state)
 
     gout = grad_output.permute(0, 1, 3, 4, 2).clone(memory_format=torch.contiguous_format)
     gout = gout.view(state)
@@ -383,14 +394,19 @@ def _channel_attention_backward(grad_output, grad_h_n, grad_c_n, x, h0, c0, para
 
     block_m, block_c = block_sizes(x.device, pixels, hidden)
     tiles = triton.cdiv(pixels, block_m)
-    dacc, ddw_c, dz, ddz, dfeat, ddw_a = (torch.empty_like(gout) for _ in range(6))
-    datt = torch.empty(state[1:], device=x.device, dtype=torch.float32)
-    spart = torch.empty(batch, tiles, hidden, device=x.device, dtype=torch.float32)
-    gpart = torch.empty(steps, batch, tiles, 2 * hidden, device=x.device, dtype=torch.float32)
-    dgp = torch.empty(steps, batch, 2 * hidden, device=x.device, dtype=torch.float32)
+    f32 = dict(device=x.device, dtype=torch.float32)
+    dacc, ddw_c, dz, ddz, dfeat, ddw_a, feat = (torch.empty_like(gout) for _ in range(7))
+    cand_scratch = torch.empty_like(gout[0])  # the recompute's G (the saved G is used)
+    logits, datt = torch.empty(state[1:], **f32), torch.empty(state[1:], **f32)
+    zpart = torch.empty(batch, tiles, hidden, **f32)
+    spart = torch.empty(batch, tiles, hidden, **f32)
+    gpart = torch.empty(steps, batch, tiles, 2 * hidden, **f32)
+    dgp = torch.empty(steps, batch, 2 * hidden, **f32)
     grad_h0_rows = torch.empty_like(gout[0])
     grid = (tiles, triton.cdiv(hidden, block_c), batch)
+    launch = dict(BLOCK_M=block_m, BLOCK_N=block_c, BLOCK_K=block_c, **LAUNCH)
     blocks = dict(BLOCK_M=block_m, BLOCK_N=block_c, **LAUNCH)
+    dot = dot_precision(x.dtype)
     for t in range(steps - 1, -2, -1):
         here, rec = max(t, 0), min(t + 1, steps - 1)
         _attention_cell_bwd_kernel[grid](
@@ -398,11 +414,16 @@ def _channel_attention_backward(grad_output, grad_h_n, grad_c_n, x, h0, c0, para
             gout[here], grad_h0_rows, cell[here], cell[t - 1] if t > 0 else c0_rows, cand[here],
             att[here], gate_preact[here], dc, dacc[here], datt, spart, gpart[here],
             hidden, height, width, tiles, KSIZE=ksize, ACT=gate_activation,
-            OUTPUT_GATE=output_gate, HAS_REC=t < steps - 1, CELL=t >= 0, BLOCK_K=block_c,
-            **blocks)
+            OUTPUT_GATE=output_gate, HAS_REC=t < steps - 1, CELL=t >= 0, **launch)
         if t < 0:
             break
-        _attention_logits_bwd_kernel[grid](att[t], datt, tie[t], spart, dz[t], hidden, pixels,
+        _attention_logits_step(h_prev_rows[t], xc[t], xa[t], p, cand_scratch, feat[t], logits,
+                               zpart, height, width, grid, launch, dot)
+        # τ = [Z = max_HW Z] / #ties per (sample, channel), on the forward's own Z_t
+        z_maps = logits.view(batch, pixels, hidden)
+        is_max = z_maps == z_maps.amax(1, keepdim=True)
+        tie = (is_max / is_max.sum(1, keepdim=True)).view(state[1:])
+        _attention_logits_bwd_kernel[grid](att[t], datt, tie, spart, dz[t], hidden, pixels,
                                            tiles, **blocks)
         torch.mm(dz[t], zpw, out=ddz[t])                   # d dw_z(A) = dZ · pw_z
         _attention_features_bwd_kernel[grid](ddz[t], zdw, feat[t], dfeat[t], hidden, height,
@@ -417,9 +438,10 @@ def _channel_attention_backward(grad_output, grad_h_n, grad_c_n, x, h0, c0, para
     def as_maps(buffer):
         return nchw(flat(buffer), maps, height, width)
 
+    feat_maps = as_maps(feat)
     grad_cpwh = flat(dacc).t() @ rows(depthwise(h_prev, cdwh))
     _, grad_cdwh = depthwise_backward(as_maps(ddw_c), h_prev, cdwh, False)
-    grad_apwh = flat(dfeat).t() @ dwh_a_rows
+    grad_apwh = flat(dfeat).t() @ rows(depthwise(h_prev, adwh))
     _, grad_adwh = depthwise_backward(as_maps(ddw_a), h_prev, adwh, False)
     grad_zpw = flat(dz).t() @ rows(depthwise(feat_maps, zdw))
     _, grad_zdw = depthwise_backward(as_maps(ddz), feat_maps, zdw, False)

@@ -19,8 +19,8 @@ import torch.nn.functional as F
 import triton
 import triton.language as tl
 
-from ._common import (GPU_BLOCK_M, block_sizes, dot_precision, gate_act, gate_act_grad, nchw,
-                      rows, tanh)
+from ._common import (GPU_BLOCK_M, block_sizes, dot_precision, gate_act, gate_act_grad, nchw, rows,
+                      tanh, tanh_with_grad)
 
 
 
@@ -165,16 +165,16 @@ def _convlstm_layer_bwd_kernel(
         z_o = tl.load(gates_ptr + zoffs + 3 * C, mask=mask, other=0.0).to(tl.float32)
         c_t = tl.load(cell_ptr + offs, mask=mask, other=0.0).to(tl.float32)
         c_prev = tl.load(cell_prev_ptr + offs, mask=mask, other=0.0).to(tl.float32)
-        g = tanh(z_g)
-        tc = tanh(c_t)
+        g, dg = tanh_with_grad(z_g)  # G and 1 − G²
+        tc, dtc = tanh_with_grad(c_t)
         dc = tl.load(dc_ptr + offs, mask=mask, other=0.0) \
-            + dh * gate_act(z_o, ACT) * (1.0 - tc * tc)
+            + dh * gate_act(z_o, ACT) * dtc
         tl.store(dc_ptr + offs, dc * gate_act(z_f, ACT), mask=mask)
         out_ty = dz_ptr.dtype.element_ty
         tl.store(dz_ptr + zoffs, (dc * g * gate_act_grad(z_i, ACT)).to(out_ty), mask=mask)
         tl.store(dz_ptr + zoffs + C, (dc * c_prev * gate_act_grad(z_f, ACT)).to(out_ty),
                  mask=mask)
-        tl.store(dz_ptr + zoffs + 2 * C, (dc * gate_act(z_i, ACT) * (1.0 - g * g)).to(out_ty),
+        tl.store(dz_ptr + zoffs + 2 * C, (dc * gate_act(z_i, ACT) * dg).to(out_ty),
                  mask=mask)
         tl.store(dz_ptr + zoffs + 3 * C, (dh * tc * gate_act_grad(z_o, ACT)).to(out_ty),
                  mask=mask)

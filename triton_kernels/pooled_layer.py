@@ -21,8 +21,9 @@ import triton
 import triton.language as tl
 
 from ._common import (GPU_BLOCK_M, block_sizes, depthwise, depthwise_backward, depthwise_tile,
-                      dot_precision, gate_act, nchw, pooled_gate_preacts, pooled_hidden_grad,
-                      rows, sepconv_rows, sepconv_rows_backward, tanh)
+                      dot_precision, gate_act, mask_if, nchw, pooled_gate_preacts,
+                      pooled_hidden_grad, rows, sepconv_rows, sepconv_rows_backward, tanh,
+                      tanh_with_grad)
 
 # num_stages=1: the K² depthwise loads of a reduction chunk feed FMAs, not the MMA directly;
 # software-pipelining them through shared memory multiplies it by K²·stages (348 KB at K = 3,
@@ -57,7 +58,7 @@ def _pooled_layer_fwd_kernel(
     # [i f o] pre-activations for this program's channels (eqs. 10-12), U_h h̄ recomputed here.
     z_i, z_f, z_o = pooled_gate_preacts(xg_ptr, hpart_prev_ptr, uh_ptr, b, offs_n, mask_n, C,
                                         NMT, HW, 3, BLOCK_K)
-    first_tile = mask_n & (pid_m == 0)
+    first_tile = mask_if(mask_n, pid_m == 0)
     gate_out = gate_ptr + b * 3 * C + offs_n
     tl.store(gate_out, z_i.to(gate_ptr.dtype.element_ty), mask=first_tile)
     tl.store(gate_out + C, z_f.to(gate_ptr.dtype.element_ty), mask=first_tile)
@@ -149,8 +150,8 @@ def _pooled_layer_bwd_kernel(
         c_t = tl.load(cell_ptr + offs, mask=mask, other=0.0).to(tl.float32)
         c_prev = tl.load(cell_prev_ptr + offs, mask=mask, other=0.0).to(tl.float32)
         g = tl.load(cand_ptr + offs, mask=mask, other=0.0).to(tl.float32)
-        tc = tanh(c_t)
-        dc = tl.load(dc_ptr + offs, mask=mask, other=0.0) + dh * go[None, :] * (1.0 - tc * tc)
+        tc, dtc = tanh_with_grad(c_t)  # tanh C_t and 1 − tanh² C_t
+        dc = tl.load(dc_ptr + offs, mask=mask, other=0.0) + dh * go[None, :] * dtc
         tl.store(dc_ptr + offs, dc * gf[None, :], mask=mask)
         dacc = dc * gi[None, :] * (1.0 - g * g)
         tl.store(dacc_ptr + offs, dacc.to(dacc_ptr.dtype.element_ty), mask=mask)

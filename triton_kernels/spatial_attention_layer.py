@@ -25,8 +25,8 @@ import triton
 import triton.language as tl
 
 from ._common import (GPU_BLOCK_M, block_sizes, depthwise, depthwise_backward, depthwise_tile,
-                      dot_precision, gate_act, nchw, pooled_gate_dot, rows, sepconv_rows,
-                      sepconv_rows_backward, tanh)
+                      dot_precision, gate_act, mask_if, nan_max, nan_maximum, nchw, pooled_gate_dot,
+                      rows, sepconv_rows, sepconv_rows_backward, tanh)
 from .channel_attention_layer import _attention_features_kernel
 from .pooled_layer import _pooled_layer_bwd_kernel
 
@@ -67,7 +67,7 @@ def _spatial_logits_kernel(
     z = tl.sum(acc, axis=1)
     tl.store(z_ptr + b * HW + offs_m, z, mask=mask_m)
     z = tl.where(mask_m, z, float("-inf"))
-    m = tl.max(z, axis=0)
+    m = nan_max(z, 0)
     s = tl.sum(tl.exp(z - m), axis=0)
     tl.store(zstat_ptr + (b * NMT + pid_m) * 2, m)
     tl.store(zstat_ptr + (b * NMT + pid_m) * 2 + 1, s)
@@ -102,14 +102,15 @@ def _spatial_input_kernel(
     # M = max_i m_i, S = Σ_i s_i · exp(m_i − M).
     big = tl.load(zstat_ptr + b * NMT * 2)
     for tile in range(1, NMT):
-        big = tl.maximum(big, tl.load(zstat_ptr + (b * NMT + tile) * 2))
+        big = nan_maximum(big, tl.load(zstat_ptr + (b * NMT + tile) * 2))
     total = big * 0.0
     for tile in range(NMT):
         m_i = tl.load(zstat_ptr + (b * NMT + tile) * 2)
         total += tl.load(zstat_ptr + (b * NMT + tile) * 2 + 1) * tl.exp(m_i - big)
     z_b = z_ptr + b * HW
     att = tl.exp(tl.load(z_b + offs_m, mask=mask_m, other=0.0) - big) / total
-    tl.store(att_ptr + b * HW + offs_m, att.to(att_ptr.dtype.element_ty), mask=mask_m & first_n)
+    tl.store(att_ptr + b * HW + offs_m, att.to(att_ptr.dtype.element_ty),
+             mask=mask_if(mask_m, first_n))
 
     x_b = x_ptr + b * HW * CIN
     acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
@@ -135,7 +136,7 @@ def _spatial_input_kernel(
                          mask=mask_m[:, None] & mask_k[None, :], other=0.0).to(tl.float32)
         xt = (center * att[:, None]).to(x_ptr.dtype.element_ty).to(tl.float32)
         tl.store(xpart_ptr + (b * NMT + pid_m) * CIN + offs_k, tl.sum(xt, axis=0),
-                 mask=mask_k & first_n)
+                 mask=mask_if(mask_k, first_n))
         wt = tl.load(pwx_ptr + offs_n[None, :] * CIN + offs_k[:, None],
                      mask=mask_k[:, None] & mask_n[None, :], other=0.0)
         acc = tl.dot(d.to(wt.dtype), wt, acc, input_precision=DOT_PRECISION)
@@ -170,7 +171,7 @@ def _spatial_cell_kernel(
     z_i = x0 + h0 + tl.load(gb_ptr + offs_n, mask=mask_n, other=0.0).to(tl.float32)
     z_f = x1 + h1 + tl.load(gb_ptr + C + offs_n, mask=mask_n, other=0.0).to(tl.float32)
     z_o = x2 + h2 + tl.load(gb_ptr + 2 * C + offs_n, mask=mask_n, other=0.0).to(tl.float32)
-    first_tile = mask_n & (pid_m == 0)
+    first_tile = mask_if(mask_n, pid_m == 0)
     gate_out = gate_ptr + b * 3 * C + offs_n
     tl.store(gate_out, z_i.to(gate_ptr.dtype.element_ty), mask=first_tile)
     tl.store(gate_out + C, z_f.to(gate_ptr.dtype.element_ty), mask=first_tile)
@@ -251,12 +252,11 @@ def _spatial_features_bwd_kernel(
 
 
 def _gate_act_grad(z: torch.Tensor, gate_activation: int) -> torch.Tensor:
-    """act'(z) as in _common.gate_act_grad (hard_sigmoid: 0.2 on the closed interval)."""
+    """act'(z) as _common.gate_act_grad computes it: σ(z)·σ(−z) (no 1 − σ cancellation);
+    hard_sigmoid: 0 for z < −2.5 or z > 2.5, else 0.2 (the kinks and NaN included)."""
     if gate_activation == 0:
-        s = torch.sigmoid(z)
-        return s * (1 - s)
-    u = 0.2 * z + 0.5
-    return ((u >= 0) & (u <= 1)).to(z.dtype) * 0.2
+        return torch.sigmoid(z) * torch.sigmoid(-z)
+    return torch.where((z < -2.5) | (z > 2.5), 0.0, 0.2).to(z.dtype)
 
 
 def spatial_attention_layer_forward(x, h0, c0, params, gate_activation: int):

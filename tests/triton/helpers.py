@@ -62,6 +62,17 @@ def assert_close_to_reference(variant, inputs, gate_activation, backend, rtol, a
                                    msg=lambda m, name=name: f"{name}: {m}")
 
 
+def assert_distance_rule(got, ref, exact, eps):
+    """STYLE.md: for every name in ``exact`` (float64 reference results), ``max|got − exact| <=
+    2·max|ref − exact| + eps·max|exact|``, ``ref`` being the reference in got's dtype."""
+    for name, x64 in exact.items():
+        err = (got[name].double() - x64).abs().max().item()
+        ref_err = (ref[name].double() - x64).abs().max().item()
+        bound = 2 * ref_err + eps * x64.abs().max().item()
+        assert err <= bound, (f"{name}: max error {err:.3g} > 2·{ref_err:.3g} + "
+                              f"{eps}·{x64.abs().max().item():.3g} = {bound:.3g}")
+
+
 def assert_low_precision_rule(variant, inputs, gate_activation, backend, eps=1e-3):
     """STYLE.md: for every output and gradient x, max|x − x64| <= 2·max|x_ref − x64| + eps·max|x64|
     with x64 the reference in float64 and x_ref the reference in the inputs' (low) dtype."""
@@ -71,9 +82,4 @@ def assert_low_precision_rule(variant, inputs, gate_activation, backend, eps=1e-
     got = run_with_grads(variant, *inputs, gate_activation, backend)
     ref = run_with_grads(variant, *inputs, gate_activation, "reference")
     exact = run_with_grads(variant, *inputs64, gate_activation, "reference")
-    for name, x64 in exact.items():
-        err = (got[name].double() - x64).abs().max().item()
-        ref_err = (ref[name].double() - x64).abs().max().item()
-        bound = 2 * ref_err + eps * x64.abs().max().item()
-        assert err <= bound, (f"{name}: max error {err:.3g} > 2·{ref_err:.3g} + "
-                              f"{eps}·{x64.abs().max().item():.3g} = {bound:.3g}")
+    assert_distance_rule(got, ref, exact, eps)

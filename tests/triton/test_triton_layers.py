@@ -70,8 +70,10 @@ def test_float64_distance_rule(variant):
 
 @pytest.mark.parametrize("variant", IMPLEMENTED)
 def test_hard_sigmoid_kinks(variant):
-    """Gate pre-activations exactly at ±2.5 (hard_sigmoid's kinks): the derivative is 0.2 there,
-    as torch.clamp's backward (the reference) gives. Zero weights and inputs, bias ±2.5."""
+    """Gate pre-activations exactly at ±2.5 (hard_sigmoid's kinks) through whole layers: the
+    derivative is 0.2 there (the reference's pieces are chosen on x). Zero weights and inputs,
+    bias ±2.5. The interpreter never contracts 0.2·x + 0.5 into an FMA, so this alone cannot
+    see the compiled kernels' kinks: test_triton_numerics.py checks their PTX."""
     x, h0, c0, params = make_inputs(variant, 1, 1, 2, 3, 3, 4, 3)
     params = {k: torch.zeros_like(v) for k, v in params.items()}
     bias_name = "bias" if variant == "convlstm" else "gate_bias"
