@@ -9,6 +9,7 @@ from __future__ import annotations
 from typing import Mapping, Sequence
 
 import torch
+from torch.utils.checkpoint import checkpoint
 
 from .backends import select_backend
 from .registry import CellSpec, check_gate_activation, get_cell
@@ -100,6 +101,17 @@ def _autocast(tensors: Sequence[torch.Tensor], device_type: str) -> list[torch.T
     return [t.to(dtype) if t.is_floating_point() else t for t in tensors]
 
 
+def check_recompute(recompute):
+    """``None``, ``"layers"``, or a positive number of steps per chunk (``"steps"`` = 1)."""
+    if recompute == "steps":
+        return 1
+    if recompute in (None, "layers") or (isinstance(recompute, int)
+                                         and not isinstance(recompute, bool) and recompute > 0):
+        return recompute
+    raise ValueError("recompute must be None, 'layers', 'steps' or a positive number of steps "
+                     f"per chunk, got {recompute!r}")
+
+
 def convlstm_layer(
     x: torch.Tensor,
     params: Mapping[str, torch.Tensor] | Sequence[torch.Tensor],
@@ -108,6 +120,7 @@ def convlstm_layer(
     *,
     gate_activation: str = "sigmoid",
     backend: str = "auto",
+    recompute: str | int | None = None,
 ) -> tuple[torch.Tensor, State]:
     """Run one ConvLSTM layer over a sequence.
 
@@ -120,6 +133,11 @@ def convlstm_layer(
         state: ``(h_0, c_0)``, each Tensor[B, C, H, W]; zeros when ``None``.
         gate_activation: ``"sigmoid"`` or ``"hard_sigmoid"`` (clamp(0.2·x + 0.5, 0, 1)).
         backend: ``"reference"``, ``"triton"``, ``"cuda"``, ``"cpu"`` or ``"auto"``.
+        recompute: trade time for memory when a gradient is wanted (``torch.utils.checkpoint``):
+            ``None`` keeps what the backend saves for backward (2–5 state tensors per step);
+            ``"steps"`` (or an int k) runs the layer in chunks of 1 (k) steps that keep only
+            their inputs — h and c at the chunk boundaries — and recomputes the rest in backward
+            (one extra forward in all); ``"layers"`` keeps only the layer's inputs.
 
     Returns:
         ``(output, (h_n, c_n))`` with output Tensor[T, B, C, H, W], h_n, c_n Tensor[B, C, H, W].
@@ -141,11 +159,25 @@ def convlstm_layer(
             state = tuple(_autocast(state, device_type))
         h0, c0 = check_state(state, x, batch, hidden_channels, height, width)
     chosen = select_backend(backend, variant, x)
+    recompute = check_recompute(recompute)
     if steps == 0 or x.numel() == 0 or h0.numel() == 0:
         output = x.new_zeros(steps, batch, hidden_channels, height, width)
         return output, (h0.clone(), c0.clone())
-    output, h_n, c_n = chosen.run_layer(
-        variant, x.contiguous(), h0.contiguous(), c0.contiguous(),
-        [p.contiguous() for p in param_list], gate_activation,
-    )
-    return output, (h_n, c_n)
+    param_list = [p.contiguous() for p in param_list]
+
+    def run(x_part, h_part, c_part, *weights):
+        output, h_n, c_n = chosen.run_layer(variant, x_part.contiguous(), h_part.contiguous(),
+                                            c_part.contiguous(), list(weights), gate_activation)
+        return output, h_n, c_n
+
+    if recompute is None or not torch.is_grad_enabled():
+        output, h_n, c_n = run(x, h0, c0, *param_list)
+        return output, (h_n, c_n)
+    chunk = steps if recompute == "layers" else recompute
+    outputs = []
+    h_n, c_n = h0, c0
+    for start in range(0, steps, chunk):
+        output, h_n, c_n = checkpoint(run, x[start:start + chunk], h_n, c_n, *param_list,
+                                      use_reentrant=False)
+        outputs.append(output)
+    return (outputs[0] if len(outputs) == 1 else torch.cat(outputs)), (h_n, c_n)

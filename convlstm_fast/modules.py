@@ -16,7 +16,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .backends import check_backend
-from .functional import State, check_input, convlstm_layer
+from .functional import State, check_input, check_recompute, convlstm_layer
 from .registry import Parameter, check_gate_activation, check_kernel_size, get_cell
 
 INITS = ("default", "reference")
@@ -127,11 +127,14 @@ class ConvLSTMCell(nn.Module):
             out.append(param)
         return out
 
-    def forward_sequence(self, x: torch.Tensor, state: State | None = None):
-        """Run the cell over ``x [T, B, Cin, H, W]``: ``(output [T, B, C, H, W], (h_n, c_n))``."""
+    def forward_sequence(self, x: torch.Tensor, state: State | None = None,
+                         recompute: str | int | None = None):
+        """Run the cell over ``x [T, B, Cin, H, W]``: ``(output [T, B, C, H, W], (h_n, c_n))``
+        (``recompute``: see :func:`convlstm_fast.convlstm_layer`)."""
         check_input(x, "x", 5, self.in_channels)
         return convlstm_layer(x, self.parameter_list(), self.variant, state,
-                              gate_activation=self.gate_activation, backend=self.backend)
+                              gate_activation=self.gate_activation, backend=self.backend,
+                              recompute=recompute)
 
     def forward(self, x: torch.Tensor, state: State | None = None) -> State:
         check_input(x, "x", 4, self.in_channels, channel_dim=1)
@@ -166,6 +169,8 @@ class ConvLSTM(nn.Module):
         batch_first: input and output ``[B, T, C, H, W]`` when True, ``[T, B, C, H, W]`` otherwise.
         dropout: as ``nn.LSTM``'s: in training, dropout with this probability on the output of
             every layer but the last (never inside a cell, never on the returned states).
+        recompute: trade time for memory in training, per layer (see
+            :func:`convlstm_fast.convlstm_layer`): ``None``, ``"steps"``, an int, ``"layers"``.
         bias, gate_activation, init, backend: as for :class:`ConvLSTMCell`.
 
     ``forward(x, state=None) -> (output, (h_n, c_n))``: output holds the last layer's hidden
@@ -179,7 +184,7 @@ class ConvLSTM(nn.Module):
                  kernel_size: int | Sequence[int] = 3, num_layers: int = 1,
                  variant: str | Sequence[str] = "a", batch_first: bool = True, bias: bool = True,
                  gate_activation: str = "sigmoid", init: str = "default", backend: str = "auto",
-                 dropout: float = 0.0):
+                 dropout: float = 0.0, recompute: str | int | None = None):
         super().__init__()
         num_layers = _check_channels(num_layers, "num_layers")
         if isinstance(dropout, bool) or not isinstance(dropout, (int, float)) \
@@ -189,6 +194,7 @@ class ConvLSTM(nn.Module):
             warnings.warn("dropout acts between layers (as in nn.LSTM): with num_layers=1 it "
                           f"does nothing (dropout={dropout})", stacklevel=2)
         self.dropout = float(dropout)
+        self.recompute = check_recompute(recompute)
         hiddens = _per_layer(hidden_channels, num_layers, "hidden_channels")
         kernels = _per_layer(kernel_size, num_layers, "kernel_size")
         cells = _per_layer(variant, num_layers, "variant")
@@ -232,7 +238,8 @@ class ConvLSTM(nn.Module):
         for index, (cell, layer_state) in enumerate(zip(self.cells, layer_states)):
             if index > 0 and self.dropout > 0:
                 sequence = F.dropout(sequence, self.dropout, self.training)
-            sequence, (h, c) = cell.forward_sequence(sequence.contiguous(), layer_state)
+            sequence, (h, c) = cell.forward_sequence(sequence.contiguous(), layer_state,
+                                                     recompute=self.recompute)
             h_n.append(h)
             c_n.append(c)
         output = sequence.transpose(0, 1) if self.batch_first else sequence
@@ -241,4 +248,6 @@ class ConvLSTM(nn.Module):
         return output, (tuple(h_n), tuple(c_n))
 
     def extra_repr(self) -> str:
-        return f"batch_first={self.batch_first}" + (f", dropout={self.dropout}" if self.dropout else "")
+        extra = f", dropout={self.dropout}" if self.dropout else ""
+        extra += f", recompute={self.recompute!r}" if self.recompute is not None else ""
+        return f"batch_first={self.batch_first}{extra}"

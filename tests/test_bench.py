@@ -135,3 +135,41 @@ def test_run_without_network_and_sweep_prints_tables(capsys):
     out = capsys.readouterr().out
     assert "| convlstm | reference |" in out
     assert "Full network" not in out and "sweep" not in out
+
+
+def test_recompute_rows_keep_two_state_tensors_per_step(tmp_path):
+    """--recompute steps adds a "<backend>+recompute" forward+backward row per backend whose
+    saved-per-step count is h and c of every step only (2), below the plain backend's."""
+    assert main(["--quick", "--device", "cpu", "--variants", "c", "--backends", "reference",
+                 "--recompute", "steps", "--no-network", "--no-sweep", "--no-progress",
+                 "--no-plots", "--out", str(tmp_path), "--stem", "run"]) == 0
+    result = json.loads((tmp_path / "run.json").read_text())
+    assert {(r["backend"], r["mode"]) for r in result["latency"]} == {
+        ("reference", "forward"), ("reference", "forward+backward"),
+        ("reference+recompute", "forward+backward")}
+    saved = {s["backend"]: s["saved_per_step"] for s in result["saved"]}
+    assert saved["reference+recompute"] == pytest.approx(2.0, abs=0.01)
+    assert saved["reference"] > saved["reference+recompute"]
+
+
+def test_checkpoints_keep_every_finished_case(tmp_path, monkeypatch):
+    """The JSON is rewritten after every case with complete: false, so a run killed midway
+    leaves its finished cases readable."""
+    from convlstm_fast.bench import suite
+
+    seen = []
+    real = suite.run_suite
+
+    def spy(config, progress=True, on_task=None):
+        def record(partial):
+            on_task(partial)
+            seen.append(json.loads((tmp_path / "run.json").read_text()))
+        return real(config, progress, record)
+
+    monkeypatch.setattr("convlstm_fast.bench.__main__.run_suite", spy)
+    assert main(["--quick", "--device", "cpu", "--variants", "a,b", "--backends", "reference",
+                 "--no-network", "--no-sweep", "--no-progress", "--no-plots", "--out",
+                 str(tmp_path), "--stem", "run"]) == 0
+    assert len(seen) == 4 and all(not s["complete"] for s in seen)
+    assert [len(s["latency"]) for s in seen] == [1, 2, 3, 4]
+    assert json.loads((tmp_path / "run.json").read_text())["complete"] is True

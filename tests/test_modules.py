@@ -267,3 +267,35 @@ def test_dropout_between_layers_as_nn_lstm():
         ConvLSTM(3, 4, num_layers=1, dropout=0.2)
     with pytest.raises(ValueError, match="dropout"):
         ConvLSTM(3, 4, num_layers=2, dropout=1.5)
+
+
+@pytest.mark.parametrize("recompute", ["steps", 2, "layers"])
+@pytest.mark.parametrize("backend", ["reference", "cpu"])
+def test_recompute_gives_the_same_gradients_and_keeps_less(recompute, backend):
+    """recompute trades memory for time only: outputs and every gradient equal the plain run (in
+    float64, to rounding: chunks sum the weight gradients in another order), and autograd keeps
+    fewer bytes."""
+    from convlstm_fast.backends import get_backend
+    from convlstm_fast.bench.harness import saved_state_tensors
+
+    reason = get_backend(backend).unsupported_reason("c", torch.empty(1, 1, 1, 1, 1))
+    if reason is not None:
+        pytest.skip(reason)
+    torch.manual_seed(0)
+    plain = ConvLSTM(3, 4, num_layers=2, variant="c", backend=backend).double()
+    memory = ConvLSTM(3, 4, num_layers=2, variant="c", backend=backend,
+                      recompute=recompute).double()
+    memory.load_state_dict(plain.state_dict())
+    x = torch.randn(2, 5, 3, 6, 5, dtype=torch.float64, requires_grad=True)
+    results = []
+    for model in (plain, memory):
+        out, (h_n, c_n) = model(x)
+        weight = torch.linspace(-1, 1, out.numel(), dtype=torch.float64).view_as(out)
+        loss = (out * weight).sum() + h_n.sum() + c_n.sum()
+        results.append([out, h_n, c_n, *torch.autograd.grad(loss, [x, *model.parameters()])])
+    for got, want in zip(results[1], results[0]):
+        torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-12)
+    state_numel = 2 * 4 * 6 * 5
+    kept = [saved_state_tensors(lambda m=m: m(x)[0].transpose(0, 1), [x, *m.parameters()],
+                                state_numel, 5) for m in (plain, memory)]
+    assert kept[1] < kept[0], kept

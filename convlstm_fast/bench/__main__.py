@@ -72,6 +72,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--no-network", action="store_true", help="skip the full-network cases")
     parser.add_argument("--no-sweep", action="store_true", help="skip the size sweep")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
+    parser.add_argument("--recompute", help="also time every backend with "
+                        "convlstm_layer(recompute=...) in forward+backward: steps, layers or N")
     return parser
 
 
@@ -100,6 +102,8 @@ def main(argv: list[str] | None = None) -> int:
         config.repeats = args.repeats
     if args.time_budget:
         config.time_budget_s = args.time_budget
+    if args.recompute:
+        config.recompute = int(args.recompute) if args.recompute.isdigit() else args.recompute
     if args.no_network:
         config.network = None
     if args.no_sweep:

@@ -24,6 +24,8 @@ from ..reference import cells
 from .harness import saved_state_tensors
 
 COMPILE = "compile"
+# "<backend>+recompute": the backend run with convlstm_layer(recompute=...) (the --recompute mode).
+RECOMPUTE = "+recompute"
 
 
 @dataclass(frozen=True)
@@ -81,6 +83,7 @@ def backend_names(requested=None, include_compile: bool = True) -> list[str]:
 
 def unsupported_reason(backend: str, variant: str, x: torch.Tensor) -> str | None:
     """``None`` when ``backend`` can run ``variant`` on inputs like ``x``, else why not."""
+    backend = backend.removesuffix(RECOMPUTE)
     if backend == COMPILE:
         if x.device.type == "cuda":
             try:
@@ -104,12 +107,17 @@ def make_inputs(variant: str, shape: CellShape, device, dtype, seed: int = 0):
     return x, params
 
 
-def layer_runner(backend: str, variant: str, shape: CellShape, gate_activation: str = "sigmoid"):
-    """``fn(x, params) -> output`` running one layer on ``backend`` (or ``"compile"``)."""
+def layer_runner(backend: str, variant: str, shape: CellShape, gate_activation: str = "sigmoid",
+                 recompute: str | int | None = None):
+    """``fn(x, params) -> output`` running one layer on ``backend`` (or ``"compile"``); a
+    ``"<backend>+recompute"`` name runs that backend with ``recompute`` (default "steps")."""
     if backend != COMPILE:
+        base = backend.removesuffix(RECOMPUTE)
+        mode = (recompute or "steps") if backend.endswith(RECOMPUTE) else None
+
         def run(x, params):
             return convlstm_layer(x, params, variant, gate_activation=gate_activation,
-                                  backend=backend)[0]
+                                  backend=base, recompute=mode)[0]
         return run
     # torch.compile of the reference step; the time loop stays in Python (as a user would
     # write it), so one compiled graph serves every step.
@@ -152,12 +160,13 @@ def forward_backward_fn(run, x, params, seed: int = 1):
     return fn
 
 
-def saved_per_step(backend: str, variant: str, shape: CellShape, device, dtype) -> float:
+def saved_per_step(backend: str, variant: str, shape: CellShape, device, dtype,
+                   recompute: str | int | None = None) -> float:
     """State tensors saved for backward per step (KERNELS.md "How saved for backward is counted")."""
     x, params = make_inputs(variant, shape, device, dtype)
     x.requires_grad_()
     params = [p.requires_grad_() for p in params]
-    run = layer_runner(backend, variant, shape)
+    run = layer_runner(backend, variant, shape, recompute=recompute)
     return saved_state_tensors(lambda: run(x, params), [x] + params, shape.state_numel,
                                shape.steps)
 

@@ -48,6 +48,14 @@ def _ratio(record: dict | None) -> str:
     return f"{record['speedup_vs_reference']:.2f}x"
 
 
+def _backends(result: dict) -> list[str]:
+    """The timed backends in the run's order, each followed by its ``+recompute`` twin."""
+    order = []
+    for backend in result["config"]["backends"]:
+        order += [backend, backend + "+recompute"]
+    return [b for b in order if any(r["backend"] == b for r in result["latency"])]
+
+
 def _over_floor(record: dict | None) -> str:
     if record is None or not record.get("floor_ms"):
         return "-"
@@ -67,7 +75,7 @@ def latency_markdown(result: dict) -> str:
         label = shape["label"]
         rows = sorted({(v, b) for (lab, v, b, _) in by_key if lab == label},
                       key=lambda vb: (result["config"]["variants"].index(vb[0]),
-                                      result["config"]["backends"].index(vb[1])))
+                                      _backends(result).index(vb[1])))
         desc = (f"B={shape['batch']} T={shape['steps']} Cin={shape['in_channels']} "
                 f"C={shape['hidden_channels']} {shape['height']}x{shape['width']} "
                 f"K={shape['kernel_size']}")
@@ -89,7 +97,7 @@ def latency_markdown(result: dict) -> str:
             ceilings = result.get("ceilings") or {}
             lines += ["", "x floor: median / max(compulsory bytes / copy bandwidth, FLOPs / matmul "
                       f"rate), measured here: {ceilings.get('copy_GBps', 0):.0f} GB/s, "
-                      f"{ceilings.get('matmul_TFLOPs', 0):.1f} TFLOP/s "
+                      f"{ceilings.get('matmul_TFLOPs', 0):.3g} TFLOP/s "
                       f"({ceilings.get('matmul_dtype', '?')}); floors (ms): "
                       + ", ".join(sorted({f"{r['variant']} {r['mode']} {r['floor_ms']:.3g} "
                                           f"({r['floor_bound']})" for r in floors}))]
@@ -177,11 +185,10 @@ def plot_latency(result: dict, path: str) -> None:
     plt = _pyplot()
     shapes = result["config"]["shapes"]
     variants = result["config"]["variants"]
-    backends = [b for b in result["config"]["backends"]
-                if any(r["backend"] == b for r in result["latency"])]
+    backends = _backends(result)
     fig, axes = plt.subplots(len(shapes), 2, figsize=(11, 3.6 * len(shapes)), squeeze=False)
     width = 0.8 / max(1, len(backends))
-    colors = {b: f"C{i}" for i, b in enumerate(result["config"]["backends"])}
+    colors = {b: f"C{i}" for i, b in enumerate(backends)}
     for row, shape in enumerate(shapes):
         for col, mode in enumerate((FORWARD, FORWARD_BACKWARD)):
             ax = axes[row][col]

@@ -47,6 +47,7 @@ class BenchConfig:
     max_seconds: float = 3.0
     compile_shapes: int = 1  # torch.compile only on the first N shapes (compiling is slow)
     gate_activation: str = "sigmoid"
+    recompute: str | int | None = None  # also time "<backend>+recompute" in forward+backward
     time_budget_s: float | None = None  # start no new case after this many seconds
     label: str = "default"
     ceilings: bool = True  # measure the device's copy bandwidth and matmul rate (the floors)
@@ -66,6 +67,7 @@ class BenchConfig:
             "warmup": self.warmup,
             "repeats": self.repeats,
             "gate_activation": self.gate_activation,
+            "recompute": self.recompute,
         }
 
 
@@ -155,7 +157,10 @@ def _tasks(config: BenchConfig, result: dict):
         def run():
             x, params = cases.make_inputs(variant, shape, config.device, config.dtype)
             fns = {}
-            for backend in config.backends:
+            backends = list(config.backends)
+            if config.recompute is not None and mode == FORWARD_BACKWARD:
+                backends += [b + cases.RECOMPUTE for b in config.backends if b != cases.COMPILE]
+            for backend in backends:
                 reason = cases.unsupported_reason(backend, variant, x)
                 if reason is None and backend == cases.COMPILE and shape_index >= config.compile_shapes:
                     reason = f"torch.compile timed on the first {config.compile_shapes} shape(s) only"
@@ -166,7 +171,8 @@ def _tasks(config: BenchConfig, result: dict):
                     continue
                 if backend == cases.COMPILE:
                     torch._dynamo.reset()
-                runner = cases.layer_runner(backend, variant, shape, config.gate_activation)
+                runner = cases.layer_runner(backend, variant, shape, config.gate_activation,
+                                            config.recompute)
                 fns[backend] = make(runner, x, params)
                 if backend == cases.COMPILE:
                     started = time.perf_counter()
@@ -192,7 +198,7 @@ def _tasks(config: BenchConfig, result: dict):
             for backend in fns:
                 if backend != cases.COMPILE:
                     saved = cases.saved_per_step(backend, variant, shape, config.device,
-                                                 config.dtype)
+                                                 config.dtype, config.recompute)
                     result["saved"].append({"shape": shape.to_dict(), "variant": variant,
                                             "backend": backend, "saved_per_step": saved,
                                             "saved_bytes_per_step": saved * state_bytes})
