@@ -5,7 +5,7 @@ The flow:
 
     model ─ export_program ─▶ ExportedProgram: convlstm_fast::<op>_inference (or <op>, <op>_triton)
           ─ decompose ──────▶ ExportedProgram: plain ATen, each fused layer a torch scan
-          ─ torch.onnx ─────▶ ONNX: each layer one ``Scan`` whose body is one step (opset 18+)
+          ─ torch.onnx ─────▶ ONNX: each layer one ``Scan`` whose body is one step
 
 A fused op runs one layer over a whole sequence (ops/registration.py). Its translation — one
 per cell, built from the cell's registry entry by :func:`layer_translation` and kept in
@@ -19,11 +19,14 @@ step is the oracle itself (``spec.step``), so the ONNX graph computes exactly th
 math — hard_sigmoid as Where(x < −2.5, 0, Where(x > 2.5, 1, 0.2·x + 0.5)) with NaN kept, c/d's
 attention exp(Z − max_HW Z), b's softmax over H·W — and nothing is written twice. A Python
 loop in the translation would unroll for the traced T and fix it; the scan becomes one ONNX
-``Scan`` whose trip count is the input's T at run time. torch.onnx translates the scan from
-torch 2.8 on (:func:`onnx_unavailable_reason` says when this torch cannot).
+``Scan`` whose trip count is the input's T at run time. Only a torch whose ONNX exporter
+translates ``torch.ops.higher_order.scan`` can do this (:data:`SCAN_TORCH`;
+:func:`onnx_unavailable_reason` says when this one cannot).
 
 A cell with no entry in :data:`TRANSLATIONS` (a user-registered cell: it has no fused op, and
-its reference loop over T would unroll) is refused with an error naming it.
+its reference loop over T would unroll) is refused with an error naming it. A user cell with a
+fused op of its own is translated once its op is added:
+``TRANSLATIONS[spec.op] = layer_translation(spec)``.
 """
 
 from __future__ import annotations
@@ -38,7 +41,7 @@ from torch import nn
 
 from .backends import resolve_backend
 from .modules import ConvLSTM, ConvLSTMCell
-from .registry import BUILTIN, GATE_ACTIVATIONS, CellSpec, get_cell
+from .registry import BUILTIN, GATE_ACTIVATIONS, CellSpec, cell_names, get_cell
 
 # What a deployment needs beside torch: the ``[export]`` extra of pyproject.toml.
 EXPORT_PACKAGES = ("onnx", "onnxscript", "onnxruntime")
@@ -46,6 +49,9 @@ INSTALL_HINT = "pip install 'convlstm-fast[export]'"
 
 # The op variants a translation replaces: the autograd op, the native inference twin, Triton's.
 OP_SUFFIXES = ("", "_inference", "_triton")
+
+# The torch versions seen to translate torch.ops.higher_order.scan to ONNX (2.6 does not).
+SCAN_TORCH = "torch 2.11 or newer (2.11, 2.13, 2.14 and 2.15 are tested)"
 
 
 def layer_translation(spec: CellSpec) -> Callable:
@@ -81,8 +87,9 @@ TRANSLATIONS: dict[str, Callable] = {
 def decompositions() -> dict:
     """``{OpOverload: translation}`` for every registered variant of every translated op."""
     table = {}
-    for name in BUILTIN:
-        spec = get_cell(name)
+    for spec in map(get_cell, cell_names()):
+        if spec.op not in TRANSLATIONS:
+            continue
         for suffix in OP_SUFFIXES:
             if hasattr(torch.ops.convlstm_fast, spec.op + suffix):
                 overload = getattr(torch.ops.convlstm_fast, spec.op + suffix).default
@@ -119,11 +126,11 @@ def check_exportable(model: nn.Module, dynamic_steps: bool, onnx: bool) -> None:
     for name, cell in _cells(model):
         spec = get_cell(cell.variant)
         if onnx and spec.op not in TRANSLATIONS:
+            what = "no fused op" if spec.op is None else f"the fused op {spec.op!r}"
             raise ValueError(
-                f"{name}: cell {cell.variant!r} has no ONNX translation (convlstm_fast.export."
-                f"TRANSLATIONS covers the fused ops {sorted(TRANSLATIONS)} of the cells "
-                f"{BUILTIN}); a cell registered with register_cell runs on the reference "
-                "backend only")
+                f"{name}: cell {cell.variant!r} has no ONNX translation: it has {what}, and "
+                f"convlstm_fast.export.TRANSLATIONS translates the fused ops "
+                f"{sorted(TRANSLATIONS)}")
         if not dynamic_steps:
             continue
         reference = next(cell.parameters())
@@ -211,7 +218,7 @@ def decompose(program: torch.export.ExportedProgram) -> torch.export.ExportedPro
 def onnx_unavailable_reason() -> str | None:
     """``None`` when this environment can export ONNX, else what is missing: the packages of
     the ``[export]`` extra, or a torch whose ONNX exporter translates
-    ``torch.ops.higher_order.scan`` (torch ≥ 2.8)."""
+    ``torch.ops.higher_order.scan`` (:data:`SCAN_TORCH`)."""
     missing = [name for name in EXPORT_PACKAGES if importlib.util.find_spec(name) is None]
     if missing:
         return f"ONNX export needs {', '.join(missing)}: {INSTALL_HINT}"
@@ -220,9 +227,9 @@ def onnx_unavailable_reason() -> str | None:
     except ImportError:
         hop = None
     if not hasattr(hop, "higher_order_scan"):
-        return (f"ONNX export with a dynamic T needs torch >= 2.8, whose ONNX exporter "
-                f"translates torch.ops.higher_order.scan to ONNX Scan; this is torch "
-                f"{torch.__version__}")
+        return (f"ONNX export needs a torch whose ONNX exporter translates "
+                f"torch.ops.higher_order.scan (the loop over T) to an ONNX Scan: "
+                f"{SCAN_TORCH}; this is torch {torch.__version__}")
     return None
 
 
