@@ -19,9 +19,9 @@ step is the oracle itself (``spec.step``), so the ONNX graph computes exactly th
 math — hard_sigmoid as Where(x < −2.5, 0, Where(x > 2.5, 1, 0.2·x + 0.5)) with NaN kept, c/d's
 attention exp(Z − max_HW Z), b's softmax over H·W — and nothing is written twice. A Python
 loop in the translation would unroll for the traced T and fix it; the scan becomes one ONNX
-``Scan`` whose trip count is the input's T at run time. Only a torch whose ONNX exporter
-translates ``torch.ops.higher_order.scan`` can do this (:data:`SCAN_TORCH`;
-:func:`onnx_unavailable_reason` says when this one cannot).
+``Scan`` whose trip count is the input's T at run time. That needs a torch whose
+``run_decompositions`` traces the scan and whose ONNX exporter translates it
+(:data:`MIN_SCAN_TORCH`; :func:`scan_unavailable_reason` says when this one cannot).
 
 A cell with no entry in :data:`TRANSLATIONS` (a user-registered cell: it has no fused op, and
 its reference loop over T would unroll) is refused with an error naming it. A user cell with a
@@ -50,8 +50,10 @@ INSTALL_HINT = "pip install 'convlstm-fast[export]'"
 # The op variants a translation replaces: the autograd op, the native inference twin, Triton's.
 OP_SUFFIXES = ("", "_inference", "_triton")
 
-# The torch versions seen to translate torch.ops.higher_order.scan to ONNX (2.6 does not).
-SCAN_TORCH = "torch 2.11 or newer (2.11, 2.13, 2.14 and 2.15 are tested)"
+# The oldest torch tested to decompose into torch.ops.higher_order.scan and to translate that
+# to an ONNX Scan (2.11, 2.14.1 and 2.15 do; 2.6 does neither: its run_decompositions rejects
+# the scan's subgraph and its ONNX exporter has no translation for it).
+MIN_SCAN_TORCH = (2, 11)
 
 
 def layer_translation(spec: CellSpec) -> Callable:
@@ -208,28 +210,36 @@ def export_program(model: nn.Module, example_inputs: Sequence, *, dynamic_batch:
         return torch.export.export(model, example_inputs, dynamic_shapes=dynamic_shapes)
 
 
+def scan_unavailable_reason() -> str | None:
+    """``None`` when this torch can :func:`decompose` the fused ops into scans and export those
+    to ONNX, else why not."""
+    if torch.__version__ >= MIN_SCAN_TORCH:
+        return None
+    version = ".".join(map(str, MIN_SCAN_TORCH))
+    return (f"the loop over T as a torch.ops.higher_order.scan (decompose) and as an ONNX Scan "
+            f"(export_onnx) needs torch >= {version}; this is torch {torch.__version__}")
+
+
 def decompose(program: torch.export.ExportedProgram) -> torch.export.ExportedProgram:
     """``program`` with every translated fused op replaced by its translation (a scan of the
-    reference step): plain ATen and ``torch.ops.higher_order.scan``, other ops untouched."""
+    reference step): plain ATen and ``torch.ops.higher_order.scan``, other ops untouched.
+    Raises a RuntimeError on a torch older than :data:`MIN_SCAN_TORCH`."""
+    reason = scan_unavailable_reason()
+    if reason is not None:
+        raise RuntimeError(reason)
     with torch.no_grad():
         return program.run_decompositions(decompositions())
 
 
 def onnx_unavailable_reason() -> str | None:
-    """``None`` when this environment can export ONNX, else what is missing: the packages of
-    the ``[export]`` extra, or a torch whose ONNX exporter translates
-    ``torch.ops.higher_order.scan`` (:data:`SCAN_TORCH`)."""
+    """``None`` when this environment can export ONNX, else what is missing: a torch that can
+    (:func:`scan_unavailable_reason`), or the packages of the ``[export]`` extra."""
+    reason = scan_unavailable_reason()
+    if reason is not None:
+        return f"ONNX export: {reason}"
     missing = [name for name in EXPORT_PACKAGES if importlib.util.find_spec(name) is None]
     if missing:
         return f"ONNX export needs {', '.join(missing)}: {INSTALL_HINT}"
-    try:
-        from torch.onnx._internal.exporter._torchlib.ops import hop
-    except ImportError:
-        hop = None
-    if not hasattr(hop, "higher_order_scan"):
-        return (f"ONNX export needs a torch whose ONNX exporter translates "
-                f"torch.ops.higher_order.scan (the loop over T) to an ONNX Scan: "
-                f"{SCAN_TORCH}; this is torch {torch.__version__}")
     return None
 
 
