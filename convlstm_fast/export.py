@@ -302,6 +302,11 @@ def export_onnx(model: nn.Module, example_inputs: Sequence,
         onnx_program = torch.onnx.export(program, tuple(example_inputs), dynamo=True,
                                          dynamic_shapes=axis_names, opset_version=opset_version,
                                          verbose=False)
+    # torch.onnx leaves copies of the constants of an inlined Scan body that no node reads;
+    # onnxruntime would warn about each one.
+    from onnx_ir.passes.common import RemoveUnusedNodesPass
+
+    RemoveUnusedNodesPass()(onnx_program.model)
     custom = sorted({f"{domain}::{op}" for domain, op in onnx_op_types(onnx_program.model_proto)
                      if domain not in STANDARD_DOMAINS})
     if custom:
