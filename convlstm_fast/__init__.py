@@ -4,7 +4,8 @@ Recognition" (Zhang et al., NeurIPS 2018) for PyTorch.
 Public API: :class:`ConvLSTMCell`, :class:`ConvLSTM`, :func:`convlstm_layer`,
 :func:`count_parameters`, :func:`count_mult_adds`, :func:`from_concat_conv`, and the registry of
 cells: :class:`CellSpec`, :class:`Parameter`, :class:`Gates`, :func:`register_cell`,
-:func:`get_cell`, :func:`cell_names` (``VARIANTS`` holds the paper's five).
+:func:`get_cell`, :func:`cell_names` (``VARIANTS`` holds the paper's five). Deployment:
+:mod:`convlstm_fast.export` (torch.export, ONNX; imported on demand).
 """
 
 from ._extension import load_extension
