@@ -36,6 +36,7 @@
 #include <vector>
 
 #include "cell_math.h"
+#include "cells.h"
 #include "inference_twin.h"
 
 namespace convlstm_fast {
@@ -43,17 +44,14 @@ namespace cpu {
 
 using LayerResult = LayerOutputs;
 
-// What an op expects of its parameters: name and shape, in `variants.parameter_shapes` order.
-struct ParamSpec {
-  const char* name;
-  std::vector<int64_t> shape;
-};
-
 // Checks the forward inputs of `op`: x [T, B, Cin, H, W], h0 and c0 [B, C, H, W], one CPU tensor
-// of x's dtype (float32 or float64) and the given shape per parameter, gate_activation 0 or 1.
-void check_layer_inputs(const char* op, const at::Tensor& x, const at::Tensor& h0,
-                        const at::Tensor& c0, at::TensorList params,
-                        const std::vector<ParamSpec>& specs, int64_t gate_activation);
+// of x's dtype (float32 or float64) per parameter of `parameters` (csrc/cells.h) with its shape,
+// gate_activation 0 or 1. K is read from the parameter at `kernel_index` (a [*, *, K, K] weight,
+// K odd) and returned.
+int64_t check_layer_inputs(const std::string& op, const at::Tensor& x, const at::Tensor& h0,
+                           const at::Tensor& c0, at::TensorList params,
+                           cells::NamedShapes parameters, int kernel_index,
+                           int64_t gate_activation);
 
 // The parameters as contiguous tensors (the kernels read them through data pointers).
 inline std::vector<at::Tensor> contiguous_params(at::TensorList params) {
@@ -80,9 +78,6 @@ class StepBuffers {
   at::Tensor data_;
 };
 
-// The kernel size K of an op, read from params[index] (a [*, *, K, K] weight), checked.
-int64_t kernel_size_of(const char* op, at::TensorList params, size_t index, size_t count);
-
 // An empty result of the forward shapes (T = 0 or nothing to compute): zero output, copies of
 // h0 and c0, and `saved` allocated with the given shapes.
 LayerResult empty_layer_result(const at::Tensor& x, const at::Tensor& h0, const at::Tensor& c0,
@@ -94,7 +89,7 @@ LayerResult empty_layer_grads(const at::Tensor& x, const at::Tensor& grad_h_n,
 
 // Checks the extra inputs of `op`_backward: the gradients and `output` against the forward's
 // shapes, `saved` against `saved_shapes` (all of x's dtype, CPU).
-void check_backward_inputs(const char* op, const at::Tensor& grad_output,
+void check_backward_inputs(const std::string& op, const at::Tensor& grad_output,
                            const at::Tensor& grad_h_n, const at::Tensor& grad_c_n,
                            const at::Tensor& x, const at::Tensor& h0, const at::Tensor& output,
                            at::TensorList saved,
