@@ -376,7 +376,8 @@ struct PooledForward {
 
   at::Tensor h_prev(int64_t t) const { return t > 0 ? output[t - 1] : h0; }
 
-  // features = SepConv_x(X_t) + SepConv_h(H_{t−1}) with the given weights (the attention's).
+  // features = SepConv_xa(X_t) + SepConv_ha(H_{t−1}) with the given weights: F before its bias
+  // and tanh (attention_features).
   void sepconvs(int64_t t, const at::Tensor& features, const at::Tensor& dw_x_weight,
                 const at::Tensor& pw_x_weight, const at::Tensor& dw_h_weight,
                 const at::Tensor& pw_h_weight) const {
