@@ -220,11 +220,6 @@ using namespace symbols;
 inline constexpr auto kParameters =
     concat(concat(pooled::parameters(3), pooled::kFeatureParameters),
            NamedShapeList<1>{{{"att_weight_z", {One, C, K, K}}}});
-inline constexpr int kAttDwX = index_of(kParameters, "att_dw_x");
-inline constexpr int kAttPwX = index_of(kParameters, "att_pw_x");
-inline constexpr int kAttDwH = index_of(kParameters, "att_dw_h");
-inline constexpr int kAttPwH = index_of(kParameters, "att_pw_h");
-inline constexpr int kAttBias = index_of(kParameters, "att_bias");
 inline constexpr int kAttWeightZ = index_of(kParameters, "att_weight_z");
 // Saved: a's, then the map A = softmax_HW(Z) [T, B, H, W] (one channel, either layout).
 constexpr auto saved(pooled::Layout layout) {
@@ -244,11 +239,6 @@ using namespace symbols;
 inline constexpr auto kParameters =
     concat(concat(pooled::parameters(2), pooled::kFeatureParameters),
            NamedShapeList<2>{{{"att_dw_z", {C, One, K, K}}, {"att_pw_z", {C, C}}}});
-inline constexpr int kAttDwX = index_of(kParameters, "att_dw_x");
-inline constexpr int kAttPwX = index_of(kParameters, "att_pw_x");
-inline constexpr int kAttDwH = index_of(kParameters, "att_dw_h");
-inline constexpr int kAttPwH = index_of(kParameters, "att_pw_h");
-inline constexpr int kAttBias = index_of(kParameters, "att_bias");
 inline constexpr int kAttDwZ = index_of(kParameters, "att_dw_z");
 inline constexpr int kAttPwZ = index_of(kParameters, "att_pw_z");
 // Saved: a's (two pooled gates), then the map A, a state tensor.
@@ -260,14 +250,29 @@ inline constexpr auto kSavedChannelsLast = saved(pooled::Layout::kChannelsLast);
 inline constexpr int kSavedMap = index_of(kSavedNchw, "map");
 }  // namespace channel_attention
 
+// The indices of F's parameters, the same in b, c and d (right after a's, checked below).
+namespace attention {
+inline constexpr int kAttDwX = index_of(spatial_attention::kParameters, "att_dw_x");
+inline constexpr int kAttPwX = index_of(spatial_attention::kParameters, "att_pw_x");
+inline constexpr int kAttDwH = index_of(spatial_attention::kParameters, "att_dw_h");
+inline constexpr int kAttPwH = index_of(spatial_attention::kParameters, "att_pw_h");
+inline constexpr int kAttBias = index_of(spatial_attention::kParameters, "att_bias");
+}  // namespace attention
+
 // The pooled cells' shared constants hold in each of them.
 static_assert(starts_with(spatial_attention::kParameters, pooled_layer::kParameters) &&
               starts_with(channel_attention::kParameters, pooled::parameters(2)));
 static_assert(starts_with(spatial_attention::kSavedNchw, pooled_layer::kSavedNchw) &&
-              starts_with(spatial_attention::kSavedChannelsLast, pooled_layer::kSavedChannelsLast) &&
+              starts_with(spatial_attention::kSavedChannelsLast,
+                          pooled_layer::kSavedChannelsLast) &&
               starts_with(channel_attention::kSavedNchw, pooled::saved(2, pooled::Layout::kNchw)) &&
               starts_with(channel_attention::kSavedChannelsLast,
                           pooled::saved(2, pooled::Layout::kChannelsLast)));
+static_assert(index_of(channel_attention::kParameters, "att_dw_x") == attention::kAttDwX &&
+              index_of(channel_attention::kParameters, "att_pw_x") == attention::kAttPwX &&
+              index_of(channel_attention::kParameters, "att_dw_h") == attention::kAttDwH &&
+              index_of(channel_attention::kParameters, "att_pw_h") == attention::kAttPwH &&
+              index_of(channel_attention::kParameters, "att_bias") == attention::kAttBias);
 static_assert(index_of(pooled::saved(3, pooled::Layout::kChannelsLast), "gate_preact") ==
                   pooled::kSavedGatePreact &&
               index_of(pooled::saved(2, pooled::Layout::kNchw), "gate_preact") ==
@@ -291,6 +296,13 @@ inline constexpr std::array<const Cell*, 5> kCells{
     {&kConvLSTMLayer, &kPooledLayer, &kSpatialAttentionLayer, &kInputAttentionLayer,
      &kOutputAttentionLayer}};
 
+// A pooled cell's gate FCs have one block of C rows per pooled gate.
+constexpr bool gate_rows_match(const Cell& cell) {
+  return cell.parameters[pooled::kGateWeightX].dims[0].factor ==
+         static_cast<int64_t>(cell.gates.size());
+}
+static_assert(gate_rows_match(kPooledLayer) && gate_rows_match(kSpatialAttentionLayer) &&
+              gate_rows_match(kInputAttentionLayer) && gate_rows_match(kOutputAttentionLayer));
 static_assert(kPooledLayer.map_gate() == kNoMapGate &&
               kSpatialAttentionLayer.map_gate() == kNoMapGate &&
               kInputAttentionLayer.map_gate() == kMapIsInputGate &&
@@ -334,6 +346,15 @@ inline std::vector<std::vector<int64_t>> shapes_of(NamedShapes list, const Sizes
   for (const NamedShape& tensor : list) shapes.push_back(shape_of(tensor, sizes));
   return shapes;
 }
+
+// A checked call of a cell's op (check_forward, check_backward of csrc/cpu/layer_common.h and
+// csrc/cuda/layer_common.cuh): K, the shapes of what the forward saves on that backend, and
+// whether there is nothing to compute.
+struct LayerCall {
+  int64_t kernel_size;
+  std::vector<std::vector<int64_t>> saved_shapes;
+  bool empty;
+};
 
 }  // namespace cells
 }  // namespace convlstm_fast

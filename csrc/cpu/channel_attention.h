@@ -64,14 +64,11 @@ LayerResult channel_attention_forward(const at::Tensor& x, const at::Tensor& h0,
                                       const at::Tensor& c0, at::TensorList params_in,
                                       int64_t gate_activation, bool save) {
   const std::vector<at::Tensor> params = contiguous_params(params_in);
-  const int64_t k = check_layer_inputs(std::string(kCell.op), x, h0, c0, params,
-                                       kCell.parameters, pooled::kCandDwX, gate_activation);
-  const int64_t steps = x.size(0), batch = x.size(1), cin = x.size(2), height = x.size(3),
-                width = x.size(4), c = h0.size(1);
-  const auto shapes = cells::shapes_of(kCell.saved_cpu, cells::layer_sizes(x, h0, k));
-  if (steps == 0 || batch * height * width * c == 0 || cin == 0) {
-    return empty_layer_result(x, h0, c0, shapes);
-  }
+  const LayerCall call = check_forward(kCell, pooled::kCandDwX, x, h0, c0, params, gate_activation);
+  const auto& shapes = call.saved_shapes;
+  if (call.empty) return empty_layer_result(x, h0, c0, shapes);
+  const int64_t steps = x.size(0), batch = x.size(1), height = x.size(3), width = x.size(4),
+                c = h0.size(1);
   const at::TensorOptions options = x.options();
   PooledForward<kCell.map_gate()> fwd(x, h0, c0, params, gate_activation, shapes, save);
   // Without `save`, A in one step buffer.
@@ -82,9 +79,9 @@ LayerResult channel_attention_forward(const at::Tensor& x, const at::Tensor& h0,
   const at::Tensor logits = at::empty({batch, c, height, width}, options);
   for (int64_t t = 0; t < steps; ++t) {
     // Attention: F, Z = SepConv_z(F), A = exp(Z − max Z); then the cell with A as a gate.
-    fwd.sepconvs(t, features, params[channel::kAttDwX], params[channel::kAttPwX],
-                 params[channel::kAttDwH], params[channel::kAttPwH]);
-    attention_features(features, params[channel::kAttBias]);
+    fwd.sepconvs(t, features, params[attention::kAttDwX], params[attention::kAttPwX],
+                 params[attention::kAttDwH], params[attention::kAttPwH]);
+    attention_features(features, params[attention::kAttBias]);
     sepconv_planes(logits, features, params[channel::kAttDwZ], params[channel::kAttPwZ], dw_z,
                    false);
     channel_map(map[t], logits);
@@ -107,23 +104,18 @@ LayerResult channel_attention_backward(const at::Tensor& grad_output, const at::
                                        at::TensorList params_in, const at::Tensor& output,
                                        at::TensorList saved, int64_t gate_activation) {
   const std::vector<at::Tensor> params = contiguous_params(params_in);
-  const std::string op = std::string(kCell.op) + "_backward";
-  const int64_t k = check_layer_inputs(op, x, h0, c0, params, kCell.parameters, pooled::kCandDwX,
-                                       gate_activation);
-  const int64_t steps = x.size(0), batch = x.size(1), cin = x.size(2), height = x.size(3),
-                width = x.size(4), c = h0.size(1);
-  check_backward_inputs(op, grad_output, grad_h_n, grad_c_n, x, h0, output, saved,
-                        cells::shapes_of(kCell.saved_cpu, cells::layer_sizes(x, h0, k)));
-  if (steps == 0 || batch * height * width * c == 0 || cin == 0) {
-    return empty_layer_grads(x, grad_h_n, grad_c_n, params);
-  }
+  const LayerCall call = check_backward(kCell, pooled::kCandDwX, grad_output, grad_h_n, grad_c_n,
+                                        x, h0, c0, params, output, saved, gate_activation);
+  if (call.empty) return empty_layer_grads(x, grad_h_n, grad_c_n, params);
+  const int64_t steps = x.size(0), batch = x.size(1), height = x.size(3), width = x.size(4),
+                c = h0.size(1);
   const at::TensorOptions options = x.options();
   PooledBackward<kCell.map_gate()> back(grad_output, grad_h_n, grad_c_n, x, h0, c0, params,
                                         output, saved);
   const at::Tensor map = saved[channel::kSavedMap].contiguous();
-  AttentionFeaturesBackward att_f(params[channel::kAttDwX], params[channel::kAttPwX],
-                                  params[channel::kAttDwH], params[channel::kAttPwH],
-                                  params[channel::kAttBias], back.x[0], back.h0, steps);
+  AttentionFeaturesBackward att_f(params[attention::kAttDwX], params[attention::kAttPwX],
+                                  params[attention::kAttDwH], params[attention::kAttPwH],
+                                  params[attention::kAttBias], back.x[0], back.h0, steps);
   SepConvBranch sepconv_z(params[channel::kAttDwZ], params[channel::kAttPwZ], at::Tensor(),
                           back.h0, steps);
   // Step buffers, reused.
@@ -149,11 +141,7 @@ LayerResult channel_attention_backward(const at::Tensor& grad_output, const at::
   }
 
   std::vector<at::Tensor> grads(kCell.parameters.size);
-  grads[channel::kAttDwX] = att_f.x.grad_depthwise;
-  grads[channel::kAttPwX] = att_f.x.grad_pointwise;
-  grads[channel::kAttDwH] = att_f.h.grad_depthwise;
-  grads[channel::kAttPwH] = att_f.h.grad_pointwise;
-  grads[channel::kAttBias] = att_f.grad_bias;
+  att_f.gradients(grads);
   grads[channel::kAttDwZ] = sepconv_z.grad_depthwise;
   grads[channel::kAttPwZ] = sepconv_z.grad_pointwise;
   return back.result(std::move(grads));

@@ -159,15 +159,13 @@ LayerResult convlstm_layer_forward(const at::Tensor& x, const at::Tensor& h0,
                                    const at::Tensor& c0, at::TensorList params_in,
                                    int64_t gate_activation, bool save) {
   const std::vector<at::Tensor> params = contiguous_params(params_in);
-  const std::string op(kCell.op);
-  const int64_t k = check_layer_inputs(op, x, h0, c0, params, kCell.parameters,
-                                       convlstm::kWeightH, gate_activation);
+  const LayerCall call =
+      check_forward(kCell, convlstm::kWeightH, x, h0, c0, params, gate_activation);
+  const auto& shapes = call.saved_shapes;
+  if (call.empty) return empty_layer_result(x, h0, c0, shapes);
   const int64_t steps = x.size(0), batch = x.size(1), cin = x.size(2), height = x.size(3),
-                width = x.size(4), channels = h0.size(1), pixels = height * width;
-  const auto shapes = cells::shapes_of(kCell.saved_cpu, cells::layer_sizes(x, h0, k));
-  if (steps == 0 || batch * pixels * channels == 0 || cin == 0) {
-    return empty_layer_result(x, h0, c0, shapes);
-  }
+                width = x.size(4), channels = h0.size(1), pixels = height * width,
+                k = call.kernel_size;
   const at::TensorOptions options = x.options();
   // Saved (only with `save`): written a step at a time, in the shared channels-last layout.
   const at::Tensor cell =
@@ -227,16 +225,11 @@ LayerResult convlstm_layer_backward(const at::Tensor& grad_output, const at::Ten
                                     at::TensorList params_in, const at::Tensor& output,
                                     at::TensorList saved, int64_t gate_activation) {
   const std::vector<at::Tensor> params = contiguous_params(params_in);
-  const std::string op = std::string(kCell.op) + "_backward";
-  const int64_t k = check_layer_inputs(op, x, h0, c0, params, kCell.parameters,
-                                       convlstm::kWeightH, gate_activation);
-  const int64_t steps = x.size(0), batch = x.size(1), cin = x.size(2), height = x.size(3),
-                width = x.size(4), channels = h0.size(1), pixels = height * width;
-  check_backward_inputs(op, grad_output, grad_h_n, grad_c_n, x, h0, output, saved,
-                        cells::shapes_of(kCell.saved_cpu, cells::layer_sizes(x, h0, k)));
-  if (steps == 0 || batch * pixels * channels == 0 || cin == 0) {
-    return empty_layer_grads(x, grad_h_n, grad_c_n, params);
-  }
+  const LayerCall call = check_backward(kCell, convlstm::kWeightH, grad_output, grad_h_n, grad_c_n,
+                                        x, h0, c0, params, output, saved, gate_activation);
+  if (call.empty) return empty_layer_grads(x, grad_h_n, grad_c_n, params);
+  const int64_t steps = x.size(0), batch = x.size(1), height = x.size(3), width = x.size(4),
+                channels = h0.size(1), pixels = height * width, k = call.kernel_size;
   const at::TensorOptions options = x.options();
   const at::Tensor cell = saved[convlstm::kSavedCell].contiguous();
   const at::Tensor gates = saved[convlstm::kSavedGatePreact].contiguous();

@@ -23,8 +23,7 @@ void check_tensor(const std::string& op, const std::string& name, const at::Tens
               ", got ", shape_string(t.sizes()));
 }
 
-}  // namespace
-
+// check_forward's checks, with `op` naming the op in messages; returns K.
 int64_t check_layer_inputs(const std::string& op, const at::Tensor& x, const at::Tensor& h0,
                            const at::Tensor& c0, at::TensorList params,
                            cells::NamedShapes parameters, int kernel_index,
@@ -57,22 +56,7 @@ int64_t check_layer_inputs(const std::string& op, const at::Tensor& x, const at:
   return k;
 }
 
-LayerResult empty_layer_result(const at::Tensor& x, const at::Tensor& h0, const at::Tensor& c0,
-                               const std::vector<std::vector<int64_t>>& saved_shapes) {
-  std::vector<at::Tensor> saved;
-  for (const auto& shape : saved_shapes) saved.push_back(at::zeros(shape, x.options()));
-  at::Tensor output = at::zeros({x.size(0), x.size(1), h0.size(1), x.size(3), x.size(4)},
-                                x.options());
-  return {output, h0.clone(), c0.clone(), saved};
-}
-
-LayerResult empty_layer_grads(const at::Tensor& x, const at::Tensor& grad_h_n,
-                              const at::Tensor& grad_c_n, at::TensorList params) {
-  std::vector<at::Tensor> grad_params;
-  for (const auto& p : params) grad_params.push_back(at::zeros_like(p));
-  return {at::zeros_like(x), grad_h_n.clone(), grad_c_n.clone(), grad_params};
-}
-
+// check_backward's own checks.
 void check_backward_inputs(const std::string& op, const at::Tensor& grad_output,
                            const at::Tensor& grad_h_n, const at::Tensor& grad_c_n,
                            const at::Tensor& x, const at::Tensor& h0, const at::Tensor& output,
@@ -88,6 +72,53 @@ void check_backward_inputs(const std::string& op, const at::Tensor& grad_output,
   for (size_t i = 0; i < saved_shapes.size(); ++i) {
     check_tensor(op, "saved[" + std::to_string(i) + "]", saved[i], saved_shapes[i], x);
   }
+}
+
+// Nothing to compute: T, B, C, H·W or Cin is 0.
+bool nothing_to_compute(const at::Tensor& x, const at::Tensor& h0) {
+  return x.size(0) == 0 || x.size(1) * x.size(3) * x.size(4) * h0.size(1) == 0 || x.size(2) == 0;
+}
+
+}  // namespace
+
+LayerCall check_forward(const cells::Cell& cell, int kernel_index, const at::Tensor& x,
+                        const at::Tensor& h0, const at::Tensor& c0, at::TensorList params,
+                        int64_t gate_activation) {
+  const int64_t k = check_layer_inputs(std::string(cell.op), x, h0, c0, params, cell.parameters,
+                                       kernel_index, gate_activation);
+  return {k, cells::shapes_of(cell.saved_cpu, cells::layer_sizes(x, h0, k)),
+          nothing_to_compute(x, h0)};
+}
+
+LayerCall check_backward(const cells::Cell& cell, int kernel_index, const at::Tensor& grad_output,
+                         const at::Tensor& grad_h_n, const at::Tensor& grad_c_n,
+                         const at::Tensor& x, const at::Tensor& h0, const at::Tensor& c0,
+                         at::TensorList params, const at::Tensor& output, at::TensorList saved,
+                         int64_t gate_activation) {
+  const std::string op = std::string(cell.op) + "_backward";
+  const int64_t k =
+      check_layer_inputs(op, x, h0, c0, params, cell.parameters, kernel_index, gate_activation);
+  LayerCall call{k, cells::shapes_of(cell.saved_cpu, cells::layer_sizes(x, h0, k)),
+                 nothing_to_compute(x, h0)};
+  check_backward_inputs(op, grad_output, grad_h_n, grad_c_n, x, h0, output, saved,
+                        call.saved_shapes);
+  return call;
+}
+
+LayerResult empty_layer_result(const at::Tensor& x, const at::Tensor& h0, const at::Tensor& c0,
+                               const std::vector<std::vector<int64_t>>& saved_shapes) {
+  std::vector<at::Tensor> saved;
+  for (const auto& shape : saved_shapes) saved.push_back(at::zeros(shape, x.options()));
+  at::Tensor output = at::zeros({x.size(0), x.size(1), h0.size(1), x.size(3), x.size(4)},
+                                x.options());
+  return {output, h0.clone(), c0.clone(), saved};
+}
+
+LayerResult empty_layer_grads(const at::Tensor& x, const at::Tensor& grad_h_n,
+                              const at::Tensor& grad_c_n, at::TensorList params) {
+  std::vector<at::Tensor> grad_params;
+  for (const auto& p : params) grad_params.push_back(at::zeros_like(p));
+  return {at::zeros_like(x), grad_h_n.clone(), grad_c_n.clone(), grad_params};
 }
 
 namespace {

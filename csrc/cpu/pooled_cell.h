@@ -19,6 +19,7 @@ namespace convlstm_fast {
 namespace cpu {
 
 namespace pooled = cells::pooled;
+namespace attention = cells::attention;
 
 // How many gates are pooled, and where gate g (0 i, 1 f, 2 o) sits among them (-1: the map).
 template <int kMapGate>
@@ -535,6 +536,15 @@ struct AttentionFeaturesBackward {
     attention_features_backward(features, grad_features, grad_bias);
     x.backward(x_t, grad_features, at::Tensor(), grad_x_t, true);
     h.backward(h_prev, grad_features, at::Tensor(), grad_h_prev, true);
+  }
+
+  // After the last step: the gradients of F's parameters into grads (cells::attention).
+  void gradients(std::vector<at::Tensor>& grads) const {
+    grads[attention::kAttDwX] = x.grad_depthwise;
+    grads[attention::kAttPwX] = x.grad_pointwise;
+    grads[attention::kAttDwH] = h.grad_depthwise;
+    grads[attention::kAttPwH] = h.grad_pointwise;
+    grads[attention::kAttBias] = grad_bias;
   }
 };
 

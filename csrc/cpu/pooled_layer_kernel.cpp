@@ -29,15 +29,10 @@ constexpr const cells::Cell& kCell = cells::kPooledLayer;
 LayerResult pooled_layer_forward(const at::Tensor& x, const at::Tensor& h0, const at::Tensor& c0,
                                  at::TensorList params_in, int64_t gate_activation, bool save) {
   const std::vector<at::Tensor> params = contiguous_params(params_in);
-  const int64_t k = check_layer_inputs(std::string(kCell.op), x, h0, c0, params,
-                                       kCell.parameters, pooled::kCandDwX, gate_activation);
-  const int64_t steps = x.size(0), batch = x.size(1), cin = x.size(2), height = x.size(3),
-                width = x.size(4), channels = h0.size(1), pixels = height * width;
-  const auto shapes = cells::shapes_of(kCell.saved_cpu, cells::layer_sizes(x, h0, k));
-  if (steps == 0 || batch * pixels * channels == 0 || cin == 0) {
-    return empty_layer_result(x, h0, c0, shapes);
-  }
-  PooledForward<-1> fwd(x, h0, c0, params, gate_activation, shapes, save);
+  const LayerCall call = check_forward(kCell, pooled::kCandDwX, x, h0, c0, params, gate_activation);
+  if (call.empty) return empty_layer_result(x, h0, c0, call.saved_shapes);
+  const int64_t steps = x.size(0);
+  PooledForward<kCell.map_gate()> fwd(x, h0, c0, params, gate_activation, call.saved_shapes, save);
   for (int64_t t = 0; t < steps; ++t) fwd.cell_step(t, fwd.x[t], false, at::Tensor());
   return fwd.result({});
 }
@@ -56,17 +51,12 @@ LayerResult pooled_layer_backward(const at::Tensor& grad_output, const at::Tenso
                                   at::TensorList params_in, const at::Tensor& output,
                                   at::TensorList saved, int64_t gate_activation) {
   const std::vector<at::Tensor> params = contiguous_params(params_in);
-  const std::string op = std::string(kCell.op) + "_backward";
-  const int64_t k = check_layer_inputs(op, x, h0, c0, params, kCell.parameters, pooled::kCandDwX,
-                                       gate_activation);
-  const int64_t steps = x.size(0), batch = x.size(1), cin = x.size(2), height = x.size(3),
-                width = x.size(4), channels = h0.size(1), pixels = height * width;
-  check_backward_inputs(op, grad_output, grad_h_n, grad_c_n, x, h0, output, saved,
-                        cells::shapes_of(kCell.saved_cpu, cells::layer_sizes(x, h0, k)));
-  if (steps == 0 || batch * pixels * channels == 0 || cin == 0) {
-    return empty_layer_grads(x, grad_h_n, grad_c_n, params);
-  }
-  PooledBackward<-1> back(grad_output, grad_h_n, grad_c_n, x, h0, c0, params, output, saved);
+  const LayerCall call = check_backward(kCell, pooled::kCandDwX, grad_output, grad_h_n, grad_c_n,
+                                        x, h0, c0, params, output, saved, gate_activation);
+  if (call.empty) return empty_layer_grads(x, grad_h_n, grad_c_n, params);
+  const int64_t steps = x.size(0);
+  PooledBackward<kCell.map_gate()> back(grad_output, grad_h_n, grad_c_n, x, h0, c0, params,
+                                        output, saved);
   for (int64_t t = steps - 1; t >= 0; --t) {
     const auto s = back.step(t);
     back.cell_backward(s, gate_activation, at::Tensor(), at::Tensor());

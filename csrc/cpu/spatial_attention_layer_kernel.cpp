@@ -124,14 +124,11 @@ LayerResult spatial_attention_layer_forward(const at::Tensor& x, const at::Tenso
                                             const at::Tensor& c0, at::TensorList params_in,
                                             int64_t gate_activation, bool save) {
   const std::vector<at::Tensor> params = contiguous_params(params_in);
-  const int64_t k = check_layer_inputs(std::string(kCell.op), x, h0, c0, params,
-                                       kCell.parameters, pooled::kCandDwX, gate_activation);
+  const LayerCall call = check_forward(kCell, pooled::kCandDwX, x, h0, c0, params, gate_activation);
+  const auto& shapes = call.saved_shapes;
+  if (call.empty) return empty_layer_result(x, h0, c0, shapes);
   const int64_t steps = x.size(0), batch = x.size(1), cin = x.size(2), height = x.size(3),
-                width = x.size(4), c = h0.size(1), pixels = height * width;
-  const auto shapes = cells::shapes_of(kCell.saved_cpu, cells::layer_sizes(x, h0, k));
-  if (steps == 0 || batch * pixels * c == 0 || cin == 0) {
-    return empty_layer_result(x, h0, c0, shapes);
-  }
+                width = x.size(4), c = h0.size(1);
   const at::TensorOptions options = x.options();
   PooledForward<kCell.map_gate()> fwd(x, h0, c0, params, gate_activation, shapes, save);
   // Without `save`, A in one step buffer.
@@ -144,9 +141,9 @@ LayerResult spatial_attention_layer_forward(const at::Tensor& x, const at::Tenso
   const SpatialMap spatial_map(params[spatial::kAttWeightZ]);
   for (int64_t t = 0; t < steps; ++t) {
     // Attention: F, A = softmax(W_z * F), X̃ = A∘X_t and its GAP; then cell (a) on X̃.
-    fwd.sepconvs(t, features, params[spatial::kAttDwX], params[spatial::kAttPwX],
-                 params[spatial::kAttDwH], params[spatial::kAttPwH]);
-    attention_features(features, params[spatial::kAttBias]);
+    fwd.sepconvs(t, features, params[attention::kAttDwX], params[attention::kAttPwX],
+                 params[attention::kAttDwH], params[attention::kAttPwH]);
+    attention_features(features, params[attention::kAttBias]);
     spatial_map.compute(map[t], features, scratch, logits);
     attend(x_attended, fwd.x_bar, map[t], fwd.x[t]);
     fwd.cell_step(t, x_attended, true, at::Tensor());
@@ -169,23 +166,18 @@ LayerResult spatial_attention_layer_backward(const at::Tensor& grad_output,
                                              at::TensorList params_in, const at::Tensor& output,
                                              at::TensorList saved, int64_t gate_activation) {
   const std::vector<at::Tensor> params = contiguous_params(params_in);
-  const std::string op = std::string(kCell.op) + "_backward";
-  const int64_t k = check_layer_inputs(op, x, h0, c0, params, kCell.parameters, pooled::kCandDwX,
-                                       gate_activation);
+  const LayerCall call = check_backward(kCell, pooled::kCandDwX, grad_output, grad_h_n, grad_c_n,
+                                        x, h0, c0, params, output, saved, gate_activation);
+  if (call.empty) return empty_layer_grads(x, grad_h_n, grad_c_n, params);
   const int64_t steps = x.size(0), batch = x.size(1), cin = x.size(2), height = x.size(3),
-                width = x.size(4), c = h0.size(1), pixels = height * width;
-  check_backward_inputs(op, grad_output, grad_h_n, grad_c_n, x, h0, output, saved,
-                        cells::shapes_of(kCell.saved_cpu, cells::layer_sizes(x, h0, k)));
-  if (steps == 0 || batch * pixels * c == 0 || cin == 0) {
-    return empty_layer_grads(x, grad_h_n, grad_c_n, params);
-  }
+                width = x.size(4), c = h0.size(1), k = call.kernel_size;
   const at::TensorOptions options = x.options();
   PooledBackward<kCell.map_gate()> back(grad_output, grad_h_n, grad_c_n, x, h0, c0, params,
                                         output, saved);
   const at::Tensor map = saved[spatial::kSavedMap].contiguous();
-  AttentionFeaturesBackward att_f(params[spatial::kAttDwX], params[spatial::kAttPwX],
-                                  params[spatial::kAttDwH], params[spatial::kAttPwH],
-                                  params[spatial::kAttBias], back.x[0], back.h0, steps);
+  AttentionFeaturesBackward att_f(params[attention::kAttDwX], params[attention::kAttPwX],
+                                  params[attention::kAttDwH], params[attention::kAttPwH],
+                                  params[attention::kAttBias], back.x[0], back.h0, steps);
   const SpatialMap spatial_map(params[spatial::kAttWeightZ]);
   // Step buffers, reused.
   const at::Tensor x_attended = at::empty({batch, cin, height, width}, options);
@@ -217,11 +209,7 @@ LayerResult spatial_attention_layer_backward(const at::Tensor& grad_output,
   }
 
   std::vector<at::Tensor> grads(kCell.parameters.size);
-  grads[spatial::kAttDwX] = att_f.x.grad_depthwise;
-  grads[spatial::kAttPwX] = att_f.x.grad_pointwise;
-  grads[spatial::kAttDwH] = att_f.h.grad_depthwise;
-  grads[spatial::kAttPwH] = att_f.h.grad_pointwise;
-  grads[spatial::kAttBias] = att_f.grad_bias;
+  att_f.gradients(grads);
   grads[spatial::kAttWeightZ] = grad_weight_z;
   return back.result(std::move(grads));
 }

@@ -21,23 +21,19 @@ namespace convlstm_fast {
 namespace cuda {
 namespace {
 
-namespace pooled = cells::pooled;
 namespace channel = cells::channel_attention;
 
 inline LayerResult batched_input_layer_forward(const Tensor& x, const Tensor& h0,
                                                const Tensor& c0, at::TensorList params,
                                                int64_t activation, bool save,
                                                const cells::Cell& cell) {
-  const std::string op(cell.op);
-  const int64_t K = check_layer_inputs(x, h0, c0, params, cell.parameters, pooled::kCandDwX,
-                                       activation, op);
+  const LayerCall call = check_forward(cell, pooled::kCandDwX, x, h0, c0, params, activation);
+  if (call.empty) return empty_layer_result(x, h0, c0, call.saved_shapes);
   LayerDeviceGuard guard(x.device());
   const int64_t T = x.size(0), B = x.size(1), Cin = x.size(2), H = x.size(3), W = x.size(4);
   const int64_t C = h0.size(1), HW = H * W;
-  const auto saved_shapes = cells::shapes_of(cell.saved_cuda, cells::layer_sizes(x, h0, K));
-  if (T == 0 || B == 0 || C == 0 || HW == 0) return empty_layer_result(x, h0, c0, saved_shapes);
   const int map_gate = cell.map_gate();
-  const bool attention = map_gate != cells::kNoMapGate;
+  const bool has_map = map_gate != cells::kNoMapGate;
   const auto acc = acc_dtype(x);
   const Tensor xc_ = x.contiguous();
 
@@ -50,14 +46,14 @@ inline LayerResult batched_input_layer_forward(const Tensor& x, const Tensor& h0
   const Tensor xg = pointwise(gap_x, params[pooled::kGateWeightX].to(acc),
                               params[pooled::kGateBias].to(acc));  // [T·B, n·C]
   Tensor xa;
-  if (attention) {
-    xa = pointwise(depthwise_forward(x_cl, params[channel::kAttDwX], T * B, H, W),
-                   params[channel::kAttPwX], params[channel::kAttBias]);
+  if (has_map) {
+    xa = pointwise(depthwise_forward(x_cl, params[attention::kAttDwX], T * B, H, W),
+                   params[attention::kAttPwX], params[attention::kAttBias]);
   }
   const Tensor gate_weight_h = params[pooled::kGateWeightH].to(acc);
 
   Tensor output_cl = at::empty({T, B, H, W, C}, x.options());
-  const SavedSteps saved(saved_shapes, x.options(), save);
+  const SavedSteps saved(call.saved_shapes, x.options(), save);
   const Tensor h0_cl = channels_last_copy(h0, x.scalar_type());
   Tensor cell_state = channels_last_copy(c0, acc).view({B * HW, C});
   Tensor h_mean = h0_cl.view({B, HW, C}).mean({1}, false, acc);  // GAP(H_{t−1}) [B, C]
@@ -73,11 +69,11 @@ inline LayerResult batched_input_layer_forward(const Tensor& x, const Tensor& h0
     Tensor gate_pre = saved(pooled::kSavedGatePreact, t);
     gate_pre.copy_(at::addmm(xg.narrow(0, t * B, B), h_mean, gate_weight_h.t()));
     Tensor logits, logits_max;
-    if (attention) {
+    if (has_map) {
       // F = tanh(SepConv_ha(H_{t−1}) + xa_t); Z = SepConv_z(F), per-(b, c) max over the pixels
-      const Tensor dw_ha = depthwise_forward(h_prev, params[channel::kAttDwH], B, H, W);
+      const Tensor dw_ha = depthwise_forward(h_prev, params[attention::kAttDwH], B, H, W);
       const Tensor features =
-          at::addmm(xa.narrow(0, t * B * HW, B * HW), dw_ha, params[channel::kAttPwH].t()).tanh_();
+          at::addmm(xa.narrow(0, t * B * HW, B * HW), dw_ha, params[attention::kAttPwH].t()).tanh_();
       logits = pointwise(depthwise_forward(features, params[channel::kAttDwZ], B, H, W),
                          params[channel::kAttPwZ]);
       logits_max = logits.view({B, HW, C}).amax({1}).to(acc);
@@ -85,7 +81,7 @@ inline LayerResult batched_input_layer_forward(const Tensor& x, const Tensor& h0
     h_mean = pooled_cell_forward(cand_preact, gate_pre, logits, logits_max, map_gate, activation,
                                  cell_state, output_cl[t], saved(pooled::kSavedCell, t),
                                  saved(pooled::kSavedCandidate, t),
-                                 attention ? saved(channel::kSavedMap, t) : Tensor(), B, HW, C);
+                                 has_map ? saved(channel::kSavedMap, t) : Tensor(), B, HW, C);
   }
   Tensor output = channels_first_copy(output_cl, x.scalar_type());
   Tensor h_n = output[T - 1].clone();
@@ -97,19 +93,14 @@ inline BackwardResult batched_input_layer_backward(
     const Tensor& grad_output, const Tensor& grad_h_n, const Tensor& grad_c_n, const Tensor& x,
     const Tensor& h0, const Tensor& c0, at::TensorList params, const Tensor& output,
     at::TensorList saved, int64_t activation, const cells::Cell& cell) {
-  const std::string op = std::string(cell.op) + "_backward";
-  const int64_t K = check_layer_inputs(x, h0, c0, params, cell.parameters, pooled::kCandDwX,
-                                       activation, op);
-  check_backward_inputs(grad_output, grad_h_n, grad_c_n, x, h0, output, op);
+  const LayerCall call = check_backward(cell, pooled::kCandDwX, grad_output, grad_h_n, grad_c_n,
+                                        x, h0, c0, params, output, saved, activation);
+  if (call.empty) return empty_backward_result(x, grad_h_n, grad_c_n, params);
   LayerDeviceGuard guard(x.device());
   const int64_t T = x.size(0), B = x.size(1), Cin = x.size(2), H = x.size(3), W = x.size(4);
   const int map_gate = cell.map_gate();
   const int64_t C = h0.size(1), HW = H * W, n = pooled_gate_count(map_gate);
-  check_saved(saved, cells::shapes_of(cell.saved_cuda, cells::layer_sizes(x, h0, K)), x, op);
-  if (T == 0 || B == 0 || C == 0 || HW == 0) {
-    return empty_backward_result(x, grad_h_n, grad_c_n, params);
-  }
-  const bool attention = map_gate != cells::kNoMapGate;
+  const bool has_map = map_gate != cells::kNoMapGate;
   const auto acc = acc_dtype(x);
   const auto dtype = x.scalar_type();
   const int64_t rows = B * HW;  // pixel rows of one step
@@ -131,9 +122,9 @@ inline BackwardResult batched_input_layer_backward(
   // there, split evenly between ties as for torch.amax); a batched recompute could round
   // differently and move the argmax in fp16/bf16.
   Tensor dw_xa_all, xa_all, features_all;
-  if (attention) {
-    dw_xa_all = depthwise_forward(x_cl, params[channel::kAttDwX], T * B, H, W);
-    xa_all = pointwise(dw_xa_all, params[channel::kAttPwX], params[channel::kAttBias]);
+  if (has_map) {
+    dw_xa_all = depthwise_forward(x_cl, params[attention::kAttDwX], T * B, H, W);
+    xa_all = pointwise(dw_xa_all, params[attention::kAttPwX], params[attention::kAttBias]);
     features_all = at::empty({T * rows, C}, x.options());
   }
 
@@ -143,7 +134,7 @@ inline BackwardResult batched_input_layer_backward(
   // c/d: dA∘A of a step, and over all steps dZ, d(SepConv_z's depthwise output), dF_pre (the
   // gradient of F's pre-activation), d(SepConv_ha's depthwise output).
   Tensor da_times_a, dz_all, d_dwf_all, d_features_pre_all, d_dwha_all;
-  if (attention) {
+  if (has_map) {
     da_times_a = at::empty({rows, C}, x.options().dtype(acc));
     dz_all = at::empty({T * rows, C}, x.options());
     d_dwf_all = at::empty({T * rows, C}, x.options());
@@ -157,7 +148,7 @@ inline BackwardResult batched_input_layer_backward(
     const auto step_rows = [&](const Tensor& all) { return all.narrow(0, t * rows, rows); };
     const PooledCellGrads grads = pooled_cell_backward(
         grad_out_cl[t], dh, dc, saved[pooled::kSavedGatePreact][t],
-        attention ? saved[channel::kSavedMap][t] : Tensor(), map_gate, activation,
+        has_map ? saved[channel::kSavedMap][t] : Tensor(), map_gate, activation,
         saved[pooled::kSavedCandidate][t], saved[pooled::kSavedCell][t], cell_prev,
         step_rows(dacc_all), da_times_a, dgp_all.narrow(0, t * B, B), B, HW, C);
     // dh̄ = dgp·U_h, spread as dh̄/HW over the pixels of H_{t−1}
@@ -166,12 +157,12 @@ inline BackwardResult batched_input_layer_backward(
     Tensor d_dwh = step_rows(d_dwh_all);
     at::mm_out(d_dwh, step_rows(dacc_all), params[pooled::kCandPwH]);
     depthwise_transpose(d_dwh, params[pooled::kCandDwH], B, H, W, dh, Tensor(), dh_mean, 1.0 / HW);
-    if (attention) {
+    if (has_map) {
       // Recompute F_t and Z_t as the forward did (see above).
       Tensor features = step_rows(features_all);
-      const Tensor dw_ha = depthwise_forward(h_prev_all[t], params[channel::kAttDwH], B, H, W);
+      const Tensor dw_ha = depthwise_forward(h_prev_all[t], params[attention::kAttDwH], B, H, W);
       features.copy_(
-          at::addmm(xa_all.narrow(0, t * rows, rows), dw_ha, params[channel::kAttPwH].t()).tanh_());
+          at::addmm(xa_all.narrow(0, t * rows, rows), dw_ha, params[attention::kAttPwH].t()).tanh_());
       const Tensor logits =
           pointwise(depthwise_forward(features, params[channel::kAttDwZ], B, H, W),
                     params[channel::kAttPwZ]).view({B, HW, C});
@@ -187,8 +178,8 @@ inline BackwardResult batched_input_layer_backward(
       depthwise_transpose(d_dwf, params[channel::kAttDwZ], B, H, W, d_features_pre, Tensor(),
                           Tensor(), 0.0, features);
       Tensor d_dwha = step_rows(d_dwha_all);
-      at::mm_out(d_dwha, d_features_pre, params[channel::kAttPwH]);
-      depthwise_transpose(d_dwha, params[channel::kAttDwH], B, H, W, dh, dh);
+      at::mm_out(d_dwha, d_features_pre, params[attention::kAttPwH]);
+      depthwise_transpose(d_dwha, params[attention::kAttDwH], B, H, W, dh, dh);
     }
   }
 
@@ -215,21 +206,14 @@ inline BackwardResult batched_input_layer_backward(
   const Tensor d_gap_x = at::mm(dgp_all, params[pooled::kGateWeightX].to(acc));  // [T·B, Cin]
   Tensor grad_x_cl = depthwise_transpose(d_dwx, params[pooled::kCandDwX], T * B, H, W, Tensor(),
                                          Tensor(), d_gap_x, 1.0 / HW);
-  if (attention) {
+  if (has_map) {
     const Tensor dw_f_all = depthwise_forward(features_all, params[channel::kAttDwZ], T * B, H, W);
-    const Tensor dw_ha_all = depthwise_forward(h_prev_all, params[channel::kAttDwH], T * B, H, W);
+    const Tensor dw_ha_all = depthwise_forward(h_prev_all, params[attention::kAttDwH], T * B, H, W);
     grad_params[channel::kAttPwZ] = at::mm(dz_all.t(), dw_f_all);
     grad_params[channel::kAttDwZ] =
         depthwise_weight_grad(d_dwf_all, features_all, params[channel::kAttDwZ], H, W);
-    grad_params[channel::kAttPwH] = at::mm(d_features_pre_all.t(), dw_ha_all);
-    grad_params[channel::kAttDwH] =
-        depthwise_weight_grad(d_dwha_all, h_prev_rows, params[channel::kAttDwH], H, W);
-    grad_params[channel::kAttBias] = d_features_pre_all.sum({0}, false, acc).to(dtype);
-    grad_params[channel::kAttPwX] = at::mm(d_features_pre_all.t(), dw_xa_all);
-    const Tensor d_dwxa = at::mm(d_features_pre_all, params[channel::kAttPwX]);
-    grad_params[channel::kAttDwX] =
-        depthwise_weight_grad(d_dwxa, x_rows, params[channel::kAttDwX], H, W);
-    depthwise_transpose(d_dwxa, params[channel::kAttDwX], T * B, H, W, grad_x_cl, grad_x_cl);
+    attention_features_backward(grad_params, params, d_features_pre_all, d_dwha_all, dw_ha_all,
+                                dw_xa_all, h_prev_rows, x_rows, grad_x_cl, T * B, H, W);
   }
   Tensor grad_x = channels_first_copy(grad_x_cl.view({T, B, H, W, Cin}), dtype);
   Tensor grad_h0 = channels_first_copy(dh.view({B, H, W, C}), dtype);

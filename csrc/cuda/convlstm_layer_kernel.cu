@@ -89,14 +89,11 @@ struct ConvLSTMCellBackward {
 
 LayerResult convlstm_layer(const Tensor& x, const Tensor& h0, const Tensor& c0,
                            at::TensorList params, int64_t activation, bool save) {
-  const std::string op(kCell.op);
-  const int64_t K = check_layer_inputs(x, h0, c0, params, kCell.parameters, convlstm::kWeightH,
-                                       activation, op);
+  const LayerCall call = check_forward(kCell, convlstm::kWeightH, x, h0, c0, params, activation);
+  if (call.empty) return empty_layer_result(x, h0, c0, call.saved_shapes);
   LayerDeviceGuard guard(x.device());
   const int64_t T = x.size(0), B = x.size(1), Cin = x.size(2), H = x.size(3), W = x.size(4);
   const int64_t C = h0.size(1), HW = H * W;
-  const auto saved_shapes = cells::shapes_of(kCell.saved_cuda, cells::layer_sizes(x, h0, K));
-  if (T == 0 || B == 0 || C == 0 || HW == 0) return empty_layer_result(x, h0, c0, saved_shapes);
   const auto dtype = x.scalar_type();
   // Input side for all steps: xz = W_x * X + b, channels-last rows [T·B·H·W, 4C].
   const Tensor xz = channels_last_copy(
@@ -104,7 +101,7 @@ LayerResult convlstm_layer(const Tensor& x, const Tensor& h0, const Tensor& c0,
                 params[convlstm::kBias]),
       dtype);
   Tensor output_cl = at::empty({T, B, H, W, C}, x.options());
-  const SavedSteps saved(saved_shapes, x.options(), save);
+  const SavedSteps saved(call.saved_shapes, x.options(), save);
   Tensor cell_state = channels_last_copy(c0, acc_dtype(x));
   const int64_t total = B * HW * C;
   for (int64_t t = 0; t < T; ++t) {
@@ -134,17 +131,12 @@ BackwardResult convlstm_layer_backward(const Tensor& grad_output, const Tensor& 
                                        const Tensor& c0, at::TensorList params,
                                        const Tensor& output, at::TensorList saved,
                                        int64_t activation) {
-  const std::string op = std::string(kCell.op) + "_backward";
-  const int64_t K = check_layer_inputs(x, h0, c0, params, kCell.parameters, convlstm::kWeightH,
-                                       activation, op);
-  check_backward_inputs(grad_output, grad_h_n, grad_c_n, x, h0, output, op);
+  const LayerCall call = check_backward(kCell, convlstm::kWeightH, grad_output, grad_h_n,
+                                        grad_c_n, x, h0, c0, params, output, saved, activation);
+  if (call.empty) return empty_backward_result(x, grad_h_n, grad_c_n, params);
   LayerDeviceGuard guard(x.device());
   const int64_t T = x.size(0), B = x.size(1), Cin = x.size(2), H = x.size(3), W = x.size(4);
   const int64_t C = h0.size(1), HW = H * W;
-  check_saved(saved, cells::shapes_of(kCell.saved_cuda, cells::layer_sizes(x, h0, K)), x, op);
-  if (T == 0 || B == 0 || C == 0 || HW == 0) {
-    return empty_backward_result(x, grad_h_n, grad_c_n, params);
-  }
   const auto dtype = x.scalar_type();
   const auto acc = acc_dtype(x);
   const Tensor grad_out_cl = channels_last_copy(grad_output.contiguous(), dtype);

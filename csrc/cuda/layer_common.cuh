@@ -266,6 +266,41 @@ inline void check_saved(at::TensorList saved, const std::vector<std::vector<int6
   }
 }
 
+using cells::LayerCall;
+
+// Nothing to compute: T, B, C or H·W is 0.
+inline bool nothing_to_compute(const Tensor& x, const Tensor& h0) {
+  return x.size(0) == 0 || x.size(1) == 0 || h0.size(1) == 0 || x.size(3) * x.size(4) == 0;
+}
+
+// Checks the forward inputs of `cell`'s op (check_layer_inputs) and returns the call's K, the
+// shapes of what the forward saves (cells.h saved_cuda) and whether T, B, C or H·W is 0
+// (nothing to compute).
+inline LayerCall check_forward(const cells::Cell& cell, int kernel_index, const Tensor& x,
+                               const Tensor& h0, const Tensor& c0, at::TensorList params,
+                               int64_t activation) {
+  const int64_t k = check_layer_inputs(x, h0, c0, params, cell.parameters, kernel_index,
+                                       activation, std::string(cell.op));
+  return {k, cells::shapes_of(cell.saved_cuda, cells::layer_sizes(x, h0, k)),
+          nothing_to_compute(x, h0)};
+}
+
+// The same for `<op>_backward`, with its own inputs: the gradients, `output` and `saved`.
+inline LayerCall check_backward(const cells::Cell& cell, int kernel_index,
+                                const Tensor& grad_output, const Tensor& grad_h_n,
+                                const Tensor& grad_c_n, const Tensor& x, const Tensor& h0,
+                                const Tensor& c0, at::TensorList params, const Tensor& output,
+                                at::TensorList saved, int64_t activation) {
+  const std::string op = std::string(cell.op) + "_backward";
+  const int64_t k =
+      check_layer_inputs(x, h0, c0, params, cell.parameters, kernel_index, activation, op);
+  check_backward_inputs(grad_output, grad_h_n, grad_c_n, x, h0, output, op);
+  LayerCall call{k, cells::shapes_of(cell.saved_cuda, cells::layer_sizes(x, h0, k)),
+                 nothing_to_compute(x, h0)};
+  check_saved(saved, call.saved_shapes, x, op);
+  return call;
+}
+
 // The result of a layer with nothing to compute (T, B, C, H or W is 0): zero output, copies of
 // h0 and c0, and zero saved tensors of the given shapes.
 inline LayerResult empty_layer_result(const Tensor& x, const Tensor& h0, const Tensor& c0,

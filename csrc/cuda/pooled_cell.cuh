@@ -1,4 +1,5 @@
-// The fused per-step epilogue of the pooled-gate cells (a, b, c, d) and its backward.
+// What the pooled cells' CUDA kernels share: the fused per-step epilogue of a, b, c, d and its
+// backward, and the weight gradients of the attention features F of b, c, d.
 //
 // shared/SPEC.md (a)–(d): per sample b, channel c and pixel p
 //   G = tanh(cand_preact[b, p, c])       (cand_preact already holds both SepConvs + b_c)
@@ -19,6 +20,9 @@
 namespace convlstm_fast {
 namespace cuda {
 namespace {
+
+namespace pooled = cells::pooled;
+namespace attention = cells::attention;
 
 __host__ __device__ inline int pooled_gate_count(int map_gate) {
   return map_gate == cells::kNoMapGate ? 3 : 2;
@@ -269,6 +273,32 @@ inline PooledCellGrads pooled_cell_backward(
   grads.gate_grad = gate_grad_out;
   if (has_map) grads.da_times_a_sum = map_partial.sum(0);
   return grads;
+}
+
+// After the reverse loop of b, c, d: the weight gradients of their attention features
+// F = tanh(SepConv_xa(X) + SepConv_ha(H_{t−1}) + b_a) over all steps, from dF_pre = dF∘(1 − F²)
+// (d_features_pre_all [T·rows, C]) and the gradient of SepConv_ha's depthwise output
+// (d_dwha_all), with the depthwise outputs dw_ha(H_{t−1}) and dw_xa(X) of every step:
+//   dP_ha = Σ dF_preᵀ·dw_ha,  d dw_ha,  d b_a = Σ dF_pre,  dP_xa = Σ dF_preᵀ·dw_xa,  d dw_xa;
+// and F's share of dX, SepConv_xaᵀ(dF_pre), added to grad_x_cl [T·rows, Cin].
+inline void attention_features_backward(std::vector<Tensor>& grad_params, at::TensorList params,
+                                        const Tensor& d_features_pre_all,
+                                        const Tensor& d_dwha_all, const Tensor& dw_ha_all,
+                                        const Tensor& dw_xa_all, const Tensor& h_prev_rows,
+                                        const Tensor& x_rows, Tensor& grad_x_cl, int64_t samples,
+                                        int64_t height, int64_t width) {
+  const auto acc = acc_dtype(d_features_pre_all);
+  const auto dtype = d_features_pre_all.scalar_type();
+  grad_params[attention::kAttPwH] = at::mm(d_features_pre_all.t(), dw_ha_all);
+  grad_params[attention::kAttDwH] =
+      depthwise_weight_grad(d_dwha_all, h_prev_rows, params[attention::kAttDwH], height, width);
+  grad_params[attention::kAttBias] = d_features_pre_all.sum({0}, false, acc).to(dtype);
+  grad_params[attention::kAttPwX] = at::mm(d_features_pre_all.t(), dw_xa_all);
+  const Tensor d_dwxa = at::mm(d_features_pre_all, params[attention::kAttPwX]);
+  grad_params[attention::kAttDwX] =
+      depthwise_weight_grad(d_dwxa, x_rows, params[attention::kAttDwX], height, width);
+  depthwise_transpose(d_dwxa, params[attention::kAttDwX], samples, height, width, grad_x_cl,
+                      grad_x_cl);
 }
 
 }  // namespace

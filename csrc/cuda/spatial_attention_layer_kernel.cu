@@ -15,41 +15,37 @@ namespace cuda {
 namespace {
 
 constexpr const cells::Cell& kCell = cells::kSpatialAttentionLayer;
-namespace pooled = cells::pooled;
 namespace spatial = cells::spatial_attention;
 
 LayerResult spatial_attention_layer(const Tensor& x, const Tensor& h0, const Tensor& c0,
                                     at::TensorList params, int64_t activation, bool save) {
-  const std::string op(kCell.op);
-  const int64_t K = check_layer_inputs(x, h0, c0, params, kCell.parameters, pooled::kCandDwX,
-                                       activation, op);
+  const LayerCall call = check_forward(kCell, pooled::kCandDwX, x, h0, c0, params, activation);
+  if (call.empty) return empty_layer_result(x, h0, c0, call.saved_shapes);
   LayerDeviceGuard guard(x.device());
   const int64_t T = x.size(0), B = x.size(1), Cin = x.size(2), H = x.size(3), W = x.size(4);
   const int64_t C = h0.size(1), HW = H * W, rows = B * HW;
-  const auto saved_shapes = cells::shapes_of(kCell.saved_cuda, cells::layer_sizes(x, h0, K));
-  if (T == 0 || B == 0 || C == 0 || HW == 0) return empty_layer_result(x, h0, c0, saved_shapes);
   const auto dtype = x.scalar_type();
   const auto acc = acc_dtype(x);
   const Tensor x_cl = channels_last_copy(x.contiguous(), dtype);  // [T, B, H, W, Cin]
   // The only input-side term that does not depend on H: xa = SepConv_xa(X) + b_a (F's X-side
   // term) for all steps.
-  const Tensor xa = pointwise(depthwise_forward(x_cl, params[spatial::kAttDwX], T * B, H, W),
-                              params[spatial::kAttPwX], params[spatial::kAttBias]);
+  const Tensor xa = pointwise(depthwise_forward(x_cl, params[attention::kAttDwX], T * B, H, W),
+                              params[attention::kAttPwX], params[attention::kAttBias]);
   const Tensor gate_weight_x = params[pooled::kGateWeightX].to(acc);
   const Tensor gate_weight_h = params[pooled::kGateWeightH].to(acc);
   const Tensor gate_bias = params[pooled::kGateBias].to(acc);
 
   Tensor output_cl = at::empty({T, B, H, W, C}, x.options());
-  const SavedSteps saved(saved_shapes, x.options(), save);
+  const SavedSteps saved(call.saved_shapes, x.options(), save);
   const Tensor h0_cl = channels_last_copy(h0, dtype);
   Tensor cell_state = channels_last_copy(c0, acc).view({rows, C});
   Tensor h_mean = h0_cl.view({B, HW, C}).mean({1}, false, acc);
   for (int64_t t = 0; t < T; ++t) {
     const Tensor h_prev = t == 0 ? h0_cl : output_cl[t - 1];
     // F = tanh(SepConv_ha(H_{t−1}) + xa_t); Z = W_z * F; A = softmax_HW(Z)
-    const Tensor dw_ha = depthwise_forward(h_prev, params[spatial::kAttDwH], B, H, W);
+    const Tensor dw_ha = depthwise_forward(h_prev, params[attention::kAttDwH], B, H, W);
     const Tensor features =
-        at::addmm(xa.narrow(0, t * rows, rows), dw_ha, params[spatial::kAttPwH].t()).tanh_();
+        at::addmm(xa.narrow(0, t * rows, rows), dw_ha, params[attention::kAttPwH].t()).tanh_();
     const Tensor logits =
         same_conv(nchw_view(features, B, H, W, C), params[spatial::kAttWeightZ], Tensor());
     const Tensor map = saved(spatial::kSavedMap, t).view({B, HW});
@@ -81,17 +77,12 @@ BackwardResult spatial_attention_layer_backward(
     const Tensor& grad_output, const Tensor& grad_h_n, const Tensor& grad_c_n, const Tensor& x,
     const Tensor& h0, const Tensor& c0, at::TensorList params, const Tensor& output,
     at::TensorList saved, int64_t activation) {
-  const std::string op = std::string(kCell.op) + "_backward";
-  const int64_t K = check_layer_inputs(x, h0, c0, params, kCell.parameters, pooled::kCandDwX,
-                                       activation, op);
-  check_backward_inputs(grad_output, grad_h_n, grad_c_n, x, h0, output, op);
+  const LayerCall call = check_backward(kCell, pooled::kCandDwX, grad_output, grad_h_n, grad_c_n,
+                                        x, h0, c0, params, output, saved, activation);
+  if (call.empty) return empty_backward_result(x, grad_h_n, grad_c_n, params);
   LayerDeviceGuard guard(x.device());
   const int64_t T = x.size(0), B = x.size(1), Cin = x.size(2), H = x.size(3), W = x.size(4);
   const int64_t C = h0.size(1), HW = H * W, rows = B * HW;
-  check_saved(saved, cells::shapes_of(kCell.saved_cuda, cells::layer_sizes(x, h0, K)), x, op);
-  if (T == 0 || B == 0 || C == 0 || HW == 0) {
-    return empty_backward_result(x, grad_h_n, grad_c_n, params);
-  }
   const auto dtype = x.scalar_type();
   const auto acc = acc_dtype(x);
   const Tensor x_cl = channels_last_copy(x.contiguous(), dtype);
@@ -107,11 +98,11 @@ BackwardResult spatial_attention_layer_backward(
   Tensor dc = channels_last_copy(grad_c_n, acc).view({rows, C});
 
   // Recomputed for all steps at once: the attention features F and the attended input X̃.
-  const Tensor dw_xa_all = depthwise_forward(x_cl, params[spatial::kAttDwX], T * B, H, W);
-  const Tensor dw_ha_all = depthwise_forward(h_prev_all, params[spatial::kAttDwH], T * B, H, W);
+  const Tensor dw_xa_all = depthwise_forward(x_cl, params[attention::kAttDwX], T * B, H, W);
+  const Tensor dw_ha_all = depthwise_forward(h_prev_all, params[attention::kAttDwH], T * B, H, W);
   const Tensor features_all =
-      at::addmm(pointwise(dw_xa_all, params[spatial::kAttPwX], params[spatial::kAttBias]),
-                dw_ha_all, params[spatial::kAttPwH].t()).tanh_();
+      at::addmm(pointwise(dw_xa_all, params[attention::kAttPwX], params[attention::kAttBias]),
+                dw_ha_all, params[attention::kAttPwH].t()).tanh_();
   const Tensor maps = saved[spatial::kSavedMap].view({T * B, HW});  // A of every step
   const Tensor x_attended_all = x_cl.view({T * B, HW, Cin}).mul(maps.unsqueeze(2)).contiguous();
   const Tensor gate_weight_x = params[pooled::kGateWeightX].to(acc);
@@ -164,8 +155,8 @@ BackwardResult spatial_attention_layer_backward(
         .copy_(d_features.permute({0, 2, 3, 1})
                    .mul(features.view({B, H, W, C}).square().neg_().add_(1)));
     Tensor d_dwha = step_rows(d_dwha_all);
-    at::mm_out(d_dwha, d_features_pre, params[spatial::kAttPwH]);
-    depthwise_transpose(d_dwha, params[spatial::kAttDwH], B, H, W, dh, dh);
+    at::mm_out(d_dwha, d_features_pre, params[attention::kAttPwH]);
+    depthwise_transpose(d_dwha, params[attention::kAttDwH], B, H, W, dh, dh);
   }
 
   // Weight gradients, each one batched product over all steps.
@@ -188,15 +179,8 @@ BackwardResult spatial_attention_layer_backward(
       std::get<1>(same_conv_backward(dz_all, nchw_view(features_all, T * B, H, W, C),
                                      params[spatial::kAttWeightZ], false, true))
           .contiguous();
-  grad_params[spatial::kAttPwH] = at::mm(d_features_pre_all.t(), dw_ha_all);
-  grad_params[spatial::kAttDwH] =
-      depthwise_weight_grad(d_dwha_all, h_prev_rows, params[spatial::kAttDwH], H, W);
-  grad_params[spatial::kAttBias] = d_features_pre_all.sum({0}, false, acc).to(dtype);
-  grad_params[spatial::kAttPwX] = at::mm(d_features_pre_all.t(), dw_xa_all);
-  const Tensor d_dwxa = at::mm(d_features_pre_all, params[spatial::kAttPwX]);
-  grad_params[spatial::kAttDwX] =
-      depthwise_weight_grad(d_dwxa, x_rows, params[spatial::kAttDwX], H, W);
-  depthwise_transpose(d_dwxa, params[spatial::kAttDwX], T * B, H, W, grad_x_cl, grad_x_cl);
+  attention_features_backward(grad_params, params, d_features_pre_all, d_dwha_all, dw_ha_all,
+                              dw_xa_all, h_prev_rows, x_rows, grad_x_cl, T * B, H, W);
   Tensor grad_x = channels_first_copy(grad_x_cl.view({T, B, H, W, Cin}), dtype);
   Tensor grad_h0 = channels_first_copy(dh.view({B, H, W, C}), dtype);
   Tensor grad_c0 = channels_first_copy(dc.view({B, H, W, C}), dtype);
