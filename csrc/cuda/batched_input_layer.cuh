@@ -5,7 +5,7 @@
 //   F = tanh(SepConv_xa(X_t) + SepConv_ha(H_{t−1}) + b_a);  Z = SepConv_z(F);
 //   A = exp(Z − max_HW Z).
 // The op files (pooled_layer_kernel.cu, input_attention_layer_kernel.cu,
-// output_attention_layer_kernel.cu) pass their cell.
+// output_attention_layer_kernel.cu) register the two drivers below for their cell.
 //
 // Structure (shared/KERNELS.md): everything that depends only on X is computed for all T steps
 // in batched ATen calls before the loop; a step runs the H-side depthwise convolutions (custom
@@ -23,10 +23,9 @@ namespace {
 
 namespace channel = cells::channel_attention;
 
-inline LayerResult batched_input_layer_forward(const Tensor& x, const Tensor& h0,
-                                               const Tensor& c0, at::TensorList params,
-                                               int64_t activation, bool save,
-                                               const cells::Cell& cell) {
+template <const cells::Cell& cell>
+LayerResult batched_input_layer_forward(const Tensor& x, const Tensor& h0, const Tensor& c0,
+                                        at::TensorList params, int64_t activation, bool save) {
   const LayerCall call = check_forward(cell, pooled::kCandDwX, x, h0, c0, params, activation);
   if (call.empty) return empty_layer_result(x, h0, c0, call.saved_shapes);
   LayerDeviceGuard guard(x.device());
@@ -72,8 +71,8 @@ inline LayerResult batched_input_layer_forward(const Tensor& x, const Tensor& h0
     if (has_map) {
       // F = tanh(SepConv_ha(H_{t−1}) + xa_t); Z = SepConv_z(F), per-(b, c) max over the pixels
       const Tensor dw_ha = depthwise_forward(h_prev, params[attention::kAttDwH], B, H, W);
-      const Tensor features =
-          at::addmm(xa.narrow(0, t * B * HW, B * HW), dw_ha, params[attention::kAttPwH].t()).tanh_();
+      const Tensor features = at::addmm(xa.narrow(0, t * B * HW, B * HW), dw_ha,
+                                        params[attention::kAttPwH].t()).tanh_();
       logits = pointwise(depthwise_forward(features, params[channel::kAttDwZ], B, H, W),
                          params[channel::kAttPwZ]);
       logits_max = logits.view({B, HW, C}).amax({1}).to(acc);
@@ -89,10 +88,11 @@ inline LayerResult batched_input_layer_forward(const Tensor& x, const Tensor& h0
   return {output, h_n, c_n, saved.all()};
 }
 
-inline BackwardResult batched_input_layer_backward(
+template <const cells::Cell& cell>
+BackwardResult batched_input_layer_backward(
     const Tensor& grad_output, const Tensor& grad_h_n, const Tensor& grad_c_n, const Tensor& x,
     const Tensor& h0, const Tensor& c0, at::TensorList params, const Tensor& output,
-    at::TensorList saved, int64_t activation, const cells::Cell& cell) {
+    at::TensorList saved, int64_t activation) {
   const LayerCall call = check_backward(cell, pooled::kCandDwX, grad_output, grad_h_n, grad_c_n,
                                         x, h0, c0, params, output, saved, activation);
   if (call.empty) return empty_backward_result(x, grad_h_n, grad_c_n, params);
@@ -161,8 +161,8 @@ inline BackwardResult batched_input_layer_backward(
       // Recompute F_t and Z_t as the forward did (see above).
       Tensor features = step_rows(features_all);
       const Tensor dw_ha = depthwise_forward(h_prev_all[t], params[attention::kAttDwH], B, H, W);
-      features.copy_(
-          at::addmm(xa_all.narrow(0, t * rows, rows), dw_ha, params[attention::kAttPwH].t()).tanh_());
+      features.copy_(at::addmm(xa_all.narrow(0, t * rows, rows), dw_ha,
+                               params[attention::kAttPwH].t()).tanh_());
       const Tensor logits =
           pointwise(depthwise_forward(features, params[channel::kAttDwZ], B, H, W),
                     params[channel::kAttPwZ]).view({B, HW, C});

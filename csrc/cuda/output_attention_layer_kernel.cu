@@ -10,28 +10,11 @@
 
 namespace convlstm_fast {
 namespace cuda {
-namespace {
-
-constexpr const cells::Cell& kCell = cells::kOutputAttentionLayer;
-
-LayerResult output_attention_layer(const Tensor& x, const Tensor& h0, const Tensor& c0,
-                                   at::TensorList params, int64_t gate_activation, bool save) {
-  return batched_input_layer_forward(x, h0, c0, params, gate_activation, save, kCell);
-}
-
-BackwardResult output_attention_layer_backward(
-    const Tensor& grad_output, const Tensor& grad_h_n, const Tensor& grad_c_n, const Tensor& x,
-    const Tensor& h0, const Tensor& c0, at::TensorList params, const Tensor& output,
-    at::TensorList saved, int64_t gate_activation) {
-  return batched_input_layer_backward(grad_output, grad_h_n, grad_c_n, x, h0, c0, params, output,
-                                      saved, gate_activation, kCell);
-}
-
-}  // namespace
-}  // namespace cuda
-}  // namespace convlstm_fast
 
 TORCH_LIBRARY_IMPL(convlstm_fast, CONVLSTM_CUDA_DISPATCH_KEY, m) {
-  convlstm_fast::register_layer_kernels<convlstm_fast::cuda::output_attention_layer>(
-      m, convlstm_fast::cuda::kCell, &convlstm_fast::cuda::output_attention_layer_backward);
+  register_layer_kernels<batched_input_layer_forward<cells::kOutputAttentionLayer>>(
+      m, cells::kOutputAttentionLayer, &batched_input_layer_backward<cells::kOutputAttentionLayer>);
 }
+
+}  // namespace cuda
+}  // namespace convlstm_fast
