@@ -24,7 +24,7 @@
 
 namespace convlstm_fast {
 
-// Index into convlstm_fast.variants.GATE_ACTIVATIONS.
+// Index into convlstm_fast.registry.GATE_ACTIVATIONS (the ops' gate_activation argument).
 enum GateActivation : int64_t { kSigmoid = 0, kHardSigmoid = 1 };
 
 // exp and tanh as every function below uses them. On the device: the CUDA library functions

@@ -18,7 +18,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from convlstm_fast import variants
+from convlstm_fast import get_cell, variants
 from convlstm_fast.reference import cells
 
 pytestmark = pytest.mark.gpu
@@ -57,11 +57,11 @@ def _ops(variant):
 
 def _wired(variant):
     """Skip unless the native backend registered autograd/fake tensors for ``variant``."""
-    from convlstm_fast.backends import get_backend, native
+    from convlstm_fast.backends import get_backend
 
     get_backend("cuda").load()
-    if variant not in native.SAVED_SPECS:
-        pytest.skip(f"convlstm_fast.backends.native has no autograd wiring for {variant!r} yet")
+    if "cuda" not in get_cell(variant).kernels:
+        pytest.skip(f"the registry gives {variant!r} no cuda kernel to wire")
 
 
 def _problem(variant, shape, seed=0):
@@ -178,9 +178,7 @@ def test_edge_shapes_float64(variant, shape):
 @pytest.mark.parametrize("variant", variants.VARIANTS)
 def test_cpu_and_cuda_agree_float64(variant):
     """Both native backends: same outputs, the same ``saved`` values (up to the CPU kernel's NCHW
-    layout where ``native.NCHW_SAVED`` says so) and the same gradients."""
-    from convlstm_fast.backends import native
-
+    layout where the registry's ``kernels["cpu"]`` says so) and the same gradients."""
     if not torch._C._dispatch_has_kernel_for_dispatch_key(
             "convlstm_fast::" + variants.OP_NAMES[variant], "CPU"):
         pytest.skip(f"no native CPU kernel for {variant!r} yet")
@@ -189,10 +187,10 @@ def test_cpu_and_cuda_agree_float64(variant):
     got_cpu, saved_cpu = _run_ops(variant, x, h0, c0, params, weights, "sigmoid", device="cpu")
     for name, a, b in zip(_names(variant), got_cuda, got_cpu):
         torch.testing.assert_close(a.cpu(), b, **F64_TOL, msg=lambda m: f"{name}: {m}")
-    spec = native.NATIVE_SAVED_SPECS[variant](x, h0, list(params.values()))
+    spec = get_cell(variant).saved_spec("cuda")(x, h0, list(params.values()))
     assert [(tuple(s.shape), s.dtype) for s in saved_cuda] == [(tuple(s), d) for s, d in spec]
     for index, (a, b) in enumerate(zip(saved_cuda, saved_cpu)):
-        if (variant, "cpu") in native.NCHW_SAVED and b.dim() == 5:
+        if get_cell(variant).kernels["cpu"] == "nchw" and b.dim() == 5:
             b = b.permute(0, 1, 3, 4, 2)  # the CPU kernel keeps this state tensor NCHW
         torch.testing.assert_close(a.cpu(), b, **F64_TOL, msg=lambda m: f"saved[{index}]: {m}")
 
@@ -200,12 +198,10 @@ def test_cpu_and_cuda_agree_float64(variant):
 @pytest.mark.parametrize("dtype", DTYPES.values(), ids=DTYPES.keys())
 @pytest.mark.parametrize("variant", variants.VARIANTS)
 def test_saved_follows_the_spec(variant, dtype):
-    from convlstm_fast.backends import native
-
     x, h0, c0, params, weights = _problem(variant, (2, 2, 3, 5, 4, 3, 3))
     cast = {n: p.to(dtype) for n, p in params.items()}
     _, saved = _run_ops(variant, x.to(dtype), h0.to(dtype), c0.to(dtype), cast, weights, "sigmoid")
-    spec = native.NATIVE_SAVED_SPECS[variant](x.to(dtype), h0, list(cast.values()))
+    spec = get_cell(variant).saved_spec("cuda")(x.to(dtype), h0, list(cast.values()))
     assert [(tuple(s.shape), s.dtype) for s in saved] == [(tuple(s), d) for s, d in spec]
     assert all(s.is_cuda and s.is_contiguous() for s in saved)
 

@@ -1,4 +1,5 @@
-"""The installed package: compiled extension, mapped Triton subpackage, op schemas, info."""
+"""The installed package: compiled extension, mapped Triton subpackage, info (the native op
+schemas: tests/test_native_layout.py)."""
 
 import importlib
 
@@ -6,8 +7,7 @@ import pytest
 import torch
 
 import convlstm_fast
-from convlstm_fast import VARIANTS, _extension, get_cell
-from convlstm_fast.ops import registration
+from convlstm_fast import VARIANTS, _extension
 
 
 def test_triton_kernels_is_a_subpackage():
@@ -22,19 +22,6 @@ def test_compiled_extension_loads_when_built():
         pytest.skip("this installation has no compiled convlstm_fast._C (pure-Python install)")
     module = convlstm_fast.load_extension()
     assert module.__name__ == "convlstm_fast._C"
-
-
-def test_native_schemas_match_the_python_contract():
-    if not _extension.extension_built():
-        pytest.skip("this installation has no compiled convlstm_fast._C")
-    convlstm_fast.load_extension()
-    for name in (get_cell(v).op for v in VARIANTS):
-        forward = getattr(torch.ops.convlstm_fast, name).default._schema
-        backward = getattr(torch.ops.convlstm_fast, name + "_backward").default._schema
-        assert str(forward) == f"convlstm_fast::{name}{registration.LAYER_SCHEMA}"
-        assert str(backward) == f"convlstm_fast::{name}_backward{registration.BACKWARD_SCHEMA}"
-        inference = getattr(torch.ops.convlstm_fast, name + "_inference").default._schema
-        assert str(inference) == f"convlstm_fast::{name}_inference{registration.INFERENCE_SCHEMA}"
 
 
 def test_info_lists_every_backend_and_variant():

@@ -9,9 +9,9 @@
 // (NCHW, as the op's tensors are: no layout change of x or of the output) and one fused element
 // loop per (sample, channel) plane adding the bias, activating the gates and updating the cell. The X
 // side is not batched over T: at B = 2 the convolution already runs at full rate, and a
-// sequence-sized X-side term costs a fresh multi-MB allocation (page faults). Saved for backward
-// (native.py SAVED_SPECS["convlstm"], the layout every native backend shares): cell C_t
-// [T, B, H, W, C] and the gate pre-activations [T, B, H, W, 4C] (order i, f, g, o).
+// sequence-sized X-side term costs a fresh multi-MB allocation (page faults). Parameters and
+// saved tensors: cells.h kConvLSTMLayer (saved, in the layout every native backend shares: cell
+// C_t [T, B, H, W, C] and the gate pre-activations [T, B, H, W, 4C], order i, f, g, o).
 #include <array>
 
 #include "cpu/layer_common.h"
@@ -20,19 +20,8 @@ namespace convlstm_fast {
 namespace cpu {
 namespace {
 
-constexpr const char* kOp = "convlstm_layer";
-constexpr const char* kBackwardOp = "convlstm_layer_backward";
-
-enum Param { kWeightX, kWeightH, kBias };
-
-std::vector<ParamSpec> param_specs(int64_t cin, int64_t c, int64_t k) {
-  return {{"weight_x", {4 * c, cin, k, k}}, {"weight_h", {4 * c, c, k, k}}, {"bias", {4 * c}}};
-}
-
-std::vector<std::vector<int64_t>> saved_shapes(const at::Tensor& x, int64_t c) {
-  const int64_t t = x.size(0), b = x.size(1), h = x.size(3), w = x.size(4);
-  return {{t, b, h, w, c}, {t, b, h, w, 4 * c}};
-}
+constexpr const cells::Cell& kCell = cells::kConvLSTMLayer;
+namespace convlstm = cells::convlstm;
 
 // The element loops work on one (sample, channel) plane of H·W values through __restrict__
 // pointers (all buffers distinct), so the compiler vectorises them without aliasing checks.
@@ -170,22 +159,21 @@ LayerResult convlstm_layer_forward(const at::Tensor& x, const at::Tensor& h0,
                                    const at::Tensor& c0, at::TensorList params_in,
                                    int64_t gate_activation, bool save) {
   const std::vector<at::Tensor> params = contiguous_params(params_in);
-  const int64_t k = kernel_size_of(kOp, params, kWeightH, 3);
-  TORCH_CHECK(x.dim() == 5 && h0.dim() == 4, kOp, ": x must be [T, B, Cin, H, W], h0 [B, C, H, W]");
-  check_layer_inputs(kOp, x, h0, c0, params, param_specs(x.size(2), h0.size(1), k),
-                     gate_activation);
+  const LayerCall call =
+      check_forward(kCell, convlstm::kWeightH, x, h0, c0, params, gate_activation);
+  const auto& shapes = call.saved_shapes;
+  if (call.empty) return empty_layer_result(x, h0, c0, shapes);
   const int64_t steps = x.size(0), batch = x.size(1), cin = x.size(2), height = x.size(3),
-                width = x.size(4), channels = h0.size(1), pixels = height * width;
-  const auto shapes = saved_shapes(x, channels);
-  if (steps == 0 || batch * pixels * channels == 0 || cin == 0) {
-    return empty_layer_result(x, h0, c0, shapes);
-  }
+                width = x.size(4), channels = h0.size(1), pixels = height * width,
+                k = call.kernel_size;
   const at::TensorOptions options = x.options();
   // Saved (only with `save`): written a step at a time, in the shared channels-last layout.
-  const at::Tensor cell = at::empty(save ? shapes[0] : std::vector<int64_t>{0}, options);
-  const at::Tensor gates = at::empty(save ? shapes[1] : std::vector<int64_t>{0}, options);
+  const at::Tensor cell =
+      at::empty(save ? shapes[convlstm::kSavedCell] : std::vector<int64_t>{0}, options);
+  const at::Tensor gates =
+      at::empty(save ? shapes[convlstm::kSavedGatePreact] : std::vector<int64_t>{0}, options);
   const at::Tensor output = at::empty({steps, batch, channels, height, width}, options);
-  const at::Tensor weight = at::cat({params[kWeightX], params[kWeightH]}, 1);
+  const at::Tensor weight = at::cat({params[convlstm::kWeightX], params[convlstm::kWeightH]}, 1);
   const at::Tensor xh = at::empty({batch, cin + channels, height, width}, options);
   const bool winograd = use_winograd(k, cin + channels, 4 * channels);
   const at::Tensor weight_w = winograd ? winograd_weight(weight) : at::Tensor();
@@ -198,10 +186,10 @@ LayerResult convlstm_layer_forward(const at::Tensor& x, const at::Tensor& h0,
         winograd ? winograd_conv(xh, weight_w, buffers) : at::conv2d(xh, weight, {}, 1, k / 2);
     const at::Tensor& c_prev = cell_step[t % 2];
     const at::Tensor& c_next = cell_step[(t + 1) % 2];
-    AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), kOp, [&] {
+    AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "convlstm_layer", [&] {
       with_activation(gate_activation, [&](auto activation) {
         scalar_t* zp = z.data_ptr<scalar_t>();
-        const scalar_t* bias = params[kBias].data_ptr<scalar_t>();
+        const scalar_t* bias = params[convlstm::kBias].data_ptr<scalar_t>();
         const scalar_t* cp = c_prev.data_ptr<scalar_t>();
         scalar_t* cn = c_next.data_ptr<scalar_t>();
         scalar_t* hp = output[t].data_ptr<scalar_t>();
@@ -221,7 +209,10 @@ LayerResult convlstm_layer_forward(const at::Tensor& x, const at::Tensor& h0,
     }
   }
   const at::Tensor& c_n = cell_step[steps % 2];
-  return {output, output[steps - 1].clone(), c_n.clone(), {cell, gates}};
+  std::vector<at::Tensor> saved(kCell.saved_cpu.size);
+  saved[convlstm::kSavedCell] = cell;
+  saved[convlstm::kSavedGatePreact] = gates;
+  return {output, output[steps - 1].clone(), c_n.clone(), saved};
 }
 
 // Reverse time, per step: the fused loop gives dz_t [B, 4C, H, W] and dC_{t−1}; the two
@@ -234,21 +225,14 @@ LayerResult convlstm_layer_backward(const at::Tensor& grad_output, const at::Ten
                                     at::TensorList params_in, const at::Tensor& output,
                                     at::TensorList saved, int64_t gate_activation) {
   const std::vector<at::Tensor> params = contiguous_params(params_in);
-  const int64_t k = kernel_size_of(kBackwardOp, params, kWeightH, 3);
-  TORCH_CHECK(x.dim() == 5 && h0.dim() == 4, kBackwardOp,
-              ": x must be [T, B, Cin, H, W], h0 [B, C, H, W]");
-  check_layer_inputs(kBackwardOp, x, h0, c0, params, param_specs(x.size(2), h0.size(1), k),
-                     gate_activation);
-  const int64_t steps = x.size(0), batch = x.size(1), cin = x.size(2), height = x.size(3),
-                width = x.size(4), channels = h0.size(1), pixels = height * width;
-  const auto shapes = saved_shapes(x, channels);
-  check_backward_inputs(kBackwardOp, grad_output, grad_h_n, grad_c_n, x, h0, output, saved,
-                        shapes);
-  if (steps == 0 || batch * pixels * channels == 0 || cin == 0) {
-    return empty_layer_grads(x, grad_h_n, grad_c_n, params);
-  }
+  const LayerCall call = check_backward(kCell, convlstm::kWeightH, grad_output, grad_h_n, grad_c_n,
+                                        x, h0, c0, params, output, saved, gate_activation);
+  if (call.empty) return empty_layer_grads(x, grad_h_n, grad_c_n, params);
+  const int64_t steps = x.size(0), batch = x.size(1), height = x.size(3), width = x.size(4),
+                channels = h0.size(1), pixels = height * width, k = call.kernel_size;
   const at::TensorOptions options = x.options();
-  const at::Tensor cell = saved[0].contiguous(), gates = saved[1].contiguous();
+  const at::Tensor cell = saved[convlstm::kSavedCell].contiguous();
+  const at::Tensor gates = saved[convlstm::kSavedGatePreact].contiguous();
   const at::Tensor z = at::empty({batch, 4 * channels, height, width}, options);
   const at::Tensor grad_z = at::empty({batch, 4 * channels, height, width}, options);
   // C_t and C_{t−1} in NCHW: step t's C_{t−1} is step t − 1's C_t, so the two buffers swap
@@ -264,8 +248,8 @@ LayerResult convlstm_layer_backward(const at::Tensor& grad_output, const at::Ten
   at::Tensor grad_c = grad_c_n.contiguous().clone();
   at::Tensor grad_c_prev = at::empty_like(grad_c);
   const std::vector<int64_t> padding{k / 2, k / 2};
-  ConvSide x_side(params[kWeightX], channels, k);
-  ConvSide h_side(params[kWeightH], channels, k);
+  ConvSide x_side(params[convlstm::kWeightX], channels, k);
+  ConvSide h_side(params[convlstm::kWeightH], channels, k);
   WinogradBuffers buffers(options);
   const at::Tensor grad_products = at::empty({0}, options);
   for (int64_t t = steps - 1; t >= 0; --t) {
@@ -276,7 +260,7 @@ LayerResult convlstm_layer_backward(const at::Tensor& grad_output, const at::Ten
     } else {
       c_prev.copy_(c0);
     }
-    AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), kBackwardOp, [&] {
+    AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "convlstm_layer_backward", [&] {
       with_activation(gate_activation, [&](auto activation) {
         scalar_t* zp = z.data_ptr<scalar_t>();
         scalar_t* dzp = grad_z.data_ptr<scalar_t>();
@@ -305,16 +289,17 @@ LayerResult convlstm_layer_backward(const at::Tensor& grad_output, const at::Ten
     grad_h = h_side.backward_step(grad_z, t > 0 ? output[t - 1] : h0.contiguous(), padding,
                                   grad_products, buffers);
   }
-  std::vector<at::Tensor> grad_params{x_side.weight_grad(), h_side.weight_grad(), grad_bias};
+  std::vector<at::Tensor> grad_params(kCell.parameters.size);
+  grad_params[convlstm::kWeightX] = x_side.weight_grad();
+  grad_params[convlstm::kWeightH] = h_side.weight_grad();
+  grad_params[convlstm::kBias] = grad_bias;
   return {grad_x, grad_h.contiguous(), grad_c, grad_params};
 }
 
 }  // namespace
 
 TORCH_LIBRARY_IMPL(convlstm_fast, CPU, m) {
-  m.impl("convlstm_layer", &training_forward<convlstm_layer_forward>);
-  m.impl("convlstm_layer_inference", &inference_forward<convlstm_layer_forward>);
-  m.impl("convlstm_layer_backward", &convlstm_layer_backward);
+  register_layer_kernels<convlstm_layer_forward>(m, kCell, &convlstm_layer_backward);
 }
 
 }  // namespace cpu

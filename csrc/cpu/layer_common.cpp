@@ -13,7 +13,7 @@ std::string shape_string(at::IntArrayRef shape) {
   return out + "]";
 }
 
-void check_tensor(const char* op, const std::string& name, const at::Tensor& t,
+void check_tensor(const std::string& op, const std::string& name, const at::Tensor& t,
                   at::IntArrayRef shape, const at::Tensor& x) {
   TORCH_CHECK(t.defined(), op, ": ", name, " must be a defined tensor");
   TORCH_CHECK(t.device().is_cpu(), op, ": ", name, " must be a CPU tensor, got ", t.device());
@@ -23,11 +23,19 @@ void check_tensor(const char* op, const std::string& name, const at::Tensor& t,
               ", got ", shape_string(t.sizes()));
 }
 
-}  // namespace
-
-void check_layer_inputs(const char* op, const at::Tensor& x, const at::Tensor& h0,
-                        const at::Tensor& c0, at::TensorList params,
-                        const std::vector<ParamSpec>& specs, int64_t gate_activation) {
+// check_forward's checks, with `op` naming the op in messages; returns K.
+int64_t check_layer_inputs(const std::string& op, const at::Tensor& x, const at::Tensor& h0,
+                           const at::Tensor& c0, at::TensorList params,
+                           cells::NamedShapes parameters, int kernel_index,
+                           int64_t gate_activation) {
+  TORCH_CHECK(params.size() == parameters.size, op, ": params must hold ", parameters.size,
+              " tensors, got ", params.size());
+  const at::Tensor& kernel_weight = params[kernel_index];
+  TORCH_CHECK(kernel_weight.defined() && kernel_weight.dim() == 4, op, ": params[", kernel_index,
+              "] must be a 4-D [*, *, K, K] weight");
+  const int64_t k = kernel_weight.size(-1);
+  TORCH_CHECK(k > 0 && k % 2 == 1, op, ": the kernel size must be a positive odd integer, got ",
+              k);
   TORCH_CHECK(x.defined() && x.dim() == 5, op, ": x must be a 5-D tensor [T, B, Cin, H, W], got ",
               x.defined() ? x.dim() : 0, "-D");
   TORCH_CHECK(x.device().is_cpu(), op, ": x must be a CPU tensor, got ", x.device());
@@ -38,25 +46,63 @@ void check_layer_inputs(const char* op, const at::Tensor& x, const at::Tensor& h
   const std::vector<int64_t> state{batch, hidden, x.size(3), x.size(4)};
   check_tensor(op, "h0", h0, state, x);
   check_tensor(op, "c0", c0, state, x);
-  TORCH_CHECK(params.size() == specs.size(), op, ": params must hold ", specs.size(),
-              " tensors, got ", params.size());
-  for (size_t i = 0; i < specs.size(); ++i) {
-    check_tensor(op, std::string("params[") + std::to_string(i) + "] (" + specs[i].name + ")",
-                 params[i], specs[i].shape, x);
+  const cells::Sizes sizes = cells::layer_sizes(x, h0, k);
+  for (size_t i = 0; i < parameters.size; ++i) {
+    check_tensor(op, "params[" + std::to_string(i) + "] (" + std::string(parameters[i].name) + ")",
+                 params[i], cells::shape_of(parameters[i], sizes), x);
   }
   TORCH_CHECK(gate_activation == kSigmoid || gate_activation == kHardSigmoid, op,
               ": gate_activation must be 0 (sigmoid) or 1 (hard_sigmoid), got ", gate_activation);
+  return k;
 }
 
-int64_t kernel_size_of(const char* op, at::TensorList params, size_t index, size_t count) {
-  TORCH_CHECK(params.size() == count, op, ": params must hold ", count, " tensors, got ",
-              params.size());
-  TORCH_CHECK(params[index].defined() && params[index].dim() == 4, op, ": params[", index,
-              "] must be a 4-D [*, *, K, K] weight");
-  const int64_t k = params[index].size(-1);
-  TORCH_CHECK(k > 0 && k % 2 == 1, op, ": the kernel size must be a positive odd integer, got ",
-              k);
-  return k;
+// check_backward's own checks.
+void check_backward_inputs(const std::string& op, const at::Tensor& grad_output,
+                           const at::Tensor& grad_h_n, const at::Tensor& grad_c_n,
+                           const at::Tensor& x, const at::Tensor& h0, const at::Tensor& output,
+                           at::TensorList saved,
+                           const std::vector<std::vector<int64_t>>& saved_shapes) {
+  const std::vector<int64_t> out_shape{x.size(0), x.size(1), h0.size(1), x.size(3), x.size(4)};
+  check_tensor(op, "output", output, out_shape, x);
+  check_tensor(op, "grad_output", grad_output, out_shape, x);
+  check_tensor(op, "grad_h_n", grad_h_n, h0.sizes(), x);
+  check_tensor(op, "grad_c_n", grad_c_n, h0.sizes(), x);
+  TORCH_CHECK(saved.size() == saved_shapes.size(), op, ": saved must hold ", saved_shapes.size(),
+              " tensors (from the forward op), got ", saved.size());
+  for (size_t i = 0; i < saved_shapes.size(); ++i) {
+    check_tensor(op, "saved[" + std::to_string(i) + "]", saved[i], saved_shapes[i], x);
+  }
+}
+
+// Nothing to compute: T, B, C, H·W or Cin is 0.
+bool nothing_to_compute(const at::Tensor& x, const at::Tensor& h0) {
+  return x.size(0) == 0 || x.size(1) * x.size(3) * x.size(4) * h0.size(1) == 0 || x.size(2) == 0;
+}
+
+}  // namespace
+
+LayerCall check_forward(const cells::Cell& cell, int kernel_index, const at::Tensor& x,
+                        const at::Tensor& h0, const at::Tensor& c0, at::TensorList params,
+                        int64_t gate_activation) {
+  const int64_t k = check_layer_inputs(std::string(cell.op), x, h0, c0, params, cell.parameters,
+                                       kernel_index, gate_activation);
+  return {k, cells::shapes_of(cell.saved_cpu, cells::layer_sizes(x, h0, k)),
+          nothing_to_compute(x, h0)};
+}
+
+LayerCall check_backward(const cells::Cell& cell, int kernel_index, const at::Tensor& grad_output,
+                         const at::Tensor& grad_h_n, const at::Tensor& grad_c_n,
+                         const at::Tensor& x, const at::Tensor& h0, const at::Tensor& c0,
+                         at::TensorList params, const at::Tensor& output, at::TensorList saved,
+                         int64_t gate_activation) {
+  const std::string op = std::string(cell.op) + "_backward";
+  const int64_t k =
+      check_layer_inputs(op, x, h0, c0, params, cell.parameters, kernel_index, gate_activation);
+  LayerCall call{k, cells::shapes_of(cell.saved_cpu, cells::layer_sizes(x, h0, k)),
+                 nothing_to_compute(x, h0)};
+  check_backward_inputs(op, grad_output, grad_h_n, grad_c_n, x, h0, output, saved,
+                        call.saved_shapes);
+  return call;
 }
 
 LayerResult empty_layer_result(const at::Tensor& x, const at::Tensor& h0, const at::Tensor& c0,
@@ -73,23 +119,6 @@ LayerResult empty_layer_grads(const at::Tensor& x, const at::Tensor& grad_h_n,
   std::vector<at::Tensor> grad_params;
   for (const auto& p : params) grad_params.push_back(at::zeros_like(p));
   return {at::zeros_like(x), grad_h_n.clone(), grad_c_n.clone(), grad_params};
-}
-
-void check_backward_inputs(const char* op, const at::Tensor& grad_output,
-                           const at::Tensor& grad_h_n, const at::Tensor& grad_c_n,
-                           const at::Tensor& x, const at::Tensor& h0, const at::Tensor& output,
-                           at::TensorList saved,
-                           const std::vector<std::vector<int64_t>>& saved_shapes) {
-  const std::vector<int64_t> out_shape{x.size(0), x.size(1), h0.size(1), x.size(3), x.size(4)};
-  check_tensor(op, "output", output, out_shape, x);
-  check_tensor(op, "grad_output", grad_output, out_shape, x);
-  check_tensor(op, "grad_h_n", grad_h_n, h0.sizes(), x);
-  check_tensor(op, "grad_c_n", grad_c_n, h0.sizes(), x);
-  TORCH_CHECK(saved.size() == saved_shapes.size(), op, ": saved must hold ", saved_shapes.size(),
-              " tensors (from the forward op), got ", saved.size());
-  for (size_t i = 0; i < saved_shapes.size(); ++i) {
-    check_tensor(op, "saved[" + std::to_string(i) + "]", saved[i], saved_shapes[i], x);
-  }
 }
 
 namespace {

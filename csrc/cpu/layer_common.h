@@ -36,6 +36,7 @@
 #include <vector>
 
 #include "cell_math.h"
+#include "cells.h"
 #include "inference_twin.h"
 
 namespace convlstm_fast {
@@ -43,17 +44,24 @@ namespace cpu {
 
 using LayerResult = LayerOutputs;
 
-// What an op expects of its parameters: name and shape, in `variants.parameter_shapes` order.
-struct ParamSpec {
-  const char* name;
-  std::vector<int64_t> shape;
-};
+using cells::LayerCall;
 
-// Checks the forward inputs of `op`: x [T, B, Cin, H, W], h0 and c0 [B, C, H, W], one CPU tensor
-// of x's dtype (float32 or float64) and the given shape per parameter, gate_activation 0 or 1.
-void check_layer_inputs(const char* op, const at::Tensor& x, const at::Tensor& h0,
-                        const at::Tensor& c0, at::TensorList params,
-                        const std::vector<ParamSpec>& specs, int64_t gate_activation);
+// Checks the forward inputs of `cell`'s op and returns the call's K, the shapes of what the
+// forward saves (cells.h saved_cpu) and whether T, B, C, H·W or Cin is 0 (nothing to compute): x [T, B, Cin, H, W], h0 and c0 [B, C, H, W], one CPU
+// tensor of x's dtype (float32 or float64) per parameter of the cell with its shape,
+// gate_activation 0 or 1; K is read from the parameter at `kernel_index` (a [*, *, K, K] weight,
+// K odd).
+LayerCall check_forward(const cells::Cell& cell, int kernel_index, const at::Tensor& x,
+                        const at::Tensor& h0, const at::Tensor& c0, at::TensorList params,
+                        int64_t gate_activation);
+
+// The same for `<op>_backward`, with its own inputs: the gradients and `output` against the
+// forward's shapes, `saved` against what the forward saves (all of x's dtype, CPU).
+LayerCall check_backward(const cells::Cell& cell, int kernel_index, const at::Tensor& grad_output,
+                         const at::Tensor& grad_h_n, const at::Tensor& grad_c_n,
+                         const at::Tensor& x, const at::Tensor& h0, const at::Tensor& c0,
+                         at::TensorList params, const at::Tensor& output, at::TensorList saved,
+                         int64_t gate_activation);
 
 // The parameters as contiguous tensors (the kernels read them through data pointers).
 inline std::vector<at::Tensor> contiguous_params(at::TensorList params) {
@@ -80,9 +88,6 @@ class StepBuffers {
   at::Tensor data_;
 };
 
-// The kernel size K of an op, read from params[index] (a [*, *, K, K] weight), checked.
-int64_t kernel_size_of(const char* op, at::TensorList params, size_t index, size_t count);
-
 // An empty result of the forward shapes (T = 0 or nothing to compute): zero output, copies of
 // h0 and c0, and `saved` allocated with the given shapes.
 LayerResult empty_layer_result(const at::Tensor& x, const at::Tensor& h0, const at::Tensor& c0,
@@ -91,14 +96,6 @@ LayerResult empty_layer_result(const at::Tensor& x, const at::Tensor& h0, const 
 // Zero gradients (nothing was computed) shaped like the backward's outputs.
 LayerResult empty_layer_grads(const at::Tensor& x, const at::Tensor& grad_h_n,
                               const at::Tensor& grad_c_n, at::TensorList params);
-
-// Checks the extra inputs of `op`_backward: the gradients and `output` against the forward's
-// shapes, `saved` against `saved_shapes` (all of x's dtype, CPU).
-void check_backward_inputs(const char* op, const at::Tensor& grad_output,
-                           const at::Tensor& grad_h_n, const at::Tensor& grad_c_n,
-                           const at::Tensor& x, const at::Tensor& h0, const at::Tensor& output,
-                           at::TensorList saved,
-                           const std::vector<std::vector<int64_t>>& saved_shapes);
 
 // One step's slice between the op's NCHW tensors and a channels-last tensor:
 // dst [B, H, W, C] (contiguous) = src [B, C, H, W], and dst [B, C, H, W] = src [B, H, W, C].

@@ -3,11 +3,12 @@
 // SepConv branch every step's backward runs several of.
 //
 // The three gates i, f, o are each either a pooled gate, one value per (sample, channel)
-// broadcast over H·W, or (c: i, d: o) a channel-attention map with one value per element.
-// `kAttention` says which gate is the map: -1 none (a, b), 0 the input gate (c), 2 the output
-// gate (d). The pooled gates come in the op's order (a, b: i f o; c: f o; d: i f), so one
-// (sample, channel) plane shares its pooled gates and the candidate bias: scalars, and the loops
-// below are plain vectorised streams over the plane's H·W values.
+// broadcast over H·W, or (c: i, d: o) the channel-attention map A with one value per element.
+// `kMapGate` (cells.h MapGate) says which gate A replaces: kNoMapGate (a, b), kMapIsInputGate
+// (c), kMapIsOutputGate (d). The pooled gates come in the op's order (cells.h Cell::gates: a, b:
+// i f o; c: f o; d: i f), so one (sample, channel) plane shares its pooled gates and the
+// candidate bias: scalars, and the loops below are plain vectorised streams over the plane's H·W
+// values. Parameters and saved tensors are named by cells.h (cells::pooled).
 #pragma once
 
 #include <array>
@@ -17,12 +18,16 @@
 namespace convlstm_fast {
 namespace cpu {
 
+namespace pooled = cells::pooled;
+namespace attention = cells::attention;
+
 // How many gates are pooled, and where gate g (0 i, 1 f, 2 o) sits among them (-1: the map).
-template <int kAttention>
+template <int kMapGate>
 struct PooledGates {
-  static constexpr int64_t count = kAttention < 0 ? 3 : 2;
+  static constexpr bool has_map = kMapGate != cells::kNoMapGate;
+  static constexpr int64_t count = has_map ? 2 : 3;
   static constexpr int slot(int gate) {
-    return gate == kAttention ? -1 : (kAttention >= 0 && gate > kAttention ? gate - 1 : gate);
+    return gate == kMapGate ? -1 : (has_map && gate > kMapGate ? gate - 1 : gate);
   }
 };
 
@@ -90,9 +95,9 @@ struct SepConvBranch {
 
 // Runs fn(plane, i, f, o) over every (sample, channel) plane (plane = b·C + c) in parallel, with
 // the plane's pooled gates read from gates [B, n·C] (the map gate's value is 0, unused).
-template <int kAttention, typename scalar_t, typename Fn>
+template <int kMapGate, typename scalar_t, typename Fn>
 void for_each_gated_plane(int64_t batch, int64_t channels, const scalar_t* gates, const Fn& fn) {
-  using G = PooledGates<kAttention>;
+  using G = PooledGates<kMapGate>;
   parallel_over_planes(batch, channels, [&](int64_t b, int64_t c) {
     const scalar_t* g = gates + b * G::count * channels + c;
     const auto value = [&](int gate) {
@@ -105,7 +110,7 @@ void for_each_gated_plane(int64_t batch, int64_t channels, const scalar_t* gates
 // Forward, one plane: G = tanh(preact + b_c); C_t = f∘C_{t−1} + i∘G; H_t = o∘tanh(C_t), with the
 // map gate read per element from `map`. Writes G, C_t, H_t and returns Σ H_t (the next step's
 // h̄ = Σ / HW).
-template <int kAttention, typename scalar_t>
+template <int kMapGate, typename scalar_t>
 CONVLSTM_CPU_MULTIVERSION scalar_t gated_plane_forward(
     int64_t n, scalar_t i, scalar_t f, scalar_t o, scalar_t bias,
     const scalar_t* __restrict__ map, const scalar_t* __restrict__ preact,
@@ -116,8 +121,8 @@ CONVLSTM_CPU_MULTIVERSION scalar_t gated_plane_forward(
   for (int64_t e = 0; e < n; ++e) {
     const scalar_t g = math_tanh(scalar_t(preact[e] + bias));
     scalar_t h;
-    cell[e] = cell_update(kAttention == 0 ? map[e] : i, f, kAttention == 2 ? map[e] : o, g,
-                          c_prev[e], &h);
+    cell[e] = cell_update(kMapGate == cells::kMapIsInputGate ? map[e] : i, f,
+                          kMapGate == cells::kMapIsOutputGate ? map[e] : o, g, c_prev[e], &h);
     candidate[e] = g;
     hidden[e] = h;
     sum += h;
@@ -132,7 +137,7 @@ CONVLSTM_CPU_MULTIVERSION scalar_t gated_plane_forward(
 // map gate A = exp(Z − max Z), grad_z gets dZ (torch.amax's rule: the gradient of the max is
 // shared equally by the maxima, the elements where A = exp(0) = 1 exactly):
 //   dZ_e = dA_e∘A_e − [A_e = 1] · Σ_q (dA_q∘A_q) / #{q : A_q = 1}.
-template <int kAttention, typename scalar_t>
+template <int kMapGate, typename scalar_t>
 CONVLSTM_CPU_MULTIVERSION void gated_plane_backward(
     int64_t n, scalar_t i, scalar_t f, scalar_t o, const scalar_t* __restrict__ map,
     const scalar_t* __restrict__ candidate, const scalar_t* __restrict__ c_prev,
@@ -145,9 +150,10 @@ CONVLSTM_CPU_MULTIVERSION void gated_plane_backward(
   for (int64_t e = 0; e < n; ++e) {
     const scalar_t g = candidate[e];
     scalar_t di, df, dg, do_, dc_prev;
-    cell_update_backward(kAttention == 0 ? map[e] : i, f, kAttention == 2 ? map[e] : o, g,
-                         c_prev[e], cell[e], scalar_t(grad_hidden[e] + grad_hidden_carry[e]),
-                         grad_cell[e], &di, &df, &dg, &do_, &dc_prev);
+    cell_update_backward(kMapGate == cells::kMapIsInputGate ? map[e] : i, f,
+                         kMapGate == cells::kMapIsOutputGate ? map[e] : o, g, c_prev[e], cell[e],
+                         scalar_t(grad_hidden[e] + grad_hidden_carry[e]), grad_cell[e], &di, &df,
+                         &dg, &do_, &dc_prev);
     const scalar_t dpre = dg * tanh_grad_from_output(g);
     grad_candidate_preact[e] = dpre;
     grad_c_prev[e] = dc_prev;
@@ -155,14 +161,14 @@ CONVLSTM_CPU_MULTIVERSION void gated_plane_backward(
     sum_f += df;
     sum_o += do_;
     sum_g += dpre;
-    if (kAttention >= 0) {
-      const scalar_t dz = (kAttention == 0 ? di : do_) * map[e];
+    if (PooledGates<kMapGate>::has_map) {
+      const scalar_t dz = (kMapGate == cells::kMapIsInputGate ? di : do_) * map[e];
       grad_z[e] = dz;
       sum_z += dz;
       ties += map[e] == scalar_t(1) ? scalar_t(1) : scalar_t(0);
     }
   }
-  if (kAttention >= 0) {
+  if (PooledGates<kMapGate>::has_map) {
     const scalar_t share = ties > 0 ? sum_z / ties : scalar_t(0);
 #pragma omp simd
     for (int64_t e = 0; e < n; ++e) grad_z[e] -= map[e] == scalar_t(1) ? share : scalar_t(0);
@@ -185,9 +191,9 @@ inline void pooled_gate_preact(const at::Tensor& out, const at::Tensor& bias,
 // One forward step of the cell once the gates' and the candidate's pre-activations are known:
 // gates = σ(gate_preact [B, nC]) (n pooled gates, PooledGates); per plane G = tanh(preact + b_c),
 // C_t = f∘C_{t−1} + i∘G, H_t = o∘tanh(C_t) into candidate, cell and hidden (each [B, C, H, W]),
-// with the map gate from `map` [B, C, H, W] (kAttention ≥ 0); h_bar [B, C] = GAP(H_t), the
+// with the map gate from `map` [B, C, H, W] (c, d); h_bar [B, C] = GAP(H_t), the
 // next step's h̄.
-template <int kAttention>
+template <int kMapGate>
 void gated_planes_step_forward(const at::Tensor& gate_preact, int64_t activation,
                                const at::Tensor& gates, const at::Tensor& map,
                                const at::Tensor& preact, const at::Tensor& bias,
@@ -200,7 +206,7 @@ void gated_planes_step_forward(const at::Tensor& gate_preact, int64_t activation
   AT_DISPATCH_FLOATING_TYPES(preact.scalar_type(), "gated_planes_step_forward", [&] {
     activate_gates(gate_preact.data_ptr<scalar_t>(), gates.data_ptr<scalar_t>(), gates.numel(),
                    activation);
-    const scalar_t* m = kAttention >= 0 ? map.data_ptr<scalar_t>() : nullptr;
+    const scalar_t* m = PooledGates<kMapGate>::has_map ? map.data_ptr<scalar_t>() : nullptr;
     const scalar_t* bc = bias.data_ptr<scalar_t>();
     const scalar_t* pre = preact.data_ptr<scalar_t>();
     const scalar_t* cp = c_prev.data_ptr<scalar_t>();
@@ -208,14 +214,14 @@ void gated_planes_step_forward(const at::Tensor& gate_preact, int64_t activation
     scalar_t* cn = cell.data_ptr<scalar_t>();
     scalar_t* hn = hidden.data_ptr<scalar_t>();
     scalar_t* hb = h_bar.data_ptr<scalar_t>();
-    for_each_gated_plane<kAttention>(
+    for_each_gated_plane<kMapGate>(
         batch, channels, gates.data_ptr<scalar_t>(),
         [&](int64_t p, scalar_t i, scalar_t f, scalar_t o) {
           const int64_t offset = p * pixels;
-          hb[p] = gated_plane_forward<kAttention>(pixels, i, f, o, bc[p % channels],
-                                                  m ? m + offset : nullptr, pre + offset,
-                                                  cp + offset, cand + offset, cn + offset,
-                                                  hn + offset) /
+          hb[p] = gated_plane_forward<kMapGate>(pixels, i, f, o, bc[p % channels],
+                                                m ? m + offset : nullptr, pre + offset,
+                                                cp + offset, cand + offset, cn + offset,
+                                                hn + offset) /
                   scalar_t(pixels);
         });
   });
@@ -223,10 +229,10 @@ void gated_planes_step_forward(const at::Tensor& gate_preact, int64_t activation
 
 // The fused loop of one backward step, with dH_t = grad_hidden + grad_hidden_carry and
 // dC_t = grad_cell: writes grad_candidate_preact (dG_pre, the gradient of the candidate's
-// pre-activation), grad_c_prev (dC_{t−1}), grad_z (dZ of the map gate, kAttention ≥ 0), the
+// pre-activation), grad_c_prev (dC_{t−1}), grad_z (dZ of the map gate, c, d), the
 // pooled gates' pre-activation gradients grad_gate_preact [B, nC] = [Σ d(gate)]∘σ'(gate_preact),
 // and adds Σ dG_pre to grad_cand_bias [C]. `gates` [B, nC] and `sums` [B, C, 4] are scratch.
-template <int kAttention>
+template <int kMapGate>
 void gated_planes_step_backward(
     const at::Tensor& gate_preact, int64_t activation, const at::Tensor& gates,
     const at::Tensor& sums, const at::Tensor& map, const at::Tensor& candidate,
@@ -235,14 +241,14 @@ void gated_planes_step_backward(
     const at::Tensor& grad_candidate_preact, const at::Tensor& grad_c_prev,
     const at::Tensor& grad_z, const at::Tensor& grad_gate_preact,
     const at::Tensor& grad_cand_bias) {
-  using G = PooledGates<kAttention>;
+  using G = PooledGates<kMapGate>;
   const int64_t batch = candidate.size(0), channels = candidate.size(1),
                 pixels = candidate.size(2) * candidate.size(3);
   RECORD_FUNCTION("convlstm_fast::gated_planes_step_backward", {});
   AT_DISPATCH_FLOATING_TYPES(candidate.scalar_type(), "gated_planes_step_backward", [&] {
     const scalar_t* pre = gate_preact.data_ptr<scalar_t>();
     activate_gates(pre, gates.data_ptr<scalar_t>(), gates.numel(), activation);
-    const scalar_t* m = kAttention >= 0 ? map.data_ptr<scalar_t>() : nullptr;
+    const scalar_t* m = PooledGates<kMapGate>::has_map ? map.data_ptr<scalar_t>() : nullptr;
     const scalar_t* cand = candidate.data_ptr<scalar_t>();
     const scalar_t* cp = c_prev.data_ptr<scalar_t>();
     const scalar_t* ct = cell.data_ptr<scalar_t>();
@@ -251,17 +257,17 @@ void gated_planes_step_backward(
     const scalar_t* gc = grad_cell.data_ptr<scalar_t>();
     scalar_t* gcand = grad_candidate_preact.data_ptr<scalar_t>();
     scalar_t* gcp = grad_c_prev.data_ptr<scalar_t>();
-    scalar_t* gz = kAttention >= 0 ? grad_z.data_ptr<scalar_t>() : nullptr;
+    scalar_t* gz = PooledGates<kMapGate>::has_map ? grad_z.data_ptr<scalar_t>() : nullptr;
     scalar_t* sp = sums.data_ptr<scalar_t>();
-    for_each_gated_plane<kAttention>(
+    for_each_gated_plane<kMapGate>(
         batch, channels, gates.data_ptr<scalar_t>(),
         [&](int64_t p, scalar_t i, scalar_t f, scalar_t o) {
           const int64_t offset = p * pixels;
-          gated_plane_backward<kAttention>(pixels, i, f, o, m ? m + offset : nullptr,
-                                           cand + offset, cp + offset, ct + offset,
-                                           gout + offset, gh + offset, gc + offset,
-                                           gcand + offset, gcp + offset,
-                                           gz ? gz + offset : nullptr, sp + 4 * p);
+          gated_plane_backward<kMapGate>(pixels, i, f, o, m ? m + offset : nullptr,
+                                         cand + offset, cp + offset, ct + offset,
+                                         gout + offset, gh + offset, gc + offset,
+                                         gcand + offset, gcp + offset,
+                                         gz ? gz + offset : nullptr, sp + 4 * p);
         });
     scalar_t* dg = grad_gate_preact.data_ptr<scalar_t>();
     scalar_t* db = grad_cand_bias.data_ptr<scalar_t>();
@@ -334,18 +340,12 @@ inline void attention_features_backward(const at::Tensor& features, const at::Te
   });
 }
 
-// The parameters every pooled cell starts with (shared/SPEC.md "Parameters"), in this order; b,
-// c, d append their attention's after kCandBias.
-enum PooledParam {
-  kGateWx, kGateWh, kGateBias, kCandDwX, kCandPwX, kCandDwH, kCandPwH, kCandBias, kPooledParams
-};
-
 // What the forward of every pooled cell (a, b, c, d) shares: the inputs made contiguous, the
-// output, what is saved for backward (saved_shapes[0..2]: cell C_t and candidate G, the gate
+// output, what is saved for backward (cells::pooled::saved: cell C_t and candidate G, the gate
 // pre-activations; with `save` false, C_t in two step buffers — C_{t−1} is read while C_t is
 // written — and G in one), the step buffers of the candidate's SepConvs and of the pooled gates,
 // and the cell step itself.
-template <int kAttention>
+template <int kMapGate>
 struct PooledForward {
   const std::vector<at::Tensor>& params;
   int64_t activation;
@@ -363,9 +363,9 @@ struct PooledForward {
         c0(c0_.contiguous()),
         output(at::empty({x.size(0), h0.size(0), h0.size(1), h0.size(2), h0.size(3)},
                          x.options())),
-        gate_preact(at::empty(saved_shapes[2], x.options())),
-        cell(saved_shapes[0], x.options(), save, 2),
-        candidate(saved_shapes[1], x.options(), save, 1),
+        gate_preact(at::empty(saved_shapes[pooled::kSavedGatePreact], x.options())),
+        cell(saved_shapes[pooled::kSavedCell], x.options(), save, 2),
+        candidate(saved_shapes[pooled::kSavedCandidate], x.options(), save, 1),
         dw_x(at::empty_like(x[0])),
         dw_h(at::empty_like(h0)),
         preact(at::empty_like(h0)),
@@ -377,7 +377,8 @@ struct PooledForward {
 
   at::Tensor h_prev(int64_t t) const { return t > 0 ? output[t - 1] : h0; }
 
-  // features = SepConv_x(X_t) + SepConv_h(H_{t−1}) with the given weights (the attention's).
+  // features = SepConv_xa(X_t) + SepConv_ha(H_{t−1}) with the given weights: F before its bias
+  // and tanh (attention_features).
   void sepconvs(int64_t t, const at::Tensor& features, const at::Tensor& dw_x_weight,
                 const at::Tensor& pw_x_weight, const at::Tensor& dw_h_weight,
                 const at::Tensor& pw_h_weight) const {
@@ -387,23 +388,29 @@ struct PooledForward {
 
   // Step t of the cell on input x_in (X_t, or b's X̃): the pooled gates from x̄ (GAP(x_in),
   // computed here unless `x_bar_ready`) and h̄ (summed by the previous step's loop), the
-  // candidate's SepConvs, and the fused loop with the map gate `map` (kAttention ≥ 0).
+  // candidate's SepConvs, and the fused loop with the map gate `map` (c, d).
   void cell_step(int64_t t, const at::Tensor& x_in, bool x_bar_ready, const at::Tensor& map) {
     if (!x_bar_ready) plane_means(x_bar, x_in);
     const at::Tensor step_preact = gate_preact[t];
-    pooled_gate_preact(step_preact, params[kGateBias], x_bar, params[kGateWx], h_bar,
-                       params[kGateWh]);
-    sepconv_planes(preact, x_in, params[kCandDwX], params[kCandPwX], dw_x, false);
-    sepconv_planes(preact, h_prev(t), params[kCandDwH], params[kCandPwH], dw_h, true);
-    gated_planes_step_forward<kAttention>(step_preact, activation, gates, map, preact,
-                                          params[kCandBias], t > 0 ? cell[t - 1] : c0,
-                                          candidate[t], cell[t], output[t], h_bar);
+    pooled_gate_preact(step_preact, params[pooled::kGateBias], x_bar,
+                       params[pooled::kGateWeightX], h_bar, params[pooled::kGateWeightH]);
+    sepconv_planes(preact, x_in, params[pooled::kCandDwX], params[pooled::kCandPwX], dw_x,
+                   false);
+    sepconv_planes(preact, h_prev(t), params[pooled::kCandDwH], params[pooled::kCandPwH], dw_h,
+                   true);
+    gated_planes_step_forward<kMapGate>(step_preact, activation, gates, map, preact,
+                                        params[pooled::kCandBias], t > 0 ? cell[t - 1] : c0,
+                                        candidate[t], cell[t], output[t], h_bar);
   }
 
-  // (output, h_n, c_n, saved): the cell's three saved tensors, then `more`.
+  // (output, h_n, c_n, saved): the saved tensors every pooled cell has, then `more`, the cell's
+  // own, which follow them in its list (cells.h).
   LayerResult result(const std::vector<at::Tensor>& more) const {
     const int64_t steps = x.size(0);
-    std::vector<at::Tensor> saved{cell.all(), candidate.all(), gate_preact};
+    std::vector<at::Tensor> saved(pooled::kSavedCount);
+    saved[pooled::kSavedCell] = cell.all();
+    saved[pooled::kSavedCandidate] = candidate.all();
+    saved[pooled::kSavedGatePreact] = gate_preact;
     saved.insert(saved.end(), more.begin(), more.end());
     return {output, output[steps - 1].clone(), cell[steps - 1].clone(), saved};
   }
@@ -415,7 +422,7 @@ struct PooledForward {
 // writes the other), the candidate's two SepConv branches (whose inputs also feed the pooled
 // gates through GAP), the fused loop's step buffers, and the gradients of the pooled gates and of
 // the candidate bias. Nothing sequence-sized is allocated besides grad_x.
-template <int kAttention>
+template <int kMapGate>
 struct PooledBackward {
   // Step t's tensors: its input (the candidate's X side), H_{t−1}, C_{t−1}, the pooled gates'
   // pre-activation gradients, and the state gradients read (in) and written (out).
@@ -440,19 +447,21 @@ struct PooledBackward {
         c0(c0_.contiguous()),
         output(output_.contiguous()),
         grad_output(grad_output_.contiguous()),
-        cell(saved[0].contiguous()),
-        candidate(saved[1].contiguous()),
-        gate_preact(saved[2].contiguous()),
+        cell(saved[pooled::kSavedCell].contiguous()),
+        candidate(saved[pooled::kSavedCandidate].contiguous()),
+        gate_preact(saved[pooled::kSavedGatePreact].contiguous()),
         grad_cand(at::empty_like(h0)),
         sums(at::empty({h0.size(0), h0.size(1), 4}, h0.options())),
         gates(at::empty_like(gate_preact[0])),
         grad_gate_preact(at::empty_like(gate_preact)),
-        grad_cand_bias(at::zeros_like(params[kCandBias])),
+        grad_cand_bias(at::zeros_like(params[pooled::kCandBias])),
         grad_x(at::empty(x.sizes(), x.options())),
         grad_h{at::empty_like(h0).copy_(grad_h_n), at::empty_like(h0)},
         grad_c{at::empty_like(c0).copy_(grad_c_n), at::empty_like(c0)},
-        cand_x(params[kCandDwX], params[kCandPwX], params[kGateWx], x[0], steps),
-        cand_h(params[kCandDwH], params[kCandPwH], params[kGateWh], h0, steps) {}
+        cand_x(params[pooled::kCandDwX], params[pooled::kCandPwX],
+               params[pooled::kGateWeightX], x[0], steps),
+        cand_h(params[pooled::kCandDwH], params[pooled::kCandPwH],
+               params[pooled::kGateWeightH], h0, steps) {}
 
   Step step(int64_t t) const {
     const int64_t in = (steps - 1 - t) % 2, out = 1 - in;
@@ -468,10 +477,10 @@ struct PooledBackward {
   }
 
   // The fused loop of step t (gated_planes_step_backward), with the map gate's A and dZ
-  // (kAttention ≥ 0).
+  // (c, d).
   void cell_backward(const Step& s, int64_t activation, const at::Tensor& map,
                      const at::Tensor& grad_z) {
-    gated_planes_step_backward<kAttention>(
+    gated_planes_step_backward<kMapGate>(
         gate_preact[s.t], activation, gates, sums, map, candidate[s.t], s.c_prev, cell[s.t],
         grad_output[s.t], s.grad_h_in, s.grad_c_in, grad_cand, s.grad_c_out, grad_z, s.dgp,
         grad_cand_bias);
@@ -482,14 +491,14 @@ struct PooledBackward {
   LayerResult result(std::vector<at::Tensor> grads) const {
     const int64_t n = steps * x.size(1);
     const at::Tensor grad_gp = grad_gate_preact.view({n, -1});
-    grads[kGateWx] = at::mm(grad_gp.t(), cand_x.bars.view({n, -1}));
-    grads[kGateWh] = at::mm(grad_gp.t(), cand_h.bars.view({n, -1}));
-    grads[kGateBias] = grad_gp.sum(0);
-    grads[kCandDwX] = cand_x.grad_depthwise;
-    grads[kCandPwX] = cand_x.grad_pointwise;
-    grads[kCandDwH] = cand_h.grad_depthwise;
-    grads[kCandPwH] = cand_h.grad_pointwise;
-    grads[kCandBias] = grad_cand_bias;
+    grads[pooled::kGateWeightX] = at::mm(grad_gp.t(), cand_x.bars.view({n, -1}));
+    grads[pooled::kGateWeightH] = at::mm(grad_gp.t(), cand_h.bars.view({n, -1}));
+    grads[pooled::kGateBias] = grad_gp.sum(0);
+    grads[pooled::kCandDwX] = cand_x.grad_depthwise;
+    grads[pooled::kCandPwX] = cand_x.grad_pointwise;
+    grads[pooled::kCandDwH] = cand_h.grad_depthwise;
+    grads[pooled::kCandPwH] = cand_h.grad_pointwise;
+    grads[pooled::kCandBias] = grad_cand_bias;
     return {grad_x, grad_h[steps % 2], grad_c[steps % 2], grads};
   }
 };
@@ -527,6 +536,15 @@ struct AttentionFeaturesBackward {
     attention_features_backward(features, grad_features, grad_bias);
     x.backward(x_t, grad_features, at::Tensor(), grad_x_t, true);
     h.backward(h_prev, grad_features, at::Tensor(), grad_h_prev, true);
+  }
+
+  // After the last step: the gradients of F's parameters into grads (cells::attention).
+  void gradients(std::vector<at::Tensor>& grads) const {
+    grads[attention::kAttDwX] = x.grad_depthwise;
+    grads[attention::kAttPwX] = x.grad_pointwise;
+    grads[attention::kAttDwH] = h.grad_depthwise;
+    grads[attention::kAttPwH] = h.grad_pointwise;
+    grads[attention::kAttBias] = grad_bias;
   }
 };
 

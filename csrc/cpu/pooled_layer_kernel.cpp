@@ -14,8 +14,8 @@
 // fresh multi-MB allocation, paid in page faults (measured: a 6.4 MB depthwise output took
 // 4.6 ms freshly allocated vs 0.9 ms in reused memory). Everything else lives in step buffers
 // reused across steps.
-// Saved for backward (native.py NATIVE_SAVED_SPECS["a"]): cell C_t and candidate G [T, B, C, H, W]
-// (NCHW, where the CUDA kernels save channels-last: native.py NCHW_SAVED), gate_preact [T, B, 3C].
+// Parameters and saved tensors: cells.h kPooledLayer (saved: cell C_t and candidate G
+// [T, B, C, H, W], NCHW where the CUDA kernels save channels-last, gate_preact [T, B, 3C]).
 #include <array>
 
 #include "cpu/pooled_cell.h"
@@ -24,36 +24,15 @@ namespace convlstm_fast {
 namespace cpu {
 namespace {
 
-constexpr const char* kOp = "pooled_layer";
-constexpr const char* kBackwardOp = "pooled_layer_backward";
-
-std::vector<ParamSpec> param_specs(int64_t cin, int64_t c, int64_t k) {
-  return {{"gate_weight_x", {3 * c, cin}}, {"gate_weight_h", {3 * c, c}},
-          {"gate_bias", {3 * c}},          {"cand_dw_x", {cin, 1, k, k}},
-          {"cand_pw_x", {c, cin}},         {"cand_dw_h", {c, 1, k, k}},
-          {"cand_pw_h", {c, c}},           {"cand_bias", {c}}};
-}
-
-// NCHW, unlike the CUDA kernels' channels-last (native.py NCHW_SAVED).
-std::vector<std::vector<int64_t>> saved_shapes(const at::Tensor& x, int64_t c) {
-  const int64_t t = x.size(0), b = x.size(1), h = x.size(3), w = x.size(4);
-  return {{t, b, c, h, w}, {t, b, c, h, w}, {t, b, 3 * c}};
-}
+constexpr const cells::Cell& kCell = cells::kPooledLayer;
 
 LayerResult pooled_layer_forward(const at::Tensor& x, const at::Tensor& h0, const at::Tensor& c0,
                                  at::TensorList params_in, int64_t gate_activation, bool save) {
   const std::vector<at::Tensor> params = contiguous_params(params_in);
-  const int64_t k = kernel_size_of(kOp, params, kCandDwX, kPooledParams);
-  TORCH_CHECK(x.dim() == 5 && h0.dim() == 4, kOp, ": x must be [T, B, Cin, H, W], h0 [B, C, H, W]");
-  check_layer_inputs(kOp, x, h0, c0, params, param_specs(x.size(2), h0.size(1), k),
-                     gate_activation);
-  const int64_t steps = x.size(0), batch = x.size(1), cin = x.size(2), height = x.size(3),
-                width = x.size(4), channels = h0.size(1), pixels = height * width;
-  const auto shapes = saved_shapes(x, channels);
-  if (steps == 0 || batch * pixels * channels == 0 || cin == 0) {
-    return empty_layer_result(x, h0, c0, shapes);
-  }
-  PooledForward<-1> fwd(x, h0, c0, params, gate_activation, shapes, save);
+  const LayerCall call = check_forward(kCell, pooled::kCandDwX, x, h0, c0, params, gate_activation);
+  if (call.empty) return empty_layer_result(x, h0, c0, call.saved_shapes);
+  const int64_t steps = x.size(0);
+  PooledForward<kCell.map_gate()> fwd(x, h0, c0, params, gate_activation, call.saved_shapes, save);
   for (int64_t t = 0; t < steps; ++t) fwd.cell_step(t, fwd.x[t], false, at::Tensor());
   return fwd.result({});
 }
@@ -72,19 +51,12 @@ LayerResult pooled_layer_backward(const at::Tensor& grad_output, const at::Tenso
                                   at::TensorList params_in, const at::Tensor& output,
                                   at::TensorList saved, int64_t gate_activation) {
   const std::vector<at::Tensor> params = contiguous_params(params_in);
-  const int64_t k = kernel_size_of(kBackwardOp, params, kCandDwX, kPooledParams);
-  TORCH_CHECK(x.dim() == 5 && h0.dim() == 4, kBackwardOp,
-              ": x must be [T, B, Cin, H, W], h0 [B, C, H, W]");
-  check_layer_inputs(kBackwardOp, x, h0, c0, params, param_specs(x.size(2), h0.size(1), k),
-                     gate_activation);
-  const int64_t steps = x.size(0), batch = x.size(1), cin = x.size(2), height = x.size(3),
-                width = x.size(4), channels = h0.size(1), pixels = height * width;
-  check_backward_inputs(kBackwardOp, grad_output, grad_h_n, grad_c_n, x, h0, output, saved,
-                        saved_shapes(x, channels));
-  if (steps == 0 || batch * pixels * channels == 0 || cin == 0) {
-    return empty_layer_grads(x, grad_h_n, grad_c_n, params);
-  }
-  PooledBackward<-1> back(grad_output, grad_h_n, grad_c_n, x, h0, c0, params, output, saved);
+  const LayerCall call = check_backward(kCell, pooled::kCandDwX, grad_output, grad_h_n, grad_c_n,
+                                        x, h0, c0, params, output, saved, gate_activation);
+  if (call.empty) return empty_layer_grads(x, grad_h_n, grad_c_n, params);
+  const int64_t steps = x.size(0);
+  PooledBackward<kCell.map_gate()> back(grad_output, grad_h_n, grad_c_n, x, h0, c0, params,
+                                        output, saved);
   for (int64_t t = steps - 1; t >= 0; --t) {
     const auto s = back.step(t);
     back.cell_backward(s, gate_activation, at::Tensor(), at::Tensor());
@@ -94,15 +66,13 @@ LayerResult pooled_layer_backward(const at::Tensor& grad_output, const at::Tenso
     back.cand_x.load(t, s.x);
     back.cand_x.backward(s.x, back.grad_cand, s.dgp, back.grad_x[t], false);
   }
-  return back.result(std::vector<at::Tensor>(kPooledParams));
+  return back.result(std::vector<at::Tensor>(kCell.parameters.size));
 }
 
 }  // namespace
 
 TORCH_LIBRARY_IMPL(convlstm_fast, CPU, m) {
-  m.impl("pooled_layer", &training_forward<pooled_layer_forward>);
-  m.impl("pooled_layer_inference", &inference_forward<pooled_layer_forward>);
-  m.impl("pooled_layer_backward", &pooled_layer_backward);
+  register_layer_kernels<pooled_layer_forward>(m, kCell, &pooled_layer_backward);
 }
 
 }  // namespace cpu

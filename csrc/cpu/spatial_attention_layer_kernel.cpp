@@ -10,9 +10,9 @@
 // adds two SepConvs feeding F (X_t's is computed per step like the rest: the per-step GEMM runs
 // at the full matmul rate, and a sequence-sized X-side term would cost a fresh multi-MB buffer),
 // Z as the per-channel stencils of W_z summed over the channels, and the softmax per sample.
-// Saved (native.py NATIVE_SAVED_SPECS["b"]): cell and candidate [T, B, C, H, W] (NCHW:
-// native.py NCHW_SAVED), gate_preact [T, B, 3C], attention A [T, B, H, W]; F and X̃ are
-// recomputed step by step in backward.
+// Parameters and saved tensors: cells.h kSpatialAttentionLayer (saved: cell and candidate
+// [T, B, C, H, W], NCHW where the CUDA kernels save channels-last, gate_preact [T, B, 3C], the map
+// A [T, B, H, W]); F and X̃ are recomputed step by step in backward.
 #include <array>
 
 #include "cpu/pooled_cell.h"
@@ -21,25 +21,8 @@ namespace convlstm_fast {
 namespace cpu {
 namespace {
 
-constexpr const char* kOp = "spatial_attention_layer";
-constexpr const char* kBackwardOp = "spatial_attention_layer_backward";
-
-enum Param { kAttDwX = kPooledParams, kAttPwX, kAttDwH, kAttPwH, kAttBias, kAttWz, kNumParams };
-
-std::vector<ParamSpec> param_specs(int64_t cin, int64_t c, int64_t k) {
-  return {{"gate_weight_x", {3 * c, cin}}, {"gate_weight_h", {3 * c, c}},
-          {"gate_bias", {3 * c}},          {"cand_dw_x", {cin, 1, k, k}},
-          {"cand_pw_x", {c, cin}},         {"cand_dw_h", {c, 1, k, k}},
-          {"cand_pw_h", {c, c}},           {"cand_bias", {c}},
-          {"att_dw_x", {cin, 1, k, k}},    {"att_pw_x", {c, cin}},
-          {"att_dw_h", {c, 1, k, k}},      {"att_pw_h", {c, c}},
-          {"att_bias", {c}},               {"att_weight_z", {1, c, k, k}}};
-}
-
-std::vector<std::vector<int64_t>> saved_shapes(const at::Tensor& x, int64_t c) {
-  const int64_t t = x.size(0), b = x.size(1), h = x.size(3), w = x.size(4);
-  return {{t, b, c, h, w}, {t, b, c, h, w}, {t, b, 3 * c}, {t, b, h, w}};
-}
+constexpr const cells::Cell& kCell = cells::kSpatialAttentionLayer;
+namespace spatial = cells::spatial_attention;
 
 // One plane: out = a∘x, returning Σ out.
 template <typename scalar_t>
@@ -55,28 +38,29 @@ CONVLSTM_CPU_MULTIVERSION scalar_t attend_plane(int64_t n, const scalar_t* __res
   return sum;
 }
 
-// One channel's pixels [0, n) of X̃ = A∘X in backward: grad_x = a∘grad_att, grad_a += grad_att∘x.
+// One channel's pixels [0, n) of X̃ = A∘X in backward: grad_x = a∘grad_attended (dX = A∘dX̃),
+// grad_a += grad_attended∘x (dA += dX̃∘X).
 template <typename scalar_t>
 CONVLSTM_CPU_MULTIVERSION void attend_plane_backward(int64_t n, const scalar_t* __restrict__ a,
                                                      const scalar_t* __restrict__ x,
-                                                     const scalar_t* __restrict__ grad_att,
+                                                     const scalar_t* __restrict__ grad_attended,
                                                      scalar_t* __restrict__ grad_x,
                                                      scalar_t* __restrict__ grad_a) {
   for (int64_t e = 0; e < n; ++e) {
-    grad_x[e] = a[e] * grad_att[e];
-    grad_a[e] += grad_att[e] * x[e];
+    grad_x[e] = a[e] * grad_attended[e];
+    grad_a[e] += grad_attended[e] * x[e];
   }
 }
 
 // One step's X̃ = A∘X_t [B, Cin, H, W] (A [B, H, W]) and, when x_bar is defined, x̄ = GAP(X̃)
 // [B, Cin].
-void attend(const at::Tensor& x_att, const at::Tensor& x_bar, const at::Tensor& attention,
+void attend(const at::Tensor& x_attended, const at::Tensor& x_bar, const at::Tensor& map,
             const at::Tensor& x_t) {
   const int64_t cin = x_t.size(1), pixels = x_t.size(2) * x_t.size(3);
   AT_DISPATCH_FLOATING_TYPES(x_t.scalar_type(), "attend", [&] {
-    const scalar_t* a = attention.data_ptr<scalar_t>();
+    const scalar_t* a = map.data_ptr<scalar_t>();
     const scalar_t* x = x_t.data_ptr<scalar_t>();
-    scalar_t* out = x_att.data_ptr<scalar_t>();
+    scalar_t* out = x_attended.data_ptr<scalar_t>();
     scalar_t* bar = x_bar.defined() ? x_bar.data_ptr<scalar_t>() : nullptr;
     parallel_over_planes(x_t.size(0), cin, [&](int64_t b, int64_t c) {
       const int64_t offset = (b * cin + c) * pixels;
@@ -86,16 +70,17 @@ void attend(const at::Tensor& x_att, const at::Tensor& x_bar, const at::Tensor& 
   });
 }
 
-// Backward of X̃ = A∘X_t and A = softmax_HW(Z), one step: given dX̃ `grad_att` [B, Cin, H, W],
-// writes dX_t = A∘dX̃ into grad_x and dZ = A∘(dA − Σ_p A_p dA_p), dA_p = Σ_cin dX̃_p∘X_p, into
-// grad_z [B, 1, H, W]. Parallel over pixel ranges, channels in order within each.
-void attend_backward(const at::Tensor& grad_att, const at::Tensor& x_t, const at::Tensor& attention,
+// Backward of X̃ = A∘X_t and A = softmax_HW(Z), one step: given dX̃ `grad_attended`
+// [B, Cin, H, W], writes dX_t = A∘dX̃ into grad_x and dZ = A∘(dA − Σ_p A_p dA_p),
+// dA_p = Σ_cin dX̃_p∘X_p, into grad_z [B, 1, H, W]. Parallel over pixel ranges, channels in order
+// within each.
+void attend_backward(const at::Tensor& grad_attended, const at::Tensor& x_t, const at::Tensor& map,
                      const at::Tensor& grad_x, const at::Tensor& grad_z) {
   const int64_t batch = x_t.size(0), cin = x_t.size(1), pixels = x_t.size(2) * x_t.size(3);
   AT_DISPATCH_FLOATING_TYPES(x_t.scalar_type(), "attend_backward", [&] {
-    const scalar_t* a = attention.data_ptr<scalar_t>();
+    const scalar_t* a = map.data_ptr<scalar_t>();
     const scalar_t* x = x_t.data_ptr<scalar_t>();
-    const scalar_t* gatt = grad_att.data_ptr<scalar_t>();
+    const scalar_t* gx_attended = grad_attended.data_ptr<scalar_t>();
     scalar_t* gx = grad_x.data_ptr<scalar_t>();
     scalar_t* gz = grad_z.data_ptr<scalar_t>();
     parallel_over_pixels(batch, pixels, [&](int64_t b, int64_t, int64_t begin, int64_t end) {
@@ -103,8 +88,8 @@ void attend_backward(const at::Tensor& grad_att, const at::Tensor& x_t, const at
       for (int64_t p = 0; p < end - begin; ++p) ga[p] = scalar_t(0);
       for (int64_t c = 0; c < cin; ++c) {
         const int64_t offset = (b * cin + c) * pixels + begin;
-        attend_plane_backward(end - begin, a + b * pixels + begin, x + offset, gatt + offset,
-                              gx + offset, ga);
+        attend_plane_backward(end - begin, a + b * pixels + begin, x + offset,
+                              gx_attended + offset, gx + offset, ga);
       }
     });
     for (int64_t b = 0; b < batch; ++b) {
@@ -117,19 +102,21 @@ void attend_backward(const at::Tensor& grad_att, const at::Tensor& x_t, const at
   });
 }
 
-// Z = W_z * F, the attention's full K×K conv from C channels to 1, as C depthwise stencils summed.
-struct AttentionFeatures {
+// The map from the features: Z = W_z * F, the attention's full K×K conv from C channels to 1, as
+// C depthwise stencils summed, and A = softmax_HW(Z).
+struct SpatialMap {
   at::Tensor taps_z;  // W_z [1, C, K, K] as [C, 1, K, K]: one stencil per channel of F
-  explicit AttentionFeatures(const at::Tensor& weight_z)
+  explicit SpatialMap(const at::Tensor& weight_z)
       : taps_z(weight_z.view({weight_z.size(1), 1, weight_z.size(2), weight_z.size(3)})) {}
 
-  // A [B, H, W] = softmax_HW(W_z * F), with `scratch` [B, C, H, W] for the per-channel stencils.
-  void attention(const at::Tensor& out, const at::Tensor& features, const at::Tensor& scratch,
-                 const at::Tensor& z) const {
+  // map A [B, H, W] = softmax_HW(Z), logits Z [B, H, W] = W_z * F, with `scratch` [B, C, H, W]
+  // for the per-channel stencils.
+  void compute(const at::Tensor& map, const at::Tensor& features, const at::Tensor& scratch,
+               const at::Tensor& logits) const {
     depthwise_conv_planes(scratch, features, taps_z, false, at::Tensor());
-    at::Tensor z_out = z, a_out = out.view({features.size(0), -1});
-    at::sum_out(z_out, scratch, {1});
-    at::_softmax_out(a_out, z.view({features.size(0), -1}), 1, false);
+    at::Tensor logits_out = logits, map_out = map.view({features.size(0), -1});
+    at::sum_out(logits_out, scratch, {1});
+    at::_softmax_out(map_out, logits.view({features.size(0), -1}), 1, false);
   }
 };
 
@@ -137,36 +124,31 @@ LayerResult spatial_attention_layer_forward(const at::Tensor& x, const at::Tenso
                                             const at::Tensor& c0, at::TensorList params_in,
                                             int64_t gate_activation, bool save) {
   const std::vector<at::Tensor> params = contiguous_params(params_in);
-  const int64_t k = kernel_size_of(kOp, params, kCandDwX, kNumParams);
-  TORCH_CHECK(x.dim() == 5 && h0.dim() == 4, kOp, ": x must be [T, B, Cin, H, W], h0 [B, C, H, W]");
-  check_layer_inputs(kOp, x, h0, c0, params, param_specs(x.size(2), h0.size(1), k),
-                     gate_activation);
+  const LayerCall call = check_forward(kCell, pooled::kCandDwX, x, h0, c0, params, gate_activation);
+  const auto& shapes = call.saved_shapes;
+  if (call.empty) return empty_layer_result(x, h0, c0, shapes);
   const int64_t steps = x.size(0), batch = x.size(1), cin = x.size(2), height = x.size(3),
-                width = x.size(4), c = h0.size(1), pixels = height * width;
-  const auto shapes = saved_shapes(x, c);
-  if (steps == 0 || batch * pixels * c == 0 || cin == 0) {
-    return empty_layer_result(x, h0, c0, shapes);
-  }
+                width = x.size(4), c = h0.size(1);
   const at::TensorOptions options = x.options();
-  PooledForward<-1> fwd(x, h0, c0, params, gate_activation, shapes, save);
+  PooledForward<kCell.map_gate()> fwd(x, h0, c0, params, gate_activation, shapes, save);
   // Without `save`, A in one step buffer.
-  const StepBuffers attention(shapes[3], options, save, 1);
+  const StepBuffers map(shapes[spatial::kSavedMap], options, save, 1);
   // Step buffers, reused.
-  const at::Tensor x_att = at::empty({batch, cin, height, width}, options);
+  const at::Tensor x_attended = at::empty({batch, cin, height, width}, options);
   const at::Tensor features = at::empty({batch, c, height, width}, options);
   const at::Tensor scratch = at::empty({batch, c, height, width}, options);
-  const at::Tensor z = at::empty({batch, height, width}, options);
-  const AttentionFeatures att(params[kAttWz]);
+  const at::Tensor logits = at::empty({batch, height, width}, options);
+  const SpatialMap spatial_map(params[spatial::kAttWeightZ]);
   for (int64_t t = 0; t < steps; ++t) {
     // Attention: F, A = softmax(W_z * F), X̃ = A∘X_t and its GAP; then cell (a) on X̃.
-    fwd.sepconvs(t, features, params[kAttDwX], params[kAttPwX], params[kAttDwH],
-                 params[kAttPwH]);
-    attention_features(features, params[kAttBias]);
-    att.attention(attention[t], features, scratch, z);
-    attend(x_att, fwd.x_bar, attention[t], fwd.x[t]);
-    fwd.cell_step(t, x_att, true, at::Tensor());
+    fwd.sepconvs(t, features, params[attention::kAttDwX], params[attention::kAttPwX],
+                 params[attention::kAttDwH], params[attention::kAttPwH]);
+    attention_features(features, params[attention::kAttBias]);
+    spatial_map.compute(map[t], features, scratch, logits);
+    attend(x_attended, fwd.x_bar, map[t], fwd.x[t]);
+    fwd.cell_step(t, x_attended, true, at::Tensor());
   }
-  return fwd.result({attention.all()});
+  return fwd.result({map.all()});
 }
 
 // Reverse time, per step: F and X̃ recomputed, then
@@ -184,46 +166,41 @@ LayerResult spatial_attention_layer_backward(const at::Tensor& grad_output,
                                              at::TensorList params_in, const at::Tensor& output,
                                              at::TensorList saved, int64_t gate_activation) {
   const std::vector<at::Tensor> params = contiguous_params(params_in);
-  const int64_t k = kernel_size_of(kBackwardOp, params, kCandDwX, kNumParams);
-  TORCH_CHECK(x.dim() == 5 && h0.dim() == 4, kBackwardOp,
-              ": x must be [T, B, Cin, H, W], h0 [B, C, H, W]");
-  check_layer_inputs(kBackwardOp, x, h0, c0, params, param_specs(x.size(2), h0.size(1), k),
-                     gate_activation);
+  const LayerCall call = check_backward(kCell, pooled::kCandDwX, grad_output, grad_h_n, grad_c_n,
+                                        x, h0, c0, params, output, saved, gate_activation);
+  if (call.empty) return empty_layer_grads(x, grad_h_n, grad_c_n, params);
   const int64_t steps = x.size(0), batch = x.size(1), cin = x.size(2), height = x.size(3),
-                width = x.size(4), c = h0.size(1), pixels = height * width;
-  check_backward_inputs(kBackwardOp, grad_output, grad_h_n, grad_c_n, x, h0, output, saved,
-                        saved_shapes(x, c));
-  if (steps == 0 || batch * pixels * c == 0 || cin == 0) {
-    return empty_layer_grads(x, grad_h_n, grad_c_n, params);
-  }
+                width = x.size(4), c = h0.size(1), k = call.kernel_size;
   const at::TensorOptions options = x.options();
-  PooledBackward<-1> back(grad_output, grad_h_n, grad_c_n, x, h0, c0, params, output, saved);
-  const at::Tensor attention = saved[3].contiguous();
-  AttentionFeaturesBackward att_f(params[kAttDwX], params[kAttPwX], params[kAttDwH],
-                                  params[kAttPwH], params[kAttBias], back.x[0], back.h0, steps);
-  const AttentionFeatures att(params[kAttWz]);
+  PooledBackward<kCell.map_gate()> back(grad_output, grad_h_n, grad_c_n, x, h0, c0, params,
+                                        output, saved);
+  const at::Tensor map = saved[spatial::kSavedMap].contiguous();
+  AttentionFeaturesBackward att_f(params[attention::kAttDwX], params[attention::kAttPwX],
+                                  params[attention::kAttDwH], params[attention::kAttPwH],
+                                  params[attention::kAttBias], back.x[0], back.h0, steps);
+  const SpatialMap spatial_map(params[spatial::kAttWeightZ]);
   // Step buffers, reused.
-  const at::Tensor x_att = at::empty({batch, cin, height, width}, options);
-  const at::Tensor grad_x_att = at::empty({batch, cin, height, width}, options);
+  const at::Tensor x_attended = at::empty({batch, cin, height, width}, options);
+  const at::Tensor grad_x_attended = at::empty({batch, cin, height, width}, options);
   const at::Tensor features = at::empty({batch, c, height, width}, options);
   const at::Tensor grad_features = at::empty({batch, c, height, width}, options);
   const at::Tensor grad_z = at::empty({batch, 1, height, width}, options);
-  const at::Tensor grad_weight_z = at::zeros_like(params[kAttWz]);
+  const at::Tensor grad_weight_z = at::zeros_like(params[spatial::kAttWeightZ]);
   const at::Tensor grad_taps_z = grad_weight_z.view({c, 1, k, k});
 
   for (int64_t t = steps - 1; t >= 0; --t) {
     const auto s = back.step(t);
     // Recompute F and X̃.
     att_f.recompute(t, s.x, s.h_prev, features);
-    attend(x_att, at::Tensor(), attention[t], s.x);
-    back.cand_x.load(t, x_att);
+    attend(x_attended, at::Tensor(), map[t], s.x);
+    back.cand_x.load(t, x_attended);
     back.cand_h.load(t, s.h_prev);
     back.cell_backward(s, gate_activation, at::Tensor(), at::Tensor());
     // dX̃, then through X̃ = A∘X_t and the softmax to dZ, through Z = W_z * F to dF.
-    back.cand_x.backward(x_att, back.grad_cand, s.dgp, grad_x_att, false);
+    back.cand_x.backward(x_attended, back.grad_cand, s.dgp, grad_x_attended, false);
     const at::Tensor grad_x_t = back.grad_x[t];
-    attend_backward(grad_x_att, s.x, attention[t], grad_x_t, grad_z);
-    depthwise_conv_planes(grad_features, grad_z, att.taps_z, true, at::Tensor());
+    attend_backward(grad_x_attended, s.x, map[t], grad_x_t, grad_z);
+    depthwise_conv_planes(grad_features, grad_z, spatial_map.taps_z, true, at::Tensor());
     depthwise_weight_grad_planes(grad_taps_z, grad_z, features);
     // dH_{t−1}: the candidate's share with the pooled gates' as the planes' initial value; then
     // the attention features' shares of dX_t and dH_{t−1}.
@@ -231,23 +208,17 @@ LayerResult spatial_attention_layer_backward(const at::Tensor& grad_output,
     att_f.backward(s.x, s.h_prev, features, grad_features, grad_x_t, s.grad_h_out);
   }
 
-  std::vector<at::Tensor> grads(kNumParams);
-  grads[kAttDwX] = att_f.x.grad_depthwise;
-  grads[kAttPwX] = att_f.x.grad_pointwise;
-  grads[kAttDwH] = att_f.h.grad_depthwise;
-  grads[kAttPwH] = att_f.h.grad_pointwise;
-  grads[kAttBias] = att_f.grad_bias;
-  grads[kAttWz] = grad_weight_z;
+  std::vector<at::Tensor> grads(kCell.parameters.size);
+  att_f.gradients(grads);
+  grads[spatial::kAttWeightZ] = grad_weight_z;
   return back.result(std::move(grads));
 }
 
 }  // namespace
 
 TORCH_LIBRARY_IMPL(convlstm_fast, CPU, m) {
-  m.impl("spatial_attention_layer", &training_forward<spatial_attention_layer_forward>);
-  m.impl("spatial_attention_layer_inference",
-         &inference_forward<spatial_attention_layer_forward>);
-  m.impl("spatial_attention_layer_backward", &spatial_attention_layer_backward);
+  register_layer_kernels<spatial_attention_layer_forward>(m, kCell,
+                                                          &spatial_attention_layer_backward);
 }
 
 }  // namespace cpu

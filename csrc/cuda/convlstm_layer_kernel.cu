@@ -8,13 +8,17 @@
 // elementwise kernel per step gives dZ for the four gates, cuDNN's data gradient gives dH_{t−1},
 // and the weight gradients of all steps are one cuDNN weight-gradient call each after the loop.
 //
-// Saved (convlstm_fast/backends/native.py): cell [T, B, H, W, C] (C_t), gates [T, B, H, W, 4C]
-// (the pre-activations, rounded to x's dtype; the forward uses the rounded values too).
+// Parameters and saved tensors: cells.h kConvLSTMLayer (saved: cell C_t [T, B, H, W, C], the
+// gate pre-activations [T, B, H, W, 4C], rounded to x's dtype; the forward uses the rounded
+// values too).
 #include "layer_common.cuh"
 
 namespace convlstm_fast {
 namespace cuda {
 namespace {
+
+constexpr const cells::Cell& kCell = cells::kConvLSTMLayer;
+namespace convlstm = cells::convlstm;
 
 // Per element (pixel p, channel c) of one step; z rows are [4C] = (i, f, g, o) blocks.
 template <typename scalar_t>
@@ -83,59 +87,36 @@ struct ConvLSTMCellBackward {
   }
 };
 
-void check_convlstm_params(const Tensor& x, const Tensor& h0, at::TensorList params,
-                           const char* op) {
-  const int64_t cin = x.size(2), hidden = h0.size(1), k = params[1].size(-1);
-  TORCH_CHECK(k % 2 == 1, op, ": weight_h must have an odd kernel size, got ", k);
-  const std::vector<std::vector<int64_t>> shapes = {
-      {4 * hidden, cin, k, k}, {4 * hidden, hidden, k, k}, {4 * hidden}};
-  const char* names[] = {"weight_x", "weight_h", "bias"};
-  for (size_t i = 0; i < shapes.size(); ++i) {
-    TORCH_CHECK(params[i].sizes() == at::IntArrayRef(shapes[i]), op, ": parameter ", names[i],
-                " must have shape ", at::IntArrayRef(shapes[i]), ", got ", params[i].sizes());
-  }
-}
-
-std::vector<std::vector<int64_t>> convlstm_saved_shapes(const Tensor& x, int64_t hidden) {
-  const int64_t T = x.size(0), B = x.size(1), H = x.size(3), W = x.size(4);
-  return {{T, B, H, W, hidden}, {T, B, H, W, 4 * hidden}};
-}
-
 LayerResult convlstm_layer(const Tensor& x, const Tensor& h0, const Tensor& c0,
                            at::TensorList params, int64_t activation, bool save) {
-  const char* op = "convlstm_layer";
-  check_layer_inputs(x, h0, c0, params, {"weight_x", "weight_h", "bias"}, op);
-  check_convlstm_params(x, h0, params, op);
-  TORCH_CHECK(activation == kSigmoid || activation == kHardSigmoid, op,
-              ": gate_activation must be 0 (sigmoid) or 1 (hard_sigmoid), got ", activation);
+  const LayerCall call = check_forward(kCell, convlstm::kWeightH, x, h0, c0, params, activation);
+  if (call.empty) return empty_layer_result(x, h0, c0, call.saved_shapes);
   LayerDeviceGuard guard(x.device());
   const int64_t T = x.size(0), B = x.size(1), Cin = x.size(2), H = x.size(3), W = x.size(4);
   const int64_t C = h0.size(1), HW = H * W;
-  const auto saved_shapes = convlstm_saved_shapes(x, C);
-  if (T == 0 || B == 0 || C == 0 || HW == 0) {
-    std::vector<Tensor> saved;
-    for (const auto& s : saved_shapes) saved.push_back(at::zeros(s, x.options()));
-    return {at::zeros({T, B, C, H, W}, x.options()), h0.clone(), c0.clone(), saved};
-  }
   const auto dtype = x.scalar_type();
   // Input side for all steps: xz = W_x * X + b, channels-last rows [T·B·H·W, 4C].
   const Tensor xz = channels_last_copy(
-      same_conv(x.contiguous().view({T * B, Cin, H, W}), params[0], params[2]), dtype);
+      same_conv(x.contiguous().view({T * B, Cin, H, W}), params[convlstm::kWeightX],
+                params[convlstm::kBias]),
+      dtype);
   Tensor output_cl = at::empty({T, B, H, W, C}, x.options());
-  const SavedSteps saved(saved_shapes, x.options(), save);
+  const SavedSteps saved(call.saved_shapes, x.options(), save);
   Tensor cell_state = channels_last_copy(c0, acc_dtype(x));
   const int64_t total = B * HW * C;
   for (int64_t t = 0; t < T; ++t) {
     const Tensor h_prev = t == 0 ? h0 : nchw_view(output_cl[t - 1], B, H, W, C);
-    const Tensor hz = channels_last_copy(same_conv(h_prev, params[1], Tensor()), dtype);
+    const Tensor hz =
+        channels_last_copy(same_conv(h_prev, params[convlstm::kWeightH], Tensor()), dtype);
     AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, dtype, "convlstm_layer", [&] {
       using acc_t = at::opmath_type<scalar_t>;
       launch_elementwise(
           ConvLSTMCellForward<scalar_t>{
               xz.const_data_ptr<scalar_t>() + t * total * 4, hz.const_data_ptr<scalar_t>(),
               activation, cell_state.mutable_data_ptr<acc_t>(),
-              saved(1, t).mutable_data_ptr<scalar_t>(), output_cl[t].mutable_data_ptr<scalar_t>(),
-              saved(0, t).mutable_data_ptr<scalar_t>(), C},
+              saved(convlstm::kSavedGatePreact, t).mutable_data_ptr<scalar_t>(),
+              output_cl[t].mutable_data_ptr<scalar_t>(),
+              saved(convlstm::kSavedCell, t).mutable_data_ptr<scalar_t>(), C},
           total, x);
     });
   }
@@ -150,21 +131,12 @@ BackwardResult convlstm_layer_backward(const Tensor& grad_output, const Tensor& 
                                        const Tensor& c0, at::TensorList params,
                                        const Tensor& output, at::TensorList saved,
                                        int64_t activation) {
-  const char* op = "convlstm_layer_backward";
-  check_layer_inputs(x, h0, c0, params, {"weight_x", "weight_h", "bias"}, op);
-  check_convlstm_params(x, h0, params, op);
-  check_backward_inputs(grad_output, grad_h_n, grad_c_n, x, h0, output, op);
-  TORCH_CHECK(activation == kSigmoid || activation == kHardSigmoid, op,
-              ": gate_activation must be 0 (sigmoid) or 1 (hard_sigmoid), got ", activation);
+  const LayerCall call = check_backward(kCell, convlstm::kWeightH, grad_output, grad_h_n,
+                                        grad_c_n, x, h0, c0, params, output, saved, activation);
+  if (call.empty) return empty_backward_result(x, grad_h_n, grad_c_n, params);
   LayerDeviceGuard guard(x.device());
   const int64_t T = x.size(0), B = x.size(1), Cin = x.size(2), H = x.size(3), W = x.size(4);
   const int64_t C = h0.size(1), HW = H * W;
-  check_saved(saved, convlstm_saved_shapes(x, C), x, op);
-  if (T == 0 || B == 0 || C == 0 || HW == 0) {
-    std::vector<Tensor> grads;
-    for (const Tensor& p : params) grads.push_back(at::zeros_like(p));
-    return {at::zeros_like(x), grad_h_n.clone(), grad_c_n.clone(), grads};
-  }
   const auto dtype = x.scalar_type();
   const auto acc = acc_dtype(x);
   const Tensor grad_out_cl = channels_last_copy(grad_output.contiguous(), dtype);
@@ -175,35 +147,39 @@ BackwardResult convlstm_layer_backward(const Tensor& grad_output, const Tensor& 
   Tensor dz_all = at::empty({T, B, H, W, 4 * C}, x.options());
   const int64_t total = B * HW * C;
   for (int64_t t = T - 1; t >= 0; --t) {
-    const Tensor cell_prev = t == 0 ? c0_cl : saved[0][t - 1];
+    const Tensor cell_prev = t == 0 ? c0_cl : saved[convlstm::kSavedCell][t - 1];
     AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, dtype, "convlstm_layer_backward",
                                     [&] {
       using acc_t = at::opmath_type<scalar_t>;
       launch_elementwise(
           ConvLSTMCellBackward<scalar_t>{
               grad_out_cl[t].const_data_ptr<scalar_t>(), dh.const_data_ptr<acc_t>(),
-              dc.mutable_data_ptr<acc_t>(), saved[1][t].const_data_ptr<scalar_t>(),
-              saved[0][t].const_data_ptr<scalar_t>(), cell_prev.const_data_ptr<scalar_t>(),
+              dc.mutable_data_ptr<acc_t>(),
+              saved[convlstm::kSavedGatePreact][t].const_data_ptr<scalar_t>(),
+              saved[convlstm::kSavedCell][t].const_data_ptr<scalar_t>(),
+              cell_prev.const_data_ptr<scalar_t>(),
               activation, dz_all[t].mutable_data_ptr<scalar_t>(), C},
           total, x);
     });
     // dH_{t−1} = W_hᵀ ⋆ dZ_t (cuDNN data gradient)
     const Tensor h_prev = t == 0 ? h0 : output_c[t - 1];
     const Tensor dh_prev = std::get<0>(same_conv_backward(
-        nchw_view(dz_all[t], B, H, W, 4 * C), h_prev, params[1], true, false));
+        nchw_view(dz_all[t], B, H, W, 4 * C), h_prev, params[convlstm::kWeightH], true, false));
     dh.copy_(dh_prev.permute({0, 2, 3, 1}));
   }
   // Weight gradients over all steps at once.
   const Tensor dz_nchw = nchw_view(dz_all, T * B, H, W, 4 * C);
   const Tensor h_prev_all =
       at::cat({h0.unsqueeze(0), output_c.narrow(0, 0, T - 1)}, 0).view({T * B, C, H, W});
-  std::vector<Tensor> grad_params(3);
-  grad_params[1] =
-      std::get<1>(same_conv_backward(dz_nchw, h_prev_all, params[1], false, true)).contiguous();
+  std::vector<Tensor> grad_params(kCell.parameters.size);
+  grad_params[convlstm::kWeightH] =
+      std::get<1>(same_conv_backward(dz_nchw, h_prev_all, params[convlstm::kWeightH], false,
+                                     true))
+          .contiguous();
   auto [grad_x, grad_weight_x] = same_conv_backward(
-      dz_nchw, x.contiguous().view({T * B, Cin, H, W}), params[0], true, true);
-  grad_params[0] = grad_weight_x.contiguous();
-  grad_params[2] = dz_all.view({-1, 4 * C}).sum({0}, false, acc).to(dtype);
+      dz_nchw, x.contiguous().view({T * B, Cin, H, W}), params[convlstm::kWeightX], true, true);
+  grad_params[convlstm::kWeightX] = grad_weight_x.contiguous();
+  grad_params[convlstm::kBias] = dz_all.view({-1, 4 * C}).sum({0}, false, acc).to(dtype);
   return {grad_x.contiguous().view({T, B, Cin, H, W}), channels_first_copy(dh, dtype),
           channels_first_copy(dc, dtype), grad_params};
 }
@@ -213,8 +189,6 @@ BackwardResult convlstm_layer_backward(const Tensor& grad_output, const Tensor& 
 }  // namespace convlstm_fast
 
 TORCH_LIBRARY_IMPL(convlstm_fast, CONVLSTM_CUDA_DISPATCH_KEY, m) {
-  m.impl("convlstm_layer", &convlstm_fast::training_forward<convlstm_fast::cuda::convlstm_layer>);
-  m.impl("convlstm_layer_inference",
-         &convlstm_fast::inference_forward<convlstm_fast::cuda::convlstm_layer>);
-  m.impl("convlstm_layer_backward", &convlstm_fast::cuda::convlstm_layer_backward);
+  convlstm_fast::register_layer_kernels<convlstm_fast::cuda::convlstm_layer>(
+      m, convlstm_fast::cuda::kCell, &convlstm_fast::cuda::convlstm_layer_backward);
 }

@@ -1,5 +1,6 @@
-// Shared pieces of the CUDA layer ops: argument checks, channels-last layout helpers, and the
-// depthwise K×K convolution kernels (forward, transposed, weight gradient) on channels-last rows.
+// Shared pieces of the CUDA layer ops: argument checks against a cell's layout (csrc/cells.h),
+// results of empty calls, channels-last layout helpers, and the depthwise K×K convolution kernels
+// (forward, transposed, weight gradient) on channels-last rows.
 //
 // Layout (shared/KERNELS.md "Layout"): inside an op every map is channels-last, a tensor
 // [N, H, W, Cc] whose rows are pixels; a depthwise tap reads the same channel of a neighbour
@@ -27,10 +28,12 @@
 
 #include <algorithm>
 #include <string>
+#include <string_view>
 #include <tuple>
 #include <vector>
 
 #include "cell_math.h"
+#include "cells.h"
 
 // The dispatch key the kernels register for (TORCH_LIBRARY_IMPL in each *_kernel.cu): CUDA; the
 // test-only emulation build (-DCONVLSTM_CUDA_EMULATE, see tests/test_native_cuda.py) runs the
@@ -185,7 +188,7 @@ void launch_tile_reduce(const F& f, int64_t gx, int64_t gy, int64_t gz, const Te
 // ---------------------------------------------------------------------------------------------
 // Argument checks (messages name the argument and what was expected).
 
-inline void check_cuda_tensor(const Tensor& t, const char* name, const Tensor& x) {
+inline void check_cuda_tensor(const Tensor& t, std::string_view name, const Tensor& x) {
   TORCH_CHECK(t.defined(), name, " must be a defined tensor");
   TORCH_CHECK(t.is_cuda() || !kRequireCuda, name, " must be a CUDA tensor, got device ",
               t.device());
@@ -195,10 +198,12 @@ inline void check_cuda_tensor(const Tensor& t, const char* name, const Tensor& x
               x.scalar_type(), ", got ", t.scalar_type());
 }
 
-// x [T, B, Cin, H, W]; h0, c0 [B, C, H, W]; params: `expected` names, same device and dtype.
-inline void check_layer_inputs(const Tensor& x, const Tensor& h0, const Tensor& c0,
-                               at::TensorList params, const std::vector<const char*>& expected,
-                               const char* op) {
+// x [T, B, Cin, H, W]; h0, c0 [B, C, H, W]; params: one tensor per entry of `parameters`
+// (cells.h), on x's device with x's dtype and the entry's shape; gate_activation 0 or 1. K is
+// read from the parameter at `kernel_index` (odd) and returned.
+inline int64_t check_layer_inputs(const Tensor& x, const Tensor& h0, const Tensor& c0,
+                                  at::TensorList params, cells::NamedShapes parameters,
+                                  int kernel_index, int64_t activation, const std::string& op) {
   TORCH_CHECK(x.dim() == 5, op, ": x must be [T, B, Cin, H, W], got ", x.sizes());
   TORCH_CHECK(x.is_cuda() || !kRequireCuda, op, ": x must be a CUDA tensor, got device ",
               x.device());
@@ -212,16 +217,29 @@ inline void check_layer_inputs(const Tensor& x, const Tensor& h0, const Tensor& 
               op, ": h0 must be [B, C, H, W] with B, H, W of x ", x.sizes(), ", got ", h0.sizes());
   TORCH_CHECK(c0.sizes() == h0.sizes(), op, ": c0 must have h0's shape ", h0.sizes(), ", got ",
               c0.sizes());
-  TORCH_CHECK(params.size() == expected.size(), op, ": params must be ", expected.size(),
+  TORCH_CHECK(params.size() == parameters.size, op, ": params must be ", parameters.size,
               " tensors, got ", params.size());
   for (size_t i = 0; i < params.size(); ++i) {
-    check_cuda_tensor(params[i], expected[i], x);
+    check_cuda_tensor(params[i], parameters[i].name, x);
   }
+  TORCH_CHECK(activation == kSigmoid || activation == kHardSigmoid, op,
+              ": gate_activation must be 0 (sigmoid) or 1 (hard_sigmoid), got ", activation);
+  const int64_t k = params[kernel_index].size(-1);
+  TORCH_CHECK(k % 2 == 1, op, ": ", parameters[kernel_index].name,
+              " must have an odd kernel size, got ", k);
+  const cells::Sizes sizes = cells::layer_sizes(x, h0, k);
+  for (size_t i = 0; i < params.size(); ++i) {
+    const std::vector<int64_t> shape = cells::shape_of(parameters[i], sizes);
+    TORCH_CHECK(params[i].sizes() == at::IntArrayRef(shape), op, ": parameter ",
+                parameters[i].name, " must have shape ", at::IntArrayRef(shape), ", got ",
+                params[i].sizes());
+  }
+  return k;
 }
 
 inline void check_backward_inputs(const Tensor& grad_output, const Tensor& grad_h_n,
                                   const Tensor& grad_c_n, const Tensor& x, const Tensor& h0,
-                                  const Tensor& output, const char* op) {
+                                  const Tensor& output, const std::string& op) {
   check_cuda_tensor(grad_output, "grad_output", x);
   check_cuda_tensor(grad_h_n, "grad_h_n", x);
   check_cuda_tensor(grad_c_n, "grad_c_n", x);
@@ -238,7 +256,7 @@ inline void check_backward_inputs(const Tensor& grad_output, const Tensor& grad_
 }
 
 inline void check_saved(at::TensorList saved, const std::vector<std::vector<int64_t>>& shapes,
-                        const Tensor& x, const char* op) {
+                        const Tensor& x, const std::string& op) {
   TORCH_CHECK(saved.size() == shapes.size(), op, ": saved must hold ", shapes.size(),
               " tensors (from the forward), got ", saved.size());
   for (size_t i = 0; i < shapes.size(); ++i) {
@@ -246,6 +264,59 @@ inline void check_saved(at::TensorList saved, const std::vector<std::vector<int6
     TORCH_CHECK(saved[i].sizes() == at::IntArrayRef(shapes[i]), op, ": saved[", i, "] must be ",
                 at::IntArrayRef(shapes[i]), ", got ", saved[i].sizes());
   }
+}
+
+using cells::LayerCall;
+
+// Nothing to compute: T, B, C or H·W is 0.
+inline bool nothing_to_compute(const Tensor& x, const Tensor& h0) {
+  return x.size(0) == 0 || x.size(1) == 0 || h0.size(1) == 0 || x.size(3) * x.size(4) == 0;
+}
+
+// Checks the forward inputs of `cell`'s op (check_layer_inputs) and returns the call's K, the
+// shapes of what the forward saves (cells.h saved_cuda) and whether T, B, C or H·W is 0
+// (nothing to compute).
+inline LayerCall check_forward(const cells::Cell& cell, int kernel_index, const Tensor& x,
+                               const Tensor& h0, const Tensor& c0, at::TensorList params,
+                               int64_t activation) {
+  const int64_t k = check_layer_inputs(x, h0, c0, params, cell.parameters, kernel_index,
+                                       activation, std::string(cell.op));
+  return {k, cells::shapes_of(cell.saved_cuda, cells::layer_sizes(x, h0, k)),
+          nothing_to_compute(x, h0)};
+}
+
+// The same for `<op>_backward`, with its own inputs: the gradients, `output` and `saved`.
+inline LayerCall check_backward(const cells::Cell& cell, int kernel_index,
+                                const Tensor& grad_output, const Tensor& grad_h_n,
+                                const Tensor& grad_c_n, const Tensor& x, const Tensor& h0,
+                                const Tensor& c0, at::TensorList params, const Tensor& output,
+                                at::TensorList saved, int64_t activation) {
+  const std::string op = std::string(cell.op) + "_backward";
+  const int64_t k =
+      check_layer_inputs(x, h0, c0, params, cell.parameters, kernel_index, activation, op);
+  check_backward_inputs(grad_output, grad_h_n, grad_c_n, x, h0, output, op);
+  LayerCall call{k, cells::shapes_of(cell.saved_cuda, cells::layer_sizes(x, h0, k)),
+                 nothing_to_compute(x, h0)};
+  check_saved(saved, call.saved_shapes, x, op);
+  return call;
+}
+
+// The result of a layer with nothing to compute (T, B, C, H or W is 0): zero output, copies of
+// h0 and c0, and zero saved tensors of the given shapes.
+inline LayerResult empty_layer_result(const Tensor& x, const Tensor& h0, const Tensor& c0,
+                                      const std::vector<std::vector<int64_t>>& saved_shapes) {
+  std::vector<Tensor> saved;
+  for (const auto& s : saved_shapes) saved.push_back(at::zeros(s, x.options()));
+  Tensor output = at::zeros({x.size(0), x.size(1), h0.size(1), x.size(3), x.size(4)}, x.options());
+  return {output, h0.clone(), c0.clone(), saved};
+}
+
+// Its backward: the initial state's gradients are the final state's, the rest zero.
+inline BackwardResult empty_backward_result(const Tensor& x, const Tensor& grad_h_n,
+                                            const Tensor& grad_c_n, at::TensorList params) {
+  std::vector<Tensor> grads;
+  for (const Tensor& p : params) grads.push_back(at::zeros_like(p));
+  return {at::zeros_like(x), grad_h_n.clone(), grad_c_n.clone(), grads};
 }
 
 // ---------------------------------------------------------------------------------------------

@@ -1,12 +1,14 @@
-// The fused per-step epilogue of the pooled-gate cells (a, b, c, d) and its backward.
+// What the pooled cells' CUDA kernels share: the fused per-step epilogue of a, b, c, d and its
+// backward, and the weight gradients of the attention features F of b, c, d.
 //
-// shared/SPEC.md (a), (c), (d): per sample b, channel c and pixel p
-//   G = tanh(zc[b, p, c])                              (candidate; zc already holds both SepConvs + b_c)
+// shared/SPEC.md (a)–(d): per sample b, channel c and pixel p
+//   G = tanh(cand_preact[b, p, c])       (cand_preact already holds both SepConvs + b_c)
 //   gates σ(gate_pre[b, ·]) are per (b, c); for c/d one gate is the attention map
 //   A[b, p, c] = exp(Z[b, p, c] − max_p Z[b, p, c])    (input gate for c, output gate for d)
 //   C_t = f∘C_{t−1} + i∘G,  H_t = o∘tanh(C_t)
 // and the forward also sums H_t over the pixels (the next step's GAP(H_t)).
-// Gate order in gate_pre: (i, f, o) without attention, (f, o) for c, (i, f) for d.
+// Gate order in gate_pre (cells.h Cell::gates): (i, f, o) for a and b, (f, o) for c, (i, f) for
+// d; `map_gate` (cells.h MapGate) says which gate A replaces.
 //
 // Both are tile reductions (layer_common.cuh): a block is kTileC channels × kRows pixel rows of one
 // sample and one split of the pixels; the pixel sums are per-block partials [split, B, ·] that the
@@ -19,21 +21,23 @@ namespace convlstm_fast {
 namespace cuda {
 namespace {
 
-// Which gate the channel attention replaces.
-enum AttentionGate : int { kNoAttention = 0, kInputAttention = 1, kOutputAttention = 2 };
+namespace pooled = cells::pooled;
+namespace attention = cells::attention;
 
-__host__ __device__ inline int pooled_gate_count(int attention_gate) { return attention_gate == kNoAttention ? 3 : 2; }
+__host__ __device__ inline int pooled_gate_count(int map_gate) {
+  return map_gate == cells::kNoMapGate ? 3 : 2;
+}
 
-// The per-(b, c) pooled gates (i, f, o); the attention gate's slot is left at 1.
+// The per-(b, c) pooled gates (i, f, o); the map gate's slot is left at 1.
 template <typename acc_t, typename scalar_t>
 __host__ __device__ inline void pooled_gates(const scalar_t* gate_pre, int64_t channels, int64_t c,
-                                             int attention_gate, int64_t activation, acc_t* i,
+                                             int map_gate, int64_t activation, acc_t* i,
                                              acc_t* f, acc_t* o) {
   const acc_t g0 = gate_activation(acc_t(gate_pre[c]), activation);
   const acc_t g1 = gate_activation(acc_t(gate_pre[channels + c]), activation);
-  if (attention_gate == kNoAttention) {
+  if (map_gate == cells::kNoMapGate) {
     *i = g0, *f = g1, *o = gate_activation(acc_t(gate_pre[2 * channels + c]), activation);
-  } else if (attention_gate == kInputAttention) {
+  } else if (map_gate == cells::kMapIsInputGate) {
     *i = acc_t(1), *f = g0, *o = g1;
   } else {
     *i = g0, *f = g1, *o = acc_t(1);
@@ -43,18 +47,18 @@ __host__ __device__ inline void pooled_gates(const scalar_t* gate_pre, int64_t c
 template <typename scalar_t>
 struct PooledCellForward {
   using acc_t = at::opmath_type<scalar_t>;
-  const scalar_t* zc;          // [B, HW, C] candidate pre-activation
-  const scalar_t* gate_pre;    // [B, n·C]
-  const scalar_t* att_logits;  // [B, HW, C] Z (c/d) or nullptr
-  const acc_t* att_max;        // [B, C] max_p Z (c/d)
-  int attention_gate;
+  const scalar_t* cand_preact;  // [B, HW, C] candidate pre-activation
+  const scalar_t* gate_pre;     // [B, n·C]
+  const scalar_t* logits;       // [B, HW, C] Z (c/d) or nullptr
+  const acc_t* logits_max;      // [B, C] max_p Z (c/d)
+  int map_gate;
   int64_t activation;
-  acc_t* cell_state;           // [B, HW, C]: C_{t−1} in, C_t out
+  acc_t* cell_state;            // [B, HW, C]: C_{t−1} in, C_t out
   scalar_t* h_out;
   scalar_t* cell_saved;
   scalar_t* cand_saved;
-  scalar_t* att_saved;
-  acc_t* hsum_partial;         // [split, B, C]
+  scalar_t* map_saved;          // [B, HW, C] A (c/d)
+  acc_t* hsum_partial;          // [split, B, C]
   int64_t batch, pixels, channels, pixels_per_split, tiles;
 
   // Block x = (sample b, channel tile), y = pixel split.
@@ -66,18 +70,18 @@ struct PooledCellForward {
     const int64_t begin = int64_t(by) * pixels_per_split;
     const int64_t end = begin + pixels_per_split < pixels ? begin + pixels_per_split : pixels;
     acc_t i, f, o;
-    pooled_gates(gate_pre + b * pooled_gate_count(attention_gate) * channels, channels, c,
-                 attention_gate, activation, &i, &f, &o);
-    const acc_t zmax = att_logits != nullptr ? att_max[b * channels + c] : acc_t(0);
+    pooled_gates(gate_pre + b * pooled_gate_count(map_gate) * channels, channels, c, map_gate,
+                 activation, &i, &f, &o);
+    const acc_t zmax = logits != nullptr ? logits_max[b * channels + c] : acc_t(0);
     for (int64_t p = begin + ty; p < end; p += kRows) {
       const int64_t idx = (b * pixels + p) * channels + c;
-      if (att_logits != nullptr) {
-        // exp(Z − max Z): the overflow-free form of eq. 23; rounded once, used as saved.
-        const scalar_t a = scalar_t(math_exp(acc_t(att_logits[idx]) - zmax));
-        att_saved[idx] = a;
-        if (attention_gate == kInputAttention) i = acc_t(a); else o = acc_t(a);
+      if (logits != nullptr) {
+        // A = exp(Z − max Z): the overflow-free form of eq. 23; rounded once, used as saved.
+        const scalar_t a = scalar_t(math_exp(acc_t(logits[idx]) - zmax));
+        map_saved[idx] = a;
+        if (map_gate == cells::kMapIsInputGate) i = acc_t(a); else o = acc_t(a);
       }
-      const scalar_t g = scalar_t(math_tanh(acc_t(zc[idx])));
+      const scalar_t g = scalar_t(math_tanh(acc_t(cand_preact[idx])));
       acc_t h;
       const acc_t c_new = cell_update(i, f, o, acc_t(g), cell_state[idx], &h);
       cell_state[idx] = c_new;
@@ -97,33 +101,34 @@ struct PooledCellForward {
   }
 };
 
-// One forward step. zc [B·HW, C], gate_pre [B, n·C] (the saved slice), att_logits [B·HW, C] and
-// att_max [B, C] for c/d (undefined otherwise); cell_state [B·HW, C] (acc dtype) is updated in
-// place; h_out, cell_saved, cand_saved (and att_saved) are this step's slices.
+// One forward step. cand_preact [B·HW, C], gate_pre [B, n·C] (the saved slice), logits Z
+// [B·HW, C] and logits_max [B, C] for c/d (undefined otherwise); cell_state [B·HW, C] (acc dtype)
+// is updated in place; h_out, cell_saved, cand_saved (and map_saved, A) are this step's slices.
 // Returns GAP(H_t) [B, C] in the accumulation dtype.
-inline Tensor pooled_cell_forward(const Tensor& zc, const Tensor& gate_pre, const Tensor& att_logits,
-                                  const Tensor& att_max, int attention_gate, int64_t activation,
-                                  Tensor& cell_state, Tensor h_out, Tensor cell_saved,
-                                  Tensor cand_saved, Tensor att_saved, int64_t batch,
-                                  int64_t pixels, int64_t channels) {
+inline Tensor pooled_cell_forward(const Tensor& cand_preact, const Tensor& gate_pre,
+                                  const Tensor& logits, const Tensor& logits_max, int map_gate,
+                                  int64_t activation, Tensor& cell_state, Tensor h_out,
+                                  Tensor cell_saved, Tensor cand_saved, Tensor map_saved,
+                                  int64_t batch, int64_t pixels, int64_t channels) {
   const int64_t tiles = ceil_div(channels, kTileC);
-  const int64_t splits = std::min<int64_t>(reduction_splits(batch * tiles, pixels, zc), 65535);
+  const int64_t splits =
+      std::min<int64_t>(reduction_splits(batch * tiles, pixels, cand_preact), 65535);
   const int64_t per_split = ceil_div(pixels, splits);
   Tensor partial = at::empty({splits, batch, channels}, cell_state.options());
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, zc.scalar_type(), "pooled_cell_forward",
-                                  [&] {
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, cand_preact.scalar_type(),
+                                  "pooled_cell_forward", [&] {
     using acc_t = at::opmath_type<scalar_t>;
-    const bool att = att_logits.defined();
+    const bool has_map = logits.defined();
     launch_tile_reduce<1, acc_t>(
         PooledCellForward<scalar_t>{
-            zc.const_data_ptr<scalar_t>(), gate_pre.const_data_ptr<scalar_t>(),
-            att ? att_logits.const_data_ptr<scalar_t>() : nullptr,
-            att ? att_max.const_data_ptr<acc_t>() : nullptr, attention_gate, activation,
+            cand_preact.const_data_ptr<scalar_t>(), gate_pre.const_data_ptr<scalar_t>(),
+            has_map ? logits.const_data_ptr<scalar_t>() : nullptr,
+            has_map ? logits_max.const_data_ptr<acc_t>() : nullptr, map_gate, activation,
             cell_state.mutable_data_ptr<acc_t>(), h_out.mutable_data_ptr<scalar_t>(),
             cell_saved.mutable_data_ptr<scalar_t>(), cand_saved.mutable_data_ptr<scalar_t>(),
-            att ? att_saved.mutable_data_ptr<scalar_t>() : nullptr,
+            has_map ? map_saved.mutable_data_ptr<scalar_t>() : nullptr,
             partial.mutable_data_ptr<acc_t>(), batch, pixels, channels, per_split, tiles},
-        batch * tiles, splits, 1, zc);
+        batch * tiles, splits, 1, cand_preact);
   });
   return partial.sum(0).div_(static_cast<double>(pixels));
 }
@@ -131,9 +136,9 @@ inline Tensor pooled_cell_forward(const Tensor& zc, const Tensor& gate_pre, cons
 // Backward of one step (reverse time), per element (cell_math.h cell_update_backward):
 //   dH = dH_carry + dO[t];  dC = dC_t + dH∘o∘(1 − tanh²C_t)
 //   do = dH∘tanh C_t, di = dC∘G, df = dC∘C_{t−1}, dC_{t−1} = dC∘f
-//   dacc = dC∘i∘(1 − G²)                  (gradient of the candidate pre-activation zc)
+//   dacc = dC∘i∘(1 − G²)                  (gradient of the candidate pre-activation)
 //   pooled gates: Σ_p d(gate) in gate_pre's order (sums 0..n−1)
-//   attention gate A (c: i, d: o):  datt = dA∘A and Σ_p dA∘A (sum 3)
+//   map gate A (c: i, d: o):  da_times_a = dA∘A and Σ_p dA∘A (sum 3)
 template <typename scalar_t>
 struct PooledCellBackward {
   using acc_t = at::opmath_type<scalar_t>;
@@ -141,16 +146,16 @@ struct PooledCellBackward {
   const acc_t* dh_carry;     // dH_t from step t+1
   acc_t* dc_state;           // dC_t in, dC_{t−1} out
   const scalar_t* gate_pre;
-  const scalar_t* att;       // saved A (c/d) or nullptr
-  int attention_gate;
+  const scalar_t* map;       // saved A (c/d) or nullptr
+  int map_gate;
   int64_t activation;
   const scalar_t* cand;
   const scalar_t* cell;
   const scalar_t* cell_prev;
   scalar_t* dacc;
-  acc_t* datt;
+  acc_t* da_times_a;         // [B, HW, C] dA∘A (c/d)
   acc_t* gate_partial;       // [split, B, n·C]
-  acc_t* att_partial;        // [split, B, C]
+  acc_t* map_partial;        // [split, B, C] Σ_p dA∘A (c/d)
   int64_t batch, pixels, channels, pixels_per_split, tiles;
 
   __host__ __device__ void accumulate(unsigned bx, unsigned by, unsigned, unsigned tx,
@@ -161,14 +166,14 @@ struct PooledCellBackward {
     const int64_t begin = int64_t(by) * pixels_per_split;
     const int64_t end = begin + pixels_per_split < pixels ? begin + pixels_per_split : pixels;
     acc_t i, f, o;
-    pooled_gates(gate_pre + b * pooled_gate_count(attention_gate) * channels, channels, c,
-                 attention_gate, activation, &i, &f, &o);
+    pooled_gates(gate_pre + b * pooled_gate_count(map_gate) * channels, channels, c, map_gate,
+                 activation, &i, &f, &o);
     for (int64_t p = begin + ty; p < end; p += kRows) {
       const int64_t idx = (b * pixels + p) * channels + c;
       acc_t a = 0;
-      if (attention_gate != kNoAttention) {
-        a = acc_t(att[idx]);
-        if (attention_gate == kInputAttention) i = a; else o = a;
+      if (map_gate != cells::kNoMapGate) {
+        a = acc_t(map[idx]);
+        if (map_gate == cells::kMapIsInputGate) i = a; else o = a;
       }
       const acc_t g = acc_t(cand[idx]);
       const acc_t dh = dh_carry[idx] + acc_t(grad_out[idx]);
@@ -177,16 +182,16 @@ struct PooledCellBackward {
                            &di, &df, &dg, &d_o, &dc_prev);
       dc_state[idx] = dc_prev;
       dacc[idx] = scalar_t(dg * tanh_grad_from_output(g));
-      if (attention_gate == kNoAttention) {
+      if (map_gate == cells::kNoMapGate) {
         sums[0] += di, sums[1] += df, sums[2] += d_o;
       } else {
-        const acc_t da = attention_gate == kInputAttention ? di : d_o;
-        if (attention_gate == kInputAttention) {
+        const acc_t da = map_gate == cells::kMapIsInputGate ? di : d_o;
+        if (map_gate == cells::kMapIsInputGate) {
           sums[0] += df, sums[1] += d_o;
         } else {
           sums[0] += di, sums[1] += df;
         }
-        datt[idx] = da * a;
+        da_times_a[idx] = da * a;
         sums[3] += da * a;
       }
     }
@@ -197,12 +202,12 @@ struct PooledCellBackward {
     const int64_t b = bx / tiles;
     const int64_t c = (bx % tiles) * kTileC + tx;
     if (c >= channels) return;
-    const int n_gates = pooled_gate_count(attention_gate);
+    const int n_gates = pooled_gate_count(map_gate);
     for (int q = 0; q < n_gates; ++q) {
       gate_partial[((int64_t(by) * batch + b) * n_gates + q) * channels + c] = totals[q];
     }
-    if (attention_gate != kNoAttention) {
-      att_partial[(int64_t(by) * batch + b) * channels + c] = totals[3];
+    if (map_gate != cells::kNoMapGate) {
+      map_partial[(int64_t(by) * batch + b) * channels + c] = totals[3];
     }
   }
 };
@@ -223,25 +228,26 @@ struct PooledGateGrad {
 
 struct PooledCellGrads {
   Tensor gate_grad;  // [B, n·C] pre-activation gradient of the pooled gates (acc dtype)
-  Tensor att_sum;    // [B, C] Σ_p dA∘A (attention variants; acc dtype)
+  Tensor da_times_a_sum;  // [B, C] Σ_p dA∘A (c/d; acc dtype)
 };
 
 // One backward step. dc_state [B·HW, C] (acc) holds dC_t and becomes dC_{t−1}; dacc (the step's
-// slice, x dtype) receives the candidate pre-activation gradient; datt [B·HW, C] (acc) receives
-// dA∘A for c/d; gate_grad_out (the step's [B, n·C] slice, acc) receives dgp.
+// slice, x dtype) receives the candidate pre-activation gradient; da_times_a [B·HW, C] (acc)
+// receives dA∘A for c/d (from the saved map A); gate_grad_out (the step's [B, n·C] slice, acc)
+// receives dgp.
 inline PooledCellGrads pooled_cell_backward(
     const Tensor& grad_out, const Tensor& dh_carry, Tensor& dc_state, const Tensor& gate_pre,
-    const Tensor& att, int attention_gate, int64_t activation, const Tensor& cand,
-    const Tensor& cell, const Tensor& cell_prev, Tensor dacc, Tensor datt, Tensor gate_grad_out,
-    int64_t batch, int64_t pixels, int64_t channels) {
+    const Tensor& map, int map_gate, int64_t activation, const Tensor& cand,
+    const Tensor& cell, const Tensor& cell_prev, Tensor dacc, Tensor da_times_a,
+    Tensor gate_grad_out, int64_t batch, int64_t pixels, int64_t channels) {
   const int64_t tiles = ceil_div(channels, kTileC);
   const int64_t splits = std::min<int64_t>(reduction_splits(batch * tiles, pixels, cand), 65535);
   const int64_t per_split = ceil_div(pixels, splits);
-  const int n_gates = pooled_gate_count(attention_gate);
-  const bool has_att = attention_gate != kNoAttention;
+  const int n_gates = pooled_gate_count(map_gate);
+  const bool has_map = map_gate != cells::kNoMapGate;
   Tensor gate_partial = at::empty({splits, batch, n_gates * channels}, dc_state.options());
-  Tensor att_partial;
-  if (has_att) att_partial = at::empty({splits, batch, channels}, dc_state.options());
+  Tensor map_partial;
+  if (has_map) map_partial = at::empty({splits, batch, channels}, dc_state.options());
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, cand.scalar_type(),
                                   "pooled_cell_backward", [&] {
     using acc_t = at::opmath_type<scalar_t>;
@@ -249,12 +255,12 @@ inline PooledCellGrads pooled_cell_backward(
         PooledCellBackward<scalar_t>{
             grad_out.const_data_ptr<scalar_t>(), dh_carry.const_data_ptr<acc_t>(),
             dc_state.mutable_data_ptr<acc_t>(), gate_pre.const_data_ptr<scalar_t>(),
-            has_att ? att.const_data_ptr<scalar_t>() : nullptr, attention_gate, activation,
+            has_map ? map.const_data_ptr<scalar_t>() : nullptr, map_gate, activation,
             cand.const_data_ptr<scalar_t>(), cell.const_data_ptr<scalar_t>(),
             cell_prev.const_data_ptr<scalar_t>(), dacc.mutable_data_ptr<scalar_t>(),
-            has_att ? datt.mutable_data_ptr<acc_t>() : nullptr,
+            has_map ? da_times_a.mutable_data_ptr<acc_t>() : nullptr,
             gate_partial.mutable_data_ptr<acc_t>(),
-            has_att ? att_partial.mutable_data_ptr<acc_t>() : nullptr, batch, pixels, channels,
+            has_map ? map_partial.mutable_data_ptr<acc_t>() : nullptr, batch, pixels, channels,
             per_split, tiles},
         batch * tiles, splits, 1, cand);
     const Tensor sums = gate_partial.sum(0);
@@ -265,8 +271,34 @@ inline PooledCellGrads pooled_cell_backward(
   });
   PooledCellGrads grads;
   grads.gate_grad = gate_grad_out;
-  if (has_att) grads.att_sum = att_partial.sum(0);
+  if (has_map) grads.da_times_a_sum = map_partial.sum(0);
   return grads;
+}
+
+// After the reverse loop of b, c, d: the weight gradients of their attention features
+// F = tanh(SepConv_xa(X) + SepConv_ha(H_{t−1}) + b_a) over all steps, from dF_pre = dF∘(1 − F²)
+// (d_features_pre_all [T·rows, C]) and the gradient of SepConv_ha's depthwise output
+// (d_dwha_all), with the depthwise outputs dw_ha(H_{t−1}) and dw_xa(X) of every step:
+//   dP_ha = Σ dF_preᵀ·dw_ha,  d dw_ha,  d b_a = Σ dF_pre,  dP_xa = Σ dF_preᵀ·dw_xa,  d dw_xa;
+// and F's share of dX, SepConv_xaᵀ(dF_pre), added to grad_x_cl [T·rows, Cin].
+inline void attention_features_backward(std::vector<Tensor>& grad_params, at::TensorList params,
+                                        const Tensor& d_features_pre_all,
+                                        const Tensor& d_dwha_all, const Tensor& dw_ha_all,
+                                        const Tensor& dw_xa_all, const Tensor& h_prev_rows,
+                                        const Tensor& x_rows, Tensor& grad_x_cl, int64_t samples,
+                                        int64_t height, int64_t width) {
+  const auto acc = acc_dtype(d_features_pre_all);
+  const auto dtype = d_features_pre_all.scalar_type();
+  grad_params[attention::kAttPwH] = at::mm(d_features_pre_all.t(), dw_ha_all);
+  grad_params[attention::kAttDwH] =
+      depthwise_weight_grad(d_dwha_all, h_prev_rows, params[attention::kAttDwH], height, width);
+  grad_params[attention::kAttBias] = d_features_pre_all.sum({0}, false, acc).to(dtype);
+  grad_params[attention::kAttPwX] = at::mm(d_features_pre_all.t(), dw_xa_all);
+  const Tensor d_dwxa = at::mm(d_features_pre_all, params[attention::kAttPwX]);
+  grad_params[attention::kAttDwX] =
+      depthwise_weight_grad(d_dwxa, x_rows, params[attention::kAttDwX], height, width);
+  depthwise_transpose(d_dwxa, params[attention::kAttDwX], samples, height, width, grad_x_cl,
+                      grad_x_cl);
 }
 
 }  // namespace

@@ -1,0 +1,226 @@
+// The host driver of the pooled cells whose whole input side can be batched over the sequence:
+// (a) `pooled_layer`, (c) `input_attention_layer`, (d) `output_attention_layer` (shared/SPEC.md;
+// b's attended input X̃ depends on H_{t−1}: spatial_attention_layer_kernel.cu). (c)/(d) are (a)
+// plus the channel attention, whose map A replaces the gate cells.h says (Cell::map_gate):
+//   F = tanh(SepConv_xa(X_t) + SepConv_ha(H_{t−1}) + b_a);  Z = SepConv_z(F);
+//   A = exp(Z − max_HW Z).
+// The op files (pooled_layer_kernel.cu, input_attention_layer_kernel.cu,
+// output_attention_layer_kernel.cu) register the two drivers below for their cell.
+//
+// Structure (shared/KERNELS.md): everything that depends only on X is computed for all T steps
+// in batched ATen calls before the loop; a step runs the H-side depthwise convolutions (custom
+// kernels), the pointwise GEMMs (cuBLAS, fp32 accumulation) and one fused epilogue
+// (pooled_cell.cuh). Backward runs the loop in reverse and reduces every weight gradient over
+// all steps after it with one batched product each. Parameters and saved tensors are named by
+// cells.h (cells::pooled, cells::channel_attention).
+#pragma once
+
+#include "pooled_cell.cuh"
+
+namespace convlstm_fast {
+namespace cuda {
+namespace {
+
+namespace channel = cells::channel_attention;
+
+template <const cells::Cell& cell>
+LayerResult batched_input_layer_forward(const Tensor& x, const Tensor& h0, const Tensor& c0,
+                                        at::TensorList params, int64_t activation, bool save) {
+  const LayerCall call = check_forward(cell, pooled::kCandDwX, x, h0, c0, params, activation);
+  if (call.empty) return empty_layer_result(x, h0, c0, call.saved_shapes);
+  LayerDeviceGuard guard(x.device());
+  const int64_t T = x.size(0), B = x.size(1), Cin = x.size(2), H = x.size(3), W = x.size(4);
+  const int64_t C = h0.size(1), HW = H * W;
+  const int map_gate = cell.map_gate();
+  const bool has_map = map_gate != cells::kNoMapGate;
+  const auto acc = acc_dtype(x);
+  const Tensor xc_ = x.contiguous();
+
+  // Input side for all T·B samples: xc = SepConv_x(X) + b_c, xg = U_x·GAP(X) + b_g,
+  // and for c/d xa = SepConv_xa(X) + b_a (F's X-side term).
+  const Tensor x_cl = channels_last_copy(xc_, x.scalar_type());           // [T, B, H, W, Cin]
+  const Tensor xc = pointwise(depthwise_forward(x_cl, params[pooled::kCandDwX], T * B, H, W),
+                              params[pooled::kCandPwX], params[pooled::kCandBias]);
+  const Tensor gap_x = x_cl.view({T * B, HW, Cin}).mean({1}, false, acc);  // [T·B, Cin]
+  const Tensor xg = pointwise(gap_x, params[pooled::kGateWeightX].to(acc),
+                              params[pooled::kGateBias].to(acc));  // [T·B, n·C]
+  Tensor xa;
+  if (has_map) {
+    xa = pointwise(depthwise_forward(x_cl, params[attention::kAttDwX], T * B, H, W),
+                   params[attention::kAttPwX], params[attention::kAttBias]);
+  }
+  const Tensor gate_weight_h = params[pooled::kGateWeightH].to(acc);
+
+  Tensor output_cl = at::empty({T, B, H, W, C}, x.options());
+  const SavedSteps saved(call.saved_shapes, x.options(), save);
+  const Tensor h0_cl = channels_last_copy(h0, x.scalar_type());
+  Tensor cell_state = channels_last_copy(c0, acc).view({B * HW, C});
+  Tensor h_mean = h0_cl.view({B, HW, C}).mean({1}, false, acc);  // GAP(H_{t−1}) [B, C]
+
+  for (int64_t t = 0; t < T; ++t) {
+    const Tensor h_prev = t == 0 ? h0_cl : output_cl[t - 1];
+    // cand_preact = SepConv_h(H_{t−1}) + (SepConv_x(X_t) + b_c)
+    const Tensor cand_preact =
+        at::addmm(xc.narrow(0, t * B * HW, B * HW),
+                  depthwise_forward(h_prev, params[pooled::kCandDwH], B, H, W),
+                  params[pooled::kCandPwH].t());
+    // gate pre-activations U_x·x̄ + U_h·h̄ + b_g, saved (rounded) and used rounded
+    Tensor gate_pre = saved(pooled::kSavedGatePreact, t);
+    gate_pre.copy_(at::addmm(xg.narrow(0, t * B, B), h_mean, gate_weight_h.t()));
+    Tensor logits, logits_max;
+    if (has_map) {
+      // F = tanh(SepConv_ha(H_{t−1}) + xa_t); Z = SepConv_z(F), per-(b, c) max over the pixels
+      const Tensor dw_ha = depthwise_forward(h_prev, params[attention::kAttDwH], B, H, W);
+      const Tensor features = at::addmm(xa.narrow(0, t * B * HW, B * HW), dw_ha,
+                                        params[attention::kAttPwH].t()).tanh_();
+      logits = pointwise(depthwise_forward(features, params[channel::kAttDwZ], B, H, W),
+                         params[channel::kAttPwZ]);
+      logits_max = logits.view({B, HW, C}).amax({1}).to(acc);
+    }
+    h_mean = pooled_cell_forward(cand_preact, gate_pre, logits, logits_max, map_gate, activation,
+                                 cell_state, output_cl[t], saved(pooled::kSavedCell, t),
+                                 saved(pooled::kSavedCandidate, t),
+                                 has_map ? saved(channel::kSavedMap, t) : Tensor(), B, HW, C);
+  }
+  Tensor output = channels_first_copy(output_cl, x.scalar_type());
+  Tensor h_n = output[T - 1].clone();
+  Tensor c_n = channels_first_copy(cell_state.view({B, H, W, C}), x.scalar_type());
+  return {output, h_n, c_n, saved.all()};
+}
+
+template <const cells::Cell& cell>
+BackwardResult batched_input_layer_backward(
+    const Tensor& grad_output, const Tensor& grad_h_n, const Tensor& grad_c_n, const Tensor& x,
+    const Tensor& h0, const Tensor& c0, at::TensorList params, const Tensor& output,
+    at::TensorList saved, int64_t activation) {
+  const LayerCall call = check_backward(cell, pooled::kCandDwX, grad_output, grad_h_n, grad_c_n,
+                                        x, h0, c0, params, output, saved, activation);
+  if (call.empty) return empty_backward_result(x, grad_h_n, grad_c_n, params);
+  LayerDeviceGuard guard(x.device());
+  const int64_t T = x.size(0), B = x.size(1), Cin = x.size(2), H = x.size(3), W = x.size(4);
+  const int map_gate = cell.map_gate();
+  const int64_t C = h0.size(1), HW = H * W, n = pooled_gate_count(map_gate);
+  const bool has_map = map_gate != cells::kNoMapGate;
+  const auto acc = acc_dtype(x);
+  const auto dtype = x.scalar_type();
+  const int64_t rows = B * HW;  // pixel rows of one step
+
+  const Tensor x_cl = channels_last_copy(x.contiguous(), dtype);
+  const Tensor grad_out_cl = channels_last_copy(grad_output.contiguous(), dtype);
+  const Tensor c0_cl = channels_last_copy(c0, dtype);
+  // H_{t−1} of every step, [T, B, H, W, C]
+  const Tensor h_prev_all = at::cat({channels_last_copy(h0, dtype).unsqueeze(0),
+                                     channels_last_copy(output.narrow(0, 0, T - 1).contiguous(),
+                                                        dtype)},
+                                    0);
+  Tensor dh = channels_last_copy(grad_h_n, acc).view({rows, C});
+  Tensor dc = channels_last_copy(grad_c_n, acc).view({rows, C});
+
+  // Attention branch: F = tanh(SepConv_xa(X) + SepConv_ha(H_{t−1}) + b_a) and Z = SepConv_z(F)
+  // are recomputed step by step in the loop with exactly the forward's calls, so Z is bitwise
+  // the forward's and so is where it attains its per-(b, c) maximum (the max's gradient goes
+  // there, split evenly between ties as for torch.amax); a batched recompute could round
+  // differently and move the argmax in fp16/bf16.
+  Tensor dw_xa_all, xa_all, features_all;
+  if (has_map) {
+    dw_xa_all = depthwise_forward(x_cl, params[attention::kAttDwX], T * B, H, W);
+    xa_all = pointwise(dw_xa_all, params[attention::kAttPwX], params[attention::kAttBias]);
+    features_all = at::empty({T * rows, C}, x.options());
+  }
+
+  Tensor dacc_all = at::empty({T * rows, C}, x.options());      // d cand_preact
+  Tensor d_dwh_all = at::empty({T * rows, C}, x.options());     // d SepConv_h's depthwise output
+  Tensor dgp_all = at::empty({T * B, n * C}, x.options().dtype(acc));
+  // c/d: dA∘A of a step, and over all steps dZ, d(SepConv_z's depthwise output), dF_pre (the
+  // gradient of F's pre-activation), d(SepConv_ha's depthwise output).
+  Tensor da_times_a, dz_all, d_dwf_all, d_features_pre_all, d_dwha_all;
+  if (has_map) {
+    da_times_a = at::empty({rows, C}, x.options().dtype(acc));
+    dz_all = at::empty({T * rows, C}, x.options());
+    d_dwf_all = at::empty({T * rows, C}, x.options());
+    d_features_pre_all = at::empty({T * rows, C}, x.options());
+    d_dwha_all = at::empty({T * rows, C}, x.options());
+  }
+  const Tensor gate_weight_h = params[pooled::kGateWeightH].to(acc);
+
+  for (int64_t t = T - 1; t >= 0; --t) {
+    const Tensor cell_prev = t == 0 ? c0_cl : saved[pooled::kSavedCell][t - 1];
+    const auto step_rows = [&](const Tensor& all) { return all.narrow(0, t * rows, rows); };
+    const PooledCellGrads grads = pooled_cell_backward(
+        grad_out_cl[t], dh, dc, saved[pooled::kSavedGatePreact][t],
+        has_map ? saved[channel::kSavedMap][t] : Tensor(), map_gate, activation,
+        saved[pooled::kSavedCandidate][t], saved[pooled::kSavedCell][t], cell_prev,
+        step_rows(dacc_all), da_times_a, dgp_all.narrow(0, t * B, B), B, HW, C);
+    // dh̄ = dgp·U_h, spread as dh̄/HW over the pixels of H_{t−1}
+    const Tensor dh_mean = at::mm(grads.gate_grad, gate_weight_h);
+    // d(depthwise H) = dacc·pw_h, then the transposed depthwise conv into dH_{t−1}
+    Tensor d_dwh = step_rows(d_dwh_all);
+    at::mm_out(d_dwh, step_rows(dacc_all), params[pooled::kCandPwH]);
+    depthwise_transpose(d_dwh, params[pooled::kCandDwH], B, H, W, dh, Tensor(), dh_mean, 1.0 / HW);
+    if (has_map) {
+      // Recompute F_t and Z_t as the forward did (see above).
+      Tensor features = step_rows(features_all);
+      const Tensor dw_ha = depthwise_forward(h_prev_all[t], params[attention::kAttDwH], B, H, W);
+      features.copy_(at::addmm(xa_all.narrow(0, t * rows, rows), dw_ha,
+                               params[attention::kAttPwH].t()).tanh_());
+      const Tensor logits =
+          pointwise(depthwise_forward(features, params[channel::kAttDwZ], B, H, W),
+                    params[channel::kAttPwZ]).view({B, HW, C});
+      const Tensor mask = logits.eq(logits.amax({1}, true)).to(acc);  // [B, HW, C]
+      // dZ = dA∘A − [Z = max Z]·Σ_p(dA∘A)/count      (A = exp(Z − max Z))
+      Tensor dz = step_rows(dz_all);
+      const Tensor share = grads.da_times_a_sum.div(mask.sum({1}, false)).unsqueeze(1);
+      dz.view({B, HW, C}).copy_(da_times_a.view({B, HW, C}).sub(mask.mul(share)));
+      // dF = SepConv_zᵀ(dZ); dF_pre = dF∘(1 − F²); dH_{t−1} += SepConv_haᵀ(dF_pre)
+      Tensor d_dwf = step_rows(d_dwf_all);
+      at::mm_out(d_dwf, dz, params[channel::kAttPwZ]);
+      Tensor d_features_pre = step_rows(d_features_pre_all);
+      depthwise_transpose(d_dwf, params[channel::kAttDwZ], B, H, W, d_features_pre, Tensor(),
+                          Tensor(), 0.0, features);
+      Tensor d_dwha = step_rows(d_dwha_all);
+      at::mm_out(d_dwha, d_features_pre, params[attention::kAttPwH]);
+      depthwise_transpose(d_dwha, params[attention::kAttDwH], B, H, W, dh, dh);
+    }
+  }
+
+  // Weight gradients, each one batched product over all steps.
+  std::vector<Tensor> grad_params(params.size());
+  const Tensor h_prev_rows = h_prev_all.view({T * rows, C});
+  const Tensor h_mean_prev = h_prev_all.view({T * B, HW, C}).mean({1}, false, acc);
+  const Tensor gap_x = x_cl.view({T * B, HW, Cin}).mean({1}, false, acc);
+  grad_params[pooled::kGateWeightX] = at::mm(dgp_all.t(), gap_x).to(dtype);
+  grad_params[pooled::kGateWeightH] = at::mm(dgp_all.t(), h_mean_prev).to(dtype);
+  grad_params[pooled::kGateBias] = dgp_all.sum(0).to(dtype);
+  grad_params[pooled::kCandPwH] = at::mm(
+      dacc_all.t(), depthwise_forward(h_prev_all, params[pooled::kCandDwH], T * B, H, W));
+  grad_params[pooled::kCandDwH] =
+      depthwise_weight_grad(d_dwh_all, h_prev_rows, params[pooled::kCandDwH], H, W);
+  grad_params[pooled::kCandBias] = dacc_all.sum({0}, false, acc).to(dtype);
+  const Tensor x_rows = x_cl.view({T * rows, Cin});
+  grad_params[pooled::kCandPwX] =
+      at::mm(dacc_all.t(), depthwise_forward(x_cl, params[pooled::kCandDwX], T * B, H, W));
+  const Tensor d_dwx = at::mm(dacc_all, params[pooled::kCandPwX]);  // [T·rows, Cin]
+  grad_params[pooled::kCandDwX] =
+      depthwise_weight_grad(d_dwx, x_rows, params[pooled::kCandDwX], H, W);
+  // dX = SepConv_xᵀ(dacc) + (dgp·U_x)/HW spread over the pixels
+  const Tensor d_gap_x = at::mm(dgp_all, params[pooled::kGateWeightX].to(acc));  // [T·B, Cin]
+  Tensor grad_x_cl = depthwise_transpose(d_dwx, params[pooled::kCandDwX], T * B, H, W, Tensor(),
+                                         Tensor(), d_gap_x, 1.0 / HW);
+  if (has_map) {
+    const Tensor dw_f_all = depthwise_forward(features_all, params[channel::kAttDwZ], T * B, H, W);
+    const Tensor dw_ha_all = depthwise_forward(h_prev_all, params[attention::kAttDwH], T * B, H, W);
+    grad_params[channel::kAttPwZ] = at::mm(dz_all.t(), dw_f_all);
+    grad_params[channel::kAttDwZ] =
+        depthwise_weight_grad(d_dwf_all, features_all, params[channel::kAttDwZ], H, W);
+    attention_features_backward(grad_params, params, d_features_pre_all, d_dwha_all, dw_ha_all,
+                                dw_xa_all, h_prev_rows, x_rows, grad_x_cl, T * B, H, W);
+  }
+  Tensor grad_x = channels_first_copy(grad_x_cl.view({T, B, H, W, Cin}), dtype);
+  Tensor grad_h0 = channels_first_copy(dh.view({B, H, W, C}), dtype);
+  Tensor grad_c0 = channels_first_copy(dc.view({B, H, W, C}), dtype);
+  return {grad_x, grad_h0, grad_c0, grad_params};
+}
+
+}  // namespace
+}  // namespace cuda
+}  // namespace convlstm_fast

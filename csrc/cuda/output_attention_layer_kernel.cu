@@ -1,0 +1,20 @@
+// CUDA kernels of variant (d), `convlstm_fast::output_attention_layer` and its `_backward`: the
+// output gate o becomes the channel-wise max-normalised attention map A = exp(Z − max_HW Z), with
+// Z = SepConv_z(F), F = tanh(SepConv_xa(X_t) + SepConv_ha(H_{t−1}) + b_a) (shared/SPEC.md
+// eqs. 21-23); the gates i, f are pooled FCs as in (a). Host driver: batched_input_layer.cuh.
+//
+// Per forward step: two depthwise kernels + two GEMMs on H_{t−1} (candidate, attention
+// features), tanh, the depthwise + GEMM of SepConv_z, the per-(b, c) max over the pixels (ATen
+// amax), then the fused epilogue that forms exp(Z − max), the cell update and GAP(H_t).
+#include "batched_input_layer.cuh"
+
+namespace convlstm_fast {
+namespace cuda {
+
+TORCH_LIBRARY_IMPL(convlstm_fast, CONVLSTM_CUDA_DISPATCH_KEY, m) {
+  register_layer_kernels<batched_input_layer_forward<cells::kOutputAttentionLayer>>(
+      m, cells::kOutputAttentionLayer, &batched_input_layer_backward<cells::kOutputAttentionLayer>);
+}
+
+}  // namespace cuda
+}  // namespace convlstm_fast
