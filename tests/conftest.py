@@ -173,8 +173,12 @@ def separated_problem(variant: str, shape, dtype: torch.dtype, gate_activation: 
     from convlstm_fast.reference import cells
 
     steps, batch, cin, hidden, height, width, kernel_size = shape
+    # Weights twice the default spread Z over a range wide enough that seeds with every map's
+    # maximum 0.03 clear of the runner-up exist (at the default scale none of 200 seeds does).
+    separated = variant in ("c", "d") and ATTENTION_MIN_GAP[dtype] >= 0.01
     for seed in range(max_seeds):
-        params = random_params(variant, cin, hidden, kernel_size, seed=seed)
+        params = random_params(variant, cin, hidden, kernel_size, seed=seed,
+                               scale=2.0 if separated else 1.0)
         x, h0, c0 = random_inputs(steps, batch, cin, hidden, height, width, seed=seed)
         x, h0, c0 = (t.to(dtype).double() for t in (x, h0, c0))
         params = {name: p.to(dtype).double() for name, p in params.items()}

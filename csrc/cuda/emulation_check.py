@@ -26,7 +26,6 @@ What it cannot check: launch configurations, shared memory and anything cuBLAS/c
 from __future__ import annotations
 
 import argparse
-import functools
 import importlib.util
 import pathlib
 import subprocess
@@ -124,18 +123,7 @@ def check_conformance(cases, conftest, variant: str, case) -> bool:
     test_backend_matches_reference runs it."""
     label = f"{variant} {case.name}"
     problem = (variant, cases._shape(variant, case), case.dtype, case.gate_activation)
-    try:
-        x, h0, c0, params, weights = conftest.separated_problem(*problem)
-    except AssertionError as error:
-        # The suite's weights make c/d's logits Z too flat for the maxima of a map to stand 0.03
-        # apart (16 bits): it finds no problem. Drawn at twice the scale, the first seeds do.
-        print(f"  note {label}: {error}; weights drawn at scale 2 instead")
-        draw = conftest.random_params
-        conftest.random_params = functools.partial(draw, scale=2.0)
-        try:
-            x, h0, c0, params, weights = conftest.separated_problem(*problem)
-        finally:
-            conftest.random_params = draw
+    x, h0, c0, params, weights = conftest.separated_problem(*problem)
     exact = cases._results("reference", variant, x, h0, c0, params, case.gate_activation, weights)
     low = lambda t: t.to(case.dtype)  # noqa: E731
     args = (low(x), low(h0), low(c0), {k: low(v) for k, v in params.items()})
