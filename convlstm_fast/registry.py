@@ -17,6 +17,10 @@ A (b: softmax over H·W; c/d: exp(Z − max_HW Z)). SPEC writes the c/d ones wit
 
 Users add cells with :func:`register_cell`; a cell without fused kernels runs on the reference
 backend (``backend="auto"`` falls back to it; an explicit fused backend says it has no kernel).
+
+For the native cells, csrc/cells.h describes the same parameters, gates and saved tensors to
+the C++ kernels (which cannot read this file); tests/test_native_layout.py holds the two equal
+through the op ``convlstm_fast::cell_layout``.
 """
 
 from __future__ import annotations
