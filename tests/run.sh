@@ -9,7 +9,7 @@
 #      in CPU emulation against the reference, and the GPU check's rehearsal;
 #   2. the GPU machine's pair — torch 2.11.0 (a CUDA 13.0 build) + triton 3.6.0: the CUDA sources
 #      compiled against it for sm_90, the main suite, the interpreter suite, and the AOT compile
-#      check whose spill/occupancy gate is the one the H200 will run;
+#      check whose resource report (spills, occupancy) is what the H200 will run;
 #   3. the newest — torch 2.15.0 + triton 3.9.0 (what `pip install` gives a new user): the main
 #      suite and the interpreter suite;
 #   4. the lowest promised — torch 2.6.0 (its triton 3.2 is below the Triton backend's floor,
@@ -38,9 +38,16 @@ trap 'rm -rf "$TORCHINDUCTOR_CACHE_DIR" "$RESULTS"' EXIT
 # for `python -m`.
 main_suite() { run "$VENV/bin/pytest" -q tests --ignore=tests/triton; }
 interpreter_suite() { run env TRITON_INTERPRET=1 "$VENV/bin/pytest" -q tests/triton; }
+# The AOT compile check with its resource report (registers, spills, occupancy; printed, and as
+# a table). Not yet with --gate: the kernels miss the spill/occupancy targets on triton 3.6
+# (benchmarks/results/triton-resources-sm90-triton3.6.md). A cold compile of the 113 sm_90
+# cases takes ~15-30 min on 2 cores (the spilling kernels are ptxas's slowest), so triton 3.8
+# checks K = 3 only (--quick) for sm_80 and sm_90, and the GPU machine's triton 3.6 every K for
+# sm_90, the H200's target.
 compile_check() {
+  local name="$1"; shift
   run "$VENV/bin/python" -P -m convlstm_fast.triton_kernels.compile_check \
-    --report "$RESULTS/triton-resources-$1.md"
+    --report "$RESULTS/triton-resources-$name.md" "$@"
 }
 leg() {
   echo "::: leg: $1"
@@ -52,7 +59,7 @@ if leg "main, torch 2.14.1 + triton 3.8" .venv "torch==2.14.1 triton==3.8.0 nump
   main_suite
   run "$VENV/bin/pytest" -q benchmarks --benchmark-disable
   interpreter_suite
-  compile_check triton3.8
+  compile_check triton3.8 --arch 80 90 --quick
   run "$VENV/bin/python" csrc/cuda/emulation_check.py --build-dir "$ROOT/build/cuda-emulation"
   run "$VENV/bin/python" benchmarks/gpu_check.py --rehearse --out "$RESULTS/gpu-check-rehearsal"
 fi
@@ -61,7 +68,7 @@ if leg "GPU machine, torch 2.11.0 + triton 3.6.0" .venv-torch211 \
     "torch==2.11.0 triton==3.6.0 numpy==2.1.3" 1 1 9.0; then
   main_suite
   interpreter_suite
-  compile_check triton3.6
+  compile_check triton3.6 --arch 90
 fi
 
 if leg "newest, torch 2.15.0 + triton 3.9.0" .venv-torch215 "torch==2.15.0 triton==3.9.0 numpy" 1 0; then
