@@ -149,6 +149,7 @@ def compile_one(arch: int, index: int, quick: bool) -> tuple[str, dict | None, s
     """Compile case number ``index`` of :func:`cases` for ``sm_<arch>``:
     ``(label, resources or None, error or None)``."""
     label, kernel, signature, constexprs, options = list(cases(quick))[index]
+    started = time.time()
     try:
         triton.knobs.nvidia.dump_ptxas_log = True  # triton prints its ptxas -v log (stdout)
         with contextlib.redirect_stdout(io.StringIO()) as printed:
@@ -166,7 +167,8 @@ def compile_one(arch: int, index: int, quick: bool) -> tuple[str, dict | None, s
         blocks, occ = occupancy(arch, resources["registers"], num_warps, shared)
         resources.update(kernel=kernel.__name__, dtype=signature_dtype(label),
                          ksize=constexprs.get("KSIZE"), arch=arch, shared=shared,
-                         num_warps=num_warps, blocks=blocks, occupancy=occ)
+                         num_warps=num_warps, blocks=blocks, occupancy=occ,
+                         seconds=time.time() - started)
     except Exception as error:  # report every failure, then exit non-zero
         return label, None, f"{type(error).__name__}: {error}"
     return label, resources, None
@@ -217,11 +219,11 @@ def report(rows: list[tuple[str, dict]], archs, seconds: float) -> str:
                          f"{max(r['registers'] for r in mine)} registers; forward step kernels' "
                          f"occupancy >= {min((r['occupancy'] for r in forward), default=1):.1%}")
     lines += ["", "| kernel | arch | regs | spill stores / loads (B) | shared (B) | warps | "
-              "blocks/SM | occupancy | gate |", "|---|---|---|---|---|---|---|---|---|"]
+              "blocks/SM | occupancy | compile (s) | gate |", "|---|---|---|---|---|---|---|---|---|---|"]
     for label, r in rows:
         lines.append(f"| `{label}` | sm_{r['arch']} | {r['registers']} | {r['spill_stores']} / "
                      f"{r['spill_loads']} | {r['shared']} | {r['num_warps']} | {r['blocks']} | "
-                     f"{r['occupancy']:.1%} | {gate(r) or 'ok'} |")
+                     f"{r['occupancy']:.1%} | {r['seconds']:.1f} | {gate(r) or 'ok'} |")
     return "\n".join(lines) + "\n"
 
 
