@@ -216,8 +216,9 @@ def report(rows: list[tuple[str, dict]], archs, seconds: float) -> str:
             lines.append(f"- sm_{arch}: {len(mine)} kernels, "
                          f"{sum(r in spilled for r in mine)} spill (worst "
                          f"{worst['spill_stores']} B, {worst['kernel']}), max "
-                         f"{max(r['registers'] for r in mine)} registers; forward step kernels' "
-                         f"occupancy >= {min((r['occupancy'] for r in forward), default=1):.1%}")
+                         f"{max(r['registers'] for r in mine)} registers"
+                         + (f"; forward step kernels' occupancy >= "
+                            f"{min(r['occupancy'] for r in forward):.1%}" if forward else ""))
     lines += ["", "| kernel | arch | regs | spill stores / loads (B) | shared (B) | warps | "
               "blocks/SM | occupancy | compile (s) | gate |", "|---|---|---|---|---|---|---|---|---|---|"]
     for label, r in rows:
