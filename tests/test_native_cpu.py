@@ -1,11 +1,13 @@
-"""The fused CPU kernels (``backend="cpu"``, csrc/cpu/*_kernel.cpp) against the reference.
+"""What is particular to the fused CPU ops (``backend="cpu"``, csrc/cpu/*_kernel.cpp).
 
-Every variant: forward outputs and
-all gradients vs ``convlstm_fast.reference`` in float32 (atol 2e-5, rtol 1e-4: both sides sum the
-same products in different orders, and the CPU kernels use a polynomial exp/tanh good to 2 ulp),
-float64 gradcheck of the fused ops through the functional layer, ``opcheck`` of each op, and
-``torch.compile(fullgraph=True)`` of a module; the ``_inference`` twins (the forward without the
-saved tensors) against the ops themselves, and that calls wanting no gradient go to them.
+Their outputs and gradients against the reference, in float32 and float64 on every edge shape
+(the Winograd path included), are cases of the conformance suite, tests/test_backends.py. Here:
+float64 gradcheck of the fused ops through the functional layer, the ops on non-contiguous
+inputs, ``opcheck`` of each op, the errors their entry points raise, empty sequences, the
+``_inference`` twins (the forward without the saved tensors) against the ops themselves and the
+dispatch of gradient-free calls to them, FlopCounterMode, and ``torch.compile(fullgraph=True)``.
+Tolerances against the reference in fp32: atol 2e-5, rtol 1e-4 (both sides sum the same
+products in different orders).
 """
 
 import pytest
@@ -14,7 +16,8 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils.flop_counter import FlopCounterMode
 
 import convlstm_fast
-from convlstm_fast import _extension, variants
+from convlstm_fast import VARIANTS, _extension, get_cell
+from convlstm_fast.registry import GATE_ACTIVATIONS
 from convlstm_fast.functional import convlstm_layer
 
 pytestmark = pytest.mark.skipif(
@@ -35,9 +38,11 @@ def make_params(variant, cin, hidden, k, dtype=torch.float32, seed=0):
     """Random parameters scaled so pre-activations are O(1) (both hard_sigmoid regions occur)."""
     generator = torch.Generator().manual_seed(seed)
     params = []
-    for name, shape in variants.parameter_shapes(variant, cin, hidden, k).items():
+    spec = get_cell(variant)
+    for parameter in spec.parameters:
+        shape = parameter.shape(cin, hidden, k)
         fan_in = 1 if len(shape) == 1 else int(torch.tensor(shape[1:]).prod())
-        scale = 0.5 if variants.is_bias(name) else 1.5 / fan_in ** 0.5
+        scale = 0.5 if parameter.is_bias else 1.5 / fan_in ** 0.5
         params.append((torch.randn(shape, generator=generator, dtype=torch.float64) * scale)
                       .to(dtype).requires_grad_())
     return params
@@ -59,70 +64,17 @@ def _run(backend, variant, x, h0, c0, params, gate_activation):
     return out, h_n, c_n
 
 
-def _compare_with_reference(variant, gate_activation, steps, batch, cin, hidden, height, width,
-                            k, x_transform=None):
-    x, h0, c0 = make_inputs(steps, batch, cin, hidden, height, width)
-    params = make_params(variant, cin, hidden, k)
-    leaves = [x, h0, c0, *params]
-    x_in = x_transform(x) if x_transform else x
-    results = {}
-    for backend in ("cpu", "reference"):
-        outs = _run(backend, variant, x_in, h0, c0, params, gate_activation)
-        generator = torch.Generator().manual_seed(2)
-        weights = [torch.randn(o.shape, generator=generator) for o in outs]
-        loss = sum((o * w).sum() for o, w in zip(outs, weights))
-        grads = torch.autograd.grad(loss, leaves)
-        results[backend] = ([o.detach() for o in outs], grads)
-    names = ["output", "h_n", "c_n"]
-    for name, got, want in zip(names, results["cpu"][0], results["reference"][0]):
-        torch.testing.assert_close(got, want, **FP32_TOL, msg=lambda m: f"{name}: {m}")
-    grad_names = ["x", "h0", "c0", *variants.parameter_names(variant)]
-    for name, got, want in zip(grad_names, results["cpu"][1], results["reference"][1]):
-        torch.testing.assert_close(got, want, **FP32_TOL, msg=lambda m: f"grad {name}: {m}")
-
-
 def test_compiled_extension_loads_when_built():
     module = convlstm_fast.load_extension()
     assert module.__name__ == "convlstm_fast._C"
 
 
-@pytest.mark.parametrize("gate_activation", variants.GATE_ACTIVATIONS)
-@pytest.mark.parametrize("variant", variants.VARIANTS)
-def test_matches_reference(variant, gate_activation):
-    _compare_with_reference(variant, gate_activation, steps=3, batch=2, cin=3, hidden=4,
-                            height=5, width=6, k=3)
-
-
-# (steps, batch, cin, hidden, height, width, k): K ∈ {1, 3, 5}, B = 1, T = 1, H ≠ W, Cin ≠ Cout;
-# maps 16 and 20 wide, where the per-plane stencils (csrc/cpu/layer_common.cpp) work in 16-float
-# vectors, the last of a 20-wide row overlapping the one before; the last one wide enough that
-# the ConvLSTM's 3×3 convolutions, forward and backward, take the Winograd path
-# (csrc/cpu/convlstm_layer_kernel.cpp: ≥ 256 channels on both sides), with an odd map width.
-EDGE_CASES = [
-    (2, 2, 3, 5, 4, 7, 1),
-    (2, 1, 4, 3, 6, 5, 5),
-    (1, 2, 2, 2, 3, 3, 3),
-    (3, 1, 1, 6, 2, 4, 3),
-    (2, 2, 3, 4, 3, 20, 3),
-    (2, 1, 2, 3, 2, 16, 5),
-    (2, 1, 256, 256, 6, 5, 3),
-]
-
-
-@pytest.mark.parametrize("shape", EDGE_CASES, ids=lambda s: "T{}B{}Cin{}C{}H{}W{}K{}".format(*s))
-@pytest.mark.parametrize("variant", variants.VARIANTS)
-def test_edge_shapes(variant, shape):
-    _compare_with_reference(variant, "sigmoid", *shape)
-
-
-@pytest.mark.parametrize("variant", variants.VARIANTS)
+@pytest.mark.parametrize("variant", VARIANTS)
 def test_non_contiguous_input(variant):
-    # x arrives as a transposed view: [T, B, Cin, W, H] storage read as [T, B, Cin, H, W].
-    _compare_with_reference(variant, "hard_sigmoid", 2, 2, 3, 4, 5, 6, 3,
-                            x_transform=lambda x: x.transpose(3, 4).contiguous().transpose(3, 4))
-    # The op itself takes a non-contiguous x too.
+    """The op takes a non-contiguous x (a transposed view: [T, B, Cin, W, H] storage read as
+    [T, B, Cin, H, W]) and non-contiguous states, with the same results bit for bit."""
     _load_ops()
-    forward = getattr(torch.ops.convlstm_fast, variants.OP_NAMES[variant])
+    forward = getattr(torch.ops.convlstm_fast, get_cell(variant).op)
     x, h0, c0, params = _op_args(variant)
     strided = x.transpose(3, 4).contiguous().transpose(3, 4)
     assert not strided.is_contiguous()
@@ -134,8 +86,8 @@ def test_non_contiguous_input(variant):
         torch.testing.assert_close(got, want, atol=0, rtol=0)
 
 
-@pytest.mark.parametrize("gate_activation", variants.GATE_ACTIVATIONS)
-@pytest.mark.parametrize("variant", variants.VARIANTS)
+@pytest.mark.parametrize("gate_activation", GATE_ACTIVATIONS)
+@pytest.mark.parametrize("variant", VARIANTS)
 def test_gradcheck_float64(variant, gate_activation):
     x, h0, c0 = make_inputs(2, 2, 2, 3, 3, 4, dtype=torch.float64)
     params = make_params(variant, 2, 3, 3, dtype=torch.float64)
@@ -147,52 +99,16 @@ def test_gradcheck_float64(variant, gate_activation):
                                     rtol=1e-4, fast_mode=True)
 
 
-# (variant, steps, batch, cin, hidden, height, width): the ConvLSTM at a width that takes its
-# Winograd path; every variant with 11-wide maps, where the per-plane stencils work in 8-double
-# vectors, the second overlapping the first.
-FLOAT64_CASES = [
-    ("convlstm", 2, 1, 256, 256, 4, 3),
-    *((variant, 2, 2, 3, 4, 3, 11) for variant in variants.VARIANTS),
-]
-
-
-@pytest.mark.parametrize("case", FLOAT64_CASES, ids=lambda c: "{}-T{}B{}Cin{}C{}H{}W{}".format(*c))
-def test_matches_reference_float64(case):
-    """In float64 the output, final states and every gradient equal the reference's to rounding.
-    The ConvLSTM's Winograd convolutions (forward, input and weight gradients) are exact in exact
-    arithmetic, so they are held to the same bound (gradcheck's fast mode is too coarse there:
-    with 4.7M weights a wrong weight gradient hides in its one projection)."""
-    variant, steps, batch, cin, hidden, height, width = case
-    x, h0, c0 = make_inputs(steps, batch, cin, hidden, height, width, dtype=torch.float64)
-    params = make_params(variant, cin, hidden, 3, dtype=torch.float64)
-    leaves = [x, h0, c0, *params]
-    weights = None
-    results = {}
-    for backend in ("cpu", "reference"):
-        outs = _run(backend, variant, x, h0, c0, params, "sigmoid")
-        if weights is None:
-            generator = torch.Generator().manual_seed(2)
-            weights = [torch.randn(o.shape, generator=generator, dtype=torch.float64)
-                       for o in outs]
-        loss = sum((o * w).sum() for o, w in zip(outs, weights))
-        results[backend] = ([o.detach() for o in outs], torch.autograd.grad(loss, leaves))
-    names = ["output", "h_n", "c_n", "grad x", "grad h0", "grad c0",
-             *("grad " + n for n in variants.parameter_names(variant))]
-    for name, got, want in zip(names, *(results[b][0] + list(results[b][1])
-                                        for b in ("cpu", "reference"))):
-        torch.testing.assert_close(got, want, atol=1e-10, rtol=1e-9, msg=lambda m: f"{name}: {m}")
-
-
 def _op_args(variant, dtype=torch.float32):
     x, h0, c0 = (t.detach() for t in make_inputs(2, 2, 3, 4, 4, 5, dtype=dtype))
     params = [p.detach() for p in make_params(variant, 3, 4, 3, dtype=dtype)]
     return x, h0, c0, params
 
 
-@pytest.mark.parametrize("variant", variants.VARIANTS)
+@pytest.mark.parametrize("variant", VARIANTS)
 def test_opcheck(variant):
     _load_ops()
-    name = variants.OP_NAMES[variant]
+    name = get_cell(variant).op
     x, h0, c0, params = _op_args(variant)
     forward = getattr(torch.ops.convlstm_fast, name).default
     torch.library.opcheck(forward, (x.requires_grad_(), h0.requires_grad_(), c0, params, 1))
@@ -204,14 +120,14 @@ def test_opcheck(variant):
                           test_utils=("test_schema", "test_faketensor"))
 
 
-@pytest.mark.parametrize("variant", variants.VARIANTS)
+@pytest.mark.parametrize("variant", VARIANTS)
 def test_errors_name_the_argument(variant):
     _load_ops()
-    forward = getattr(torch.ops.convlstm_fast, variants.OP_NAMES[variant])
+    forward = getattr(torch.ops.convlstm_fast, get_cell(variant).op)
     x, h0, c0, params = _op_args(variant)
     bad = list(params)
     bad[2] = bad[2][:-1]
-    name = variants.parameter_names(variant)[2]
+    name = get_cell(variant).parameter_names[2]
     with pytest.raises(RuntimeError, match=rf"params\[2\] \({name}\)"):
         forward(x, h0, c0, bad, 0)
     with pytest.raises(RuntimeError, match="c0 must have shape"):
@@ -231,12 +147,12 @@ def test_empty_sequence():
     assert h_n.data_ptr() != h0.data_ptr()
 
 
-@pytest.mark.parametrize("variant", variants.VARIANTS)
+@pytest.mark.parametrize("variant", VARIANTS)
 def test_inference_op_equals_the_forward(variant):
     """``<op>_inference`` runs the same kernel without keeping the saved tensors: the same
     output and final states, bit for bit; and opcheck (schema, fake tensors, AOT dispatch)."""
     _load_ops()
-    name = variants.OP_NAMES[variant]
+    name = get_cell(variant).op
     x, h0, c0, params = _op_args(variant)
     inference = getattr(torch.ops.convlstm_fast, name + "_inference").default
     want = getattr(torch.ops.convlstm_fast, name)(x, h0, c0, params, 1)[:3]
@@ -259,11 +175,11 @@ class _OpRecorder(TorchDispatchMode):
         return func(*args, **(kwargs or {}))
 
 
-@pytest.mark.parametrize("variant", variants.VARIANTS)
+@pytest.mark.parametrize("variant", VARIANTS)
 def test_calls_wanting_no_gradient_run_the_inference_op(variant):
     x, h0, c0 = (t.detach() for t in make_inputs(2, 2, 3, 4, 4, 5))
     params = [p.detach() for p in make_params(variant, 3, 4, 3)]
-    name = "convlstm_fast::" + variants.OP_NAMES[variant]
+    name = "convlstm_fast::" + get_cell(variant).op
 
     def ops_of(x, params):
         with _OpRecorder() as recorder:

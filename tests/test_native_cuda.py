@@ -1,15 +1,15 @@
-"""The fused CUDA kernels (``backend="cuda"``, csrc/cuda/*_kernel.cu) against the reference.
+"""What is particular to the fused CUDA ops (``backend="cuda"``, csrc/cuda/*_kernel.cu).
 
-The ops are called directly (forward op, then its ``_backward`` op with random output gradients)
-and compared with the reference's autograd on the same inputs:
-- fp32 (TF32 off), fp16, bf16: STYLE.md's rule max|x − x64| ≤ 2·max|x_ref − x64| + ε·max|x64|
-  (ε = 1e-6 fp32, 1e-3 fp16/bf16) for output, h_n, c_n and every gradient;
-- float64 (the kernels also take it): every result within rtol 1e-7, atol 1e-9 of the float64
-  reference, on edge shapes (K ∈ {1, 3, 5}, H ≠ W, Cin ≠ C, B = 1, T = 1, C over several tiles);
+Their outputs and gradients through ``convlstm_layer`` against the reference in fp32 (TF32 off),
+fp16 and bf16 are cases of the conformance suite, tests/test_backends.py. Here the ops are called
+directly (forward op, then its ``_backward`` op with random output gradients):
+- float64 (the kernels take it, the backend does not offer it): every result within rtol 1e-7,
+  atol 1e-9 of the float64 reference, on edge shapes (K ∈ {1, 3, 5}, H ≠ W, Cin ≠ C, B = 1,
+  T = 1, C over several tiles);
 - CPU vs CUDA in float64: outputs, ``saved`` and gradients of the two native backends agree;
-- opcheck, autograd through ``convlstm_layer(backend="cuda")``, deterministic mode (bitwise
-  equal twice), errors that name the argument, empty sequences; the ``_inference`` twins equal
-  the ops bit for bit.
+- what is saved follows the registry; opcheck; deterministic mode (bitwise equal twice); errors
+  that name the argument; empty sequences; the ``_inference`` twins equal the ops bit for bit;
+  two GPUs.
 Every test is marked ``gpu`` and skipped with a reason without CUDA (tests/conftest.py).
 """
 
@@ -18,7 +18,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from convlstm_fast import get_cell, variants
+from convlstm_fast import VARIANTS, get_cell
+from convlstm_fast.registry import GATE_ACTIVATIONS
 from convlstm_fast.reference import cells
 
 pytestmark = pytest.mark.gpu
@@ -34,10 +35,6 @@ EDGE_SHAPES = [
     (3, 2, 1, 2, 1, 1, 3),
 ]
 F64_TOL = dict(rtol=1e-7, atol=1e-9)
-# c/d in fp16/bf16: fewer maps of fewer pixels, so that seeds with well separated maxima of Z
-# exist (see _rounded_problem).
-ATTENTION_LOW_PRECISION = (2, 2, 5, 8, 4, 5, 3)
-MIN_MAX_GAP = 0.03
 
 
 def _ops(variant):
@@ -48,7 +45,7 @@ def _ops(variant):
         _extension.load_extension()
     except ImportError as error:
         pytest.skip(str(error))
-    name = variants.OP_NAMES[variant]
+    name = get_cell(variant).op
     if not torch._C._dispatch_has_kernel_for_dispatch_key("convlstm_fast::" + name, "CUDA"):
         pytest.skip(f"convlstm_fast._C was built without the CUDA kernel of {name}")
     ops = torch.ops.convlstm_fast
@@ -74,9 +71,11 @@ def _problem(variant, shape, seed=0):
         return torch.randn(size, generator=generator, dtype=torch.float64) * scale
 
     params = {}
-    for name, pshape in variants.parameter_shapes(variant, cin, hidden, k).items():
+    for parameter in get_cell(variant).parameters:
+        pshape = parameter.shape(cin, hidden, k)
         fan_in = 1 if len(pshape) == 1 else int(torch.tensor(pshape[1:]).prod())
-        params[name] = randn(*pshape, scale=0.5 if variants.is_bias(name) else 1.5 / fan_in ** 0.5)
+        params[parameter.name] = randn(*pshape, scale=0.5 if parameter.is_bias
+                                       else 1.5 / fan_in ** 0.5)
     x = randn(steps, batch, cin, height, width)
     h0 = randn(batch, hidden, height, width, scale=0.5)
     c0 = randn(batch, hidden, height, width, scale=0.5)
@@ -101,7 +100,7 @@ def _run_ops(variant, x, h0, c0, params, weights, gate_activation, device="cuda"
     forward, backward = _ops(variant)
     args = [t.to(device) for t in (x, h0, c0)]
     plist = [p.to(device) for p in params.values()]
-    code = variants.GATE_ACTIVATIONS.index(gate_activation)
+    code = GATE_ACTIVATIONS.index(gate_activation)
     out, h_n, c_n, saved = forward(*args, plist, code)
     grads = [w.to(device=device, dtype=x.dtype) for w in weights]
     grad_x, grad_h0, grad_c0, grad_params = backward(*grads, *args, plist, out, saved, code)
@@ -110,62 +109,12 @@ def _run_ops(variant, x, h0, c0, params, weights, gate_activation, device="cuda"
 
 def _names(variant):
     return ["output", "h_n", "c_n", "grad_x", "grad_h0", "grad_c0"] + [
-        "grad_" + n for n in variants.parameter_names(variant)]
+        "grad_" + n for n in get_cell(variant).parameter_names]
 
-
-@pytest.fixture
-def fp32_ieee():
-    previous = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
-    torch.backends.cuda.matmul.allow_tf32 = False
-    torch.backends.cudnn.allow_tf32 = False
-    yield
-    torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = previous
-
-
-def _rounded_problem(variant, shape, dtype, gate_activation):
-    """_problem rounded to dtype (then float64: x64 and x_ref see the kernels' numbers).
-
-    For c/d in fp16/bf16 the seed is chosen so that in every map (t, b, c) the maximum of Z
-    exceeds the runner-up by at least MIN_MAX_GAP in the float64 reference: the gradient of
-    exp(Z − max Z) is discontinuous where the argmax changes, so a near-tie that rounding flips
-    would move a whole map's Σ dA∘A to another pixel — in the kernel or in x_ref, by chance.
-    """
-    for seed in range(200):
-        x, h0, c0, params, weights = _problem(variant, shape, seed=seed)
-        x, h0, c0 = (t.to(dtype).double() for t in (x, h0, c0))
-        params = {n: p.to(dtype).double() for n, p in params.items()}
-        if variant not in ("c", "d") or dtype in (torch.float32, torch.float64):
-            return x, h0, c0, params, weights
-        records = []
-        cells.layer(variant, x, h0, c0, params, gate_activation, records=records)
-        attention = torch.stack([r["attention"] for r in records]).flatten(-2)  # exp(Z − max)
-        runner_up = attention.topk(2, dim=-1).values[..., 1]
-        if (-runner_up.log()).min().item() >= MIN_MAX_GAP:
-            return x, h0, c0, params, weights
-    raise AssertionError(f"no seed < 200 separates the maxima of Z by {MIN_MAX_GAP}")
-
-
-@pytest.mark.parametrize("dtype", DTYPES.values(), ids=DTYPES.keys())
-@pytest.mark.parametrize("gate_activation", variants.GATE_ACTIVATIONS)
-@pytest.mark.parametrize("variant", variants.VARIANTS)
-def test_matches_reference(variant, gate_activation, dtype, fp32_ieee, assert_close_to_float64):
-    low_precision_attention = variant in ("c", "d") and dtype != torch.float32
-    shape = ATTENTION_LOW_PRECISION if low_precision_attention else BASE
-    x, h0, c0, params, weights = _rounded_problem(variant, shape, dtype, gate_activation)
-    cuda64 = [t.cuda() for t in (x, h0, c0)]
-    params64 = {n: p.cuda() for n, p in params.items()}
-    want64 = _reference(variant, *cuda64, params64, weights, gate_activation)
-    low = [t.to(dtype) for t in cuda64]
-    params_low = {n: p.to(dtype) for n, p in params64.items()}
-    want_low = _reference(variant, *low, params_low, weights, gate_activation)
-    got, _ = _run_ops(variant, *low, params_low, weights, gate_activation)
-    for name, g, r, r64 in zip(_names(variant), got, want_low, want64):
-        assert g.dtype == dtype, f"{name}: dtype {g.dtype}, expected {dtype}"
-        assert_close_to_float64(g, r, r64, name=name)
 
 
 @pytest.mark.parametrize("shape", EDGE_SHAPES, ids=lambda s: "T{}B{}Cin{}C{}H{}W{}K{}".format(*s))
-@pytest.mark.parametrize("variant", variants.VARIANTS)
+@pytest.mark.parametrize("variant", VARIANTS)
 def test_edge_shapes_float64(variant, shape):
     x, h0, c0, params, weights = _problem(variant, shape, seed=3)
     gate_activation = "hard_sigmoid" if shape[-1] == 5 else "sigmoid"
@@ -175,12 +124,12 @@ def test_edge_shapes_float64(variant, shape):
         torch.testing.assert_close(g.cpu(), w, **F64_TOL, msg=lambda m: f"{name}: {m}")
 
 
-@pytest.mark.parametrize("variant", variants.VARIANTS)
+@pytest.mark.parametrize("variant", VARIANTS)
 def test_cpu_and_cuda_agree_float64(variant):
     """Both native backends: same outputs, the same ``saved`` values (up to the CPU kernel's NCHW
     layout where the registry's ``kernels["cpu"]`` says so) and the same gradients."""
     if not torch._C._dispatch_has_kernel_for_dispatch_key(
-            "convlstm_fast::" + variants.OP_NAMES[variant], "CPU"):
+            "convlstm_fast::" + get_cell(variant).op, "CPU"):
         pytest.skip(f"no native CPU kernel for {variant!r} yet")
     x, h0, c0, params, weights = _problem(variant, (2, 2, 4, 6, 5, 6, 3), seed=5)
     got_cuda, saved_cuda = _run_ops(variant, x, h0, c0, params, weights, "sigmoid")
@@ -196,7 +145,7 @@ def test_cpu_and_cuda_agree_float64(variant):
 
 
 @pytest.mark.parametrize("dtype", DTYPES.values(), ids=DTYPES.keys())
-@pytest.mark.parametrize("variant", variants.VARIANTS)
+@pytest.mark.parametrize("variant", VARIANTS)
 def test_saved_follows_the_spec(variant, dtype):
     x, h0, c0, params, weights = _problem(variant, (2, 2, 3, 5, 4, 3, 3))
     cast = {n: p.to(dtype) for n, p in params.items()}
@@ -206,27 +155,7 @@ def test_saved_follows_the_spec(variant, dtype):
     assert all(s.is_cuda and s.is_contiguous() for s in saved)
 
 
-@pytest.mark.parametrize("variant", variants.VARIANTS)
-def test_functional_autograd(variant, fp32_ieee):
-    """backend="cuda" through convlstm_layer: autograd wiring, fp32 vs the fp32 reference."""
-    from convlstm_fast.functional import convlstm_layer
-
-    _ops(variant)
-    _wired(variant)
-    x, h0, c0, params, weights = _problem(variant, (3, 2, 4, 6, 5, 7, 3), seed=7)
-    leaves = [t.float().cuda().requires_grad_() for t in (x, h0, c0, *params.values())]
-    lx, lh, lc, *lp = leaves
-    named = dict(zip(params, lp))
-    results = {}
-    for backend in ("cuda", "reference"):
-        out, (h_n, c_n) = convlstm_layer(lx, named, variant, (lh, lc), backend=backend)
-        loss = sum((t * w.float().cuda()).sum() for t, w in zip((out, h_n, c_n), weights))
-        results[backend] = [out, h_n, c_n, *torch.autograd.grad(loss, leaves)]
-    for name, a, b in zip(_names(variant), results["cuda"], results["reference"]):
-        torch.testing.assert_close(a, b, atol=1e-4, rtol=1e-4, msg=lambda m: f"{name}: {m}")
-
-
-@pytest.mark.parametrize("variant", variants.VARIANTS)
+@pytest.mark.parametrize("variant", VARIANTS)
 def test_opcheck(variant):
     forward, backward = _ops(variant)
     _wired(variant)
@@ -242,7 +171,7 @@ def test_opcheck(variant):
                           test_utils=("test_schema", "test_faketensor"))
 
 
-@pytest.mark.parametrize("variant", variants.VARIANTS)
+@pytest.mark.parametrize("variant", VARIANTS)
 def test_inference_op_equals_the_forward(variant, monkeypatch):
     """``<op>_inference`` (nothing saved) gives the op's output and final states bit for bit (in
     deterministic mode), and ``convlstm_layer(backend="cuda")`` under no_grad runs it."""
@@ -253,7 +182,7 @@ def test_inference_op_equals_the_forward(variant, monkeypatch):
     x, h0, c0, params, _ = _problem(variant, BASE)
     args = [t.float().cuda() for t in (x, h0, c0)]
     plist = [p.float().cuda() for p in params.values()]
-    inference = getattr(torch.ops.convlstm_fast, variants.OP_NAMES[variant] + "_inference")
+    inference = getattr(torch.ops.convlstm_fast, get_cell(variant).op + "_inference")
     monkeypatch.setenv("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
     previous = torch.are_deterministic_algorithms_enabled()
     torch.use_deterministic_algorithms(True)
@@ -271,7 +200,7 @@ def test_inference_op_equals_the_forward(variant, monkeypatch):
                           test_utils=("test_schema", "test_faketensor"))
 
 
-@pytest.mark.parametrize("variant", variants.VARIANTS)
+@pytest.mark.parametrize("variant", VARIANTS)
 def test_deterministic_mode_is_bitwise_reproducible(variant, monkeypatch):
     monkeypatch.setenv("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
     x, h0, c0, params, weights = _problem(variant, BASE)
@@ -291,7 +220,7 @@ def test_deterministic_mode_is_bitwise_reproducible(variant, monkeypatch):
         assert torch.isfinite(a).all(), f"{name} is not finite"
 
 
-@pytest.mark.parametrize("variant", variants.VARIANTS)
+@pytest.mark.parametrize("variant", VARIANTS)
 def test_errors_name_the_argument(variant):
     forward, _ = _ops(variant)
     x, h0, c0, params, _ = _problem(variant, (2, 1, 3, 4, 5, 5, 3))
@@ -301,7 +230,7 @@ def test_errors_name_the_argument(variant):
         forward(args[0], args[1].cpu(), args[2], plist, 0)
     with pytest.raises(RuntimeError, match="c0"):
         forward(args[0], args[1], args[2].double(), plist, 0)
-    first = variants.parameter_names(variant)[0]
+    first = get_cell(variant).parameter_names[0]
     bad = [plist[0][:-1]] + plist[1:]
     with pytest.raises(RuntimeError, match=first):
         forward(*args, bad, 0)
@@ -311,7 +240,7 @@ def test_errors_name_the_argument(variant):
         forward(*args, plist, 2)
 
 
-@pytest.mark.parametrize("variant", variants.VARIANTS)
+@pytest.mark.parametrize("variant", VARIANTS)
 def test_empty_sequence(variant):
     forward, backward = _ops(variant)
     x, h0, c0, params, _ = _problem(variant, (0, 2, 3, 4, 5, 5, 3))

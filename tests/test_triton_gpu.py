@@ -1,8 +1,8 @@
-"""Triton layer ops on a CUDA device against the reference: fp32 (TF32 off), fp16 and bf16.
+"""What is particular to the Triton ops on a CUDA device: deterministic mode (bitwise equal
+twice), autocast, and a layer on a second GPU.
 
-Every output (output, h_n, c_n) and every gradient (x, h0, c0, each parameter) must satisfy
-STYLE.md's rule max|x − x64| ≤ 2·max|x_ref − x64| + ε·max|x64| (ε = 1e-6 fp32, 1e-3 fp16/bf16),
-x64 the reference in float64 on the same (rounded) inputs, x_ref the reference in x's dtype.
+Their outputs and gradients against the reference in fp32 (TF32 off), fp16 and bf16 on several
+channel and pixel tiles are cases of the conformance suite, tests/test_backends.py.
 Skipped with a reason without CUDA (tests/conftest.py); nothing queries a device at import.
 """
 
@@ -11,20 +11,12 @@ from __future__ import annotations
 import pytest
 import torch
 
-from convlstm_fast import variants
+from convlstm_fast import VARIANTS
 from convlstm_fast.functional import convlstm_layer
 from convlstm_fast.reference import cells
 
 pytestmark = pytest.mark.gpu
 
-# (T, B, Cin, C, H, W, K): paper-like channel counts spanning several 64-channel tiles and pixel
-# tiles, odd sizes, H != W, Cin != C, K in {1, 3, 5}, B = 1, T = 1.
-SHAPES = {
-    "base": (3, 2, 40, 72, 9, 11, 3),
-    "k5_b1": (2, 1, 16, 24, 13, 7, 5),
-    "k1_t1": (1, 3, 8, 130, 6, 10, 1),
-}
-DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 
 
 def _implemented():
@@ -58,38 +50,7 @@ def fp32_ieee():
     torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = previous
 
 
-@pytest.mark.parametrize("gate_activation", variants.GATE_ACTIVATIONS)
-@pytest.mark.parametrize("shape", list(SHAPES))
-@pytest.mark.parametrize("dtype", list(DTYPES))
-@pytest.mark.parametrize("variant", variants.VARIANTS)
-def test_triton_matches_reference_on_gpu(variant, dtype, shape, gate_activation, fp32_ieee,
-                                         make_params, make_inputs, assert_close_to_float64):
-    if variant not in _implemented():
-        pytest.skip(f"backend 'triton' is not implemented for variant {variant!r}")
-    steps, batch, cin, hidden, height, width, ksize = SHAPES[shape]
-    low = DTYPES[dtype]
-    params64 = make_params(variant, cin, hidden, ksize, seed=1, device="cuda")
-    inputs64 = make_inputs(steps, batch, cin, hidden, height, width, seed=2, device="cuda")
-    # Round once to the low dtype; the float64 reference runs on exactly those values.
-    params = {k: v.to(low) for k, v in params64.items()}
-    x, h0, c0 = (t.to(low) for t in inputs64)
-    params64 = {k: v.double() for k, v in params.items()}
-    x64, h64, c64 = (t.double() for t in (x, h0, c0))
-    gen = torch.Generator(device="cuda").manual_seed(3)
-    shapes = [(steps, batch, hidden, height, width), h0.shape, c0.shape]
-    weights = [torch.randn(s, generator=gen, device="cuda", dtype=torch.float64) for s in shapes]
-
-    got = _run(variant, x, h0, c0, params, gate_activation, "triton", weights)
-    ref = _run(variant, x, h0, c0, params, gate_activation, "reference", weights)
-    exact = _run(variant, x64, h64, c64, params64, gate_activation, "reference", weights)
-    names = ["output", "h_n", "c_n", "grad_x", "grad_h0", "grad_c0",
-             *("grad_" + n for n in params)]
-    for name, a, r, e in zip(names, got, ref, exact):
-        assert a.dtype == low, f"{name}: dtype {a.dtype}, expected {low}"
-        assert_close_to_float64(a, r, e, name=name)
-
-
-@pytest.mark.parametrize("variant", variants.VARIANTS)
+@pytest.mark.parametrize("variant", VARIANTS)
 def test_triton_deterministic_on_gpu(variant, make_params, make_inputs):
     """Under torch.use_deterministic_algorithms(True) two runs agree bitwise."""
     if variant not in _implemented():
@@ -108,7 +69,7 @@ def test_triton_deterministic_on_gpu(variant, make_params, make_inputs):
         assert torch.equal(a, b)
 
 
-@pytest.mark.parametrize("variant", variants.VARIANTS)
+@pytest.mark.parametrize("variant", VARIANTS)
 def test_triton_under_autocast(variant, make_params, make_inputs):
     """Under torch.autocast(bf16) the functional layer casts and the op runs in bf16."""
     if variant not in _implemented():
@@ -122,7 +83,7 @@ def test_triton_under_autocast(variant, make_params, make_inputs):
     torch.testing.assert_close(out.float(), ref, rtol=0.05, atol=0.05)
 
 
-@pytest.mark.parametrize("variant", variants.VARIANTS)
+@pytest.mark.parametrize("variant", VARIANTS)
 def test_triton_on_a_second_gpu(variant, fp32_ieee, make_params, make_inputs):
     """A layer whose tensors live on cuda:1 while cuda:0 is the current device: the launches
     must go to cuda:1 (the ops run their kernels under torch.cuda.device(x.device)), and the

@@ -19,7 +19,7 @@ import triton.language as tl
 # only then can the ops run on CPU tensors (tests). Read once, like triton itself does.
 INTERPRETED = os.environ.get("TRITON_INTERPRET", "0") == "1"
 
-SIGMOID, HARD_SIGMOID = 0, 1  # the op's ``gate_activation`` codes (variants.GATE_ACTIVATIONS)
+SIGMOID, HARD_SIGMOID = 0, 1  # the op's ``gate_activation`` codes (registry.GATE_ACTIVATIONS)
 
 # Block sizes the launchers choose on a GPU: BLOCK_M pixels per program, BLOCK_C channels per tile
 # (the output-channel tile and the reduction chunk of tl.dot, which needs every dimension >= 16).

@@ -7,10 +7,11 @@ compiles every csrc/cuda/*_kernel.cu that way with nvcc (one arch; the toolkit a
 headers found as setup.py finds them) together with the schemas (csrc/convlstm_fast.cpp) into a
 library of its own, loads it in a process that never imports convlstm_fast._C, and runs:
 
-- the conformance suite's cases (tests/test_backends.py: CASES × every cell with a CUDA kernel,
-  their shapes and problems, STYLE.md's distance rule of tests/conftest.py): every output and
-  gradient of the op and its backward against the reference, which is what
-  test_backend_matches_reference holds the real "cuda" backend to on a GPU; per case also the
+- the conformance suite's cases (tests/test_backends.py: those it runs for the "cuda" backend,
+  ``selected("cuda")``, in the dtypes the backend offers; their shapes, problems and STYLE.md's
+  distance rule, ``check_results``): every output and gradient of the op and its backward
+  against the reference, which is what test_backend_matches_reference holds the real "cuda"
+  backend to on a GPU (a non-contiguous case hands the op its x as a view); per case also the
   ``saved`` tensors against the registry's (``spec.saved_spec("cuda")``) and the
   ``<op>_inference`` twin against the op, bit for bit;
 - what only this check holds the CUDA sources to: float64 on edge shapes (K = 1, 5, C over
@@ -118,6 +119,16 @@ def check_twin_and_saved(label: str, variant: str, results: dict, saved, inferen
     return ok
 
 
+def conformance_cases(cases, variant: str) -> list:
+    """The cases test_backend_matches_reference runs for backend "cuda" and ``variant``: those
+    the suite selects for "cuda" in a dtype the backend offers (float64 skips there with its
+    reason; the float64 checks below hold the kernels to 1e-9 instead)."""
+    from convlstm_fast.backends.native import BACKENDS
+
+    return [case for name, case in cases.selected("cuda")
+            if name == variant and case.dtype in BACKENDS["cuda"].dtypes]
+
+
 def check_conformance(cases, conftest, variant: str, case) -> bool:
     """One case of tests/test_backends.py for the emulated CUDA kernel, as
     test_backend_matches_reference runs it."""
@@ -128,15 +139,16 @@ def check_conformance(cases, conftest, variant: str, case) -> bool:
     low = lambda t: t.to(case.dtype)  # noqa: E731
     args = (low(x), low(h0), low(c0), {k: low(v) for k, v in params.items()})
     reference = cases._results("reference", variant, *args, case.gate_activation, weights)
-    got, saved, inference = run_ops(variant, *args, case.gate_activation, weights)
+    x_in = cases._transposed_view(args[0]) if case.noncontiguous else args[0]
+    got, saved, inference = run_ops(variant, x_in, *args[1:], case.gate_activation, weights)
     ok = check_twin_and_saved(label, variant, got, saved, inference, args[0], args[1], args[3])
-    for name, want64 in exact.items():
-        try:
-            assert got[name].dtype == case.dtype, f"{name}: dtype {got[name].dtype}"
-            conftest.check_close_to_float64(got[name], reference[name], want64, name=name)
-        except AssertionError as error:
-            print(f"  FAIL {label} {str(error).splitlines()[0]}")
-            ok = False
+    try:
+        for note in cases.check_results(conftest.check_close_to_float64, got, reference, exact,
+                                        case.dtype):
+            print(f"  xfail {label} (test_backends.CANCELLED): {note}")
+    except AssertionError as error:
+        print(f"  FAIL {label} {str(error).splitlines()[0]}")
+        ok = False
     return ok
 
 
@@ -269,7 +281,7 @@ def main() -> int:
     ok = True
     for variant in (v for v in cell_names() if "cuda" in get_cell(v).kernels):
         variant_ok = True
-        for case in cases.CASES:
+        for case in conformance_cases(cases, variant):
             variant_ok &= check_conformance(cases, conftest, variant, case)
             counts["conformance"] += 1
         for gate_activation in ("sigmoid", "hard_sigmoid"):

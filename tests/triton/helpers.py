@@ -1,5 +1,6 @@
-"""Shared by the Triton tests (CPU interpreter and GPU): random cells, reference comparison, and
-STYLE.md's distance rule for low precision."""
+"""Shared by the Triton interpreter tests: random cells and the comparison with the reference in the
+same dtype (STYLE.md's distance rule is tests/conftest.py's ``assert_close_to_float64`` fixture,
+which this folder's conftest shares)."""
 
 from __future__ import annotations
 
@@ -7,7 +8,7 @@ import math
 
 import torch
 
-from convlstm_fast import variants
+from convlstm_fast import get_cell
 from convlstm_fast.functional import convlstm_layer
 from convlstm_fast.reference import cells
 
@@ -17,7 +18,9 @@ def make_inputs(variant, steps, batch, in_channels, hidden, height, width, kerne
     """Random x [T, B, Cin, H, W], h0, c0 and params: weights N(0, 1/fan_in) (fan_in = all dims
     but the first), biases N(0, 0.25), so that pre-activations stay O(1) at any size."""
     gen = torch.Generator().manual_seed(seed)
-    shapes = variants.parameter_shapes(variant, in_channels, hidden, kernel_size)
+    spec = get_cell(variant)
+    shapes = spec.parameter_shapes(in_channels, hidden, kernel_size)
+    biases = {p.name for p in spec.parameters if p.is_bias}
 
     def rand(*shape, scale=1.0):
         return (torch.randn(*shape, generator=gen, dtype=torch.float64) * scale).to(device, dtype)
@@ -25,7 +28,7 @@ def make_inputs(variant, steps, batch, in_channels, hidden, height, width, kerne
     params = {}
     for name, shape in shapes.items():
         fan_in = math.prod(shape[1:])
-        params[name] = rand(*shape, scale=0.5 if variants.is_bias(name) else fan_in ** -0.5)
+        params[name] = rand(*shape, scale=0.5 if name in biases else fan_in ** -0.5)
     x = rand(steps, batch, in_channels, height, width)
     h0 = rand(batch, hidden, height, width, scale=0.5)
     c0 = rand(batch, hidden, height, width, scale=0.5)
@@ -60,26 +63,3 @@ def assert_close_to_reference(variant, inputs, gate_activation, backend, rtol, a
     for name in want:
         torch.testing.assert_close(got[name], want[name], rtol=rtol, atol=atol,
                                    msg=lambda m, name=name: f"{name}: {m}")
-
-
-def assert_distance_rule(got, ref, exact, eps):
-    """STYLE.md: for every name in ``exact`` (float64 reference results), ``max|got − exact| <=
-    2·max|ref − exact| + eps·max|exact|``, ``ref`` being the reference in got's dtype."""
-    for name, x64 in exact.items():
-        err = (got[name].double() - x64).abs().max().item()
-        ref_err = (ref[name].double() - x64).abs().max().item()
-        bound = 2 * ref_err + eps * x64.abs().max().item()
-        assert err <= bound, (f"{name}: max error {err:.3g} > 2·{ref_err:.3g} + "
-                              f"{eps}·{x64.abs().max().item():.3g} = {bound:.3g}")
-
-
-def assert_low_precision_rule(variant, inputs, gate_activation, backend, eps=1e-3):
-    """STYLE.md: for every output and gradient x, max|x − x64| <= 2·max|x_ref − x64| + eps·max|x64|
-    with x64 the reference in float64 and x_ref the reference in the inputs' (low) dtype."""
-    x, h0, c0, params = inputs
-    to64 = lambda t: t.double()
-    inputs64 = (to64(x), to64(h0), to64(c0), {k: to64(v) for k, v in params.items()})
-    got = run_with_grads(variant, *inputs, gate_activation, backend)
-    ref = run_with_grads(variant, *inputs, gate_activation, "reference")
-    exact = run_with_grads(variant, *inputs64, gate_activation, "reference")
-    assert_distance_rule(got, ref, exact, eps)

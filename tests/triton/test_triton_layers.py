@@ -1,7 +1,10 @@
-"""Triton layer ops under TRITON_INTERPRET=1 (CPU), compared with the reference in fp32.
+"""What is particular to the Triton ops under TRITON_INTERPRET=1 (CPU): their kinks, opcheck of
+both ops, torch.compile(fullgraph=True), deterministic mode, and what the backend reports.
 
-Run alone: ``pytest tests/triton -q`` (its conftest sets TRITON_INTERPRET=1 before triton is
-imported). Tolerances: outputs and gradients rtol 1e-4, atol 1e-5 (fp32 with tl.dot in "ieee").
+Their outputs and gradients against the reference on every shape are the conformance suite's
+cases (tests/test_backends.py, run here by test_backends_interpreted.py). Run alone:
+``pytest tests/triton -q`` (its conftest sets TRITON_INTERPRET=1 before triton is imported).
+Tolerances: rtol 1e-4, atol 1e-5 (fp32 with tl.dot in "ieee").
 """
 
 from __future__ import annotations
@@ -10,62 +13,32 @@ import pytest
 import torch
 
 import convlstm_fast
-from convlstm_fast import variants
+from convlstm_fast import VARIANTS, get_cell
 from convlstm_fast.backends import get_backend
 from convlstm_fast.triton_kernels import IMPLEMENTED, INTERPRETED
 
-from helpers import (assert_close_to_reference, assert_low_precision_rule, make_inputs,
-                     run_with_grads)
+from helpers import assert_close_to_reference, make_inputs, run_with_grads
 
 pytestmark = pytest.mark.triton_interpret
 
 RTOL, ATOL = 1e-4, 1e-5
 
-# (T, B, Cin, C, H, W, K): Cin != C, H != W, H·W not a power of two, odd K, B = 1, T = 1, a map
-# spanning two pixel tiles (the interpreter's BLOCK_M is 256) and C spanning two channel tiles (64).
-SHAPES = {
-    "base": (2, 2, 5, 6, 5, 7, 3),
-    "k1_b1": (2, 1, 3, 4, 4, 3, 1),
-    "k5_t1": (1, 2, 4, 3, 6, 5, 5),
-    "two_pixel_tiles": (2, 1, 2, 3, 17, 16, 3),
-    "two_channel_tiles": (2, 1, 3, 66, 3, 2, 3),
-}
+# (T, B, Cin, C, H, W, K): a map spanning two pixel tiles of the interpreter's blocks (256).
+TWO_PIXEL_TILES = (2, 1, 2, 3, 17, 16, 3)
 
 
 def test_interpreter_is_on():
     assert INTERPRETED, "tests/triton/conftest.py must set TRITON_INTERPRET=1 before triton loads"
 
 
-@pytest.mark.parametrize("variant", variants.VARIANTS)
+@pytest.mark.parametrize("variant", VARIANTS)
 def test_backend_reports_support(variant):
     x = torch.zeros(1, 1, 2, 3, 3)
     reason = get_backend("triton").unsupported_reason(variant, x)
     if variant in IMPLEMENTED:
         assert reason is None
     else:
-        assert reason == f"backend 'triton' is not implemented for variant {variant!r}"
-
-
-@pytest.mark.parametrize("gate_activation", variants.GATE_ACTIVATIONS)
-@pytest.mark.parametrize("variant", IMPLEMENTED)
-def test_matches_reference(variant, gate_activation):
-    inputs = make_inputs(variant, *SHAPES["base"])
-    assert_close_to_reference(variant, inputs, gate_activation, "triton", RTOL, ATOL)
-
-
-@pytest.mark.parametrize("shape", [s for s in SHAPES if s != "base"])
-@pytest.mark.parametrize("variant", IMPLEMENTED)
-def test_odd_shapes(variant, shape):
-    inputs = make_inputs(variant, *SHAPES[shape], seed=3)
-    assert_close_to_reference(variant, inputs, "sigmoid", "triton", RTOL, ATOL)
-
-
-@pytest.mark.parametrize("variant", IMPLEMENTED)
-def test_float64_distance_rule(variant):
-    """STYLE.md's rule in fp32 (ε = 1e-6): no further from the float64 reference than twice
-    the fp32 reference is, for every output and gradient."""
-    inputs = make_inputs(variant, *SHAPES["k1_b1"][:-1], 3, seed=5)
-    assert_low_precision_rule(variant, inputs, "sigmoid", "triton", eps=1e-6)
+        assert reason == f"variant {variant!r} has no triton kernel"
 
 
 @pytest.mark.parametrize("variant", IMPLEMENTED)
@@ -76,8 +49,7 @@ def test_hard_sigmoid_kinks(variant):
     see the compiled kernels' kinks: test_triton_numerics.py checks their PTX."""
     x, h0, c0, params = make_inputs(variant, 1, 1, 2, 3, 3, 4, 3)
     params = {k: torch.zeros_like(v) for k, v in params.items()}
-    bias_name = "bias" if variant == "convlstm" else "gate_bias"
-    bias = params[bias_name]
+    bias = params[get_cell(variant).gates.bias]
     bias[: bias.numel() // 2] = 2.5
     bias[bias.numel() // 2:] = -2.5
     inputs = (torch.zeros_like(x), torch.zeros_like(h0), c0, params)
@@ -87,7 +59,7 @@ def test_hard_sigmoid_kinks(variant):
 @pytest.mark.parametrize("variant", IMPLEMENTED)
 def test_opcheck(variant):
     x, h0, c0, params = make_inputs(variant, 2, 1, 2, 3, 3, 4, 3)
-    op = getattr(torch.ops.convlstm_fast, variants.OP_NAMES[variant] + "_triton")
+    op = getattr(torch.ops.convlstm_fast, get_cell(variant).op + "_triton")
     args = (x, h0, c0, [p.requires_grad_() for p in params.values()], 0)
     torch.library.opcheck(op, args)
 
@@ -96,7 +68,7 @@ def test_opcheck(variant):
 def test_opcheck_backward(variant):
     """The backward op too: its results must match its fake (shapes and strides)."""
     x, h0, c0, params = make_inputs(variant, 2, 1, 2, 3, 3, 4, 3)
-    name = variants.OP_NAMES[variant] + "_triton"
+    name = get_cell(variant).op + "_triton"
     forward = getattr(torch.ops.convlstm_fast, name)
     backward = getattr(torch.ops.convlstm_fast, name + "_backward")
     params = list(params.values())
@@ -134,7 +106,7 @@ def deterministic():
 # d shares every kernel with c.
 @pytest.mark.parametrize("variant", [v for v in IMPLEMENTED if v != "d"])
 def test_deterministic_bitwise(variant, deterministic):
-    inputs = make_inputs(variant, *SHAPES["two_pixel_tiles"])
+    inputs = make_inputs(variant, *TWO_PIXEL_TILES)
     first = run_with_grads(variant, *inputs, "sigmoid", "triton")
     second = run_with_grads(variant, *inputs, "sigmoid", "triton")
     for name in first:
