@@ -13,7 +13,9 @@ each writing its results as it goes, so that a kill keeps everything that finish
                ``python -m convlstm_fast.info --require cuda,triton``
   correctness  ``tests/test_backends.py -m "gpu and not extended"``: every GPU backend × variant
                in fp32 (hard_sigmoid) and bf16 (sigmoid) against the float64 reference — the
-               real kernels (tests/conftest.py refuses GPU tests in an interpreted session)
+               real kernels (tests/conftest.py refuses GPU tests in an interpreted session);
+               like every test stage, in up to 8 pytest-xdist processes where it is installed,
+               so that their Triton JIT compiles run side by side
   bench        variants a and convlstm at the paper's layer (B=8 T=16 256 ch 28×28 bf16):
                triton, cuda, eager reference, torch.compile of the reference; forward and
                forward+backward do_bench medians beside the memory/compute floor
@@ -86,6 +88,7 @@ class Context:
     python: str
     rehearse: bool
     arch: str
+    workers: int = 0  # pytest-xdist processes for the test stages (0: none, one process)
 
 
 def _python_cmd(ctx: Context, *args: str, **kwargs) -> Command:
@@ -102,6 +105,17 @@ def device_arch(python: str, rehearse: bool) -> str:
                            capture_output=True, text=True, timeout=120)
     arch = probe.stdout.strip()
     return arch if re.fullmatch(r"\d+\.\d+", arch) else "9.0"
+
+
+def test_workers(python: str) -> int:
+    """pytest-xdist processes for the test stages: each Triton specialisation a test needs is a
+    JIT compile of seconds (K = 3 kernels: 6 s median, 23 s at most on a 2-core VM, measured
+    ahead of time), one after another in a single process; the default selection's ~60 would
+    overrun its stage. Its tests are independent (variant × dtype × backend), so up to 8
+    processes (never more than the cores) compile side by side, sharing triton's disk cache.
+    0 where pytest-xdist is not installed."""
+    probe = subprocess.run([python, "-c", "import xdist"], capture_output=True, timeout=120)
+    return min(8, os.cpu_count() or 1) if probe.returncode == 0 else 0
 
 
 def build_env(ctx: Context) -> dict[str, str]:
@@ -147,6 +161,8 @@ def pytest_command(ctx: Context, name: str, paths: list[str], markers: str,
             "-p", "no:cacheprovider", "-p", "no:benchmark", f"--junitxml={os.path.join(ctx.out, name + '.xml')}"]
     if keyword:
         argv += ["-k", keyword]
+    if ctx.workers > 1:
+        argv += ["-n", str(ctx.workers)]
     return _python_cmd(ctx, *argv, cwd=ctx.out)
 
 
@@ -369,7 +385,8 @@ def _write_summary(ctx: Context, rows: list[tuple[str, str, float, str]], budget
                    problems: list[str], finished: bool) -> str:
     mode = "rehearsal (no GPU)" if ctx.rehearse else "GPU"
     lines = [f"# convlstm_fast GPU check — {mode}", "",
-             f"arch {ctx.arch}, budget {budget:.0f} s of commands"
+             f"arch {ctx.arch}, budget {budget:.0f} s of commands, "
+             f"{ctx.workers or 'no'} pytest-xdist workers"
              + ("" if finished else " — still running (a kill keeps the rows so far)"), "",
              "| stage | verdict | seconds | notes |", "|---|---|---|---|"]
     lines += [f"| {name} | {verdict} | {seconds:.0f} | {notes} |"
@@ -413,7 +430,8 @@ def main(argv: list[str] | None = None) -> int:
     stages = [s for s in STAGES if s.name in wanted]
     os.makedirs(args.out, exist_ok=True)
     out = os.path.abspath(args.out)
-    ctx = Context(out, args.python, args.rehearse, device_arch(args.python, args.rehearse))
+    ctx = Context(out, args.python, args.rehearse, device_arch(args.python, args.rehearse),
+                  test_workers(args.python))
     started = time.monotonic()
     rows: list[tuple[str, str, float, str]] = []
     for stage, (cap, reserve) in zip(stages, stage_timeouts(stages, args.budget)):

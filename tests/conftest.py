@@ -42,18 +42,41 @@ def pytest_collection_finish(session):
             "tests/triton in its own pytest process and the GPU tests without TRITON_INTERPRET.")
 
 
-def pytest_terminal_summary(terminalreporter):
-    """How many Triton specialisations this session compiled (the GPU check bounds them)."""
+# Under pytest-xdist (the GPU check runs its tests in several processes) each worker compiles its
+# own specialisations: the workers hand their counts to the controller when they finish.
+_WORKER_COUNTS: list[dict[str, int]] = []
+
+
+def _triton_counts() -> dict[str, int]:
     import sys
 
     if "convlstm_fast.triton_kernels" not in sys.modules:
-        return
+        return {}
     from convlstm_fast.info import triton_specializations
 
-    counts = triton_specializations()
-    if sum(counts.values()):
-        terminalreporter.write_line(f"triton specialisations compiled: {sum(counts.values())} "
-                                    f"in {sum(1 for n in counts.values() if n)} kernels")
+    return triton_specializations()
+
+
+def pytest_sessionfinish(session):
+    if hasattr(session.config, "workeroutput"):  # an xdist worker
+        session.config.workeroutput["triton_specializations"] = _triton_counts()
+
+
+@pytest.hookimpl(optionalhook=True)
+def pytest_testnodedown(node, error):
+    _WORKER_COUNTS.append(getattr(node, "workeroutput", {}).get("triton_specializations", {}))
+
+
+def pytest_terminal_summary(terminalreporter):
+    """How many Triton specialisations this session compiled (the GPU check bounds them); with
+    xdist workers, summed over them (one compiled in two workers counts twice)."""
+    per_process = [_triton_counts(), *_WORKER_COUNTS]
+    total = sum(sum(counts.values()) for counts in per_process)
+    kernels = {name for counts in per_process for name, n in counts.items() if n}
+    if total:
+        where = f" over {len(_WORKER_COUNTS)} workers" if _WORKER_COUNTS else ""
+        terminalreporter.write_line(f"triton specialisations compiled: {total} "
+                                    f"in {len(kernels)} kernels{where}")
 
 
 def _uniform(shape, bound: float, generator: torch.Generator) -> torch.Tensor:
