@@ -17,6 +17,22 @@ def test_triton_kernels_is_a_subpackage():
     assert spec is not None
 
 
+def test_triton_backend_loads_where_triton_is_new_enough():
+    """Where triton >= MIN_TRITON is installed the Triton backend must load: every other Triton
+    test of this suite skips on a machine without CUDA, so a broken import (a module missing from
+    the installed package) would otherwise pass unseen here."""
+    from convlstm_fast.backends import get_backend
+    from convlstm_fast.backends.triton import MIN_TRITON, _release
+
+    triton = pytest.importorskip("triton")
+    if _release(triton.__version__) < MIN_TRITON:
+        pytest.skip(f"triton {triton.__version__} is below the backend's floor")
+    assert get_backend("triton").unavailable_reason() is None
+    kernels = importlib.import_module("convlstm_fast.triton_kernels")
+    assert set(kernels.IMPLEMENTED) == {v for v in VARIANTS
+                                        if "triton" in convlstm_fast.get_cell(v).kernels}
+
+
 def test_compiled_extension_loads_when_built():
     if not _extension.extension_built():
         pytest.skip("this installation has no compiled convlstm_fast._C (pure-Python install)")
