@@ -14,16 +14,14 @@ import torch
 from convlstm_fast.ops.registration import register_all
 
 from ._common import INTERPRETED
-from .channel_attention_layer import (input_attention_layer_backward,
-                                      input_attention_layer_forward,
-                                      output_attention_layer_backward,
-                                      output_attention_layer_forward)
 from .convlstm_layer import convlstm_layer_backward, convlstm_layer_forward
+from .input_attention_layer import input_attention_layer_backward, input_attention_layer_forward
+from .output_attention_layer import output_attention_layer_backward, output_attention_layer_forward
 from .pooled_layer import pooled_layer_backward, pooled_layer_forward
 from .spatial_attention_layer import (spatial_attention_layer_backward,
                                       spatial_attention_layer_forward)
 
-# op name -> (forward, backward): one file per op, named after it.
+# op name -> (forward, backward): one file per op, named after it (shared kernels: _common).
 _KERNELS = {
     "convlstm_layer": (convlstm_layer_forward, convlstm_layer_backward),
     "pooled_layer": (pooled_layer_forward, pooled_layer_backward),

@@ -43,10 +43,12 @@ import triton
 from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
 
-from . import (_common, channel_attention_layer, convlstm_layer, pooled_layer,
-               spatial_attention_layer)
+from . import _common, convlstm_layer, pooled_layer, spatial_attention_layer
 
-MODULES = (pooled_layer, convlstm_layer, channel_attention_layer, spatial_attention_layer)
+# The modules that define kernels, each listing its kernels' cases (compile_cases): _common the
+# kernels of more than one op, an op file its own (input_ and output_attention_layer launch only
+# _common's).
+MODULES = (_common, pooled_layer, convlstm_layer, spatial_attention_layer)
 TORCH_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 # Opt-in shared memory per block (A100: 163 KB, H100: 227 KB) and per SM (164 KB, 228 KB); the
 # driver reserves 1 KB per resident block.
@@ -55,11 +57,13 @@ SHARED_MEMORY_PER_SM = {80: 167936, 90: 233472}
 REGISTERS_PER_SM, WARPS_PER_SM, BLOCKS_PER_SM = 65536, 64, 32
 GATED_ARCH = 90
 MIN_OCCUPANCY = 0.25
-# The kernels launched once per time step in the forward pass (the recurrence's critical path).
-FORWARD_STEP_KERNELS = ("_pooled_layer_fwd_kernel", "_convlstm_layer_fwd_kernel",
-                        "_attention_features_kernel", "_attention_logits_kernel",
-                        "_attention_cell_kernel", "_spatial_logits_kernel",
-                        "_spatial_input_kernel", "_spatial_cell_kernel")
+# The kernels launched once per time step in the forward pass (the recurrence's critical path),
+# by name (as the resource rows hold them).
+FORWARD_STEP_KERNELS = frozenset(kernel.__name__ for kernel in (
+    pooled_layer._pooled_layer_fwd_kernel, convlstm_layer._convlstm_layer_fwd_kernel,
+    _common.attention_features_kernel, _common.attention_logits_kernel,
+    _common.attention_cell_kernel, spatial_attention_layer._spatial_logits_kernel,
+    spatial_attention_layer._spatial_input_kernel, spatial_attention_layer._spatial_cell_kernel))
 
 
 def _signature(kernel, fp32_pointers, constexprs, dtype: str) -> dict:

@@ -19,9 +19,9 @@ import torch.nn.functional as F
 import triton
 import triton.language as tl
 
-from ._common import (GPU_BLOCK_M, block_sizes, dot_precision, gate_act, gate_act_grad, nchw, rows,
+from ._common import (GPU_BLOCK_M, block_sizes, dot_precision, gate_act, gate_act_grad,
+                      layer_input_grads, layer_outputs, nchw, output_grad_rows, program_tile, rows,
                       tanh, tanh_with_grad)
-
 
 
 def launch_options(dtype: torch.dtype) -> dict:
@@ -43,17 +43,9 @@ def _convlstm_layer_fwd_kernel(
     h_prev ``[B·H·W, C]``, c fp32 ``[B·H·W, C]`` (C_{t−1} in, C_t out, in place), xz
     ``[B·H·W, 4C]`` (W_x * X_t + b), w ``[K·K, C, 4C]`` (w[a·K + b, k, j] = W_h[j, k, a, b]).
         z_j[p] = xz[p, j] + Σ_{a,b,k} H_{t−1}[p + (a − P, b − P), k] · W_h[j, k, a, b]"""
-    pid_m = tl.program_id(0)
-    pid_n = tl.program_id(1)
-    b = tl.program_id(2)
-    HW = H * W
+    pid_m, pid_n, b, HW, offs_m, mask_m, oy, ox, offs_n, mask_n = program_tile(
+        C, H, W, BLOCK_M, BLOCK_N)
     PAD: tl.constexpr = KSIZE // 2
-    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    mask_m = offs_m < HW
-    oy = offs_m // W
-    ox = offs_m % W
-    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-    mask_n = offs_n < C
     C4 = 4 * C
     h_prev = h_prev_ptr + b * HW * C
 
@@ -124,17 +116,9 @@ def _convlstm_layer_bwd_kernel(
         dz_i = dC ∘ G ∘ σ'(z_i),  dz_f = dC ∘ C_{t−1} ∘ σ'(z_f),  dz_g = dC ∘ i ∘ (1 − G²),
         dz_o = dH ∘ tanh C_t ∘ σ'(z_o)      (stored: ``dz [B·H·W, 4C]``)
     Without CELL, dH is stored: the gradient of h0."""
-    pid_m = tl.program_id(0)
-    pid_n = tl.program_id(1)
-    b = tl.program_id(2)
-    HW = H * W
+    pid_m, pid_n, b, HW, offs_m, mask_m, oy, ox, offs_n, mask_n = program_tile(
+        C, H, W, BLOCK_M, BLOCK_N)
     PAD: tl.constexpr = KSIZE // 2
-    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    mask_m = offs_m < HW
-    oy = offs_m // W
-    ox = offs_m % W
-    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-    mask_n = offs_n < C
     C4 = 4 * C
     row = (b * HW + offs_m)[:, None]
     mask = mask_m[:, None] & mask_n[None, :]
@@ -209,10 +193,7 @@ def convlstm_layer_forward(x, h0, c0, params, gate_activation: int):
         )
         h_prev = out[t]
     state_shape = (steps, batch, height, width, hidden)
-    output = out.view(state_shape).permute(0, 1, 4, 2, 3).contiguous()
-    h_n = nchw(out[-1], batch, height, width).clone(memory_format=torch.contiguous_format)
-    c_n = nchw(c_state, batch, height, width).to(x.dtype, memory_format=torch.contiguous_format,
-                                                 copy=True)
+    output, h_n, c_n = layer_outputs(out, c_state, x.dtype, batch, height, width)
     return output, h_n, c_n, [cell.view(state_shape),
                               gates.view(steps, batch, height, width, 4 * hidden)]
 
@@ -227,10 +208,7 @@ def convlstm_layer_backward(grad_output, grad_h_n, grad_c_n, x, h0, c0, params, 
     gates = saved[1].reshape(steps, batch * pixels, 4 * hidden).contiguous()
     wt = weight_h.permute(2, 3, 0, 1).reshape(ksize * ksize, 4 * hidden, hidden).contiguous()
 
-    gout = grad_output.permute(0, 1, 3, 4, 2).clone(memory_format=torch.contiguous_format)
-    gout = gout.view(steps, batch * pixels, hidden)
-    gout[-1] += rows(grad_h_n)
-    dc = rows(grad_c_n).to(torch.float32, copy=True)
+    gout, dc = output_grad_rows(grad_output, grad_h_n, grad_c_n)
     c0_rows = rows(c0)
     dz = torch.empty_like(gates)
     grad_h0_rows = torch.empty_like(gout[0])
@@ -260,10 +238,7 @@ def convlstm_layer_backward(grad_output, grad_h_n, grad_c_n, x, h0, c0, params, 
         dz_maps, frames, weight_x, None, [1, 1], pad, [1, 1], False, [0, 0], 1,
         [True, True, False])
     grad_bias = dz.view(-1, 4 * hidden).sum(0, dtype=torch.float32).to(bias.dtype)
-    grad_x = grad_frames.reshape(x.shape).contiguous()
-    grad_h0 = nchw(grad_h0_rows, batch, height, width).contiguous()
-    grad_c0 = nchw(dc, batch, height, width).to(x.dtype, memory_format=torch.contiguous_format,
-                                               copy=True)
+    grad_x, grad_h0, grad_c0 = layer_input_grads(grad_frames, grad_h0_rows, dc, x)
     return grad_x, grad_h0, grad_c0, [g.contiguous() for g in (grad_wx, grad_wh, grad_bias)]
 
 

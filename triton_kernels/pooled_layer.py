@@ -8,8 +8,9 @@ Forward: the X-side terms ``xc = SepConv_x(X) + b_c`` and ``xg = U_x x̄ + b_g``
 batched ATen calls, then ONE launch per step (``_pooled_layer_fwd_kernel``): pooled gates from
 the previous step's per-tile column sums of H, depthwise K×K of H_{t−1} on the fly, pointwise
 GEMM (tl.dot), tanh, cell update, H_t, and this step's column sums of H_t.
-Backward (reverse time): per step one launch (``_pooled_layer_bwd_kernel``) plus one GEMM; the
-weight gradients of all steps are batched products after the loop.
+Backward (reverse time): per step one launch (``_common.pooled_layer_bwd_kernel``, which
+spatial_attention_layer launches too) plus one GEMM; the weight gradients of all steps are
+batched products after the loop.
 Saved per step (as the native op): C_t and G (2 state tensors) and the gate pre-activations.
 """
 
@@ -20,15 +21,14 @@ import torch.nn.functional as F
 import triton
 import triton.language as tl
 
-from ._common import (GPU_BLOCK_M, block_sizes, depthwise, depthwise_backward, depthwise_tile,
-                      dot_precision, gate_act, mask_if, nchw, pooled_gate_preacts,
-                      pooled_hidden_grad, rows, sepconv_rows, sepconv_rows_backward, tanh,
-                      tanh_with_grad)
-
-# num_stages=1: the K² depthwise loads of a reduction chunk feed FMAs, not the MMA directly;
-# software-pipelining them through shared memory multiplies it by K²·stages (348 KB at K = 3,
-# fp32, 3 stages, over sm_90's 227 KB) for no gain: other programs hide their latency.
-LAUNCH = dict(num_warps=4, num_stages=1)
+# One import per kind: the step's @triton.jit helpers, the kernel shared with
+# spatial_attention_layer, launch choices, and the host-side layout and layer helpers.
+from ._common import depthwise_tile, gate_act, pooled_gate_preacts, program_tile, state_tile, tanh
+from ._common import store_cell_state, store_gate_preacts, store_hidden_state
+from ._common import pooled_layer_bwd_kernel
+from ._common import GPU_BLOCK_M, SEPCONV_LAUNCH, block_sizes, dot_precision
+from ._common import depthwise, depthwise_backward, nchw, rows, sepconv_rows, sepconv_rows_backward
+from ._common import initial_pooled_state, layer_input_grads, layer_outputs, output_grad_rows
 
 
 @triton.jit
@@ -44,25 +44,13 @@ def _pooled_layer_fwd_kernel(
     h_prev (H_{t−1}), c (fp32 C_{t−1} in, C_t out, in place), xc (SepConv_x(X_t) + b_c),
     xg ``[B, 3C]`` (U_x x̄_t + b_g, fp32), hpart ``[B, NMT, C]`` fp32 column sums of H per pixel
     tile (prev: H_{t−1}, read; next: H_t, written). Writes H_t, C_t, G and the gates' z."""
-    pid_m = tl.program_id(0)
-    pid_n = tl.program_id(1)
-    b = tl.program_id(2)
-    HW = H * W
-    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    mask_m = offs_m < HW
-    oy = offs_m // W
-    ox = offs_m % W
-    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-    mask_n = offs_n < C
+    pid_m, pid_n, b, HW, offs_m, mask_m, oy, ox, offs_n, mask_n = program_tile(
+        C, H, W, BLOCK_M, BLOCK_N)
 
     # [i f o] pre-activations for this program's channels (eqs. 10-12), U_h h̄ recomputed here.
     z_i, z_f, z_o = pooled_gate_preacts(xg_ptr, hpart_prev_ptr, uh_ptr, b, offs_n, mask_n, C,
                                         NMT, HW, 3, BLOCK_K)
-    first_tile = mask_if(mask_n, pid_m == 0)
-    gate_out = gate_ptr + b * 3 * C + offs_n
-    tl.store(gate_out, z_i.to(gate_ptr.dtype.element_ty), mask=first_tile)
-    tl.store(gate_out + C, z_f.to(gate_ptr.dtype.element_ty), mask=first_tile)
-    tl.store(gate_out + 2 * C, z_o.to(gate_ptr.dtype.element_ty), mask=first_tile)
+    store_gate_preacts(gate_ptr, z_i, z_f, z_o, b, pid_m, offs_n, mask_n, C, 3)
     gi = gate_act(z_i, ACT)
     gf = gate_act(z_f, ACT)
     go = gate_act(z_o, ACT)
@@ -80,87 +68,14 @@ def _pooled_layer_fwd_kernel(
         acc = tl.dot(d.to(wt.dtype), wt, acc, input_precision=DOT_PRECISION)
 
     # Epilogue (eqs. 13-15): G = tanh(acc + xc), C_t = f∘C_{t−1} + i∘G, H_t = o∘tanh(C_t).
-    offs = (b * HW + offs_m)[:, None] * C + offs_n[None, :]
-    mask = mask_m[:, None] & mask_n[None, :]
+    offs, mask = state_tile(b, HW, C, offs_m, mask_m, offs_n, mask_n)
     g = tanh(acc + tl.load(xc_ptr + offs, mask=mask, other=0.0).to(tl.float32))
     c_new = gf[None, :] * tl.load(c_ptr + offs, mask=mask, other=0.0) + gi[None, :] * g
     h = (go[None, :] * tanh(c_new)).to(h_out_ptr.dtype.element_ty)
-    tl.store(c_ptr + offs, c_new, mask=mask)
-    tl.store(cell_ptr + offs, c_new.to(cell_ptr.dtype.element_ty), mask=mask)
+    store_cell_state(c_new, c_ptr, cell_ptr, offs, mask)
     tl.store(cand_ptr + offs, g.to(cand_ptr.dtype.element_ty), mask=mask)
-    tl.store(h_out_ptr + offs, h, mask=mask)
-    # Column sums of H_t over this tile's pixels: the next step's h̄ (fixed-order reduction).
-    hsum = tl.sum(tl.where(mask, h.to(tl.float32), 0.0), axis=0)
-    tl.store(hpart_next_ptr + (b * NMT + pid_m) * C + offs_n, hsum, mask=mask_n)
-
-
-@triton.jit
-def _pooled_layer_bwd_kernel(
-    ddw_ptr, gpart_next_ptr, gate_next_ptr, dgp_next_ptr, uh_ptr, dw_ptr, ddwa_ptr, adw_ptr,
-    gout_ptr, dh_ptr,
-    cell_ptr, cell_prev_ptr, cand_ptr, gate_ptr, dc_ptr, dacc_ptr, gpart_ptr,
-    C, H, W, NMT,
-    KSIZE: tl.constexpr, ACT: tl.constexpr, HAS_REC: tl.constexpr, CELL: tl.constexpr,
-    ATT_PATH: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-):
-    """Backward of step t (reverse time) for BLOCK_M pixels of sample b × BLOCK_N channels.
-
-    dH_t = grad_output[t] + dwᵀ(ddw_{t+1}) + dh̄_{t+1} / HW, with ddw_{t+1} = dacc_{t+1} · pw_h
-    (a GEMM done between launches) and dh̄_{t+1} = dgp_{t+1} · U_h, dgp_{t+1} = act'(z_{t+1}) ∘
-    (the raw gate grads of step t+1, reduced here over pixel tiles; stored once per sample).
-    With CELL (step t of the sequence, eqs. 13-15 backwards):
-        dC   = dC_carry + dH ∘ o ∘ (1 − tanh² C_t);    dC_carry ← dC ∘ f
-        di = Σ_HW dC ∘ G,  df = Σ_HW dC ∘ C_{t−1},  do = Σ_HW dH ∘ tanh C_t  (per-tile partials)
-        dacc = dC ∘ i ∘ (1 − G²)     (gradient of SepConv_h(H_{t−1}) + xc; stored)
-    Without CELL, dH is stored: the gradient of h0 (t = −1). ATT_PATH (variant b) adds a second
-    H-side SepConv's gradient dwᵀ_a(ddw_a_{t+1}) to dH_t (the attention features')."""
-    pid_m = tl.program_id(0)
-    pid_n = tl.program_id(1)
-    b = tl.program_id(2)
-    HW = H * W
-    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    mask_m = offs_m < HW
-    oy = offs_m // W
-    ox = offs_m % W
-    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-    mask_n = offs_n < C
-    offs = (b * HW + offs_m)[:, None] * C + offs_n[None, :]
-    mask = mask_m[:, None] & mask_n[None, :]
-
-    if CELL:
-        dh = tl.load(gout_ptr + offs, mask=mask, other=0.0).to(tl.float32)
-    else:
-        dh = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
-    if HAS_REC:
-        dhbar = pooled_hidden_grad(gpart_next_ptr, gate_next_ptr, dgp_next_ptr, uh_ptr, b,
-                                   offs_n, mask_n, C, NMT, True, (pid_m == 0) & (pid_n == 0),
-                                   3, ACT, BLOCK_N, BLOCK_K)
-        dh += depthwise_tile(ddw_ptr + b * HW * C, oy, ox, mask_m, offs_n, mask_n, C, H, W,
-                             dw_ptr, KSIZE, True, BLOCK_M, BLOCK_N)
-        if ATT_PATH:
-            dh += depthwise_tile(ddwa_ptr + b * HW * C, oy, ox, mask_m, offs_n, mask_n, C, H, W,
-                                 adw_ptr, KSIZE, True, BLOCK_M, BLOCK_N)
-        dh += dhbar[None, :] / HW
-    if CELL:
-        zb = gate_ptr + b * 3 * C + offs_n
-        gi = gate_act(tl.load(zb, mask=mask_n, other=0.0).to(tl.float32), ACT)
-        gf = gate_act(tl.load(zb + C, mask=mask_n, other=0.0).to(tl.float32), ACT)
-        go = gate_act(tl.load(zb + 2 * C, mask=mask_n, other=0.0).to(tl.float32), ACT)
-        c_t = tl.load(cell_ptr + offs, mask=mask, other=0.0).to(tl.float32)
-        c_prev = tl.load(cell_prev_ptr + offs, mask=mask, other=0.0).to(tl.float32)
-        g = tl.load(cand_ptr + offs, mask=mask, other=0.0).to(tl.float32)
-        tc, dtc = tanh_with_grad(c_t)  # tanh C_t and 1 − tanh² C_t
-        dc = tl.load(dc_ptr + offs, mask=mask, other=0.0) + dh * go[None, :] * dtc
-        tl.store(dc_ptr + offs, dc * gf[None, :], mask=mask)
-        dacc = dc * gi[None, :] * (1.0 - g * g)
-        tl.store(dacc_ptr + offs, dacc.to(dacc_ptr.dtype.element_ty), mask=mask)
-        part = gpart_ptr + (b * NMT + pid_m) * 3 * C + offs_n
-        tl.store(part, tl.sum(tl.where(mask, dc * g, 0.0), axis=0), mask=mask_n)
-        tl.store(part + C, tl.sum(tl.where(mask, dc * c_prev, 0.0), axis=0), mask=mask_n)
-        tl.store(part + 2 * C, tl.sum(tl.where(mask, dh * tc, 0.0), axis=0), mask=mask_n)
-    else:
-        tl.store(dh_ptr + offs, dh.to(dh_ptr.dtype.element_ty), mask=mask)
+    # H_t and its column sums over this tile's pixels: the next step's h̄.
+    store_hidden_state(h, h_out_ptr, hpart_next_ptr, offs, mask, b, pid_m, offs_n, mask_n, C, NMT)
 
 
 def _unpack(params):
@@ -190,10 +105,7 @@ def pooled_layer_forward(x, h0, c0, params, gate_activation: int):
     cell = torch.empty_like(out)
     cand = torch.empty_like(out)
     gate_preact = x.new_empty(steps, batch, 3 * hidden)
-    c_state = rows(c0).to(torch.float32, copy=True)
-    hpart = torch.zeros(2, batch, tiles, hidden, device=x.device, dtype=torch.float32)
-    hpart[1, :, 0] = h0.sum((-2, -1), dtype=torch.float32)
-    h_prev = rows(h0)
+    h_prev, c_state, hpart = initial_pooled_state(h0, c0, tiles)
     grid = (tiles, triton.cdiv(hidden, block_c), batch)
     for t in range(steps):
         _pooled_layer_fwd_kernel[grid](
@@ -201,14 +113,11 @@ def pooled_layer_forward(x, h0, c0, params, gate_activation: int):
             out[t], cell[t], cand[t], gate_preact[t],
             hidden, height, width, tiles,
             KSIZE=ksize, ACT=gate_activation, DOT_PRECISION=dot_precision(x.dtype),
-            BLOCK_M=block_m, BLOCK_N=block_c, BLOCK_K=block_c, **LAUNCH,
+            BLOCK_M=block_m, BLOCK_N=block_c, BLOCK_K=block_c, **SEPCONV_LAUNCH,
         )
         h_prev = out[t]
     state_shape = (steps, batch, height, width, hidden)
-    output = out.view(state_shape).permute(0, 1, 4, 2, 3).contiguous()
-    h_n = nchw(out[-1], batch, height, width).clone(memory_format=torch.contiguous_format)
-    c_n = nchw(c_state, batch, height, width).to(x.dtype, memory_format=torch.contiguous_format,
-                                                 copy=True)
+    output, h_n, c_n = layer_outputs(out, c_state, x.dtype, batch, height, width)
     return output, h_n, c_n, [cell.view(state_shape), cand.view(state_shape), gate_preact]
 
 
@@ -224,10 +133,7 @@ def pooled_layer_backward(grad_output, grad_h_n, grad_c_n, x, h0, c0, params, ou
     cand = cand.reshape(steps, batch * pixels, hidden).contiguous()
     gate_preact = gate_preact.contiguous()
 
-    gout = grad_output.permute(0, 1, 3, 4, 2).clone(memory_format=torch.contiguous_format)
-    gout = gout.view(steps, batch * pixels, hidden)
-    gout[-1] += rows(grad_h_n)
-    dc = rows(grad_c_n).to(torch.float32, copy=True)
+    gout, dc = output_grad_rows(grad_output, grad_h_n, grad_c_n)
     c0_rows = rows(c0)
 
     block_m, block_c = block_sizes(x.device, pixels, hidden)
@@ -241,7 +147,7 @@ def pooled_layer_backward(grad_output, grad_h_n, grad_c_n, x, h0, c0, params, ou
     for t in range(steps - 1, -2, -1):
         cell_step = t >= 0
         rec = t + 1 if t < steps - 1 else t  # the step whose gradients flow into H_t
-        _pooled_layer_bwd_kernel[grid](
+        pooled_layer_bwd_kernel[grid](
             ddw[rec], gpart[rec], gate_preact[rec], dgp[rec], gwh, dwh, ddw[rec], dwh,
             gout[max(t, 0)], grad_h0_rows,
             cell[max(t, 0)], cell[t - 1] if t > 0 else c0_rows, cand[max(t, 0)],
@@ -249,7 +155,7 @@ def pooled_layer_backward(grad_output, grad_h_n, grad_c_n, x, h0, c0, params, ou
             hidden, height, width, tiles,
             KSIZE=ksize, ACT=gate_activation, HAS_REC=t < steps - 1, CELL=cell_step,
             ATT_PATH=False,
-            BLOCK_M=block_m, BLOCK_N=block_c, BLOCK_K=block_c, **LAUNCH,
+            BLOCK_M=block_m, BLOCK_N=block_c, BLOCK_K=block_c, **SEPCONV_LAUNCH,
         )
         if cell_step:
             torch.mm(dacc[t], pwh, out=ddw[t])  # d dw(H_{t−1}) = dacc_t · pw_h
@@ -271,25 +177,16 @@ def pooled_layer_backward(grad_output, grad_h_n, grad_c_n, x, h0, c0, params, ou
     grad_frames, grad_dwx, grad_pwx = sepconv_rows_backward(dacc_rows, frames, d_rows, dwx, pwx)
     # GAP(X) feeds the gates: dX += (dgp · U_x) / HW broadcast over the map.
     grad_frames = grad_frames + ((dgp_rows @ gwx.float()) / pixels).to(x.dtype)[:, :, None, None]
-    grad_x = grad_frames.reshape(x.shape).contiguous()
-    grad_h0 = nchw(grad_h0_rows, batch, height, width).contiguous()
-    grad_c0 = nchw(dc, batch, height, width).to(x.dtype, memory_format=torch.contiguous_format,
-                                               copy=True)
+    grad_x, grad_h0, grad_c0 = layer_input_grads(grad_frames, grad_h0_rows, dc, x)
     grads = [grad_gwx, grad_gwh, grad_gb, grad_dwx, grad_pwx, grad_dwh, grad_pwh, grad_cb]
     return grad_x, grad_h0, grad_c0, [g.to(p.dtype).contiguous() for g, p in zip(grads, params)]
 
 
 def compile_cases(dtype: torch.dtype, ksize: int, block_c: int, gate_activation: int, dot: str):
-    """(kernel, fp32 pointer names, constexprs, launch options) of every kernel this op
-    launches on a GPU with the given kernel size and channel block (for compile_check); other
-    pointers are x.dtype."""
+    """(kernel, fp32 pointer names, constexprs, launch options) of the kernel defined here, as
+    this op launches it on a GPU with the given kernel size and channel block (for
+    compile_check; _common's cases cover its backward kernel); other pointers are x.dtype."""
     blocks = dict(BLOCK_M=GPU_BLOCK_M, BLOCK_N=block_c, BLOCK_K=block_c, KSIZE=ksize,
-                  ACT=gate_activation)
+                  ACT=gate_activation, DOT_PRECISION=dot)
     fwd_fp32 = {"c_ptr", "xg_ptr", "hpart_prev_ptr", "hpart_next_ptr"}
-    bwd_fp32 = {"gpart_next_ptr", "dgp_next_ptr", "dc_ptr", "gpart_ptr"}
-    return [(_pooled_layer_fwd_kernel, fwd_fp32, dict(blocks, DOT_PRECISION=dot), LAUNCH)] + [
-        (_pooled_layer_bwd_kernel, bwd_fp32,
-         dict(blocks, HAS_REC=has_rec, CELL=cell, ATT_PATH=att_path), LAUNCH)
-        for has_rec, cell in ((True, True), (False, True), (True, False))
-        for att_path in (True, False)  # ATT_PATH: variant b (spatial_attention_layer)
-    ]
+    return [(_pooled_layer_fwd_kernel, fwd_fp32, blocks, SEPCONV_LAUNCH)]

@@ -6,16 +6,17 @@
     G = tanh(SepConv_x(X̃) + SepConv_h(H_{t−1}) + b_c), C_t = f∘C_{t−1} + i∘G, H_t = o∘tanh C_t
 
 X̃ depends on H_{t−1}, so only ``xa = SepConv_xa(X) + b_a`` is precomputed. Forward, four
-launches per step: (1) one pass over H_{t−1} for SepConv_h and F (the c/d features kernel with
-RAW_CAND); (2) ``_spatial_logits_kernel``: Z and per-tile softmax statistics (max, Σexp);
-(3) ``_spatial_input_kernel``: A, SepConv_x(X̃) with X̃ formed on the fly, G, and the per-tile
-column sums of X̃ (GAP(X̃) is a grid-wide reduction: the launch boundary before the gates);
-(4) ``_spatial_cell_kernel``: pooled gates, cell update, column sums of H_t.
+launches per step: (1) one pass over H_{t−1} for SepConv_h and F (the c/d features kernel,
+``_common.attention_features_kernel``, with RAW_CAND); (2) ``_spatial_logits_kernel``: Z and
+per-tile softmax statistics (max, Σexp); (3) ``_spatial_input_kernel``: A, SepConv_x(X̃) with X̃
+formed on the fly, G, and the per-tile column sums of X̃ (GAP(X̃) is a grid-wide reduction: the
+launch boundary before the gates); (4) ``_spatial_cell_kernel``: pooled gates, cell update,
+column sums of H_t.
 Backward (reverse time), per step: the cell backward of (a) with the attention path's dH term
-(pooled_layer's kernel, ATT_PATH), dX̃ and per-pixel dA (``_spatial_input_bwd_kernel``), the
-softmax backward on the [B, H·W] map, dF's pre-activation (``_spatial_features_bwd_kernel``),
-and three GEMMs. Saved per step (as the native op): C_t, G (2 state tensors), the gate
-pre-activations and A ``[T, B, H, W]``.
+(``_common.pooled_layer_bwd_kernel``, ATT_PATH), dX̃ and per-pixel dA
+(``_spatial_input_bwd_kernel``), the softmax backward on the [B, H·W] map, dF's pre-activation
+(``_spatial_features_bwd_kernel``), and three GEMMs. Saved per step (as the native op): C_t, G
+(2 state tensors), the gate pre-activations and A ``[T, B, H, W]``.
 """
 
 from __future__ import annotations
@@ -24,13 +25,15 @@ import torch
 import triton
 import triton.language as tl
 
-from ._common import (GPU_BLOCK_M, block_sizes, depthwise, depthwise_backward, depthwise_tile,
-                      dot_precision, gate_act, mask_if, nan_max, nan_maximum, nchw, pooled_gate_dot,
-                      rows, sepconv_rows, sepconv_rows_backward, tanh)
-from .channel_attention_layer import _attention_features_kernel
-from .pooled_layer import _pooled_layer_bwd_kernel
-
-LAUNCH = dict(num_warps=4, num_stages=1)  # see pooled_layer.LAUNCH
+# One import per kind: the steps' @triton.jit helpers, the kernels shared with other ops,
+# launch choices, and the host-side layout and layer helpers.
+from ._common import depthwise_tile, gate_act, mask_if, nan_max, nan_maximum, pooled_gate_dot
+from ._common import program_tile, state_tile, store_cell_state, store_gate_preacts
+from ._common import store_hidden_state, tanh
+from ._common import attention_features_kernel, pooled_layer_bwd_kernel
+from ._common import GPU_BLOCK_M, SEPCONV_LAUNCH, block_sizes, dot_precision
+from ._common import depthwise, depthwise_backward, nchw, rows, sepconv_rows, sepconv_rows_backward
+from ._common import initial_pooled_state, layer_input_grads, layer_outputs, output_grad_rows
 
 
 @triton.jit
@@ -85,17 +88,9 @@ def _spatial_input_kernel(
     G = tanh(SepConv_x(A∘X_t) + SepConv_h(H_{t−1}) + b_c) with the depthwise of X̃ = A∘X formed
     on the fly. Programs of the first channel tile also store A and the column sums of X̃ over
     their pixels (for GAP(X̃))."""
-    pid_m = tl.program_id(0)
-    pid_n = tl.program_id(1)
-    b = tl.program_id(2)
-    HW = H * W
+    pid_m, pid_n, b, HW, offs_m, mask_m, oy, ox, offs_n, mask_n = program_tile(
+        C, H, W, BLOCK_M, BLOCK_N)
     PAD: tl.constexpr = KSIZE // 2
-    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    mask_m = offs_m < HW
-    oy = offs_m // W
-    ox = offs_m % W
-    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-    mask_n = offs_n < C
     first_n = pid_n == 0
 
     # Softmax statistics of the whole map, merged in a fixed order:
@@ -140,8 +135,7 @@ def _spatial_input_kernel(
         wt = tl.load(pwx_ptr + offs_n[None, :] * CIN + offs_k[:, None],
                      mask=mask_k[:, None] & mask_n[None, :], other=0.0)
         acc = tl.dot(d.to(wt.dtype), wt, acc, input_precision=DOT_PRECISION)
-    offs = (b * HW + offs_m)[:, None] * C + offs_n[None, :]
-    mask = mask_m[:, None] & mask_n[None, :]
+    offs, mask = state_tile(b, HW, C, offs_m, mask_m, offs_n, mask_n)
     pre = acc + tl.load(hc_ptr + offs, mask=mask, other=0.0) \
         + tl.load(cb_ptr + offs_n, mask=mask_n, other=0.0).to(tl.float32)[None, :]
     tl.store(cand_ptr + offs, tanh(pre).to(cand_ptr.dtype.element_ty), mask=mask)
@@ -156,14 +150,8 @@ def _spatial_cell_kernel(
 ):
     """[i f o] = act(U_x GAP(X̃) + U_h GAP(H_{t−1}) + b_g), C_t = f∘C_{t−1} + i∘G,
     H_t = o∘tanh C_t, and the column sums of H_t over this tile (the next step's h̄)."""
-    pid_m = tl.program_id(0)
-    pid_n = tl.program_id(1)
-    b = tl.program_id(2)
-    HW = H * W
-    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    mask_m = offs_m < HW
-    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-    mask_n = offs_n < C
+    pid_m, pid_n, b, HW, offs_m, mask_m, oy, ox, offs_n, mask_n = program_tile(
+        C, H, W, BLOCK_M, BLOCK_N)
     x0, x1, x2 = pooled_gate_dot(xpart_ptr, ux_ptr, b, offs_n, mask_n, C, CIN, NMT, HW, 3,
                                  BLOCK_K)
     h0, h1, h2 = pooled_gate_dot(hpart_prev_ptr, uh_ptr, b, offs_n, mask_n, C, C, NMT, HW, 3,
@@ -171,22 +159,14 @@ def _spatial_cell_kernel(
     z_i = x0 + h0 + tl.load(gb_ptr + offs_n, mask=mask_n, other=0.0).to(tl.float32)
     z_f = x1 + h1 + tl.load(gb_ptr + C + offs_n, mask=mask_n, other=0.0).to(tl.float32)
     z_o = x2 + h2 + tl.load(gb_ptr + 2 * C + offs_n, mask=mask_n, other=0.0).to(tl.float32)
-    first_tile = mask_if(mask_n, pid_m == 0)
-    gate_out = gate_ptr + b * 3 * C + offs_n
-    tl.store(gate_out, z_i.to(gate_ptr.dtype.element_ty), mask=first_tile)
-    tl.store(gate_out + C, z_f.to(gate_ptr.dtype.element_ty), mask=first_tile)
-    tl.store(gate_out + 2 * C, z_o.to(gate_ptr.dtype.element_ty), mask=first_tile)
-    offs = (b * HW + offs_m)[:, None] * C + offs_n[None, :]
-    mask = mask_m[:, None] & mask_n[None, :]
+    store_gate_preacts(gate_ptr, z_i, z_f, z_o, b, pid_m, offs_n, mask_n, C, 3)
+    offs, mask = state_tile(b, HW, C, offs_m, mask_m, offs_n, mask_n)
     g = tl.load(cand_ptr + offs, mask=mask, other=0.0).to(tl.float32)
     c_new = gate_act(z_f, ACT)[None, :] * tl.load(c_ptr + offs, mask=mask, other=0.0) \
         + gate_act(z_i, ACT)[None, :] * g
     h = (gate_act(z_o, ACT)[None, :] * tanh(c_new)).to(h_out_ptr.dtype.element_ty)
-    tl.store(c_ptr + offs, c_new, mask=mask)
-    tl.store(cell_ptr + offs, c_new.to(cell_ptr.dtype.element_ty), mask=mask)
-    tl.store(h_out_ptr + offs, h, mask=mask)
-    hsum = tl.sum(tl.where(mask, h.to(tl.float32), 0.0), axis=0)
-    tl.store(hpart_next_ptr + (b * NMT + pid_m) * C + offs_n, hsum, mask=mask_n)
+    store_cell_state(c_new, c_ptr, cell_ptr, offs, mask)
+    store_hidden_state(h, h_out_ptr, hpart_next_ptr, offs, mask, b, pid_m, offs_n, mask_n, C, NMT)
 
 
 @triton.jit
@@ -197,17 +177,10 @@ def _spatial_input_bwd_kernel(
 ):
     """dX̃ = dwᵀ_x(dacc·pw_x) + (dgp·U_x) / HW (the GEMM between launches), stored; and this
     channel tile's part of dA[p] = Σ_k dX̃[p, k] · X[p, k] (``dapart [B, NKT, H·W]``)."""
-    pid_m = tl.program_id(0)
-    pid_n = tl.program_id(1)
-    b = tl.program_id(2)
-    HW = H * W
-    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    mask_m = offs_m < HW
-    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-    mask_n = offs_n < CIN
-    offs = (b * HW + offs_m)[:, None] * CIN + offs_n[None, :]
-    mask = mask_m[:, None] & mask_n[None, :]
-    dxt = depthwise_tile(ddx_ptr + b * HW * CIN, offs_m // W, offs_m % W, mask_m, offs_n, mask_n,
+    pid_m, pid_n, b, HW, offs_m, mask_m, oy, ox, offs_n, mask_n = program_tile(
+        CIN, H, W, BLOCK_M, BLOCK_N)
+    offs, mask = state_tile(b, HW, CIN, offs_m, mask_m, offs_n, mask_n)
+    dxt = depthwise_tile(ddx_ptr + b * HW * CIN, oy, ox, mask_m, offs_n, mask_n,
                          CIN, H, W, dwx_ptr, KSIZE, True, BLOCK_M, BLOCK_N)
     dxt += (tl.load(dxbar_ptr + b * CIN + offs_n, mask=mask_n, other=0.0) / HW)[None, :]
     tl.store(dxt_ptr + offs, dxt.to(dxt_ptr.dtype.element_ty), mask=mask)
@@ -224,17 +197,9 @@ def _spatial_features_bwd_kernel(
 ):
     """dF' = (Σ_{a,b} dZ[p − (a − P, b − P)] · W_z[0, k, a, b]) ∘ (1 − F²): the gradient of the
     features' pre-activation (Z = W_z * F transposed)."""
-    pid_m = tl.program_id(0)
-    pid_n = tl.program_id(1)
-    b = tl.program_id(2)
-    HW = H * W
+    pid_m, pid_n, b, HW, offs_m, mask_m, oy, ox, offs_n, mask_n = program_tile(
+        C, H, W, BLOCK_M, BLOCK_N)
     PAD: tl.constexpr = KSIZE // 2
-    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    mask_m = offs_m < HW
-    oy = offs_m // W
-    ox = offs_m % W
-    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-    mask_n = offs_n < C
     acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
     for a in tl.static_range(KSIZE):
         for bb in tl.static_range(KSIZE):
@@ -245,8 +210,7 @@ def _spatial_features_bwd_kernel(
             w = tl.load(wz_ptr + offs_n * (KSIZE * KSIZE) + (a * KSIZE + bb), mask=mask_n,
                         other=0.0).to(tl.float32)
             acc += dz[:, None] * w[None, :]
-    offs = (b * HW + offs_m)[:, None] * C + offs_n[None, :]
-    mask = mask_m[:, None] & mask_n[None, :]
+    offs, mask = state_tile(b, HW, C, offs_m, mask_m, offs_n, mask_n)
     f = tl.load(feat_ptr + offs, mask=mask, other=0.0).to(tl.float32)
     tl.store(dfeat_ptr + offs, (acc * (1.0 - f * f)).to(dfeat_ptr.dtype.element_ty), mask=mask)
 
@@ -284,20 +248,17 @@ def spatial_attention_layer_forward(x, h0, c0, params, gate_activation: int):
     logits = torch.empty(batch * pixels, **f32)
     zstat = torch.empty(batch, tiles, 2, **f32)
     xpart = torch.empty(batch, tiles, cin, **f32)
-    c_state = rows(c0).to(torch.float32, copy=True)
-    hpart = torch.zeros(2, batch, tiles, hidden, **f32)
-    hpart[1, :, 0] = h0.sum((-2, -1), dtype=torch.float32)
-    h_prev = rows(h0)
+    h_prev, c_state, hpart = initial_pooled_state(h0, c0, tiles)
     grid = (tiles, triton.cdiv(hidden, block_c), batch)
-    blocks = dict(BLOCK_M=block_m, BLOCK_N=block_c, BLOCK_K=block_c, **LAUNCH)
+    blocks = dict(BLOCK_M=block_m, BLOCK_N=block_c, BLOCK_K=block_c, **SEPCONV_LAUNCH)
     dot = dot_precision(x.dtype)
     for t in range(steps):
-        _attention_features_kernel[grid](h_prev, hc, xa[t], cdwh, cpwh, adwh, apwh, hc, feat,
-                                         hidden, height, width, KSIZE=ksize, DOT_PRECISION=dot,
-                                         RAW_CAND=True, **blocks)
+        attention_features_kernel[grid](h_prev, hc, xa[t], cdwh, cpwh, adwh, apwh, hc, feat,
+                                        hidden, height, width, KSIZE=ksize, DOT_PRECISION=dot,
+                                        RAW_CAND=True, **blocks)
         _spatial_logits_kernel[(tiles, 1, batch)](feat, wz, logits, zstat, hidden, height, width,
                                                   tiles, KSIZE=ksize, BLOCK_M=block_m,
-                                                  BLOCK_K=block_c, **LAUNCH)
+                                                  BLOCK_K=block_c, **SEPCONV_LAUNCH)
         _spatial_input_kernel[grid](x_rows[t], logits, zstat, hc, cdwx, cpwx, cb, att[t],
                                     cand[t], xpart, cin, hidden, height, width, tiles,
                                     KSIZE=ksize, DOT_PRECISION=dot, **blocks)
@@ -306,10 +267,7 @@ def spatial_attention_layer_forward(x, h0, c0, params, gate_activation: int):
                                    hidden, height, width, tiles, ACT=gate_activation, **blocks)
         h_prev = out[t]
     state_shape = (steps, batch, height, width, hidden)
-    output = out.view(state_shape).permute(0, 1, 4, 2, 3).contiguous()
-    h_n = nchw(out[-1], batch, height, width).clone(memory_format=torch.contiguous_format)
-    c_n = nchw(c_state, batch, height, width).to(x.dtype, memory_format=torch.contiguous_format,
-                                                 copy=True)
+    output, h_n, c_n = layer_outputs(out, c_state, x.dtype, batch, height, width)
     return output, h_n, c_n, [cell.view(state_shape), cand.view(state_shape), gate_preact,
                               att.view(steps, batch, height, width)]
 
@@ -335,10 +293,7 @@ def spatial_attention_layer_backward(grad_output, grad_h_n, grad_c_n, x, h0, c0,
     dwh_a_rows, feat_pre = sepconv_rows(h_prev, adwh, apwh, None)
     feat = torch.tanh(feat_pre + xa).view(state)
 
-    gout = grad_output.permute(0, 1, 3, 4, 2).clone(memory_format=torch.contiguous_format)
-    gout = gout.view(state)
-    gout[-1] += rows(grad_h_n)
-    dc = rows(grad_c_n).to(torch.float32, copy=True)
+    gout, dc = output_grad_rows(grad_output, grad_h_n, grad_c_n)
     c0_rows = rows(c0)
 
     block_m, block_c = block_sizes(x.device, pixels, hidden)
@@ -353,10 +308,10 @@ def spatial_attention_layer_backward(grad_output, grad_h_n, grad_c_n, x, h0, c0,
     dgp_kernel = torch.empty_like(dgp)  # the backward kernel's copy of dgp (unused here)
     grad_h0_rows = torch.empty_like(gout[0])
     grid = (tiles, triton.cdiv(hidden, block_c), batch)
-    blocks = dict(BLOCK_M=block_m, BLOCK_N=block_c, **LAUNCH)
+    blocks = dict(BLOCK_M=block_m, BLOCK_N=block_c, **SEPCONV_LAUNCH)
     for t in range(steps - 1, -2, -1):
         here, rec = max(t, 0), min(t + 1, steps - 1)
-        _pooled_layer_bwd_kernel[grid](
+        pooled_layer_bwd_kernel[grid](
             ddw_c[rec], gpart[rec], gate_preact[rec], dgp_kernel[rec], gwh, cdwh, ddw_a[rec],
             adwh, gout[here], grad_h0_rows, cell[here], cell[t - 1] if t > 0 else c0_rows,
             cand[here], gate_preact[here], dc, dacc[here], gpart[here],
@@ -409,26 +364,23 @@ def spatial_attention_layer_backward(grad_output, grad_h_n, grad_c_n, x, h0, c0,
     grads = [grad_gwx, grad_gwh, dgp_rows.sum(0), grad_cdwx, grad_cpwx, grad_cdwh, grad_cpwh,
              flat(dacc).sum(0, dtype=torch.float32), grad_adwx, grad_apwx, grad_adwh, grad_apwh,
              flat(dfeat).sum(0, dtype=torch.float32), grad_wz]
-    grad_x = grad_frames.reshape(x.shape).contiguous()
-    grad_h0 = nchw(grad_h0_rows, batch, height, width).contiguous()
-    grad_c0 = nchw(dc, batch, height, width).to(x.dtype, memory_format=torch.contiguous_format,
-                                               copy=True)
+    grad_x, grad_h0, grad_c0 = layer_input_grads(grad_frames, grad_h0_rows, dc, x)
     return grad_x, grad_h0, grad_c0, [g.to(q.dtype).contiguous() for g, q in zip(grads, params)]
 
 
 def compile_cases(dtype: torch.dtype, ksize: int, block_c: int, gate_activation: int, dot: str):
-    """(kernel, fp32 pointer names, constexprs, launch options) of the kernels only this op
-    launches (it also runs channel_attention_layer's features kernel with RAW_CAND and
-    pooled_layer's backward kernel with ATT_PATH, which those modules' cases cover)."""
+    """(kernel, fp32 pointer names, constexprs, launch options) of the kernels defined here (this
+    op also runs _common's attention_features_kernel with RAW_CAND and pooled_layer_bwd_kernel
+    with ATT_PATH, which _common's cases cover)."""
     blocks = dict(BLOCK_M=GPU_BLOCK_M, BLOCK_N=block_c)
     return [
         (_spatial_logits_kernel, {"z_ptr", "zstat_ptr"},
-         dict(BLOCK_M=GPU_BLOCK_M, BLOCK_K=block_c, KSIZE=ksize), LAUNCH),
+         dict(BLOCK_M=GPU_BLOCK_M, BLOCK_K=block_c, KSIZE=ksize), SEPCONV_LAUNCH),
         (_spatial_input_kernel, {"z_ptr", "zstat_ptr", "hc_ptr", "xpart_ptr"},
-         dict(blocks, BLOCK_K=block_c, KSIZE=ksize, DOT_PRECISION=dot), LAUNCH),
+         dict(blocks, BLOCK_K=block_c, KSIZE=ksize, DOT_PRECISION=dot), SEPCONV_LAUNCH),
         (_spatial_cell_kernel, {"c_ptr", "xpart_ptr", "hpart_prev_ptr", "hpart_next_ptr"},
-         dict(blocks, BLOCK_K=block_c, ACT=gate_activation), LAUNCH),
+         dict(blocks, BLOCK_K=block_c, ACT=gate_activation), SEPCONV_LAUNCH),
         (_spatial_input_bwd_kernel, {"dxbar_ptr", "dapart_ptr"}, dict(blocks, KSIZE=ksize),
-         LAUNCH),
-        (_spatial_features_bwd_kernel, {"dz_ptr"}, dict(blocks, KSIZE=ksize), LAUNCH),
+         SEPCONV_LAUNCH),
+        (_spatial_features_bwd_kernel, {"dz_ptr"}, dict(blocks, KSIZE=ksize), SEPCONV_LAUNCH),
     ]

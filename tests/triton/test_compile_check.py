@@ -34,7 +34,7 @@ def test_occupancy(registers, warps, shared, blocks):
 
 
 def _resources(**changes):
-    base = dict(kernel="_pooled_layer_bwd_kernel", dtype="bf16", ksize=3, arch=90,
+    base = dict(kernel="pooled_layer_bwd_kernel", dtype="bf16", ksize=3, arch=90,
                 registers=128, spill_stores=0, spill_loads=0, num_warps=4, shared=0,
                 blocks=4, occupancy=0.25)
     return {**base, **changes}

@@ -28,7 +28,7 @@ import convlstm_fast.triton_kernels as triton_kernels
 from convlstm_fast import get_cell
 from convlstm_fast.reference import cells
 from convlstm_fast.registry import GATE_ACTIVATIONS
-from convlstm_fast.triton_kernels import IMPLEMENTED, channel_attention_layer
+from convlstm_fast.triton_kernels import IMPLEMENTED, _common
 from convlstm_fast.triton_kernels._common import (gate_act, gate_act_grad, sigmoid, sigmoid_grad,
                                                   tanh_with_grad)
 
@@ -317,10 +317,10 @@ def test_tie_mask_is_the_forwards(variant, monkeypatch):
     x, h0, c0 = (_mirrored(t).half() for t in (x, h0, c0))
     params = [(_mirrored(v) if key.endswith(("dw_x", "dw_h", "dw_z")) else v).half()
               for key, v in params.items()]
-    logits = _Recorder(channel_attention_layer._attention_logits_kernel, "z_ptr")
-    ties = _Recorder(channel_attention_layer._attention_logits_bwd_kernel, "tie_ptr")
-    monkeypatch.setattr(channel_attention_layer, "_attention_logits_kernel", logits)
-    monkeypatch.setattr(channel_attention_layer, "_attention_logits_bwd_kernel", ties)
+    logits = _Recorder(_common.attention_logits_kernel, "z_ptr")
+    ties = _Recorder(_common.attention_logits_bwd_kernel, "tie_ptr")
+    monkeypatch.setattr(_common, "attention_logits_kernel", logits)
+    monkeypatch.setattr(_common, "attention_logits_bwd_kernel", ties)
     output, h_n, c_n, saved = forward(x, h0, c0, params, 0)
     forward_z = logits.seen[:]
     gen = torch.Generator().manual_seed(2)
