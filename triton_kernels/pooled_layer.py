@@ -30,6 +30,16 @@ from ._common import GPU_BLOCK_M, SEPCONV_LAUNCH, block_sizes, dot_precision
 from ._common import depthwise, depthwise_backward, nchw, rows, sepconv_rows, sepconv_rows_backward
 from ._common import initial_pooled_state, layer_input_grads, layer_outputs, output_grad_rows
 
+# This kernel's own launch choices (not SEPCONV_LAUNCH's, which other kernels share): a 16-wide
+# reduction chunk, 8 warps and at most 128 registers per thread (2 programs, 16 warps per SM:
+# 25 % occupancy). At SEPCONV_LAUNCH with BLOCK_K = BLOCK_C = 64 it needed more than 255 and
+# spilled on sm_90 (~1 KB/thread in bf16 at K = 3 on triton 3.6, even with the depthwise taps as
+# a runtime loop and the gates after the main loop); BLOCK_K = 32 with 8 warps fits in 164
+# without spilling (one program per SM, 12.5 %), and only BLOCK_K = 16 fits in 128 (compile_check).
+# Never above the channel tile: BLOCK_K = min(BLOCK_C, 16).
+FWD_BLOCK_K = 16
+FWD_LAUNCH = dict(SEPCONV_LAUNCH, num_warps=8, maxnreg=128)
+
 
 @triton.jit
 def _pooled_layer_fwd_kernel(
@@ -47,14 +57,6 @@ def _pooled_layer_fwd_kernel(
     pid_m, pid_n, b, HW, offs_m, mask_m, oy, ox, offs_n, mask_n = program_tile(
         C, H, W, BLOCK_M, BLOCK_N)
 
-    # [i f o] pre-activations for this program's channels (eqs. 10-12), U_h h̄ recomputed here.
-    z_i, z_f, z_o = pooled_gate_preacts(xg_ptr, hpart_prev_ptr, uh_ptr, b, offs_n, mask_n, C,
-                                        NMT, HW, 3, BLOCK_K)
-    store_gate_preacts(gate_ptr, z_i, z_f, z_o, b, pid_m, offs_n, mask_n, C, 3)
-    gi = gate_act(z_i, ACT)
-    gf = gate_act(z_f, ACT)
-    go = gate_act(z_o, ACT)
-
     # SepConv_h(H_{t−1}) = Σ_k dw(H_{t−1})[:, k] · pw_h[n, k]   (depthwise on the fly, then MMA)
     h_prev = h_prev_ptr + b * HW * C
     acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
@@ -66,6 +68,15 @@ def _pooled_layer_fwd_kernel(
         wt = tl.load(pw_ptr + offs_n[None, :] * C + offs_k[:, None],
                      mask=mask_k[:, None] & mask_n[None, :], other=0.0)
         acc = tl.dot(d.to(wt.dtype), wt, acc, input_precision=DOT_PRECISION)
+
+    # [i f o] pre-activations for this program's channels (eqs. 10-12), U_h h̄ recomputed here;
+    # after the main loop, so that they are not live across it (only the epilogue needs them).
+    z_i, z_f, z_o = pooled_gate_preacts(xg_ptr, hpart_prev_ptr, uh_ptr, b, offs_n, mask_n, C,
+                                        NMT, HW, 3, BLOCK_K)
+    store_gate_preacts(gate_ptr, z_i, z_f, z_o, b, pid_m, offs_n, mask_n, C, 3)
+    gi = gate_act(z_i, ACT)
+    gf = gate_act(z_f, ACT)
+    go = gate_act(z_o, ACT)
 
     # Epilogue (eqs. 13-15): G = tanh(acc + xc), C_t = f∘C_{t−1} + i∘G, H_t = o∘tanh(C_t).
     offs, mask = state_tile(b, HW, C, offs_m, mask_m, offs_n, mask_n)
@@ -113,7 +124,7 @@ def pooled_layer_forward(x, h0, c0, params, gate_activation: int):
             out[t], cell[t], cand[t], gate_preact[t],
             hidden, height, width, tiles,
             KSIZE=ksize, ACT=gate_activation, DOT_PRECISION=dot_precision(x.dtype),
-            BLOCK_M=block_m, BLOCK_N=block_c, BLOCK_K=block_c, **SEPCONV_LAUNCH,
+            BLOCK_M=block_m, BLOCK_N=block_c, BLOCK_K=min(block_c, FWD_BLOCK_K), **FWD_LAUNCH,
         )
         h_prev = out[t]
     state_shape = (steps, batch, height, width, hidden)
@@ -186,7 +197,7 @@ def compile_cases(dtype: torch.dtype, ksize: int, block_c: int, gate_activation:
     """(kernel, fp32 pointer names, constexprs, launch options) of the kernel defined here, as
     this op launches it on a GPU with the given kernel size and channel block (for
     compile_check; _common's cases cover its backward kernel); other pointers are x.dtype."""
-    blocks = dict(BLOCK_M=GPU_BLOCK_M, BLOCK_N=block_c, BLOCK_K=block_c, KSIZE=ksize,
-                  ACT=gate_activation, DOT_PRECISION=dot)
+    blocks = dict(BLOCK_M=GPU_BLOCK_M, BLOCK_N=block_c, BLOCK_K=min(block_c, FWD_BLOCK_K),
+                  KSIZE=ksize, ACT=gate_activation, DOT_PRECISION=dot)
     fwd_fp32 = {"c_ptr", "xg_ptr", "hpart_prev_ptr", "hpart_next_ptr"}
-    return [(_pooled_layer_fwd_kernel, fwd_fp32, blocks, SEPCONV_LAUNCH)]
+    return [(_pooled_layer_fwd_kernel, fwd_fp32, blocks, FWD_LAUNCH)]
