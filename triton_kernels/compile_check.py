@@ -111,10 +111,14 @@ def cases(quick: bool = False):
                     yield label, kernel, signature, constexprs, options
 
 
-def _ptxas() -> str:
-    """The ptxas triton compiles with (``TRITON_PTXAS_PATH`` or the one bundled with triton)."""
-    return os.environ.get("TRITON_PTXAS_PATH") or str(
-        Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / "ptxas")
+def _ptxas(arch: int) -> str:
+    """The ptxas triton compiles ``sm_<arch>`` with, by triton's own choice: triton 3.9 emits PTX
+    9.x for sm_90 and assembles it with its CUDA 13 ``ptxas-blackwell``, which the older
+    bundled ``ptxas`` refuses (``Unsupported .version``); TRITON_PTXAS_PATH and
+    TRITON_PTXAS_BLACKWELL_PATH override as they do for triton."""
+    from triton.backends.nvidia.compiler import get_ptxas
+
+    return get_ptxas(arch).path
 
 
 def ptxas_log(ptx: str, arch: int) -> str:
@@ -123,9 +127,11 @@ def ptxas_log(ptx: str, arch: int) -> str:
     with tempfile.TemporaryDirectory() as tmp:
         source = Path(tmp) / "kernel.ptx"
         source.write_text(ptx)
-        return subprocess.run([_ptxas(), "-v", f"--gpu-name={gpu}", str(source), "-o",
-                               str(Path(tmp) / "kernel.cubin")],
-                              capture_output=True, text=True, check=True).stderr
+        done = subprocess.run([_ptxas(arch), "-v", f"--gpu-name={gpu}", str(source), "-o",
+                               str(Path(tmp) / "kernel.cubin")], capture_output=True, text=True)
+    if done.returncode != 0:
+        raise RuntimeError(f"ptxas (exit {done.returncode}) on sm_{arch}: {done.stderr.strip()}")
+    return done.stderr
 
 
 def ptx_resources(log: str) -> dict:

@@ -1,6 +1,10 @@
 """The compile check's resource accounting: ptxas log parsing, occupancy and the targets' gate
 (the compiles themselves run in CI as ``python -m convlstm_fast.triton_kernels.compile_check``)."""
 
+import os
+import subprocess
+import sys
+
 import pytest
 
 from convlstm_fast.triton_kernels import compile_check
@@ -60,3 +64,21 @@ def test_forward_step_kernels_exist():
     """A renamed kernel must not drop out of the occupancy target silently."""
     names = {case[1].__name__ for case in compile_check.cases(quick=True)}
     assert set(compile_check.FORWARD_STEP_KERNELS) <= names
+
+
+@pytest.mark.parametrize("arch", [80, 90])
+def test_resources_read_on_a_cache_hit_too(arch, tmp_path):
+    """One small kernel compiled twice into a fresh triton cache: the second compile is a cache
+    hit, where ptxas does not run and the check reruns triton's own ptxas on the cached PTX
+    (triton 3.9's sm_90 PTX needs its CUDA 13 ptxas; the older bundled one refuses it). A real
+    compile, so in a process without TRITON_INTERPRET."""
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    env["TRITON_CACHE_DIR"] = str(tmp_path)
+    command = [sys.executable, "-P", "-m", "convlstm_fast.triton_kernels.compile_check",
+               "--arch", str(arch), "--quick", "--jobs", "1",
+               "--only", r"attention_logits_bwd_kernel\[fp16"]
+    for attempt in ("cold", "cache hit"):
+        done = subprocess.run(command, env=env, capture_output=True, text=True, timeout=600)
+        assert done.returncode == 0, f"{attempt}: {done.stdout[-2000:]}{done.stderr[-2000:]}"
+        assert "1/1 kernels compiled" in done.stdout, f"{attempt}: {done.stdout[-2000:]}"
+        assert " registers" in done.stdout, f"{attempt}: {done.stdout[-2000:]}"
