@@ -8,27 +8,28 @@ TRITON_INTERPRET=1), autograd and fake tensors. ``IMPLEMENTED`` lists those cell
 from __future__ import annotations
 
 import contextlib
+import importlib
 
 import torch
 
 from convlstm_fast.ops.registration import register_all
+from convlstm_fast.registry import cell_names, get_cell
 
 from ._common import INTERPRETED
-from .convlstm_layer import convlstm_layer_backward, convlstm_layer_forward
-from .input_attention_layer import input_attention_layer_backward, input_attention_layer_forward
-from .output_attention_layer import output_attention_layer_backward, output_attention_layer_forward
-from .pooled_layer import pooled_layer_backward, pooled_layer_forward
-from .spatial_attention_layer import (spatial_attention_layer_backward,
-                                      spatial_attention_layer_forward)
 
-# op name -> (forward, backward): one file per op, named after it (shared kernels: _common).
-_KERNELS = {
-    "convlstm_layer": (convlstm_layer_forward, convlstm_layer_backward),
-    "pooled_layer": (pooled_layer_forward, pooled_layer_backward),
-    "spatial_attention_layer": (spatial_attention_layer_forward, spatial_attention_layer_backward),
-    "input_attention_layer": (input_attention_layer_forward, input_attention_layer_backward),
-    "output_attention_layer": (output_attention_layer_forward, output_attention_layer_backward),
-}
+
+def _op_modules() -> dict:
+    """op name -> its module, ``triton_kernels/<op>.py`` (which defines ``<op>_forward`` and
+    ``<op>_backward``), for every cell whose registry entry names a triton kernel: one file per
+    op, named after it, and nothing else to list (shared kernels: _common)."""
+    ops = dict.fromkeys(get_cell(name).op for name in cell_names()
+                        if "triton" in get_cell(name).kernels)
+    return {op: importlib.import_module(f".{op}", __name__) for op in ops}
+
+
+OP_MODULES = _op_modules()
+_KERNELS = {op: (getattr(module, f"{op}_forward"), getattr(module, f"{op}_backward"))
+            for op, module in OP_MODULES.items()}
 
 __all__ = ["IMPLEMENTED", "INTERPRETED"]
 

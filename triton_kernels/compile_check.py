@@ -43,12 +43,12 @@ import triton
 from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
 
-from . import _common, convlstm_layer, pooled_layer, spatial_attention_layer
+from . import OP_MODULES, _common, convlstm_layer, pooled_layer, spatial_attention_layer
 
 # The modules that define kernels, each listing its kernels' cases (compile_cases): _common the
 # kernels of more than one op, an op file its own (input_ and output_attention_layer launch only
-# _common's).
-MODULES = (_common, pooled_layer, convlstm_layer, spatial_attention_layer)
+# _common's, and define none).
+MODULES = (_common, *(module for module in OP_MODULES.values() if hasattr(module, "compile_cases")))
 TORCH_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 # Opt-in shared memory per block (A100: 163 KB, H100: 227 KB) and per SM (164 KB, 228 KB); the
 # driver reserves 1 KB per resident block.
