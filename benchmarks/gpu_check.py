@@ -107,7 +107,7 @@ def device_arch(python: str, rehearse: bool) -> str:
     return arch if re.fullmatch(r"\d+\.\d+", arch) else "9.0"
 
 
-def test_workers(python: str) -> int:
+def xdist_workers(python: str) -> int:
     """pytest-xdist processes for the test stages: each Triton specialisation a test needs is a
     JIT compile of seconds (K = 3 kernels: 6 s median, 23 s at most on a 2-core VM, measured
     ahead of time), one after another in a single process; the default selection's ~60 would
@@ -431,7 +431,7 @@ def main(argv: list[str] | None = None) -> int:
     os.makedirs(args.out, exist_ok=True)
     out = os.path.abspath(args.out)
     ctx = Context(out, args.python, args.rehearse, device_arch(args.python, args.rehearse),
-                  test_workers(args.python))
+                  xdist_workers(args.python))
     started = time.monotonic()
     rows: list[tuple[str, str, float, str]] = []
     for stage, (cap, reserve) in zip(stages, stage_timeouts(stages, args.budget)):
