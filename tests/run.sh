@@ -17,6 +17,10 @@
 # the one, ptxas for the other). CI gives this 90 minutes on 2 cores; the last line prints each
 # step's seconds again, so that a slow step shows before it costs a timeout.
 # CONVLSTM_CI_LEGS (e.g. "2 3") runs only those legs.
+# Each environment is 5-6 GB (torch and its CUDA libraries): a leg deletes the one it created
+# once its suites are done, so the run needs the disk of one at a time (three at once filled CI's
+# disk in leg 3); an environment the run found is kept and reused, and CONVLSTM_KEEP_VENVS=1
+# keeps them all. pip's wheel cache is off for the same reason (PIP_NO_CACHE_DIR, unless set).
 # GPU-marked tests skip themselves (with a reason) on a machine without CUDA.
 set -uo pipefail
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
@@ -71,14 +75,26 @@ compile_check() {
     --report "$RESULTS/triton-resources-$name.md" "$@"
 }
 LEGS="${CONVLSTM_CI_LEGS:-1 2 3}"
+export PIP_NO_CACHE_DIR="${PIP_NO_CACHE_DIR:-1}"
+CREATED_VENV=
 leg() {
   case " $LEGS " in *" $1 "*) ;; *) return 1 ;; esac
   shift
   echo "::: leg: $1"
   local started=$SECONDS
+  CREATED_VENV=
+  [ -x "$ROOT/$2/bin/python" ] || [ "${CONVLSTM_KEEP_VENVS:-0}" = 1 ] || CREATED_VENV="$ROOT/$2"
   CONVLSTM_VENV="$ROOT/$2" CONVLSTM_TOOLCHAIN="$3" CONVLSTM_PYPI="$4" CONVLSTM_CUDA="$5" \
     CONVLSTM_CUDA_ARCHS="${6:-}" source .ci/setup-env || { echo "::: FAILED: setup of $1"; status=1; return 1; }
   TIMES+=("$((SECONDS - started)) s  setup of $1")
+}
+leg_done() {
+  if [ -n "$CREATED_VENV" ]; then
+    echo "::: removing $CREATED_VENV ($(du -sh "$CREATED_VENV" | cut -f1)), created by this run"
+    rm -rf "$CREATED_VENV"
+    CREATED_VENV=
+  fi
+  echo "::: disk: $(df -h --output=avail "$ROOT" | tail -1 | tr -d ' ') free"
 }
 
 if leg 1 "GPU machine, torch 2.11.0 + triton 3.6.0" .venv-torch211 \
@@ -90,6 +106,7 @@ if leg 1 "GPU machine, torch 2.11.0 + triton 3.6.0" .venv-torch211 \
   run "$VENV/bin/python" csrc/cuda/emulation_check.py --build-dir "$ROOT/build/cuda-emulation"
   run "$VENV/bin/python" benchmarks/gpu_check.py --rehearse --out "$RESULTS/gpu-check-rehearsal"
 fi
+leg_done
 
 if leg 2 "newest, torch 2.15.0 + triton 3.9.0" .venv-torch215 "torch==2.15.0 triton==3.9.0 numpy" 1 0; then
   main_suite
@@ -98,10 +115,12 @@ if leg 2 "newest, torch 2.15.0 + triton 3.9.0" .venv-torch215 "torch==2.15.0 tri
   interpreter_suite
   joined
 fi
+leg_done
 
 if leg 3 "lowest, torch 2.6.0" .venv-torch26 "torch==2.6.0 numpy" 1 0; then
   main_suite
 fi
+leg_done
 
 echo "::: seconds per step"
 printf ':::   %s\n' "${TIMES[@]}"
