@@ -224,7 +224,8 @@ def sanitizer_commands(ctx: Context, timeout_s: float) -> list[Command]:
 
 def full_commands(ctx: Context, timeout_s: float) -> list[Command]:
     return [pytest_command(ctx, "full", ["tests/test_backends.py", "tests/test_triton_gpu.py",
-                                         "tests/test_native_cuda.py"], "gpu")]
+                                         "tests/test_native_cuda.py",
+                                         "tests/test_sequence_options.py"], "gpu")]
 
 
 def paper_commands(ctx: Context, timeout_s: float) -> list[Command]:

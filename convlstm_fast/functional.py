@@ -112,6 +112,50 @@ def check_recompute(recompute):
                      f"per chunk, got {recompute!r}")
 
 
+def check_lengths(lengths, batch: int, steps: int, device: torch.device) -> torch.Tensor | None:
+    """``lengths``: ``None``, or each sample's number of valid steps, ``[B]`` integers in
+    ``[0, T]`` (a tensor on any device, or a list of ints) -> an int64 tensor on ``device``."""
+    if lengths is None:
+        return None
+    if isinstance(lengths, (list, tuple)):
+        if not all(isinstance(v, int) and not isinstance(v, bool) for v in lengths):
+            raise TypeError(f"lengths must be a list of ints or an integer tensor, got {lengths!r}")
+        lengths = torch.tensor(lengths, dtype=torch.int64)
+    if not isinstance(lengths, torch.Tensor):
+        raise TypeError("lengths must be an integer tensor [B] or a list of ints, got "
+                        f"{type(lengths).__name__}")
+    if lengths.is_floating_point() or lengths.is_complex() or lengths.dtype == torch.bool:
+        raise TypeError(f"lengths must hold integers, got dtype {lengths.dtype}")
+    if tuple(lengths.shape) != (batch,):
+        raise ValueError(f"lengths must have shape [B] = ({batch},), one length per sample, got "
+                         f"{tuple(lengths.shape)}")
+    if not torch.compiler.is_compiling() and batch > 0:
+        low, high = int(lengths.min()), int(lengths.max())
+        if low < 0 or high > steps:
+            raise ValueError(f"lengths must lie in [0, T] = [0, {steps}], got values from {low} "
+                             f"to {high}")
+    return lengths.to(device=device, dtype=torch.int64)
+
+
+def _drive_steps(run, times: Sequence[int], x, h, c, lengths, weights):
+    """The layer one step at a time in the order of ``times``, each step one call of the
+    backend's layer (a fused step on a kernel backend). With ``lengths``, a sample's step ``t``
+    counts only while ``t < lengths[b]``: past it the state is carried unchanged and the
+    output is zero. Returns the outputs in the order of ``times`` and the final state."""
+    outputs = []
+    for t in times:
+        output, h_next, c_next = run(x[t:t + 1], h, c, *weights)
+        if lengths is None:
+            h, c = h_next, c_next
+            outputs.append(output[0])
+            continue
+        valid = (lengths > t).view(-1, 1, 1, 1)
+        outputs.append(torch.where(valid, output[0], 0.0))
+        h = torch.where(valid, h_next, h)
+        c = torch.where(valid, c_next, c)
+    return (*outputs, h, c)
+
+
 def convlstm_layer(
     x: torch.Tensor,
     params: Mapping[str, torch.Tensor] | Sequence[torch.Tensor],
@@ -121,6 +165,8 @@ def convlstm_layer(
     gate_activation: str = "sigmoid",
     backend: str = "auto",
     recompute: str | int | None = None,
+    reverse: bool = False,
+    lengths: torch.Tensor | Sequence[int] | None = None,
 ) -> tuple[torch.Tensor, State]:
     """Run one ConvLSTM layer over a sequence.
 
@@ -138,6 +184,18 @@ def convlstm_layer(
             ``"steps"`` (or an int k) runs the layer in chunks of 1 (k) steps that keep only
             their inputs — h and c at the chunk boundaries — and recomputes the rest in backward
             (one extra forward in all); ``"layers"`` keeps only the layer's inputs.
+        reverse: walk the sequence backwards, t = T − 1 … 0 (the reverse direction of a
+            bidirectional layer); ``output[t]`` is still the state after step t.
+        lengths (Tensor[B] or list of ints, in [0, T]): each sample's number of valid steps.
+            Sample b's ``output[t]`` is zero for t ≥ lengths[b], and ``(h_n, c_n)`` is its state
+            after its own last valid step (``state`` itself for length 0); in reverse its
+            sequence starts at step lengths[b] − 1. Gradients are those of running each sample
+            alone on its prefix. No sorting or repacking: the state is carried unchanged past a
+            sample's end.
+
+    With ``reverse`` or ``lengths`` the layer runs one step per call of the backend's layer
+    (one fused step on a kernel backend, in the order walked, no copy of the sequence); the
+    fused kernels' own loops do not take these options yet.
 
     Returns:
         ``(output, (h_n, c_n))`` with output Tensor[T, B, C, H, W], h_n, c_n Tensor[B, C, H, W].
@@ -160,6 +218,9 @@ def convlstm_layer(
         h0, c0 = check_state(state, x, batch, hidden_channels, height, width)
     chosen = select_backend(backend, variant, x)
     recompute = check_recompute(recompute)
+    if not isinstance(reverse, bool):
+        raise TypeError(f"reverse must be a bool, got {type(reverse).__name__}")
+    lengths = check_lengths(lengths, batch, steps, x.device)
     if steps == 0 or x.numel() == 0 or h0.numel() == 0:
         output = x.new_zeros(steps, batch, hidden_channels, height, width)
         return output, (h0.clone(), c0.clone())
@@ -170,10 +231,23 @@ def convlstm_layer(
                                             c_part.contiguous(), list(weights), gate_activation)
         return output, h_n, c_n
 
-    if recompute is None or not torch.is_grad_enabled():
+    checkpointed = recompute is not None and torch.is_grad_enabled()
+    chunk = steps if not checkpointed or recompute == "layers" else recompute
+    if reverse or lengths is not None:
+        times = list(range(steps - 1, -1, -1) if reverse else range(steps))
+        outputs = [None] * steps
+        h_n, c_n = h0, c0
+        for start in range(0, steps, chunk):
+            group = times[start:start + chunk]
+            args = (run, group, x, h_n, c_n, lengths, param_list)
+            *group_outputs, h_n, c_n = (checkpoint(_drive_steps, *args, use_reentrant=False)
+                                        if checkpointed else _drive_steps(*args))
+            for t, output in zip(group, group_outputs):
+                outputs[t] = output
+        return torch.stack(outputs), (h_n, c_n)
+    if not checkpointed:
         output, h_n, c_n = run(x, h0, c0, *param_list)
         return output, (h_n, c_n)
-    chunk = steps if recompute == "layers" else recompute
     outputs = []
     h_n, c_n = h0, c0
     for start in range(0, steps, chunk):

@@ -128,13 +128,14 @@ class ConvLSTMCell(nn.Module):
         return out
 
     def forward_sequence(self, x: torch.Tensor, state: State | None = None,
-                         recompute: str | int | None = None):
+                         recompute: str | int | None = None, reverse: bool = False,
+                         lengths: torch.Tensor | Sequence[int] | None = None):
         """Run the cell over ``x [T, B, Cin, H, W]``: ``(output [T, B, C, H, W], (h_n, c_n))``
-        (``recompute``: see :func:`convlstm_fast.convlstm_layer`)."""
+        (``recompute``, ``reverse``, ``lengths``: see :func:`convlstm_fast.convlstm_layer`)."""
         check_input(x, "x", 5, self.in_channels)
         return convlstm_layer(x, self.parameter_list(), self.variant, state,
                               gate_activation=self.gate_activation, backend=self.backend,
-                              recompute=recompute)
+                              recompute=recompute, reverse=reverse, lengths=lengths)
 
     def forward(self, x: torch.Tensor, state: State | None = None) -> State:
         check_input(x, "x", 4, self.in_channels, channel_dim=1)
@@ -169,22 +170,31 @@ class ConvLSTM(nn.Module):
         batch_first: input and output ``[B, T, C, H, W]`` when True, ``[T, B, C, H, W]`` otherwise.
         dropout: as ``nn.LSTM``'s: in training, dropout with this probability on the output of
             every layer but the last (never inside a cell, never on the returned states).
+        bidirectional: as ``nn.LSTM``'s: every layer also runs a reverse direction (its own
+            parameters, under ``cells_reverse``) walking t = T − 1 … 0; the two directions'
+            outputs are concatenated along channels, so the next layer and the output have 2·C.
         recompute: trade time for memory in training, per layer (see
             :func:`convlstm_fast.convlstm_layer`): ``None``, ``"steps"``, an int, ``"layers"``.
         bias, gate_activation, init, backend: as for :class:`ConvLSTMCell`.
 
-    ``forward(x, state=None) -> (output, (h_n, c_n))``: output holds the last layer's hidden
-    state at every step, ``[B, T, C, H, W]``. When every layer has the same C, ``h_n``, ``c_n``
-    and a given ``state = (h_0, c_0)`` are ``[num_layers, B, C, H, W]`` as in ``nn.LSTM``; when
-    the layers' C differ they are tuples with one ``[B, C_l, H, W]`` tensor per layer.
-    Passing ``(h_n, c_n)`` of one call as ``state`` of the next continues the sequence.
+    ``forward(x, state=None, lengths=None) -> (output, (h_n, c_n))``: output holds the last
+    layer's hidden state at every step, ``[B, T, D·C, H, W]`` (D = 2 when bidirectional, else
+    1). When every layer has the same C, ``h_n``, ``c_n`` and a given ``state = (h_0, c_0)``
+    are ``[D·num_layers, B, C, H, W]`` in ``nn.LSTM``'s order (layer l's forward direction at
+    D·l, its reverse at D·l + 1); when the layers' C differ they are tuples with one
+    ``[B, C_l, H, W]`` tensor per layer and direction, in the same order. Passing
+    ``(h_n, c_n)`` of one call as ``state`` of the next continues the sequence.
+    ``lengths`` (``[B]`` integers in [0, T]) makes the batch ragged: sample b's outputs are zero
+    from step lengths[b] on and its ``h_n``, ``c_n`` are its states after its own last step
+    (the reverse direction starts there); see :func:`convlstm_fast.convlstm_layer`.
     """
 
     def __init__(self, in_channels: int, hidden_channels: int | Sequence[int],
                  kernel_size: int | Sequence[int] = 3, num_layers: int = 1,
                  variant: str | Sequence[str] = "a", batch_first: bool = True, bias: bool = True,
                  gate_activation: str = "sigmoid", init: str = "default", backend: str = "auto",
-                 dropout: float = 0.0, recompute: str | int | None = None):
+                 dropout: float = 0.0, recompute: str | int | None = None,
+                 bidirectional: bool = False):
         super().__init__()
         num_layers = _check_channels(num_layers, "num_layers")
         if isinstance(dropout, bool) or not isinstance(dropout, (int, float)) \
@@ -201,47 +211,66 @@ class ConvLSTM(nn.Module):
         self.in_channels = _check_channels(in_channels, "in_channels")
         self.num_layers = num_layers
         self.batch_first = batch_first
+        if not isinstance(bidirectional, bool):
+            raise TypeError(f"bidirectional must be a bool, got {type(bidirectional).__name__}")
+        self.bidirectional = bidirectional
+        self.num_directions = 2 if bidirectional else 1
         self.cells = nn.ModuleList()
+        if bidirectional:
+            self.cells_reverse = nn.ModuleList()
         layer_in = in_channels
         for hidden, kernel, cell_variant in zip(hiddens, kernels, cells):
-            self.cells.append(ConvLSTMCell(layer_in, hidden, kernel, cell_variant, bias,
-                                           gate_activation, init, backend))
-            layer_in = hidden
+            for direction in self._directions():
+                direction.append(ConvLSTMCell(layer_in, hidden, kernel, cell_variant, bias,
+                                              gate_activation, init, backend))
+            layer_in = hidden * self.num_directions
         self.hidden_channels = hiddens
         self.stacked_states = len(set(hiddens)) == 1
 
-    def _split_state(self, state, x: torch.Tensor) -> list[State | None]:
+    def _directions(self) -> list[nn.ModuleList]:
+        return [self.cells, self.cells_reverse] if self.bidirectional else [self.cells]
+
+    def _split_state(self, state) -> list[State | None]:
+        """One ``(h_0, c_0)`` (or ``None``) per layer and direction, in nn.LSTM's order."""
+        entries = self.num_layers * self.num_directions
         if state is None:
-            return [None] * self.num_layers
+            return [None] * entries
         if not isinstance(state, (tuple, list)) or len(state) != 2:
             raise TypeError("state must be a tuple (h_0, c_0)")
         h_0, c_0 = state
+        first = "num_layers" + (" * 2 (bidirectional)" if self.bidirectional else "")
         if self.stacked_states:
             for name, tensor in (("h_0", h_0), ("c_0", c_0)):
-                if not isinstance(tensor, torch.Tensor) or tensor.dim() != 5 or tensor.shape[0] != self.num_layers:
+                if not isinstance(tensor, torch.Tensor) or tensor.dim() != 5 or tensor.shape[0] != entries:
                     shape = tuple(tensor.shape) if isinstance(tensor, torch.Tensor) else type(tensor).__name__
-                    raise ValueError(f"state {name} must be [num_layers={self.num_layers}, B, C, H, W], got {shape}")
-            return [(h_0[i], c_0[i]) for i in range(self.num_layers)]
+                    raise ValueError(f"state {name} must be [{first} = {entries}, B, C, H, W], got {shape}")
+            return [(h_0[i], c_0[i]) for i in range(entries)]
         for name, part in (("h_0", h_0), ("c_0", c_0)):
-            if not isinstance(part, (tuple, list)) or len(part) != self.num_layers:
+            if not isinstance(part, (tuple, list)) or len(part) != entries:
                 raise ValueError(
-                    f"state {name} must be a tuple of {self.num_layers} per-layer [B, C_l, H, W] "
+                    f"state {name} must be a tuple of {first} = {entries} per-layer [B, C_l, H, W] "
                     "tensors (the layers have different hidden_channels)"
                 )
         return list(zip(h_0, c_0))
 
-    def forward(self, x: torch.Tensor, state=None):
+    def forward(self, x: torch.Tensor, state=None, lengths=None):
         check_input(x, "x", 5, self.in_channels)
         sequence = x.transpose(0, 1) if self.batch_first else x
-        layer_states = self._split_state(state, sequence)
+        layer_states = iter(self._split_state(state))
         h_n, c_n = [], []
-        for index, (cell, layer_state) in enumerate(zip(self.cells, layer_states)):
+        for index in range(self.num_layers):
             if index > 0 and self.dropout > 0:
                 sequence = F.dropout(sequence, self.dropout, self.training)
-            sequence, (h, c) = cell.forward_sequence(sequence.contiguous(), layer_state,
-                                                     recompute=self.recompute)
-            h_n.append(h)
-            c_n.append(c)
+            layer_input = sequence.contiguous()
+            outputs = []
+            for reverse, direction in enumerate(self._directions()):
+                output, (h, c) = direction[index].forward_sequence(
+                    layer_input, next(layer_states), recompute=self.recompute,
+                    reverse=bool(reverse), lengths=lengths)
+                outputs.append(output)
+                h_n.append(h)
+                c_n.append(c)
+            sequence = outputs[0] if len(outputs) == 1 else torch.cat(outputs, dim=2)
         output = sequence.transpose(0, 1) if self.batch_first else sequence
         if self.stacked_states:
             return output, (torch.stack(h_n), torch.stack(c_n))
@@ -250,4 +279,5 @@ class ConvLSTM(nn.Module):
     def extra_repr(self) -> str:
         extra = f", dropout={self.dropout}" if self.dropout else ""
         extra += f", recompute={self.recompute!r}" if self.recompute is not None else ""
+        extra += ", bidirectional=True" if self.bidirectional else ""
         return f"batch_first={self.batch_first}{extra}"

@@ -4,13 +4,27 @@ which this folder's conftest shares)."""
 
 from __future__ import annotations
 
+import importlib.util
 import math
+import pathlib
+import sys
 
 import torch
 
 from convlstm_fast import get_cell
 from convlstm_fast.functional import convlstm_layer
 from convlstm_fast.reference import cells
+
+
+def main_suite_module(filename: str):
+    """Load tests/<filename> (a main-suite file whose cases follow TRITON_INTERPRET) as a module,
+    so that a file here can run its tests under the interpreter."""
+    path = pathlib.Path(__file__).resolve().parents[1] / filename
+    spec = importlib.util.spec_from_file_location(path.stem + "_shared", path)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module
+    spec.loader.exec_module(module)
+    return module
 
 
 def make_inputs(variant, steps, batch, in_channels, hidden, height, width, kernel_size,

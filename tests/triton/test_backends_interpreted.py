@@ -6,14 +6,6 @@ backend runs the float32 cases (its other dtypes skip with its reason). The CPU-
 shapes are not offered to it.
 """
 
-import importlib.util
-import pathlib
-import sys
+from helpers import main_suite_module
 
-_path = pathlib.Path(__file__).resolve().parents[1] / "test_backends.py"
-_spec = importlib.util.spec_from_file_location("test_backends_shared", _path)
-_suite = importlib.util.module_from_spec(_spec)
-sys.modules[_spec.name] = _suite
-_spec.loader.exec_module(_suite)
-
-test_backend_matches_reference = _suite.test_backend_matches_reference
+test_backend_matches_reference = main_suite_module("test_backends.py").test_backend_matches_reference
