@@ -121,10 +121,25 @@ def _cells(model: nn.Module) -> list[tuple[str, ConvLSTMCell]]:
             if isinstance(module, ConvLSTMCell)]
 
 
-def check_exportable(model: nn.Module, dynamic_steps: bool, onnx: bool) -> None:
+def check_exportable(model: nn.Module, dynamic_steps: bool, onnx: bool,
+                     dynamic_batch: bool = False) -> None:
     """Raise a ValueError naming the first ConvLSTM layer of ``model`` that cannot be exported:
     for ONNX, a cell without a translation; with ``dynamic_steps``, a layer that runs on the
-    reference backend (its Python loop over T unrolls for the traced T)."""
+    reference backend (its Python loop over T unrolls for the traced T), or a bidirectional
+    layer (its reverse direction runs one step per op call, which unrolls too; and for ONNX with
+    a dynamic batch, torch's decomposition of those one-step scans fails: torch 2.14 asserts
+    "vr must not be None" on the batch symbol)."""
+    for name, module in model.named_modules():
+        if not (isinstance(module, ConvLSTM) and module.bidirectional):
+            continue
+        dynamic = [what for what, wanted in (("T", dynamic_steps), ("B", onnx and dynamic_batch))
+                   if wanted]
+        if dynamic:
+            raise ValueError(
+                f"{name or 'model'}: a bidirectional ConvLSTM runs its reverse direction one step "
+                f"per call of the fused op, so {' and '.join(dynamic)} cannot be dynamic: pass "
+                + " and ".join(f"dynamic_{'steps' if d == 'T' else 'batch'}=False"
+                               for d in dynamic))
     for name, cell in _cells(model):
         spec = get_cell(cell.variant)
         if onnx and spec.op not in TRANSLATIONS:
@@ -288,7 +303,8 @@ def export_onnx(model: nn.Module, example_inputs: Sequence,
         The ``torch.onnx.ONNXProgram``; its ``model_proto`` holds only standard-domain ops,
         and it names its inputs after ``model.forward``'s parameters (``x``).
     """
-    check_exportable(model, dynamic_steps and dynamic_shapes is None, onnx=True)
+    check_exportable(model, dynamic_steps and dynamic_shapes is None, onnx=True,
+                     dynamic_batch=dynamic_batch and dynamic_shapes is None)
     reason = onnx_unavailable_reason()
     if reason is not None:
         raise RuntimeError(reason)

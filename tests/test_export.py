@@ -220,3 +220,32 @@ def test_onnx_unavailable_says_why(make_params):
     model = _model("a", "sigmoid", "reference", make_params)
     with pytest.raises(RuntimeError, match="ONNX export.* needs"):
         export.export_onnx(model, (_clip(*EXPORTED, seed=0),), dynamic_steps=False)
+
+
+def test_bidirectional_refuses_dynamic_steps():
+    model = convlstm_fast.ConvLSTM(IN_CHANNELS, HIDDEN, variant="a", bidirectional=True).eval()
+    with pytest.raises(ValueError, match="bidirectional ConvLSTM .* pass dynamic_steps=False"):
+        export.export_program(model, (_clip(*EXPORTED, seed=0),))
+    with pytest.raises(ValueError, match="T and B cannot be dynamic: pass dynamic_steps=False "
+                                         "and dynamic_batch=False"):
+        export.export_onnx(model, (_clip(*EXPORTED, seed=0),))
+
+
+def test_bidirectional_onnx_with_fixed_steps_matches_eager(onnxruntime, tmp_path):
+    """Both directions of a bidirectional layer in onnxruntime at the traced B and T (its
+    reverse direction runs one fused step per op call: one Scan per step)."""
+    _needs_cpu_backend()
+    torch.manual_seed(0)
+    model = convlstm_fast.ConvLSTM(IN_CHANNELS, HIDDEN, variant="a", bidirectional=True,
+                                   backend="cpu").eval()
+    path = tmp_path / "bidirectional.onnx"
+    steps = EXPORTED[1]
+    onnx_program = export.export_onnx(model, (_clip(*EXPORTED, seed=0),), path,
+                                      dynamic_steps=False, dynamic_batch=False)
+    _check_standard_with_scans(onnx_program, scans=1 + steps)
+    session = _session(onnxruntime, path)
+    (onnx_input,) = session.get_inputs()
+    clip = _clip(EXPORTED[0], steps, seed=2)
+    actual = session.run(None, {onnx_input.name: clip.numpy()})
+    torch.testing.assert_close([torch.from_numpy(a) for a in actual], _eager(model, clip),
+                               rtol=0, atol=ONNX_ATOL)
