@@ -152,6 +152,26 @@ def test_recompute_rows_keep_two_state_tensors_per_step(tmp_path):
     assert saved["reference"] > saved["reference+recompute"]
 
 
+def test_sequence_option_rows(tmp_path):
+    """--sequence-options adds "<backend>+reverse" and "<backend>+ragged" rows in both modes,
+    each the layer run with that option; the ragged lengths lie in [T/2, T] and are fixed."""
+    assert main(["--quick", "--device", "cpu", "--variants", "a", "--backends", "reference",
+                 "--sequence-options", "--no-network", "--no-sweep", "--no-progress",
+                 "--no-plots", "--out", str(tmp_path), "--stem", "run"]) == 0
+    result = json.loads((tmp_path / "run.json").read_text())
+    rows = {(r["backend"], r["mode"]) for r in result["latency"]}
+    assert rows == {(backend, mode) for mode in ("forward", "forward+backward")
+                    for backend in ("reference", "reference+reverse", "reference+ragged")}
+    assert {s["backend"] for s in result["saved"]} == {"reference", "reference+reverse",
+                                                       "reference+ragged"}
+    shape = cases.CellShape(4, 7, 3, 5, 6, 6)
+    lengths = cases.ragged_lengths(shape)
+    assert torch.equal(lengths, cases.ragged_lengths(shape))
+    assert lengths.min() >= 4 and lengths.max() <= 7
+    assert cases.split_option("cpu+ragged") == ("cpu", "+ragged")
+    assert cases.split_option("cpu") == ("cpu", "")
+
+
 def test_checkpoints_keep_every_finished_case(tmp_path, monkeypatch):
     """The JSON is rewritten after every case with complete: false, so a run killed midway
     leaves its finished cases readable."""

@@ -74,6 +74,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
     parser.add_argument("--recompute", help="also time every backend with "
                         "convlstm_layer(recompute=...) in forward+backward: steps, layers or N")
+    parser.add_argument("--sequence-options", action="store_true",
+                        help="also time every backend with reverse=True (a bidirectional "
+                             "layer's second direction) and with ragged lengths drawn in [T/2, T]")
     return parser
 
 
@@ -104,6 +107,8 @@ def main(argv: list[str] | None = None) -> int:
         config.time_budget_s = args.time_budget
     if args.recompute:
         config.recompute = int(args.recompute) if args.recompute.isdigit() else args.recompute
+    if args.sequence_options:
+        config.sequence_options = True
     if args.no_network:
         config.network = None
     if args.no_sweep:

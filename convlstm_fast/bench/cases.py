@@ -24,8 +24,28 @@ from ..reference import cells
 from .harness import saved_state_tensors
 
 COMPILE = "compile"
-# "<backend>+recompute": the backend run with convlstm_layer(recompute=...) (the --recompute mode).
+# "<backend>+<option>": the backend run with one of convlstm_layer's sequence options —
+# "+recompute" with recompute=... (the --recompute mode, forward+backward only); "+reverse" with
+# reverse=True (a bidirectional layer's second direction) and "+ragged" with lengths drawn
+# uniformly in [T/2, T] (the --sequence-options mode).
 RECOMPUTE = "+recompute"
+SEQUENCE_OPTIONS = ("+reverse", "+ragged")
+OPTIONS = (RECOMPUTE, *SEQUENCE_OPTIONS)
+
+
+def split_option(backend: str) -> tuple[str, str]:
+    """``"cpu+ragged"`` -> ``("cpu", "+ragged")``; ``"cpu"`` -> ``("cpu", "")``."""
+    for option in OPTIONS:
+        if backend.endswith(option):
+            return backend.removesuffix(option), option
+    return backend, ""
+
+
+def ragged_lengths(shape: "CellShape", seed: int = 0) -> torch.Tensor:
+    """The "+ragged" lengths: ``[B]`` drawn uniformly from [ceil(T/2), T], fixed by ``seed``."""
+    generator = torch.Generator().manual_seed(seed)
+    return torch.randint((shape.steps + 1) // 2, shape.steps + 1, (shape.batch,),
+                         generator=generator)
 
 
 @dataclass(frozen=True)
@@ -83,7 +103,7 @@ def backend_names(requested=None, include_compile: bool = True) -> list[str]:
 
 def unsupported_reason(backend: str, variant: str, x: torch.Tensor) -> str | None:
     """``None`` when ``backend`` can run ``variant`` on inputs like ``x``, else why not."""
-    backend = backend.removesuffix(RECOMPUTE)
+    backend = split_option(backend)[0]
     if backend == COMPILE:
         if x.device.type == "cuda":
             try:
@@ -110,14 +130,17 @@ def make_inputs(variant: str, shape: CellShape, device, dtype, seed: int = 0):
 def layer_runner(backend: str, variant: str, shape: CellShape, gate_activation: str = "sigmoid",
                  recompute: str | int | None = None):
     """``fn(x, params) -> output`` running one layer on ``backend`` (or ``"compile"``); a
-    ``"<backend>+recompute"`` name runs that backend with ``recompute`` (default "steps")."""
+    ``"<backend>+<option>"`` name runs that backend with the option (:data:`OPTIONS`;
+    ``recompute`` defaults to "steps")."""
     if backend != COMPILE:
-        base = backend.removesuffix(RECOMPUTE)
-        mode = (recompute or "steps") if backend.endswith(RECOMPUTE) else None
+        base, option = split_option(backend)
+        options = {RECOMPUTE: dict(recompute=recompute or "steps"),
+                   "+reverse": dict(reverse=True),
+                   "+ragged": dict(lengths=ragged_lengths(shape))}.get(option, {})
 
         def run(x, params):
             return convlstm_layer(x, params, variant, gate_activation=gate_activation,
-                                  backend=base, recompute=mode)[0]
+                                  backend=base, **options)[0]
         return run
     # torch.compile of the reference step; the time loop stays in Python (as a user would
     # write it), so one compiled graph serves every step.

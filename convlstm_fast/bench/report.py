@@ -9,6 +9,8 @@ import os
 import sys
 from collections import defaultdict
 
+from .cases import OPTIONS
+
 FORWARD, FORWARD_BACKWARD = "forward", "forward+backward"
 
 
@@ -49,10 +51,11 @@ def _ratio(record: dict | None) -> str:
 
 
 def _backends(result: dict) -> list[str]:
-    """The timed backends in the run's order, each followed by its ``+recompute`` twin."""
+    """The timed backends in the run's order, each followed by its option twins
+    (``+recompute``, ``+reverse``, ``+ragged``)."""
     order = []
     for backend in result["config"]["backends"]:
-        order += [backend, backend + "+recompute"]
+        order += [backend] + [backend + option for option in OPTIONS]
     return [b for b in order if any(r["backend"] == b for r in result["latency"])]
 
 

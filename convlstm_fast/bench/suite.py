@@ -48,6 +48,7 @@ class BenchConfig:
     compile_shapes: int = 1  # torch.compile only on the first N shapes (compiling is slow)
     gate_activation: str = "sigmoid"
     recompute: str | int | None = None  # also time "<backend>+recompute" in forward+backward
+    sequence_options: bool = False  # also time "<backend>+reverse" and "<backend>+ragged"
     time_budget_s: float | None = None  # start no new case after this many seconds
     label: str = "default"
     ceilings: bool = True  # measure the device's copy bandwidth and matmul rate (the floors)
@@ -68,6 +69,7 @@ class BenchConfig:
             "repeats": self.repeats,
             "gate_activation": self.gate_activation,
             "recompute": self.recompute,
+            "sequence_options": self.sequence_options,
         }
 
 
@@ -158,8 +160,11 @@ def _tasks(config: BenchConfig, result: dict):
             x, params = cases.make_inputs(variant, shape, config.device, config.dtype)
             fns = {}
             backends = list(config.backends)
+            kernels = [b for b in config.backends if b != cases.COMPILE]
             if config.recompute is not None and mode == FORWARD_BACKWARD:
-                backends += [b + cases.RECOMPUTE for b in config.backends if b != cases.COMPILE]
+                backends += [b + cases.RECOMPUTE for b in kernels]
+            if config.sequence_options:
+                backends += [b + option for b in kernels for option in cases.SEQUENCE_OPTIONS]
             for backend in backends:
                 reason = cases.unsupported_reason(backend, variant, x)
                 if reason is None and backend == cases.COMPILE and shape_index >= config.compile_shapes:
