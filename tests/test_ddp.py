@@ -13,6 +13,7 @@ import socket
 import subprocess
 import sys
 import textwrap
+import warnings
 
 import pytest
 import torch
@@ -102,8 +103,7 @@ def test_ddp_gradients_equal_single_process(tmp_path):
             torch.testing.assert_close(got[name], grad, rtol=1e-4, atol=1e-6, msg=name)
 
 
-def test_training_script_under_torchrun(tmp_path):
-    out = tmp_path / "run"
+def _torchrun_training(out) -> subprocess.CompletedProcess:
     command = [sys.executable, "-m", "torch.distributed.run", "--nnodes", "1",
                "--nproc_per_node", "2", "--master_addr", "127.0.0.1",
                "--master_port", str(_free_port()), "-m", "convlstm_fast.train",
@@ -111,8 +111,28 @@ def test_training_script_under_torchrun(tmp_path):
                "--size", "16", "--num-classes", "3", "--train-clips", "16", "--val-clips", "6",
                "--epochs", "1", "--batch-size", "2", "--workers", "0", "--threads", "1",
                "--device", "cpu", "--no-progress", "--out", str(out)]
-    result = subprocess.run(command, env=_environment(), capture_output=True, text=True,
-                            timeout=240)
+    return subprocess.run(command, env=_environment(), capture_output=True, text=True,
+                          timeout=120)
+
+
+def test_training_script_under_torchrun(tmp_path):
+    out = tmp_path / "run"
+    try:
+        result = _torchrun_training(out)
+    except subprocess.TimeoutExpired as error:
+        # A quiet run takes ~9 s. Once, in CI on torch 2.6, a run printed its epoch and then
+        # hung past the timeout; it never recurred in 7 runs here, loaded or not. Process-group
+        # teardown under gloo hangs now and then upstream (pytorch/pytorch#75097, #190489);
+        # such a hang — every output written, the processes stuck on their way out — gets one
+        # more run. A hang before the outputs are complete fails at once.
+        finished = (out / "metrics.json").exists() and ckpt.latest_checkpoint(
+            out / "checkpoints") is not None
+        if not finished:
+            raise AssertionError(f"torchrun training hung before finishing: {error.stdout!r}")
+        warnings.warn(f"torchrun training hung after writing its outputs; rerun once: "
+                      f"{error.stdout!r}")
+        out = tmp_path / "rerun"
+        result = _torchrun_training(out)
     assert result.returncode == 0, result.stderr[-3000:]
     metrics = json.loads((out / "metrics.json").read_text())
     assert metrics["world_size"] == 2
