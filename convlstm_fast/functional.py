@@ -141,19 +141,42 @@ def _drive_steps(run, times: Sequence[int], x, h, c, lengths, weights):
     """The layer one step at a time in the order of ``times``, each step one call of the
     backend's layer (a fused step on a kernel backend). With ``lengths``, a sample's step ``t``
     counts only while ``t < lengths[b]``: past it the state is carried unchanged and the
-    output is zero. Returns the outputs in the order of ``times`` and the final state."""
+    output is zero. Returns the outputs in the order of ``times`` and the final state. The
+    next step's h is the step's output itself (which its op keeps anyway), not the op's h_n
+    copy, so that autograd keeps one tensor for both."""
     outputs = []
     for t in times:
-        output, h_next, c_next = run(x[t:t + 1], h, c, *weights)
+        output, _, c_next = run(x[t:t + 1], h, c, *weights)
         if lengths is None:
-            h, c = h_next, c_next
-            outputs.append(output[0])
+            h, c = output[0], c_next
+            outputs.append(h)
             continue
         valid = (lengths > t).view(-1, 1, 1, 1)
         outputs.append(torch.where(valid, output[0], 0.0))
-        h = torch.where(valid, h_next, h)
+        h = torch.where(valid, output[0], h)
         c = torch.where(valid, c_next, c)
     return (*outputs, h, c)
+
+
+def _walk(steps: int, reverse: bool, lengths: torch.Tensor | None) -> list[tuple[str, list[int]]]:
+    """The walk over the steps as segments ``(kind, times)`` in processing order: ``"layer"``,
+    a forward run of steps every sample reaches, as one call of the backend's layer;
+    ``"step"``, the same walked one call per step (reverse); ``"masked"``, one call per step
+    with the lengths applied; ``"skip"``, steps no sample reaches (zero output, state
+    unchanged). The bounds are the lengths' min and max, read on the host; under
+    torch.compile (where they would break the graph) every step is masked."""
+    times = list(range(steps - 1, -1, -1) if reverse else range(steps))
+    if lengths is None:
+        return [("step" if reverse else "layer", times)]
+    if torch.compiler.is_compiling():
+        return [("masked", times)]
+    shortest, longest = int(lengths.min()), int(lengths.max())
+    segments = [("step" if reverse else "layer", [t for t in times if t < shortest]),
+                ("masked", [t for t in times if shortest <= t < longest]),
+                ("skip", [t for t in times if t >= longest])]
+    if reverse:
+        segments.reverse()
+    return [(kind, part) for kind, part in segments if part]
 
 
 def convlstm_layer(
@@ -194,8 +217,10 @@ def convlstm_layer(
             sample's end.
 
     With ``reverse`` or ``lengths`` the layer runs one step per call of the backend's layer
-    (one fused step on a kernel backend, in the order walked, no copy of the sequence); the
-    fused kernels' own loops do not take these options yet.
+    (one fused step on a kernel backend, in the order walked, no copy of the sequence), except
+    that a forward ragged batch runs the steps every sample reaches as one call and no step
+    past the longest sample is computed; the fused kernels' own loops do not take these
+    options yet.
 
     Returns:
         ``(output, (h_n, c_n))`` with output Tensor[T, B, C, H, W], h_n, c_n Tensor[B, C, H, W].
@@ -234,17 +259,28 @@ def convlstm_layer(
     checkpointed = recompute is not None and torch.is_grad_enabled()
     chunk = steps if not checkpointed or recompute == "layers" else recompute
     if reverse or lengths is not None:
-        times = list(range(steps - 1, -1, -1) if reverse else range(steps))
-        outputs = [None] * steps
+        pieces = {}  # first step -> the outputs of the steps from there on, [n, B, C, H, W]
         h_n, c_n = h0, c0
-        for start in range(0, steps, chunk):
-            group = times[start:start + chunk]
-            args = (run, group, x, h_n, c_n, lengths, param_list)
-            *group_outputs, h_n, c_n = (checkpoint(_drive_steps, *args, use_reentrant=False)
-                                        if checkpointed else _drive_steps(*args))
-            for t, output in zip(group, group_outputs):
-                outputs[t] = output
-        return torch.stack(outputs), (h_n, c_n)
+        for kind, times in _walk(steps, reverse, lengths):
+            if kind == "skip":
+                for t in times:
+                    pieces[t] = x.new_zeros(1, batch, hidden_channels, height, width)
+                continue
+            for start in range(0, len(times), chunk):
+                group = times[start:start + chunk]
+                if kind == "layer":
+                    args = (x[group[0]:group[-1] + 1], h_n, c_n, *param_list)
+                    output, h_n, c_n = (checkpoint(run, *args, use_reentrant=False)
+                                        if checkpointed else run(*args))
+                    pieces[group[0]] = output
+                    continue
+                args = (run, group, x, h_n, c_n, lengths if kind == "masked" else None,
+                        param_list)
+                *group_outputs, h_n, c_n = (checkpoint(_drive_steps, *args, use_reentrant=False)
+                                            if checkpointed else _drive_steps(*args))
+                for t, output in zip(group, group_outputs):
+                    pieces[t] = output[None]
+        return torch.cat([pieces[t] for t in sorted(pieces)]), (h_n, c_n)
     if not checkpointed:
         output, h_n, c_n = run(x, h0, c0, *param_list)
         return output, (h_n, c_n)

@@ -16,7 +16,8 @@ module. float64 on the CPU backends: atol 1e-10 (the same sums in a different or
 float32 on the GPU backends and Triton's interpreter: atol 2e-4, rtol 1e-3 (5 steps of fp32
 accumulation, two layers). Under the interpreter (tests/triton runs the two comparisons of this
 file in its own process) the cases are the triton backend's on CPU tensors alone, one gate
-activation and the bidirectional ragged batch of one layer (which holds the forward direction's masking):
+activation and the bidirectional ragged batch of one layer with lengths 2 to 4 (which holds the forward
+direction's masking, and every kind of step the walk has):
 the interpreter runs each program in numpy, and the activations are the conformance suite's
 business.
 """
@@ -138,26 +139,29 @@ def test_bidirectional_matches_forward_plus_flipped(backend, variant, gate_activ
     _assert_all_close(got, want, tol, "gradient")
 
 
-LENGTHS = (5, 2, 0, 4)  # a full, a short, an empty and a near-full sample
+# T = 5. A full, a short, an empty and a near-full sample: every step masked; and lengths
+# from 2 to 4: steps 0-1 reach every sample (a forward layer runs them as one call), step 4 none.
+LENGTHS = [pytest.param((4, 2, 3, 2), id="2to4")] + (
+    [] if INTERPRETED else [pytest.param((5, 2, 0, 4), id="0to5")])
 
 
+@pytest.mark.parametrize("lengths", LENGTHS)
 @pytest.mark.parametrize("bidirectional", DIRECTIONS)
 @pytest.mark.parametrize("variant", VARIANTS)
 @pytest.mark.parametrize("backend", BACKENDS)
-def test_lengths_match_per_sample_runs(backend, variant, bidirectional):
+def test_lengths_match_per_sample_runs(backend, variant, bidirectional, lengths):
     device, dtype, tol = _setting(backend)
     model = _model(variant, backend, "hard_sigmoid", bidirectional=bidirectional,
                    num_layers=1 if INTERPRETED else 2, device=device, dtype=dtype)
-    x, state = _inputs(len(LENGTHS), 5, model, device, dtype)
-    lengths = torch.tensor(LENGTHS)
-    output, (h_n, c_n) = model(x, state, lengths=lengths)
+    x, state = _inputs(len(lengths), 5, model, device, dtype)
+    output, (h_n, c_n) = model(x, state, lengths=torch.tensor(lengths))
     got = _grads(_loss(output, h_n, c_n), model, x, state)
 
     # Each sample alone on its own prefix; the zeros past its end are part of the expectation.
     want_output = torch.zeros_like(output)
     want_h, want_c = torch.empty_like(h_n), torch.empty_like(c_n)
     loss = 0
-    for b, length in enumerate(LENGTHS):
+    for b, length in enumerate(lengths):
         sample_state = (state[0][:, b:b + 1], state[1][:, b:b + 1])
         out_b, (h_b, c_b) = model(x[b:b + 1, :length], sample_state)
         with torch.no_grad():
@@ -204,7 +208,7 @@ def test_gradcheck_reverse_with_lengths(backend, variant, make_params, make_inpu
 def test_recompute_with_reverse_and_lengths(backend):
     model = _model("a", backend)
     x, state = _inputs(3, 5, model, "cpu", torch.float64)
-    lengths = torch.tensor([5, 3, 1])
+    lengths = torch.tensor([4, 3, 2])  # a forward prefix of 2 steps, 2 masked, 1 skipped
     output, (h_n, c_n) = model(x, state, lengths=lengths)
     want = _grads(_loss(output, h_n, c_n), model, x, state)
     for recompute in ("steps", 2, "layers"):
