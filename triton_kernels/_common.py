@@ -883,6 +883,13 @@ def channel_attention_backward(grad_output, grad_h_n, grad_c_n, x, h0, c0, param
     return grad_x, grad_h0, grad_c0, [g.to(q.dtype).contiguous() for g, q in zip(grads, params)]
 
 
+# What one more step of (c) or (d) launches (Triton kernels, ATen calls; launch_count.py measures
+# it). Forward: three kernels — the attention features, the logits, the cell. Backward: five
+# kernels and 7 ATen calls — the attention map's max-normalisation backward (amax, eq, sum, div)
+# and three GEMMs into their buffers.
+CHANNEL_ATTENTION_LAUNCHES = {"forward": (3, 0), "backward": (5, 7)}
+
+
 def channel_attention_op(op: str, output_gate: bool):
     """``(<op>_forward, <op>_backward)``: :func:`channel_attention_forward` and
     :func:`channel_attention_backward` of variant (c) (``output_gate`` False) or (d) (True), with

@@ -166,6 +166,12 @@ def _convlstm_layer_bwd_kernel(
         tl.store(dh_ptr + offs, dh.to(dh_ptr.dtype.element_ty), mask=mask)
 
 
+# What one more step launches (Triton kernels, ATen calls; launch_count.py measures it): one
+# kernel per step each way (the implicit GEMM with the LSTM epilogue, and its backward); W_x·X and
+# the weight gradients are batched over all steps.
+LAUNCHES_PER_STEP = {"forward": (1, 0), "backward": (1, 0)}
+
+
 def convlstm_layer_forward(x, h0, c0, params, gate_activation: int):
     """``x [T, B, Cin, H, W]``, ``h0``, ``c0`` ``[B, C, H, W]`` -> ``(output [T, B, C, H, W],
     h_n, c_n, [cell [T, B, H, W, C], gates [T, B, H, W, 4C]])``."""

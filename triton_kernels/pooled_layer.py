@@ -89,6 +89,12 @@ def _pooled_layer_fwd_kernel(
     store_hidden_state(h, h_out_ptr, hpart_next_ptr, offs, mask, b, pid_m, offs_n, mask_n, C, NMT)
 
 
+# What one more step launches (Triton kernels, ATen calls; launch_count.py measures it): forward,
+# the step kernel alone; backward, the step kernel and d dw(H_{t−1}), one GEMM. The X side and
+# the weight gradients are batched over all steps.
+LAUNCHES_PER_STEP = {"forward": (1, 0), "backward": (1, 1)}
+
+
 def _unpack(params):
     (gate_weight_x, gate_weight_h, gate_bias, cand_dw_x, cand_pw_x, cand_dw_h, cand_pw_h,
      cand_bias) = params

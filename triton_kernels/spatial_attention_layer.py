@@ -215,6 +215,16 @@ def _spatial_features_bwd_kernel(
     tl.store(dfeat_ptr + offs, (acc * (1.0 - f * f)).to(dfeat_ptr.dtype.element_ty), mask=mask)
 
 
+# What one more step launches (Triton kernels, ATen calls; launch_count.py measures it).
+# Forward: four kernels — the attention logits, the softmax-weighted input's SepConv, the
+# candidate's H side, the cell. Backward: three kernels (the cell backward shared with (a), the
+# attended input's and the attention features' backward) and 17 ATen calls: dgp = Σ gpart ·
+# act'(z) (sum, 2 sigmoid, neg, 2 mul: 6, plus its copy into dgp[t]), d_att's sum, the softmax
+# backward's 4 (mul, sum, sub, mul, with its copy into dz[t]), and 4 GEMMs into their buffers — the
+# hot spot of the Triton backward (issue 14).
+LAUNCHES_PER_STEP = {"forward": (4, 0), "backward": (3, 17)}
+
+
 def _gate_act_grad(z: torch.Tensor, gate_activation: int) -> torch.Tensor:
     """act'(z) as _common.gate_act_grad computes it: σ(z)·σ(−z) (no 1 − σ cancellation);
     hard_sigmoid: 0 for z < −2.5 or z > 2.5, else 0.2 (the kinks and NaN included)."""

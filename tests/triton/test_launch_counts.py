@@ -1,0 +1,54 @@
+"""Launches per step of every Triton op, against the table its module declares
+(``LAUNCHES_PER_STEP``: Triton kernels and ATen calls that one more step adds, forward and
+backward), counted by convlstm_fast.triton_kernels.launch_count under the interpreter — the host
+loops are the GPU's own. A change that adds a launch to a step fails here until its table says
+so (sigmoid gates: hard_sigmoid's derivative is other ATen calls)."""
+
+import pytest
+import torch
+
+from convlstm_fast import get_cell
+from convlstm_fast.triton_kernels import OP_MODULES, launch_count
+
+
+def _inputs(variant):
+    spec = get_cell(variant)
+
+    def make(steps):
+        generator = torch.Generator().manual_seed(steps)
+        params = [torch.randn(p.shape(3, 4, 3), generator=generator) * 0.3
+                  for p in spec.parameters]
+        x = torch.randn(steps, 2, 3, 5, 6, generator=generator)
+        h0, c0 = (torch.randn(2, 4, 5, 6, generator=generator) for _ in range(2))
+        return x, h0, c0, params
+
+    return make
+
+
+VARIANTS = {get_cell(name).op: name for name in ("convlstm", "a", "b", "c", "d")}
+
+
+@pytest.mark.parametrize("op", sorted(OP_MODULES))
+def test_launches_per_step_match_the_table(op):
+    measured = launch_count.launches_per_step(op, _inputs(VARIANTS[op]))
+    declared = {mode: tuple(map(float, counts))
+                for mode, counts in OP_MODULES[op].LAUNCHES_PER_STEP.items()}
+    assert measured == declared
+
+
+def test_counter_sees_a_launch_and_an_aten_call():
+    import triton
+    import triton.language as tl
+
+    @triton.jit
+    def _copy(src, dst, N: tl.constexpr):
+        offs = tl.arange(0, N)
+        tl.store(dst + offs, tl.load(src + offs))
+
+    src, dst = torch.arange(8.0), torch.empty(8)
+    with launch_count.count_launches() as launches:
+        _copy[(1,)](src, dst, N=8)
+        torch.mm(src[None], dst[:, None], out=torch.empty(1, 1))
+        src.view(2, 4)  # a view: not a launch
+    assert torch.equal(dst, src)
+    assert launches.triton == {"_copy": 1} and launches.aten == {"mm": 1}
