@@ -11,6 +11,10 @@
 // Parameters and saved tensors: cells.h kConvLSTMLayer (saved: cell C_t [T, B, H, W, C], the
 // gate pre-activations [T, B, H, W, 4C], rounded to x's dtype; the forward uses the rounded
 // values too).
+// One more step launches one kernel of ours and 2 ATen calls each way: forward the cuDNN
+// conv of H_{t-1} and a copy, backward its convolution_backward and a copy (emulation_check.py
+// counts them; issue 14 wants the copies gone).
+// LAUNCHES_PER_STEP forward=(1, 2) backward=(1, 2)
 #include "layer_common.cuh"
 
 namespace convlstm_fast {

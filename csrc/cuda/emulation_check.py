@@ -18,7 +18,10 @@ library of its own, loads it in a process that never imports convlstm_fast._C, a
   several channel tiles) within 1e-9, and the numeric contract of ops/registration.py
   (tests/test_numerics.py holds every backend to it): every gate pre-activation at
   hard_sigmoid's kinks ±2.5 (float64, float32, bfloat16), activations of 1e-5 (float32), and NaN
-  kept in its sample with the reference's isnan mask.
+  kept in its sample with the reference's isnan mask;
+- the launches one more step adds, per op and direction — our own kernels (the emulation build
+  counts the launch helpers' calls) and the ATen calls of the driver (each at least one kernel
+  on a GPU) — against the ``LAUNCHES_PER_STEP`` line of its csrc/cuda/<op>_kernel.cu.
 What it cannot check: launch configurations, shared memory and anything cuBLAS/cuDNN-specific.
 
     python csrc/cuda/emulation_check.py [--build-dir DIR] [--no-build]
@@ -27,13 +30,17 @@ What it cannot check: launch configurations, shared memory and anything cuBLAS/c
 from __future__ import annotations
 
 import argparse
+import ctypes
 import importlib.util
 import pathlib
+import re
 import subprocess
 import sys
 import sysconfig
+from collections import Counter
 
 import torch
+from torch.utils._python_dispatch import TorchDispatchMode
 
 HERE = pathlib.Path(__file__).resolve().parent
 CSRC = HERE.parent
@@ -261,6 +268,87 @@ def check_nan(variant: str, gate_activation: str, poison: str, seed: int = 0) ->
     return ok
 
 
+class _AtenCalls(TorchDispatchMode):
+    """Counts the ATen operations issued while active, by name — inside our ops too: the mode is
+    off while it handles a call, so it runs our op's CPU kernel itself (redispatch) with the mode
+    back on; views and allocations are not launches and are not counted, ``out=`` and in-place
+    operations are."""
+
+    FREE = {"empty", "empty_like", "new_empty", "empty_strided", "detach", "lift_fresh"}
+
+    def __init__(self):
+        super().__init__()
+        self.calls = Counter()
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        if func.namespace == "convlstm_fast":
+            with self:
+                return func.redispatch(torch._C.DispatchKeySet(torch._C.DispatchKey.CPU),
+                                       *args, **kwargs)
+        view = any(r.alias_info is not None and not r.alias_info.is_write
+                   for r in func._schema.returns)
+        name = func.overloadpacket.__name__
+        if not view and name not in self.FREE:
+            self.calls[name] += 1
+        return func(*args, **kwargs)
+
+
+# The table each kernel file declares: "// LAUNCHES_PER_STEP forward=(K, A) backward=(K, A)",
+# our own kernels K and ATen calls A that one more step adds.
+_TABLE = re.compile(r"LAUNCHES_PER_STEP forward=\((\d+), (\d+)\) backward=\((\d+), (\d+)\)")
+
+
+def declared_launches(op: str) -> dict[str, tuple[int, int]]:
+    match = _TABLE.search((HERE / f"{op}_kernel.cu").read_text())
+    if match is None:
+        raise ValueError(f"csrc/cuda/{op}_kernel.cu declares no LAUNCHES_PER_STEP line")
+    k_f, a_f, k_b, a_b = map(int, match.groups())
+    return {"forward": (k_f, a_f), "backward": (k_b, a_b)}
+
+
+def measured_launches(library: pathlib.Path, variant: str) -> dict[str, tuple[float, float]]:
+    """What one more step adds to the emulated op (forward with saving, and its backward): our
+    own kernel launches and ATen calls, the op at T = 1 and T = 3, the difference halved."""
+    from convlstm_fast import get_cell
+
+    counter = ctypes.CDLL(str(library)).convlstm_fast_emulated_launches
+    counter.restype = ctypes.c_int64
+    spec = get_cell(variant)
+    ops = torch.ops.convlstm_fast
+    totals = {"forward": [], "backward": []}
+    for steps in (1, 3):
+        generator = torch.Generator().manual_seed(steps)
+        params = [torch.randn(p.shape(3, 4, 3), generator=generator) * 0.3
+                  for p in spec.parameters]
+        x = torch.randn(steps, 2, 3, 5, 6, generator=generator)
+        h0, c0 = (torch.randn(2, 4, 5, 6, generator=generator) for _ in range(2))
+        for mode in ("forward", "backward"):
+            out, h_n, c_n, saved = getattr(ops, spec.op)(x, h0, c0, params, 0)
+            grads = [torch.randn_like(t) for t in (out, h_n, c_n)]
+            before = counter()
+            with _AtenCalls() as aten:
+                if mode == "forward":
+                    getattr(ops, spec.op)(x, h0, c0, params, 0)
+                else:
+                    getattr(ops, spec.op + "_backward")(*grads, x, h0, c0, params, out, saved, 0)
+            totals[mode].append((counter() - before, sum(aten.calls.values())))
+    return {mode: tuple((b - a) / 2 for a, b in zip(*pair)) for mode, pair in totals.items()}
+
+
+def check_launches(library: pathlib.Path, variant: str) -> bool:
+    from convlstm_fast import get_cell
+
+    op = get_cell(variant).op
+    measured = measured_launches(library, variant)
+    declared = {mode: tuple(map(float, n)) for mode, n in declared_launches(op).items()}
+    if measured != declared:
+        print(f"  FAIL {variant} launches per step (own kernels, ATen calls): measured "
+              f"{measured}, csrc/cuda/{op}_kernel.cu declares {declared}")
+        return False
+    return True
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--build-dir", default="/tmp/convlstm_fast_cuda_emulation")
@@ -277,10 +365,11 @@ def main() -> int:
     float64_shapes = [(3, 2, 3, 5, 4, 6, 3), (1, 1, 3, 4, 5, 7, 1), (2, 1, 6, 3, 7, 5, 5),
                       (2, 1, 33, 40, 5, 5, 3)]
     kink_shape = (2, 2, 3, 3, 3, 4, 3)  # hidden 3: odd, see check
-    counts = {"conformance": 0, "float64": 0, "contract": 0}
+    counts = {"conformance": 0, "float64": 0, "contract": 0, "launch-count": 0}
     ok = True
     for variant in (v for v in cell_names() if "cuda" in get_cell(v).kernels):
-        variant_ok = True
+        variant_ok = check_launches(library, variant)
+        counts["launch-count"] += 1
         for case in conformance_cases(cases, variant):
             variant_ok &= check_conformance(cases, conftest, variant, case)
             counts["conformance"] += 1

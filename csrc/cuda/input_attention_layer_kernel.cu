@@ -6,6 +6,9 @@
 // Per forward step: two depthwise kernels + two GEMMs on H_{t−1} (candidate, attention
 // features), tanh, the depthwise + GEMM of SepConv_z, the per-(b, c) max over the pixels (ATen
 // amax), then the fused epilogue that forms exp(Z − max), the cell update and GAP(H_t).
+// One more step launches, forward, 4 kernels of ours and 9 ATen calls; backward 7 and 17
+// (the driver is shared with (d); emulation_check.py counts them).
+// LAUNCHES_PER_STEP forward=(4, 9) backward=(7, 17)
 #include "batched_input_layer.cuh"
 
 namespace convlstm_fast {

@@ -27,6 +27,7 @@
 #include <torch/library.h>
 
 #include <algorithm>
+#include <atomic>
 #include <string>
 #include <string_view>
 #include <tuple>
@@ -48,6 +49,18 @@
 
 namespace convlstm_fast {
 namespace cuda {
+
+#ifdef CONVLSTM_CUDA_EMULATE
+// The emulation build counts the launches of our own kernels (the two launch helpers below),
+// one counter for the whole library; emulation_check.py reads it through
+// convlstm_fast_emulated_launches() (pooled_layer_kernel.cu) to hold every driver to the
+// launches per step its kernel file declares.
+inline std::atomic<int64_t>& emulated_launches() {
+  static std::atomic<int64_t> count{0};
+  return count;
+}
+#endif
+
 namespace {
 
 using at::Tensor;
@@ -127,6 +140,7 @@ void launch_elementwise(const F& f, int64_t total, const Tensor& like) {
   if (total == 0) return;
 #ifdef CONVLSTM_CUDA_EMULATE
   if (!like.is_cuda()) {
+    ++emulated_launches();
     for (int64_t idx = 0; idx < total; ++idx) f(idx);
     return;
   }
@@ -162,6 +176,7 @@ void launch_tile_reduce(const F& f, int64_t gx, int64_t gy, int64_t gz, const Te
               "convlstm_fast: reduction grid too large (", gx, ", ", gy, ", ", gz, ")");
 #ifdef CONVLSTM_CUDA_EMULATE
   if (!like.is_cuda()) {
+    ++emulated_launches();
     for (unsigned bz = 0; bz < gz; ++bz)
       for (unsigned by = 0; by < gy; ++by)
         for (unsigned bx = 0; bx < gx; ++bx)

@@ -2,6 +2,10 @@
 // pooled-FC gates + depthwise-separable candidate (shared/SPEC.md eqs. 8-15). The host driver
 // is shared with (c)/(d): batched_input_layer.cuh; the fused step epilogue with every pooled cell:
 // pooled_cell.cuh.
+// One more step launches, forward, 2 kernels of ours and 5 ATen calls (xc[t] copied into the
+// addmm bias, 2 addmm, sum, div_: 7 launches against the 1 of the Triton step); backward 3 and
+// 3 (2 mm, sum). emulation_check.py counts them.
+// LAUNCHES_PER_STEP forward=(2, 5) backward=(3, 3)
 #include "batched_input_layer.cuh"
 
 namespace convlstm_fast {
@@ -14,3 +18,9 @@ TORCH_LIBRARY_IMPL(convlstm_fast, CONVLSTM_CUDA_DISPATCH_KEY, m) {
 
 }  // namespace cuda
 }  // namespace convlstm_fast
+
+#ifdef CONVLSTM_CUDA_EMULATE
+extern "C" int64_t convlstm_fast_emulated_launches() {
+  return convlstm_fast::cuda::emulated_launches().load();
+}
+#endif
