@@ -1,6 +1,5 @@
 """Counting what a Triton op launches: its Triton kernels, and the ATen operations its host code
-issues around them (on a GPU each is at least one kernel launch; views and allocations are not
-counted, an ``out=`` or in-place operation is).
+issues around them (convlstm_fast.ops.aten_calls: on a GPU each is at least one kernel launch).
 
 Every op module declares ``LAUNCHES_PER_STEP = {"forward": (triton, aten), "backward":
 (triton, aten)}``: what one more step of the sequence adds, read off its host loop;
@@ -17,11 +16,8 @@ from collections import Counter
 from dataclasses import dataclass, field
 
 import torch
-from torch.utils._python_dispatch import TorchDispatchMode
 
-# Not a launch: allocations and autograd bookkeeping (views are recognised by their schema).
-_FREE = {"empty", "empty_like", "new_empty", "empty_strided", "detach", "lift_fresh"}
-
+from convlstm_fast.ops.aten_calls import AtenCalls
 
 @dataclass
 class Launches:
@@ -33,20 +29,6 @@ class Launches:
 
     def totals(self) -> tuple[int, int]:
         return sum(self.triton.values()), sum(self.aten.values())
-
-
-class _AtenCounter(TorchDispatchMode):
-    def __init__(self, launches: Launches):
-        super().__init__()
-        self.launches = launches
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        view = any(r.alias_info is not None and not r.alias_info.is_write
-                   for r in func._schema.returns)
-        name = func.overloadpacket.__name__
-        if not self.launches.depth and not view and name not in _FREE:
-            self.launches.aten[name] += 1
-        return func(*args, **(kwargs or {}))
 
 
 def _kernel_classes() -> list[type]:
@@ -79,7 +61,8 @@ def count_launches():
     for cls, original in originals.items():
         cls.run = counted(original)
     try:
-        with _AtenCounter(launches):
+        with AtenCalls(paused=lambda: launches.depth > 0) as aten:
+            launches.aten = aten.calls
             yield launches
     finally:
         for cls, original in originals.items():

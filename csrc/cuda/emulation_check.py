@@ -37,10 +37,8 @@ import re
 import subprocess
 import sys
 import sysconfig
-from collections import Counter
 
 import torch
-from torch.utils._python_dispatch import TorchDispatchMode
 
 HERE = pathlib.Path(__file__).resolve().parent
 CSRC = HERE.parent
@@ -268,32 +266,6 @@ def check_nan(variant: str, gate_activation: str, poison: str, seed: int = 0) ->
     return ok
 
 
-class _AtenCalls(TorchDispatchMode):
-    """Counts the ATen operations issued while active, by name — inside our ops too: the mode is
-    off while it handles a call, so it runs our op's CPU kernel itself (redispatch) with the mode
-    back on; views and allocations are not launches and are not counted, ``out=`` and in-place
-    operations are."""
-
-    FREE = {"empty", "empty_like", "new_empty", "empty_strided", "detach", "lift_fresh"}
-
-    def __init__(self):
-        super().__init__()
-        self.calls = Counter()
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        kwargs = kwargs or {}
-        if func.namespace == "convlstm_fast":
-            with self:
-                return func.redispatch(torch._C.DispatchKeySet(torch._C.DispatchKey.CPU),
-                                       *args, **kwargs)
-        view = any(r.alias_info is not None and not r.alias_info.is_write
-                   for r in func._schema.returns)
-        name = func.overloadpacket.__name__
-        if not view and name not in self.FREE:
-            self.calls[name] += 1
-        return func(*args, **kwargs)
-
-
 # The table each kernel file declares: "// LAUNCHES_PER_STEP forward=(K, A) backward=(K, A)",
 # our own kernels K and ATen calls A that one more step adds.
 _TABLE = re.compile(r"LAUNCHES_PER_STEP forward=\((\d+), (\d+)\) backward=\((\d+), (\d+)\)")
@@ -311,6 +283,7 @@ def measured_launches(library: pathlib.Path, variant: str) -> dict[str, tuple[fl
     """What one more step adds to the emulated op (forward with saving, and its backward): our
     own kernel launches and ATen calls, the op at T = 1 and T = 3, the difference halved."""
     from convlstm_fast import get_cell
+    from convlstm_fast.ops.aten_calls import AtenCalls
 
     counter = ctypes.CDLL(str(library)).convlstm_fast_emulated_launches
     counter.restype = ctypes.c_int64
@@ -327,7 +300,7 @@ def measured_launches(library: pathlib.Path, variant: str) -> dict[str, tuple[fl
             out, h_n, c_n, saved = getattr(ops, spec.op)(x, h0, c0, params, 0)
             grads = [torch.randn_like(t) for t in (out, h_n, c_n)]
             before = counter()
-            with _AtenCalls() as aten:
+            with AtenCalls(into_own_ops=True) as aten:
                 if mode == "forward":
                     getattr(ops, spec.op)(x, h0, c0, params, 0)
                 else:
