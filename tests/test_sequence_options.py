@@ -219,6 +219,9 @@ def test_recompute_with_reverse_and_lengths(backend):
         _assert_all_close(got, want, F64_TOL, f"gradient, recompute={recompute}")
 
 
+@pytest.mark.skipif(tuple(int(v) for v in torch.__version__.split(".")[:2]) < (2, 11),
+                    reason="torch 2.6's torch.compile aborts the process (SIGABRT) on this "
+                           "graph in CI; checked on torch 2.11 and newer")
 @pytest.mark.parametrize("backend", CPU_BACKENDS)
 def test_torch_compile_fullgraph_bidirectional_with_lengths(backend):
     model = _model("c", backend, dtype=torch.float32)
