@@ -112,11 +112,13 @@ def check_recompute(recompute):
                      f"per chunk, got {recompute!r}")
 
 
-def check_lengths(lengths, batch: int, steps: int, device: torch.device) -> torch.Tensor | None:
+def check_lengths(lengths, batch: int, steps: int, device: torch.device):
     """``lengths``: ``None``, or each sample's number of valid steps, ``[B]`` integers in
-    ``[0, T]`` (a tensor on any device, or a list of ints) -> an int64 tensor on ``device``."""
+    ``[0, T]`` (a tensor on any device, or a list of ints) -> ``(an int64 tensor on device,
+    (shortest, longest))``; the bounds are read on the host once, and are ``None`` under
+    torch.compile (where reading them would break the graph) and when ``lengths`` is."""
     if lengths is None:
-        return None
+        return None, None
     if isinstance(lengths, (list, tuple)):
         if not all(isinstance(v, int) and not isinstance(v, bool) for v in lengths):
             raise TypeError(f"lengths must be a list of ints or an integer tensor, got {lengths!r}")
@@ -129,12 +131,13 @@ def check_lengths(lengths, batch: int, steps: int, device: torch.device) -> torc
     if tuple(lengths.shape) != (batch,):
         raise ValueError(f"lengths must have shape [B] = ({batch},), one length per sample, got "
                          f"{tuple(lengths.shape)}")
+    bounds = None
     if not torch.compiler.is_compiling() and batch > 0:
-        low, high = int(lengths.min()), int(lengths.max())
+        bounds = low, high = int(lengths.min()), int(lengths.max())
         if low < 0 or high > steps:
             raise ValueError(f"lengths must lie in [0, T] = [0, {steps}], got values from {low} "
                              f"to {high}")
-    return lengths.to(device=device, dtype=torch.int64)
+    return lengths.to(device=device, dtype=torch.int64), bounds
 
 
 def _drive_steps(run, times: Sequence[int], x, h, c, lengths, weights):
@@ -158,19 +161,20 @@ def _drive_steps(run, times: Sequence[int], x, h, c, lengths, weights):
     return (*outputs, h, c)
 
 
-def _walk(steps: int, reverse: bool, lengths: torch.Tensor | None) -> list[tuple[str, list[int]]]:
+def _walk(steps: int, reverse: bool, lengths: torch.Tensor | None,
+          bounds: tuple[int, int] | None) -> list[tuple[str, list[int]]]:
     """The walk over the steps as segments ``(kind, times)`` in processing order: ``"layer"``,
     a forward run of steps every sample reaches, as one call of the backend's layer;
     ``"step"``, the same walked one call per step (reverse); ``"masked"``, one call per step
     with the lengths applied; ``"skip"``, steps no sample reaches (zero output, state
-    unchanged). The bounds are the lengths' min and max, read on the host; under
-    torch.compile (where they would break the graph) every step is masked."""
+    unchanged). ``bounds`` are the lengths' min and max (:func:`check_lengths`); without them
+    (under torch.compile) every step is masked."""
     times = list(range(steps - 1, -1, -1) if reverse else range(steps))
     if lengths is None:
         return [("step" if reverse else "layer", times)]
-    if torch.compiler.is_compiling():
+    if bounds is None:
         return [("masked", times)]
-    shortest, longest = int(lengths.min()), int(lengths.max())
+    shortest, longest = bounds
     segments = [("step" if reverse else "layer", [t for t in times if t < shortest]),
                 ("masked", [t for t in times if shortest <= t < longest]),
                 ("skip", [t for t in times if t >= longest])]
@@ -245,7 +249,7 @@ def convlstm_layer(
     recompute = check_recompute(recompute)
     if not isinstance(reverse, bool):
         raise TypeError(f"reverse must be a bool, got {type(reverse).__name__}")
-    lengths = check_lengths(lengths, batch, steps, x.device)
+    lengths, bounds = check_lengths(lengths, batch, steps, x.device)
     if steps == 0 or x.numel() == 0 or h0.numel() == 0:
         output = x.new_zeros(steps, batch, hidden_channels, height, width)
         return output, (h0.clone(), c0.clone())
@@ -261,7 +265,7 @@ def convlstm_layer(
     if reverse or lengths is not None:
         pieces = {}  # first step -> the outputs of the steps from there on, [n, B, C, H, W]
         h_n, c_n = h0, c0
-        for kind, times in _walk(steps, reverse, lengths):
+        for kind, times in _walk(steps, reverse, lengths, bounds):
             if kind == "skip":
                 for t in times:
                     pieces[t] = x.new_zeros(1, batch, hidden_channels, height, width)
