@@ -940,3 +940,210 @@ def compile_cases(dtype: torch.dtype, ksize: int, block_c: int, gate_activation:
             cases.append((attention_cell_bwd_kernel, bwd_fp32,
                           dict(cell, KSIZE=ksize, HAS_REC=has_rec, CELL=is_cell), SEPCONV_LAUNCH))
     return cases
+
+
+# ---------------------------------------------------------------------------------------------
+# Traffic models (convlstm_fast.bench.roofline): what the launchers above move, per launch
+# ---------------------------------------------------------------------------------------------
+# Plain Python on the shapes and the GPU tiling (GPU_BLOCK_M × GPU_BLOCK_CS[0] programs), for
+# ``traffic(shape, itemsize)`` of every op module; records are bench.roofline's ``Recorder``.
+
+def gpu_grid(z) -> tuple[int, int, int]:
+    """(pixel tiles per sample, channel tiles, programs) of a step kernel's GPU grid."""
+    tiles = -(-z.HW // GPU_BLOCK_M)
+    channel_tiles = -(-z.C // GPU_BLOCK_CS[0])
+    return tiles, channel_tiles, tiles * channel_tiles * z.B
+
+
+def sepconv_rows_traffic(r, z, cin: int, cout: int, maps: int) -> None:
+    """:func:`sepconv_rows` over ``maps`` steps of NCHW frames: the depthwise conv (cuDNN), the
+    copy to rows, the pointwise addmm (bias epilogue)."""
+    frames = maps * z.state(cin)
+    r.aten("convolution (depthwise, sepconv_rows)", frames, frames, z.depthwise_flops(cin, maps))
+    r.aten("clone (rows)", frames, frames)
+    r.aten("addmm (pointwise, sepconv_rows)", frames + z.weight(cin * cout), maps * z.state(cout),
+           z.gemm_flops(maps * z.rows, cout, cin))
+
+
+def sepconv_rows_backward_traffic(r, z, cin: int, cout: int, maps: int, need_input=True) -> None:
+    """:func:`sepconv_rows_backward` given the rows' gradient: d pw, d(dw output), the depthwise
+    conv's backward."""
+    grad, frames = maps * z.state(cout), maps * z.state(cin)
+    r.aten("mm (d pw)", grad + frames, z.weight(cin * cout), z.gemm_flops(cout, cin, maps * z.rows))
+    r.aten("mm (d dw output)", grad + z.weight(cin * cout), frames,
+           z.gemm_flops(maps * z.rows, cin, cout))
+    depthwise_backward_traffic(r, z, cin, maps, need_input)
+
+
+def depthwise_backward_traffic(r, z, channels: int, maps: int, need_input: bool) -> None:
+    """:func:`depthwise_backward`: reads the gradient and the input, writes d input if asked."""
+    size = maps * z.state(channels)
+    r.aten("convolution_backward (depthwise)", 2 * size, size if need_input else 0,
+           z.depthwise_flops(channels, maps) * (2 if need_input else 1))
+
+
+def initial_pooled_state_traffic(r, z) -> None:
+    """:func:`initial_pooled_state`: H_0's rows, C_0 as fp32 rows, the column sums of H_0."""
+    r.aten("clone (rows h0)", z.state(), z.state())
+    r.aten("clone (rows c0)", z.state(), z.state())
+    r.aten("_to_copy (c0 fp32)", z.state(), z.state32())
+    r.aten("sum (h0 column sums)", z.state(), z.vec(z.C))
+
+
+def layer_outputs_traffic(r, z) -> None:
+    """:func:`layer_outputs`: the output to NCHW, h_n's copy, c_n from the fp32 state."""
+    r.aten("clone (output to NCHW)", z.seq(), z.seq())
+    r.aten("clone (h_n)", z.state(), z.state())
+    r.aten("_to_copy (c_n)", z.state32(), z.state())
+
+
+def output_grad_rows_traffic(r, z) -> None:
+    """:func:`output_grad_rows` and ``rows(c0)``: grad_output to rows plus grad_h_n, fp32 dC."""
+    r.aten("clone (grad_output to rows)", z.seq(), z.seq())
+    r.aten("clone (rows grad_h_n)", z.state(), z.state())
+    r.aten("add_ (grad_h_n into the last step)", 2 * z.state(), z.state())
+    r.aten("clone (rows grad_c_n)", z.state(), z.state())
+    r.aten("_to_copy (dC fp32)", z.state(), z.state32())
+    r.aten("clone (rows c0)", z.state(), z.state())
+
+
+def layer_input_grads_traffic(r, z) -> None:
+    """:func:`layer_input_grads`: grad_h0 to NCHW, grad_c0 from the fp32 dC."""
+    r.aten("clone (grad_h0)", z.state(), z.state())
+    r.aten("_to_copy (grad_c0)", z.state32(), z.state())
+
+
+def h_prev_all_traffic(r, z) -> None:
+    """``torch.cat([h0[None], output[:-1]])``: H_{t−1} of every step (for the weight gradients)."""
+    r.aten("cat (H_{t-1} of all steps)", z.seq(), z.seq())
+
+
+def pooled_layer_bwd_traffic(r, z, att_path: bool) -> None:
+    """The T + 1 launches of :func:`pooled_layer_bwd_kernel` (t = T−1 … 0, then t = −1 for dH_0):
+    see :func:`cell_bwd_traffic`; ATT_PATH (b) adds the second transposed depthwise."""
+    cell_bwd_traffic(r, z, "pooled_layer_bwd_kernel", 3, 2 if att_path else 1, channel_map=False)
+
+
+def cell_bwd_traffic(r, z, name: str, gates: int, paths: int, channel_map: bool) -> None:
+    """The T + 1 launches of a pooled cell's backward step kernel (:func:`pooled_layer_bwd_kernel`
+    or :func:`attention_cell_bwd_kernel`): dH_t from grad_output, the transposed depthwise of
+    each of the ``paths`` ddw_{t+1} and dh̄_{t+1}; with CELL the cell backward (C_t, C_{t−1}, G
+    (and M with ``channel_map``) in; dC in place; dacc (and the fp32 dM and Σ M∘dM) out, with the
+    gate partials). Each program re-reduces the gate partials and recomputes dgp·U_h for its
+    channels (``loaded``), as every program loads K² taps of each ddw (halo re-reads)."""
+    tiles, channel_tiles, programs = gpu_grid(z)
+    partials = z.B * tiles * gates * z.C * 4
+    preacts = z.vec(gates * z.C, z.s)
+    weights = z.weight(gates * z.C * z.C + paths * z.K * z.K * z.C)
+    rec_loaded = (paths * (z.K * z.K - 1) * z.state() + programs * (
+        tiles * gates * z.C * 4 + gates * z.C * GPU_BLOCK_CS[0] * z.s))
+    rec_read = paths * z.state() + partials + preacts + weights
+    rec_flops = paths * z.depthwise_flops(z.C) + programs * 2 * gates * z.C * GPU_BLOCK_CS[0]
+    maps = 1 if channel_map else 0
+    # grad_output, C_t, C_{t−1}, G (, M); dC; the gate pre-activations
+    cell_read = (4 + maps) * z.state() + z.state32() + preacts
+    cell_written = z.state32() + z.state() + partials + maps * (z.state32() + z.B * tiles * z.C * 4)
+    cell_flops = z.cell_backward_flops()
+    r.kernel(f"{name} (t = T-1)", cell_read, cell_written, cell_flops)
+    r.kernel(f"{name} (t < T-1)", cell_read + rec_read, cell_written + z.vec(gates * z.C),
+             cell_flops + rec_flops, count=z.T - 1, loaded=cell_read + rec_read + rec_loaded)
+    if z.T > 1:
+        r.kernel(f"{name} (dH_0)", rec_read, z.state() + z.vec(gates * z.C), rec_flops,
+                 loaded=rec_read + rec_loaded)
+    else:
+        r.kernel(f"{name} (dH_0)", 0, z.state())
+
+
+def attention_features_traffic(r, z, raw_cand: bool, count: int) -> None:
+    """:func:`attention_features_kernel`: one pass over H_{t−1} for both SepConvs (each of the
+    C/BLOCK_N channel tiles redoes both depthwise convs of all C channels: ``loaded``). RAW_CAND
+    (b) stores SepConv_h(H) in fp32 and reads no xc."""
+    tiles, channel_tiles, programs = gpu_grid(z)
+    weights = z.weight(2 * (z.K * z.K * z.C + z.C * z.C))
+    read = (2 if raw_cand else 3) * z.state() + weights
+    written = (z.state32() if raw_cand else z.state()) + z.state()
+    loaded = (read + (2 * channel_tiles * z.K * z.K - 1) * z.state()
+              + programs * 2 * GPU_BLOCK_CS[0] * z.C * z.s)
+    flops = 2 * (channel_tiles * z.depthwise_flops(z.C) + z.gemm_flops(z.rows, z.C, z.C))
+    r.kernel("attention_features_kernel", read, written, flops, count=count, loaded=loaded)
+
+
+def attention_logits_traffic(r, z, count: int) -> None:
+    """:func:`attention_logits_kernel`: Z = SepConv_z(A) in fp32 and the tiles' channel maxima."""
+    tiles, channel_tiles, programs = gpu_grid(z)
+    read = z.state() + z.weight(z.K * z.K * z.C + z.C * z.C)
+    loaded = (read + (channel_tiles * z.K * z.K - 1) * z.state()
+              + programs * GPU_BLOCK_CS[0] * z.C * z.s)
+    r.kernel("attention_logits_kernel", read, z.state32() + z.B * tiles * z.C * 4,
+             channel_tiles * z.depthwise_flops(z.C) + z.gemm_flops(z.rows, z.C, z.C),
+             count=count, loaded=loaded)
+
+
+def channel_attention_traffic(shape, itemsize: int) -> list:
+    """Modelled HBM bytes and FLOPs of every launch of :func:`channel_attention_forward` and
+    :func:`channel_attention_backward` (c and d move the same bytes), bench.roofline's
+    conventions. The backward recomputes A_t and Z_t with the forward's two first kernels."""
+    from convlstm_fast.bench.roofline import BACKWARD, Recorder, Sizes
+
+    z, r = Sizes(shape, itemsize), Recorder()
+    C, cin, T = z.C, z.cin, z.T
+    tiles, channel_tiles, programs = gpu_grid(z)
+    for _ in ("xc", "xa"):
+        sepconv_rows_traffic(r, z, cin, C, T)
+    r.aten("mean (GAP(X))", z.xseq(), T * z.vec(cin))
+    initial_pooled_state_traffic(r, z)
+    attention_features_traffic(r, z, raw_cand=False, count=T)
+    attention_logits_traffic(r, z, count=T)
+    hpart = z.B * tiles * C * 4
+    read = (z.state32() + hpart + z.state32() + z.state() + z.vec(2 * C) + hpart
+            + z.weight(2 * C * C))
+    written = 3 * z.state() + z.state32() + z.vec(2 * C, z.s) + hpart
+    r.kernel("attention_cell_kernel", read, written,
+             programs * 2 * 2 * GPU_BLOCK_CS[0] * C + z.cell_flops(), count=T,
+             loaded=read + programs * (2 * tiles * C * 4 + 2 * GPU_BLOCK_CS[0] * C * z.s))
+    layer_outputs_traffic(r, z)
+
+    r.phase = BACKWARD
+    for _ in ("xc", "xa"):
+        sepconv_rows_traffic(r, z, cin, C, T)
+    r.aten("mean (GAP(X))", z.xseq(), T * z.vec(cin))
+    h_prev_all_traffic(r, z)
+    r.aten("clone (rows of H_{t-1})", z.seq(), z.seq())
+    output_grad_rows_traffic(r, z)
+    cell_bwd_traffic(r, z, "attention_cell_bwd_kernel", 2, 2, channel_map=True)
+    attention_features_traffic(r, z, raw_cand=False, count=T)
+    attention_logits_traffic(r, z, count=T)
+    r.aten("amax (max_HW Z)", z.state32(), z.vec(C), count=T)
+    r.aten("eq (Z = max Z)", z.state32() + z.vec(C), z.state(itemsize=1), count=T)
+    r.aten("sum (ties)", z.state(itemsize=1), z.vec(C, 8), count=T)
+    r.aten("div (τ)", z.state(itemsize=1) + z.vec(C, 8), z.state32(), count=T)
+    r.kernel("attention_logits_bwd_kernel", z.state() + 2 * z.state32() + hpart, z.state(),
+             count=T, loaded=z.state() + 2 * z.state32() + programs * tiles * GPU_BLOCK_CS[0] * 4)
+    for what in ("ddz = dZ · pw_z", "ddw_c = dacc · pw_h", "ddw_a = dA' · pw_ha"):
+        r.aten(f"mm ({what})", z.state() + z.weight(C * C), z.state(), z.gemm_flops(z.rows, C, C),
+               count=T)
+    r.kernel("attention_features_bwd_kernel", 2 * z.state() + z.weight(z.K * z.K * C),
+             z.state(), z.depthwise_flops(C), count=T, loaded=(z.K * z.K + 1) * z.state())
+    for what in ("h", "ha"):
+        r.aten(f"convolution (depthwise dw_{what}(H_{{t-1}}))", z.seq(), z.seq(),
+               z.depthwise_flops(C, T))
+        r.aten("clone (rows)", z.seq(), z.seq())
+        r.aten(f"mm (d pw_{what})", 2 * z.seq(), z.weight(C * C), z.gemm_flops(C, C, T * z.rows))
+        depthwise_backward_traffic(r, z, C, T, need_input=False)
+    r.aten("convolution (depthwise dw_z(A))", z.seq(), z.seq(), z.depthwise_flops(C, T))
+    r.aten("clone (rows)", z.seq(), z.seq())
+    r.aten("mm (d pw_z)", 2 * z.seq(), z.weight(C * C), z.gemm_flops(C, C, T * z.rows))
+    depthwise_backward_traffic(r, z, C, T, need_input=False)
+    r.aten("mean (GAP(H_{t-1}))", z.seq(), T * z.vec(C))
+    r.aten("mean (GAP(X))", z.xseq(), T * z.vec(cin))
+    for what in ("x", "xa"):
+        r.aten(f"convolution (depthwise dw_{what}(X))", z.xseq(), z.xseq(),
+               z.depthwise_flops(cin, T))
+        r.aten("clone (rows)", z.xseq(), z.xseq())
+        sepconv_rows_backward_traffic(r, z, cin, C, T)
+    r.aten("add (dX of both SepConvs)", 2 * z.xseq(), z.xseq())
+    r.aten("add (GAP(X)'s share of dX)", z.xseq(), z.xseq())
+    r.aten("sum (d b_c)", z.seq(), C * 4)
+    r.aten("sum (d b_a)", z.seq(), C * 4)
+    layer_input_grads_traffic(r, z)
+    return r.launches

@@ -22,6 +22,9 @@ import triton.language as tl
 from ._common import (GPU_BLOCK_M, block_sizes, dot_precision, gate_act, gate_act_grad,
                       layer_input_grads, layer_outputs, nchw, output_grad_rows, program_tile, rows,
                       tanh, tanh_with_grad)
+# The traffic models of the shared host helpers (for traffic() below).
+from ._common import (gpu_grid, h_prev_all_traffic, layer_input_grads_traffic,
+                      layer_outputs_traffic, output_grad_rows_traffic)
 
 
 def launch_options(dtype: torch.dtype) -> dict:
@@ -260,3 +263,55 @@ def compile_cases(dtype: torch.dtype, ksize: int, block_c: int, gate_activation:
         (_convlstm_layer_bwd_kernel, {"dc_ptr"}, dict(blocks, HAS_REC=False, CELL=True), launch),
         (_convlstm_layer_bwd_kernel, {"dc_ptr"}, dict(blocks, HAS_REC=True, CELL=False), launch),
     ]
+
+
+def traffic(shape, itemsize: int) -> list:
+    """Modelled HBM bytes and FLOPs of every launch of :func:`convlstm_layer_forward` and
+    :func:`convlstm_layer_backward` (bench.roofline's conventions) at ``shape``, on a GPU's
+    tiling. Every program of the implicit GEMM loads its K² shifted H tiles over all C input
+    channels and the whole ``[K·K, C, 4·BLOCK_N]`` weight slice of its channels (``loaded``:
+    the weight is read from L2 once per pixel tile and sample)."""
+    from convlstm_fast.bench.roofline import BACKWARD, Recorder, Sizes
+
+    z, r = Sizes(shape, itemsize), Recorder()
+    C, cin, k2 = z.C, z.cin, z.K * z.K
+    tiles, channel_tiles, _ = gpu_grid(z)
+    weight_h = z.weight(4 * C * C * k2)
+    r.aten("convolution (W_x * X + b)", z.xseq() + z.weight(4 * C * cin * k2), z.seq(4 * C),
+           z.gemm_flops(z.T * z.rows, 4 * C, cin * k2))
+    r.aten("clone (xz to rows)", z.seq(4 * C), z.seq(4 * C))
+    r.aten("clone (W_h to [K·K, C, 4C])", weight_h, weight_h)
+    r.aten("clone (rows c0)", z.state(), z.state())
+    r.aten("_to_copy (c0 fp32)", z.state(), z.state32())
+    r.aten("clone (rows h0)", z.state(), z.state())
+    gemm = z.gemm_flops(z.rows, 4 * C, C * k2)
+    step_read = z.state() + z.state32() + z.state(4 * C) + weight_h
+    step_written = z.state(4 * C) + z.state32() + 2 * z.state()
+    step_loaded = (step_read + (channel_tiles * k2 - 1) * z.state()
+                   + (tiles * z.B - 1) * weight_h)
+    r.kernel("_convlstm_layer_fwd_kernel", step_read, step_written, gemm + z.cell_flops(),
+             count=z.T, loaded=step_loaded)
+    layer_outputs_traffic(r, z)
+
+    r.phase = BACKWARD
+    r.aten("clone (W_h to [K·K, 4C, C])", weight_h, weight_h)
+    output_grad_rows_traffic(r, z)
+    cell_read = 3 * z.state() + z.state(4 * C) + z.state32()  # grad_output, C_t, C_{t−1}, z
+    cell_written = z.state32() + z.state(4 * C)  # dC, dz
+    rec_read = z.state(4 * C) + weight_h
+    rec_loaded = (rec_read + (channel_tiles * k2 - 1) * z.state(4 * C)
+                  + (tiles * z.B - 1) * weight_h)
+    r.kernel("_convlstm_layer_bwd_kernel (t = T-1)", cell_read, cell_written,
+             z.cell_backward_flops())
+    r.kernel("_convlstm_layer_bwd_kernel (t < T-1)", cell_read + rec_read, cell_written,
+             gemm + z.cell_backward_flops(), count=z.T - 1, loaded=cell_read + rec_loaded)
+    r.kernel("_convlstm_layer_bwd_kernel (dH_0)", rec_read if z.T > 1 else 0, z.state(),
+             gemm if z.T > 1 else 0, loaded=rec_loaded if z.T > 1 else 0)
+    h_prev_all_traffic(r, z)
+    r.aten("convolution_backward (d W_h)", z.seq(4 * C) + z.seq(), weight_h,
+           z.gemm_flops(4 * C, C * k2, z.T * z.rows))
+    r.aten("convolution_backward (dX, d W_x)", z.seq(4 * C) + z.xseq(), z.xseq(),
+           2 * z.gemm_flops(z.T * z.rows, 4 * C, cin * k2))
+    r.aten("sum (d bias)", z.seq(4 * C), 4 * C * 4)
+    layer_input_grads_traffic(r, z)
+    return r.launches

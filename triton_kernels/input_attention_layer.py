@@ -13,8 +13,9 @@ are _common's channel-attention ones (launches and saved tensors described there
 
 from __future__ import annotations
 
-from ._common import CHANNEL_ATTENTION_LAUNCHES, channel_attention_op
+from ._common import CHANNEL_ATTENTION_LAUNCHES, channel_attention_op, channel_attention_traffic
 
 input_attention_layer_forward, input_attention_layer_backward = channel_attention_op(
     "input_attention_layer", output_gate=False)
 LAUNCHES_PER_STEP = CHANNEL_ATTENTION_LAUNCHES
+traffic = channel_attention_traffic  # the bytes and FLOPs of c and d are the same

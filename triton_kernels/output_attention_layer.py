@@ -8,8 +8,9 @@ the driver are _common's channel-attention ones, with ``output_gate=True``.
 
 from __future__ import annotations
 
-from ._common import CHANNEL_ATTENTION_LAUNCHES, channel_attention_op
+from ._common import CHANNEL_ATTENTION_LAUNCHES, channel_attention_op, channel_attention_traffic
 
 output_attention_layer_forward, output_attention_layer_backward = channel_attention_op(
     "output_attention_layer", output_gate=True)
 LAUNCHES_PER_STEP = CHANNEL_ATTENTION_LAUNCHES
+traffic = channel_attention_traffic  # the bytes and FLOPs of c and d are the same

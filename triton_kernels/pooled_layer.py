@@ -26,9 +26,14 @@ import triton.language as tl
 from ._common import depthwise_tile, gate_act, pooled_gate_preacts, program_tile, state_tile, tanh
 from ._common import store_cell_state, store_gate_preacts, store_hidden_state
 from ._common import pooled_layer_bwd_kernel
-from ._common import GPU_BLOCK_M, SEPCONV_LAUNCH, block_sizes, dot_precision
+from ._common import GPU_BLOCK_CS, GPU_BLOCK_M, SEPCONV_LAUNCH, block_sizes, dot_precision
 from ._common import depthwise, depthwise_backward, nchw, rows, sepconv_rows, sepconv_rows_backward
 from ._common import initial_pooled_state, layer_input_grads, layer_outputs, output_grad_rows
+# The traffic models of the shared host helpers and kernels (for traffic() below).
+from ._common import depthwise_backward_traffic, gpu_grid, h_prev_all_traffic
+from ._common import initial_pooled_state_traffic, layer_input_grads_traffic
+from ._common import layer_outputs_traffic, output_grad_rows_traffic, pooled_layer_bwd_traffic
+from ._common import sepconv_rows_backward_traffic, sepconv_rows_traffic
 
 # This kernel's own launch choices (not SEPCONV_LAUNCH's, which other kernels share): a 16-wide
 # reduction chunk, 8 warps and at most 128 registers per thread (2 programs, 16 warps per SM:
@@ -207,3 +212,49 @@ def compile_cases(dtype: torch.dtype, ksize: int, block_c: int, gate_activation:
                   KSIZE=ksize, ACT=gate_activation, DOT_PRECISION=dot)
     fwd_fp32 = {"c_ptr", "xg_ptr", "hpart_prev_ptr", "hpart_next_ptr"}
     return [(_pooled_layer_fwd_kernel, fwd_fp32, blocks, FWD_LAUNCH)]
+
+
+def traffic(shape, itemsize: int) -> list:
+    """Modelled HBM bytes and FLOPs of every launch of :func:`pooled_layer_forward` and
+    :func:`pooled_layer_backward` (bench.roofline's conventions) at ``shape``, on a GPU's tiling.
+    The step kernel reads H_{t−1}, the fp32 C_{t−1}, xc[t] and writes H_t, the fp32 C_t, the
+    saved C_t and G: each of its C/BLOCK_N channel tiles redoes the depthwise of all C channels
+    of H_{t−1} (``loaded``: K² taps per tile) and U_h·h̄ for its channels."""
+    from convlstm_fast.bench.roofline import BACKWARD, Recorder, Sizes
+
+    z, r = Sizes(shape, itemsize), Recorder()
+    C, cin, maps = z.C, z.cin, z.T * z.B
+    tiles, channel_tiles, programs = gpu_grid(z)
+    sepconv_rows_traffic(r, z, cin, C, z.T)
+    r.aten("mean (GAP(X))", z.xseq(), maps * cin * 4)
+    initial_pooled_state_traffic(r, z)
+    hpart = z.B * tiles * C * 4
+    weights = z.weight(z.K * z.K * C + C * C + 3 * C * C)
+    read = 2 * z.state() + z.state32() + z.vec(3 * C) + hpart + weights
+    written = 3 * z.state() + z.state32() + z.vec(3 * C, z.s) + hpart
+    per_program = GPU_BLOCK_CS[0] * C * z.s * 4 + tiles * C * 4  # pw_h and U_h slices, h̄ sums
+    loaded = read + (channel_tiles * z.K * z.K - 1) * z.state() + programs * per_program
+    flops = (channel_tiles * z.depthwise_flops(C) + z.gemm_flops(z.rows, C, C)
+             + programs * 2 * 3 * GPU_BLOCK_CS[0] * C + z.cell_flops())
+    r.kernel("_pooled_layer_fwd_kernel", read, written, flops, count=z.T, loaded=loaded)
+    layer_outputs_traffic(r, z)
+
+    r.phase = BACKWARD
+    output_grad_rows_traffic(r, z)
+    pooled_layer_bwd_traffic(r, z, att_path=False)
+    r.aten("mm (ddw = dacc · pw_h)", z.state() + z.weight(C * C), z.state(),
+           z.gemm_flops(z.rows, C, C), count=z.T)
+    h_prev_all_traffic(r, z)
+    r.aten("convolution (depthwise of H_{t-1})", z.seq(), z.seq(), z.depthwise_flops(C, z.T))
+    r.aten("clone (rows)", z.seq(), z.seq())
+    r.aten("mm (d pw_h)", 2 * z.seq(), z.weight(C * C), z.gemm_flops(C, C, z.T * z.rows))
+    depthwise_backward_traffic(r, z, C, z.T, need_input=False)
+    r.aten("sum (d b_c)", z.seq(), C * 4)
+    r.aten("mean (GAP(H_{t-1}))", z.seq(), maps * C * 4)
+    r.aten("mean (GAP(X))", z.xseq(), maps * cin * 4)
+    r.aten("convolution (depthwise of X)", z.xseq(), z.xseq(), z.depthwise_flops(cin, z.T))
+    r.aten("clone (rows)", z.xseq(), z.xseq())
+    sepconv_rows_backward_traffic(r, z, cin, C, z.T)
+    r.aten("add (GAP(X)'s share of dX)", z.xseq(), z.xseq())
+    layer_input_grads_traffic(r, z)
+    return r.launches

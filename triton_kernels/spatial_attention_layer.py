@@ -34,6 +34,11 @@ from ._common import attention_features_kernel, pooled_layer_bwd_kernel
 from ._common import GPU_BLOCK_M, SEPCONV_LAUNCH, block_sizes, dot_precision
 from ._common import depthwise, depthwise_backward, nchw, rows, sepconv_rows, sepconv_rows_backward
 from ._common import initial_pooled_state, layer_input_grads, layer_outputs, output_grad_rows
+# The traffic models of the shared host helpers and kernels (for traffic() below).
+from ._common import GPU_BLOCK_CS, attention_features_traffic, depthwise_backward_traffic
+from ._common import gpu_grid, h_prev_all_traffic, initial_pooled_state_traffic
+from ._common import layer_input_grads_traffic, layer_outputs_traffic, output_grad_rows_traffic
+from ._common import pooled_layer_bwd_traffic, sepconv_rows_backward_traffic, sepconv_rows_traffic
 
 
 @triton.jit
@@ -394,3 +399,101 @@ def compile_cases(dtype: torch.dtype, ksize: int, block_c: int, gate_activation:
          SEPCONV_LAUNCH),
         (_spatial_features_bwd_kernel, {"dz_ptr"}, dict(blocks, KSIZE=ksize), SEPCONV_LAUNCH),
     ]
+
+
+def traffic(shape, itemsize: int) -> list:
+    """Modelled HBM bytes and FLOPs of every launch of :func:`spatial_attention_layer_forward`
+    and :func:`spatial_attention_layer_backward` (bench.roofline's conventions) at ``shape``, on
+    a GPU's tiling. The step's input kernel reads X_t once per channel tile of the output (its
+    K² taps per tile are ``loaded``); the backward's per-step ATen calls act on [B, 3C] and
+    [B, H·W] tensors (the ``.float()`` copies are free in fp32, where the launch counts are
+    measured)."""
+    from convlstm_fast.bench.roofline import BACKWARD, Recorder, Sizes
+
+    z, r = Sizes(shape, itemsize), Recorder()
+    C, cin, T, k2 = z.C, z.cin, z.T, z.K * z.K
+    tiles, channel_tiles, programs = gpu_grid(z)
+    cin_tiles = -(-cin // GPU_BLOCK_CS[0])
+    amap, amap32 = z.B * z.HW * z.s, z.B * z.HW * 4
+    hpart, xpart, zstat = z.B * tiles * C * 4, z.B * tiles * cin * 4, z.B * tiles * 2 * 4
+    copies = 0 if itemsize == 4 else T  # .float() of a bf16/fp16 tensor is a copy
+    sepconv_rows_traffic(r, z, cin, C, T)
+    r.aten("clone (rows of X)", z.xseq(), z.xseq())
+    initial_pooled_state_traffic(r, z)
+    attention_features_traffic(r, z, raw_cand=True, count=T)
+    r.kernel("_spatial_logits_kernel", z.state() + z.weight(k2 * C), amap32 + zstat,
+             z.depthwise_flops(C), count=T, loaded=k2 * z.state())
+    read = z.xstep() + amap32 + zstat + z.state32() + z.weight(k2 * cin + C * cin + C)
+    loaded = (channel_tiles * (k2 + 1) * z.xstep() + channel_tiles * cin_tiles * k2 * amap32
+              + z.state32() + programs * (GPU_BLOCK_CS[0] * cin * z.s + tiles * 2 * 4))
+    r.kernel("_spatial_input_kernel", read, amap + z.state() + xpart,
+             channel_tiles * z.depthwise_flops(cin) + z.gemm_flops(z.rows, C, cin), count=T,
+             loaded=loaded)
+    read = z.state32() + z.state() + xpart + hpart + z.weight(3 * C * (cin + C) + 3 * C)
+    per_program = tiles * (cin + C) * 4 + 3 * GPU_BLOCK_CS[0] * (cin + C) * z.s  # sums, U_x, U_h
+    r.kernel("_spatial_cell_kernel", read, 2 * z.state() + z.state32() + z.vec(3 * C, z.s) + hpart,
+             programs * 2 * 3 * GPU_BLOCK_CS[0] * (cin + C) + z.cell_flops(), count=T,
+             loaded=read + programs * per_program)
+    layer_outputs_traffic(r, z)
+
+    r.phase = BACKWARD
+    r.aten("clone (rows of X)", z.xseq(), z.xseq())
+    sepconv_rows_traffic(r, z, cin, C, T)
+    h_prev_all_traffic(r, z)
+    r.aten("convolution (depthwise dw_ha(H_{t-1}))", z.seq(), z.seq(), z.depthwise_flops(C, T))
+    r.aten("clone (rows)", z.seq(), z.seq())
+    r.aten("mm (pw_ha · dw_ha(H_{t-1}))", z.seq() + z.weight(C * C), z.seq(),
+           z.gemm_flops(T * z.rows, C, C))
+    r.aten("add (F's pre-activation)", 2 * z.seq(), z.seq())
+    r.aten("tanh (F)", z.seq(), z.seq())
+    output_grad_rows_traffic(r, z)
+    pooled_layer_bwd_traffic(r, z, att_path=True)
+    gates = z.vec(3 * C)
+    r.aten("sum (gate partials over tiles)", z.B * tiles * 3 * C * 4, gates, count=T)
+    r.aten("_to_copy (gate_preact.float())", z.vec(3 * C, z.s), gates, count=copies)
+    for what in ("sigmoid (z)", "neg (-z)", "sigmoid (-z)", "mul (act')", "mul (dgp)",
+                 "copy_ (dgp[t])"):
+        r.aten(what, 2 * gates if what.startswith("mul") else gates, gates, count=T)
+    r.aten("_to_copy (U_x.float())", z.weight(3 * C * cin), 3 * C * cin * 4, count=copies)
+    r.aten("mm (dx̄ = dgp · U_x)", gates + 3 * C * cin * 4, z.vec(cin),
+           z.gemm_flops(z.B, cin, 3 * C), count=T)
+    r.aten("mm (ddx = dacc · pw_x)", z.state() + z.weight(C * cin), z.xstep(),
+           z.gemm_flops(z.rows, cin, C), count=T)
+    r.kernel("_spatial_input_bwd_kernel", 2 * z.xstep() + z.vec(cin),
+             z.xstep() + z.B * cin_tiles * z.HW * 4, z.depthwise_flops(cin), count=T,
+             loaded=(k2 + 1) * z.xstep() + z.vec(cin))
+    r.aten("sum (dA over channel tiles)", z.B * cin_tiles * z.HW * 4, amap32, count=T)
+    r.aten("_to_copy (att.float())", amap, amap32, count=copies)
+    for what in ("mul (A∘dA)", "sum (Σ_HW A∘dA)", "sub (dA − Σ)", "mul (dZ)", "copy_ (dz[t])"):
+        r.aten(what, 2 * amap32 if what.startswith(("mul", "sub")) else amap32,
+               z.vec(1) if what.startswith("sum") else amap32, count=T)
+    r.kernel("_spatial_features_bwd_kernel", amap32 + z.state() + z.weight(k2 * C), z.state(),
+             z.depthwise_flops(C), count=T,
+             loaded=channel_tiles * k2 * amap32 + z.state())
+    for what in ("ddw_c = dacc · pw_h", "ddw_a = dF' · pw_ha"):
+        r.aten(f"mm ({what})", z.state() + z.weight(C * C), z.state(), z.gemm_flops(z.rows, C, C),
+               count=T)
+    r.aten("mul (X̃ = A∘X)", z.xseq() + T * amap, z.xseq())
+    r.aten("convolution (depthwise dw_x(X̃))", z.xseq(), z.xseq(), z.depthwise_flops(cin, T))
+    r.aten("clone (rows)", z.xseq(), z.xseq())
+    r.aten("mm (d pw_x)", z.seq() + z.xseq(), z.weight(C * cin), z.gemm_flops(C, cin, T * z.rows))
+    depthwise_backward_traffic(r, z, cin, T, need_input=False)
+    r.aten("convolution (depthwise dw_h(H_{t-1}))", z.seq(), z.seq(), z.depthwise_flops(C, T))
+    r.aten("clone (rows)", z.seq(), z.seq())
+    r.aten("mm (d pw_h)", 2 * z.seq(), z.weight(C * C), z.gemm_flops(C, C, T * z.rows))
+    depthwise_backward_traffic(r, z, C, T, need_input=False)
+    r.aten("mm (d pw_ha)", 2 * z.seq(), z.weight(C * C), z.gemm_flops(C, C, T * z.rows))
+    depthwise_backward_traffic(r, z, C, T, need_input=False)
+    r.aten("convolution (depthwise dw_xa(X))", z.xseq(), z.xseq(), z.depthwise_flops(cin, T))
+    r.aten("clone (rows)", z.xseq(), z.xseq())
+    sepconv_rows_backward_traffic(r, z, cin, C, T)
+    r.aten("convolution_backward (d W_z)", T * amap + z.seq(), z.weight(k2 * C),
+           z.gemm_flops(1, k2 * C, T * z.rows))
+    r.aten("mean (GAP(H_{t-1}))", z.seq(), T * z.vec(C))
+    r.aten("mean (GAP(X̃))", z.xseq(), T * z.vec(cin))
+    r.aten("mul (dX̃∘A)", z.xseq() + T * amap, z.xseq())
+    r.aten("add (dX)", 2 * z.xseq(), z.xseq())
+    r.aten("sum (d b_c)", z.seq(), C * 4)
+    r.aten("sum (d b_a)", z.seq(), C * 4)
+    layer_input_grads_traffic(r, z)
+    return r.launches

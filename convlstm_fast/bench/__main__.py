@@ -2,7 +2,9 @@
 backend, saved-for-backward bytes, the full network's cost and throughput, and a size sweep.
 
 Without arguments it runs a default sized for a 2-core CPU (a few minutes). ``--table1`` prints
-only Table 1 (fast: counted on fake tensors). ``--quick`` is a seconds-long smoke run.
+only Table 1 (fast: counted on fake tensors), ``--roofline`` only the modelled HBM bytes, FLOPs
+and launches of the fused GPU ops (bench/roofline.py: no GPU needed; every full run reports them
+too). ``--quick`` is a seconds-long smoke run.
 ``--paper`` uses the paper's shapes (256 channels, 28x28; T=16 B=8 and T=8 B=16), for a GPU.
 """
 
@@ -15,9 +17,9 @@ import sys
 import torch
 
 from ..registry import IMPORT_HELP, cell_names, check_variant, import_cell_modules
-from . import cases
+from . import cases, roofline
 from .harness import device_descriptor
-from .report import full_markdown, table1_markdown, write_outputs
+from .report import full_markdown, table1_markdown, write_json, write_outputs
 from .suite import default_config, run_suite
 
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16,
@@ -60,6 +62,11 @@ def build_parser() -> argparse.ArgumentParser:
                         help="paper shapes: 256 channels, 28x28, T=16 B=8 (IsoGD) and T=8 B=16 (Jester)")
     parser.add_argument("--quick", action="store_true", help="tiny shapes, few repeats (seconds)")
     parser.add_argument("--table1", action="store_true", help="print only Table 1 and exit")
+    parser.add_argument("--roofline", action="store_true",
+                        help="print only the modelled roofline of the fused GPU ops (HBM bytes, "
+                             "FLOPs, launches per step, ratio to the floor; at the paper's layer "
+                             "in bfloat16 unless --shape/--dtype) and exit; with --out also "
+                             "<stem>-roofline.json")
     parser.add_argument("--out", help="folder for the JSON, markdown and PNG plots (the JSON is "
                                       "rewritten after every case, so a killed run keeps its cases)")
     parser.add_argument("--stem", help="file name stem of the outputs (default: "
@@ -85,6 +92,16 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     if args.table1:
         print(table1_markdown(cases.table1()))
+        return 0
+    if args.roofline:
+        shape = args.shape[0] if args.shape else cases.PAPER_SHAPES[0]
+        itemsize = torch.empty((), dtype=DTYPES[args.dtype or "bfloat16"]).element_size()
+        entry = roofline.roofline_result(shape, itemsize)
+        print(roofline.roofline_markdown(entry))
+        if args.out:
+            path = f"{args.out}/{args.stem or 'roofline'}-roofline.json"
+            write_json(entry, path)
+            print(f"wrote json: {path}")
         return 0
     if args.paper and args.quick:
         print("--paper and --quick exclude each other", file=sys.stderr)

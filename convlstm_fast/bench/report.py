@@ -10,6 +10,7 @@ import sys
 from collections import defaultdict
 
 from .cases import OPTIONS
+from .roofline import roofline_markdown
 
 FORWARD, FORWARD_BACKWARD = "forward", "forward+backward"
 
@@ -163,7 +164,8 @@ def full_markdown(result: dict) -> str:
             f"{env['threads']} torch threads), torch "
             f"{env['torch']}, triton {env['triton']}, commit {env['git_commit']}, {env['date']}")
     parts = [head, table1_markdown(result["table1"]), latency_markdown(result),
-             network_markdown(result), sweep_markdown(result)]
+             network_markdown(result), sweep_markdown(result),
+             roofline_markdown(result["roofline"]) if result.get("roofline") else ""]
     return "\n\n".join(p for p in parts if p) + "\n"
 
 

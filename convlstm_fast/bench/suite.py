@@ -15,7 +15,7 @@ from ..backends import select_backend
 from ..counting import count_parameters
 from ..info import triton_specializations
 from ..models import GestureNet
-from . import cases
+from . import cases, roofline
 from .harness import device_ceilings, environment, time_function, time_interleaved
 from .report import FORWARD, FORWARD_BACKWARD
 
@@ -290,6 +290,8 @@ def run_suite(config: BenchConfig, progress: bool = True,
         "ceilings": device_ceilings(config.device, config.dtype) if config.ceilings else None,
         "config": config.to_dict(),
         "table1": cases.table1(),
+        # Modelled, not measured: the fused GPU ops at the paper's layer in bf16 (an H200).
+        "roofline": roofline.roofline_result(cases.PAPER_SHAPES[0], 2),
         "latency": [],
         "skipped": [],
         "saved": [],

@@ -1,0 +1,401 @@
+"""Traffic models of the CUDA C++ layer ops (csrc/cuda/*_kernel.cu): the HBM bytes and FLOPs of
+every launch their host drivers issue, in convlstm_fast.bench.roofline's conventions (which this
+package cannot read from csrc/, so the models live here; each function cites the driver it
+models, and tests/test_roofline.py holds the launches one more step adds to the
+``LAUNCHES_PER_STEP`` line of the op's .cu file).
+
+The drivers' own kernels (layer_common.cuh): ``launch_elementwise`` (one thread per element: a
+depthwise tap is a load of its own, served by L1/L2, ``loaded``) and ``launch_tile_reduce``
+(kTileC = 32 channels × kRows = 8 pixel rows per block, per-split partials ``[splits, B, ·]``
+summed by the host in ATen). GEMMs are cuBLAS (``addmm`` with a 2-D "bias" copies it into the
+output first, then accumulates into it: bytes of both), K×K convolutions cuDNN.
+"""
+
+from __future__ import annotations
+
+from ..bench.roofline import BACKWARD, H200_SMS, Recorder, Sizes
+
+TILE_C, ROWS = 32, 8  # layer_common.cuh kTileC, kRows
+
+
+def _splits(z, blocks: int, pixels: int) -> int:
+    """layer_common.cuh ``reduction_splits`` on an H200 (132 SMs)."""
+    wanted = -(-2 * H200_SMS // max(blocks, 1))
+    return max(1, min(wanted, -(-pixels // ROWS), 1024))
+
+
+def _channels_last_copy(r, z, read: int, written: int, what: str, count: int = 1) -> None:
+    r.aten(f"copy_ (channels_last_copy {what})", read, written, count=count)
+
+
+def _depthwise(r, z, channels: int, maps: int, what: str, out_itemsize: int | None = None,
+               extra_read: int = 0) -> None:
+    """``depthwise_forward`` / ``depthwise_transpose`` (layer_common.cuh): an elementwise kernel
+    reading every tap (K² loads per output) and writing one map."""
+    size = maps * z.state(channels)
+    r.kernel(f"depthwise ({what})", size + extra_read,
+             maps * z.state(channels, out_itemsize), z.depthwise_flops(channels, maps),
+             loaded=z.K * z.K * size + extra_read)
+
+
+def _depthwise_weight_grad(r, z, channels: int, maps: int, what: str) -> None:
+    """``depthwise_weight_grad``: a tile reduction over the rows reading the gradient and the
+    input (each tap a load), then the host's sum of the per-split partials."""
+    size = maps * z.state(channels)
+    r.kernel(f"depthwise_weight_grad ({what})", 2 * size, 0, z.depthwise_flops(channels, maps),
+             loaded=(1 + z.K * z.K) * size)
+    r.aten("sum (depthwise_weight_grad partials)", 0, 0)
+
+
+def _pooled_cell_forward(r, z, has_map: bool) -> None:
+    """pooled_cell.cuh ``pooled_cell_forward``: the fused epilogue (cand_preact, gate_pre, the
+    fp32 C_{t−1} (and Z for c/d) in; the fp32 C_t, H_t, the saved C_t, G (and A) out), then the
+    host's sum and division of the H partials (GAP(H_t))."""
+    splits = _splits(z, z.B * -(-z.C // TILE_C), z.HW)
+    maps = 1 if has_map else 0
+    r.kernel("PooledCellForward (tile reduce)",
+             (1 + maps) * z.state() + z.state32() + z.vec(3 * z.C, z.s) + (z.vec(z.C) if has_map
+                                                                           else 0),
+             (3 + maps) * z.state() + z.state32() + splits * z.vec(z.C),
+             z.cell_flops(), count=z.T)
+    r.aten("sum (GAP(H_t) partials)", splits * z.vec(z.C), z.vec(z.C), count=z.T)
+    r.aten("div_ (GAP(H_t))", z.vec(z.C), z.vec(z.C), count=z.T)
+
+
+def _pooled_cell_backward(r, z, gates: int, has_map: bool) -> None:
+    """pooled_cell.cuh ``pooled_cell_backward``: the cell backward (dO[t], the fp32 dH carry and
+    dC, C_t, C_{t−1}, G (and A) in; dC, dacc (and dA∘A) out; gate partials), the host's sum of
+    the partials and the ``PooledGateGrad`` elementwise kernel."""
+    splits = _splits(z, z.B * -(-z.C // TILE_C), z.HW)
+    maps = 1 if has_map else 0
+    r.kernel("PooledCellBackward (tile reduce)",
+             (4 + maps) * z.state() + 2 * z.state32() + z.vec(gates * z.C, z.s),
+             z.state32() + z.state() + maps * z.state32()
+             + splits * z.vec((gates + maps) * z.C), z.cell_backward_flops(), count=z.T)
+    r.aten("sum (gate partials)", splits * z.vec(gates * z.C), z.vec(gates * z.C), count=z.T)
+    r.kernel("PooledGateGrad", 2 * z.vec(gates * z.C), z.vec(gates * z.C), count=z.T)
+    if has_map:
+        r.aten("sum (dA∘A partials)", splits * z.vec(z.C), z.vec(z.C), count=z.T)
+
+
+def _addmm_2d_bias(r, z, name: str, rows: int, n: int, k: int, count: int) -> None:
+    """``at::addmm`` with a 2-D ``[rows, n]`` bias: cuBLAS copies the bias into the output, then
+    the GEMM reads it back and writes the sum (one ATen call, two GPU kernels)."""
+    out = rows * n * z.s
+    r.aten(f"addmm ({name}; 2-D bias copied in)", out + rows * k * z.s + z.weight(n * k) + out,
+           out + out, z.gemm_flops(rows, n, k), count=count)
+
+
+def _layer_end(r, z) -> None:
+    """The forward's end: output to NCHW, h_n's clone, c_n from the fp32 state."""
+    r.aten("copy_ (channels_first_copy output)", z.seq(), z.seq())
+    r.aten("clone (h_n)", z.state(), z.state())
+    r.aten("copy_ (channels_first_copy c_n)", z.state32(), z.state())
+
+
+def _backward_start(r, z) -> None:
+    """Every pooled driver's backward start: x, grad_output, c0 and H_{t−1} of all steps to
+    channels-last, the fp32 dH and dC."""
+    _channels_last_copy(r, z, z.xseq(), z.xseq(), "x")
+    _channels_last_copy(r, z, z.seq(), z.seq(), "grad_output")
+    _channels_last_copy(r, z, z.state(), z.state(), "c0")
+    _channels_last_copy(r, z, z.state(), z.state(), "h0")
+    _channels_last_copy(r, z, z.seq() - z.state(), z.seq() - z.state(), "output[:T-1]")
+    r.aten("cat (H_{t-1} of all steps)", z.seq(), z.seq())
+    _channels_last_copy(r, z, z.state(), z.state32(), "grad_h_n fp32")
+    _channels_last_copy(r, z, z.state(), z.state32(), "grad_c_n fp32")
+
+
+def _backward_end(r, z) -> None:
+    r.aten("copy_ (channels_first_copy grad_x)", z.xseq(4), z.xseq())
+    r.aten("copy_ (channels_first_copy grad_h0)", z.state32(), z.state())
+    r.aten("copy_ (channels_first_copy grad_c0)", z.state32(), z.state())
+
+
+def _candidate_weight_grads(r, z) -> None:
+    """After the reverse loop of a, c, d (batched_input_layer.cuh): d U_x, d U_h, d b_g (small),
+    d pw_h, d dw_h, d b_c, d pw_x, d dw_x and SepConv_xᵀ(dacc) into dX (fp32)."""
+    C, cin = z.C, z.cin
+    r.aten("mean (GAP(H_{t-1}))", z.seq(), z.T * z.vec(C))
+    r.aten("mean (GAP(X))", z.xseq(), z.T * z.vec(cin))
+    _depthwise(r, z, C, z.T, "dw_h(H_{t-1}), recomputed")
+    r.aten("mm (d pw_h)", 2 * z.seq(), z.weight(C * C), z.gemm_flops(C, C, z.T * z.rows))
+    _depthwise_weight_grad(r, z, C, z.T, "d dw_h")
+    r.aten("sum (d b_c)", z.seq(), C * 4)
+    _depthwise(r, z, cin, z.T, "dw_x(X), recomputed")
+    r.aten("mm (d pw_x)", z.seq() + z.xseq(), z.weight(C * cin), z.gemm_flops(C, cin, z.T * z.rows))
+    r.aten("mm (d dw_x output)", z.seq() + z.weight(C * cin), z.xseq(),
+           z.gemm_flops(z.T * z.rows, cin, C))
+    _depthwise_weight_grad(r, z, cin, z.T, "d dw_x")
+    _depthwise(r, z, cin, z.T, "SepConv_x transposed into dX (fp32)", out_itemsize=4)
+
+
+def pooled_layer(shape, itemsize: int) -> list:
+    """Variant (a): csrc/cuda/pooled_layer_kernel.cu, whose drivers are batched_input_layer.cuh
+    ``batched_input_layer_forward`` / ``_backward`` (cell kPooledLayer)."""
+    return _batched_input_layer(shape, itemsize, has_map=False)
+
+
+def input_attention_layer(shape, itemsize: int) -> list:
+    """Variant (c): csrc/cuda/input_attention_layer_kernel.cu (batched_input_layer.cuh,
+    cell kInputAttentionLayer)."""
+    return _batched_input_layer(shape, itemsize, has_map=True)
+
+
+def output_attention_layer(shape, itemsize: int) -> list:
+    """Variant (d): csrc/cuda/output_attention_layer_kernel.cu (batched_input_layer.cuh,
+    cell kOutputAttentionLayer): the same launches as (c)."""
+    return _batched_input_layer(shape, itemsize, has_map=True)
+
+
+def _batched_input_layer(shape, itemsize: int, has_map: bool) -> list:
+    """batched_input_layer.cuh: the X side batched (channels-last copy, depthwise + addmm for xc
+    (and xa), GAP(X) and its FC), then per step the H-side depthwise(s), cuBLAS GEMMs (xc[t] as a
+    2-D addmm bias), the gate FC and the fused epilogue; c/d add F, Z = SepConv_z(F) and its max.
+    Backward: the cell backward, the GEMMs and transposed depthwise convs per step (c/d recompute
+    F and Z as the forward did), the weight gradients batched after the loop."""
+    z, r = Sizes(shape, itemsize), Recorder()
+    C, cin, T = z.C, z.cin, z.T
+    gates = 2 if has_map else 3
+    _channels_last_copy(r, z, z.xseq(), z.xseq(), "x")
+    for term in ("xc", "xa") if has_map else ("xc",):
+        _depthwise(r, z, cin, T, f"dw of X for {term}")
+        r.aten(f"addmm ({term} = pw · dw(X) + bias)", z.xseq() + z.weight(C * cin), z.seq(),
+               z.gemm_flops(T * z.rows, C, cin))
+    r.aten("mean (GAP(X))", z.xseq(), T * z.vec(cin))
+    _channels_last_copy(r, z, z.state(), z.state(), "h0")
+    _channels_last_copy(r, z, z.state(), z.state32(), "c0 fp32")
+    r.aten("mean (GAP(h0))", z.state(), z.vec(C))
+    # The step (batched_input_layer_forward's loop).
+    r.kernel("depthwise (dw_h(H_{t-1}))", z.state(), z.state(), z.depthwise_flops(C), count=T,
+             loaded=z.K * z.K * z.state())
+    _addmm_2d_bias(r, z, "cand_preact = xc[t] + dw_h(H) · pw_hᵀ", z.rows, C, C, T)
+    r.aten("addmm (gate FC: xg[t] + U_h · h̄)", z.vec(gates * C) + z.vec(C), z.vec(gates * C),
+           z.gemm_flops(z.B, gates * C, C), count=T)
+    r.aten("copy_ (gate_pre, saved)", z.vec(gates * C), z.vec(gates * C, z.s), count=T)
+    if has_map:
+        r.kernel("depthwise (dw_ha(H_{t-1}))", z.state(), z.state(), z.depthwise_flops(C),
+                 count=T, loaded=z.K * z.K * z.state())
+        _addmm_2d_bias(r, z, "F = xa[t] + dw_ha(H) · pw_haᵀ", z.rows, C, C, T)
+        r.aten("tanh_ (F)", z.state(), z.state(), count=T)
+        r.kernel("depthwise (dw_z(F))", z.state(), z.state(), z.depthwise_flops(C), count=T,
+                 loaded=z.K * z.K * z.state())
+        r.aten("mm (Z = dw_z(F) · pw_zᵀ)", z.state() + z.weight(C * C), z.state(),
+               z.gemm_flops(z.rows, C, C), count=T)
+        # amax, then .to(fp32) (a free view in fp32, where the launch counts are measured).
+        r.aten("amax (max_HW Z)", z.state(), z.vec(C), count=T)
+    _pooled_cell_forward(r, z, has_map)
+    _layer_end(r, z)
+
+    r.phase = BACKWARD
+    _backward_start(r, z)
+    if has_map:
+        _depthwise(r, z, cin, T, "dw_xa(X), recomputed")
+        r.aten("addmm (xa, recomputed)", z.xseq() + z.weight(C * cin), z.seq(),
+               z.gemm_flops(T * z.rows, C, cin))
+    _pooled_cell_backward(r, z, gates, has_map)
+    r.aten("mm (dh̄ = dgp · U_h)", z.vec(gates * C), z.vec(C), z.gemm_flops(z.B, C, gates * C),
+           count=T)
+    r.aten("mm_out (d dw_h = dacc · pw_h)", z.state() + z.weight(C * C), z.state(),
+           z.gemm_flops(z.rows, C, C), count=T)
+    r.kernel("depthwise_transpose (dH_{t-1} = dw_hᵀ(d dw_h) + dh̄/HW, fp32)",
+             z.state() + z.vec(C), z.state32(), z.depthwise_flops(C), count=T,
+             loaded=z.K * z.K * z.state() + z.vec(C))
+    if has_map:
+        # The recompute of F_t and Z_t, then dZ, dF_pre and SepConv_haᵀ into dH_{t−1}.
+        r.kernel("depthwise (dw_ha(H_{t-1}), recomputed)", z.state(), z.state(),
+                 z.depthwise_flops(C), count=T, loaded=z.K * z.K * z.state())
+        _addmm_2d_bias(r, z, "F recomputed", z.rows, C, C, T)
+        r.aten("tanh_ (F)", z.state(), z.state(), count=T)
+        r.aten("copy_ (F into features_all)", z.state(), z.state(), count=T)
+        r.kernel("depthwise (dw_z(F), recomputed)", z.state(), z.state(), z.depthwise_flops(C),
+                 count=T, loaded=z.K * z.K * z.state())
+        r.aten("mm (Z recomputed)", z.state() + z.weight(C * C), z.state(),
+               z.gemm_flops(z.rows, C, C), count=T)
+        r.aten("amax (max_HW Z)", z.state(), z.vec(C, z.s), count=T)
+        # eq, then the bool mask .to(fp32): the launch counter does not see the conversion as
+        # a call of its own, its bytes are the eq's here.
+        r.aten("eq (Z = max Z, as an fp32 mask)", z.state() + z.vec(C, z.s) + z.state(itemsize=1),
+               z.state(itemsize=1) + z.state32(), count=T)
+        r.aten("sum (ties)", z.state32(), z.vec(C), count=T)
+        r.aten("div (share)", 2 * z.vec(C), z.vec(C), count=T)
+        r.aten("mul (mask · share)", z.state32() + z.vec(C), z.state32(), count=T)
+        r.aten("sub (dA∘A − mask · share)", 2 * z.state32(), z.state32(), count=T)
+        r.aten("copy_ (dZ)", z.state32(), z.state(), count=T)
+        r.aten("mm_out (d dw_z = dZ · pw_z)", z.state() + z.weight(C * C), z.state(),
+               z.gemm_flops(z.rows, C, C), count=T)
+        r.kernel("depthwise_transpose (dF_pre = dw_zᵀ(d dw_z)∘(1 − F²))", 2 * z.state(),
+                 z.state(), z.depthwise_flops(C), count=T, loaded=(z.K * z.K + 1) * z.state())
+        r.aten("mm_out (d dw_ha = dF_pre · pw_ha)", z.state() + z.weight(C * C), z.state(),
+               z.gemm_flops(z.rows, C, C), count=T)
+        r.kernel("depthwise_transpose (dH_{t-1} += dw_haᵀ(d dw_ha), fp32)",
+                 z.state() + z.state32(), z.state32(), z.depthwise_flops(C), count=T,
+                 loaded=z.K * z.K * z.state() + z.state32())
+    _candidate_weight_grads(r, z)
+    if has_map:
+        _depthwise(r, z, C, T, "dw_z(F), recomputed")
+        _depthwise(r, z, C, T, "dw_ha(H_{t-1}), recomputed")
+        r.aten("mm (d pw_z)", 2 * z.seq(), z.weight(C * C), z.gemm_flops(C, C, T * z.rows))
+        _depthwise_weight_grad(r, z, C, T, "d dw_z")
+        _attention_features_backward(r, z)
+    _backward_end(r, z)
+    return r.launches
+
+
+def _attention_features_backward(r, z) -> None:
+    """pooled_cell.cuh ``attention_features_backward`` (b, c, d, after the loop): d pw_ha,
+    d dw_ha, d b_a, d pw_xa, SepConv_xaᵀ into dX (fp32, in place) and d dw_xa."""
+    C, cin, T = z.C, z.cin, z.T
+    r.aten("mm (d pw_ha)", 2 * z.seq(), z.weight(C * C), z.gemm_flops(C, C, T * z.rows))
+    _depthwise_weight_grad(r, z, C, T, "d dw_ha")
+    r.aten("sum (d b_a)", z.seq(), C * 4)
+    r.aten("mm (d pw_xa)", z.seq() + z.xseq(), z.weight(C * cin), z.gemm_flops(C, cin, T * z.rows))
+    r.aten("mm (d dw_xa output)", z.seq() + z.weight(C * cin), z.xseq(),
+           z.gemm_flops(T * z.rows, cin, C))
+    _depthwise_weight_grad(r, z, cin, T, "d dw_xa")
+    _depthwise(r, z, cin, T, "SepConv_xa transposed into dX (fp32, in place)", out_itemsize=4,
+               extra_read=z.xseq(4))
+
+
+def convlstm_layer(shape, itemsize: int) -> list:
+    """The original ConvLSTM: csrc/cuda/convlstm_layer_kernel.cu ``convlstm_layer`` /
+    ``convlstm_layer_backward``. cuDNN convolves H_{t−1} (channels-last) with the NCHW W_h: it
+    re-lays the weight every step (read and written once more); the result is copied to rows
+    before the fused elementwise epilogue reads it."""
+    z, r = Sizes(shape, itemsize), Recorder()
+    C, cin, T, k2 = z.C, z.cin, z.T, z.K * z.K
+    weight_h = z.weight(4 * C * C * k2)
+    r.aten("convolution (W_x * X + b)", z.xseq() + z.weight(4 * C * cin * k2), z.seq(4 * C),
+           z.gemm_flops(T * z.rows, 4 * C, cin * k2))
+    _channels_last_copy(r, z, z.seq(4 * C), z.seq(4 * C), "xz")
+    _channels_last_copy(r, z, z.state(), z.state32(), "c0 fp32")
+    conv = z.gemm_flops(z.rows, 4 * C, C * k2)
+    r.aten("convolution (W_h * H_{t-1}; W_h re-laid)", z.state() + 2 * weight_h,
+           z.state(4 * C) + weight_h, conv, count=T)
+    _channels_last_copy(r, z, z.state(4 * C), z.state(4 * C), "hz", count=T)
+    r.kernel("ConvLSTMCellForward", 2 * z.state(4 * C) + z.state32(),
+             z.state(4 * C) + z.state32() + 2 * z.state(), z.cell_flops(), count=T)
+    _layer_end(r, z)
+
+    r.phase = BACKWARD
+    _channels_last_copy(r, z, z.seq(), z.seq(), "grad_output")
+    _channels_last_copy(r, z, z.state(), z.state(), "c0")
+    _channels_last_copy(r, z, z.state(), z.state32(), "grad_h_n fp32")
+    _channels_last_copy(r, z, z.state(), z.state32(), "grad_c_n fp32")
+    r.kernel("ConvLSTMCellBackward", 3 * z.state() + 2 * z.state32() + z.state(4 * C),
+             z.state32() + z.state(4 * C), z.cell_backward_flops(), count=T)
+    r.aten("convolution_backward (dH_{t-1} = W_hᵀ ⋆ dZ_t; W_h re-laid)",
+           z.state(4 * C) + 2 * weight_h, z.state() + weight_h, conv, count=T)
+    r.aten("copy_ (dH_{t-1} to the fp32 rows)", z.state(), z.state32(), count=T)
+    r.aten("cat (H_{t-1} of all steps)", z.seq(), z.seq())
+    r.aten("convolution_backward (d W_h)", z.seq(4 * C) + z.seq(), weight_h,
+           z.gemm_flops(4 * C, C * k2, T * z.rows))
+    r.aten("convolution_backward (dX, d W_x)", z.seq(4 * C) + z.xseq(), z.xseq(),
+           2 * z.gemm_flops(T * z.rows, 4 * C, cin * k2))
+    r.aten("sum (d bias)", z.seq(4 * C), 4 * C * 4)
+    r.aten("copy_ (channels_first_copy grad_h0)", z.state32(), z.state())
+    r.aten("copy_ (channels_first_copy grad_c0)", z.state32(), z.state())
+    return r.launches
+
+
+def spatial_attention_layer(shape, itemsize: int) -> list:
+    """Variant (b): csrc/cuda/spatial_attention_layer_kernel.cu ``spatial_attention_layer`` /
+    ``spatial_attention_layer_backward``. Only xa is batched; per step F (depthwise + 2-D-bias
+    addmm + tanh), Z = W_z * F (cuDNN), the softmax, X̃ = A∘X_t materialised, both candidate
+    SepConvs, the gate FCs and the fused epilogue. Backward: the cell backward, per-step GEMMs and
+    transposed depthwise convs, the softmax and W_z backward in ATen; F and X̃ recomputed for
+    all steps before the loop."""
+    z, r = Sizes(shape, itemsize), Recorder()
+    C, cin, T, k2 = z.C, z.cin, z.T, z.K * z.K
+    amap = z.B * z.HW * z.s  # A [B, H·W]
+    amap32 = z.B * z.HW * 4
+    _channels_last_copy(r, z, z.xseq(), z.xseq(), "x")
+    _depthwise(r, z, cin, T, "dw of X for xa")
+    r.aten("addmm (xa = pw · dw(X) + bias)", z.xseq() + z.weight(C * cin), z.seq(),
+           z.gemm_flops(T * z.rows, C, cin))
+    _channels_last_copy(r, z, z.state(), z.state(), "h0")
+    _channels_last_copy(r, z, z.state(), z.state32(), "c0 fp32")
+    r.aten("mean (GAP(h0))", z.state(), z.vec(C))
+    r.kernel("depthwise (dw_ha(H_{t-1}))", z.state(), z.state(), z.depthwise_flops(C), count=T,
+             loaded=k2 * z.state())
+    _addmm_2d_bias(r, z, "F = xa[t] + dw_ha(H) · pw_haᵀ", z.rows, C, C, T)
+    r.aten("tanh_ (F)", z.state(), z.state(), count=T)
+    r.aten("conv2d (Z = W_z * F)", z.state() + z.weight(C * k2), amap,
+           z.gemm_flops(z.rows, 1, C * k2), count=T)
+    r.aten("softmax (A)", amap, amap32, count=T)
+    r.aten("copy_ (A, saved)", amap32, amap, count=T)
+    r.aten("mul (X̃ = A∘X_t)", z.xstep() + amap, z.xstep(), count=T)
+    r.kernel("depthwise (dw_x(X̃))", z.xstep(), z.xstep(), z.depthwise_flops(cin), count=T,
+             loaded=k2 * z.xstep())
+    r.aten("addmm (pw_x · dw_x(X̃) + b_c)", z.xstep() + z.weight(C * cin), z.state(),
+           z.gemm_flops(z.rows, C, cin), count=T)
+    r.kernel("depthwise (dw_h(H_{t-1}))", z.state(), z.state(), z.depthwise_flops(C), count=T,
+             loaded=k2 * z.state())
+    r.aten("addmm_ (cand_preact += dw_h(H) · pw_hᵀ)", 2 * z.state() + z.weight(C * C),
+           z.state(), z.gemm_flops(z.rows, C, C), count=T)
+    r.aten("mean (GAP(X̃))", z.xstep(), z.vec(cin), count=T)
+    r.aten("addmm (U_x · GAP(X̃) + b_g)", z.vec(cin), z.vec(3 * C),
+           z.gemm_flops(z.B, 3 * C, cin), count=T)
+    r.aten("addmm_ (+ U_h · h̄)", z.vec(3 * C) + z.vec(C), z.vec(3 * C),
+           z.gemm_flops(z.B, 3 * C, C), count=T)
+    r.aten("copy_ (gate_pre, saved)", z.vec(3 * C), z.vec(3 * C, z.s), count=T)
+    _pooled_cell_forward(r, z, has_map=False)
+    _layer_end(r, z)
+
+    r.phase = BACKWARD
+    _backward_start(r, z)
+    _depthwise(r, z, cin, T, "dw_xa(X), recomputed")
+    _depthwise(r, z, C, T, "dw_ha(H_{t-1}), recomputed")
+    r.aten("addmm (xa, recomputed)", z.xseq() + z.weight(C * cin), z.seq(),
+           z.gemm_flops(T * z.rows, C, cin))
+    _addmm_2d_bias(r, z, "F of all steps, recomputed", T * z.rows, C, C, 1)
+    r.aten("tanh_ (F)", z.seq(), z.seq())
+    r.aten("mul (X̃ of all steps, recomputed)", z.xseq() + T * amap, z.xseq())
+    _pooled_cell_backward(r, z, 3, has_map=False)
+    r.aten("mm (dh̄ = dgp · U_h)", z.vec(3 * C), z.vec(C), z.gemm_flops(z.B, C, 3 * C), count=T)
+    r.aten("mm (d GAP(X̃) = dgp · U_x)", z.vec(3 * C), z.vec(cin),
+           z.gemm_flops(z.B, cin, 3 * C), count=T)
+    r.aten("mm_out (d dw_h = dacc · pw_h)", z.state() + z.weight(C * C), z.state(),
+           z.gemm_flops(z.rows, C, C), count=T)
+    r.kernel("depthwise_transpose (dH_{t-1} = dw_hᵀ(d dw_h) + dh̄/HW, fp32)",
+             z.state() + z.vec(C), z.state32(), z.depthwise_flops(C), count=T,
+             loaded=k2 * z.state() + z.vec(C))
+    r.aten("mm_out (d dw_x = dacc · pw_x)", z.state() + z.weight(C * cin), z.xstep(),
+           z.gemm_flops(z.rows, cin, C), count=T)
+    r.kernel("depthwise_transpose (dX̃ = dw_xᵀ(d dw_x) + d GAP/HW, fp32)", z.xstep() + z.vec(cin),
+             z.xstep(4), z.depthwise_flops(cin), count=T, loaded=k2 * z.xstep() + z.vec(cin))
+    r.aten("mul (dX̃∘A)", z.xstep(4) + amap32, z.xstep(4), count=T)
+    r.aten("copy_ (into grad_x)", z.xstep(4), z.xstep(4), count=T)
+    r.aten("mul (dX̃∘X_t)", z.xstep(4) + z.xstep(), z.xstep(4), count=T)
+    r.aten("sum (dA = Σ_c dX̃∘X)", z.xstep(4), amap32, count=T)
+    r.aten("mul (A∘dA)", 2 * amap32, amap32, count=T)
+    r.aten("sum (Σ_p A∘dA)", amap32, z.vec(1), count=T)
+    r.aten("sub (dA − Σ)", amap32 + z.vec(1), amap32, count=T)
+    r.aten("mul (dZ = A∘(dA − Σ))", 2 * amap32, amap32, count=T)
+    r.aten("copy_ (dZ)", amap32, amap, count=T)
+    r.aten("convolution_backward (dF = W_zᵀ ⋆ dZ)", amap + z.weight(C * k2), z.state(),
+           z.gemm_flops(z.rows, C, k2), count=T)
+    r.aten("square (F²)", z.state(), z.state(), count=T)
+    r.aten("neg_", z.state(), z.state(), count=T)
+    r.aten("add_ (1 − F²)", z.state(), z.state(), count=T)
+    r.aten("mul (dF∘(1 − F²))", 2 * z.state(), z.state(), count=T)
+    r.aten("copy_ (dF_pre)", z.state(), z.state(), count=T)
+    r.aten("mm_out (d dw_ha = dF_pre · pw_ha)", z.state() + z.weight(C * C), z.state(),
+           z.gemm_flops(z.rows, C, C), count=T)
+    r.kernel("depthwise_transpose (dH_{t-1} += dw_haᵀ(d dw_ha), fp32)",
+             z.state() + z.state32(), z.state32(), z.depthwise_flops(C), count=T,
+             loaded=k2 * z.state() + z.state32())
+    r.aten("mean (GAP(H_{t-1}))", z.seq(), T * z.vec(C))
+    r.aten("mean (GAP(X̃))", z.xseq(), T * z.vec(cin))
+    _depthwise_weight_grad(r, z, cin, T, "d dw_x")
+    _depthwise(r, z, cin, T, "dw_x(X̃), recomputed")
+    r.aten("mm (d pw_x)", z.seq() + z.xseq(), z.weight(C * cin), z.gemm_flops(C, cin, T * z.rows))
+    _depthwise_weight_grad(r, z, C, T, "d dw_h")
+    _depthwise(r, z, C, T, "dw_h(H_{t-1}), recomputed")
+    r.aten("mm (d pw_h)", 2 * z.seq(), z.weight(C * C), z.gemm_flops(C, C, T * z.rows))
+    r.aten("sum (d b_c)", z.seq(), C * 4)
+    r.aten("convolution_backward (d W_z)", T * amap + z.seq(), z.weight(C * k2),
+           z.gemm_flops(1, C * k2, T * z.rows))
+    _attention_features_backward(r, z)
+    _backward_end(r, z)
+    return r.launches
