@@ -41,8 +41,9 @@ FORWARD, BACKWARD = "forward", "backward"
 KERNEL, ATEN = "kernel", "aten"
 
 # NVIDIA H200 SXM datasheet (nvidia.com/en-us/data-center/h200): 4.8 TB/s HBM3e, 989 TFLOP/s
-# dense BF16 tensor core (1,979 with sparsity). KERNELS.md's 95 µs for the 410 MB floor assumed
-# ~4.3 TB/s achievable; the modelled times here use the datasheet's 4.8 TB/s.
+# dense BF16 tensor core (1,979 with sparsity). KERNELS.md gives the 410 MB floor as 140 µs at
+# 3 TB/s (an H100) and issue 14 as 95 µs at ~4.3 TB/s (an H200, achievable); the modelled times
+# here use the datasheet's 4.8 TB/s.
 H200_HBM_BYTES_PER_S = 4.8e12
 H200_BF16_FLOPS_PER_S = 989e12
 H200_SMS = 132  # the CUDA reductions size their splits by the SM count (layer_common.cuh)
