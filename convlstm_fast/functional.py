@@ -198,7 +198,8 @@ def convlstm_layer(
     """Run one ConvLSTM layer over a sequence.
 
     Args:
-        x (Tensor[T, B, Cin, H, W]): the input sequence, time-first.
+        x (Tensor[T, B, Cin, H, W]): the input sequence, time-first, any strides (the time-first
+            view ``x_bf.transpose(0, 1)`` of a batch-first tensor is read in place, not copied).
         params: the cell's parameters by name (or a list in the order of its registry entry's
             ``parameters``); the hidden size C and kernel size K are read from them.
         variant: a registered cell (:func:`convlstm_fast.cell_names`): ``"convlstm"``, ``"a"``,
@@ -256,7 +257,9 @@ def convlstm_layer(
     param_list = [p.contiguous() for p in param_list]
 
     def run(x_part, h_part, c_part, *weights):
-        output, h_n, c_n = chosen.run_layer(variant, x_part.contiguous(), h_part.contiguous(),
+        # x as given (e.g. the time-first view of ConvLSTM's batch-first input): the kernels read
+        # it in place, so autograd keeps the caller's own tensor, not a copy.
+        output, h_n, c_n = chosen.run_layer(variant, x_part, h_part.contiguous(),
                                             c_part.contiguous(), list(weights), gate_activation)
         return output, h_n, c_n
 

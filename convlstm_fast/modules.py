@@ -261,11 +261,12 @@ class ConvLSTM(nn.Module):
         for index in range(self.num_layers):
             if index > 0 and self.dropout > 0:
                 sequence = F.dropout(sequence, self.dropout, self.training)
-            layer_input = sequence.contiguous()
             outputs = []
             for reverse, direction in enumerate(self._directions()):
+                # The time-first view of a batch-first input goes in as it is: no copy of x, and
+                # autograd keeps the caller's own tensor.
                 output, (h, c) = direction[index].forward_sequence(
-                    layer_input, next(layer_states), recompute=self.recompute,
+                    sequence, next(layer_states), recompute=self.recompute,
                     reverse=bool(reverse), lengths=lengths)
                 outputs.append(output)
                 h_n.append(h)

@@ -16,7 +16,8 @@ Three ways of running it:
 - against the CUDA kernels built in CPU emulation (csrc/cuda/emulation_check.py reads CASES).
 
 The GPU check's default run selects ``-m "gpu and not extended"``: both GPU backends × every
-variant in fp32 with hard_sigmoid and in bf16 with sigmoid, on shapes whose integer arguments
+variant in fp32 with hard_sigmoid and in bf16 with sigmoid (x contiguous, and x the time-first
+view of a batch-first tensor, as ConvLSTM passes it), on shapes whose integer arguments
 fall in the same Triton specialisation classes as the benchmark's paper layer (so the run
 compiles few specialisations: tests/triton/test_gpu_check_budget.py). Every other case is
 ``extended`` (``gpu_check.py full`` / ``fp16`` / ``k5`` run them).
@@ -89,7 +90,9 @@ class Case:
     extended: bool = True
     backends: tuple | None = None  # None: every backend
     variants: tuple | None = None  # None: every variant
-    noncontiguous: bool = False    # x arrives as a transposed view
+    # How x arrives: None, contiguous; "hw", a view with H and W transposed in memory;
+    # "batch_first", the time-first view of a batch-first tensor (as ConvLSTM passes it).
+    layout: str | None = None
 
 
 _DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
@@ -108,7 +111,10 @@ CASES = [
       for shape in ("k1", "k5_b1", "t1", "cin1", "w20", "w16_k5", "odd", "k1_b1", "k5_t1",
                     "two_pixel_tiles", "two_channel_tiles")),
     Case("odd-fp32-sigmoid", torch.float32, "sigmoid", "odd"),
-    Case("noncontiguous-fp32", torch.float32, "hard_sigmoid", "odd", noncontiguous=True),
+    Case("noncontiguous-fp32", torch.float32, "hard_sigmoid", "odd", layout="hw"),
+    Case("batch-first-fp32", torch.float32, "sigmoid", "odd", layout="batch_first"),
+    Case("batch-first-bf16", torch.bfloat16, "sigmoid", "small", extended=False,
+         layout="batch_first"),
     Case("winograd-fp32", torch.float32, "sigmoid", "winograd", backends=("cpu",)),
     Case("w11-f64", torch.float64, "sigmoid", "w11"),
     Case("winograd-f64", torch.float64, "sigmoid", "winograd_f64", backends=("cpu",),
@@ -211,9 +217,13 @@ def check_results(check, got: dict, reference: dict, exact: dict, dtype: torch.d
     return notes
 
 
-def _transposed_view(x: torch.Tensor) -> torch.Tensor:
-    """The same values as a non-contiguous view: [T, B, Cin, W, H] storage read as H × W."""
-    return x.transpose(3, 4).contiguous().transpose(3, 4)
+def layout_view(x: torch.Tensor, layout: str | None) -> torch.Tensor:
+    """The same values as ``x`` in ``layout`` (Case.layout): a view of storage laid out
+    [T, B, Cin, W, H] ("hw") or [B, T, Cin, H, W] ("batch_first"), or ``x`` itself."""
+    if layout is None:
+        return x
+    dims = {"hw": (3, 4), "batch_first": (0, 1)}[layout]
+    return x.transpose(*dims).contiguous().transpose(*dims)
 
 
 @pytest.mark.parametrize("backend, variant, case", list(_params()))
@@ -241,8 +251,7 @@ def test_backend_matches_reference(backend, variant, case, find_separated_proble
     args = (low(x), low(h0), low(c0), {k: low(v) for k, v in params.items()},
             case.gate_activation, [on(w) for w in weights])
     reference = _results("reference", variant, *args)
-    transform = _transposed_view if case.noncontiguous else None
-    got = _results(backend, variant, *args, transform=transform)
+    got = _results(backend, variant, *args, transform=lambda t: layout_view(t, case.layout))
     notes = check_results(assert_close_to_float64, got, reference, exact, case.dtype)
     if backend == "triton" and device == "cuda":
         from convlstm_fast.info import triton_specializations

@@ -55,7 +55,7 @@ class Backend:
 
     def run_layer(self, variant: str, x: torch.Tensor, h0: torch.Tensor, c0: torch.Tensor,
                   params: Sequence[torch.Tensor], gate_activation: str):
-        """``x [T, B, Cin, H, W]`` (contiguous), ``h0``, ``c0`` ``[B, C, H, W]``, ``params`` in
+        """``x [T, B, Cin, H, W]`` (any strides), ``h0``, ``c0`` ``[B, C, H, W]``, ``params`` in
         the order of the cell's registry entry -> ``(output [T, B, C, H, W], h_n, c_n)``."""
         raise NotImplementedError
 

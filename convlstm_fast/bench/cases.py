@@ -185,13 +185,16 @@ def forward_backward_fn(run, x, params, seed: int = 1):
 
 def saved_per_step(backend: str, variant: str, shape: CellShape, device, dtype,
                    recompute: str | int | None = None) -> float:
-    """State tensors saved for backward per step (KERNELS.md "How saved for backward is counted")."""
+    """State tensors saved for backward per step (KERNELS.md "How saved for backward is counted")
+    beyond what the caller holds. The caller's x is batch-first, as ConvLSTM's default, and the
+    layer gets its time-first view, as ConvLSTM passes it: a runner that copied x to change its
+    layout, and kept the copy, shows it here."""
     x, params = make_inputs(variant, shape, device, dtype)
-    x.requires_grad_()
+    caller_x = x.transpose(0, 1).contiguous().requires_grad_()
     params = [p.requires_grad_() for p in params]
     run = layer_runner(backend, variant, shape, recompute=recompute)
-    return saved_state_tensors(lambda: run(x, params), [x] + params, shape.state_numel,
-                               shape.steps)
+    return saved_state_tensors(lambda: run(caller_x.transpose(0, 1), params),
+                               [caller_x] + params, shape.state_numel, shape.steps)
 
 
 def layer_flops(variant: str, shape: CellShape, mode: str) -> int:

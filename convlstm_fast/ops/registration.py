@@ -9,8 +9,10 @@ op": one layer over a whole sequence):
                     Tensor c0, Tensor[] params, Tensor output, Tensor[] saved, int gate_activation)
         -> (Tensor grad_x, Tensor grad_h0, Tensor grad_c0, Tensor[] grad_params)
 
-``x`` is time-first ``[T, B, Cin, H, W]``, ``h0``/``c0`` and ``h_n``/``c_n`` ``[B, C, H, W]``,
-``output`` ``[T, B, C, H, W]``; ``params`` follow the order of the cell's registry entry;
+``x`` is time-first ``[T, B, Cin, H, W]`` with any strides — ConvLSTM passes the time-first view
+of its batch-first input, which a kernel reads in place (or one step's frame at a time), so that
+what autograd saves is the caller's own x —, ``h0``/``c0`` and ``h_n``/``c_n`` ``[B, C, H, W]``,
+``output`` ``[T, B, C, H, W]``, ``output`` and ``grad_x`` contiguous; ``params`` follow the order of the cell's registry entry;
 ``gate_activation`` is an index into ``registry.GATE_ACTIVATIONS``. ``saved`` is whatever the
 kernel keeps for its backward (shapes and dtypes declared per layout in the registry entry's
 ``saved``); the gradients that arrive for it are ignored. Native ops (``convlstm_fast::<op>``)
@@ -82,7 +84,7 @@ def _layer_fake(x, h0, c0, params, gate_activation, *, saved_spec: SavedSpec):
 
 def _backward_fake(grad_output, grad_h_n, grad_c_n, x, h0, c0, params, output, saved,
                    gate_activation):
-    return (torch.empty_like(x), torch.empty_like(h0), torch.empty_like(c0),
+    return (x.new_empty(x.shape), torch.empty_like(h0), torch.empty_like(c0),
             [torch.empty_like(p) for p in params])
 
 

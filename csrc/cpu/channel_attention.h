@@ -85,7 +85,7 @@ LayerResult channel_attention_forward(const at::Tensor& x, const at::Tensor& h0,
     sepconv_planes(logits, features, params[channel::kAttDwZ], params[channel::kAttPwZ], dw_z,
                    false);
     channel_map(map[t], logits);
-    fwd.cell_step(t, fwd.x[t], false, map[t]);
+    fwd.cell_step(t, fwd.frame(t), false, map[t]);
   }
   return fwd.result({map.all()});
 }
@@ -115,7 +115,8 @@ LayerResult channel_attention_backward(const at::Tensor& grad_output, const at::
   const at::Tensor map = saved[channel::kSavedMap].contiguous();
   AttentionFeaturesBackward att_f(params[attention::kAttDwX], params[attention::kAttPwX],
                                   params[attention::kAttDwH], params[attention::kAttPwH],
-                                  params[attention::kAttBias], back.x[0], back.h0, steps);
+                                  params[attention::kAttBias], step_frame(back.x, 0), back.h0,
+                                  steps);
   SepConvBranch sepconv_z(params[channel::kAttDwZ], params[channel::kAttPwZ], at::Tensor(),
                           back.h0, steps);
   // Step buffers, reused.

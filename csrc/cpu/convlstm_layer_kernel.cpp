@@ -285,7 +285,8 @@ LayerResult convlstm_layer_backward(const at::Tensor& grad_output, const at::Ten
     std::swap(grad_c, grad_c_prev);
     grad_bias.add_(grad_z.sum({0, 2, 3}));
     if (x_side.winograd || h_side.winograd) winograd_grad_transform(grad_z, grad_products);
-    grad_x[t].copy_(x_side.backward_step(grad_z, x[t], padding, grad_products, buffers));
+    grad_x[t].copy_(
+        x_side.backward_step(grad_z, step_frame(x, t), padding, grad_products, buffers));
     grad_h = h_side.backward_step(grad_z, t > 0 ? output[t - 1] : h0.contiguous(), padding,
                                   grad_products, buffers);
   }

@@ -118,7 +118,7 @@ LayerResult empty_layer_grads(const at::Tensor& x, const at::Tensor& grad_h_n,
                               const at::Tensor& grad_c_n, at::TensorList params) {
   std::vector<at::Tensor> grad_params;
   for (const auto& p : params) grad_params.push_back(at::zeros_like(p));
-  return {at::zeros_like(x), grad_h_n.clone(), grad_c_n.clone(), grad_params};
+  return {at::zeros(x.sizes(), x.options()), grad_h_n.clone(), grad_c_n.clone(), grad_params};
 }
 
 namespace {

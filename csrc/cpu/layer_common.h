@@ -70,6 +70,12 @@ inline std::vector<at::Tensor> contiguous_params(at::TensorList params) {
   return out;
 }
 
+// Step t's frame X_t [B, Cin, H, W] of x [T, B, Cin, H, W], contiguous. x may have any strides:
+// ConvLSTM passes the time-first view of its batch-first input, whose frames are B blocks apart,
+// so a kernel gathers one frame at a time here (a no-op for a time-first x) instead of copying the
+// whole sequence, and autograd keeps the caller's own x.
+inline at::Tensor step_frame(const at::Tensor& x, int64_t t) { return x[t].contiguous(); }
+
 // A per-step tensor a forward writes, [T, ...]: every step kept when it is saved for backward,
 // else `ring` step buffers reused in turn (step t in buffer t % ring).
 class StepBuffers {

@@ -340,11 +340,11 @@ inline void attention_features_backward(const at::Tensor& features, const at::Te
   });
 }
 
-// What the forward of every pooled cell (a, b, c, d) shares: the inputs made contiguous, the
-// output, what is saved for backward (cells::pooled::saved: cell C_t and candidate G, the gate
-// pre-activations; with `save` false, C_t in two step buffers — C_{t−1} is read while C_t is
-// written — and G in one), the step buffers of the candidate's SepConvs and of the pooled gates,
-// and the cell step itself.
+// What the forward of every pooled cell (a, b, c, d) shares: h0/c0 made contiguous and x as given
+// (read one step's frame at a time, frame()), the output, what is saved for backward
+// (cells::pooled::saved: cell C_t and candidate G, the gate pre-activations; with `save` false,
+// C_t in two step buffers — C_{t−1} is read while C_t is written — and G in one), the step
+// buffers of the candidate's SepConvs and of the pooled gates, and the cell step itself.
 template <int kMapGate>
 struct PooledForward {
   const std::vector<at::Tensor>& params;
@@ -358,7 +358,7 @@ struct PooledForward {
                 const std::vector<std::vector<int64_t>>& saved_shapes, bool save)
       : params(params_),
         activation(activation_),
-        x(x_.contiguous()),
+        x(x_),
         h0(h0_.contiguous()),
         c0(c0_.contiguous()),
         output(at::empty({x.size(0), h0.size(0), h0.size(1), h0.size(2), h0.size(3)},
@@ -366,7 +366,7 @@ struct PooledForward {
         gate_preact(at::empty(saved_shapes[pooled::kSavedGatePreact], x.options())),
         cell(saved_shapes[pooled::kSavedCell], x.options(), save, 2),
         candidate(saved_shapes[pooled::kSavedCandidate], x.options(), save, 1),
-        dw_x(at::empty_like(x[0])),
+        dw_x(at::empty(x[0].sizes(), x.options())),
         dw_h(at::empty_like(h0)),
         preact(at::empty_like(h0)),
         x_bar(at::empty({x.size(1), x.size(2)}, x.options())),
@@ -375,6 +375,7 @@ struct PooledForward {
     plane_means(h_bar, h0);
   }
 
+  at::Tensor frame(int64_t t) const { return step_frame(x, t); }
   at::Tensor h_prev(int64_t t) const { return t > 0 ? output[t - 1] : h0; }
 
   // features = SepConv_xa(X_t) + SepConv_ha(H_{t−1}) with the given weights: F before its bias
@@ -382,7 +383,7 @@ struct PooledForward {
   void sepconvs(int64_t t, const at::Tensor& features, const at::Tensor& dw_x_weight,
                 const at::Tensor& pw_x_weight, const at::Tensor& dw_h_weight,
                 const at::Tensor& pw_h_weight) const {
-    sepconv_planes(features, x[t], dw_x_weight, pw_x_weight, dw_x, false);
+    sepconv_planes(features, frame(t), dw_x_weight, pw_x_weight, dw_x, false);
     sepconv_planes(features, h_prev(t), dw_h_weight, pw_h_weight, dw_h, true);
   }
 
@@ -416,8 +417,8 @@ struct PooledForward {
   }
 };
 
-// What the backward of every pooled cell (a, b, c, d) carries through reverse time: the inputs
-// made contiguous, the saved cell, candidate and gate pre-activations, the state gradients
+// What the backward of every pooled cell (a, b, c, d) carries through reverse time: h0, c0 and
+// the output made contiguous, x as given (one frame per step), the saved cell, candidate and gate pre-activations, the state gradients
 // dL/dH and dL/dC flowing back to step t − 1 (each through two buffers: a step reads one and
 // writes the other), the candidate's two SepConv branches (whose inputs also feed the pooled
 // gates through GAP), the fused loop's step buffers, and the gradients of the pooled gates and of
@@ -442,7 +443,7 @@ struct PooledBackward {
                  const at::Tensor& c0_, const std::vector<at::Tensor>& params,
                  const at::Tensor& output_, at::TensorList saved)
       : steps(x_.size(0)),
-        x(x_.contiguous()),
+        x(x_),
         h0(h0_.contiguous()),
         c0(c0_.contiguous()),
         output(output_.contiguous()),
@@ -459,14 +460,14 @@ struct PooledBackward {
         grad_h{at::empty_like(h0).copy_(grad_h_n), at::empty_like(h0)},
         grad_c{at::empty_like(c0).copy_(grad_c_n), at::empty_like(c0)},
         cand_x(params[pooled::kCandDwX], params[pooled::kCandPwX],
-               params[pooled::kGateWeightX], x[0], steps),
+               params[pooled::kGateWeightX], step_frame(x, 0), steps),
         cand_h(params[pooled::kCandDwH], params[pooled::kCandPwH],
                params[pooled::kGateWeightH], h0, steps) {}
 
   Step step(int64_t t) const {
     const int64_t in = (steps - 1 - t) % 2, out = 1 - in;
     return {t,
-            x[t],
+            step_frame(x, t),
             t > 0 ? output[t - 1] : h0,
             t > 0 ? cell[t - 1] : c0,
             grad_gate_preact[t],

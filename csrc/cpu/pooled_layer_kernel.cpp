@@ -33,7 +33,7 @@ LayerResult pooled_layer_forward(const at::Tensor& x, const at::Tensor& h0, cons
   if (call.empty) return empty_layer_result(x, h0, c0, call.saved_shapes);
   const int64_t steps = x.size(0);
   PooledForward<kCell.map_gate()> fwd(x, h0, c0, params, gate_activation, call.saved_shapes, save);
-  for (int64_t t = 0; t < steps; ++t) fwd.cell_step(t, fwd.x[t], false, at::Tensor());
+  for (int64_t t = 0; t < steps; ++t) fwd.cell_step(t, fwd.frame(t), false, at::Tensor());
   return fwd.result({});
 }
 

@@ -145,7 +145,7 @@ LayerResult spatial_attention_layer_forward(const at::Tensor& x, const at::Tenso
                  params[attention::kAttDwH], params[attention::kAttPwH]);
     attention_features(features, params[attention::kAttBias]);
     spatial_map.compute(map[t], features, scratch, logits);
-    attend(x_attended, fwd.x_bar, map[t], fwd.x[t]);
+    attend(x_attended, fwd.x_bar, map[t], fwd.frame(t));
     fwd.cell_step(t, x_attended, true, at::Tensor());
   }
   return fwd.result({map.all()});
@@ -177,7 +177,8 @@ LayerResult spatial_attention_layer_backward(const at::Tensor& grad_output,
   const at::Tensor map = saved[spatial::kSavedMap].contiguous();
   AttentionFeaturesBackward att_f(params[attention::kAttDwX], params[attention::kAttPwX],
                                   params[attention::kAttDwH], params[attention::kAttPwH],
-                                  params[attention::kAttBias], back.x[0], back.h0, steps);
+                                  params[attention::kAttBias], step_frame(back.x, 0), back.h0,
+                                  steps);
   const SpatialMap spatial_map(params[spatial::kAttWeightZ]);
   // Step buffers, reused.
   const at::Tensor x_attended = at::empty({batch, cin, height, width}, options);

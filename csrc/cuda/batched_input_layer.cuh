@@ -34,11 +34,10 @@ LayerResult batched_input_layer_forward(const Tensor& x, const Tensor& h0, const
   const int map_gate = cell.map_gate();
   const bool has_map = map_gate != cells::kNoMapGate;
   const auto acc = acc_dtype(x);
-  const Tensor xc_ = x.contiguous();
 
   // Input side for all T·B samples: xc = SepConv_x(X) + b_c, xg = U_x·GAP(X) + b_g,
   // and for c/d xa = SepConv_xa(X) + b_a (F's X-side term).
-  const Tensor x_cl = channels_last_copy(xc_, x.scalar_type());           // [T, B, H, W, Cin]
+  const Tensor x_cl = channels_last_copy(x, x.scalar_type());              // [T, B, H, W, Cin]
   const Tensor xc = pointwise(depthwise_forward(x_cl, params[pooled::kCandDwX], T * B, H, W),
                               params[pooled::kCandPwX], params[pooled::kCandBias]);
   const Tensor gap_x = x_cl.view({T * B, HW, Cin}).mean({1}, false, acc);  // [T·B, Cin]
@@ -105,7 +104,7 @@ BackwardResult batched_input_layer_backward(
   const auto dtype = x.scalar_type();
   const int64_t rows = B * HW;  // pixel rows of one step
 
-  const Tensor x_cl = channels_last_copy(x.contiguous(), dtype);
+  const Tensor x_cl = channels_last_copy(x, dtype);
   const Tensor grad_out_cl = channels_last_copy(grad_output.contiguous(), dtype);
   const Tensor c0_cl = channels_last_copy(c0, dtype);
   // H_{t−1} of every step, [T, B, H, W, C]

@@ -96,13 +96,15 @@ LayerResult convlstm_layer(const Tensor& x, const Tensor& h0, const Tensor& c0,
   const LayerCall call = check_forward(kCell, convlstm::kWeightH, x, h0, c0, params, activation);
   if (call.empty) return empty_layer_result(x, h0, c0, call.saved_shapes);
   LayerDeviceGuard guard(x.device());
-  const int64_t T = x.size(0), B = x.size(1), Cin = x.size(2), H = x.size(3), W = x.size(4);
+  const int64_t T = x.size(0), B = x.size(1), H = x.size(3), W = x.size(4);
   const int64_t C = h0.size(1), HW = H * W;
   const auto dtype = x.scalar_type();
-  // Input side for all steps: xz = W_x * X + b, channels-last rows [T·B·H·W, 4C].
+  // Input side for all steps: xz = W_x * X + b, channels-last rows [T·B·H·W, 4C], convolved on
+  // x's frames in place (a batch-first input's B·T order is put right by the channels-last copy).
+  const SequenceFrames frames(x);
   const Tensor xz = channels_last_copy(
-      same_conv(x.contiguous().view({T * B, Cin, H, W}), params[convlstm::kWeightX],
-                params[convlstm::kBias]),
+      frames.as_sequence(
+          same_conv(frames.frames, params[convlstm::kWeightX], params[convlstm::kBias])),
       dtype);
   Tensor output_cl = at::empty({T, B, H, W, C}, x.options());
   const SavedSteps saved(call.saved_shapes, x.options(), save);

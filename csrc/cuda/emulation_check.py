@@ -144,7 +144,7 @@ def check_conformance(cases, conftest, variant: str, case) -> bool:
     low = lambda t: t.to(case.dtype)  # noqa: E731
     args = (low(x), low(h0), low(c0), {k: low(v) for k, v in params.items()})
     reference = cases._results("reference", variant, *args, case.gate_activation, weights)
-    x_in = cases._transposed_view(args[0]) if case.noncontiguous else args[0]
+    x_in = cases.layout_view(args[0], case.layout)
     got, saved, inference = run_ops(variant, x_in, *args[1:], case.gate_activation, weights)
     ok = check_twin_and_saved(label, variant, got, saved, inference, args[0], args[1], args[3])
     try:

@@ -331,13 +331,14 @@ inline BackwardResult empty_backward_result(const Tensor& x, const Tensor& grad_
                                             const Tensor& grad_c_n, at::TensorList params) {
   std::vector<Tensor> grads;
   for (const Tensor& p : params) grads.push_back(at::zeros_like(p));
-  return {at::zeros_like(x), grad_h_n.clone(), grad_c_n.clone(), grads};
+  return {at::zeros(x.sizes(), x.options()), grad_h_n.clone(), grad_c_n.clone(), grads};
 }
 
 // ---------------------------------------------------------------------------------------------
 // Layout helpers.
 
-// [.., C, H, W] (contiguous NCHW) -> a new contiguous channels-last [.., H, W, C] tensor of dtype.
+// [.., C, H, W] (NCHW, any strides: x may be the time-first view of a batch-first tensor) -> a
+// new contiguous channels-last [.., H, W, C] tensor of dtype, in one copy.
 inline Tensor channels_last_copy(const Tensor& t, at::ScalarType dtype) {
   std::vector<int64_t> perm;
   const int64_t d = t.dim();
@@ -364,6 +365,33 @@ inline Tensor channels_first_copy(const Tensor& t, at::ScalarType dtype) {
   out.copy_(t.permute(perm));
   return out;
 }
+
+// x [T, B, Cin, H, W] as one batch of frames [N, Cin, H, W] for a batched convolution, read in
+// place: a time-first x as its T·B frames, the time-first view of a batch-first tensor (what
+// ConvLSTM passes) as its B·T frames; any other strides are copied once. as_sequence() sees a
+// per-frame result [N, C', H, W] as [T, B, C', H, W] again (a view), for channels_last_copy.
+struct SequenceFrames {
+  Tensor frames;
+  int64_t steps, batch;
+  bool batch_major;
+
+  explicit SequenceFrames(const Tensor& x)
+      : steps(x.size(0)), batch(x.size(1)), batch_major(!x.is_contiguous() &&
+                                                        x.transpose(0, 1).is_contiguous()) {
+    const auto frame = x.sizes().slice(2);
+    std::vector<int64_t> shape{steps * batch};
+    shape.insert(shape.end(), frame.begin(), frame.end());
+    frames = batch_major ? x.transpose(0, 1).view(shape) : x.contiguous().view(shape);
+  }
+
+  Tensor as_sequence(const Tensor& per_frame) const {
+    std::vector<int64_t> shape{batch_major ? batch : steps, batch_major ? steps : batch};
+    const auto frame = per_frame.sizes().slice(1);
+    shape.insert(shape.end(), frame.begin(), frame.end());
+    const Tensor sequence = per_frame.view(shape);
+    return batch_major ? sequence.transpose(0, 1) : sequence;
+  }
+};
 
 // A channels-last [N, H, W, C] buffer seen as an NCHW tensor (channels_last strides), for ATen
 // convolutions.

@@ -29,7 +29,7 @@ LayerResult spatial_attention_layer(const Tensor& x, const Tensor& h0, const Ten
   const int64_t C = h0.size(1), HW = H * W, rows = B * HW;
   const auto dtype = x.scalar_type();
   const auto acc = acc_dtype(x);
-  const Tensor x_cl = channels_last_copy(x.contiguous(), dtype);  // [T, B, H, W, Cin]
+  const Tensor x_cl = channels_last_copy(x, dtype);  // [T, B, H, W, Cin]
   // The only input-side term that does not depend on H: xa = SepConv_xa(X) + b_a (F's X-side
   // term) for all steps.
   const Tensor xa = pointwise(depthwise_forward(x_cl, params[attention::kAttDwX], T * B, H, W),
@@ -88,7 +88,7 @@ BackwardResult spatial_attention_layer_backward(
   const int64_t C = h0.size(1), HW = H * W, rows = B * HW;
   const auto dtype = x.scalar_type();
   const auto acc = acc_dtype(x);
-  const Tensor x_cl = channels_last_copy(x.contiguous(), dtype);
+  const Tensor x_cl = channels_last_copy(x, dtype);
   const Tensor grad_out_cl = channels_last_copy(grad_output.contiguous(), dtype);
   const Tensor c0_cl = channels_last_copy(c0, dtype);
   const Tensor h_prev_all = at::cat({channels_last_copy(h0, dtype).unsqueeze(0),
