@@ -646,11 +646,44 @@ def depthwise_backward(grad: torch.Tensor, x: torch.Tensor, weight: torch.Tensor
     return grad_input, grad_weight
 
 
+class SequenceFrames:
+    """The frames of ``x [T, B, Cin, H, W]`` as one batch ``frames [N, Cin, H, W]`` for the X-side
+    convolutions, read in place: a time-first x in its T·B order, the time-first view of a
+    batch-first tensor (what ConvLSTM passes) in its own B·T order; other strides are copied
+    once. :meth:`rows` and :meth:`means` give per-frame results back in time-first order, the
+    reordering folded into the channels-last copy that :func:`rows` makes anyway."""
+
+    def __init__(self, x: torch.Tensor):
+        self.x = x
+        self.steps, self.batch = x.shape[:2]
+        self.batch_major = not x.is_contiguous() and x.transpose(0, 1).is_contiguous()
+        source = x.transpose(0, 1) if self.batch_major else x
+        self.frames = source.reshape(-1, *x.shape[2:])
+
+    def _in_time_order(self, per_frame: torch.Tensor) -> torch.Tensor:
+        lead = (self.batch, self.steps) if self.batch_major else (self.steps, self.batch)
+        sequence = per_frame.view(*lead, *per_frame.shape[1:])
+        return sequence.transpose(0, 1) if self.batch_major else sequence
+
+    def rows(self, per_frame: torch.Tensor) -> torch.Tensor:
+        """A per-frame result ``[N, C, H, W]`` as channels-last rows ``[T·B·H·W, C]``, time-first."""
+        sequence = self._in_time_order(per_frame)
+        return sequence.permute(0, 1, 3, 4, 2).reshape(-1, per_frame.shape[1]).contiguous()
+
+    def means(self) -> torch.Tensor:
+        """Every frame's mean over the map, fp32, ``[T·B, Cin]`` time-first (x̄ of every step),
+        reduced from x in its own order into a time-first buffer."""
+        out = self.x.new_empty(self.x.shape[:3], dtype=torch.float32)
+        torch.mean(self.x, (-2, -1), dtype=torch.float32, out=out)
+        return out.view(self.steps * self.batch, -1)
+
+
 def sepconv_rows(x: torch.Tensor, dw: torch.Tensor, pw: torch.Tensor,
-                 bias: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
-    """SepConv of ``x [N, Cin, H, W]`` for all N at once, as rows: returns
-    ``(depthwise rows [N·H·W, Cin], dw(x)·pwᵀ + bias [N·H·W, C])``."""
-    d = rows(depthwise(x, dw))
+                 bias: torch.Tensor | None, to_rows=rows) -> tuple[torch.Tensor, torch.Tensor]:
+    """SepConv of ``x [N, Cin, H, W]`` for all N at once, as rows (``to_rows``, e.g.
+    :meth:`SequenceFrames.rows`): returns ``(depthwise rows [N·H·W, Cin], dw(x)·pwᵀ + bias
+    [N·H·W, C])``."""
+    d = to_rows(depthwise(x, dw))
     out = torch.addmm(bias, d, pw.t()) if bias is not None else d @ pw.t()
     return d, out
 
@@ -729,12 +762,12 @@ def layer_input_grads(grad_frames: torch.Tensor, grad_h0_rows: torch.Tensor, dc:
 # are batched after the loop.
 # Saved per step (as the native op): C_t, G, M (3 state tensors) and the gate pre-activations.
 
-def _attention_x_side(frames, p, steps, batch, pixels, hidden):
+def _attention_x_side(seq: SequenceFrames, p, steps, batch, pixels, hidden):
     """xc = SepConv_x(X) + b_c, xa = SepConv_xa(X) + b_a (rows), xg = U_x x̄ + b_g (fp32)."""
     gwx, _, gb, cdwx, cpwx, _, _, cb, adwx, apwx, _, _, ab, _, _ = p
-    _, xc = sepconv_rows(frames, cdwx, cpwx, cb)
-    _, xa = sepconv_rows(frames, adwx, apwx, ab)
-    xg = F.linear(frames.mean((-2, -1), dtype=torch.float32), gwx.float(), gb.float())
+    _, xc = sepconv_rows(seq.frames, cdwx, cpwx, cb, seq.rows)
+    _, xa = sepconv_rows(seq.frames, adwx, apwx, ab, seq.rows)
+    xg = F.linear(seq.means(), gwx.float(), gb.float())
     shape = (steps, batch * pixels, hidden)
     return xc.view(shape), xa.view(shape), xg.view(steps, batch, 2 * hidden)
 
@@ -763,8 +796,7 @@ def channel_attention_forward(x, h0, c0, params, gate_activation: int, output_ga
     gwh = p[1]
     steps, batch, cin, height, width = x.shape
     hidden, pixels = h0.shape[1], height * width
-    frames = x.reshape(steps * batch, cin, height, width)
-    xc, xa, xg = _attention_x_side(frames, p, steps, batch, pixels, hidden)
+    xc, xa, xg = _attention_x_side(SequenceFrames(x), p, steps, batch, pixels, hidden)
 
     block_m, block_c = block_sizes(x.device, pixels, hidden)
     tiles = triton.cdiv(pixels, block_m)
@@ -807,7 +839,8 @@ def channel_attention_backward(grad_output, grad_h_n, grad_c_n, x, h0, c0, param
     maps = steps * batch
 
     # A_t and Z_t are not saved: each step of the loop recomputes them with the forward's kernels.
-    xc, xa, _ = _attention_x_side(frames, p, steps, batch, pixels, hidden)
+    xc, xa, _ = _attention_x_side(SequenceFrames(frames.view(x.shape)), p, steps, batch, pixels,
+                                  hidden)
     h_prev = torch.cat([h0[None], output[:-1]]).reshape(maps, hidden, height, width)
     h_prev_rows = rows(h_prev).view(state)
 

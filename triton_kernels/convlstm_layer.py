@@ -19,9 +19,9 @@ import torch.nn.functional as F
 import triton
 import triton.language as tl
 
-from ._common import (GPU_BLOCK_M, block_sizes, dot_precision, gate_act, gate_act_grad,
-                      layer_input_grads, layer_outputs, nchw, output_grad_rows, program_tile, rows,
-                      tanh, tanh_with_grad)
+from ._common import (GPU_BLOCK_M, SequenceFrames, block_sizes, dot_precision, gate_act,
+                      gate_act_grad, layer_input_grads, layer_outputs, nchw, output_grad_rows,
+                      program_tile, rows, tanh, tanh_with_grad)
 # The traffic models of the shared host helpers (for traffic() below).
 from ._common import (gpu_grid, h_prev_all_traffic, layer_input_grads_traffic,
                       layer_outputs_traffic, output_grad_rows_traffic)
@@ -181,9 +181,9 @@ def convlstm_layer_forward(x, h0, c0, params, gate_activation: int):
     weight_x, weight_h, bias = params
     steps, batch, cin, height, width = x.shape
     hidden, pixels, ksize = h0.shape[1], height * width, weight_h.shape[-1]
-    frames = x.reshape(steps * batch, cin, height, width)
+    seq = SequenceFrames(x)
     # W_x * X + b for all steps at once (KERNELS.md "Before the recurrence").
-    xz = rows(F.conv2d(frames, weight_x, bias, padding=ksize // 2))
+    xz = seq.rows(F.conv2d(seq.frames, weight_x, bias, padding=ksize // 2))
     xz = xz.view(steps, batch * pixels, 4 * hidden)
     w = weight_h.permute(2, 3, 1, 0).reshape(ksize * ksize, hidden, 4 * hidden).contiguous()
 

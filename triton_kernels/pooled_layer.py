@@ -27,7 +27,8 @@ from ._common import depthwise_tile, gate_act, pooled_gate_preacts, program_tile
 from ._common import store_cell_state, store_gate_preacts, store_hidden_state
 from ._common import pooled_layer_bwd_kernel
 from ._common import GPU_BLOCK_CS, GPU_BLOCK_M, SEPCONV_LAUNCH, block_sizes, dot_precision
-from ._common import depthwise, depthwise_backward, nchw, rows, sepconv_rows, sepconv_rows_backward
+from ._common import SequenceFrames, depthwise, depthwise_backward, nchw, rows
+from ._common import sepconv_rows, sepconv_rows_backward
 from ._common import initial_pooled_state, layer_input_grads, layer_outputs, output_grad_rows
 # The traffic models of the shared host helpers and kernels (for traffic() below).
 from ._common import depthwise_backward_traffic, gpu_grid, h_prev_all_traffic
@@ -114,10 +115,10 @@ def pooled_layer_forward(x, h0, c0, params, gate_activation: int):
     steps, batch, cin, height, width = x.shape
     hidden, pixels = h0.shape[1], height * width
     ksize = dwh.shape[-1]
-    frames = x.reshape(steps * batch, cin, height, width)
+    seq = SequenceFrames(x)
     # Everything that depends only on X, for all steps at once (KERNELS.md "Before the recurrence").
-    _, xc = sepconv_rows(frames, dwx, pwx, cb)
-    xg = F.linear(frames.mean((-2, -1), dtype=torch.float32), gwx.float(), gb.float())
+    _, xc = sepconv_rows(seq.frames, dwx, pwx, cb, seq.rows)
+    xg = F.linear(seq.means(), gwx.float(), gb.float())
     xc = xc.view(steps, batch * pixels, hidden)
     xg = xg.view(steps, batch, 3 * hidden)
 

@@ -32,7 +32,8 @@ from ._common import program_tile, state_tile, store_cell_state, store_gate_prea
 from ._common import store_hidden_state, tanh
 from ._common import attention_features_kernel, pooled_layer_bwd_kernel
 from ._common import GPU_BLOCK_M, SEPCONV_LAUNCH, block_sizes, dot_precision
-from ._common import depthwise, depthwise_backward, nchw, rows, sepconv_rows, sepconv_rows_backward
+from ._common import SequenceFrames, depthwise, depthwise_backward, nchw, rows
+from ._common import sepconv_rows, sepconv_rows_backward
 from ._common import initial_pooled_state, layer_input_grads, layer_outputs, output_grad_rows
 # The traffic models of the shared host helpers and kernels (for traffic() below).
 from ._common import GPU_BLOCK_CS, attention_features_traffic, depthwise_backward_traffic
@@ -246,10 +247,10 @@ def spatial_attention_layer_forward(x, h0, c0, params, gate_activation: int):
     gwx, gwh, gb, cdwx, cpwx, cdwh, cpwh, cb, adwx, apwx, adwh, apwh, ab, wz = p
     steps, batch, cin, height, width = x.shape
     hidden, pixels, ksize = h0.shape[1], height * width, cdwh.shape[-1]
-    frames = x.reshape(steps * batch, cin, height, width)
-    _, xa = sepconv_rows(frames, adwx, apwx, ab)  # the only X-side term free of A
+    seq = SequenceFrames(x)
+    _, xa = sepconv_rows(seq.frames, adwx, apwx, ab, seq.rows)  # the only X-side term free of A
     xa = xa.view(steps, batch * pixels, hidden)
-    x_rows = rows(frames).view(steps, batch * pixels, cin)
+    x_rows = seq.rows(seq.frames).view(steps, batch * pixels, cin)
 
     block_m, block_c = block_sizes(x.device, pixels, hidden)
     tiles = triton.cdiv(pixels, block_m)
