@@ -115,7 +115,7 @@ LayerResult channel_attention_backward(const at::Tensor& grad_output, const at::
   const at::Tensor map = saved[channel::kSavedMap].contiguous();
   AttentionFeaturesBackward att_f(params[attention::kAttDwX], params[attention::kAttPwX],
                                   params[attention::kAttDwH], params[attention::kAttPwH],
-                                  params[attention::kAttBias], step_frame(back.x, 0), back.h0,
+                                  params[attention::kAttBias], back.frames(0), back.h0,
                                   steps);
   SepConvBranch sepconv_z(params[channel::kAttDwZ], params[channel::kAttPwZ], at::Tensor(),
                           back.h0, steps);

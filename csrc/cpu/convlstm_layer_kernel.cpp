@@ -242,6 +242,7 @@ LayerResult convlstm_layer_backward(const at::Tensor& grad_output, const at::Ten
   const at::Tensor grad_output_c = grad_output.contiguous();
   const at::Tensor grad_bias = at::zeros({4 * channels}, options);
   const at::Tensor grad_x = at::empty(x.sizes(), options);
+  const StepFrames frames(x);
   // dL/dH flowing back to step t − 1: grad_h_n, then the H part of the conv's input gradient.
   at::Tensor grad_h = grad_h_n.contiguous();  // read with its batch stride (below)
   // dC_t flows back through two buffers: this step reads one and writes dC_{t−1} to the other.
@@ -286,7 +287,7 @@ LayerResult convlstm_layer_backward(const at::Tensor& grad_output, const at::Ten
     grad_bias.add_(grad_z.sum({0, 2, 3}));
     if (x_side.winograd || h_side.winograd) winograd_grad_transform(grad_z, grad_products);
     grad_x[t].copy_(
-        x_side.backward_step(grad_z, step_frame(x, t), padding, grad_products, buffers));
+        x_side.backward_step(grad_z, frames(t), padding, grad_products, buffers));
     grad_h = h_side.backward_step(grad_z, t > 0 ? output[t - 1] : h0.contiguous(), padding,
                                   grad_products, buffers);
   }

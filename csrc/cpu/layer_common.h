@@ -70,11 +70,31 @@ inline std::vector<at::Tensor> contiguous_params(at::TensorList params) {
   return out;
 }
 
-// Step t's frame X_t [B, Cin, H, W] of x [T, B, Cin, H, W], contiguous. x may have any strides:
-// ConvLSTM passes the time-first view of its batch-first input, whose frames are B blocks apart,
-// so a kernel gathers one frame at a time here (a no-op for a time-first x) instead of copying the
-// whole sequence, and autograd keeps the caller's own x.
-inline at::Tensor step_frame(const at::Tensor& x, int64_t t) { return x[t].contiguous(); }
+// The steps' frames X_t [B, Cin, H, W] of x [T, B, Cin, H, W], each contiguous. x may have any
+// strides: ConvLSTM passes the time-first view of its batch-first input, whose frames' samples lie
+// T frames apart. A time-first x's frames are read in place; otherwise the frame of the step asked
+// for is gathered into one buffer reused by every step (a frame asked for again is not gathered
+// again), so that no copy of the sequence is made or kept and no step allocates. A frame is valid
+// until another step's is asked for.
+class StepFrames {
+ public:
+  explicit StepFrames(const at::Tensor& x)
+      : x_(x), in_place_(x.size(0) == 0 || x[0].is_contiguous()) {}
+
+  at::Tensor operator()(int64_t t) const {
+    if (in_place_) return x_[t];
+    if (!buffer_.defined()) buffer_ = at::empty(x_[0].sizes(), x_.options());
+    if (t != gathered_) buffer_.copy_(x_[t]);
+    gathered_ = t;
+    return buffer_;
+  }
+
+ private:
+  at::Tensor x_;
+  bool in_place_;
+  mutable at::Tensor buffer_;
+  mutable int64_t gathered_ = -1;
+};
 
 // A per-step tensor a forward writes, [T, ...]: every step kept when it is saved for backward,
 // else `ring` step buffers reused in turn (step t in buffer t % ring).

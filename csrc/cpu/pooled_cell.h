@@ -350,6 +350,7 @@ struct PooledForward {
   const std::vector<at::Tensor>& params;
   int64_t activation;
   at::Tensor x, h0, c0, output, gate_preact;
+  StepFrames frames;
   StepBuffers cell, candidate;
   at::Tensor dw_x, dw_h, preact, x_bar, h_bar, gates;
 
@@ -364,6 +365,7 @@ struct PooledForward {
         output(at::empty({x.size(0), h0.size(0), h0.size(1), h0.size(2), h0.size(3)},
                          x.options())),
         gate_preact(at::empty(saved_shapes[pooled::kSavedGatePreact], x.options())),
+        frames(x_),
         cell(saved_shapes[pooled::kSavedCell], x.options(), save, 2),
         candidate(saved_shapes[pooled::kSavedCandidate], x.options(), save, 1),
         dw_x(at::empty(x[0].sizes(), x.options())),
@@ -375,7 +377,7 @@ struct PooledForward {
     plane_means(h_bar, h0);
   }
 
-  at::Tensor frame(int64_t t) const { return step_frame(x, t); }
+  at::Tensor frame(int64_t t) const { return frames(t); }
   at::Tensor h_prev(int64_t t) const { return t > 0 ? output[t - 1] : h0; }
 
   // features = SepConv_xa(X_t) + SepConv_ha(H_{t−1}) with the given weights: F before its bias
@@ -434,6 +436,7 @@ struct PooledBackward {
 
   int64_t steps;
   at::Tensor x, h0, c0, output, grad_output, cell, candidate, gate_preact;
+  StepFrames frames;
   at::Tensor grad_cand, sums, gates, grad_gate_preact, grad_cand_bias, grad_x;
   std::array<at::Tensor, 2> grad_h, grad_c;
   SepConvBranch cand_x, cand_h;
@@ -451,6 +454,7 @@ struct PooledBackward {
         cell(saved[pooled::kSavedCell].contiguous()),
         candidate(saved[pooled::kSavedCandidate].contiguous()),
         gate_preact(saved[pooled::kSavedGatePreact].contiguous()),
+        frames(x_),
         grad_cand(at::empty_like(h0)),
         sums(at::empty({h0.size(0), h0.size(1), 4}, h0.options())),
         gates(at::empty_like(gate_preact[0])),
@@ -460,14 +464,14 @@ struct PooledBackward {
         grad_h{at::empty_like(h0).copy_(grad_h_n), at::empty_like(h0)},
         grad_c{at::empty_like(c0).copy_(grad_c_n), at::empty_like(c0)},
         cand_x(params[pooled::kCandDwX], params[pooled::kCandPwX],
-               params[pooled::kGateWeightX], step_frame(x, 0), steps),
+               params[pooled::kGateWeightX], frames(0), steps),
         cand_h(params[pooled::kCandDwH], params[pooled::kCandPwH],
                params[pooled::kGateWeightH], h0, steps) {}
 
   Step step(int64_t t) const {
     const int64_t in = (steps - 1 - t) % 2, out = 1 - in;
     return {t,
-            step_frame(x, t),
+            frames(t),
             t > 0 ? output[t - 1] : h0,
             t > 0 ? cell[t - 1] : c0,
             grad_gate_preact[t],

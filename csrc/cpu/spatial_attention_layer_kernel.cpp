@@ -177,7 +177,7 @@ LayerResult spatial_attention_layer_backward(const at::Tensor& grad_output,
   const at::Tensor map = saved[spatial::kSavedMap].contiguous();
   AttentionFeaturesBackward att_f(params[attention::kAttDwX], params[attention::kAttPwX],
                                   params[attention::kAttDwH], params[attention::kAttPwH],
-                                  params[attention::kAttBias], step_frame(back.x, 0), back.h0,
+                                  params[attention::kAttBias], back.frames(0), back.h0,
                                   steps);
   const SpatialMap spatial_map(params[spatial::kAttWeightZ]);
   // Step buffers, reused.
