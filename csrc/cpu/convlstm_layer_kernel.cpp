@@ -6,6 +6,7 @@
 // channels), which oneDNN runs at this machine's full matmul rate; so wide 3×3 convolutions go
 // through Winograd F(2×2, 3×3) (winograd.cpp, 2.25× fewer multiply-adds), and everything else is
 // kept off the critical path. A step is one convolution of [X_t | H_{t−1}] with [W_x | W_h]
+// (a layer of one step, whose weights' copy nothing would amortise, convolves the two apart)
 // (NCHW, as the op's tensors are: no layout change of x or of the output) and one fused element
 // loop per (sample, channel) plane adding the bias, activating the gates and updating the cell. The X
 // side is not batched over T: at B = 2 the convolution already runs at full rate, and a
@@ -109,10 +110,14 @@ std::array<scalar_t*, 4> gate_planes(scalar_t* z, int64_t b, int64_t c, int64_t 
 // (winograd.cpp) rather than oneDNN: 3×3 kernels with both channel counts at least 256. Its
 // transforms cost O(channels) per tile against the GEMMs' O(in·out), so it pays only on wide
 // layers (measured here, B=2 T=8 28×28: at 256 channels forward 1.4× and forward+backward 1.26×
-// eager; at 128 channels Winograd's backward was slower than oneDNN's).
+// eager; at 128 channels Winograd's backward was slower than oneDNN's). And only over two steps
+// or more: the weights' transform (16/9 of the weights, a fresh buffer) is made once per layer
+// call, which one step does not pay back — a cell driven one step at a time (ConvLSTMCell, or
+// one step of a reverse or ragged walk) ran at 0.44× the eager reference with it (256 channels,
+// 16×16, B = 2).
 constexpr int64_t kWinogradMinChannels = 256;
-bool use_winograd(int64_t k, int64_t in, int64_t out) {
-  return k == 3 && std::min(in, out) >= kWinogradMinChannels;
+bool use_winograd(int64_t k, int64_t in, int64_t out, int64_t steps) {
+  return steps > 1 && k == 3 && std::min(in, out) >= kWinogradMinChannels;
 }
 
 // One side (X or H) of the step convolution in backward: z = W ⋆ input, W [4C, Cin, K, K].
@@ -121,15 +126,13 @@ struct ConvSide {
   bool winograd;
   at::Tensor input_weight;      // Winograd: the transform of Wᵀ flipped (dinput = dz ⋆ that)
   at::Tensor grad_transformed;  // Winograd: Σ_t dM·Vᵀ [16, 4C, Cin]
-  at::Tensor grad_weight;       // oneDNN: Σ_t dW
+  at::Tensor grad_weight;       // oneDNN: Σ_t dW (the last step's own dW until a second comes)
 
-  ConvSide(const at::Tensor& weight_, int64_t channels, int64_t k)
-      : weight(weight_), winograd(use_winograd(k, weight_.size(1), 4 * channels)) {
+  ConvSide(const at::Tensor& weight_, int64_t channels, int64_t k, int64_t steps)
+      : weight(weight_), winograd(use_winograd(k, weight_.size(1), 4 * channels, steps)) {
     if (winograd) {
       input_weight = winograd_weight(weight.transpose(0, 1).flip({2, 3}));
       grad_transformed = at::zeros({16, weight.size(0), weight.size(1)}, weight.options());
-    } else {
-      grad_weight = at::zeros_like(weight);
     }
   }
 
@@ -141,7 +144,13 @@ struct ConvSide {
     if (!winograd) {
       auto grads = at::convolution_backward(grad_z, input, weight, std::nullopt, {1, 1}, padding,
                                             {1, 1}, false, {0, 0}, 1, {true, true, false});
-      grad_weight.add_(std::get<1>(grads));
+      // The first step's dW is the sum so far: no weight-sized zeros to add it to (a fresh
+      // buffer, and a pass, per call: what a cell driven one step at a time pays each step).
+      if (grad_weight.defined()) {
+        grad_weight.add_(std::get<1>(grads));
+      } else {
+        grad_weight = std::get<1>(grads);
+      }
       return std::get<0>(grads);
     }
     at::Tensor grad_input = winograd_conv(grad_z, input_weight, buffers);
@@ -151,7 +160,8 @@ struct ConvSide {
   }
 
   at::Tensor weight_grad() const {
-    return winograd ? winograd_weight_grad(grad_transformed) : grad_weight;
+    if (winograd) return winograd_weight_grad(grad_transformed);
+    return grad_weight.defined() ? grad_weight : at::zeros_like(weight);
   }
 };
 
@@ -173,17 +183,28 @@ LayerResult convlstm_layer_forward(const at::Tensor& x, const at::Tensor& h0,
   const at::Tensor gates =
       at::empty(save ? shapes[convlstm::kSavedGatePreact] : std::vector<int64_t>{0}, options);
   const at::Tensor output = at::empty({steps, batch, channels, height, width}, options);
-  const at::Tensor weight = at::cat({params[convlstm::kWeightX], params[convlstm::kWeightH]}, 1);
-  const at::Tensor xh = at::empty({batch, cin + channels, height, width}, options);
-  const bool winograd = use_winograd(k, cin + channels, 4 * channels);
+  // Over two steps or more, one convolution of [X_t | H_{t−1}] with [W_x | W_h] per step; a
+  // single step convolves X_t and H_{t−1} apart instead, as [W_x | W_h] would be a fresh copy of
+  // the weights per call (19 MB at 256 channels, more than the step's own work at small maps).
+  const bool joined = steps > 1;
+  const at::Tensor weight =
+      joined ? at::cat({params[convlstm::kWeightX], params[convlstm::kWeightH]}, 1) : at::Tensor();
+  const at::Tensor xh =
+      joined ? at::empty({batch, cin + channels, height, width}, options) : at::Tensor();
+  const bool winograd = use_winograd(k, cin + channels, 4 * channels, steps);
   const at::Tensor weight_w = winograd ? winograd_weight(weight) : at::Tensor();
   WinogradBuffers buffers(options);
   // C in NCHW, ping-ponging between two step buffers.
   std::array<at::Tensor, 2> cell_step{c0.contiguous().clone(), at::empty(c0.sizes(), options)};
   for (int64_t t = 0; t < steps; ++t) {
-    fill_step_input(xh, x[t], t > 0 ? output[t - 1] : h0);
-    const at::Tensor z =  // [B, 4C, H, W]
-        winograd ? winograd_conv(xh, weight_w, buffers) : at::conv2d(xh, weight, {}, 1, k / 2);
+    at::Tensor z;  // [B, 4C, H, W]
+    if (joined) {
+      fill_step_input(xh, x[t], t > 0 ? output[t - 1] : h0);
+      z = winograd ? winograd_conv(xh, weight_w, buffers) : at::conv2d(xh, weight, {}, 1, k / 2);
+    } else {
+      z = at::conv2d(x[t], params[convlstm::kWeightX], {}, 1, k / 2).contiguous();
+      z.add_(at::conv2d(t > 0 ? output[t - 1] : h0, params[convlstm::kWeightH], {}, 1, k / 2));
+    }
     const at::Tensor& c_prev = cell_step[t % 2];
     const at::Tensor& c_next = cell_step[(t + 1) % 2];
     AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "convlstm_layer", [&] {
@@ -249,8 +270,8 @@ LayerResult convlstm_layer_backward(const at::Tensor& grad_output, const at::Ten
   at::Tensor grad_c = grad_c_n.contiguous().clone();
   at::Tensor grad_c_prev = at::empty_like(grad_c);
   const std::vector<int64_t> padding{k / 2, k / 2};
-  ConvSide x_side(params[convlstm::kWeightX], channels, k);
-  ConvSide h_side(params[convlstm::kWeightH], channels, k);
+  ConvSide x_side(params[convlstm::kWeightX], channels, k, steps);
+  ConvSide h_side(params[convlstm::kWeightH], channels, k, steps);
   WinogradBuffers buffers(options);
   const at::Tensor grad_products = at::empty({0}, options);
   for (int64_t t = steps - 1; t >= 0; --t) {
