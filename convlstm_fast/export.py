@@ -121,25 +121,22 @@ def _cells(model: nn.Module) -> list[tuple[str, ConvLSTMCell]]:
             if isinstance(module, ConvLSTMCell)]
 
 
-def check_exportable(model: nn.Module, dynamic_steps: bool, onnx: bool,
-                     dynamic_batch: bool = False) -> None:
+def check_exportable(model: nn.Module, dynamic_steps: bool, onnx: bool) -> None:
     """Raise a ValueError naming the first ConvLSTM layer of ``model`` that cannot be exported:
     for ONNX, a cell without a translation; with ``dynamic_steps``, a layer that runs on the
-    reference backend (its Python loop over T unrolls for the traced T), or a bidirectional
-    layer (its reverse direction runs one step per op call, which unrolls too; and for ONNX with
-    a dynamic batch, torch's decomposition of those one-step scans fails: torch 2.14 asserts
-    "vr must not be None" on the batch symbol)."""
-    for name, module in model.named_modules():
-        if not (isinstance(module, ConvLSTM) and module.bidirectional):
-            continue
-        dynamic = [what for what, wanted in (("T", dynamic_steps), ("B", onnx and dynamic_batch))
-                   if wanted]
-        if dynamic:
-            raise ValueError(
-                f"{name or 'model'}: a bidirectional ConvLSTM runs its reverse direction one step "
-                f"per call of the fused op, so {' and '.join(dynamic)} cannot be dynamic: pass "
-                + " and ".join(f"dynamic_{'steps' if d == 'T' else 'batch'}=False"
-                               for d in dynamic))
+    reference backend (its Python loop over T unrolls for the traced T). A bidirectional layer's
+    reverse direction exports as flip → one fused layer → flip (functional.convlstm_layer), so
+    T and B stay dynamic there too — on a torch that tells the layer it is being exported
+    (``torch.compiler.is_exporting``, torch 2.7 on); on an older one it runs one step per op
+    call, which unrolls, and a dynamic T is refused."""
+    if dynamic_steps and not hasattr(torch.compiler, "is_exporting"):
+        for name, module in model.named_modules():
+            if isinstance(module, ConvLSTM) and module.bidirectional:
+                raise ValueError(
+                    f"{name or 'model'}: a bidirectional ConvLSTM exports its reverse direction "
+                    f"as one fused layer only where torch.compiler.is_exporting exists (torch "
+                    f"2.7 on; this is {torch.__version__}); here T cannot be dynamic: pass "
+                    f"dynamic_steps=False")
     for name, cell in _cells(model):
         spec = get_cell(cell.variant)
         if onnx and spec.op not in TRANSLATIONS:
@@ -303,8 +300,7 @@ def export_onnx(model: nn.Module, example_inputs: Sequence,
         The ``torch.onnx.ONNXProgram``; its ``model_proto`` holds only standard-domain ops,
         and it names its inputs after ``model.forward``'s parameters (``x``).
     """
-    check_exportable(model, dynamic_steps and dynamic_shapes is None, onnx=True,
-                     dynamic_batch=dynamic_batch and dynamic_shapes is None)
+    check_exportable(model, dynamic_steps and dynamic_shapes is None, onnx=True)
     reason = onnx_unavailable_reason()
     if reason is not None:
         raise RuntimeError(reason)

@@ -161,6 +161,12 @@ def _drive_steps(run, times: Sequence[int], x, h, c, lengths, weights):
     return (*outputs, h, c)
 
 
+def _exporting() -> bool:
+    """Whether torch.export is tracing this call (``torch.compiler.is_exporting``)."""
+    is_exporting = getattr(torch.compiler, "is_exporting", None)
+    return bool(is_exporting and is_exporting())
+
+
 def _walk(steps: int, reverse: bool, lengths: torch.Tensor | None,
           bounds: tuple[int, int] | None) -> list[tuple[str, list[int]]]:
     """The walk over the steps as segments ``(kind, times)`` in processing order: ``"layer"``,
@@ -265,6 +271,13 @@ def convlstm_layer(
 
     checkpointed = recompute is not None and torch.is_grad_enabled()
     chunk = steps if not checkpointed or recompute == "layers" else recompute
+    if reverse and lengths is None and _exporting():
+        # An exported graph runs the reverse direction as flip → one layer → flip: standard ops
+        # and one fused op (one ONNX Scan, its trip count T at run time), where one op call per
+        # step would unroll for the traced T. The flips are the deployed graph's; eager and
+        # compiled runs walk the steps backwards without copying the sequence.
+        output, h_n, c_n = run(x.flip(0), h0, c0, *param_list)
+        return output.flip(0), (h_n, c_n)
     if reverse or lengths is not None:
         pieces = {}  # first step -> the outputs of the steps from there on, [n, B, C, H, W]
         h_n, c_n = h0, c0

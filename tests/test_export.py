@@ -222,30 +222,42 @@ def test_onnx_unavailable_says_why(make_params):
         export.export_onnx(model, (_clip(*EXPORTED, seed=0),), dynamic_steps=False)
 
 
-def test_bidirectional_refuses_dynamic_steps():
-    model = convlstm_fast.ConvLSTM(IN_CHANNELS, HIDDEN, variant="a", bidirectional=True).eval()
-    with pytest.raises(ValueError, match="bidirectional ConvLSTM .* pass dynamic_steps=False"):
-        export.export_program(model, (_clip(*EXPORTED, seed=0),))
-    with pytest.raises(ValueError, match="T and B cannot be dynamic: pass dynamic_steps=False "
-                                         "and dynamic_batch=False"):
-        export.export_onnx(model, (_clip(*EXPORTED, seed=0),))
+def test_bidirectional_program_with_dynamic_steps_matches_eager():
+    """torch.export of a bidirectional layer with B and T dynamic: its reverse direction is
+    flip → one fused layer → flip, one op call whatever T (not one per step), and the program
+    matches eager at another B and T."""
+    _needs_cpu_backend()
+    if not hasattr(torch.compiler, "is_exporting"):
+        model = convlstm_fast.ConvLSTM(IN_CHANNELS, HIDDEN, variant="a", bidirectional=True)
+        with pytest.raises(ValueError, match="bidirectional ConvLSTM .* dynamic_steps=False"):
+            export.export_program(model.eval(), (_clip(*EXPORTED, seed=0),))
+        pytest.skip(f"torch {torch.__version__} has no torch.compiler.is_exporting (torch 2.7 on)")
+    torch.manual_seed(0)
+    model = convlstm_fast.ConvLSTM(IN_CHANNELS, HIDDEN, variant="a", bidirectional=True,
+                                   backend="cpu").eval()
+    program = export.export_program(model, (_clip(*EXPORTED, seed=0),))
+    calls = [node for node in program.graph.nodes if node.op == "call_function"
+             and "convlstm_fast" in str(node.target)]
+    assert len(calls) == 2, calls  # one per direction
+    clip = _clip(*RUN, seed=2)
+    torch.testing.assert_close(_flat(program.module()(clip)), _eager(model, clip), rtol=0,
+                               atol=1e-6)
 
 
-def test_bidirectional_onnx_with_fixed_steps_matches_eager(onnxruntime, tmp_path):
-    """Both directions of a bidirectional layer in onnxruntime at the traced B and T (its
-    reverse direction runs one fused step per op call: one Scan per step)."""
+def test_bidirectional_onnx_with_dynamic_steps_matches_eager(onnxruntime, tmp_path):
+    """Both directions of a bidirectional layer in onnxruntime, B and T dynamic: two Scans (the
+    reverse one between two flips), matching eager at a T and B other than the traced ones."""
     _needs_cpu_backend()
     torch.manual_seed(0)
     model = convlstm_fast.ConvLSTM(IN_CHANNELS, HIDDEN, variant="a", bidirectional=True,
                                    backend="cpu").eval()
     path = tmp_path / "bidirectional.onnx"
-    steps = EXPORTED[1]
-    onnx_program = export.export_onnx(model, (_clip(*EXPORTED, seed=0),), path,
-                                      dynamic_steps=False, dynamic_batch=False)
-    _check_standard_with_scans(onnx_program, scans=1 + steps)
+    onnx_program = export.export_onnx(model, (_clip(*EXPORTED, seed=0),), path)
+    _check_standard_with_scans(onnx_program, scans=2)
     session = _session(onnxruntime, path)
     (onnx_input,) = session.get_inputs()
-    clip = _clip(EXPORTED[0], steps, seed=2)
-    actual = session.run(None, {onnx_input.name: clip.numpy()})
-    torch.testing.assert_close([torch.from_numpy(a) for a in actual], _eager(model, clip),
-                               rtol=0, atol=ONNX_ATOL)
+    assert onnx_input.shape == ["batch", "steps", IN_CHANNELS, HEIGHT, WIDTH]
+    for clip in (_clip(*RUN, seed=2), _clip(*SINGLE, seed=3)):
+        actual = session.run(None, {onnx_input.name: clip.numpy()})
+        torch.testing.assert_close([torch.from_numpy(a) for a in actual], _eager(model, clip),
+                                   rtol=0, atol=ONNX_ATOL)
