@@ -153,17 +153,23 @@ def test_recompute_rows_keep_two_state_tensors_per_step(tmp_path):
 
 
 def test_sequence_option_rows(tmp_path):
-    """--sequence-options adds "<backend>+reverse" and "<backend>+ragged" rows in both modes,
-    each the layer run with that option; the ragged lengths lie in [T/2, T] and are fixed."""
+    """--sequence-options adds "<backend>+reverse", "<backend>+ragged" and "<backend>+stepwise"
+    rows in both modes, each the layer run with that option; the ragged lengths lie in [T/2, T]
+    and are fixed; the stepwise run (one call per step, the state handed on) is the layer."""
     assert main(["--quick", "--device", "cpu", "--variants", "a", "--backends", "reference",
                  "--sequence-options", "--no-network", "--no-sweep", "--no-progress",
                  "--no-plots", "--out", str(tmp_path), "--stem", "run"]) == 0
     result = json.loads((tmp_path / "run.json").read_text())
     rows = {(r["backend"], r["mode"]) for r in result["latency"]}
     assert rows == {(backend, mode) for mode in ("forward", "forward+backward")
-                    for backend in ("reference", "reference+reverse", "reference+ragged")}
+                    for backend in ("reference", "reference+reverse", "reference+ragged",
+                                    "reference+stepwise")}
     assert {s["backend"] for s in result["saved"]} == {"reference", "reference+reverse",
-                                                       "reference+ragged"}
+                                                       "reference+ragged", "reference+stepwise"}
+    shape = cases.CellShape(2, 4, 3, 5, 6, 6)
+    x, params = cases.make_inputs("a", shape, "cpu", torch.float64)
+    torch.testing.assert_close(cases.layer_runner("reference+stepwise", "a", shape)(x, params),
+                               cases.layer_runner("reference", "a", shape)(x, params))
     shape = cases.CellShape(4, 7, 3, 5, 6, 6)
     lengths = cases.ragged_lengths(shape)
     assert torch.equal(lengths, cases.ragged_lengths(shape))

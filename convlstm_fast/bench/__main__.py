@@ -83,7 +83,8 @@ def build_parser() -> argparse.ArgumentParser:
                         "convlstm_layer(recompute=...) in forward+backward: steps, layers or N")
     parser.add_argument("--sequence-options", action="store_true",
                         help="also time every backend with reverse=True (a bidirectional "
-                             "layer's second direction) and with ragged lengths drawn in [T/2, T]")
+                             "layer's second direction), with ragged lengths drawn in [T/2, T] "
+                             "and driven one step per call (as a ConvLSTMCell)")
     return parser
 
 

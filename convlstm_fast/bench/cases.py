@@ -26,10 +26,12 @@ from .harness import saved_state_tensors
 COMPILE = "compile"
 # "<backend>+<option>": the backend run with one of convlstm_layer's sequence options —
 # "+recompute" with recompute=... (the --recompute mode, forward+backward only); "+reverse" with
-# reverse=True (a bidirectional layer's second direction) and "+ragged" with lengths drawn
-# uniformly in [T/2, T] (the --sequence-options mode).
+# reverse=True (a bidirectional layer's second direction), "+ragged" with lengths drawn
+# uniformly in [T/2, T] and "+stepwise" one layer call per step, the state handed on (a cell
+# driven a step at a time, as ConvLSTMCell is by autoregressive models) (the --sequence-options
+# mode).
 RECOMPUTE = "+recompute"
-SEQUENCE_OPTIONS = ("+reverse", "+ragged")
+SEQUENCE_OPTIONS = ("+reverse", "+ragged", "+stepwise")
 OPTIONS = (RECOMPUTE, *SEQUENCE_OPTIONS)
 
 
@@ -141,7 +143,15 @@ def layer_runner(backend: str, variant: str, shape: CellShape, gate_activation: 
         def run(x, params):
             return convlstm_layer(x, params, variant, gate_activation=gate_activation,
                                   backend=base, **options)[0]
-        return run
+
+        def run_stepwise(x, params):
+            outputs, state = [], None
+            for t in range(x.shape[0]):
+                output, state = convlstm_layer(x[t:t + 1], params, variant, state,
+                                               gate_activation=gate_activation, backend=base)
+                outputs.append(output)
+            return torch.cat(outputs)
+        return run_stepwise if option == "+stepwise" else run
     # torch.compile of the reference step; the time loop stays in Python (as a user would
     # write it), so one compiled graph serves every step.
     step = torch.compile(get_cell(variant).step, dynamic=False)
