@@ -12,7 +12,8 @@ op": one layer over a whole sequence):
 ``x`` is time-first ``[T, B, Cin, H, W]`` with any strides — ConvLSTM passes the time-first view
 of its batch-first input, which a kernel reads in place (or one step's frame at a time), so that
 what autograd saves is the caller's own x —, ``h0``/``c0`` and ``h_n``/``c_n`` ``[B, C, H, W]``,
-``output`` ``[T, B, C, H, W]``, ``output`` and ``grad_x`` contiguous; ``params`` follow the order of the cell's registry entry;
+``output`` ``[T, B, C, H, W]``, ``output`` and ``grad_x`` contiguous; ``params`` follow the
+order of the cell's registry entry;
 ``gate_activation`` is an index into ``registry.GATE_ACTIVATIONS``. ``saved`` is whatever the
 kernel keeps for its backward (shapes and dtypes declared per layout in the registry entry's
 ``saved``); the gradients that arrive for it are ignored. Native ops (``convlstm_fast::<op>``)
