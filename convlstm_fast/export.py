@@ -58,10 +58,11 @@ MIN_SCAN_TORCH = (2, 11)
 
 def layer_translation(spec: CellSpec) -> Callable:
     """The translation of ``spec``'s fused op: ``(x [T, B, Cin, H, W], h0 [B, C, H, W], c0,
-    params (op order), gate_activation: int) -> (output [T, B, C, H, W], h_n, c_n)``, the scan
-    over T of the reference step ``spec.step``."""
+    params (op order), gate_activation: int, reverse: bool) -> (output [T, B, C, H, W], h_n,
+    c_n)``, the scan over T of the reference step ``spec.step`` (walking t = T − 1 … 0 with
+    ``reverse``, an ONNX Scan whose directions are reversed)."""
 
-    def translation(x, h0, c0, params, gate_activation):
+    def translation(x, h0, c0, params, gate_activation, reverse=False):
         from torch._higher_order_ops.scan import scan
 
         named = dict(zip(spec.parameter_names, params))
@@ -74,7 +75,7 @@ def layer_translation(spec: CellSpec) -> Callable:
             h, c = h.contiguous(), c.contiguous()
             return (h, c), h.clone()
 
-        (h_n, c_n), output = scan(step, (h0, c0), x)
+        (h_n, c_n), output = scan(step, (h0, c0), x, reverse=reverse)
         return output, h_n, c_n
 
     translation.__name__ = f"{spec.op}_translation"
@@ -107,11 +108,11 @@ def _translate_op(spec: CellSpec, suffix: str) -> Callable:
     if suffix == "_inference":
         return translation
 
-    def with_saved(x, h0, c0, params, gate_activation):
+    def with_saved(x, h0, c0, params, gate_activation, reverse=False):
         kernel = "triton" if suffix == "_triton" else x.device.type
         saved_spec = spec.saved_spec(kernel if kernel in spec.kernels else "cuda")
         saved = [x.new_empty(shape, dtype=dtype) for shape, dtype in saved_spec(x, h0, params)]
-        return (*translation(x, h0, c0, params, gate_activation), saved)
+        return (*translation(x, h0, c0, params, gate_activation, reverse), saved)
 
     return with_saved
 
@@ -125,18 +126,7 @@ def check_exportable(model: nn.Module, dynamic_steps: bool, onnx: bool) -> None:
     """Raise a ValueError naming the first ConvLSTM layer of ``model`` that cannot be exported:
     for ONNX, a cell without a translation; with ``dynamic_steps``, a layer that runs on the
     reference backend (its Python loop over T unrolls for the traced T). A bidirectional layer's
-    reverse direction exports as flip → one fused layer → flip (functional.convlstm_layer), so
-    T and B stay dynamic there too — on a torch that tells the layer it is being exported
-    (``torch.compiler.is_exporting``, torch 2.7 on); on an older one it runs one step per op
-    call, which unrolls, and a dynamic T is refused."""
-    if dynamic_steps and not hasattr(torch.compiler, "is_exporting"):
-        for name, module in model.named_modules():
-            if isinstance(module, ConvLSTM) and module.bidirectional:
-                raise ValueError(
-                    f"{name or 'model'}: a bidirectional ConvLSTM exports its reverse direction "
-                    f"as one fused layer only where torch.compiler.is_exporting exists (torch "
-                    f"2.7 on; this is {torch.__version__}); here T cannot be dynamic: pass "
-                    f"dynamic_steps=False")
+    reverse direction is one fused op with ``reverse=True``, so T and B stay dynamic there too."""
     for name, cell in _cells(model):
         spec = get_cell(cell.variant)
         if onnx and spec.op not in TRANSLATIONS:

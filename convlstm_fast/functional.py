@@ -142,18 +142,12 @@ def check_lengths(lengths, batch: int, steps: int, device: torch.device):
 
 def _drive_steps(run, times: Sequence[int], x, h, c, lengths, weights):
     """The layer one step at a time in the order of ``times``, each step one call of the
-    backend's layer (a fused step on a kernel backend). With ``lengths``, a sample's step ``t``
-    counts only while ``t < lengths[b]``: past it the state is carried unchanged and the
-    output is zero. Returns the outputs in the order of ``times`` and the final state. The
-    next step's h is the step's output itself (which its op keeps anyway), not the op's h_n
-    copy, so that autograd keeps one tensor for both."""
+    backend's layer (a fused step on a kernel backend), a sample's step ``t`` counting only
+    while ``t < lengths[b]``: past it the state is carried unchanged and the output is zero.
+    Returns the outputs in the order of ``times`` and the final state."""
     outputs = []
     for t in times:
         output, _, c_next = run(x[t:t + 1], h, c, *weights)
-        if lengths is None:
-            h, c = output[0], c_next
-            outputs.append(h)
-            continue
         valid = (lengths > t).view(-1, 1, 1, 1)
         outputs.append(torch.where(valid, output[0], 0.0))
         h = torch.where(valid, output[0], h)
@@ -161,27 +155,21 @@ def _drive_steps(run, times: Sequence[int], x, h, c, lengths, weights):
     return (*outputs, h, c)
 
 
-def _exporting() -> bool:
-    """Whether torch.export is tracing this call (``torch.compiler.is_exporting``)."""
-    is_exporting = getattr(torch.compiler, "is_exporting", None)
-    return bool(is_exporting and is_exporting())
-
-
 def _walk(steps: int, reverse: bool, lengths: torch.Tensor | None,
           bounds: tuple[int, int] | None) -> list[tuple[str, list[int]]]:
     """The walk over the steps as segments ``(kind, times)`` in processing order: ``"layer"``,
-    a forward run of steps every sample reaches, as one call of the backend's layer;
-    ``"step"``, the same walked one call per step (reverse); ``"masked"``, one call per step
-    with the lengths applied; ``"skip"``, steps no sample reaches (zero output, state
-    unchanged). ``bounds`` are the lengths' min and max (:func:`check_lengths`); without them
-    (under torch.compile) every step is masked."""
+    a run of steps every sample reaches, as one call of the backend's layer (walking it
+    backwards with ``reverse``); ``"masked"``, one call per step with the lengths applied;
+    ``"skip"``, steps no sample reaches (zero output, state unchanged). ``bounds`` are the
+    lengths' min and max (:func:`check_lengths`); without them (under torch.compile) every step
+    is masked."""
     times = list(range(steps - 1, -1, -1) if reverse else range(steps))
     if lengths is None:
-        return [("step" if reverse else "layer", times)]
+        return [("layer", times)]
     if bounds is None:
         return [("masked", times)]
     shortest, longest = bounds
-    segments = [("step" if reverse else "layer", [t for t in times if t < shortest]),
+    segments = [("layer", [t for t in times if t < shortest]),
                 ("masked", [t for t in times if shortest <= t < longest]),
                 ("skip", [t for t in times if t >= longest])]
     if reverse:
@@ -227,11 +215,10 @@ def convlstm_layer(
             alone on its prefix. No sorting or repacking: the state is carried unchanged past a
             sample's end.
 
-    With ``reverse`` or ``lengths`` the layer runs one step per call of the backend's layer
-    (one fused step on a kernel backend, in the order walked, no copy of the sequence), except
-    that a forward ragged batch runs the steps every sample reaches as one call and no step
-    past the longest sample is computed; the fused kernels' own loops do not take these
-    options yet.
+    ``reverse`` runs inside the backend's layer (the fused kernels walk their own loop
+    backwards; no copy of the sequence). With ``lengths`` the steps every sample reaches run as
+    one call of the backend's layer, the steps between the shortest and the longest sample one
+    call per step with the lengths applied, and no step past the longest sample is computed.
 
     Returns:
         ``(output, (h_n, c_n))`` with output Tensor[T, B, C, H, W], h_n, c_n Tensor[B, C, H, W].
@@ -264,50 +251,37 @@ def convlstm_layer(
 
     def run(x_part, h_part, c_part, *weights):
         # x as given (e.g. the time-first view of ConvLSTM's batch-first input): the kernels read
-        # it in place, so autograd keeps the caller's own tensor, not a copy.
+        # it in place, so autograd keeps the caller's own tensor, not a copy; with ``reverse``
+        # the kernel walks the steps backwards itself.
         output, h_n, c_n = chosen.run_layer(variant, x_part, h_part.contiguous(),
-                                            c_part.contiguous(), list(weights), gate_activation)
+                                            c_part.contiguous(), list(weights), gate_activation,
+                                            reverse)
         return output, h_n, c_n
 
     checkpointed = recompute is not None and torch.is_grad_enabled()
-    chunk = steps if not checkpointed or recompute == "layers" else recompute
-    if reverse and lengths is None and _exporting():
-        # An exported graph runs the reverse direction as flip → one layer → flip: standard ops
-        # and one fused op (one ONNX Scan, its trip count T at run time), where one op call per
-        # step would unroll for the traced T. The flips are the deployed graph's; eager and
-        # compiled runs walk the steps backwards without copying the sequence.
-        output, h_n, c_n = run(x.flip(0), h0, c0, *param_list)
-        return output.flip(0), (h_n, c_n)
-    if reverse or lengths is not None:
-        pieces = {}  # first step -> the outputs of the steps from there on, [n, B, C, H, W]
-        h_n, c_n = h0, c0
-        for kind, times in _walk(steps, reverse, lengths, bounds):
-            if kind == "skip":
-                for t in times:
-                    pieces[t] = x.new_zeros(1, batch, hidden_channels, height, width)
-                continue
-            for start in range(0, len(times), chunk):
-                group = times[start:start + chunk]
-                if kind == "layer":
-                    args = (x[group[0]:group[-1] + 1], h_n, c_n, *param_list)
-                    output, h_n, c_n = (checkpoint(run, *args, use_reentrant=False)
-                                        if checkpointed else run(*args))
-                    pieces[group[0]] = output
-                    continue
-                args = (run, group, x, h_n, c_n, lengths if kind == "masked" else None,
-                        param_list)
-                *group_outputs, h_n, c_n = (checkpoint(_drive_steps, *args, use_reentrant=False)
-                                            if checkpointed else _drive_steps(*args))
-                for t, output in zip(group, group_outputs):
-                    pieces[t] = output[None]
-        return torch.cat([pieces[t] for t in sorted(pieces)]), (h_n, c_n)
-    if not checkpointed:
+    if not checkpointed and lengths is None:
         output, h_n, c_n = run(x, h0, c0, *param_list)
         return output, (h_n, c_n)
-    outputs = []
+    chunk = steps if not checkpointed or recompute == "layers" else recompute
+    pieces = {}  # first time of a piece -> the outputs of its steps, [n, B, C, H, W]
     h_n, c_n = h0, c0
-    for start in range(0, steps, chunk):
-        output, h_n, c_n = checkpoint(run, x[start:start + chunk], h_n, c_n, *param_list,
-                                      use_reentrant=False)
-        outputs.append(output)
-    return (outputs[0] if len(outputs) == 1 else torch.cat(outputs)), (h_n, c_n)
+    for kind, times in _walk(steps, reverse, lengths, bounds):
+        if kind == "skip":
+            pieces[min(times)] = x.new_zeros(len(times), batch, hidden_channels, height, width)
+            continue
+        for start in range(0, len(times), chunk):
+            group = times[start:start + chunk]
+            first, last = min(group), max(group)
+            if kind == "layer":
+                args = (x[first:last + 1], h_n, c_n, *param_list)
+                output, h_n, c_n = (checkpoint(run, *args, use_reentrant=False)
+                                    if checkpointed else run(*args))
+                pieces[first] = output
+                continue
+            args = (run, group, x, h_n, c_n, lengths, param_list)
+            *group_outputs, h_n, c_n = (checkpoint(_drive_steps, *args, use_reentrant=False)
+                                        if checkpointed else _drive_steps(*args))
+            for t, output in zip(group, group_outputs):
+                pieces[t] = output[None]
+    ordered = [pieces[t] for t in sorted(pieces)]
+    return (ordered[0] if len(ordered) == 1 else torch.cat(ordered)), (h_n, c_n)

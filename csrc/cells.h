@@ -356,5 +356,25 @@ struct LayerCall {
   bool empty;
 };
 
+// The order a layer walks its steps: t = 0 … T − 1, or T − 1 … 0 with `reverse` (the reverse
+// direction of a bidirectional layer, inside the kernel's own loop). Every per-step tensor — x,
+// the output, the saved tensors, the gradients — is indexed by time t in either order; only the
+// loop, the previous step and the first and last steps change: step t's state comes from step
+// prev(t) (h0/c0 at the first step), and h_n, c_n are the last step's.
+struct Walk {
+  int64_t steps;
+  bool reverse;
+  // The time of the s-th step walked, s = 0 … T − 1.
+  int64_t time(int64_t s) const { return reverse ? steps - 1 - s : s; }
+  int64_t first() const { return time(0); }
+  int64_t last() const { return time(steps - 1); }
+  bool is_first(int64_t t) const { return t == first(); }
+  bool is_last(int64_t t) const { return t == last(); }
+  // The step before t in the walk (valid unless is_first(t)), and the one after (unless
+  // is_last(t)).
+  int64_t prev(int64_t t) const { return reverse ? t + 1 : t - 1; }
+  int64_t next(int64_t t) const { return reverse ? t - 1 : t + 1; }
+};
+
 }  // namespace cells
 }  // namespace convlstm_fast

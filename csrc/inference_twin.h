@@ -2,7 +2,7 @@
 // kernels: the op itself, which saves for backward, its `<op>_inference` twin, which keeps
 // nothing and returns (output, h_n, c_n), and its `<op>_backward`. A kernel writes one forward
 // taking `save`; with `save` false it puts each step's would-be-saved tensors in buffers reused
-// across steps.
+// across steps. `reverse` walks the steps t = T − 1 … 0 (cells::Walk).
 #pragma once
 
 #include <ATen/core/Tensor.h>
@@ -20,24 +20,25 @@ using LayerOutputs = std::tuple<at::Tensor, at::Tensor, at::Tensor, std::vector<
 using InferenceOutputs = std::tuple<at::Tensor, at::Tensor, at::Tensor>;
 using SavingForward = LayerOutputs (*)(const at::Tensor& x, const at::Tensor& h0,
                                        const at::Tensor& c0, at::TensorList params,
-                                       int64_t gate_activation, bool save);
+                                       int64_t gate_activation, bool reverse, bool save);
 using LayerBackward = LayerOutputs (*)(const at::Tensor& grad_output, const at::Tensor& grad_h_n,
                                        const at::Tensor& grad_c_n, const at::Tensor& x,
                                        const at::Tensor& h0, const at::Tensor& c0,
                                        at::TensorList params, const at::Tensor& output,
-                                       at::TensorList saved, int64_t gate_activation);
+                                       at::TensorList saved, int64_t gate_activation,
+                                       bool reverse);
 
 template <SavingForward kForward>
 LayerOutputs training_forward(const at::Tensor& x, const at::Tensor& h0, const at::Tensor& c0,
-                              at::TensorList params, int64_t gate_activation) {
-  return kForward(x, h0, c0, params, gate_activation, true);
+                              at::TensorList params, int64_t gate_activation, bool reverse) {
+  return kForward(x, h0, c0, params, gate_activation, reverse, true);
 }
 
 template <SavingForward kForward>
 InferenceOutputs inference_forward(const at::Tensor& x, const at::Tensor& h0,
                                    const at::Tensor& c0, at::TensorList params,
-                                   int64_t gate_activation) {
-  const LayerOutputs outputs = kForward(x, h0, c0, params, gate_activation, false);
+                                   int64_t gate_activation, bool reverse) {
+  const LayerOutputs outputs = kForward(x, h0, c0, params, gate_activation, reverse, false);
   return {std::get<0>(outputs), std::get<1>(outputs), std::get<2>(outputs)};
 }
 

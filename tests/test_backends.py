@@ -93,6 +93,8 @@ class Case:
     # How x arrives: None, contiguous; "hw", a view with H and W transposed in memory;
     # "batch_first", the time-first view of a batch-first tensor (as ConvLSTM passes it).
     layout: str | None = None
+    # The layer walks t = T − 1 … 0 inside the op (the reverse direction of a bidirectional layer).
+    reverse: bool = False
 
 
 _DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
@@ -115,7 +117,14 @@ CASES = [
     Case("batch-first-fp32", torch.float32, "sigmoid", "odd", layout="batch_first"),
     Case("batch-first-bf16", torch.bfloat16, "sigmoid", "small", extended=False,
          layout="batch_first"),
+    Case("reverse-fp32", torch.float32, "hard_sigmoid", "odd", reverse=True),
+    Case("reverse-k5-b1-fp32", torch.float32, "sigmoid", "k5_b1", reverse=True),
+    Case("reverse-t1-fp32", torch.float32, "sigmoid", "t1", reverse=True),
+    Case("reverse-batch-first-bf16", torch.bfloat16, "sigmoid", "small", extended=False,
+         layout="batch_first", reverse=True),
     Case("winograd-fp32", torch.float32, "sigmoid", "winograd", backends=("cpu",)),
+    Case("reverse-winograd-fp32", torch.float32, "sigmoid", "winograd", backends=("cpu",),
+         variants=("convlstm",), reverse=True),
     Case("w11-f64", torch.float64, "sigmoid", "w11"),
     Case("winograd-f64", torch.float64, "sigmoid", "winograd_f64", backends=("cpu",),
          variants=("convlstm",)),
@@ -163,19 +172,22 @@ def _shape(variant: str, case: Case) -> tuple[int, ...]:
     return SHAPES[case.shape]
 
 
-def _results(backend, variant, x, h0, c0, params, gate_activation, weights, transform=None):
+def _results(backend, variant, x, h0, c0, params, gate_activation, weights, transform=None,
+             reverse=False):
     """{name: tensor} of the layer's outputs and the gradients of Σ w·(out, h_n, c_n);
-    ``transform`` (e.g. a non-contiguous view) is applied to x inside the graph."""
+    ``transform`` (e.g. a non-contiguous view) is applied to x inside the graph; ``reverse``
+    walks t = T − 1 … 0."""
     leaves = {"x": x, "h0": h0, "c0": c0, **params}
     leaves = {k: v.detach().clone().requires_grad_() for k, v in leaves.items()}
     named = {k: leaves[k] for k in params}
     x_in = transform(leaves["x"]) if transform else leaves["x"]
     if backend == "reference":
         out, h_n, c_n = cells.layer(variant, x_in, leaves["h0"], leaves["c0"], named,
-                                    gate_activation)
+                                    gate_activation, reverse=reverse)
     else:
         out, (h_n, c_n) = convlstm_layer(x_in, named, variant, (leaves["h0"], leaves["c0"]),
-                                         gate_activation=gate_activation, backend=backend)
+                                         gate_activation=gate_activation, backend=backend,
+                                         reverse=reverse)
     loss = sum((t.double() * w).sum() for t, w in zip((out, h_n, c_n), weights))
     grads = torch.autograd.grad(loss, list(leaves.values()))
     results = {"output": out, "h_n": h_n, "c_n": c_n}
@@ -246,12 +258,13 @@ def test_backend_matches_reference(backend, variant, case, find_separated_proble
     on = lambda t: t.to(device)  # noqa: E731
     exact = _results("reference", variant, on(x), on(h0), on(c0),
                      {k: on(v) for k, v in params.items()}, case.gate_activation,
-                     [on(w) for w in weights])
+                     [on(w) for w in weights], reverse=case.reverse)
     low = lambda t: t.to(device, case.dtype)  # noqa: E731
     args = (low(x), low(h0), low(c0), {k: low(v) for k, v in params.items()},
             case.gate_activation, [on(w) for w in weights])
-    reference = _results("reference", variant, *args)
-    got = _results(backend, variant, *args, transform=lambda t: layout_view(t, case.layout))
+    reference = _results("reference", variant, *args, reverse=case.reverse)
+    got = _results(backend, variant, *args, transform=lambda t: layout_view(t, case.layout),
+                   reverse=case.reverse)
     notes = check_results(assert_close_to_float64, got, reference, exact, case.dtype)
     if backend == "triton" and device == "cuda":
         from convlstm_fast.info import triton_specializations

@@ -223,15 +223,10 @@ def test_onnx_unavailable_says_why(make_params):
 
 
 def test_bidirectional_program_with_dynamic_steps_matches_eager():
-    """torch.export of a bidirectional layer with B and T dynamic: its reverse direction is
-    flip → one fused layer → flip, one op call whatever T (not one per step), and the program
+    """torch.export of a bidirectional layer with B and T dynamic: its reverse direction is one
+    fused op with reverse=True, one op call whatever T (not one per step), and the program
     matches eager at another B and T."""
     _needs_cpu_backend()
-    if not hasattr(torch.compiler, "is_exporting"):
-        model = convlstm_fast.ConvLSTM(IN_CHANNELS, HIDDEN, variant="a", bidirectional=True)
-        with pytest.raises(ValueError, match="bidirectional ConvLSTM .* dynamic_steps=False"):
-            export.export_program(model.eval(), (_clip(*EXPORTED, seed=0),))
-        pytest.skip(f"torch {torch.__version__} has no torch.compiler.is_exporting (torch 2.7 on)")
     torch.manual_seed(0)
     model = convlstm_fast.ConvLSTM(IN_CHANNELS, HIDDEN, variant="a", bidirectional=True,
                                    backend="cpu").eval()
@@ -239,6 +234,7 @@ def test_bidirectional_program_with_dynamic_steps_matches_eager():
     calls = [node for node in program.graph.nodes if node.op == "call_function"
              and "convlstm_fast" in str(node.target)]
     assert len(calls) == 2, calls  # one per direction
+    assert [call.args[5] if len(call.args) > 5 else False for call in calls] == [False, True]
     clip = _clip(*RUN, seed=2)
     torch.testing.assert_close(_flat(program.module()(clip)), _eager(model, clip), rtol=0,
                                atol=1e-6)
@@ -246,7 +242,7 @@ def test_bidirectional_program_with_dynamic_steps_matches_eager():
 
 def test_bidirectional_onnx_with_dynamic_steps_matches_eager(onnxruntime, tmp_path):
     """Both directions of a bidirectional layer in onnxruntime, B and T dynamic: two Scans (the
-    reverse one between two flips), matching eager at a T and B other than the traced ones."""
+    reverse one walking backwards), matching eager at a T and B other than the traced ones."""
     _needs_cpu_backend()
     torch.manual_seed(0)
     model = convlstm_fast.ConvLSTM(IN_CHANNELS, HIDDEN, variant="a", bidirectional=True,

@@ -36,13 +36,17 @@ def _kept(model, x):
                                BATCH * CHANNELS * HEIGHT * WIDTH, STEPS)
 
 
-@pytest.mark.parametrize("variant", VARIANTS)
-@pytest.mark.parametrize("backend, device", BACKENDS)
-def test_batch_first_keeps_no_copy_of_x_and_meets_the_budget(backend, device, variant):
+def _skip_unsupported(backend, device, variant):
     reason = get_backend(backend).unsupported_reason(
         variant, torch.empty(1, 1, 1, 1, 1, device=device))
     if reason is not None:
         pytest.skip(reason)
+
+
+@pytest.mark.parametrize("variant", VARIANTS)
+@pytest.mark.parametrize("backend, device", BACKENDS)
+def test_batch_first_keeps_no_copy_of_x_and_meets_the_budget(backend, device, variant):
+    _skip_unsupported(backend, device, variant)
     torch.manual_seed(0)
     batch_first = ConvLSTM(CHANNELS, CHANNELS, variant=variant, backend=backend).to(device)
     time_first = ConvLSTM(CHANNELS, CHANNELS, variant=variant, backend=backend,
@@ -54,3 +58,18 @@ def test_batch_first_keeps_no_copy_of_x_and_meets_the_budget(backend, device, va
     assert kept == pytest.approx(_kept(time_first, x_time_first), abs=1e-9), \
         "batch-first keeps more than time-first: a copy of x is saved"
     assert kept <= BUDGETS[variant], f"{kept:.2f} state tensors per step kept"
+
+
+@pytest.mark.parametrize("variant", VARIANTS)
+@pytest.mark.parametrize("backend, device", BACKENDS)
+def test_reverse_direction_keeps_what_the_forward_keeps(backend, device, variant):
+    """A bidirectional layer keeps exactly twice what a forward one does, plus each direction's
+    own output (the returned tensor is their concatenation, a new one): the reverse direction
+    walks the steps inside the op, keeping no flipped copy of x or of its output."""
+    _skip_unsupported(backend, device, variant)
+    torch.manual_seed(0)
+    forward = ConvLSTM(CHANNELS, CHANNELS, variant=variant, backend=backend).to(device)
+    both = ConvLSTM(CHANNELS, CHANNELS, variant=variant, backend=backend,
+                    bidirectional=True).to(device)
+    x = torch.randn(BATCH, STEPS, CHANNELS, HEIGHT, WIDTH, device=device, requires_grad=True)
+    assert _kept(both, x) == pytest.approx(2 * (_kept(forward, x) + 1), abs=1e-9)

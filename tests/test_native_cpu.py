@@ -105,18 +105,20 @@ def _op_args(variant, dtype=torch.float32):
     return x, h0, c0, params
 
 
+@pytest.mark.parametrize("reverse", [False, True])
 @pytest.mark.parametrize("variant", VARIANTS)
-def test_opcheck(variant):
+def test_opcheck(variant, reverse):
     _load_ops()
     name = get_cell(variant).op
     x, h0, c0, params = _op_args(variant)
     forward = getattr(torch.ops.convlstm_fast, name).default
-    torch.library.opcheck(forward, (x.requires_grad_(), h0.requires_grad_(), c0, params, 1))
+    torch.library.opcheck(forward, (x.requires_grad_(), h0.requires_grad_(), c0, params, 1,
+                                    reverse))
     x, h0 = x.detach(), h0.detach()
-    output, h_n, c_n, saved = forward(x, h0, c0, params, 1)
+    output, h_n, c_n, saved = forward(x, h0, c0, params, 1, reverse)
     backward = getattr(torch.ops.convlstm_fast, name + "_backward").default
     grads = (torch.randn_like(output), torch.randn_like(h_n), torch.randn_like(c_n))
-    torch.library.opcheck(backward, (*grads, x, h0, c0, params, output, saved, 1),
+    torch.library.opcheck(backward, (*grads, x, h0, c0, params, output, saved, 1, reverse),
                           test_utils=("test_schema", "test_faketensor"))
 
 
@@ -147,20 +149,22 @@ def test_empty_sequence():
     assert h_n.data_ptr() != h0.data_ptr()
 
 
+@pytest.mark.parametrize("reverse", [False, True])
 @pytest.mark.parametrize("variant", VARIANTS)
-def test_inference_op_equals_the_forward(variant):
+def test_inference_op_equals_the_forward(variant, reverse):
     """``<op>_inference`` runs the same kernel without keeping the saved tensors: the same
-    output and final states, bit for bit; and opcheck (schema, fake tensors, AOT dispatch)."""
+    output and final states, bit for bit (its step buffers reused in either walk); and opcheck
+    (schema, fake tensors, AOT dispatch)."""
     _load_ops()
     name = get_cell(variant).op
     x, h0, c0, params = _op_args(variant)
     inference = getattr(torch.ops.convlstm_fast, name + "_inference").default
-    want = getattr(torch.ops.convlstm_fast, name)(x, h0, c0, params, 1)[:3]
-    got = inference(x, h0, c0, params, 1)
+    want = getattr(torch.ops.convlstm_fast, name)(x, h0, c0, params, 1, reverse)[:3]
+    got = inference(x, h0, c0, params, 1, reverse)
     assert len(got) == 3
     for g, w in zip(got, want):
         torch.testing.assert_close(g, w, atol=0, rtol=0)
-    torch.library.opcheck(inference, (x, h0, c0, params, 1),
+    torch.library.opcheck(inference, (x, h0, c0, params, 1, reverse),
                           test_utils=("test_schema", "test_faketensor",
                                       "test_aot_dispatch_dynamic"))
 

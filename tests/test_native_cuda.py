@@ -5,8 +5,9 @@ fp16 and bf16 are cases of the conformance suite, tests/test_backends.py. Here t
 directly (forward op, then its ``_backward`` op with random output gradients):
 - float64 (the kernels take it, the backend does not offer it): every result within rtol 1e-7,
   atol 1e-9 of the float64 reference, on edge shapes (K ∈ {1, 3, 5}, H ≠ W, Cin ≠ C, B = 1,
-  T = 1, C over several tiles);
-- CPU vs CUDA in float64: outputs, ``saved`` and gradients of the two native backends agree;
+  T = 1, C over several tiles), walking forward and in reverse;
+- CPU vs CUDA in float64: outputs, ``saved`` and gradients of the two native backends agree, in
+  either walk;
 - what is saved follows the registry; opcheck; deterministic mode (bitwise equal twice); errors
   that name the argument; empty sequences; the ``_inference`` twins equal the ops bit for bit;
   two GPUs.
@@ -84,26 +85,28 @@ def _problem(variant, shape, seed=0):
     return x, h0, c0, params, weights
 
 
-def _reference(variant, x, h0, c0, params, weights, gate_activation):
+def _reference(variant, x, h0, c0, params, weights, gate_activation, reverse=False):
     """[output, h_n, c_n, grad_x, grad_h0, grad_c0, *grad_params] of the reference (autograd)."""
     leaves = [t.detach().clone().requires_grad_() for t in (x, h0, c0, *params.values())]
     lx, lh, lc, *lp = leaves
-    out, h_n, c_n = cells.layer(variant, lx, lh, lc, dict(zip(params, lp)), gate_activation)
+    out, h_n, c_n = cells.layer(variant, lx, lh, lc, dict(zip(params, lp)), gate_activation,
+                                reverse=reverse)
     loss = sum((t * w.to(device=t.device, dtype=t.dtype)).sum()
                for t, w in zip((out, h_n, c_n), weights))
     return [out.detach(), h_n.detach(), c_n.detach(), *torch.autograd.grad(loss, leaves)]
 
 
-def _run_ops(variant, x, h0, c0, params, weights, gate_activation, device="cuda"):
+def _run_ops(variant, x, h0, c0, params, weights, gate_activation, device="cuda", reverse=False):
     """The same list from the native ops (forward, then backward with ``weights`` as the output
-    gradients), plus the ``saved`` list."""
+    gradients, both walking ``reverse`` as asked), plus the ``saved`` list."""
     forward, backward = _ops(variant)
     args = [t.to(device) for t in (x, h0, c0)]
     plist = [p.to(device) for p in params.values()]
     code = GATE_ACTIVATIONS.index(gate_activation)
-    out, h_n, c_n, saved = forward(*args, plist, code)
+    out, h_n, c_n, saved = forward(*args, plist, code, reverse)
     grads = [w.to(device=device, dtype=x.dtype) for w in weights]
-    grad_x, grad_h0, grad_c0, grad_params = backward(*grads, *args, plist, out, saved, code)
+    grad_x, grad_h0, grad_c0, grad_params = backward(*grads, *args, plist, out, saved, code,
+                                                     reverse)
     return [out, h_n, c_n, grad_x, grad_h0, grad_c0, *grad_params], saved
 
 
@@ -113,27 +116,31 @@ def _names(variant):
 
 
 
+@pytest.mark.parametrize("reverse", [False, True], ids=["forward", "reverse"])
 @pytest.mark.parametrize("shape", EDGE_SHAPES, ids=lambda s: "T{}B{}Cin{}C{}H{}W{}K{}".format(*s))
 @pytest.mark.parametrize("variant", VARIANTS)
-def test_edge_shapes_float64(variant, shape):
+def test_edge_shapes_float64(variant, shape, reverse):
     x, h0, c0, params, weights = _problem(variant, shape, seed=3)
     gate_activation = "hard_sigmoid" if shape[-1] == 5 else "sigmoid"
-    want = _reference(variant, x, h0, c0, params, weights, gate_activation)
-    got, _ = _run_ops(variant, x, h0, c0, params, weights, gate_activation)
+    want = _reference(variant, x, h0, c0, params, weights, gate_activation, reverse)
+    got, _ = _run_ops(variant, x, h0, c0, params, weights, gate_activation, reverse=reverse)
     for name, g, w in zip(_names(variant), got, want):
         torch.testing.assert_close(g.cpu(), w, **F64_TOL, msg=lambda m: f"{name}: {m}")
 
 
+@pytest.mark.parametrize("reverse", [False, True], ids=["forward", "reverse"])
 @pytest.mark.parametrize("variant", VARIANTS)
-def test_cpu_and_cuda_agree_float64(variant):
+def test_cpu_and_cuda_agree_float64(variant, reverse):
     """Both native backends: same outputs, the same ``saved`` values (up to the CPU kernel's NCHW
     layout where the registry's ``kernels["cpu"]`` says so) and the same gradients."""
     if not torch._C._dispatch_has_kernel_for_dispatch_key(
             "convlstm_fast::" + get_cell(variant).op, "CPU"):
         pytest.skip(f"no native CPU kernel for {variant!r} yet")
     x, h0, c0, params, weights = _problem(variant, (2, 2, 4, 6, 5, 6, 3), seed=5)
-    got_cuda, saved_cuda = _run_ops(variant, x, h0, c0, params, weights, "sigmoid")
-    got_cpu, saved_cpu = _run_ops(variant, x, h0, c0, params, weights, "sigmoid", device="cpu")
+    got_cuda, saved_cuda = _run_ops(variant, x, h0, c0, params, weights, "sigmoid",
+                                    reverse=reverse)
+    got_cpu, saved_cpu = _run_ops(variant, x, h0, c0, params, weights, "sigmoid", device="cpu",
+                                  reverse=reverse)
     for name, a, b in zip(_names(variant), got_cuda, got_cpu):
         torch.testing.assert_close(a.cpu(), b, **F64_TOL, msg=lambda m: f"{name}: {m}")
     spec = get_cell(variant).saved_spec("cuda")(x, h0, list(params.values()))

@@ -186,16 +186,20 @@ def _loss_part(output_b, h_b, c_b, b, output_shape, state_shape, seed=7):
     return total
 
 
+@pytest.mark.parametrize("lengths", [None, [3, 2]], ids=["full", "ragged"])
 @pytest.mark.parametrize("variant", VARIANTS)
 @pytest.mark.parametrize("backend", CPU_BACKENDS)
-def test_gradcheck_reverse_with_lengths(backend, variant, make_params, make_inputs):
+def test_gradcheck_reverse_with_lengths(backend, variant, lengths, make_params, make_inputs):
+    """float64 gradcheck of the reverse direction: the op's own reverse walk over the whole
+    sequence ("full"), and a ragged batch, whose steps every sample reaches run as one reverse
+    op call after the masked ones ("ragged")."""
     params = make_params(variant, 2, 2, requires_grad=True)
     x, h0, c0 = make_inputs(3, 2, 2, 2, 3, 4, requires_grad=True)
     names = list(params)
 
     def fn(x, h0, c0, *weights):
         output, (h_n, c_n) = convlstm_layer(x, dict(zip(names, weights)), variant, (h0, c0),
-                                            backend=backend, reverse=True, lengths=[3, 2])
+                                            backend=backend, reverse=True, lengths=lengths)
         return output, h_n, c_n
 
     # fast_mode: the Jacobian against random projections (one column per output instead of

@@ -7,6 +7,11 @@ drivers of the channel-attention cells c and d (``channel_attention_forward`` an
 ``channel_attention_backward``, which input_attention_layer and output_attention_layer take through
 ``channel_attention_op`` with ``output_gate`` False and True).
 
+The op's ``reverse`` changes only the host loops: they take the order of the steps from
+:class:`Walk`, and in the kernels' docstrings t − 1 and t + 1 are the steps before and after t in
+the walk (t + 1 and t − 1 in time when it runs backwards); every per-step tensor stays indexed by
+time.
+
 Inside an op every state is a channels-last matrix of rows ``[B·H·W, C]`` (KERNELS.md "Layout"):
 a pixel's channels are contiguous, so the pointwise convolutions are row-major GEMMs (``tl.dot``)
 and a depthwise K×K tile of ``BLOCK_M`` pixels × ``BLOCK_K`` channels is K² coalesced loads.
@@ -19,6 +24,8 @@ that op files would import from as well.
 from __future__ import annotations
 
 import os
+from collections.abc import Iterator
+from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -280,7 +287,7 @@ def recurrent_hidden_grad(gout_ptr, gpart_next_ptr, gate_next_ptr, dgp_next_ptr,
                           KSIZE: tl.constexpr, NUM_GATES: tl.constexpr, ACT: tl.constexpr,
                           HAS_REC: tl.constexpr, CELL: tl.constexpr, ATT_PATH: tl.constexpr,
                           BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
-    """dH_t of a pooled-gate cell (a, b, c, d) on this tile, in reverse time:
+    """dH_t of a pooled-gate cell (a, b, c, d) on this tile, in the walk's opposite order:
         dH_t = grad_output[t] (with CELL) + dwᵀ(ddw_{t+1}) [+ dwᵀ_a(ddw_a_{t+1}), ATT_PATH]
                + dh̄_{t+1} / HW                                                  (with HAS_REC)
     ddw_{t+1} = dacc_{t+1}·pw_h and ddw_a_{t+1} (a second H-side SepConv's, the attention
@@ -348,8 +355,8 @@ def pooled_layer_bwd_kernel(
     ATT_PATH: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
-    """Backward of step t of cell (a) (reverse time; pooled_layer, and spatial_attention_layer's
-    cell on X̃) for BLOCK_M pixels of sample b × BLOCK_N channels.
+    """Backward of step t of cell (a) (the walk backwards; pooled_layer, and
+    spatial_attention_layer's cell on X̃) for BLOCK_M pixels of sample b × BLOCK_N channels.
 
     dH_t = grad_output[t] + dwᵀ(ddw_{t+1}) + dh̄_{t+1} / HW, with ddw_{t+1} = dacc_{t+1} · pw_h
     (a GEMM done between launches) and dh̄_{t+1} = dgp_{t+1} · U_h, dgp_{t+1} = act'(z_{t+1}) ∘
@@ -699,37 +706,103 @@ def sepconv_rows_backward(grad_rows: torch.Tensor, x: torch.Tensor, d_rows: torc
     return grad_x, grad_dw, grad_pw
 
 
-def initial_pooled_state(h0: torch.Tensor, c0: torch.Tensor, tiles: int):
+class BackwardStep(NamedTuple):
+    """One launch of a backward's loop (:meth:`Walk.backward`). ``cell``: it runs the cell
+    backward of step ``t``; the last launch does not (it stores dH_0 only, and ``t`` is the
+    walk's first step, for pointers it does not read). ``rec``: the step after t in the walk,
+    whose gradients flow into H_t (``has_rec``); at the walk's last step there is none, and
+    ``rec`` is t itself, unread. ``before``: the step before t, whose C_{t−1} step t read
+    (None at the first step: c0)."""
+
+    t: int
+    cell: bool
+    rec: int
+    has_rec: bool
+    before: int | None
+
+    def prev(self, states: torch.Tensor, initial: torch.Tensor) -> torch.Tensor:
+        """The state step t started from: ``states[before]``, or ``initial`` at the first step."""
+        return initial if self.before is None else states[self.before]
+
+
+class Walk:
+    """The order of a layer's steps: t = 0 … T−1, or T−1 … 0 with ``reverse`` (the op's argument,
+    ops/registration.py). Step t starts from the state of the step before it in the walk (h0, c0
+    at the first) and ``output[t]`` is its state; every per-step tensor stays indexed by time, so
+    a launcher reverses by its loop order and the indices it takes from here, with no flipped copy
+    of x, the output or the gradients and the same launches per step."""
+
+    def __init__(self, steps: int, reverse: bool):
+        self.steps, self.reverse = steps, reverse
+        self.first, self.last = (steps - 1, 0) if reverse else (0, steps - 1)
+
+    def forward(self) -> range:
+        """The steps in the order the forward runs them."""
+        return range(self.steps - 1, -1, -1) if self.reverse else range(self.steps)
+
+    def before(self, t: int) -> int | None:
+        """The step before t in the walk, whose state t starts from (None at the first)."""
+        if t == self.first:
+            return None
+        return t + 1 if self.reverse else t - 1
+
+    def after(self, t: int) -> int | None:
+        """The step after t in the walk, which starts from t's state (None at the last)."""
+        if t == self.last:
+            return None
+        return t - 1 if self.reverse else t + 1
+
+    def backward(self) -> Iterator[BackwardStep]:
+        """The backward's T + 1 launches, in the opposite order of the forward: one per step,
+        then the one that stores dH_0 (from the first step's gradients)."""
+        for t in reversed(self.forward()):
+            rec = self.after(t)
+            yield BackwardStep(t, True, t if rec is None else rec, rec is not None, self.before(t))
+        yield BackwardStep(self.first, False, self.first, True, None)
+
+    def before_each(self, states: torch.Tensor, initial: torch.Tensor) -> torch.Tensor:
+        """The state each step started from, time-indexed (``states [T, ...]``, ``initial`` the
+        first step's): H_{t−1} of every step for the batched weight gradients, one ``cat``."""
+        if self.reverse:
+            return torch.cat([states[1:], initial[None]])
+        return torch.cat([initial[None], states[:-1]])
+
+
+def initial_pooled_state(h0: torch.Tensor, c0: torch.Tensor, tiles: int, walk: Walk):
     """The start of a pooled-gate cell's recurrence: ``(h_prev, c_state, hpart)``, H_0's rows,
     C_0 as fp32 rows (the step kernels update them in place) and the two ping-pong buffers
     ``[2, B, tiles, C]`` (fp32) of per-pixel-tile column sums of H that the steps hand on (step t
-    reads ``[(t + 1) % 2]``, writes ``[t % 2]``): buffer 1 holds H_0's, all in tile 0."""
+    reads ``[(t + 1) % 2]``, writes ``[t % 2]``: the steps before and after t in the walk have
+    the same parity, whichever its direction): buffer ``(first + 1) % 2`` holds H_0's, all in
+    tile 0."""
     batch, hidden = h0.shape[:2]
     hpart = torch.zeros(2, batch, tiles, hidden, device=h0.device, dtype=torch.float32)
-    hpart[1, :, 0] = h0.sum((-2, -1), dtype=torch.float32)
+    hpart[(walk.first + 1) % 2, :, 0] = h0.sum((-2, -1), dtype=torch.float32)
     return rows(h0), rows(c0).to(torch.float32, copy=True), hpart
 
 
 def layer_outputs(out: torch.Tensor, c_state: torch.Tensor, dtype: torch.dtype, batch: int,
-                  height: int, width: int):
+                  height: int, width: int, walk: Walk):
     """``(output [T, B, C, H, W], h_n, c_n)`` (contiguous, ``dtype``) from the steps' H rows
-    ``out [T, B·H·W, C]`` and the fp32 cell state rows ``c_state [B·H·W, C]``."""
+    ``out [T, B·H·W, C]`` and the fp32 cell state rows ``c_state [B·H·W, C]`` after the walk's
+    last step."""
     steps, _, hidden = out.shape
     output = out.view(steps, batch, height, width, hidden).permute(0, 1, 4, 2, 3).contiguous()
-    h_n = nchw(out[-1], batch, height, width).clone(memory_format=torch.contiguous_format)
+    h_n = nchw(out[walk.last], batch, height, width).clone(memory_format=torch.contiguous_format)
     c_n = nchw(c_state, batch, height, width).to(dtype, memory_format=torch.contiguous_format,
                                                  copy=True)
     return output, h_n, c_n
 
 
-def output_grad_rows(grad_output: torch.Tensor, grad_h_n: torch.Tensor, grad_c_n: torch.Tensor):
+def output_grad_rows(grad_output: torch.Tensor, grad_h_n: torch.Tensor, grad_c_n: torch.Tensor,
+                     walk: Walk):
     """The backward's start: ``(gout, dc)``, grad_output ``[T, B, C, H, W]`` as rows
-    ``[T, B·H·W, C]`` with grad_h_n added to the last step, and grad_c_n as fp32 rows (the
+    ``[T, B·H·W, C]`` with grad_h_n added to the walk's last step, and grad_c_n as fp32 rows (the
     carried dC)."""
     steps, batch, hidden, height, width = grad_output.shape
     gout = grad_output.permute(0, 1, 3, 4, 2).clone(memory_format=torch.contiguous_format)
     gout = gout.view(steps, batch * height * width, hidden)
-    gout[-1] += rows(grad_h_n)
+    gout[walk.last] += rows(grad_h_n)
     dc = rows(grad_c_n).to(torch.float32, copy=True)
     return gout, dc
 
@@ -754,7 +827,7 @@ def layer_input_grads(grad_frames: torch.Tensor, grad_h0_rows: torch.Tensor, dc:
 # with both depthwise filters and two GEMMs -> G and A; (2) ``attention_logits_kernel``: Z =
 # SepConv_z(A) (needs A's neighbours, hence the launch boundary) and per-tile channel maxima;
 # (3) ``attention_cell_kernel``: M = exp(Z − max), pooled gates, cell update, column sums of H_t.
-# Backward (reverse time), per step: the cell backward fused with the two transposed depthwise
+# Backward (the walk backwards), per step: the cell backward fused with the two transposed depthwise
 # convolutions into dH_t (``attention_cell_bwd_kernel``), dZ (``attention_logits_bwd_kernel``),
 # a GEMM, dA's pre-activation (``attention_features_bwd_kernel``) and two GEMMs. A_t and Z_t
 # are recomputed per step by the forward's own launches (1) and (2), so the tie mask of max Z is
@@ -789,7 +862,8 @@ def _attention_logits_step(h_prev, xc, xa, p, cand, feat, logits, zpart, height,
                                   zpart.shape[1], KSIZE=ksize, DOT_PRECISION=dot, **launch)
 
 
-def channel_attention_forward(x, h0, c0, params, gate_activation: int, output_gate: bool):
+def channel_attention_forward(x, h0, c0, params, gate_activation: int, output_gate: bool,
+                              reverse: bool = False):
     """Variant (c) (``output_gate`` False: M is the input gate) or (d) (True: the output gate):
     ``(output, h_n, c_n, [cell, candidate, gate_preact [T, B, 2C], attention])``."""
     p = [q.contiguous() for q in params]
@@ -806,11 +880,12 @@ def channel_attention_forward(x, h0, c0, params, gate_activation: int, output_ga
     feat = torch.empty_like(out[0])
     logits = torch.empty(batch * pixels, hidden, device=x.device, dtype=torch.float32)
     zpart = torch.empty(batch, tiles, hidden, device=x.device, dtype=torch.float32)
-    h_prev, c_state, hpart = initial_pooled_state(h0, c0, tiles)
+    walk = Walk(steps, reverse)
+    h_prev, c_state, hpart = initial_pooled_state(h0, c0, tiles, walk)
     grid = (tiles, triton.cdiv(hidden, block_c), batch)
     launch = dict(BLOCK_M=block_m, BLOCK_N=block_c, BLOCK_K=block_c, **SEPCONV_LAUNCH)
     dot = dot_precision(x.dtype)
-    for t in range(steps):
+    for t in walk.forward():
         _attention_logits_step(h_prev, xc[t], xa[t], p, cand[t], feat, logits, zpart, height,
                                width, grid, launch, dot)
         attention_cell_kernel[grid](logits, zpart, c_state, cand[t], xg[t], hpart[(t + 1) % 2],
@@ -819,13 +894,14 @@ def channel_attention_forward(x, h0, c0, params, gate_activation: int, output_ga
                                     OUTPUT_GATE=output_gate, **launch)
         h_prev = out[t]
     state_shape = (steps, batch, height, width, hidden)
-    output, h_n, c_n = layer_outputs(out, c_state, x.dtype, batch, height, width)
+    output, h_n, c_n = layer_outputs(out, c_state, x.dtype, batch, height, width, walk)
     return output, h_n, c_n, [cell.view(state_shape), cand.view(state_shape), gate_preact,
                               att.view(state_shape)]
 
 
 def channel_attention_backward(grad_output, grad_h_n, grad_c_n, x, h0, c0, params, output,
-                               saved, gate_activation: int, output_gate: bool):
+                               saved, gate_activation: int, output_gate: bool,
+                               reverse: bool = False):
     """Gradients of :func:`channel_attention_forward` w.r.t. x, h0, c0 and every parameter."""
     p = [q.contiguous() for q in params]
     gwx, gwh, _, cdwx, cpwx, cdwh, cpwh, _, adwx, apwx, adwh, apwh, _, zdw, zpw = p
@@ -837,14 +913,15 @@ def channel_attention_backward(grad_output, grad_h_n, grad_c_n, x, h0, c0, param
     gate_preact = gate_preact.contiguous()
     frames = x.reshape(steps * batch, cin, height, width)
     maps = steps * batch
+    walk = Walk(steps, reverse)
 
     # A_t and Z_t are not saved: each step of the loop recomputes them with the forward's kernels.
     xc, xa, _ = _attention_x_side(SequenceFrames(frames.view(x.shape)), p, steps, batch, pixels,
                                   hidden)
-    h_prev = torch.cat([h0[None], output[:-1]]).reshape(maps, hidden, height, width)
+    h_prev = walk.before_each(output, h0).reshape(maps, hidden, height, width)
     h_prev_rows = rows(h_prev).view(state)
 
-    gout, dc = output_grad_rows(grad_output, grad_h_n, grad_c_n)
+    gout, dc = output_grad_rows(grad_output, grad_h_n, grad_c_n, walk)
     c0_rows = rows(c0)
 
     block_m, block_c = block_sizes(x.device, pixels, hidden)
@@ -862,15 +939,15 @@ def channel_attention_backward(grad_output, grad_h_n, grad_c_n, x, h0, c0, param
     launch = dict(BLOCK_M=block_m, BLOCK_N=block_c, BLOCK_K=block_c, **SEPCONV_LAUNCH)
     blocks = dict(BLOCK_M=block_m, BLOCK_N=block_c, **SEPCONV_LAUNCH)
     dot = dot_precision(x.dtype)
-    for t in range(steps - 1, -2, -1):
-        here, rec = max(t, 0), min(t + 1, steps - 1)
+    for s in walk.backward():
+        t, rec = s.t, s.rec
         attention_cell_bwd_kernel[grid](
             ddw_c[rec], ddw_a[rec], gpart[rec], gate_preact[rec], dgp[rec], gwh, cdwh, adwh,
-            gout[here], grad_h0_rows, cell[here], cell[t - 1] if t > 0 else c0_rows, cand[here],
-            att[here], gate_preact[here], dc, dacc[here], datt, spart, gpart[here],
+            gout[t], grad_h0_rows, cell[t], s.prev(cell, c0_rows), cand[t], att[t],
+            gate_preact[t], dc, dacc[t], datt, spart, gpart[t],
             hidden, height, width, tiles, KSIZE=ksize, ACT=gate_activation,
-            OUTPUT_GATE=output_gate, HAS_REC=t < steps - 1, CELL=t >= 0, **launch)
-        if t < 0:
+            OUTPUT_GATE=output_gate, HAS_REC=s.has_rec, CELL=s.cell, **launch)
+        if not s.cell:
             break
         _attention_logits_step(h_prev_rows[t], xc[t], xa[t], p, cand_scratch, feat[t], logits,
                                zpart, height, width, grid, launch, dot)
@@ -928,13 +1005,14 @@ def channel_attention_op(op: str, output_gate: bool):
     :func:`channel_attention_backward` of variant (c) (``output_gate`` False) or (d) (True), with
     the registered op's signatures."""
 
-    def forward(x, h0, c0, params, gate_activation: int):
-        return channel_attention_forward(x, h0, c0, params, gate_activation, output_gate)
+    def forward(x, h0, c0, params, gate_activation: int, reverse: bool = False):
+        return channel_attention_forward(x, h0, c0, params, gate_activation, output_gate,
+                                         reverse)
 
     def backward(grad_output, grad_h_n, grad_c_n, x, h0, c0, params, output, saved,
-                 gate_activation: int):
+                 gate_activation: int, reverse: bool = False):
         return channel_attention_backward(grad_output, grad_h_n, grad_c_n, x, h0, c0, params,
-                                          output, saved, gate_activation, output_gate)
+                                          output, saved, gate_activation, output_gate, reverse)
 
     forward.__name__, backward.__name__ = f"{op}_forward", f"{op}_backward"
     forward.__qualname__, backward.__qualname__ = forward.__name__, backward.__name__
@@ -1047,7 +1125,7 @@ def layer_input_grads_traffic(r, z) -> None:
 
 
 def h_prev_all_traffic(r, z) -> None:
-    """``torch.cat([h0[None], output[:-1]])``: H_{t−1} of every step (for the weight gradients)."""
+    """:meth:`Walk.before_each` of the output: H_{t−1} of every step (for the weight gradients)."""
     r.aten("cat (H_{t-1} of all steps)", z.seq(), z.seq())
 
 

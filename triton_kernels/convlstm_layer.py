@@ -6,7 +6,7 @@
 Forward: ``xz = W_x * X + b`` for all steps in one ATen convolution, then ONE launch per step
 (``_convlstm_layer_fwd_kernel``): the H-side K×K convolution as an implicit GEMM over (K·K·C)
 producing the four gate slices of the same output channels in one program, with the LSTM
-epilogue fused. Backward (reverse time): ONE launch per step (``_convlstm_layer_bwd_kernel``):
+epilogue fused. Backward (the walk backwards): ONE launch per step (``_convlstm_layer_bwd_kernel``):
 the transposed implicit GEMM of the next step's gate gradients back to dH_t, fused with the cell
 backward of step t. Weight and input gradients: two batched ATen convolution backwards after the
 loop. Saved per step (as the native op): C_t and the gate pre-activations (1 + 4 state tensors).
@@ -19,7 +19,7 @@ import torch.nn.functional as F
 import triton
 import triton.language as tl
 
-from ._common import (GPU_BLOCK_M, SequenceFrames, block_sizes, dot_precision, gate_act,
+from ._common import (GPU_BLOCK_M, SequenceFrames, Walk, block_sizes, dot_precision, gate_act,
                       gate_act_grad, layer_input_grads, layer_outputs, nchw, output_grad_rows,
                       program_tile, rows, tanh, tanh_with_grad)
 # The traffic models of the shared host helpers (for traffic() below).
@@ -175,7 +175,7 @@ def _convlstm_layer_bwd_kernel(
 LAUNCHES_PER_STEP = {"forward": (1, 0), "backward": (1, 0)}
 
 
-def convlstm_layer_forward(x, h0, c0, params, gate_activation: int):
+def convlstm_layer_forward(x, h0, c0, params, gate_activation: int, reverse: bool = False):
     """``x [T, B, Cin, H, W]``, ``h0``, ``c0`` ``[B, C, H, W]`` -> ``(output [T, B, C, H, W],
     h_n, c_n, [cell [T, B, H, W, C], gates [T, B, H, W, 4C]])``."""
     weight_x, weight_h, bias = params
@@ -194,7 +194,8 @@ def convlstm_layer_forward(x, h0, c0, params, gate_activation: int):
     c_state = rows(c0).to(torch.float32, copy=True)
     h_prev = rows(h0)
     grid = (triton.cdiv(pixels, block_m), triton.cdiv(hidden, block_c), batch)
-    for t in range(steps):
+    walk = Walk(steps, reverse)
+    for t in walk.forward():
         _convlstm_layer_fwd_kernel[grid](
             h_prev, c_state, xz[t], w, out[t], cell[t], gates[t], hidden, height, width,
             KSIZE=ksize, ACT=gate_activation, DOT_PRECISION=dot_precision(x.dtype),
@@ -202,13 +203,13 @@ def convlstm_layer_forward(x, h0, c0, params, gate_activation: int):
         )
         h_prev = out[t]
     state_shape = (steps, batch, height, width, hidden)
-    output, h_n, c_n = layer_outputs(out, c_state, x.dtype, batch, height, width)
+    output, h_n, c_n = layer_outputs(out, c_state, x.dtype, batch, height, width, walk)
     return output, h_n, c_n, [cell.view(state_shape),
                               gates.view(steps, batch, height, width, 4 * hidden)]
 
 
 def convlstm_layer_backward(grad_output, grad_h_n, grad_c_n, x, h0, c0, params, output, saved,
-                            gate_activation: int):
+                            gate_activation: int, reverse: bool = False):
     """Gradients of :func:`convlstm_layer_forward` w.r.t. x, h0, c0, weight_x, weight_h, bias."""
     weight_x, weight_h, bias = params
     steps, batch, cin, height, width = x.shape
@@ -217,27 +218,27 @@ def convlstm_layer_backward(grad_output, grad_h_n, grad_c_n, x, h0, c0, params, 
     gates = saved[1].reshape(steps, batch * pixels, 4 * hidden).contiguous()
     wt = weight_h.permute(2, 3, 0, 1).reshape(ksize * ksize, 4 * hidden, hidden).contiguous()
 
-    gout, dc = output_grad_rows(grad_output, grad_h_n, grad_c_n)
+    walk = Walk(steps, reverse)
+    gout, dc = output_grad_rows(grad_output, grad_h_n, grad_c_n, walk)
     c0_rows = rows(c0)
     dz = torch.empty_like(gates)
     grad_h0_rows = torch.empty_like(gout[0])
 
     block_m, block_c = block_sizes(x.device, pixels, hidden)
     grid = (triton.cdiv(pixels, block_m), triton.cdiv(hidden, block_c), batch)
-    for t in range(steps - 1, -2, -1):
-        here = max(t, 0)
+    for s in walk.backward():
         _convlstm_layer_bwd_kernel[grid](
-            dz[min(t + 1, steps - 1)], wt, gout[here], grad_h0_rows,
-            cell[here], cell[t - 1] if t > 0 else c0_rows, gates[here], dc, dz[here],
+            dz[s.rec], wt, gout[s.t], grad_h0_rows,
+            cell[s.t], s.prev(cell, c0_rows), gates[s.t], dc, dz[s.t],
             hidden, height, width,
             KSIZE=ksize, ACT=gate_activation, DOT_PRECISION=dot_precision(x.dtype),
-            HAS_REC=t < steps - 1, CELL=t >= 0,
+            HAS_REC=s.has_rec, CELL=s.cell,
             BLOCK_M=block_m, BLOCK_N=block_c, BLOCK_K=block_c, **launch_options(x.dtype),
         )
 
     # Weight and input gradients of all steps: two batched convolution backwards.
     frames = x.reshape(steps * batch, cin, height, width)
-    h_prev = torch.cat([h0[None], output[:-1]]).reshape(steps * batch, hidden, height, width)
+    h_prev = walk.before_each(output, h0).reshape(steps * batch, hidden, height, width)
     dz_maps = nchw(dz.view(-1, 4 * hidden), steps * batch, height, width)
     pad = [ksize // 2] * 2
     _, grad_wh, _ = torch.ops.aten.convolution_backward(

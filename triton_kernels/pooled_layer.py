@@ -8,7 +8,7 @@ Forward: the X-side terms ``xc = SepConv_x(X) + b_c`` and ``xg = U_x x̄ + b_g``
 batched ATen calls, then ONE launch per step (``_pooled_layer_fwd_kernel``): pooled gates from
 the previous step's per-tile column sums of H, depthwise K×K of H_{t−1} on the fly, pointwise
 GEMM (tl.dot), tanh, cell update, H_t, and this step's column sums of H_t.
-Backward (reverse time): per step one launch (``_common.pooled_layer_bwd_kernel``, which
+Backward (the walk backwards): per step one launch (``_common.pooled_layer_bwd_kernel``, which
 spatial_attention_layer launches too) plus one GEMM; the weight gradients of all steps are
 batched products after the loop.
 Saved per step (as the native op): C_t and G (2 state tensors) and the gate pre-activations.
@@ -27,7 +27,7 @@ from ._common import depthwise_tile, gate_act, pooled_gate_preacts, program_tile
 from ._common import store_cell_state, store_gate_preacts, store_hidden_state
 from ._common import pooled_layer_bwd_kernel
 from ._common import GPU_BLOCK_CS, GPU_BLOCK_M, SEPCONV_LAUNCH, block_sizes, dot_precision
-from ._common import SequenceFrames, depthwise, depthwise_backward, nchw, rows
+from ._common import SequenceFrames, Walk, depthwise, depthwise_backward, nchw, rows
 from ._common import sepconv_rows, sepconv_rows_backward
 from ._common import initial_pooled_state, layer_input_grads, layer_outputs, output_grad_rows
 # The traffic models of the shared host helpers and kernels (for traffic() below).
@@ -108,7 +108,7 @@ def _unpack(params):
             cand_dw_h.contiguous(), cand_pw_h.contiguous(), cand_bias)
 
 
-def pooled_layer_forward(x, h0, c0, params, gate_activation: int):
+def pooled_layer_forward(x, h0, c0, params, gate_activation: int, reverse: bool = False):
     """``x [T, B, Cin, H, W]``, ``h0``, ``c0`` ``[B, C, H, W]`` -> ``(output [T, B, C, H, W],
     h_n, c_n, [cell [T, B, H, W, C], candidate [T, B, H, W, C], gate_preact [T, B, 3C]])``."""
     gwx, gwh, gb, dwx, pwx, dwh, pwh, cb = _unpack(params)
@@ -128,9 +128,10 @@ def pooled_layer_forward(x, h0, c0, params, gate_activation: int):
     cell = torch.empty_like(out)
     cand = torch.empty_like(out)
     gate_preact = x.new_empty(steps, batch, 3 * hidden)
-    h_prev, c_state, hpart = initial_pooled_state(h0, c0, tiles)
+    walk = Walk(steps, reverse)
+    h_prev, c_state, hpart = initial_pooled_state(h0, c0, tiles, walk)
     grid = (tiles, triton.cdiv(hidden, block_c), batch)
-    for t in range(steps):
+    for t in walk.forward():
         _pooled_layer_fwd_kernel[grid](
             h_prev, c_state, xc[t], xg[t], hpart[(t + 1) % 2], hpart[t % 2], dwh, pwh, gwh,
             out[t], cell[t], cand[t], gate_preact[t],
@@ -140,12 +141,12 @@ def pooled_layer_forward(x, h0, c0, params, gate_activation: int):
         )
         h_prev = out[t]
     state_shape = (steps, batch, height, width, hidden)
-    output, h_n, c_n = layer_outputs(out, c_state, x.dtype, batch, height, width)
+    output, h_n, c_n = layer_outputs(out, c_state, x.dtype, batch, height, width, walk)
     return output, h_n, c_n, [cell.view(state_shape), cand.view(state_shape), gate_preact]
 
 
 def pooled_layer_backward(grad_output, grad_h_n, grad_c_n, x, h0, c0, params, output, saved,
-                          gate_activation: int):
+                          gate_activation: int, reverse: bool = False):
     """Gradients of :func:`pooled_layer_forward` w.r.t. x, h0, c0 and every parameter."""
     gwx, gwh, gb, dwx, pwx, dwh, pwh, cb = _unpack(params)
     steps, batch, cin, height, width = x.shape
@@ -156,7 +157,8 @@ def pooled_layer_backward(grad_output, grad_h_n, grad_c_n, x, h0, c0, params, ou
     cand = cand.reshape(steps, batch * pixels, hidden).contiguous()
     gate_preact = gate_preact.contiguous()
 
-    gout, dc = output_grad_rows(grad_output, grad_h_n, grad_c_n)
+    walk = Walk(steps, reverse)
+    gout, dc = output_grad_rows(grad_output, grad_h_n, grad_c_n, walk)
     c0_rows = rows(c0)
 
     block_m, block_c = block_sizes(x.device, pixels, hidden)
@@ -167,25 +169,23 @@ def pooled_layer_backward(grad_output, grad_h_n, grad_c_n, x, h0, c0, params, ou
     dgp = torch.empty(steps, batch, 3 * hidden, device=x.device, dtype=torch.float32)
     grad_h0_rows = torch.empty_like(gout[0])
     grid = (tiles, triton.cdiv(hidden, block_c), batch)
-    for t in range(steps - 1, -2, -1):
-        cell_step = t >= 0
-        rec = t + 1 if t < steps - 1 else t  # the step whose gradients flow into H_t
+    for s in walk.backward():
+        t, rec = s.t, s.rec  # rec: the step whose gradients flow into H_t
         pooled_layer_bwd_kernel[grid](
             ddw[rec], gpart[rec], gate_preact[rec], dgp[rec], gwh, dwh, ddw[rec], dwh,
-            gout[max(t, 0)], grad_h0_rows,
-            cell[max(t, 0)], cell[t - 1] if t > 0 else c0_rows, cand[max(t, 0)],
-            gate_preact[max(t, 0)], dc, dacc[max(t, 0)], gpart[max(t, 0)],
+            gout[t], grad_h0_rows, cell[t], s.prev(cell, c0_rows), cand[t],
+            gate_preact[t], dc, dacc[t], gpart[t],
             hidden, height, width, tiles,
-            KSIZE=ksize, ACT=gate_activation, HAS_REC=t < steps - 1, CELL=cell_step,
+            KSIZE=ksize, ACT=gate_activation, HAS_REC=s.has_rec, CELL=s.cell,
             ATT_PATH=False,
             BLOCK_M=block_m, BLOCK_N=block_c, BLOCK_K=block_c, **SEPCONV_LAUNCH,
         )
-        if cell_step:
+        if s.cell:
             torch.mm(dacc[t], pwh, out=ddw[t])  # d dw(H_{t−1}) = dacc_t · pw_h
 
     # Weight gradients of all steps in batched products (KERNELS.md "after the loop").
     frames = x.reshape(steps * batch, cin, height, width)
-    h_prev = torch.cat([h0[None], output[:-1]]).reshape(steps * batch, hidden, height, width)
+    h_prev = walk.before_each(output, h0).reshape(steps * batch, hidden, height, width)
     dacc_rows = dacc.view(-1, hidden)
     dgp_rows = dgp.view(steps * batch, 3 * hidden)
     grad_pwh = dacc_rows.t() @ rows(depthwise(h_prev, dwh))

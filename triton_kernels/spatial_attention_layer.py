@@ -12,7 +12,7 @@ per-tile softmax statistics (max, Σexp); (3) ``_spatial_input_kernel``: A, SepC
 formed on the fly, G, and the per-tile column sums of X̃ (GAP(X̃) is a grid-wide reduction: the
 launch boundary before the gates); (4) ``_spatial_cell_kernel``: pooled gates, cell update,
 column sums of H_t.
-Backward (reverse time), per step: the cell backward of (a) with the attention path's dH term
+Backward (the walk backwards), per step: the cell backward of (a) with the attention path's dH term
 (``_common.pooled_layer_bwd_kernel``, ATT_PATH), dX̃ and per-pixel dA
 (``_spatial_input_bwd_kernel``), the softmax backward on the [B, H·W] map, dF's pre-activation
 (``_spatial_features_bwd_kernel``), and three GEMMs. Saved per step (as the native op): C_t, G
@@ -32,7 +32,7 @@ from ._common import program_tile, state_tile, store_cell_state, store_gate_prea
 from ._common import store_hidden_state, tanh
 from ._common import attention_features_kernel, pooled_layer_bwd_kernel
 from ._common import GPU_BLOCK_M, SEPCONV_LAUNCH, block_sizes, dot_precision
-from ._common import SequenceFrames, depthwise, depthwise_backward, nchw, rows
+from ._common import SequenceFrames, Walk, depthwise, depthwise_backward, nchw, rows
 from ._common import sepconv_rows, sepconv_rows_backward
 from ._common import initial_pooled_state, layer_input_grads, layer_outputs, output_grad_rows
 # The traffic models of the shared host helpers and kernels (for traffic() below).
@@ -239,7 +239,8 @@ def _gate_act_grad(z: torch.Tensor, gate_activation: int) -> torch.Tensor:
     return torch.where((z < -2.5) | (z > 2.5), 0.0, 0.2).to(z.dtype)
 
 
-def spatial_attention_layer_forward(x, h0, c0, params, gate_activation: int):
+def spatial_attention_layer_forward(x, h0, c0, params, gate_activation: int,
+                                    reverse: bool = False):
     """``x [T, B, Cin, H, W]``, ``h0``, ``c0`` ``[B, C, H, W]`` -> ``(output [T, B, C, H, W],
     h_n, c_n, [cell, candidate [T, B, H, W, C], gate_preact [T, B, 3C],
     attention [T, B, H, W]])``."""
@@ -264,11 +265,12 @@ def spatial_attention_layer_forward(x, h0, c0, params, gate_activation: int):
     logits = torch.empty(batch * pixels, **f32)
     zstat = torch.empty(batch, tiles, 2, **f32)
     xpart = torch.empty(batch, tiles, cin, **f32)
-    h_prev, c_state, hpart = initial_pooled_state(h0, c0, tiles)
+    walk = Walk(steps, reverse)
+    h_prev, c_state, hpart = initial_pooled_state(h0, c0, tiles, walk)
     grid = (tiles, triton.cdiv(hidden, block_c), batch)
     blocks = dict(BLOCK_M=block_m, BLOCK_N=block_c, BLOCK_K=block_c, **SEPCONV_LAUNCH)
     dot = dot_precision(x.dtype)
-    for t in range(steps):
+    for t in walk.forward():
         attention_features_kernel[grid](h_prev, hc, xa[t], cdwh, cpwh, adwh, apwh, hc, feat,
                                         hidden, height, width, KSIZE=ksize, DOT_PRECISION=dot,
                                         RAW_CAND=True, **blocks)
@@ -283,13 +285,13 @@ def spatial_attention_layer_forward(x, h0, c0, params, gate_activation: int):
                                    hidden, height, width, tiles, ACT=gate_activation, **blocks)
         h_prev = out[t]
     state_shape = (steps, batch, height, width, hidden)
-    output, h_n, c_n = layer_outputs(out, c_state, x.dtype, batch, height, width)
+    output, h_n, c_n = layer_outputs(out, c_state, x.dtype, batch, height, width, walk)
     return output, h_n, c_n, [cell.view(state_shape), cand.view(state_shape), gate_preact,
                               att.view(steps, batch, height, width)]
 
 
 def spatial_attention_layer_backward(grad_output, grad_h_n, grad_c_n, x, h0, c0, params, output,
-                                     saved, gate_activation: int):
+                                     saved, gate_activation: int, reverse: bool = False):
     """Gradients of :func:`spatial_attention_layer_forward` w.r.t. x, h0, c0 and every parameter."""
     p = [q.contiguous() for q in params]
     gwx, gwh, gb, cdwx, cpwx, cdwh, cpwh, cb, adwx, apwx, adwh, apwh, ab, wz = p
@@ -302,14 +304,15 @@ def spatial_attention_layer_backward(grad_output, grad_h_n, grad_c_n, x, h0, c0,
     att = att.reshape(steps, batch, pixels).contiguous()
     frames = x.reshape(maps, cin, height, width)
     x_rows = rows(frames).view(steps, batch * pixels, cin)
+    walk = Walk(steps, reverse)
 
     # Recompute the attention features F for all steps (batched; not saved).
     _, xa = sepconv_rows(frames, adwx, apwx, ab)
-    h_prev = torch.cat([h0[None], output[:-1]]).reshape(maps, hidden, height, width)
+    h_prev = walk.before_each(output, h0).reshape(maps, hidden, height, width)
     dwh_a_rows, feat_pre = sepconv_rows(h_prev, adwh, apwh, None)
     feat = torch.tanh(feat_pre + xa).view(state)
 
-    gout, dc = output_grad_rows(grad_output, grad_h_n, grad_c_n)
+    gout, dc = output_grad_rows(grad_output, grad_h_n, grad_c_n, walk)
     c0_rows = rows(c0)
 
     block_m, block_c = block_sizes(x.device, pixels, hidden)
@@ -325,15 +328,15 @@ def spatial_attention_layer_backward(grad_output, grad_h_n, grad_c_n, x, h0, c0,
     grad_h0_rows = torch.empty_like(gout[0])
     grid = (tiles, triton.cdiv(hidden, block_c), batch)
     blocks = dict(BLOCK_M=block_m, BLOCK_N=block_c, **SEPCONV_LAUNCH)
-    for t in range(steps - 1, -2, -1):
-        here, rec = max(t, 0), min(t + 1, steps - 1)
+    for s in walk.backward():
+        t, rec = s.t, s.rec
         pooled_layer_bwd_kernel[grid](
             ddw_c[rec], gpart[rec], gate_preact[rec], dgp_kernel[rec], gwh, cdwh, ddw_a[rec],
-            adwh, gout[here], grad_h0_rows, cell[here], cell[t - 1] if t > 0 else c0_rows,
-            cand[here], gate_preact[here], dc, dacc[here], gpart[here],
+            adwh, gout[t], grad_h0_rows, cell[t], s.prev(cell, c0_rows),
+            cand[t], gate_preact[t], dc, dacc[t], gpart[t],
             hidden, height, width, tiles, KSIZE=ksize, ACT=gate_activation,
-            HAS_REC=t < steps - 1, CELL=t >= 0, ATT_PATH=True, BLOCK_K=block_c, **blocks)
-        if t < 0:
+            HAS_REC=s.has_rec, CELL=s.cell, ATT_PATH=True, BLOCK_K=block_c, **blocks)
+        if not s.cell:
             break
         # Gates: dgp_t = act'(z_t) ∘ (raw gate grads reduced over tiles); GAP(X̃)'s share of dX̃.
         dgp[t] = gpart[t].sum(1) * _gate_act_grad(gate_preact[t].float(), gate_activation)

@@ -54,9 +54,10 @@ class Backend:
         return self.unavailable_reason()
 
     def run_layer(self, variant: str, x: torch.Tensor, h0: torch.Tensor, c0: torch.Tensor,
-                  params: Sequence[torch.Tensor], gate_activation: str):
+                  params: Sequence[torch.Tensor], gate_activation: str, reverse: bool = False):
         """``x [T, B, Cin, H, W]`` (any strides), ``h0``, ``c0`` ``[B, C, H, W]``, ``params`` in
-        the order of the cell's registry entry -> ``(output [T, B, C, H, W], h_n, c_n)``."""
+        the order of the cell's registry entry -> ``(output [T, B, C, H, W], h_n, c_n)``;
+        ``reverse`` walks t = T − 1 … 0 (ops/registration.py)."""
         raise NotImplementedError
 
 
@@ -100,8 +101,8 @@ class OpBackend(Backend):
             return f"backend {self.name!r} has no {self.dispatch_key} kernel for variant {variant!r}"
         return None
 
-    def run_layer(self, variant, x, h0, c0, params, gate_activation):
-        args = (x, h0, c0, list(params), gate_activation_code(gate_activation))
+    def run_layer(self, variant, x, h0, c0, params, gate_activation, reverse=False):
+        args = (x, h0, c0, list(params), gate_activation_code(gate_activation), reverse)
         name = self.op_name(variant)
         wants_grad = torch.is_grad_enabled() and any(
             t.requires_grad for t in (x, h0, c0, *params))

@@ -13,9 +13,9 @@ from . import Backend
 class ReferenceBackend(Backend):
     name = "reference"
 
-    def run_layer(self, variant, x, h0, c0, params, gate_activation):
+    def run_layer(self, variant, x, h0, c0, params, gate_activation, reverse=False):
         named = dict(zip(get_cell(variant).parameter_names, params))
-        return cells.layer(variant, x, h0, c0, named, gate_activation)
+        return cells.layer(variant, x, h0, c0, named, gate_activation, reverse=reverse)
 
 
 BACKENDS = {"reference": ReferenceBackend()}

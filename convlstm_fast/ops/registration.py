@@ -3,10 +3,11 @@
 Every kernel backend exposes, per cell, two ops with the same schemas (KERNELS.md "The unit of an
 op": one layer over a whole sequence):
 
-    <name>(Tensor x, Tensor h0, Tensor c0, Tensor[] params, int gate_activation)
-        -> (Tensor output, Tensor h_n, Tensor c_n, Tensor[] saved)
+    <name>(Tensor x, Tensor h0, Tensor c0, Tensor[] params, int gate_activation,
+           bool reverse=False) -> (Tensor output, Tensor h_n, Tensor c_n, Tensor[] saved)
     <name>_backward(Tensor grad_output, Tensor grad_h_n, Tensor grad_c_n, Tensor x, Tensor h0,
-                    Tensor c0, Tensor[] params, Tensor output, Tensor[] saved, int gate_activation)
+                    Tensor c0, Tensor[] params, Tensor output, Tensor[] saved, int gate_activation,
+                    bool reverse=False)
         -> (Tensor grad_x, Tensor grad_h0, Tensor grad_c0, Tensor[] grad_params)
 
 ``x`` is time-first ``[T, B, Cin, H, W]`` with any strides — ConvLSTM passes the time-first view
@@ -14,7 +15,11 @@ of its batch-first input, which a kernel reads in place (or one step's frame at 
 what autograd saves is the caller's own x —, ``h0``/``c0`` and ``h_n``/``c_n`` ``[B, C, H, W]``,
 ``output`` ``[T, B, C, H, W]``, ``output`` and ``grad_x`` contiguous; ``params`` follow the
 order of the cell's registry entry;
-``gate_activation`` is an index into ``registry.GATE_ACTIVATIONS``. ``saved`` is whatever the
+``gate_activation`` is an index into ``registry.GATE_ACTIVATIONS``. ``reverse`` walks the steps
+t = T − 1 … 0 inside the kernel's loop (the reverse direction of a bidirectional layer): step t
+then starts from step t + 1's state (``h0``/``c0`` at t = T − 1), ``output[t]`` is still the
+state after step t, ``(h_n, c_n)`` are step 0's, and every per-step tensor (x, output, saved,
+gradients) stays indexed by time. ``saved`` is whatever the
 kernel keeps for its backward (shapes and dtypes declared per layout in the registry entry's
 ``saved``); the gradients that arrive for it are ignored. Native ops (``convlstm_fast::<op>``)
 are declared in C++ (csrc/convlstm_fast.cpp); Triton ops (``convlstm_fast::<op>_triton``) are
@@ -44,20 +49,20 @@ from torch.utils.flop_counter import register_flop_formula
 from ..registry import GATE_ACTIVATIONS, CellSpec, cell_names, get_cell
 
 LAYER_SCHEMA = (
-    "(Tensor x, Tensor h0, Tensor c0, Tensor[] params, int gate_activation)"
-    " -> (Tensor output, Tensor h_n, Tensor c_n, Tensor[] saved)"
+    "(Tensor x, Tensor h0, Tensor c0, Tensor[] params, int gate_activation,"
+    " bool reverse=False) -> (Tensor output, Tensor h_n, Tensor c_n, Tensor[] saved)"
 )
 BACKWARD_SCHEMA = (
     "(Tensor grad_output, Tensor grad_h_n, Tensor grad_c_n, Tensor x, Tensor h0, Tensor c0,"
-    " Tensor[] params, Tensor output, Tensor[] saved, int gate_activation)"
-    " -> (Tensor grad_x, Tensor grad_h0, Tensor grad_c0, Tensor[] grad_params)"
+    " Tensor[] params, Tensor output, Tensor[] saved, int gate_activation,"
+    " bool reverse=False) -> (Tensor grad_x, Tensor grad_h0, Tensor grad_c0, Tensor[] grad_params)"
 )
 
 # The forward without the saved tensors (a native op's ``<name>_inference`` twin).
 INFERENCE_SUFFIX = "_inference"
 INFERENCE_SCHEMA = (
-    "(Tensor x, Tensor h0, Tensor c0, Tensor[] params, int gate_activation)"
-    " -> (Tensor output, Tensor h_n, Tensor c_n)"
+    "(Tensor x, Tensor h0, Tensor c0, Tensor[] params, int gate_activation,"
+    " bool reverse=False) -> (Tensor output, Tensor h_n, Tensor c_n)"
 )
 
 # (shape, dtype) of each saved tensor, from the forward's inputs: (x, h0, params) -> list.
@@ -76,7 +81,7 @@ def gate_activation_code(gate_activation: str) -> int:
     return GATE_ACTIVATIONS.index(gate_activation)
 
 
-def _layer_fake(x, h0, c0, params, gate_activation, *, saved_spec: SavedSpec):
+def _layer_fake(x, h0, c0, params, gate_activation, reverse=False, *, saved_spec: SavedSpec):
     steps, hidden = x.shape[0], h0.shape[1]
     output = x.new_empty((steps, *h0.shape[:1], hidden, *h0.shape[2:]), dtype=h0.dtype)
     saved = [x.new_empty(shape, dtype=dtype) for shape, dtype in saved_spec(x, h0, params)]
@@ -84,13 +89,13 @@ def _layer_fake(x, h0, c0, params, gate_activation, *, saved_spec: SavedSpec):
 
 
 def _backward_fake(grad_output, grad_h_n, grad_c_n, x, h0, c0, params, output, saved,
-                   gate_activation):
+                   gate_activation, reverse=False):
     return (x.new_empty(x.shape), torch.empty_like(h0), torch.empty_like(c0),
             [torch.empty_like(p) for p in params])
 
 
 def _setup_context(ctx, inputs, output):
-    x, h0, c0, params, gate_activation = inputs
+    x, h0, c0, params, gate_activation, *rest = inputs
     out, _, _, saved = output
     ctx.save_for_backward(x, h0, c0, out, *params, *saved)
     # Gradients that never arrive (the saved tensors' always; h_n's or c_n's when unused) stay
@@ -99,6 +104,7 @@ def _setup_context(ctx, inputs, output):
     ctx.set_materialize_grads(False)
     ctx.num_params = len(params)
     ctx.gate_activation = gate_activation
+    ctx.reverse = bool(rest[0]) if rest else False
 
 
 def _double_backward_error(ctx, *grads):
@@ -140,7 +146,7 @@ def register_layer_op(qualname: str, spec: CellSpec, saved_spec: SavedSpec) -> N
     ops = getattr(torch.ops, namespace)
     backward_op = getattr(ops, name + "_backward")
 
-    def fake(x, h0, c0, params, gate_activation):
+    def fake(x, h0, c0, params, gate_activation, reverse=False):
         return _layer_fake(x, h0, c0, params, gate_activation, saved_spec=saved_spec)
 
     def backward(ctx, grad_output, grad_h_n, grad_c_n, grad_saved):
@@ -151,9 +157,9 @@ def register_layer_op(qualname: str, spec: CellSpec, saved_spec: SavedSpec) -> N
         grad_c_n = torch.zeros_like(c0) if grad_c_n is None else grad_c_n.contiguous()
         grad_x, grad_h0, grad_c0, grad_params = backward_op(
             grad_output, grad_h_n, grad_c_n, x, h0, c0, list(params), out, list(saved),
-            ctx.gate_activation,
+            ctx.gate_activation, ctx.reverse,
         )
-        return grad_x, grad_h0, grad_c0, list(grad_params), None
+        return grad_x, grad_h0, grad_c0, list(grad_params), None, None
 
     torch.library.register_fake(qualname)(fake)
     torch.library.register_fake(backward_qualname)(_backward_fake)
@@ -173,7 +179,7 @@ def register_inference_op(qualname: str, spec: CellSpec) -> None:
     a gradient."""
     namespace, name = qualname.split("::")
 
-    def fake(x, h0, c0, params, gate_activation):
+    def fake(x, h0, c0, params, gate_activation, reverse=False):
         output, h_n, c_n, _ = _layer_fake(x, h0, c0, params, gate_activation,
                                           saved_spec=lambda *args: [])
         return output, h_n, c_n

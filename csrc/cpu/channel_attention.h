@@ -62,7 +62,7 @@ inline void channel_map(const at::Tensor& map, const at::Tensor& logits) {
 template <const cells::Cell& kCell>
 LayerResult channel_attention_forward(const at::Tensor& x, const at::Tensor& h0,
                                       const at::Tensor& c0, at::TensorList params_in,
-                                      int64_t gate_activation, bool save) {
+                                      int64_t gate_activation, bool reverse, bool save) {
   const std::vector<at::Tensor> params = contiguous_params(params_in);
   const LayerCall call = check_forward(kCell, pooled::kCandDwX, x, h0, c0, params, gate_activation);
   const auto& shapes = call.saved_shapes;
@@ -70,14 +70,15 @@ LayerResult channel_attention_forward(const at::Tensor& x, const at::Tensor& h0,
   const int64_t steps = x.size(0), batch = x.size(1), height = x.size(3), width = x.size(4),
                 c = h0.size(1);
   const at::TensorOptions options = x.options();
-  PooledForward<kCell.map_gate()> fwd(x, h0, c0, params, gate_activation, shapes, save);
+  PooledForward<kCell.map_gate()> fwd(x, h0, c0, params, gate_activation, shapes, reverse, save);
   // Without `save`, A in one step buffer.
   const StepBuffers map(shapes[channel::kSavedMap], options, save, 1);
   // Step buffers, reused.
   const at::Tensor features = at::empty({batch, c, height, width}, options);
   const at::Tensor dw_z = at::empty({batch, c, height, width}, options);
   const at::Tensor logits = at::empty({batch, c, height, width}, options);
-  for (int64_t t = 0; t < steps; ++t) {
+  for (int64_t s = 0; s < steps; ++s) {
+    const int64_t t = fwd.walk.time(s);
     // Attention: F, Z = SepConv_z(F), A = exp(Z − max Z); then the cell with A as a gate.
     fwd.sepconvs(t, features, params[attention::kAttDwX], params[attention::kAttPwX],
                  params[attention::kAttDwH], params[attention::kAttPwH]);
@@ -90,7 +91,8 @@ LayerResult channel_attention_forward(const at::Tensor& x, const at::Tensor& h0,
   return fwd.result({map.all()});
 }
 
-// Reverse time, per step: F and the depthwise outputs recomputed, then
+// The forward's walk backwards, per step (H_{t−1} the previous step's): F and the depthwise
+// outputs recomputed, then
 //   the fused cell loop gives dG_pre, dC_{t−1}, the pooled gates' dgp and, through
 //   A = exp(Z − max Z), dZ;  dF = dw_zᵀ(P_zᵀ·dZ);  dF_pre = dF∘(1 − F²);
 //   dX_t = dw_xaᵀ(P_xaᵀ·dF_pre) + dw_xᵀ(P_xᵀ·dG_pre) + (dgp·U_x)/HW;
@@ -102,7 +104,8 @@ LayerResult channel_attention_backward(const at::Tensor& grad_output, const at::
                                        const at::Tensor& grad_c_n, const at::Tensor& x,
                                        const at::Tensor& h0, const at::Tensor& c0,
                                        at::TensorList params_in, const at::Tensor& output,
-                                       at::TensorList saved, int64_t gate_activation) {
+                                       at::TensorList saved, int64_t gate_activation,
+                                       bool reverse) {
   const std::vector<at::Tensor> params = contiguous_params(params_in);
   const LayerCall call = check_backward(kCell, pooled::kCandDwX, grad_output, grad_h_n, grad_c_n,
                                         x, h0, c0, params, output, saved, gate_activation);
@@ -111,7 +114,7 @@ LayerResult channel_attention_backward(const at::Tensor& grad_output, const at::
                 c = h0.size(1);
   const at::TensorOptions options = x.options();
   PooledBackward<kCell.map_gate()> back(grad_output, grad_h_n, grad_c_n, x, h0, c0, params,
-                                        output, saved);
+                                        output, saved, reverse);
   const at::Tensor map = saved[channel::kSavedMap].contiguous();
   AttentionFeaturesBackward att_f(params[attention::kAttDwX], params[attention::kAttPwX],
                                   params[attention::kAttDwH], params[attention::kAttPwH],
@@ -124,7 +127,8 @@ LayerResult channel_attention_backward(const at::Tensor& grad_output, const at::
   const at::Tensor grad_features = at::empty({batch, c, height, width}, options);
   const at::Tensor grad_z = at::empty({batch, c, height, width}, options);
 
-  for (int64_t t = steps - 1; t >= 0; --t) {
+  for (int64_t done = steps - 1; done >= 0; --done) {
+    const int64_t t = back.walk.time(done);
     const auto s = back.step(t);
     att_f.recompute(t, s.x, s.h_prev, features);
     sepconv_z.load(t, features);

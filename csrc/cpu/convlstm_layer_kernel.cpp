@@ -167,7 +167,7 @@ struct ConvSide {
 
 LayerResult convlstm_layer_forward(const at::Tensor& x, const at::Tensor& h0,
                                    const at::Tensor& c0, at::TensorList params_in,
-                                   int64_t gate_activation, bool save) {
+                                   int64_t gate_activation, bool reverse, bool save) {
   const std::vector<at::Tensor> params = contiguous_params(params_in);
   const LayerCall call =
       check_forward(kCell, convlstm::kWeightH, x, h0, c0, params, gate_activation);
@@ -196,17 +196,20 @@ LayerResult convlstm_layer_forward(const at::Tensor& x, const at::Tensor& h0,
   WinogradBuffers buffers(options);
   // C in NCHW, ping-ponging between two step buffers.
   std::array<at::Tensor, 2> cell_step{c0.contiguous().clone(), at::empty(c0.sizes(), options)};
-  for (int64_t t = 0; t < steps; ++t) {
+  const Walk walk{steps, reverse};
+  for (int64_t s = 0; s < steps; ++s) {
+    const int64_t t = walk.time(s);
+    const at::Tensor& h_prev = walk.is_first(t) ? h0 : output[walk.prev(t)];
     at::Tensor z;  // [B, 4C, H, W]
     if (joined) {
-      fill_step_input(xh, x[t], t > 0 ? output[t - 1] : h0);
+      fill_step_input(xh, x[t], h_prev);
       z = winograd ? winograd_conv(xh, weight_w, buffers) : at::conv2d(xh, weight, {}, 1, k / 2);
     } else {
       z = at::conv2d(x[t], params[convlstm::kWeightX], {}, 1, k / 2).contiguous();
-      z.add_(at::conv2d(t > 0 ? output[t - 1] : h0, params[convlstm::kWeightH], {}, 1, k / 2));
+      z.add_(at::conv2d(h_prev, params[convlstm::kWeightH], {}, 1, k / 2));
     }
-    const at::Tensor& c_prev = cell_step[t % 2];
-    const at::Tensor& c_next = cell_step[(t + 1) % 2];
+    const at::Tensor& c_prev = cell_step[s % 2];
+    const at::Tensor& c_next = cell_step[(s + 1) % 2];
     AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "convlstm_layer", [&] {
       with_activation(gate_activation, [&](auto activation) {
         scalar_t* zp = z.data_ptr<scalar_t>();
@@ -233,18 +236,19 @@ LayerResult convlstm_layer_forward(const at::Tensor& x, const at::Tensor& h0,
   std::vector<at::Tensor> saved(kCell.saved_cpu.size);
   saved[convlstm::kSavedCell] = cell;
   saved[convlstm::kSavedGatePreact] = gates;
-  return {output, output[steps - 1].clone(), c_n.clone(), saved};
+  return {output, output[walk.last()].clone(), c_n.clone(), saved};
 }
 
-// Reverse time, per step: the fused loop gives dz_t [B, 4C, H, W] and dC_{t−1}; the two
-// convolutions' backward give dX_t, dH_{t−1} (carried to step t − 1) and this step's share of
-// dW_x and dW_h, accumulated in fixed order; db = Σ dz. NCHW throughout (oneDNN's
+// The forward's walk backwards, per step: the fused loop gives dz_t [B, 4C, H, W] and the
+// previous step's dC; the two convolutions' backward give dX_t, the previous step's dH (carried
+// to it) and this step's share of dW_x and dW_h, accumulated in fixed order; db = Σ dz. NCHW throughout (oneDNN's
 // backward runs ~12% faster on NCHW than on channels-last here), one step's buffers reused.
 LayerResult convlstm_layer_backward(const at::Tensor& grad_output, const at::Tensor& grad_h_n,
                                     const at::Tensor& grad_c_n, const at::Tensor& x,
                                     const at::Tensor& h0, const at::Tensor& c0,
                                     at::TensorList params_in, const at::Tensor& output,
-                                    at::TensorList saved, int64_t gate_activation) {
+                                    at::TensorList saved, int64_t gate_activation,
+                                    bool reverse) {
   const std::vector<at::Tensor> params = contiguous_params(params_in);
   const LayerCall call = check_backward(kCell, convlstm::kWeightH, grad_output, grad_h_n, grad_c_n,
                                         x, h0, c0, params, output, saved, gate_activation);
@@ -256,15 +260,16 @@ LayerResult convlstm_layer_backward(const at::Tensor& grad_output, const at::Ten
   const at::Tensor gates = saved[convlstm::kSavedGatePreact].contiguous();
   const at::Tensor z = at::empty({batch, 4 * channels, height, width}, options);
   const at::Tensor grad_z = at::empty({batch, 4 * channels, height, width}, options);
-  // C_t and C_{t−1} in NCHW: step t's C_{t−1} is step t − 1's C_t, so the two buffers swap
-  // and each saved cell state is converted once.
+  // Step t's C and its previous step's in NCHW: the previous step's C_t is this step's C_{t−1},
+  // so the two buffers swap and each saved cell state is converted once.
+  const Walk walk{steps, reverse};
   at::Tensor cell_t = at::empty(c0.sizes(), options), c_prev = at::empty(c0.sizes(), options);
-  copy_from_channels_last(cell_t, cell[steps - 1]);
+  copy_from_channels_last(cell_t, cell[walk.last()]);
   const at::Tensor grad_output_c = grad_output.contiguous();
   const at::Tensor grad_bias = at::zeros({4 * channels}, options);
   const at::Tensor grad_x = at::empty(x.sizes(), options);
   const StepFrames frames(x);
-  // dL/dH flowing back to step t − 1: grad_h_n, then the H part of the conv's input gradient.
+  // dL/dH flowing back to the previous step: grad_h_n, then the H part of the conv's input gradient.
   at::Tensor grad_h = grad_h_n.contiguous();  // read with its batch stride (below)
   // dC_t flows back through two buffers: this step reads one and writes dC_{t−1} to the other.
   at::Tensor grad_c = grad_c_n.contiguous().clone();
@@ -274,13 +279,14 @@ LayerResult convlstm_layer_backward(const at::Tensor& grad_output, const at::Ten
   ConvSide h_side(params[convlstm::kWeightH], channels, k, steps);
   WinogradBuffers buffers(options);
   const at::Tensor grad_products = at::empty({0}, options);
-  for (int64_t t = steps - 1; t >= 0; --t) {
+  for (int64_t s = steps - 1; s >= 0; --s) {
+    const int64_t t = walk.time(s);
     copy_from_channels_last(z, gates[t]);
-    if (t < steps - 1) std::swap(cell_t, c_prev);
-    if (t > 0) {
-      copy_from_channels_last(c_prev, cell[t - 1]);
-    } else {
+    if (s < steps - 1) std::swap(cell_t, c_prev);
+    if (walk.is_first(t)) {
       c_prev.copy_(c0);
+    } else {
+      copy_from_channels_last(c_prev, cell[walk.prev(t)]);
     }
     AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "convlstm_layer_backward", [&] {
       with_activation(gate_activation, [&](auto activation) {
@@ -309,8 +315,9 @@ LayerResult convlstm_layer_backward(const at::Tensor& grad_output, const at::Ten
     if (x_side.winograd || h_side.winograd) winograd_grad_transform(grad_z, grad_products);
     grad_x[t].copy_(
         x_side.backward_step(grad_z, frames(t), padding, grad_products, buffers));
-    grad_h = h_side.backward_step(grad_z, t > 0 ? output[t - 1] : h0.contiguous(), padding,
-                                  grad_products, buffers);
+    grad_h = h_side.backward_step(grad_z,
+                                  walk.is_first(t) ? h0.contiguous() : output[walk.prev(t)],
+                                  padding, grad_products, buffers);
   }
   std::vector<at::Tensor> grad_params(kCell.parameters.size);
   grad_params[convlstm::kWeightX] = x_side.weight_grad();

@@ -45,6 +45,7 @@ namespace cpu {
 using LayerResult = LayerOutputs;
 
 using cells::LayerCall;
+using cells::Walk;
 
 // Checks the forward inputs of `cell`'s op and returns the call's K, the shapes of what the
 // forward saves (cells.h saved_cpu) and whether T, B, C, H·W or Cin is 0 (nothing to compute): x [T, B, Cin, H, W], h0 and c0 [B, C, H, W], one CPU

@@ -344,11 +344,13 @@ inline void attention_features_backward(const at::Tensor& features, const at::Te
 // (read one step's frame at a time, frame()), the output, what is saved for backward
 // (cells::pooled::saved: cell C_t and candidate G, the gate pre-activations; with `save` false,
 // C_t in two step buffers — C_{t−1} is read while C_t is written — and G in one), the step
-// buffers of the candidate's SepConvs and of the pooled gates, and the cell step itself.
+// buffers of the candidate's SepConvs and of the pooled gates, and the cell step itself, in the
+// order of `walk` (cells::Walk: every per-step tensor indexed by time).
 template <int kMapGate>
 struct PooledForward {
   const std::vector<at::Tensor>& params;
   int64_t activation;
+  Walk walk;
   at::Tensor x, h0, c0, output, gate_preact;
   StepFrames frames;
   StepBuffers cell, candidate;
@@ -356,9 +358,10 @@ struct PooledForward {
 
   PooledForward(const at::Tensor& x_, const at::Tensor& h0_, const at::Tensor& c0_,
                 const std::vector<at::Tensor>& params_, int64_t activation_,
-                const std::vector<std::vector<int64_t>>& saved_shapes, bool save)
+                const std::vector<std::vector<int64_t>>& saved_shapes, bool reverse, bool save)
       : params(params_),
         activation(activation_),
+        walk{x_.size(0), reverse},
         x(x_),
         h0(h0_.contiguous()),
         c0(c0_.contiguous()),
@@ -378,7 +381,7 @@ struct PooledForward {
   }
 
   at::Tensor frame(int64_t t) const { return frames(t); }
-  at::Tensor h_prev(int64_t t) const { return t > 0 ? output[t - 1] : h0; }
+  at::Tensor h_prev(int64_t t) const { return walk.is_first(t) ? h0 : output[walk.prev(t)]; }
 
   // features = SepConv_xa(X_t) + SepConv_ha(H_{t−1}) with the given weights: F before its bias
   // and tanh (attention_features).
@@ -402,27 +405,27 @@ struct PooledForward {
     sepconv_planes(preact, h_prev(t), params[pooled::kCandDwH], params[pooled::kCandPwH], dw_h,
                    true);
     gated_planes_step_forward<kMapGate>(step_preact, activation, gates, map, preact,
-                                        params[pooled::kCandBias], t > 0 ? cell[t - 1] : c0,
+                                        params[pooled::kCandBias],
+                                        walk.is_first(t) ? c0 : cell[walk.prev(t)],
                                         candidate[t], cell[t], output[t], h_bar);
   }
 
   // (output, h_n, c_n, saved): the saved tensors every pooled cell has, then `more`, the cell's
   // own, which follow them in its list (cells.h).
   LayerResult result(const std::vector<at::Tensor>& more) const {
-    const int64_t steps = x.size(0);
     std::vector<at::Tensor> saved(pooled::kSavedCount);
     saved[pooled::kSavedCell] = cell.all();
     saved[pooled::kSavedCandidate] = candidate.all();
     saved[pooled::kSavedGatePreact] = gate_preact;
     saved.insert(saved.end(), more.begin(), more.end());
-    return {output, output[steps - 1].clone(), cell[steps - 1].clone(), saved};
+    return {output, output[walk.last()].clone(), cell[walk.last()].clone(), saved};
   }
 };
 
-// What the backward of every pooled cell (a, b, c, d) carries through reverse time: h0, c0 and
-// the output made contiguous, x as given (one frame per step), the saved cell, candidate and gate pre-activations, the state gradients
-// dL/dH and dL/dC flowing back to step t − 1 (each through two buffers: a step reads one and
-// writes the other), the candidate's two SepConv branches (whose inputs also feed the pooled
+// What the backward of every pooled cell (a, b, c, d) carries back along the forward's walk: h0,
+// c0 and the output made contiguous, x as given (one frame per step), the saved cell, candidate
+// and gate pre-activations, the state gradients dL/dH and dL/dC flowing back to the previous
+// step (each through two buffers: a step reads one and writes the other), the candidate's two SepConv branches (whose inputs also feed the pooled
 // gates through GAP), the fused loop's step buffers, and the gradients of the pooled gates and of
 // the candidate bias. Nothing sequence-sized is allocated besides grad_x.
 template <int kMapGate>
@@ -435,6 +438,7 @@ struct PooledBackward {
   };
 
   int64_t steps;
+  Walk walk;
   at::Tensor x, h0, c0, output, grad_output, cell, candidate, gate_preact;
   StepFrames frames;
   at::Tensor grad_cand, sums, gates, grad_gate_preact, grad_cand_bias, grad_x;
@@ -444,8 +448,9 @@ struct PooledBackward {
   PooledBackward(const at::Tensor& grad_output_, const at::Tensor& grad_h_n,
                  const at::Tensor& grad_c_n, const at::Tensor& x_, const at::Tensor& h0_,
                  const at::Tensor& c0_, const std::vector<at::Tensor>& params,
-                 const at::Tensor& output_, at::TensorList saved)
+                 const at::Tensor& output_, at::TensorList saved, bool reverse)
       : steps(x_.size(0)),
+        walk{steps, reverse},
         x(x_),
         h0(h0_.contiguous()),
         c0(c0_.contiguous()),
@@ -468,12 +473,15 @@ struct PooledBackward {
         cand_h(params[pooled::kCandDwH], params[pooled::kCandPwH],
                params[pooled::kGateWeightH], h0, steps) {}
 
+  // Step t's tensors; the state gradients alternate between their buffers by the number of
+  // steps done (walk.time(t) is t's place in the walk).
   Step step(int64_t t) const {
-    const int64_t in = (steps - 1 - t) % 2, out = 1 - in;
+    const int64_t in = (steps - 1 - walk.time(t)) % 2, out = 1 - in;
+    const bool first = walk.is_first(t);
     return {t,
             frames(t),
-            t > 0 ? output[t - 1] : h0,
-            t > 0 ? cell[t - 1] : c0,
+            first ? h0 : output[walk.prev(t)],
+            first ? c0 : cell[walk.prev(t)],
             grad_gate_preact[t],
             grad_h[in],
             grad_h[out],

@@ -27,17 +27,23 @@ namespace {
 constexpr const cells::Cell& kCell = cells::kPooledLayer;
 
 LayerResult pooled_layer_forward(const at::Tensor& x, const at::Tensor& h0, const at::Tensor& c0,
-                                 at::TensorList params_in, int64_t gate_activation, bool save) {
+                                 at::TensorList params_in, int64_t gate_activation, bool reverse,
+                                 bool save) {
   const std::vector<at::Tensor> params = contiguous_params(params_in);
   const LayerCall call = check_forward(kCell, pooled::kCandDwX, x, h0, c0, params, gate_activation);
   if (call.empty) return empty_layer_result(x, h0, c0, call.saved_shapes);
   const int64_t steps = x.size(0);
-  PooledForward<kCell.map_gate()> fwd(x, h0, c0, params, gate_activation, call.saved_shapes, save);
-  for (int64_t t = 0; t < steps; ++t) fwd.cell_step(t, fwd.frame(t), false, at::Tensor());
+  PooledForward<kCell.map_gate()> fwd(x, h0, c0, params, gate_activation, call.saved_shapes,
+                                      reverse, save);
+  for (int64_t s = 0; s < steps; ++s) {
+    const int64_t t = fwd.walk.time(s);
+    fwd.cell_step(t, fwd.frame(t), false, at::Tensor());
+  }
   return fwd.result({});
 }
 
-// Reverse time (KERNELS.md "One step, backward"), per step:
+// The forward's walk backwards (KERNELS.md "One step, backward"), per step, H_{t−1} and C_{t−1}
+// being the previous step's states (step t + 1's in reverse):
 //   the fused loop gives dG_pre = dC∘i∘(1 − G²) (the gradient of both SepConvs' sum), dC_{t−1},
 //   and per plane Σ di, Σ df, Σ do, Σ dG_pre; dgp = [Σdi, Σdf, Σdo]∘σ'(gate_preact);
 //   dH_{t−1} = depthwise_hᵀ(P_hᵀ·dG_pre) + (dgp·U_h)/HW on every pixel (+ dL/dH_{t−1} of the
@@ -49,15 +55,16 @@ LayerResult pooled_layer_backward(const at::Tensor& grad_output, const at::Tenso
                                   const at::Tensor& grad_c_n, const at::Tensor& x,
                                   const at::Tensor& h0, const at::Tensor& c0,
                                   at::TensorList params_in, const at::Tensor& output,
-                                  at::TensorList saved, int64_t gate_activation) {
+                                  at::TensorList saved, int64_t gate_activation, bool reverse) {
   const std::vector<at::Tensor> params = contiguous_params(params_in);
   const LayerCall call = check_backward(kCell, pooled::kCandDwX, grad_output, grad_h_n, grad_c_n,
                                         x, h0, c0, params, output, saved, gate_activation);
   if (call.empty) return empty_layer_grads(x, grad_h_n, grad_c_n, params);
   const int64_t steps = x.size(0);
   PooledBackward<kCell.map_gate()> back(grad_output, grad_h_n, grad_c_n, x, h0, c0, params,
-                                        output, saved);
-  for (int64_t t = steps - 1; t >= 0; --t) {
+                                        output, saved, reverse);
+  for (int64_t done = steps - 1; done >= 0; --done) {
+    const int64_t t = back.walk.time(done);
     const auto s = back.step(t);
     back.cell_backward(s, gate_activation, at::Tensor(), at::Tensor());
     // dH_{t−1} and dX_t, each with the pooled gates' share as its planes' initial value.

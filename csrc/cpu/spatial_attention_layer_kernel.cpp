@@ -122,7 +122,7 @@ struct SpatialMap {
 
 LayerResult spatial_attention_layer_forward(const at::Tensor& x, const at::Tensor& h0,
                                             const at::Tensor& c0, at::TensorList params_in,
-                                            int64_t gate_activation, bool save) {
+                                            int64_t gate_activation, bool reverse, bool save) {
   const std::vector<at::Tensor> params = contiguous_params(params_in);
   const LayerCall call = check_forward(kCell, pooled::kCandDwX, x, h0, c0, params, gate_activation);
   const auto& shapes = call.saved_shapes;
@@ -130,7 +130,7 @@ LayerResult spatial_attention_layer_forward(const at::Tensor& x, const at::Tenso
   const int64_t steps = x.size(0), batch = x.size(1), cin = x.size(2), height = x.size(3),
                 width = x.size(4), c = h0.size(1);
   const at::TensorOptions options = x.options();
-  PooledForward<kCell.map_gate()> fwd(x, h0, c0, params, gate_activation, shapes, save);
+  PooledForward<kCell.map_gate()> fwd(x, h0, c0, params, gate_activation, shapes, reverse, save);
   // Without `save`, A in one step buffer.
   const StepBuffers map(shapes[spatial::kSavedMap], options, save, 1);
   // Step buffers, reused.
@@ -139,7 +139,8 @@ LayerResult spatial_attention_layer_forward(const at::Tensor& x, const at::Tenso
   const at::Tensor scratch = at::empty({batch, c, height, width}, options);
   const at::Tensor logits = at::empty({batch, height, width}, options);
   const SpatialMap spatial_map(params[spatial::kAttWeightZ]);
-  for (int64_t t = 0; t < steps; ++t) {
+  for (int64_t s = 0; s < steps; ++s) {
+    const int64_t t = fwd.walk.time(s);
     // Attention: F, A = softmax(W_z * F), X̃ = A∘X_t and its GAP; then cell (a) on X̃.
     fwd.sepconvs(t, features, params[attention::kAttDwX], params[attention::kAttPwX],
                  params[attention::kAttDwH], params[attention::kAttPwH]);
@@ -151,7 +152,7 @@ LayerResult spatial_attention_layer_forward(const at::Tensor& x, const at::Tenso
   return fwd.result({map.all()});
 }
 
-// Reverse time, per step: F and X̃ recomputed, then
+// The forward's walk backwards, per step (H_{t−1} the previous step's): F and X̃ recomputed, then
 //   the fused cell loop gives dG_pre, dC_{t−1} and the pooled gates' dgp (variant a's);
 //   dX̃ = dw_xᵀ(P_xᵀ·dG_pre) + (dgp·U_x)/HW;  dX_t = A∘dX̃;  dA_p = Σ_cin dX̃_p∘X_p
 //   dZ = A∘(dA − Σ_p A_p dA_p)  (softmax);  dF = W_zᵀ ⋆ dZ;  dF_pre = dF∘(1 − F²)
@@ -164,7 +165,8 @@ LayerResult spatial_attention_layer_backward(const at::Tensor& grad_output,
                                              const at::Tensor& grad_c_n, const at::Tensor& x,
                                              const at::Tensor& h0, const at::Tensor& c0,
                                              at::TensorList params_in, const at::Tensor& output,
-                                             at::TensorList saved, int64_t gate_activation) {
+                                             at::TensorList saved, int64_t gate_activation,
+                                             bool reverse) {
   const std::vector<at::Tensor> params = contiguous_params(params_in);
   const LayerCall call = check_backward(kCell, pooled::kCandDwX, grad_output, grad_h_n, grad_c_n,
                                         x, h0, c0, params, output, saved, gate_activation);
@@ -173,7 +175,7 @@ LayerResult spatial_attention_layer_backward(const at::Tensor& grad_output,
                 width = x.size(4), c = h0.size(1), k = call.kernel_size;
   const at::TensorOptions options = x.options();
   PooledBackward<kCell.map_gate()> back(grad_output, grad_h_n, grad_c_n, x, h0, c0, params,
-                                        output, saved);
+                                        output, saved, reverse);
   const at::Tensor map = saved[spatial::kSavedMap].contiguous();
   AttentionFeaturesBackward att_f(params[attention::kAttDwX], params[attention::kAttPwX],
                                   params[attention::kAttDwH], params[attention::kAttPwH],
@@ -189,7 +191,8 @@ LayerResult spatial_attention_layer_backward(const at::Tensor& grad_output,
   const at::Tensor grad_weight_z = at::zeros_like(params[spatial::kAttWeightZ]);
   const at::Tensor grad_taps_z = grad_weight_z.view({c, 1, k, k});
 
-  for (int64_t t = steps - 1; t >= 0; --t) {
+  for (int64_t done = steps - 1; done >= 0; --done) {
+    const int64_t t = back.walk.time(done);
     const auto s = back.step(t);
     // Recompute F and X̃.
     att_f.recompute(t, s.x, s.h_prev, features);

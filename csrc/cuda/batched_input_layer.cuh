@@ -10,9 +10,9 @@
 // Structure (shared/KERNELS.md): everything that depends only on X is computed for all T steps
 // in batched ATen calls before the loop; a step runs the H-side depthwise convolutions (custom
 // kernels), the pointwise GEMMs (cuBLAS, fp32 accumulation) and one fused epilogue
-// (pooled_cell.cuh). Backward runs the loop in reverse and reduces every weight gradient over
-// all steps after it with one batched product each. Parameters and saved tensors are named by
-// cells.h (cells::pooled, cells::channel_attention).
+// (pooled_cell.cuh). Backward walks the steps in the forward's opposite order and reduces every
+// weight gradient over all steps after it with one batched product each. Parameters and saved
+// tensors are named by cells.h (cells::pooled, cells::channel_attention).
 #pragma once
 
 #include "pooled_cell.cuh"
@@ -25,7 +25,8 @@ namespace channel = cells::channel_attention;
 
 template <const cells::Cell& cell>
 LayerResult batched_input_layer_forward(const Tensor& x, const Tensor& h0, const Tensor& c0,
-                                        at::TensorList params, int64_t activation, bool save) {
+                                        at::TensorList params, int64_t activation, bool reverse,
+                                        bool save) {
   const LayerCall call = check_forward(cell, pooled::kCandDwX, x, h0, c0, params, activation);
   if (call.empty) return empty_layer_result(x, h0, c0, call.saved_shapes);
   LayerDeviceGuard guard(x.device());
@@ -56,8 +57,10 @@ LayerResult batched_input_layer_forward(const Tensor& x, const Tensor& h0, const
   Tensor cell_state = channels_last_copy(c0, acc).view({B * HW, C});
   Tensor h_mean = h0_cl.view({B, HW, C}).mean({1}, false, acc);  // GAP(H_{t−1}) [B, C]
 
-  for (int64_t t = 0; t < T; ++t) {
-    const Tensor h_prev = t == 0 ? h0_cl : output_cl[t - 1];
+  const Walk walk{T, reverse};
+  for (int64_t s = 0; s < T; ++s) {
+    const int64_t t = walk.time(s);
+    const Tensor h_prev = state_before(walk, t, h0_cl, output_cl);
     // cand_preact = SepConv_h(H_{t−1}) + (SepConv_x(X_t) + b_c)
     const Tensor cand_preact =
         at::addmm(xc.narrow(0, t * B * HW, B * HW),
@@ -82,7 +85,7 @@ LayerResult batched_input_layer_forward(const Tensor& x, const Tensor& h0, const
                                  has_map ? saved(channel::kSavedMap, t) : Tensor(), B, HW, C);
   }
   Tensor output = channels_first_copy(output_cl, x.scalar_type());
-  Tensor h_n = output[T - 1].clone();
+  Tensor h_n = output[walk.last()].clone();
   Tensor c_n = channels_first_copy(cell_state.view({B, H, W, C}), x.scalar_type());
   return {output, h_n, c_n, saved.all()};
 }
@@ -91,7 +94,7 @@ template <const cells::Cell& cell>
 BackwardResult batched_input_layer_backward(
     const Tensor& grad_output, const Tensor& grad_h_n, const Tensor& grad_c_n, const Tensor& x,
     const Tensor& h0, const Tensor& c0, at::TensorList params, const Tensor& output,
-    at::TensorList saved, int64_t activation) {
+    at::TensorList saved, int64_t activation, bool reverse) {
   const LayerCall call = check_backward(cell, pooled::kCandDwX, grad_output, grad_h_n, grad_c_n,
                                         x, h0, c0, params, output, saved, activation);
   if (call.empty) return empty_backward_result(x, grad_h_n, grad_c_n, params);
@@ -108,10 +111,10 @@ BackwardResult batched_input_layer_backward(
   const Tensor grad_out_cl = channels_last_copy(grad_output.contiguous(), dtype);
   const Tensor c0_cl = channels_last_copy(c0, dtype);
   // H_{t−1} of every step, [T, B, H, W, C]
-  const Tensor h_prev_all = at::cat({channels_last_copy(h0, dtype).unsqueeze(0),
-                                     channels_last_copy(output.narrow(0, 0, T - 1).contiguous(),
-                                                        dtype)},
-                                    0);
+  const Walk walk{T, reverse};
+  const Tensor h_prev_all = states_before(
+      walk, channels_last_copy(h0, dtype),
+      channels_last_copy(starting_steps(walk, output).contiguous(), dtype));
   Tensor dh = channels_last_copy(grad_h_n, acc).view({rows, C});
   Tensor dc = channels_last_copy(grad_c_n, acc).view({rows, C});
 
@@ -142,8 +145,9 @@ BackwardResult batched_input_layer_backward(
   }
   const Tensor gate_weight_h = params[pooled::kGateWeightH].to(acc);
 
-  for (int64_t t = T - 1; t >= 0; --t) {
-    const Tensor cell_prev = t == 0 ? c0_cl : saved[pooled::kSavedCell][t - 1];
+  for (int64_t s = T - 1; s >= 0; --s) {
+    const int64_t t = walk.time(s);
+    const Tensor cell_prev = state_before(walk, t, c0_cl, saved[pooled::kSavedCell]);
     const auto step_rows = [&](const Tensor& all) { return all.narrow(0, t * rows, rows); };
     const PooledCellGrads grads = pooled_cell_backward(
         grad_out_cl[t], dh, dc, saved[pooled::kSavedGatePreact][t],

@@ -92,7 +92,8 @@ struct ConvLSTMCellBackward {
 };
 
 LayerResult convlstm_layer(const Tensor& x, const Tensor& h0, const Tensor& c0,
-                           at::TensorList params, int64_t activation, bool save) {
+                           at::TensorList params, int64_t activation, bool reverse,
+                           bool save) {
   const LayerCall call = check_forward(kCell, convlstm::kWeightH, x, h0, c0, params, activation);
   if (call.empty) return empty_layer_result(x, h0, c0, call.saved_shapes);
   LayerDeviceGuard guard(x.device());
@@ -110,8 +111,11 @@ LayerResult convlstm_layer(const Tensor& x, const Tensor& h0, const Tensor& c0,
   const SavedSteps saved(call.saved_shapes, x.options(), save);
   Tensor cell_state = channels_last_copy(c0, acc_dtype(x));
   const int64_t total = B * HW * C;
-  for (int64_t t = 0; t < T; ++t) {
-    const Tensor h_prev = t == 0 ? h0 : nchw_view(output_cl[t - 1], B, H, W, C);
+  const Walk walk{T, reverse};
+  for (int64_t s = 0; s < T; ++s) {
+    const int64_t t = walk.time(s);
+    const Tensor h_prev =
+        walk.is_first(t) ? h0 : nchw_view(output_cl[walk.prev(t)], B, H, W, C);
     const Tensor hz =
         channels_last_copy(same_conv(h_prev, params[convlstm::kWeightH], Tensor()), dtype);
     AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, dtype, "convlstm_layer", [&] {
@@ -127,7 +131,7 @@ LayerResult convlstm_layer(const Tensor& x, const Tensor& h0, const Tensor& c0,
     });
   }
   Tensor output = channels_first_copy(output_cl, dtype);
-  Tensor h_n = output[T - 1].clone();
+  Tensor h_n = output[walk.last()].clone();
   Tensor c_n = channels_first_copy(cell_state, dtype);
   return {output, h_n, c_n, saved.all()};
 }
@@ -136,7 +140,7 @@ BackwardResult convlstm_layer_backward(const Tensor& grad_output, const Tensor& 
                                        const Tensor& grad_c_n, const Tensor& x, const Tensor& h0,
                                        const Tensor& c0, at::TensorList params,
                                        const Tensor& output, at::TensorList saved,
-                                       int64_t activation) {
+                                       int64_t activation, bool reverse) {
   const LayerCall call = check_backward(kCell, convlstm::kWeightH, grad_output, grad_h_n,
                                         grad_c_n, x, h0, c0, params, output, saved, activation);
   if (call.empty) return empty_backward_result(x, grad_h_n, grad_c_n, params);
@@ -152,8 +156,10 @@ BackwardResult convlstm_layer_backward(const Tensor& grad_output, const Tensor& 
   Tensor dc = channels_last_copy(grad_c_n, acc);
   Tensor dz_all = at::empty({T, B, H, W, 4 * C}, x.options());
   const int64_t total = B * HW * C;
-  for (int64_t t = T - 1; t >= 0; --t) {
-    const Tensor cell_prev = t == 0 ? c0_cl : saved[convlstm::kSavedCell][t - 1];
+  const Walk walk{T, reverse};
+  for (int64_t s = T - 1; s >= 0; --s) {
+    const int64_t t = walk.time(s);
+    const Tensor cell_prev = state_before(walk, t, c0_cl, saved[convlstm::kSavedCell]);
     AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, dtype, "convlstm_layer_backward",
                                     [&] {
       using acc_t = at::opmath_type<scalar_t>;
@@ -168,7 +174,7 @@ BackwardResult convlstm_layer_backward(const Tensor& grad_output, const Tensor& 
           total, x);
     });
     // dH_{t−1} = W_hᵀ ⋆ dZ_t (cuDNN data gradient)
-    const Tensor h_prev = t == 0 ? h0 : output_c[t - 1];
+    const Tensor h_prev = state_before(walk, t, h0, output_c);
     const Tensor dh_prev = std::get<0>(same_conv_backward(
         nchw_view(dz_all[t], B, H, W, 4 * C), h_prev, params[convlstm::kWeightH], true, false));
     dh.copy_(dh_prev.permute({0, 2, 3, 1}));
@@ -176,7 +182,7 @@ BackwardResult convlstm_layer_backward(const Tensor& grad_output, const Tensor& 
   // Weight gradients over all steps at once.
   const Tensor dz_nchw = nchw_view(dz_all, T * B, H, W, 4 * C);
   const Tensor h_prev_all =
-      at::cat({h0.unsqueeze(0), output_c.narrow(0, 0, T - 1)}, 0).view({T * B, C, H, W});
+      states_before(walk, h0, starting_steps(walk, output_c)).view({T * B, C, H, W});
   std::vector<Tensor> grad_params(kCell.parameters.size);
   grad_params[convlstm::kWeightH] =
       std::get<1>(same_conv_backward(dz_nchw, h_prev_all, params[convlstm::kWeightH], false,

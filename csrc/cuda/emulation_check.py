@@ -11,17 +11,19 @@ library of its own, loads it in a process that never imports convlstm_fast._C, a
   ``selected("cuda")``, in the dtypes the backend offers; their shapes, problems and STYLE.md's
   distance rule, ``check_results``): every output and gradient of the op and its backward
   against the reference, which is what test_backend_matches_reference holds the real "cuda"
-  backend to on a GPU (a non-contiguous case hands the op its x as a view); per case also the
-  ``saved`` tensors against the registry's (``spec.saved_spec("cuda")``) and the
-  ``<op>_inference`` twin against the op, bit for bit;
+  backend to on a GPU (a non-contiguous case hands the op its x as a view, a reverse case walks
+  t = T − 1 … 0 in the op, its twin and its backward); per case also the ``saved`` tensors
+  against the registry's (``spec.saved_spec("cuda")``) and the ``<op>_inference`` twin against
+  the op, bit for bit;
 - what only this check holds the CUDA sources to: float64 on edge shapes (K = 1, 5, C over
-  several channel tiles) within 1e-9, and the numeric contract of ops/registration.py
+  several channel tiles; both walks) within 1e-9, and the numeric contract of ops/registration.py
   (tests/test_numerics.py holds every backend to it): every gate pre-activation at
   hard_sigmoid's kinks ±2.5 (float64, float32, bfloat16), activations of 1e-5 (float32), and NaN
   kept in its sample with the reference's isnan mask;
 - the launches one more step adds, per op and direction — our own kernels (the emulation build
   counts the launch helpers' calls) and the ATen calls of the driver (each at least one kernel
-  on a GPU) — against the ``LAUNCHES_PER_STEP`` line of its csrc/cuda/<op>_kernel.cu.
+  on a GPU) — against the ``LAUNCHES_PER_STEP`` line of its csrc/cuda/<op>_kernel.cu, in either
+  walk (reverse launches what the forward walk does).
 What it cannot check: launch configurations, shared memory and anything cuBLAS/cuDNN-specific.
 
     python csrc/cuda/emulation_check.py [--build-dir DIR] [--no-build]
@@ -84,21 +86,24 @@ def build(build_dir: pathlib.Path) -> pathlib.Path:
     return library
 
 
-def run_ops(variant: str, x, h0, c0, params: dict, gate_activation: str, weights) -> tuple:
+def run_ops(variant: str, x, h0, c0, params: dict, gate_activation: str, weights,
+            reverse: bool = False) -> tuple:
     """The emulated op, its ``_inference`` twin and its backward with ``weights`` as the output
-    gradients (what autograd hands the backward for the loss Σ w·(out, h_n, c_n)):
-    ``({name: tensor} in the conformance suite's names, saved, inference)``."""
+    gradients (what autograd hands the backward for the loss Σ w·(out, h_n, c_n)), all walking
+    ``reverse`` as asked: ``({name: tensor} in the conformance suite's names, saved,
+    inference)``."""
     from convlstm_fast import get_cell
     from convlstm_fast.registry import GATE_ACTIVATIONS
 
     name = get_cell(variant).op
     code = GATE_ACTIVATIONS.index(gate_activation)
     plist = list(params.values())
-    out, h_n, c_n, saved = getattr(torch.ops.convlstm_fast, name)(x, h0, c0, plist, code)
-    inference = getattr(torch.ops.convlstm_fast, name + "_inference")(x, h0, c0, plist, code)
+    ops = torch.ops.convlstm_fast
+    out, h_n, c_n, saved = getattr(ops, name)(x, h0, c0, plist, code, reverse)
+    inference = getattr(ops, name + "_inference")(x, h0, c0, plist, code, reverse)
     grads = [w.to(x.dtype) for w in weights]
-    grad_x, grad_h0, grad_c0, grad_params = getattr(torch.ops.convlstm_fast, name + "_backward")(
-        *grads, x, h0, c0, plist, out, saved, code)
+    grad_x, grad_h0, grad_c0, grad_params = getattr(ops, name + "_backward")(
+        *grads, x, h0, c0, plist, out, saved, code, reverse)
     results = {"output": out, "h_n": h_n, "c_n": c_n, "grad_x": grad_x, "grad_h0": grad_h0,
                "grad_c0": grad_c0}
     results.update({"grad_" + p: g for p, g in zip(params, grad_params)})
@@ -140,12 +145,15 @@ def check_conformance(cases, conftest, variant: str, case) -> bool:
     label = f"{variant} {case.name}"
     problem = (variant, cases._shape(variant, case), case.dtype, case.gate_activation)
     x, h0, c0, params, weights = conftest.separated_problem(*problem)
-    exact = cases._results("reference", variant, x, h0, c0, params, case.gate_activation, weights)
+    exact = cases._results("reference", variant, x, h0, c0, params, case.gate_activation, weights,
+                           reverse=case.reverse)
     low = lambda t: t.to(case.dtype)  # noqa: E731
     args = (low(x), low(h0), low(c0), {k: low(v) for k, v in params.items()})
-    reference = cases._results("reference", variant, *args, case.gate_activation, weights)
+    reference = cases._results("reference", variant, *args, case.gate_activation, weights,
+                               reverse=case.reverse)
     x_in = cases.layout_view(args[0], case.layout)
-    got, saved, inference = run_ops(variant, x_in, *args[1:], case.gate_activation, weights)
+    got, saved, inference = run_ops(variant, x_in, *args[1:], case.gate_activation, weights,
+                                    case.reverse)
     ok = check_twin_and_saved(label, variant, got, saved, inference, args[0], args[1], args[3])
     try:
         for note in cases.check_results(conftest.check_close_to_float64, got, reference, exact,
@@ -158,9 +166,10 @@ def check_conformance(cases, conftest, variant: str, case) -> bool:
 
 
 def check(variant: str, gate_activation: str, dtype: torch.dtype, shape, seed: int = 0,
-          case: str = "random") -> bool:
-    """Every output and gradient of the op against the reference: float64 within 1e-9
-    (relative), other dtypes with STYLE.md's rule. ``case``: "random" weights and inputs;
+          case: str = "random", reverse: bool = False) -> bool:
+    """Every output and gradient of the op against the reference, both walking ``reverse`` as
+    asked: float64 within 1e-9 (relative), other dtypes with STYLE.md's rule. ``case``: "random"
+    weights and inputs;
     "small", those with x, h0, c0 and the biases scaled by 1e-5 (every tanh argument and
     activation ~1e-5); "kinks", all weights 0 and the gate biases alternately +2.5 and −2.5 (with
     an odd hidden size every gate meets both kinks and every channel keeps C_t ≠ 0), so every gate
@@ -190,11 +199,12 @@ def check(variant: str, gate_activation: str, dtype: torch.dtype, shape, seed: i
                 p.zero_()
     weights = [randn(steps, batch, hidden, height, width), randn(batch, hidden, height, width),
                randn(batch, hidden, height, width)]
-    label = f"{variant} {gate_activation} {dtype} {shape} {case}"
+    label = f"{variant} {gate_activation} {dtype} {shape} {case}{' reverse' if reverse else ''}"
 
     def reference(cast):
         leaves = [cast(t).requires_grad_() for t in (x, h0, c0, *params.values())]
-        out, h_n, c_n = cells.layer(variant, *leaves[:3], dict(zip(params, leaves[3:])), gate_activation)
+        out, h_n, c_n = cells.layer(variant, *leaves[:3], dict(zip(params, leaves[3:])),
+                                    gate_activation, reverse=reverse)
         loss = sum((t * cast(w)).sum() for t, w in zip((out, h_n, c_n), weights))
         return [out.detach(), h_n.detach(), c_n.detach(), *torch.autograd.grad(loss, leaves)]
 
@@ -202,7 +212,8 @@ def check(variant: str, gate_activation: str, dtype: torch.dtype, shape, seed: i
     cast = lambda t: t.to(dtype)  # noqa: E731
     args = [cast(t) for t in (x, h0, c0)]
     low_params = {n: cast(p) for n, p in params.items()}
-    results, saved, inference = run_ops(variant, *args, low_params, gate_activation, weights)
+    results, saved, inference = run_ops(variant, *args, low_params, gate_activation, weights,
+                                        reverse)
     ok = check_twin_and_saved(label, variant, results, saved, inference, args[0], args[1],
                               low_params)
     want_low = None if dtype == torch.float64 else reference(lambda t: cast(t.detach()))
@@ -279,9 +290,11 @@ def declared_launches(op: str) -> dict[str, tuple[int, int]]:
     return {"forward": (k_f, a_f), "backward": (k_b, a_b)}
 
 
-def measured_launches(library: pathlib.Path, variant: str) -> dict[str, tuple[float, float]]:
-    """What one more step adds to the emulated op (forward with saving, and its backward): our
-    own kernel launches and ATen calls, the op at T = 1 and T = 3, the difference halved."""
+def measured_launches(library: pathlib.Path, variant: str,
+                      reverse: bool = False) -> dict[str, tuple[float, float]]:
+    """What one more step adds to the emulated op (forward with saving, and its backward), walking
+    ``reverse`` as asked: our own kernel launches and ATen calls, the op at T = 1 and T = 3, the
+    difference halved."""
     from convlstm_fast import get_cell
     from convlstm_fast.ops.aten_calls import AtenCalls
 
@@ -297,26 +310,30 @@ def measured_launches(library: pathlib.Path, variant: str) -> dict[str, tuple[fl
         x = torch.randn(steps, 2, 3, 5, 6, generator=generator)
         h0, c0 = (torch.randn(2, 4, 5, 6, generator=generator) for _ in range(2))
         for mode in ("forward", "backward"):
-            out, h_n, c_n, saved = getattr(ops, spec.op)(x, h0, c0, params, 0)
+            out, h_n, c_n, saved = getattr(ops, spec.op)(x, h0, c0, params, 0, reverse)
             grads = [torch.randn_like(t) for t in (out, h_n, c_n)]
             before = counter()
             with AtenCalls(into_own_ops=True) as aten:
                 if mode == "forward":
-                    getattr(ops, spec.op)(x, h0, c0, params, 0)
+                    getattr(ops, spec.op)(x, h0, c0, params, 0, reverse)
                 else:
-                    getattr(ops, spec.op + "_backward")(*grads, x, h0, c0, params, out, saved, 0)
+                    getattr(ops, spec.op + "_backward")(*grads, x, h0, c0, params, out, saved, 0,
+                                                        reverse)
             totals[mode].append((counter() - before, sum(aten.calls.values())))
     return {mode: tuple((b - a) / 2 for a, b in zip(*pair)) for mode, pair in totals.items()}
 
 
-def check_launches(library: pathlib.Path, variant: str) -> bool:
+def check_launches(library: pathlib.Path, variant: str, reverse: bool) -> bool:
+    """The declared launches per step; the reverse walk must launch exactly what the forward
+    one does."""
     from convlstm_fast import get_cell
 
     op = get_cell(variant).op
-    measured = measured_launches(library, variant)
+    measured = measured_launches(library, variant, reverse)
     declared = {mode: tuple(map(float, n)) for mode, n in declared_launches(op).items()}
     if measured != declared:
-        print(f"  FAIL {variant} launches per step (own kernels, ATen calls): measured "
+        walk = " (reverse)" if reverse else ""
+        print(f"  FAIL {variant} launches per step{walk} (own kernels, ATen calls): measured "
               f"{measured}, csrc/cuda/{op}_kernel.cu declares {declared}")
         return False
     return True
@@ -341,8 +358,10 @@ def main() -> int:
     counts = {"conformance": 0, "float64": 0, "contract": 0, "launch-count": 0}
     ok = True
     for variant in (v for v in cell_names() if "cuda" in get_cell(v).kernels):
-        variant_ok = check_launches(library, variant)
-        counts["launch-count"] += 1
+        variant_ok = True
+        for reverse in (False, True):
+            variant_ok &= check_launches(library, variant, reverse)
+            counts["launch-count"] += 1
         for case in conformance_cases(cases, variant):
             variant_ok &= check_conformance(cases, conftest, variant, case)
             counts["conformance"] += 1
@@ -350,6 +369,10 @@ def main() -> int:
             for shape in float64_shapes:
                 variant_ok &= check(variant, gate_activation, torch.float64, shape)
                 counts["float64"] += 1
+        # The reverse walk on the same edge shapes (T = 1 among them).
+        for shape in float64_shapes:
+            variant_ok &= check(variant, "sigmoid", torch.float64, shape, reverse=True)
+            counts["float64"] += 1
         # The numeric contract: kinks, tiny activations, NaN.
         contract = [check(variant, "hard_sigmoid", dtype, kink_shape, case="kinks")
                     for dtype in (torch.float64, torch.float32, torch.bfloat16)]

@@ -335,6 +335,33 @@ inline BackwardResult empty_backward_result(const Tensor& x, const Tensor& grad_
 }
 
 // ---------------------------------------------------------------------------------------------
+// The walk over the steps (cells::Walk): forward t = walk.time(0 … T − 1), backward the opposite
+// order. In the drivers' and kernels' comments H_{t−1}, C_{t−1} are the state step t starts from,
+// the previous step's (walk.prev(t); step t + 1's in reverse), and "step t+1" is the next one.
+
+using cells::Walk;
+
+// The state step t starts from: `initial` at the walk's first step, else the previous step's
+// entry of `states` ([T, ...], indexed by time).
+inline Tensor state_before(const Walk& walk, int64_t t, const Tensor& initial,
+                           const Tensor& states) {
+  return walk.is_first(t) ? initial : states[walk.prev(t)];
+}
+
+// The T − 1 steps of `states` ([T, ...]) that some step starts from: all but the walk's last.
+inline Tensor starting_steps(const Walk& walk, const Tensor& states) {
+  return states.narrow(0, walk.reverse ? 1 : 0, walk.steps - 1);
+}
+
+// The state every step starts from, [T, ...] indexed by time, for the batched calls after the
+// backward loop: `initial` [...] at the walk's first step, `starting` (starting_steps of the
+// states, in any layout) at the others — cat(h0, output[:-1]), or cat(output[1:], h0) in reverse.
+inline Tensor states_before(const Walk& walk, const Tensor& initial, const Tensor& starting) {
+  return walk.reverse ? at::cat({starting, initial.unsqueeze(0)}, 0)
+                      : at::cat({initial.unsqueeze(0), starting}, 0);
+}
+
+// ---------------------------------------------------------------------------------------------
 // Layout helpers.
 
 // [.., C, H, W] (NCHW, any strides: x may be the time-first view of a batch-first tensor) -> a

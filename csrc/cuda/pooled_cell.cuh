@@ -133,7 +133,8 @@ inline Tensor pooled_cell_forward(const Tensor& cand_preact, const Tensor& gate_
   return partial.sum(0).div_(static_cast<double>(pixels));
 }
 
-// Backward of one step (reverse time), per element (cell_math.h cell_update_backward):
+// Backward of one step (walked opposite to the forward), per element (cell_math.h
+// cell_update_backward):
 //   dH = dH_carry + dO[t];  dC = dC_t + dH∘o∘(1 − tanh²C_t)
 //   do = dH∘tanh C_t, di = dC∘G, df = dC∘C_{t−1}, dC_{t−1} = dC∘f
 //   dacc = dC∘i∘(1 − G²)                  (gradient of the candidate pre-activation)
@@ -275,7 +276,7 @@ inline PooledCellGrads pooled_cell_backward(
   return grads;
 }
 
-// After the reverse loop of b, c, d: the weight gradients of their attention features
+// After the backward loop of b, c, d: the weight gradients of their attention features
 // F = tanh(SepConv_xa(X) + SepConv_ha(H_{t−1}) + b_a) over all steps, from dF_pre = dF∘(1 − F²)
 // (d_features_pre_all [T·rows, C]) and the gradient of SepConv_ha's depthwise output
 // (d_dwha_all), with the depthwise outputs dw_ha(H_{t−1}) and dw_xa(X) of every step:

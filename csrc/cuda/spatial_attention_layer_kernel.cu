@@ -21,7 +21,8 @@ constexpr const cells::Cell& kCell = cells::kSpatialAttentionLayer;
 namespace spatial = cells::spatial_attention;
 
 LayerResult spatial_attention_layer(const Tensor& x, const Tensor& h0, const Tensor& c0,
-                                    at::TensorList params, int64_t activation, bool save) {
+                                    at::TensorList params, int64_t activation, bool reverse,
+                                    bool save) {
   const LayerCall call = check_forward(kCell, pooled::kCandDwX, x, h0, c0, params, activation);
   if (call.empty) return empty_layer_result(x, h0, c0, call.saved_shapes);
   LayerDeviceGuard guard(x.device());
@@ -43,8 +44,10 @@ LayerResult spatial_attention_layer(const Tensor& x, const Tensor& h0, const Ten
   const Tensor h0_cl = channels_last_copy(h0, dtype);
   Tensor cell_state = channels_last_copy(c0, acc).view({rows, C});
   Tensor h_mean = h0_cl.view({B, HW, C}).mean({1}, false, acc);
-  for (int64_t t = 0; t < T; ++t) {
-    const Tensor h_prev = t == 0 ? h0_cl : output_cl[t - 1];
+  const Walk walk{T, reverse};
+  for (int64_t s = 0; s < T; ++s) {
+    const int64_t t = walk.time(s);
+    const Tensor h_prev = state_before(walk, t, h0_cl, output_cl);
     // F = tanh(SepConv_ha(H_{t−1}) + xa_t); Z = W_z * F; A = softmax_HW(Z)
     const Tensor dw_ha = depthwise_forward(h_prev, params[attention::kAttDwH], B, H, W);
     const Tensor features =
@@ -71,7 +74,7 @@ LayerResult spatial_attention_layer(const Tensor& x, const Tensor& h0, const Ten
                                  Tensor(), B, HW, C);
   }
   Tensor output = channels_first_copy(output_cl, dtype);
-  Tensor h_n = output[T - 1].clone();
+  Tensor h_n = output[walk.last()].clone();
   Tensor c_n = channels_first_copy(cell_state.view({B, H, W, C}), dtype);
   return {output, h_n, c_n, saved.all()};
 }
@@ -79,7 +82,7 @@ LayerResult spatial_attention_layer(const Tensor& x, const Tensor& h0, const Ten
 BackwardResult spatial_attention_layer_backward(
     const Tensor& grad_output, const Tensor& grad_h_n, const Tensor& grad_c_n, const Tensor& x,
     const Tensor& h0, const Tensor& c0, at::TensorList params, const Tensor& output,
-    at::TensorList saved, int64_t activation) {
+    at::TensorList saved, int64_t activation, bool reverse) {
   const LayerCall call = check_backward(kCell, pooled::kCandDwX, grad_output, grad_h_n, grad_c_n,
                                         x, h0, c0, params, output, saved, activation);
   if (call.empty) return empty_backward_result(x, grad_h_n, grad_c_n, params);
@@ -91,10 +94,10 @@ BackwardResult spatial_attention_layer_backward(
   const Tensor x_cl = channels_last_copy(x, dtype);
   const Tensor grad_out_cl = channels_last_copy(grad_output.contiguous(), dtype);
   const Tensor c0_cl = channels_last_copy(c0, dtype);
-  const Tensor h_prev_all = at::cat({channels_last_copy(h0, dtype).unsqueeze(0),
-                                     channels_last_copy(output.narrow(0, 0, T - 1).contiguous(),
-                                                        dtype)},
-                                    0);
+  const Walk walk{T, reverse};
+  const Tensor h_prev_all = states_before(
+      walk, channels_last_copy(h0, dtype),
+      channels_last_copy(starting_steps(walk, output).contiguous(), dtype));
   const Tensor h_prev_rows = h_prev_all.view({T * rows, C});
   const Tensor x_rows = x_cl.view({T * rows, Cin});
   Tensor dh = channels_last_copy(grad_h_n, acc).view({rows, C});
@@ -120,9 +123,10 @@ BackwardResult spatial_attention_layer_backward(
   Tensor d_dwha_all = at::empty({T * rows, C}, x.options());
   Tensor grad_x_cl = at::empty({T * rows, Cin}, x.options().dtype(acc));
 
-  for (int64_t t = T - 1; t >= 0; --t) {
+  for (int64_t s = T - 1; s >= 0; --s) {
+    const int64_t t = walk.time(s);
     const auto step_rows = [&](const Tensor& all) { return all.narrow(0, t * rows, rows); };
-    const Tensor cell_prev = t == 0 ? c0_cl : saved[pooled::kSavedCell][t - 1];
+    const Tensor cell_prev = state_before(walk, t, c0_cl, saved[pooled::kSavedCell]);
     const Tensor dacc = step_rows(dacc_all);
     const PooledCellGrads grads = pooled_cell_backward(
         grad_out_cl[t], dh, dc, saved[pooled::kSavedGatePreact][t], Tensor(), kCell.map_gate(),

@@ -71,14 +71,14 @@ def recorded(monkeypatch):
     return keys
 
 
-def _run(variant, shape, gate_activation, as_laid_out=lambda x: x):
+def _run(variant, shape, gate_activation, as_laid_out=lambda x: x, reverse=False):
     steps, batch, cin, hidden, height, width, _ = shape
     generator = torch.Generator().manual_seed(0)
     params = {n: (torch.randn(s, generator=generator) * 0.1).requires_grad_()
               for n, s in get_cell(variant).parameter_shapes(cin, hidden, shape[-1]).items()}
     x = torch.randn(steps, batch, cin, height, width, generator=generator, requires_grad=True)
     out, (h_n, c_n) = convlstm_layer(as_laid_out(x), params, variant, gate_activation=gate_activation,
-                                     backend="triton")
+                                     backend="triton", reverse=reverse)
     (out.sum() + h_n.sum() + c_n.sum()).backward()
 
 
@@ -91,7 +91,7 @@ def test_default_gpu_check_compiles_at_most_60_specialisations(recorded):
         recorded.clear()
         for variant in VARIANTS:
             _run(variant, cases._shape(variant, case), case.gate_activation,
-                 lambda x: cases.layout_view(x, case.layout))
+                 lambda x: cases.layout_view(x, case.layout), case.reverse)
         if case.dtype == torch.bfloat16:
             for variant in ("a", "convlstm"):  # the bench
                 _run(variant, PAPER_LAYER, "sigmoid")

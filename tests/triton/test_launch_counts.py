@@ -54,6 +54,27 @@ def test_a_batch_first_input_costs_the_forward_no_copy(op):
     torch.testing.assert_close(outputs[1], outputs[0], rtol=0, atol=0)
 
 
+@pytest.mark.parametrize("op", sorted(OP_MODULES))
+def test_reverse_issues_the_launches_of_the_forward_direction(op):
+    """``reverse`` walks the steps in the op's own loops: its forward and backward issue exactly
+    the launches of the forward direction's, kernel by kernel and ATen call by ATen call (a
+    flipped copy of x, the output or a gradient would show as more ATen calls)."""
+    x, h0, c0, params = _inputs(VARIANTS[op])(3)
+    module = OP_MODULES[op]
+    forward, backward = getattr(module, f"{op}_forward"), getattr(module, f"{op}_backward")
+    counted = {}
+    for reverse in (False, True):
+        with launch_count.count_launches() as forward_launches:
+            output, h_n, c_n, saved = forward(x, h0, c0, params, 0, reverse)
+        grads = [torch.randn_like(t) for t in (output, h_n, c_n)]
+        with launch_count.count_launches() as backward_launches:
+            backward(*grads, x, h0, c0, params, output, saved, 0, reverse)
+        counted[reverse] = {mode: (dict(launches.triton), dict(launches.aten))
+                            for mode, launches in (("forward", forward_launches),
+                                                   ("backward", backward_launches))}
+    assert counted[True] == counted[False]
+
+
 def test_counter_sees_a_launch_and_an_aten_call():
     import triton
     import triton.language as tl
