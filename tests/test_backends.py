@@ -17,7 +17,7 @@ Three ways of running it:
 
 The GPU check's default run selects ``-m "gpu and not extended"``: both GPU backends × every
 variant in fp32 with hard_sigmoid and in bf16 with sigmoid (x contiguous, and x the time-first
-view of a batch-first tensor, as ConvLSTM passes it), on shapes whose integer arguments
+view of a batch-first tensor, as ConvLSTM passes it, in both walks), on shapes whose integer arguments
 fall in the same Triton specialisation classes as the benchmark's paper layer (so the run
 compiles few specialisations: tests/triton/test_gpu_check_budget.py). Every other case is
 ``extended`` (``gpu_check.py full`` / ``fp16`` / ``k5`` run them).
