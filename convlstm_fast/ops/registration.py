@@ -104,7 +104,10 @@ def _setup_context(ctx, inputs, output):
     ctx.set_materialize_grads(False)
     ctx.num_params = len(params)
     ctx.gate_activation = gate_activation
+    # reverse, when the inputs carry it (torch fills in the schema's default, or an older one
+    # may hand over only the arguments given): the backward returns a gradient slot per input.
     ctx.reverse = bool(rest[0]) if rest else False
+    ctx.num_inputs = len(inputs)
 
 
 def _double_backward_error(ctx, *grads):
@@ -159,7 +162,8 @@ def register_layer_op(qualname: str, spec: CellSpec, saved_spec: SavedSpec) -> N
             grad_output, grad_h_n, grad_c_n, x, h0, c0, list(params), out, list(saved),
             ctx.gate_activation, ctx.reverse,
         )
-        return grad_x, grad_h0, grad_c0, list(grad_params), None, None
+        grads = (grad_x, grad_h0, grad_c0, list(grad_params), None, None)
+        return grads[:ctx.num_inputs]
 
     torch.library.register_fake(qualname)(fake)
     torch.library.register_fake(backward_qualname)(_backward_fake)
