@@ -105,9 +105,8 @@ def _setup_context(ctx, inputs, output):
     ctx.num_params = len(params)
     ctx.gate_activation = gate_activation
     # reverse, when the inputs carry it (torch fills in the schema's default, or an older one
-    # may hand over only the arguments given): the backward returns a gradient slot per input.
+    # may hand over only the arguments given).
     ctx.reverse = bool(rest[0]) if rest else False
-    ctx.num_inputs = len(inputs)
 
 
 def _double_backward_error(ctx, *grads):
@@ -163,7 +162,10 @@ def register_layer_op(qualname: str, spec: CellSpec, saved_spec: SavedSpec) -> N
             ctx.gate_activation, ctx.reverse,
         )
         grads = (grad_x, grad_h0, grad_c0, list(grad_params), None, None)
-        return grads[:ctx.num_inputs]
+        # One slot per argument the op was applied with: torch 2.6 and 2.11 leave out an argument
+        # equal to its default (reverse=False) although setup_context sees it filled in, newer
+        # torch versions keep it; needs_input_grad has one entry per argument either way.
+        return grads[:len(ctx.needs_input_grad)]
 
     torch.library.register_fake(qualname)(fake)
     torch.library.register_fake(backward_qualname)(_backward_fake)
