@@ -58,11 +58,12 @@ MIN_SCAN_TORCH = (2, 11)
 
 def layer_translation(spec: CellSpec) -> Callable:
     """The translation of ``spec``'s fused op: ``(x [T, B, Cin, H, W], h0 [B, C, H, W], c0,
-    params (op order), gate_activation: int, reverse: bool) -> (output [T, B, C, H, W], h_n,
-    c_n)``, the scan over T of the reference step ``spec.step`` (walking t = T − 1 … 0 with
-    ``reverse``, an ONNX Scan whose directions are reversed)."""
+    params (op order), gate_activation: int, reverse: bool, lengths: Tensor | None) ->
+    (output [T, B, C, H, W], h_n, c_n)``, the scan over T of the reference step ``spec.step``
+    (walking t = T − 1 … 0 with ``reverse``, an ONNX Scan whose directions are reversed); with
+    ``lengths`` the scan also walks each step's [B] mask of the samples it counts for."""
 
-    def translation(x, h0, c0, params, gate_activation, reverse=False):
+    def translation(x, h0, c0, params, gate_activation, reverse=False, lengths=None):
         from torch._higher_order_ops.scan import scan
 
         named = dict(zip(spec.parameter_names, params))
@@ -75,7 +76,21 @@ def layer_translation(spec: CellSpec) -> Callable:
             h, c = h.contiguous(), c.contiguous()
             return (h, c), h.clone()
 
-        (h_n, c_n), output = scan(step, (h0, c0), x, reverse=reverse)
+        def masked_step(carry, inputs):
+            x_t, counts = inputs
+            h_prev, c_prev = carry
+            h, c = spec.step(x_t, h_prev, c_prev, named, activation)
+            counts = counts.view(-1, 1, 1, 1)
+            output = torch.where(counts, h, 0.0)
+            return (torch.where(counts, h, h_prev).contiguous(),
+                    torch.where(counts, c, c_prev).contiguous()), output
+
+        if lengths is None:
+            (h_n, c_n), output = scan(step, (h0, c0), x, reverse=reverse)
+        else:
+            times = torch.arange(x.shape[0], device=lengths.device)
+            counts = times.unsqueeze(1) < lengths.unsqueeze(0)
+            (h_n, c_n), output = scan(masked_step, (h0, c0), (x, counts), reverse=reverse)
         return output, h_n, c_n
 
     translation.__name__ = f"{spec.op}_translation"
@@ -108,11 +123,11 @@ def _translate_op(spec: CellSpec, suffix: str) -> Callable:
     if suffix == "_inference":
         return translation
 
-    def with_saved(x, h0, c0, params, gate_activation, reverse=False):
+    def with_saved(x, h0, c0, params, gate_activation, reverse=False, lengths=None):
         kernel = "triton" if suffix == "_triton" else x.device.type
         saved_spec = spec.saved_spec(kernel if kernel in spec.kernels else "cuda")
         saved = [x.new_empty(shape, dtype=dtype) for shape, dtype in saved_spec(x, h0, params)]
-        return (*translation(x, h0, c0, params, gate_activation, reverse), saved)
+        return (*translation(x, h0, c0, params, gate_activation, reverse, lengths), saved)
 
     return with_saved
 
@@ -167,10 +182,11 @@ def dynamic_shapes_for(model: nn.Module, example_inputs: Sequence, dynamic_batch
                        dynamic_steps: bool = True, steps_dim: int | None = None,
                        names: bool = False) -> tuple:
     """torch.export's ``dynamic_shapes`` that make the batch and steps dims of the first input
-    dynamic (the other inputs static), as ``Dim.DYNAMIC`` (torch.export infers the range: e.g.
-    GestureNet's T' = ceil(T / 2) must stay ≥ 2); ``names=True`` gives the axis names "batch"
-    and "steps" instead, which torch.onnx uses for the ONNX input. torch.export specialises
-    sizes 0 and 1, so a dynamic dim needs an example size ≥ 2."""
+    dynamic, and the batch dim of any later input that is a ``[B]`` integer tensor (the lengths
+    of a ragged batch; the other inputs static), as ``Dim.DYNAMIC`` (torch.export infers the
+    range: e.g. GestureNet's T' = ceil(T / 2) must stay ≥ 2); ``names=True`` gives the axis
+    names "batch" and "steps" instead, which torch.onnx uses for the ONNX input. torch.export
+    specialises sizes 0 and 1, so a dynamic dim needs an example size ≥ 2."""
     batch_dim, default_steps = _input_dims(model)
     steps_dim = default_steps if steps_dim is None else steps_dim
     first = example_inputs[0]
@@ -184,7 +200,13 @@ def dynamic_shapes_for(model: nn.Module, example_inputs: Sequence, dynamic_batch
                 f"a dynamic {label} needs an example input with size ≥ 2 in dim {dim} (torch."
                 f"export specialises sizes 0 and 1), got shape {tuple(first.shape)}")
         dims[dim] = label if names else torch.export.Dim.DYNAMIC
-    return (dims or None,) + (None,) * (len(example_inputs) - 1)
+    rest = []
+    for tensor in example_inputs[1:]:
+        per_sample = (dynamic_batch and isinstance(tensor, torch.Tensor) and tensor.dim() == 1
+                      and not tensor.is_floating_point()
+                      and tensor.shape[0] == first.shape[batch_dim])
+        rest.append({0: "batch" if names else torch.export.Dim.DYNAMIC} if per_sample else None)
+    return (dims or None, *rest)
 
 
 def export_program(model: nn.Module, example_inputs: Sequence, *, dynamic_batch: bool = True,

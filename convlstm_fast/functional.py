@@ -147,7 +147,7 @@ def _drive_steps(run, times: Sequence[int], x, h, c, lengths, weights):
     Returns the outputs in the order of ``times`` and the final state."""
     outputs = []
     for t in times:
-        output, _, c_next = run(x[t:t + 1], h, c, *weights)
+        output, _, c_next = run(x[t:t + 1], h, c, None, *weights)
         valid = (lengths > t).view(-1, 1, 1, 1)
         outputs.append(torch.where(valid, output[0], 0.0))
         h = torch.where(valid, output[0], h)
@@ -171,6 +171,20 @@ def _walk(steps: int, reverse: bool, lengths: torch.Tensor | None,
     shortest, longest = bounds
     segments = [("layer", [t for t in times if t < shortest]),
                 ("masked", [t for t in times if shortest <= t < longest]),
+                ("skip", [t for t in times if t >= longest])]
+    if reverse:
+        segments.reverse()
+    return [(kind, part) for kind, part in segments if part]
+
+
+def _masked_walk(steps: int, reverse: bool,
+                 bounds: tuple[int, int] | None) -> list[tuple[str, list[int]]]:
+    """:func:`_walk` for a backend that masks ``lengths`` inside its layer: one ``"layer"``
+    segment over the steps some sample reaches (every step under torch.compile, where the
+    lengths' bounds are unknown), then the ``"skip"`` steps past the longest sample."""
+    longest = steps if bounds is None else bounds[1]
+    times = list(range(steps - 1, -1, -1) if reverse else range(steps))
+    segments = [("layer", [t for t in times if t < longest]),
                 ("skip", [t for t in times if t >= longest])]
     if reverse:
         segments.reverse()
@@ -216,9 +230,11 @@ def convlstm_layer(
             sample's end.
 
     ``reverse`` runs inside the backend's layer (the fused kernels walk their own loop
-    backwards; no copy of the sequence). With ``lengths`` the steps every sample reaches run as
-    one call of the backend's layer, the steps between the shortest and the longest sample one
-    call per step with the lengths applied, and no step past the longest sample is computed.
+    backwards; no copy of the sequence), and so do ``lengths`` on the backends that mask them
+    inside their loop (the reference, cpu, and those whose ``lengths_in_op`` is set): one call
+    of the layer over the steps the longest sample reaches. Elsewhere the steps every sample
+    reaches run as one call, those between the shortest and the longest sample one call per
+    step with the lengths applied. No step past the longest sample is computed.
 
     Returns:
         ``(output, (h_n, c_n))`` with output Tensor[T, B, C, H, W], h_n, c_n Tensor[B, C, H, W].
@@ -249,23 +265,28 @@ def convlstm_layer(
         return output, (h0.clone(), c0.clone())
     param_list = [p.contiguous() for p in param_list]
 
-    def run(x_part, h_part, c_part, *weights):
+    def run(x_part, h_part, c_part, lengths_part, *weights):
         # x as given (e.g. the time-first view of ConvLSTM's batch-first input): the kernels read
         # it in place, so autograd keeps the caller's own tensor, not a copy; with ``reverse``
-        # the kernel walks the steps backwards itself.
+        # the kernel walks the steps backwards itself, with ``lengths`` it masks them itself.
         output, h_n, c_n = chosen.run_layer(variant, x_part, h_part.contiguous(),
                                             c_part.contiguous(), list(weights), gate_activation,
-                                            reverse)
+                                            reverse, lengths_part)
         return output, h_n, c_n
 
     checkpointed = recompute is not None and torch.is_grad_enabled()
-    if not checkpointed and lengths is None:
-        output, h_n, c_n = run(x, h0, c0, *param_list)
+    in_op = lengths is not None and chosen.lengths_in_op
+    if in_op and bounds is not None and bounds[0] == steps:
+        lengths = None  # every sample runs the whole sequence: nothing to mask
+    if not checkpointed and (lengths is None or in_op) and (bounds is None or bounds[1] == steps):
+        output, h_n, c_n = run(x, h0, c0, lengths, *param_list)
         return output, (h_n, c_n)
     chunk = steps if not checkpointed or recompute == "layers" else recompute
     pieces = {}  # first time of a piece -> the outputs of its steps, [n, B, C, H, W]
     h_n, c_n = h0, c0
-    for kind, times in _walk(steps, reverse, lengths, bounds):
+    walk = _walk(steps, reverse, lengths, bounds) if lengths is None or not in_op else \
+        _masked_walk(steps, reverse, bounds)
+    for kind, times in walk:
         if kind == "skip":
             pieces[min(times)] = x.new_zeros(len(times), batch, hidden_channels, height, width)
             continue
@@ -273,7 +294,8 @@ def convlstm_layer(
             group = times[start:start + chunk]
             first, last = min(group), max(group)
             if kind == "layer":
-                args = (x[first:last + 1], h_n, c_n, *param_list)
+                part = None if lengths is None else (lengths - first).clamp(0, last + 1 - first)
+                args = (x[first:last + 1], h_n, c_n, part, *param_list)
                 output, h_n, c_n = (checkpoint(run, *args, use_reentrant=False)
                                     if checkpointed else run(*args))
                 pieces[first] = output

@@ -28,14 +28,16 @@ PyObject* PyInit__C(void) {
 
 #define CONVLSTM_LAYER_SCHEMA                                                       \
   "(Tensor x, Tensor h0, Tensor c0, Tensor[] params, int gate_activation,"         \
-  " bool reverse=False) -> (Tensor output, Tensor h_n, Tensor c_n, Tensor[] saved)"
+  " bool reverse=False, Tensor? lengths=None)"                                      \
+  " -> (Tensor output, Tensor h_n, Tensor c_n, Tensor[] saved)"
 #define CONVLSTM_BACKWARD_SCHEMA                                                    \
   "(Tensor grad_output, Tensor grad_h_n, Tensor grad_c_n, Tensor x, Tensor h0, Tensor c0," \
   " Tensor[] params, Tensor output, Tensor[] saved, int gate_activation,"          \
-  " bool reverse=False) -> (Tensor grad_x, Tensor grad_h0, Tensor grad_c0, Tensor[] grad_params)"
+  " bool reverse=False, Tensor? lengths=None)"                                      \
+  " -> (Tensor grad_x, Tensor grad_h0, Tensor grad_c0, Tensor[] grad_params)"
 #define CONVLSTM_INFERENCE_SCHEMA                                                   \
   "(Tensor x, Tensor h0, Tensor c0, Tensor[] params, int gate_activation,"         \
-  " bool reverse=False) -> (Tensor output, Tensor h_n, Tensor c_n)"
+  " bool reverse=False, Tensor? lengths=None) -> (Tensor output, Tensor h_n, Tensor c_n)"
 #define CELL_LAYOUT_SCHEMA                                                                   \
   "cell_layout(str op, int in_channels, int hidden_channels, int kernel_size, int steps,"   \
   " int batch, int height, int width) -> (str[] parameters, int[][] parameter_shapes,"       \

@@ -2,12 +2,14 @@
 // kernels: the op itself, which saves for backward, its `<op>_inference` twin, which keeps
 // nothing and returns (output, h_n, c_n), and its `<op>_backward`. A kernel writes one forward
 // taking `save`; with `save` false it puts each step's would-be-saved tensors in buffers reused
-// across steps. `reverse` walks the steps t = T − 1 … 0 (cells::Walk).
+// across steps. `reverse` walks the steps t = T − 1 … 0 (cells::Walk); `lengths` (int64 [B], or
+// none) masks each sample's steps t ≥ lengths[b] inside the loop (ops/registration.py).
 #pragma once
 
 #include <ATen/core/Tensor.h>
 #include <torch/library.h>
 
+#include <optional>
 #include <string>
 #include <tuple>
 #include <vector>
@@ -20,25 +22,29 @@ using LayerOutputs = std::tuple<at::Tensor, at::Tensor, at::Tensor, std::vector<
 using InferenceOutputs = std::tuple<at::Tensor, at::Tensor, at::Tensor>;
 using SavingForward = LayerOutputs (*)(const at::Tensor& x, const at::Tensor& h0,
                                        const at::Tensor& c0, at::TensorList params,
-                                       int64_t gate_activation, bool reverse, bool save);
+                                       int64_t gate_activation, bool reverse,
+                                       const std::optional<at::Tensor>& lengths, bool save);
 using LayerBackward = LayerOutputs (*)(const at::Tensor& grad_output, const at::Tensor& grad_h_n,
                                        const at::Tensor& grad_c_n, const at::Tensor& x,
                                        const at::Tensor& h0, const at::Tensor& c0,
                                        at::TensorList params, const at::Tensor& output,
                                        at::TensorList saved, int64_t gate_activation,
-                                       bool reverse);
+                                       bool reverse, const std::optional<at::Tensor>& lengths);
 
 template <SavingForward kForward>
 LayerOutputs training_forward(const at::Tensor& x, const at::Tensor& h0, const at::Tensor& c0,
-                              at::TensorList params, int64_t gate_activation, bool reverse) {
-  return kForward(x, h0, c0, params, gate_activation, reverse, true);
+                              at::TensorList params, int64_t gate_activation, bool reverse,
+                              const std::optional<at::Tensor>& lengths) {
+  return kForward(x, h0, c0, params, gate_activation, reverse, lengths, true);
 }
 
 template <SavingForward kForward>
 InferenceOutputs inference_forward(const at::Tensor& x, const at::Tensor& h0,
                                    const at::Tensor& c0, at::TensorList params,
-                                   int64_t gate_activation, bool reverse) {
-  const LayerOutputs outputs = kForward(x, h0, c0, params, gate_activation, reverse, false);
+                                   int64_t gate_activation, bool reverse,
+                                   const std::optional<at::Tensor>& lengths) {
+  const LayerOutputs outputs =
+      kForward(x, h0, c0, params, gate_activation, reverse, lengths, false);
   return {std::get<0>(outputs), std::get<1>(outputs), std::get<2>(outputs)};
 }
 

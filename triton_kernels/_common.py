@@ -10,7 +10,9 @@ drivers of the channel-attention cells c and d (``channel_attention_forward`` an
 The op's ``reverse`` changes only the host loops: they take the order of the steps from
 :class:`Walk`, and in the kernels' docstrings t − 1 and t + 1 are the steps before and after t in
 the walk (t + 1 and t − 1 in time when it runs backwards); every per-step tensor stays indexed by
-time.
+time. The op's ``lengths`` too changes only the host loops, and nothing at all without it: the
+few torch ops of :class:`StepMask` between the launches (a carry buffer for H, the carried C,
+zeroed outputs and per-step gradients, dC passed through).
 
 Inside an op every state is a channels-last matrix of rows ``[B·H·W, C]`` (KERNELS.md "Layout"):
 a pixel's channels are contiguous, so the pointwise convolutions are row-major GEMMs (``tl.dot``)
@@ -768,6 +770,148 @@ class Walk:
         return torch.cat([initial[None], states[:-1]])
 
 
+class StepMask:
+    """Per-sample ``lengths`` inside a layer's host loop (ops/registration.py; the Python twin of
+    csrc/step_mask.h): step t of sample b counts iff t < lengths[b]. Every method is a torch op
+    on the call's device (no host synchronisation) and does nothing at all without lengths, so
+    that the launches and results of an op without lengths are exactly what they were.
+
+    Forward: the kernels read H_{t−1} from a carry buffer (:meth:`carry_buffer`), never from
+    ``output[t − 1]``; after step t, :meth:`forward_step` keeps the sample's C (the fp32 state and
+    the saved C_t, so that the backward's C_{t−1} reads are the carried C), its H carry and its
+    pooled column sums of H (what the next step reads as h̄) where the step does not count, and
+    zeroes ``output[t]`` there.
+    Backward: a step that does not count passes dC through (:meth:`hold` before the launch,
+    :meth:`backward_step` after it restores the held dC) and its per-step gradients are zeroed
+    after the launch, so that nothing of it reaches the weight gradients nor, through the next
+    launch's recurrent term, dH of the step before. dH passes through by linearity: grad_h_n
+    enters at each sample's last valid step of the walk (:func:`output_grad_rows`), or is
+    grad_h0 itself at length 0 (:meth:`initial_hidden_grad`); walking in reverse, a sample's
+    dH_0 is the recurrent term of its first valid step t = lengths[b] − 1, so the launch that
+    stores dH_0 reads each sample's recurrent data of that step (:meth:`rec`)."""
+
+    def __init__(self, lengths: torch.Tensor | None, walk: Walk, batch: int):
+        if lengths is not None:
+            if lengths.dtype != torch.int64 or lengths.shape != (batch,):
+                raise ValueError(f"lengths must be int64 [B] = [{batch}], got "
+                                 f"{lengths.dtype} {tuple(lengths.shape)}")
+        self.lengths, self.walk, self.batch = lengths, walk, batch
+
+    @property
+    def active(self) -> bool:
+        return self.lengths is not None
+
+    def counts(self, t: int) -> torch.Tensor:
+        """``[B, 1]`` bool: whether step t of each sample counts."""
+        return (self.lengths > t).view(-1, 1)
+
+    def _flat(self, tensor: torch.Tensor) -> torch.Tensor:
+        """A per-sample tensor (leading dimension B, or B·H·W rows) as ``[B, -1]``."""
+        return tensor.view(self.batch, -1)
+
+    def restore(self, t: int, state: torch.Tensor, held: torch.Tensor) -> None:
+        """``state`` ← ``held`` for the samples whose step t does not count (in place)."""
+        flat = self._flat(state)
+        flat.copy_(torch.where(self.counts(t), flat, self._flat(held)))
+
+    def zero(self, t: int, *tensors: torch.Tensor) -> None:
+        """Each tensor ← 0 for the samples whose step t does not count (in place)."""
+        keep_out = self.counts(t).logical_not()
+        for tensor in tensors:
+            self._flat(tensor).masked_fill_(keep_out, 0)
+
+    def carry_buffer(self, h_rows: torch.Tensor) -> torch.Tensor:
+        """H_0's rows as the forward's H carry: a copy of its own under lengths (it is updated in
+        place; ``rows`` of a channels-last h0 is a view of it), else ``h_rows`` itself."""
+        return h_rows.clone() if self.active else h_rows
+
+    def hold(self, tensor: torch.Tensor) -> torch.Tensor | None:
+        """A copy of ``tensor`` before a step changes it in place (None without lengths)."""
+        return tensor.clone() if self.active else None
+
+    def forward_step(self, t: int, out_t, cell_t, c_state, c_before, h_carry,
+                     hpart_next=None, hpart_prev=None) -> None:
+        """After forward step t: the samples whose step does not count keep C (``c_state`` ←
+        ``c_before``, and the saved ``cell_t`` is that carried C), their H carry and pooled
+        column sums (``hpart_next`` ← ``hpart_prev``, the sums the step read); the others'
+        carry becomes ``out_t``; ``out_t`` is zeroed where the step does not count."""
+        if not self.active:
+            return
+        self.restore(t, c_state, c_before)
+        cell_t.copy_(c_state)
+        counts = self.counts(t)
+        carry = self._flat(h_carry)
+        carry.copy_(torch.where(counts, self._flat(out_t), carry))
+        self.zero(t, out_t)
+        if hpart_next is not None:
+            self.restore(t, hpart_next, hpart_prev)
+
+    def backward_step(self, t: int, dc: torch.Tensor, dc_held, *step_grads) -> None:
+        """After the backward launch of step t: dC passes through the samples whose step does not
+        count (``dc`` ← ``dc_held``) and the per-step gradients it wrote are zero there."""
+        if not self.active:
+            return
+        self.restore(t, dc, dc_held)
+        self.zero(t, *step_grads)
+
+    def _gathers(self, s: BackwardStep) -> bool:
+        return self.active and self.walk.reverse and not s.cell
+
+    def _first_valid(self) -> torch.Tensor:
+        return (self.lengths - 1).clamp(min=0)
+
+    def rec(self, s: BackwardStep, buffer: torch.Tensor) -> torch.Tensor:
+        """``buffer[s.rec]``, the recurrent data launch ``s`` reads; for the reverse walk's dH_0
+        launch under lengths, each sample's data of its first valid step t = lengths[b] − 1
+        (a gathered copy: its dH_0 is that step's recurrent term; length 0: see
+        :meth:`initial_hidden_grad`)."""
+        if not self._gathers(s):
+            return buffer[s.rec]
+        steps = buffer.shape[0]
+        picked = buffer.view(steps, self.batch, -1)[
+            self._first_valid(), torch.arange(self.batch, device=buffer.device)]
+        return picked.view(buffer.shape[1:])
+
+    def rec_written(self, s: BackwardStep, buffer: torch.Tensor, written: torch.Tensor) -> None:
+        """After a dH_0 launch that read :meth:`rec`'s copies and stored a per-step gradient of
+        step ``s.rec`` into ``written`` (its copy of ``buffer[s.rec]``): ``buffer[s.rec]`` is
+        that gradient for the samples whose step s.rec counts (lengths[b] = T, the copy is
+        their own) and zero for the others (their step s.rec does not count)."""
+        if not self._gathers(s):
+            return
+        flat = self._flat(buffer[s.rec])
+        flat.copy_(torch.where(self.counts(s.rec), self._flat(written), 0.0))
+
+    def initial_hidden_grad(self, grad_h0_rows: torch.Tensor, grad_h_n: torch.Tensor) -> None:
+        """dH_0 of the samples of length 0 is grad_h_n itself (no step counts; in place)."""
+        if not self.active:
+            return
+        flat = self._flat(grad_h0_rows)
+        flat.copy_(torch.where((self.lengths > 0).view(-1, 1), flat,
+                               self._flat(rows(grad_h_n)).to(flat.dtype)))
+
+    def last_valid_step(self) -> torch.Tensor:
+        """``[B]`` each sample's last valid step in the walk's order (0 for length 0, which has
+        none: the caller checks lengths > 0): lengths[b] − 1 walking forwards, 0 in reverse."""
+        if self.walk.reverse:
+            return torch.zeros_like(self.lengths)
+        return self._first_valid()
+
+    def before_each(self, states: torch.Tensor, initial: torch.Tensor) -> torch.Tensor:
+        """:meth:`Walk.before_each` with lengths: H_{t−1} of step t is the previous step's state
+        where that step counted, else ``initial`` (walking forwards a step that counts always
+        follows one that did; in reverse, a sample's first valid step started from h0)."""
+        stored = self.walk.before_each(states, initial)
+        if not self.active or not self.walk.reverse:
+            return stored
+        steps = states.shape[0]
+        # Step t's previous step is t + 1, which counted iff t + 1 < lengths[b].
+        previous_counted = (torch.arange(1, steps + 1, device=self.lengths.device)[:, None]
+                            < self.lengths[None, :])
+        shape = (steps, self.batch) + (1,) * (states.dim() - 2)
+        return torch.where(previous_counted.view(shape), stored, initial[None])
+
+
 def initial_pooled_state(h0: torch.Tensor, c0: torch.Tensor, tiles: int, walk: Walk):
     """The start of a pooled-gate cell's recurrence: ``(h_prev, c_state, hpart)``, H_0's rows,
     C_0 as fp32 rows (the step kernels update them in place) and the two ping-pong buffers
@@ -782,27 +926,37 @@ def initial_pooled_state(h0: torch.Tensor, c0: torch.Tensor, tiles: int, walk: W
 
 
 def layer_outputs(out: torch.Tensor, c_state: torch.Tensor, dtype: torch.dtype, batch: int,
-                  height: int, width: int, walk: Walk):
+                  height: int, width: int, walk: Walk, h_last: torch.Tensor | None = None):
     """``(output [T, B, C, H, W], h_n, c_n)`` (contiguous, ``dtype``) from the steps' H rows
     ``out [T, B·H·W, C]`` and the fp32 cell state rows ``c_state [B·H·W, C]`` after the walk's
-    last step."""
+    last step; ``h_last``: the rows of h_n when they are not ``out[walk.last]`` (the H carry of
+    a call with lengths)."""
     steps, _, hidden = out.shape
     output = out.view(steps, batch, height, width, hidden).permute(0, 1, 4, 2, 3).contiguous()
-    h_n = nchw(out[walk.last], batch, height, width).clone(memory_format=torch.contiguous_format)
+    h_last = out[walk.last] if h_last is None else h_last
+    h_n = nchw(h_last, batch, height, width).clone(memory_format=torch.contiguous_format)
     c_n = nchw(c_state, batch, height, width).to(dtype, memory_format=torch.contiguous_format,
                                                  copy=True)
     return output, h_n, c_n
 
 
 def output_grad_rows(grad_output: torch.Tensor, grad_h_n: torch.Tensor, grad_c_n: torch.Tensor,
-                     walk: Walk):
+                     walk: Walk, mask: StepMask | None = None):
     """The backward's start: ``(gout, dc)``, grad_output ``[T, B, C, H, W]`` as rows
-    ``[T, B·H·W, C]`` with grad_h_n added to the walk's last step, and grad_c_n as fp32 rows (the
-    carried dC)."""
+    ``[T, B·H·W, C]`` with grad_h_n added to the walk's last step (with lengths: each sample's
+    last valid step, :meth:`StepMask.last_valid_step`; none at length 0), and grad_c_n as fp32
+    rows (the carried dC)."""
     steps, batch, hidden, height, width = grad_output.shape
     gout = grad_output.permute(0, 1, 3, 4, 2).clone(memory_format=torch.contiguous_format)
     gout = gout.view(steps, batch * height * width, hidden)
-    gout[walk.last] += rows(grad_h_n)
+    if mask is not None and mask.active:
+        entering = rows(grad_h_n).view(batch, -1)
+        entering = torch.where((mask.lengths > 0).view(-1, 1), entering, 0.0).to(gout.dtype)
+        samples = torch.arange(batch, device=gout.device)
+        gout.view(steps, batch, -1).index_put_((mask.last_valid_step(), samples), entering,
+                                               accumulate=True)
+    else:
+        gout[walk.last] += rows(grad_h_n)
     dc = rows(grad_c_n).to(torch.float32, copy=True)
     return gout, dc
 
@@ -863,9 +1017,10 @@ def _attention_logits_step(h_prev, xc, xa, p, cand, feat, logits, zpart, height,
 
 
 def channel_attention_forward(x, h0, c0, params, gate_activation: int, output_gate: bool,
-                              reverse: bool = False):
+                              reverse: bool = False, lengths: torch.Tensor | None = None):
     """Variant (c) (``output_gate`` False: M is the input gate) or (d) (True: the output gate):
-    ``(output, h_n, c_n, [cell, candidate, gate_preact [T, B, 2C], attention])``."""
+    ``(output, h_n, c_n, [cell, candidate, gate_preact [T, B, 2C], attention])``; ``lengths``
+    masks each sample's steps (:class:`StepMask`)."""
     p = [q.contiguous() for q in params]
     gwh = p[1]
     steps, batch, cin, height, width = x.shape
@@ -881,27 +1036,35 @@ def channel_attention_forward(x, h0, c0, params, gate_activation: int, output_ga
     logits = torch.empty(batch * pixels, hidden, device=x.device, dtype=torch.float32)
     zpart = torch.empty(batch, tiles, hidden, device=x.device, dtype=torch.float32)
     walk = Walk(steps, reverse)
+    mask = StepMask(lengths, walk, batch)
     h_prev, c_state, hpart = initial_pooled_state(h0, c0, tiles, walk)
+    h_prev = mask.carry_buffer(h_prev)
     grid = (tiles, triton.cdiv(hidden, block_c), batch)
     launch = dict(BLOCK_M=block_m, BLOCK_N=block_c, BLOCK_K=block_c, **SEPCONV_LAUNCH)
     dot = dot_precision(x.dtype)
     for t in walk.forward():
+        c_before = mask.hold(c_state)
         _attention_logits_step(h_prev, xc[t], xa[t], p, cand[t], feat, logits, zpart, height,
                                width, grid, launch, dot)
         attention_cell_kernel[grid](logits, zpart, c_state, cand[t], xg[t], hpart[(t + 1) % 2],
                                     hpart[t % 2], gwh, out[t], cell[t], att[t], gate_preact[t],
                                     hidden, height, width, tiles, ACT=gate_activation,
                                     OUTPUT_GATE=output_gate, **launch)
-        h_prev = out[t]
+        if mask.active:
+            mask.forward_step(t, out[t], cell[t], c_state, c_before, h_prev, hpart[t % 2],
+                              hpart[(t + 1) % 2])
+        else:
+            h_prev = out[t]
     state_shape = (steps, batch, height, width, hidden)
-    output, h_n, c_n = layer_outputs(out, c_state, x.dtype, batch, height, width, walk)
+    output, h_n, c_n = layer_outputs(out, c_state, x.dtype, batch, height, width, walk,
+                                     h_prev if mask.active else None)
     return output, h_n, c_n, [cell.view(state_shape), cand.view(state_shape), gate_preact,
                               att.view(state_shape)]
 
 
 def channel_attention_backward(grad_output, grad_h_n, grad_c_n, x, h0, c0, params, output,
                                saved, gate_activation: int, output_gate: bool,
-                               reverse: bool = False):
+                               reverse: bool = False, lengths: torch.Tensor | None = None):
     """Gradients of :func:`channel_attention_forward` w.r.t. x, h0, c0 and every parameter."""
     p = [q.contiguous() for q in params]
     gwx, gwh, _, cdwx, cpwx, cdwh, cpwh, _, adwx, apwx, adwh, apwh, _, zdw, zpw = p
@@ -914,14 +1077,15 @@ def channel_attention_backward(grad_output, grad_h_n, grad_c_n, x, h0, c0, param
     frames = x.reshape(steps * batch, cin, height, width)
     maps = steps * batch
     walk = Walk(steps, reverse)
+    mask = StepMask(lengths, walk, batch)
 
     # A_t and Z_t are not saved: each step of the loop recomputes them with the forward's kernels.
     xc, xa, _ = _attention_x_side(SequenceFrames(frames.view(x.shape)), p, steps, batch, pixels,
                                   hidden)
-    h_prev = walk.before_each(output, h0).reshape(maps, hidden, height, width)
+    h_prev = mask.before_each(output, h0).reshape(maps, hidden, height, width)
     h_prev_rows = rows(h_prev).view(state)
 
-    gout, dc = output_grad_rows(grad_output, grad_h_n, grad_c_n, walk)
+    gout, dc = output_grad_rows(grad_output, grad_h_n, grad_c_n, walk, mask)
     c0_rows = rows(c0)
 
     block_m, block_c = block_sizes(x.device, pixels, hidden)
@@ -940,15 +1104,20 @@ def channel_attention_backward(grad_output, grad_h_n, grad_c_n, x, h0, c0, param
     blocks = dict(BLOCK_M=block_m, BLOCK_N=block_c, **SEPCONV_LAUNCH)
     dot = dot_precision(x.dtype)
     for s in walk.backward():
-        t, rec = s.t, s.rec
+        t = s.t
+        dc_held = mask.hold(dc) if s.cell else None
+        dgp_rec = mask.rec(s, dgp)
         attention_cell_bwd_kernel[grid](
-            ddw_c[rec], ddw_a[rec], gpart[rec], gate_preact[rec], dgp[rec], gwh, cdwh, adwh,
+            mask.rec(s, ddw_c), mask.rec(s, ddw_a), mask.rec(s, gpart), mask.rec(s, gate_preact),
+            dgp_rec, gwh, cdwh, adwh,
             gout[t], grad_h0_rows, cell[t], s.prev(cell, c0_rows), cand[t], att[t],
             gate_preact[t], dc, dacc[t], datt, spart, gpart[t],
             hidden, height, width, tiles, KSIZE=ksize, ACT=gate_activation,
             OUTPUT_GATE=output_gate, HAS_REC=s.has_rec, CELL=s.cell, **launch)
         if not s.cell:
+            mask.rec_written(s, dgp, dgp_rec)
             break
+        mask.backward_step(t, dc, dc_held, dacc[t], datt, spart, gpart[t])
         _attention_logits_step(h_prev_rows[t], xc[t], xa[t], p, cand_scratch, feat[t], logits,
                                zpart, height, width, grid, launch, dot)
         # τ = [Z = max_HW Z] / #ties per (sample, channel), on the forward's own Z_t
@@ -989,6 +1158,7 @@ def channel_attention_backward(grad_output, grad_h_n, grad_c_n, x, h0, c0, param
     grads = [grad_gwx, grad_gwh, dgp_rows.sum(0), grad_cdwx, grad_cpwx, grad_cdwh, grad_cpwh,
              flat(dacc).sum(0, dtype=torch.float32), grad_adwx, grad_apwx, grad_adwh, grad_apwh,
              flat(dfeat).sum(0, dtype=torch.float32), grad_zdw, grad_zpw]
+    mask.initial_hidden_grad(grad_h0_rows, grad_h_n)
     grad_x, grad_h0, grad_c0 = layer_input_grads(grad_frames, grad_h0_rows, dc, x)
     return grad_x, grad_h0, grad_c0, [g.to(q.dtype).contiguous() for g, q in zip(grads, params)]
 
@@ -1005,14 +1175,15 @@ def channel_attention_op(op: str, output_gate: bool):
     :func:`channel_attention_backward` of variant (c) (``output_gate`` False) or (d) (True), with
     the registered op's signatures."""
 
-    def forward(x, h0, c0, params, gate_activation: int, reverse: bool = False):
+    def forward(x, h0, c0, params, gate_activation: int, reverse: bool = False, lengths=None):
         return channel_attention_forward(x, h0, c0, params, gate_activation, output_gate,
-                                         reverse)
+                                         reverse, lengths)
 
     def backward(grad_output, grad_h_n, grad_c_n, x, h0, c0, params, output, saved,
-                 gate_activation: int, reverse: bool = False):
+                 gate_activation: int, reverse: bool = False, lengths=None):
         return channel_attention_backward(grad_output, grad_h_n, grad_c_n, x, h0, c0, params,
-                                          output, saved, gate_activation, output_gate, reverse)
+                                          output, saved, gate_activation, output_gate, reverse,
+                                          lengths)
 
     forward.__name__, backward.__name__ = f"{op}_forward", f"{op}_backward"
     forward.__qualname__, backward.__qualname__ = forward.__name__, backward.__name__

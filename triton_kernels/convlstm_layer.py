@@ -19,9 +19,9 @@ import torch.nn.functional as F
 import triton
 import triton.language as tl
 
-from ._common import (GPU_BLOCK_M, SequenceFrames, Walk, block_sizes, dot_precision, gate_act,
-                      gate_act_grad, layer_input_grads, layer_outputs, nchw, output_grad_rows,
-                      program_tile, rows, tanh, tanh_with_grad)
+from ._common import (GPU_BLOCK_M, SequenceFrames, StepMask, Walk, block_sizes, dot_precision,
+                      gate_act, gate_act_grad, layer_input_grads, layer_outputs, nchw,
+                      output_grad_rows, program_tile, rows, tanh, tanh_with_grad)
 # The traffic models of the shared host helpers (for traffic() below).
 from ._common import (gpu_grid, h_prev_all_traffic, layer_input_grads_traffic,
                       layer_outputs_traffic, output_grad_rows_traffic)
@@ -175,9 +175,11 @@ def _convlstm_layer_bwd_kernel(
 LAUNCHES_PER_STEP = {"forward": (1, 0), "backward": (1, 0)}
 
 
-def convlstm_layer_forward(x, h0, c0, params, gate_activation: int, reverse: bool = False):
+def convlstm_layer_forward(x, h0, c0, params, gate_activation: int, reverse: bool = False,
+                           lengths=None):
     """``x [T, B, Cin, H, W]``, ``h0``, ``c0`` ``[B, C, H, W]`` -> ``(output [T, B, C, H, W],
-    h_n, c_n, [cell [T, B, H, W, C], gates [T, B, H, W, 4C]])``."""
+    h_n, c_n, [cell [T, B, H, W, C], gates [T, B, H, W, 4C]])``; ``lengths`` masks each
+    sample's steps (_common.StepMask)."""
     weight_x, weight_h, bias = params
     steps, batch, cin, height, width = x.shape
     hidden, pixels, ksize = h0.shape[1], height * width, weight_h.shape[-1]
@@ -192,24 +194,30 @@ def convlstm_layer_forward(x, h0, c0, params, gate_activation: int, reverse: boo
     cell = torch.empty_like(out)
     gates = x.new_empty(steps, batch * pixels, 4 * hidden)
     c_state = rows(c0).to(torch.float32, copy=True)
-    h_prev = rows(h0)
     grid = (triton.cdiv(pixels, block_m), triton.cdiv(hidden, block_c), batch)
     walk = Walk(steps, reverse)
+    mask = StepMask(lengths, walk, batch)
+    h_prev = mask.carry_buffer(rows(h0))
     for t in walk.forward():
+        c_before = mask.hold(c_state)
         _convlstm_layer_fwd_kernel[grid](
             h_prev, c_state, xz[t], w, out[t], cell[t], gates[t], hidden, height, width,
             KSIZE=ksize, ACT=gate_activation, DOT_PRECISION=dot_precision(x.dtype),
             BLOCK_M=block_m, BLOCK_N=block_c, BLOCK_K=block_c, **launch_options(x.dtype),
         )
-        h_prev = out[t]
+        if mask.active:
+            mask.forward_step(t, out[t], cell[t], c_state, c_before, h_prev)
+        else:
+            h_prev = out[t]
     state_shape = (steps, batch, height, width, hidden)
-    output, h_n, c_n = layer_outputs(out, c_state, x.dtype, batch, height, width, walk)
+    output, h_n, c_n = layer_outputs(out, c_state, x.dtype, batch, height, width, walk,
+                                     h_prev if mask.active else None)
     return output, h_n, c_n, [cell.view(state_shape),
                               gates.view(steps, batch, height, width, 4 * hidden)]
 
 
 def convlstm_layer_backward(grad_output, grad_h_n, grad_c_n, x, h0, c0, params, output, saved,
-                            gate_activation: int, reverse: bool = False):
+                            gate_activation: int, reverse: bool = False, lengths=None):
     """Gradients of :func:`convlstm_layer_forward` w.r.t. x, h0, c0, weight_x, weight_h, bias."""
     weight_x, weight_h, bias = params
     steps, batch, cin, height, width = x.shape
@@ -219,7 +227,8 @@ def convlstm_layer_backward(grad_output, grad_h_n, grad_c_n, x, h0, c0, params, 
     wt = weight_h.permute(2, 3, 0, 1).reshape(ksize * ksize, 4 * hidden, hidden).contiguous()
 
     walk = Walk(steps, reverse)
-    gout, dc = output_grad_rows(grad_output, grad_h_n, grad_c_n, walk)
+    mask = StepMask(lengths, walk, batch)
+    gout, dc = output_grad_rows(grad_output, grad_h_n, grad_c_n, walk, mask)
     c0_rows = rows(c0)
     dz = torch.empty_like(gates)
     grad_h0_rows = torch.empty_like(gout[0])
@@ -227,18 +236,22 @@ def convlstm_layer_backward(grad_output, grad_h_n, grad_c_n, x, h0, c0, params, 
     block_m, block_c = block_sizes(x.device, pixels, hidden)
     grid = (triton.cdiv(pixels, block_m), triton.cdiv(hidden, block_c), batch)
     for s in walk.backward():
+        dc_held = mask.hold(dc) if s.cell else None
         _convlstm_layer_bwd_kernel[grid](
-            dz[s.rec], wt, gout[s.t], grad_h0_rows,
+            mask.rec(s, dz), wt, gout[s.t], grad_h0_rows,
             cell[s.t], s.prev(cell, c0_rows), gates[s.t], dc, dz[s.t],
             hidden, height, width,
             KSIZE=ksize, ACT=gate_activation, DOT_PRECISION=dot_precision(x.dtype),
             HAS_REC=s.has_rec, CELL=s.cell,
             BLOCK_M=block_m, BLOCK_N=block_c, BLOCK_K=block_c, **launch_options(x.dtype),
         )
+        if s.cell:
+            mask.backward_step(s.t, dc, dc_held, dz[s.t])
+    mask.initial_hidden_grad(grad_h0_rows, grad_h_n)
 
     # Weight and input gradients of all steps: two batched convolution backwards.
     frames = x.reshape(steps * batch, cin, height, width)
-    h_prev = walk.before_each(output, h0).reshape(steps * batch, hidden, height, width)
+    h_prev = mask.before_each(output, h0).reshape(steps * batch, hidden, height, width)
     dz_maps = nchw(dz.view(-1, 4 * hidden), steps * batch, height, width)
     pad = [ksize // 2] * 2
     _, grad_wh, _ = torch.ops.aten.convolution_backward(

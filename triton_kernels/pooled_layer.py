@@ -27,7 +27,7 @@ from ._common import depthwise_tile, gate_act, pooled_gate_preacts, program_tile
 from ._common import store_cell_state, store_gate_preacts, store_hidden_state
 from ._common import pooled_layer_bwd_kernel
 from ._common import GPU_BLOCK_CS, GPU_BLOCK_M, SEPCONV_LAUNCH, block_sizes, dot_precision
-from ._common import SequenceFrames, Walk, depthwise, depthwise_backward, nchw, rows
+from ._common import SequenceFrames, StepMask, Walk, depthwise, depthwise_backward, nchw, rows
 from ._common import sepconv_rows, sepconv_rows_backward
 from ._common import initial_pooled_state, layer_input_grads, layer_outputs, output_grad_rows
 # The traffic models of the shared host helpers and kernels (for traffic() below).
@@ -108,9 +108,11 @@ def _unpack(params):
             cand_dw_h.contiguous(), cand_pw_h.contiguous(), cand_bias)
 
 
-def pooled_layer_forward(x, h0, c0, params, gate_activation: int, reverse: bool = False):
+def pooled_layer_forward(x, h0, c0, params, gate_activation: int, reverse: bool = False,
+                         lengths=None):
     """``x [T, B, Cin, H, W]``, ``h0``, ``c0`` ``[B, C, H, W]`` -> ``(output [T, B, C, H, W],
-    h_n, c_n, [cell [T, B, H, W, C], candidate [T, B, H, W, C], gate_preact [T, B, 3C]])``."""
+    h_n, c_n, [cell [T, B, H, W, C], candidate [T, B, H, W, C], gate_preact [T, B, 3C]])``;
+    ``lengths`` masks each sample's steps (_common.StepMask)."""
     gwx, gwh, gb, dwx, pwx, dwh, pwh, cb = _unpack(params)
     steps, batch, cin, height, width = x.shape
     hidden, pixels = h0.shape[1], height * width
@@ -129,9 +131,12 @@ def pooled_layer_forward(x, h0, c0, params, gate_activation: int, reverse: bool 
     cand = torch.empty_like(out)
     gate_preact = x.new_empty(steps, batch, 3 * hidden)
     walk = Walk(steps, reverse)
+    mask = StepMask(lengths, walk, batch)
     h_prev, c_state, hpart = initial_pooled_state(h0, c0, tiles, walk)
+    h_prev = mask.carry_buffer(h_prev)
     grid = (tiles, triton.cdiv(hidden, block_c), batch)
     for t in walk.forward():
+        c_before = mask.hold(c_state)
         _pooled_layer_fwd_kernel[grid](
             h_prev, c_state, xc[t], xg[t], hpart[(t + 1) % 2], hpart[t % 2], dwh, pwh, gwh,
             out[t], cell[t], cand[t], gate_preact[t],
@@ -139,14 +144,19 @@ def pooled_layer_forward(x, h0, c0, params, gate_activation: int, reverse: bool 
             KSIZE=ksize, ACT=gate_activation, DOT_PRECISION=dot_precision(x.dtype),
             BLOCK_M=block_m, BLOCK_N=block_c, BLOCK_K=min(block_c, FWD_BLOCK_K), **FWD_LAUNCH,
         )
-        h_prev = out[t]
+        if mask.active:
+            mask.forward_step(t, out[t], cell[t], c_state, c_before, h_prev, hpart[t % 2],
+                              hpart[(t + 1) % 2])
+        else:
+            h_prev = out[t]
     state_shape = (steps, batch, height, width, hidden)
-    output, h_n, c_n = layer_outputs(out, c_state, x.dtype, batch, height, width, walk)
+    output, h_n, c_n = layer_outputs(out, c_state, x.dtype, batch, height, width, walk,
+                                     h_prev if mask.active else None)
     return output, h_n, c_n, [cell.view(state_shape), cand.view(state_shape), gate_preact]
 
 
 def pooled_layer_backward(grad_output, grad_h_n, grad_c_n, x, h0, c0, params, output, saved,
-                          gate_activation: int, reverse: bool = False):
+                          gate_activation: int, reverse: bool = False, lengths=None):
     """Gradients of :func:`pooled_layer_forward` w.r.t. x, h0, c0 and every parameter."""
     gwx, gwh, gb, dwx, pwx, dwh, pwh, cb = _unpack(params)
     steps, batch, cin, height, width = x.shape
@@ -158,7 +168,8 @@ def pooled_layer_backward(grad_output, grad_h_n, grad_c_n, x, h0, c0, params, ou
     gate_preact = gate_preact.contiguous()
 
     walk = Walk(steps, reverse)
-    gout, dc = output_grad_rows(grad_output, grad_h_n, grad_c_n, walk)
+    mask = StepMask(lengths, walk, batch)
+    gout, dc = output_grad_rows(grad_output, grad_h_n, grad_c_n, walk, mask)
     c0_rows = rows(c0)
 
     block_m, block_c = block_sizes(x.device, pixels, hidden)
@@ -170,10 +181,14 @@ def pooled_layer_backward(grad_output, grad_h_n, grad_c_n, x, h0, c0, params, ou
     grad_h0_rows = torch.empty_like(gout[0])
     grid = (tiles, triton.cdiv(hidden, block_c), batch)
     for s in walk.backward():
-        t, rec = s.t, s.rec  # rec: the step whose gradients flow into H_t
+        t = s.t
+        # The data of step s.rec, whose gradients flow into H_t (mask.rec: as the walk has it,
+        # but for the reverse walk's dH_0 launch under lengths).
+        dc_held = mask.hold(dc) if s.cell else None
+        ddw_rec, dgp_rec = mask.rec(s, ddw), mask.rec(s, dgp)
         pooled_layer_bwd_kernel[grid](
-            ddw[rec], gpart[rec], gate_preact[rec], dgp[rec], gwh, dwh, ddw[rec], dwh,
-            gout[t], grad_h0_rows, cell[t], s.prev(cell, c0_rows), cand[t],
+            ddw_rec, mask.rec(s, gpart), mask.rec(s, gate_preact), dgp_rec, gwh, dwh, ddw_rec,
+            dwh, gout[t], grad_h0_rows, cell[t], s.prev(cell, c0_rows), cand[t],
             gate_preact[t], dc, dacc[t], gpart[t],
             hidden, height, width, tiles,
             KSIZE=ksize, ACT=gate_activation, HAS_REC=s.has_rec, CELL=s.cell,
@@ -181,11 +196,15 @@ def pooled_layer_backward(grad_output, grad_h_n, grad_c_n, x, h0, c0, params, ou
             BLOCK_M=block_m, BLOCK_N=block_c, BLOCK_K=block_c, **SEPCONV_LAUNCH,
         )
         if s.cell:
+            mask.backward_step(t, dc, dc_held, dacc[t], gpart[t])
             torch.mm(dacc[t], pwh, out=ddw[t])  # d dw(H_{t−1}) = dacc_t · pw_h
+        else:
+            mask.rec_written(s, dgp, dgp_rec)
+    mask.initial_hidden_grad(grad_h0_rows, grad_h_n)
 
     # Weight gradients of all steps in batched products (KERNELS.md "after the loop").
     frames = x.reshape(steps * batch, cin, height, width)
-    h_prev = walk.before_each(output, h0).reshape(steps * batch, hidden, height, width)
+    h_prev = mask.before_each(output, h0).reshape(steps * batch, hidden, height, width)
     dacc_rows = dacc.view(-1, hidden)
     dgp_rows = dgp.view(steps * batch, 3 * hidden)
     grad_pwh = dacc_rows.t() @ rows(depthwise(h_prev, dwh))

@@ -32,7 +32,7 @@ from ._common import program_tile, state_tile, store_cell_state, store_gate_prea
 from ._common import store_hidden_state, tanh
 from ._common import attention_features_kernel, pooled_layer_bwd_kernel
 from ._common import GPU_BLOCK_M, SEPCONV_LAUNCH, block_sizes, dot_precision
-from ._common import SequenceFrames, Walk, depthwise, depthwise_backward, nchw, rows
+from ._common import SequenceFrames, StepMask, Walk, depthwise, depthwise_backward, nchw, rows
 from ._common import sepconv_rows, sepconv_rows_backward
 from ._common import initial_pooled_state, layer_input_grads, layer_outputs, output_grad_rows
 # The traffic models of the shared host helpers and kernels (for traffic() below).
@@ -240,10 +240,10 @@ def _gate_act_grad(z: torch.Tensor, gate_activation: int) -> torch.Tensor:
 
 
 def spatial_attention_layer_forward(x, h0, c0, params, gate_activation: int,
-                                    reverse: bool = False):
+                                    reverse: bool = False, lengths=None):
     """``x [T, B, Cin, H, W]``, ``h0``, ``c0`` ``[B, C, H, W]`` -> ``(output [T, B, C, H, W],
     h_n, c_n, [cell, candidate [T, B, H, W, C], gate_preact [T, B, 3C],
-    attention [T, B, H, W]])``."""
+    attention [T, B, H, W]])``; ``lengths`` masks each sample's steps (_common.StepMask)."""
     p = [q.contiguous() for q in params]
     gwx, gwh, gb, cdwx, cpwx, cdwh, cpwh, cb, adwx, apwx, adwh, apwh, ab, wz = p
     steps, batch, cin, height, width = x.shape
@@ -266,11 +266,14 @@ def spatial_attention_layer_forward(x, h0, c0, params, gate_activation: int,
     zstat = torch.empty(batch, tiles, 2, **f32)
     xpart = torch.empty(batch, tiles, cin, **f32)
     walk = Walk(steps, reverse)
+    mask = StepMask(lengths, walk, batch)
     h_prev, c_state, hpart = initial_pooled_state(h0, c0, tiles, walk)
+    h_prev = mask.carry_buffer(h_prev)
     grid = (tiles, triton.cdiv(hidden, block_c), batch)
     blocks = dict(BLOCK_M=block_m, BLOCK_N=block_c, BLOCK_K=block_c, **SEPCONV_LAUNCH)
     dot = dot_precision(x.dtype)
     for t in walk.forward():
+        c_before = mask.hold(c_state)
         attention_features_kernel[grid](h_prev, hc, xa[t], cdwh, cpwh, adwh, apwh, hc, feat,
                                         hidden, height, width, KSIZE=ksize, DOT_PRECISION=dot,
                                         RAW_CAND=True, **blocks)
@@ -283,15 +286,21 @@ def spatial_attention_layer_forward(x, h0, c0, params, gate_activation: int,
         _spatial_cell_kernel[grid](c_state, cand[t], gb, xpart, gwx, hpart[(t + 1) % 2],
                                    hpart[t % 2], gwh, out[t], cell[t], gate_preact[t], cin,
                                    hidden, height, width, tiles, ACT=gate_activation, **blocks)
-        h_prev = out[t]
+        if mask.active:
+            mask.forward_step(t, out[t], cell[t], c_state, c_before, h_prev, hpart[t % 2],
+                              hpart[(t + 1) % 2])
+        else:
+            h_prev = out[t]
     state_shape = (steps, batch, height, width, hidden)
-    output, h_n, c_n = layer_outputs(out, c_state, x.dtype, batch, height, width, walk)
+    output, h_n, c_n = layer_outputs(out, c_state, x.dtype, batch, height, width, walk,
+                                     h_prev if mask.active else None)
     return output, h_n, c_n, [cell.view(state_shape), cand.view(state_shape), gate_preact,
                               att.view(steps, batch, height, width)]
 
 
 def spatial_attention_layer_backward(grad_output, grad_h_n, grad_c_n, x, h0, c0, params, output,
-                                     saved, gate_activation: int, reverse: bool = False):
+                                     saved, gate_activation: int, reverse: bool = False,
+                                     lengths=None):
     """Gradients of :func:`spatial_attention_layer_forward` w.r.t. x, h0, c0 and every parameter."""
     p = [q.contiguous() for q in params]
     gwx, gwh, gb, cdwx, cpwx, cdwh, cpwh, cb, adwx, apwx, adwh, apwh, ab, wz = p
@@ -305,14 +314,15 @@ def spatial_attention_layer_backward(grad_output, grad_h_n, grad_c_n, x, h0, c0,
     frames = x.reshape(maps, cin, height, width)
     x_rows = rows(frames).view(steps, batch * pixels, cin)
     walk = Walk(steps, reverse)
+    mask = StepMask(lengths, walk, batch)
 
     # Recompute the attention features F for all steps (batched; not saved).
     _, xa = sepconv_rows(frames, adwx, apwx, ab)
-    h_prev = walk.before_each(output, h0).reshape(maps, hidden, height, width)
+    h_prev = mask.before_each(output, h0).reshape(maps, hidden, height, width)
     dwh_a_rows, feat_pre = sepconv_rows(h_prev, adwh, apwh, None)
     feat = torch.tanh(feat_pre + xa).view(state)
 
-    gout, dc = output_grad_rows(grad_output, grad_h_n, grad_c_n, walk)
+    gout, dc = output_grad_rows(grad_output, grad_h_n, grad_c_n, walk, mask)
     c0_rows = rows(c0)
 
     block_m, block_c = block_sizes(x.device, pixels, hidden)
@@ -329,15 +339,18 @@ def spatial_attention_layer_backward(grad_output, grad_h_n, grad_c_n, x, h0, c0,
     grid = (tiles, triton.cdiv(hidden, block_c), batch)
     blocks = dict(BLOCK_M=block_m, BLOCK_N=block_c, **SEPCONV_LAUNCH)
     for s in walk.backward():
-        t, rec = s.t, s.rec
+        t = s.t
+        dc_held = mask.hold(dc) if s.cell else None
         pooled_layer_bwd_kernel[grid](
-            ddw_c[rec], gpart[rec], gate_preact[rec], dgp_kernel[rec], gwh, cdwh, ddw_a[rec],
+            mask.rec(s, ddw_c), mask.rec(s, gpart), mask.rec(s, gate_preact),
+            mask.rec(s, dgp_kernel), gwh, cdwh, mask.rec(s, ddw_a),
             adwh, gout[t], grad_h0_rows, cell[t], s.prev(cell, c0_rows),
             cand[t], gate_preact[t], dc, dacc[t], gpart[t],
             hidden, height, width, tiles, KSIZE=ksize, ACT=gate_activation,
             HAS_REC=s.has_rec, CELL=s.cell, ATT_PATH=True, BLOCK_K=block_c, **blocks)
         if not s.cell:
             break
+        mask.backward_step(t, dc, dc_held, dacc[t], gpart[t])
         # Gates: dgp_t = act'(z_t) ∘ (raw gate grads reduced over tiles); GAP(X̃)'s share of dX̃.
         dgp[t] = gpart[t].sum(1) * _gate_act_grad(gate_preact[t].float(), gate_activation)
         dxbar = dgp[t] @ gwx.float()
@@ -383,6 +396,7 @@ def spatial_attention_layer_backward(grad_output, grad_h_n, grad_c_n, x, h0, c0,
     grads = [grad_gwx, grad_gwh, dgp_rows.sum(0), grad_cdwx, grad_cpwx, grad_cdwh, grad_cpwh,
              flat(dacc).sum(0, dtype=torch.float32), grad_adwx, grad_apwx, grad_adwh, grad_apwh,
              flat(dfeat).sum(0, dtype=torch.float32), grad_wz]
+    mask.initial_hidden_grad(grad_h0_rows, grad_h_n)
     grad_x, grad_h0, grad_c0 = layer_input_grads(grad_frames, grad_h0_rows, dc, x)
     return grad_x, grad_h0, grad_c0, [g.to(q.dtype).contiguous() for g, q in zip(grads, params)]
 

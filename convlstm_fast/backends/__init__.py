@@ -44,6 +44,9 @@ class Backend:
     """Interface every backend implements."""
 
     name: str = ""
+    # Whether run_layer takes ``lengths`` (masked inside the layer's loop); otherwise
+    # functional.convlstm_layer drives the steps some samples do not reach one call at a time.
+    lengths_in_op: bool = False
 
     def unavailable_reason(self) -> str | None:
         """``None`` when the backend is built and importable here, else why not."""
@@ -54,10 +57,12 @@ class Backend:
         return self.unavailable_reason()
 
     def run_layer(self, variant: str, x: torch.Tensor, h0: torch.Tensor, c0: torch.Tensor,
-                  params: Sequence[torch.Tensor], gate_activation: str, reverse: bool = False):
+                  params: Sequence[torch.Tensor], gate_activation: str, reverse: bool = False,
+                  lengths: torch.Tensor | None = None):
         """``x [T, B, Cin, H, W]`` (any strides), ``h0``, ``c0`` ``[B, C, H, W]``, ``params`` in
         the order of the cell's registry entry -> ``(output [T, B, C, H, W], h_n, c_n)``;
-        ``reverse`` walks t = T − 1 … 0 (ops/registration.py)."""
+        ``reverse`` walks t = T − 1 … 0, ``lengths`` (int64 ``[B]`` on x's device, only when
+        ``lengths_in_op``) masks each sample's steps t ≥ lengths[b] (ops/registration.py)."""
         raise NotImplementedError
 
 
@@ -65,8 +70,9 @@ class OpBackend(Backend):
     """A backend whose layers are the registered ops ``convlstm_fast::<name><suffix>``."""
 
     def __init__(self, name: str, suffix: str, dispatch_key: str, device_type: str,
-                 dtypes: tuple[torch.dtype, ...]):
+                 dtypes: tuple[torch.dtype, ...], lengths_in_op: bool = False):
         self.name = name
+        self.lengths_in_op = lengths_in_op
         self.suffix = suffix
         self.dispatch_key = dispatch_key
         self.device_type = device_type
@@ -101,8 +107,11 @@ class OpBackend(Backend):
             return f"backend {self.name!r} has no {self.dispatch_key} kernel for variant {variant!r}"
         return None
 
-    def run_layer(self, variant, x, h0, c0, params, gate_activation, reverse=False):
+    def run_layer(self, variant, x, h0, c0, params, gate_activation, reverse=False,
+                  lengths=None):
         args = (x, h0, c0, list(params), gate_activation_code(gate_activation), reverse)
+        if lengths is not None:
+            args += (lengths,)
         name = self.op_name(variant)
         wants_grad = torch.is_grad_enabled() and any(
             t.requires_grad for t in (x, h0, c0, *params))

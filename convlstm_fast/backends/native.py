@@ -21,6 +21,8 @@ class NativeBackend(OpBackend):
 
 
 BACKENDS = {
-    "cpu": NativeBackend("cpu", "", "CPU", "cpu", (torch.float32, torch.float64)),
-    "cuda": NativeBackend("cuda", "", "CUDA", "cuda", (torch.float32, torch.float16, torch.bfloat16)),
+    "cpu": NativeBackend("cpu", "", "CPU", "cpu", (torch.float32, torch.float64),
+                         lengths_in_op=True),
+    "cuda": NativeBackend("cuda", "", "CUDA", "cuda",
+                          (torch.float32, torch.float16, torch.bfloat16), lengths_in_op=True),
 }

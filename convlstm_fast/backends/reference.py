@@ -12,10 +12,13 @@ from . import Backend
 
 class ReferenceBackend(Backend):
     name = "reference"
+    lengths_in_op = True
 
-    def run_layer(self, variant, x, h0, c0, params, gate_activation, reverse=False):
+    def run_layer(self, variant, x, h0, c0, params, gate_activation, reverse=False,
+                  lengths=None):
         named = dict(zip(get_cell(variant).parameter_names, params))
-        return cells.layer(variant, x, h0, c0, named, gate_activation, reverse=reverse)
+        return cells.layer(variant, x, h0, c0, named, gate_activation, reverse=reverse,
+                           lengths=lengths)
 
 
 BACKENDS = {"reference": ReferenceBackend()}

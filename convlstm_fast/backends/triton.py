@@ -65,5 +65,5 @@ class TritonBackend(OpBackend):
 
 BACKENDS = {
     "triton": TritonBackend("triton", "_triton", "CUDA", "cuda",
-                            (torch.float32, torch.float16, torch.bfloat16)),
+                            (torch.float32, torch.float16, torch.bfloat16), lengths_in_op=True),
 }

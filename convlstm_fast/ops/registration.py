@@ -4,10 +4,11 @@ Every kernel backend exposes, per cell, two ops with the same schemas (KERNELS.m
 op": one layer over a whole sequence):
 
     <name>(Tensor x, Tensor h0, Tensor c0, Tensor[] params, int gate_activation,
-           bool reverse=False) -> (Tensor output, Tensor h_n, Tensor c_n, Tensor[] saved)
+           bool reverse=False, Tensor? lengths=None)
+        -> (Tensor output, Tensor h_n, Tensor c_n, Tensor[] saved)
     <name>_backward(Tensor grad_output, Tensor grad_h_n, Tensor grad_c_n, Tensor x, Tensor h0,
                     Tensor c0, Tensor[] params, Tensor output, Tensor[] saved, int gate_activation,
-                    bool reverse=False)
+                    bool reverse=False, Tensor? lengths=None)
         -> (Tensor grad_x, Tensor grad_h0, Tensor grad_c0, Tensor[] grad_params)
 
 ``x`` is time-first ``[T, B, Cin, H, W]`` with any strides — ConvLSTM passes the time-first view
@@ -19,7 +20,16 @@ order of the cell's registry entry;
 t = T − 1 … 0 inside the kernel's loop (the reverse direction of a bidirectional layer): step t
 then starts from step t + 1's state (``h0``/``c0`` at t = T − 1), ``output[t]`` is still the
 state after step t, ``(h_n, c_n)`` are step 0's, and every per-step tensor (x, output, saved,
-gradients) stays indexed by time. ``saved`` is whatever the
+gradients) stays indexed by time. ``lengths`` (int64 ``[B]`` on x's device, each in [0, T]; the
+caller checks them) masks inside the kernel's loop: step t of sample b counts iff
+t < lengths[b]. A step that counts starts from the previous step's state when that one counted
+too, else from ``h0``/``c0`` (the reverse walk's first valid step, t = lengths[b] − 1); one that
+does not writes a zero ``output[t][b]`` and leaves the sample's state as it was; ``(h_n, c_n)``
+are each sample's state after its own last valid step (``h0``/``c0`` for length 0). In backward
+a step that does not count passes dH and dC through untouched and adds nothing to any gradient
+(``grad_output[t][b]`` there is ignored). What a kernel keeps in ``saved`` at a step that does
+not count is its own affair, as long as its backward never reads anything non-finite from it.
+``saved`` is whatever the
 kernel keeps for its backward (shapes and dtypes declared per layout in the registry entry's
 ``saved``); the gradients that arrive for it are ignored. Native ops (``convlstm_fast::<op>``)
 are declared in C++ (csrc/convlstm_fast.cpp); Triton ops (``convlstm_fast::<op>_triton``) are
@@ -50,19 +60,21 @@ from ..registry import GATE_ACTIVATIONS, CellSpec, cell_names, get_cell
 
 LAYER_SCHEMA = (
     "(Tensor x, Tensor h0, Tensor c0, Tensor[] params, int gate_activation,"
-    " bool reverse=False) -> (Tensor output, Tensor h_n, Tensor c_n, Tensor[] saved)"
+    " bool reverse=False, Tensor? lengths=None)"
+    " -> (Tensor output, Tensor h_n, Tensor c_n, Tensor[] saved)"
 )
 BACKWARD_SCHEMA = (
     "(Tensor grad_output, Tensor grad_h_n, Tensor grad_c_n, Tensor x, Tensor h0, Tensor c0,"
     " Tensor[] params, Tensor output, Tensor[] saved, int gate_activation,"
-    " bool reverse=False) -> (Tensor grad_x, Tensor grad_h0, Tensor grad_c0, Tensor[] grad_params)"
+    " bool reverse=False, Tensor? lengths=None)"
+    " -> (Tensor grad_x, Tensor grad_h0, Tensor grad_c0, Tensor[] grad_params)"
 )
 
 # The forward without the saved tensors (a native op's ``<name>_inference`` twin).
 INFERENCE_SUFFIX = "_inference"
 INFERENCE_SCHEMA = (
     "(Tensor x, Tensor h0, Tensor c0, Tensor[] params, int gate_activation,"
-    " bool reverse=False) -> (Tensor output, Tensor h_n, Tensor c_n)"
+    " bool reverse=False, Tensor? lengths=None) -> (Tensor output, Tensor h_n, Tensor c_n)"
 )
 
 # (shape, dtype) of each saved tensor, from the forward's inputs: (x, h0, params) -> list.
@@ -81,7 +93,8 @@ def gate_activation_code(gate_activation: str) -> int:
     return GATE_ACTIVATIONS.index(gate_activation)
 
 
-def _layer_fake(x, h0, c0, params, gate_activation, reverse=False, *, saved_spec: SavedSpec):
+def _layer_fake(x, h0, c0, params, gate_activation, reverse=False, lengths=None, *,
+                saved_spec: SavedSpec):
     steps, hidden = x.shape[0], h0.shape[1]
     output = x.new_empty((steps, *h0.shape[:1], hidden, *h0.shape[2:]), dtype=h0.dtype)
     saved = [x.new_empty(shape, dtype=dtype) for shape, dtype in saved_spec(x, h0, params)]
@@ -89,7 +102,7 @@ def _layer_fake(x, h0, c0, params, gate_activation, reverse=False, *, saved_spec
 
 
 def _backward_fake(grad_output, grad_h_n, grad_c_n, x, h0, c0, params, output, saved,
-                   gate_activation, reverse=False):
+                   gate_activation, reverse=False, lengths=None):
     return (x.new_empty(x.shape), torch.empty_like(h0), torch.empty_like(c0),
             [torch.empty_like(p) for p in params])
 
@@ -104,9 +117,10 @@ def _setup_context(ctx, inputs, output):
     ctx.set_materialize_grads(False)
     ctx.num_params = len(params)
     ctx.gate_activation = gate_activation
-    # reverse, when the inputs carry it (torch fills in the schema's default, or an older one
-    # may hand over only the arguments given).
+    # reverse and lengths, when the inputs carry them (torch fills in the schema's defaults, or
+    # an older one may hand over only the arguments given).
     ctx.reverse = bool(rest[0]) if rest else False
+    ctx.lengths = rest[1] if len(rest) > 1 else None
 
 
 def _double_backward_error(ctx, *grads):
@@ -148,7 +162,7 @@ def register_layer_op(qualname: str, spec: CellSpec, saved_spec: SavedSpec) -> N
     ops = getattr(torch.ops, namespace)
     backward_op = getattr(ops, name + "_backward")
 
-    def fake(x, h0, c0, params, gate_activation, reverse=False):
+    def fake(x, h0, c0, params, gate_activation, reverse=False, lengths=None):
         return _layer_fake(x, h0, c0, params, gate_activation, saved_spec=saved_spec)
 
     def backward(ctx, grad_output, grad_h_n, grad_c_n, grad_saved):
@@ -159,12 +173,13 @@ def register_layer_op(qualname: str, spec: CellSpec, saved_spec: SavedSpec) -> N
         grad_c_n = torch.zeros_like(c0) if grad_c_n is None else grad_c_n.contiguous()
         grad_x, grad_h0, grad_c0, grad_params = backward_op(
             grad_output, grad_h_n, grad_c_n, x, h0, c0, list(params), out, list(saved),
-            ctx.gate_activation, ctx.reverse,
+            ctx.gate_activation, ctx.reverse, ctx.lengths,
         )
-        grads = (grad_x, grad_h0, grad_c0, list(grad_params), None, None)
-        # One slot per argument the op was applied with: torch 2.6 and 2.11 leave out an argument
-        # equal to its default (reverse=False) although setup_context sees it filled in, newer
-        # torch versions keep it; needs_input_grad has one entry per argument either way.
+        grads = (grad_x, grad_h0, grad_c0, list(grad_params), None, None, None)
+        # One slot per argument the op was applied with: torch 2.6 leaves out trailing arguments
+        # equal to their defaults (reverse=False, lengths=None) although setup_context sees them
+        # filled in, newer torch versions keep them; needs_input_grad has one entry per argument
+        # either way.
         return grads[:len(ctx.needs_input_grad)]
 
     torch.library.register_fake(qualname)(fake)
@@ -185,7 +200,7 @@ def register_inference_op(qualname: str, spec: CellSpec) -> None:
     a gradient."""
     namespace, name = qualname.split("::")
 
-    def fake(x, h0, c0, params, gate_activation, reverse=False):
+    def fake(x, h0, c0, params, gate_activation, reverse=False, lengths=None):
         output, h_n, c_n, _ = _layer_fake(x, h0, c0, params, gate_activation,
                                           saved_spec=lambda *args: [])
         return output, h_n, c_n

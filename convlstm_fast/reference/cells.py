@@ -161,17 +161,27 @@ def step(variant: str, x, h, c, params: Params, gate_activation: str = "sigmoid"
 
 
 def layer(variant: str, x, h0, c0, params: Params, gate_activation: str = "sigmoid",
-          records: list[Record] | None = None, reverse: bool = False):
+          records: list[Record] | None = None, reverse: bool = False,
+          lengths: torch.Tensor | None = None):
     """One layer over a sequence, time-first: ``x [T, B, Cin, H, W]`` ->
     ``(output [T, B, C, H, W], h_n, c_n)``. ``records``, when given, gets one dict per step, in
     the order walked. ``reverse`` walks t = T − 1 … 0: step t starts from step t + 1's state,
-    ``output[t]`` is the state after step t, ``(h_n, c_n)`` the state after step 0."""
+    ``output[t]`` is the state after step t, ``(h_n, c_n)`` the state after step 0.
+    ``lengths`` (integers ``[B]``): sample b's step t counts only while t < lengths[b]; past
+    that its output is zero and its state carried unchanged."""
     h, c = h0, c0
     outputs = {}
     for t in (range(x.shape[0] - 1, -1, -1) if reverse else range(x.shape[0])):
         record = {} if records is not None else None
-        h, c = step(variant, x[t], h, c, params, gate_activation, record)
+        h_next, c_next = step(variant, x[t], h, c, params, gate_activation, record)
         if records is not None:
             records.append(record)
-        outputs[t] = h
+        if lengths is None:
+            h, c = h_next, c_next
+            outputs[t] = h
+            continue
+        counts = (lengths > t).view(-1, *([1] * (h.dim() - 1)))
+        outputs[t] = torch.where(counts, h_next, 0.0)
+        h = torch.where(counts, h_next, h)
+        c = torch.where(counts, c_next, c)
     return torch.stack([outputs[t] for t in range(x.shape[0])]), h, c

@@ -62,7 +62,8 @@ inline void channel_map(const at::Tensor& map, const at::Tensor& logits) {
 template <const cells::Cell& kCell>
 LayerResult channel_attention_forward(const at::Tensor& x, const at::Tensor& h0,
                                       const at::Tensor& c0, at::TensorList params_in,
-                                      int64_t gate_activation, bool reverse, bool save) {
+                                      int64_t gate_activation, bool reverse,
+                                      const std::optional<at::Tensor>& lengths, bool save) {
   const std::vector<at::Tensor> params = contiguous_params(params_in);
   const LayerCall call = check_forward(kCell, pooled::kCandDwX, x, h0, c0, params, gate_activation);
   const auto& shapes = call.saved_shapes;
@@ -70,7 +71,8 @@ LayerResult channel_attention_forward(const at::Tensor& x, const at::Tensor& h0,
   const int64_t steps = x.size(0), batch = x.size(1), height = x.size(3), width = x.size(4),
                 c = h0.size(1);
   const at::TensorOptions options = x.options();
-  PooledForward<kCell.map_gate()> fwd(x, h0, c0, params, gate_activation, shapes, reverse, save);
+  PooledForward<kCell.map_gate()> fwd(x, h0, c0, params, gate_activation, shapes, reverse,
+                                      lengths, save);
   // Without `save`, A in one step buffer.
   const StepBuffers map(shapes[channel::kSavedMap], options, save, 1);
   // Step buffers, reused.
@@ -105,7 +107,8 @@ LayerResult channel_attention_backward(const at::Tensor& grad_output, const at::
                                        const at::Tensor& h0, const at::Tensor& c0,
                                        at::TensorList params_in, const at::Tensor& output,
                                        at::TensorList saved, int64_t gate_activation,
-                                       bool reverse) {
+                                       bool reverse,
+                                       const std::optional<at::Tensor>& lengths) {
   const std::vector<at::Tensor> params = contiguous_params(params_in);
   const LayerCall call = check_backward(kCell, pooled::kCandDwX, grad_output, grad_h_n, grad_c_n,
                                         x, h0, c0, params, output, saved, gate_activation);
@@ -114,7 +117,7 @@ LayerResult channel_attention_backward(const at::Tensor& grad_output, const at::
                 c = h0.size(1);
   const at::TensorOptions options = x.options();
   PooledBackward<kCell.map_gate()> back(grad_output, grad_h_n, grad_c_n, x, h0, c0, params,
-                                        output, saved, reverse);
+                                        output, saved, reverse, lengths);
   const at::Tensor map = saved[channel::kSavedMap].contiguous();
   AttentionFeaturesBackward att_f(params[attention::kAttDwX], params[attention::kAttPwX],
                                   params[attention::kAttDwH], params[attention::kAttPwH],
@@ -130,6 +133,7 @@ LayerResult channel_attention_backward(const at::Tensor& grad_output, const at::
   for (int64_t done = steps - 1; done >= 0; --done) {
     const int64_t t = back.walk.time(done);
     const auto s = back.step(t);
+    const auto held = back.feed(s);
     att_f.recompute(t, s.x, s.h_prev, features);
     sepconv_z.load(t, features);
     back.cand_x.load(t, s.x);
@@ -143,6 +147,7 @@ LayerResult channel_attention_backward(const at::Tensor& grad_output, const at::
     back.cand_x.backward(s.x, back.grad_cand, s.dgp, grad_x_t, false);
     back.cand_h.backward(s.h_prev, back.grad_cand, s.dgp, s.grad_h_out, false);
     att_f.backward(s.x, s.h_prev, features, grad_features, grad_x_t, s.grad_h_out);
+    back.pass(s, held);
   }
 
   std::vector<at::Tensor> grads(kCell.parameters.size);

@@ -167,7 +167,8 @@ struct ConvSide {
 
 LayerResult convlstm_layer_forward(const at::Tensor& x, const at::Tensor& h0,
                                    const at::Tensor& c0, at::TensorList params_in,
-                                   int64_t gate_activation, bool reverse, bool save) {
+                                   int64_t gate_activation, bool reverse,
+                                   const std::optional<at::Tensor>& lengths, bool save) {
   const std::vector<at::Tensor> params = contiguous_params(params_in);
   const LayerCall call =
       check_forward(kCell, convlstm::kWeightH, x, h0, c0, params, gate_activation);
@@ -197,9 +198,13 @@ LayerResult convlstm_layer_forward(const at::Tensor& x, const at::Tensor& h0,
   // C in NCHW, ping-ponging between two step buffers.
   std::array<at::Tensor, 2> cell_step{c0.contiguous().clone(), at::empty(c0.sizes(), options)};
   const Walk walk{steps, reverse};
+  // With lengths (step_mask.h), H_{t−1} from a carry buffer; C carries in cell_step.
+  const StepMask mask(lengths, x);
+  const at::Tensor h_carry = mask.active() ? h0.contiguous().clone() : at::Tensor();
   for (int64_t s = 0; s < steps; ++s) {
     const int64_t t = walk.time(s);
-    const at::Tensor& h_prev = walk.is_first(t) ? h0 : output[walk.prev(t)];
+    const at::Tensor& h_prev =
+        mask.active() ? h_carry : walk.is_first(t) ? h0 : output[walk.prev(t)];
     at::Tensor z;  // [B, 4C, H, W]
     if (joined) {
       fill_step_input(xh, x[t], h_prev);
@@ -227,6 +232,11 @@ LayerResult convlstm_layer_forward(const at::Tensor& x, const at::Tensor& h0,
         });
       });
     });
+    if (mask.active()) {
+      mask.carry(t, c_next, c_prev);
+      mask.advance(t, h_carry, output[t]);
+      mask.zero_output(t, output[t]);
+    }
     if (save) {
       copy_to_channels_last(gates[t], z);
       copy_to_channels_last(cell[t], c_next);
@@ -236,7 +246,7 @@ LayerResult convlstm_layer_forward(const at::Tensor& x, const at::Tensor& h0,
   std::vector<at::Tensor> saved(kCell.saved_cpu.size);
   saved[convlstm::kSavedCell] = cell;
   saved[convlstm::kSavedGatePreact] = gates;
-  return {output, output[walk.last()].clone(), c_n.clone(), saved};
+  return {output, mask.active() ? h_carry : output[walk.last()].clone(), c_n.clone(), saved};
 }
 
 // The forward's walk backwards, per step: the fused loop gives dz_t [B, 4C, H, W] and the
@@ -248,7 +258,7 @@ LayerResult convlstm_layer_backward(const at::Tensor& grad_output, const at::Ten
                                     const at::Tensor& h0, const at::Tensor& c0,
                                     at::TensorList params_in, const at::Tensor& output,
                                     at::TensorList saved, int64_t gate_activation,
-                                    bool reverse) {
+                                    bool reverse, const std::optional<at::Tensor>& lengths) {
   const std::vector<at::Tensor> params = contiguous_params(params_in);
   const LayerCall call = check_backward(kCell, convlstm::kWeightH, grad_output, grad_h_n, grad_c_n,
                                         x, h0, c0, params, output, saved, gate_activation);
@@ -263,14 +273,16 @@ LayerResult convlstm_layer_backward(const at::Tensor& grad_output, const at::Ten
   // Step t's C and its previous step's in NCHW: the previous step's C_t is this step's C_{t−1},
   // so the two buffers swap and each saved cell state is converted once.
   const Walk walk{steps, reverse};
+  const StepMask mask(lengths, x);
   at::Tensor cell_t = at::empty(c0.sizes(), options), c_prev = at::empty(c0.sizes(), options);
   copy_from_channels_last(cell_t, cell[walk.last()]);
-  const at::Tensor grad_output_c = grad_output.contiguous();
+  const at::Tensor grad_output_c = mask.output_gradient(grad_output.contiguous());
   const at::Tensor grad_bias = at::zeros({4 * channels}, options);
   const at::Tensor grad_x = at::empty(x.sizes(), options);
   const StepFrames frames(x);
   // dL/dH flowing back to the previous step: grad_h_n, then the H part of the conv's input gradient.
-  at::Tensor grad_h = grad_h_n.contiguous();  // read with its batch stride (below)
+  // (A copy with lengths, which zero it in place where a step does not count.)
+  at::Tensor grad_h = mask.active() ? grad_h_n.contiguous().clone() : grad_h_n.contiguous();
   // dC_t flows back through two buffers: this step reads one and writes dC_{t−1} to the other.
   at::Tensor grad_c = grad_c_n.contiguous().clone();
   at::Tensor grad_c_prev = at::empty_like(grad_c);
@@ -288,6 +300,7 @@ LayerResult convlstm_layer_backward(const at::Tensor& grad_output, const at::Ten
     } else {
       copy_from_channels_last(c_prev, cell[walk.prev(t)]);
     }
+    const at::Tensor held_h = mask.feed(t, grad_h), held_c = mask.feed(t, grad_c);
     AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "convlstm_layer_backward", [&] {
       with_activation(gate_activation, [&](auto activation) {
         scalar_t* zp = z.data_ptr<scalar_t>();
@@ -311,13 +324,14 @@ LayerResult convlstm_layer_backward(const at::Tensor& grad_output, const at::Ten
       });
     });
     std::swap(grad_c, grad_c_prev);
+    mask.pass(t, grad_c, held_c);
     grad_bias.add_(grad_z.sum({0, 2, 3}));
     if (x_side.winograd || h_side.winograd) winograd_grad_transform(grad_z, grad_products);
     grad_x[t].copy_(
         x_side.backward_step(grad_z, frames(t), padding, grad_products, buffers));
-    grad_h = h_side.backward_step(grad_z,
-                                  walk.is_first(t) ? h0.contiguous() : output[walk.prev(t)],
+    grad_h = h_side.backward_step(grad_z, mask.state_before(walk, t, output, h0.contiguous()),
                                   padding, grad_products, buffers);
+    mask.pass(t, grad_h, held_h);
   }
   std::vector<at::Tensor> grad_params(kCell.parameters.size);
   grad_params[convlstm::kWeightX] = x_side.weight_grad();

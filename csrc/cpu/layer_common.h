@@ -36,6 +36,7 @@
 #include <vector>
 
 #include "cell_math.h"
+#include "step_mask.h"
 #include "cells.h"
 #include "inference_twin.h"
 

@@ -345,23 +345,28 @@ inline void attention_features_backward(const at::Tensor& features, const at::Te
 // (cells::pooled::saved: cell C_t and candidate G, the gate pre-activations; with `save` false,
 // C_t in two step buffers — C_{t−1} is read while C_t is written — and G in one), the step
 // buffers of the candidate's SepConvs and of the pooled gates, and the cell step itself, in the
-// order of `walk` (cells::Walk: every per-step tensor indexed by time).
+// order of `walk` (cells::Walk: every per-step tensor indexed by time). With `lengths`
+// (step_mask.h) H_{t−1} is read from a carry buffer, and after each step C_t, the carry, h̄ and
+// output[t] are masked.
 template <int kMapGate>
 struct PooledForward {
   const std::vector<at::Tensor>& params;
   int64_t activation;
   Walk walk;
-  at::Tensor x, h0, c0, output, gate_preact;
+  StepMask mask;
+  at::Tensor x, h0, c0, output, gate_preact, h_carry;
   StepFrames frames;
   StepBuffers cell, candidate;
   at::Tensor dw_x, dw_h, preact, x_bar, h_bar, gates;
 
   PooledForward(const at::Tensor& x_, const at::Tensor& h0_, const at::Tensor& c0_,
                 const std::vector<at::Tensor>& params_, int64_t activation_,
-                const std::vector<std::vector<int64_t>>& saved_shapes, bool reverse, bool save)
+                const std::vector<std::vector<int64_t>>& saved_shapes, bool reverse,
+                const std::optional<at::Tensor>& lengths, bool save)
       : params(params_),
         activation(activation_),
         walk{x_.size(0), reverse},
+        mask(lengths, x_),
         x(x_),
         h0(h0_.contiguous()),
         c0(c0_.contiguous()),
@@ -378,10 +383,14 @@ struct PooledForward {
         h_bar(at::empty({h0.size(0), h0.size(1)}, x.options())),
         gates(at::empty_like(gate_preact[0])) {
     plane_means(h_bar, h0);
+    if (mask.active()) h_carry = h0.clone();
   }
 
   at::Tensor frame(int64_t t) const { return frames(t); }
-  at::Tensor h_prev(int64_t t) const { return walk.is_first(t) ? h0 : output[walk.prev(t)]; }
+  at::Tensor h_prev(int64_t t) const {
+    if (mask.active()) return h_carry;
+    return walk.is_first(t) ? h0 : output[walk.prev(t)];
+  }
 
   // features = SepConv_xa(X_t) + SepConv_ha(H_{t−1}) with the given weights: F before its bias
   // and tanh (attention_features).
@@ -404,10 +413,16 @@ struct PooledForward {
                    false);
     sepconv_planes(preact, h_prev(t), params[pooled::kCandDwH], params[pooled::kCandPwH], dw_h,
                    true);
+    const at::Tensor c_prev = walk.is_first(t) ? c0 : cell[walk.prev(t)];
     gated_planes_step_forward<kMapGate>(step_preact, activation, gates, map, preact,
-                                        params[pooled::kCandBias],
-                                        walk.is_first(t) ? c0 : cell[walk.prev(t)],
-                                        candidate[t], cell[t], output[t], h_bar);
+                                        params[pooled::kCandBias], c_prev, candidate[t], cell[t],
+                                        output[t], h_bar);
+    if (mask.active()) {
+      mask.carry(t, cell[t], c_prev);
+      mask.advance(t, h_carry, output[t]);
+      plane_means(h_bar, h_carry);
+      mask.zero_output(t, output[t]);
+    }
   }
 
   // (output, h_n, c_n, saved): the saved tensors every pooled cell has, then `more`, the cell's
@@ -418,7 +433,8 @@ struct PooledForward {
     saved[pooled::kSavedCandidate] = candidate.all();
     saved[pooled::kSavedGatePreact] = gate_preact;
     saved.insert(saved.end(), more.begin(), more.end());
-    return {output, output[walk.last()].clone(), cell[walk.last()].clone(), saved};
+    const at::Tensor h_n = mask.active() ? h_carry : output[walk.last()].clone();
+    return {output, h_n, cell[walk.last()].clone(), saved};
   }
 };
 
@@ -437,8 +453,15 @@ struct PooledBackward {
     at::Tensor x, h_prev, c_prev, dgp, grad_h_in, grad_h_out, grad_c_in, grad_c_out;
   };
 
+  // With lengths (step_mask.h): the state gradients a step reads, as they arrived, while the
+  // step runs on them zeroed where it does not count.
+  struct Held {
+    at::Tensor grad_h, grad_c;
+  };
+
   int64_t steps;
   Walk walk;
+  StepMask mask;
   at::Tensor x, h0, c0, output, grad_output, cell, candidate, gate_preact;
   StepFrames frames;
   at::Tensor grad_cand, sums, gates, grad_gate_preact, grad_cand_bias, grad_x;
@@ -448,14 +471,16 @@ struct PooledBackward {
   PooledBackward(const at::Tensor& grad_output_, const at::Tensor& grad_h_n,
                  const at::Tensor& grad_c_n, const at::Tensor& x_, const at::Tensor& h0_,
                  const at::Tensor& c0_, const std::vector<at::Tensor>& params,
-                 const at::Tensor& output_, at::TensorList saved, bool reverse)
+                 const at::Tensor& output_, at::TensorList saved, bool reverse,
+                 const std::optional<at::Tensor>& lengths)
       : steps(x_.size(0)),
         walk{steps, reverse},
+        mask(lengths, x_),
         x(x_),
         h0(h0_.contiguous()),
         c0(c0_.contiguous()),
         output(output_.contiguous()),
-        grad_output(grad_output_.contiguous()),
+        grad_output(mask.output_gradient(grad_output_.contiguous())),
         cell(saved[pooled::kSavedCell].contiguous()),
         candidate(saved[pooled::kSavedCandidate].contiguous()),
         gate_preact(saved[pooled::kSavedGatePreact].contiguous()),
@@ -480,13 +505,23 @@ struct PooledBackward {
     const bool first = walk.is_first(t);
     return {t,
             frames(t),
-            first ? h0 : output[walk.prev(t)],
+            mask.state_before(walk, t, output, h0),
             first ? c0 : cell[walk.prev(t)],
             grad_gate_preact[t],
             grad_h[in],
             grad_h[out],
             grad_c[in],
             grad_c[out]};
+  }
+
+  // Around each step's backward: feed() before it (the incoming state gradients zeroed where the
+  // step does not count), pass() after it (those samples' outgoing ones are the incoming).
+  Held feed(const Step& s) const {
+    return {mask.feed(s.t, s.grad_h_in), mask.feed(s.t, s.grad_c_in)};
+  }
+  void pass(const Step& s, const Held& held) const {
+    mask.pass(s.t, s.grad_h_out, held.grad_h);
+    mask.pass(s.t, s.grad_c_out, held.grad_c);
   }
 
   // The fused loop of step t (gated_planes_step_backward), with the map gate's A and dZ

@@ -28,13 +28,13 @@ constexpr const cells::Cell& kCell = cells::kPooledLayer;
 
 LayerResult pooled_layer_forward(const at::Tensor& x, const at::Tensor& h0, const at::Tensor& c0,
                                  at::TensorList params_in, int64_t gate_activation, bool reverse,
-                                 bool save) {
+                                 const std::optional<at::Tensor>& lengths, bool save) {
   const std::vector<at::Tensor> params = contiguous_params(params_in);
   const LayerCall call = check_forward(kCell, pooled::kCandDwX, x, h0, c0, params, gate_activation);
   if (call.empty) return empty_layer_result(x, h0, c0, call.saved_shapes);
   const int64_t steps = x.size(0);
   PooledForward<kCell.map_gate()> fwd(x, h0, c0, params, gate_activation, call.saved_shapes,
-                                      reverse, save);
+                                      reverse, lengths, save);
   for (int64_t s = 0; s < steps; ++s) {
     const int64_t t = fwd.walk.time(s);
     fwd.cell_step(t, fwd.frame(t), false, at::Tensor());
@@ -55,23 +55,26 @@ LayerResult pooled_layer_backward(const at::Tensor& grad_output, const at::Tenso
                                   const at::Tensor& grad_c_n, const at::Tensor& x,
                                   const at::Tensor& h0, const at::Tensor& c0,
                                   at::TensorList params_in, const at::Tensor& output,
-                                  at::TensorList saved, int64_t gate_activation, bool reverse) {
+                                  at::TensorList saved, int64_t gate_activation, bool reverse,
+                                  const std::optional<at::Tensor>& lengths) {
   const std::vector<at::Tensor> params = contiguous_params(params_in);
   const LayerCall call = check_backward(kCell, pooled::kCandDwX, grad_output, grad_h_n, grad_c_n,
                                         x, h0, c0, params, output, saved, gate_activation);
   if (call.empty) return empty_layer_grads(x, grad_h_n, grad_c_n, params);
   const int64_t steps = x.size(0);
   PooledBackward<kCell.map_gate()> back(grad_output, grad_h_n, grad_c_n, x, h0, c0, params,
-                                        output, saved, reverse);
+                                        output, saved, reverse, lengths);
   for (int64_t done = steps - 1; done >= 0; --done) {
     const int64_t t = back.walk.time(done);
     const auto s = back.step(t);
+    const auto held = back.feed(s);
     back.cell_backward(s, gate_activation, at::Tensor(), at::Tensor());
     // dH_{t−1} and dX_t, each with the pooled gates' share as its planes' initial value.
     back.cand_h.load(t, s.h_prev);
     back.cand_h.backward(s.h_prev, back.grad_cand, s.dgp, s.grad_h_out, false);
     back.cand_x.load(t, s.x);
     back.cand_x.backward(s.x, back.grad_cand, s.dgp, back.grad_x[t], false);
+    back.pass(s, held);
   }
   return back.result(std::vector<at::Tensor>(kCell.parameters.size));
 }

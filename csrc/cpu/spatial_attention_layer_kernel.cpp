@@ -122,7 +122,8 @@ struct SpatialMap {
 
 LayerResult spatial_attention_layer_forward(const at::Tensor& x, const at::Tensor& h0,
                                             const at::Tensor& c0, at::TensorList params_in,
-                                            int64_t gate_activation, bool reverse, bool save) {
+                                            int64_t gate_activation, bool reverse,
+                                      const std::optional<at::Tensor>& lengths, bool save) {
   const std::vector<at::Tensor> params = contiguous_params(params_in);
   const LayerCall call = check_forward(kCell, pooled::kCandDwX, x, h0, c0, params, gate_activation);
   const auto& shapes = call.saved_shapes;
@@ -130,7 +131,8 @@ LayerResult spatial_attention_layer_forward(const at::Tensor& x, const at::Tenso
   const int64_t steps = x.size(0), batch = x.size(1), cin = x.size(2), height = x.size(3),
                 width = x.size(4), c = h0.size(1);
   const at::TensorOptions options = x.options();
-  PooledForward<kCell.map_gate()> fwd(x, h0, c0, params, gate_activation, shapes, reverse, save);
+  PooledForward<kCell.map_gate()> fwd(x, h0, c0, params, gate_activation, shapes, reverse,
+                                      lengths, save);
   // Without `save`, A in one step buffer.
   const StepBuffers map(shapes[spatial::kSavedMap], options, save, 1);
   // Step buffers, reused.
@@ -166,7 +168,8 @@ LayerResult spatial_attention_layer_backward(const at::Tensor& grad_output,
                                              const at::Tensor& h0, const at::Tensor& c0,
                                              at::TensorList params_in, const at::Tensor& output,
                                              at::TensorList saved, int64_t gate_activation,
-                                             bool reverse) {
+                                             bool reverse,
+                                             const std::optional<at::Tensor>& lengths) {
   const std::vector<at::Tensor> params = contiguous_params(params_in);
   const LayerCall call = check_backward(kCell, pooled::kCandDwX, grad_output, grad_h_n, grad_c_n,
                                         x, h0, c0, params, output, saved, gate_activation);
@@ -175,7 +178,7 @@ LayerResult spatial_attention_layer_backward(const at::Tensor& grad_output,
                 width = x.size(4), c = h0.size(1), k = call.kernel_size;
   const at::TensorOptions options = x.options();
   PooledBackward<kCell.map_gate()> back(grad_output, grad_h_n, grad_c_n, x, h0, c0, params,
-                                        output, saved, reverse);
+                                        output, saved, reverse, lengths);
   const at::Tensor map = saved[spatial::kSavedMap].contiguous();
   AttentionFeaturesBackward att_f(params[attention::kAttDwX], params[attention::kAttPwX],
                                   params[attention::kAttDwH], params[attention::kAttPwH],
@@ -194,6 +197,7 @@ LayerResult spatial_attention_layer_backward(const at::Tensor& grad_output,
   for (int64_t done = steps - 1; done >= 0; --done) {
     const int64_t t = back.walk.time(done);
     const auto s = back.step(t);
+    const auto held = back.feed(s);
     // Recompute F and X̃.
     att_f.recompute(t, s.x, s.h_prev, features);
     attend(x_attended, at::Tensor(), map[t], s.x);
@@ -210,6 +214,7 @@ LayerResult spatial_attention_layer_backward(const at::Tensor& grad_output,
     // the attention features' shares of dX_t and dH_{t−1}.
     back.cand_h.backward(s.h_prev, back.grad_cand, s.dgp, s.grad_h_out, false);
     att_f.backward(s.x, s.h_prev, features, grad_features, grad_x_t, s.grad_h_out);
+    back.pass(s, held);
   }
 
   std::vector<at::Tensor> grads(kCell.parameters.size);

@@ -93,8 +93,9 @@ struct ConvLSTMCellBackward {
 
 LayerResult convlstm_layer(const Tensor& x, const Tensor& h0, const Tensor& c0,
                            at::TensorList params, int64_t activation, bool reverse,
-                           bool save) {
+                           const std::optional<at::Tensor>& lengths, bool save) {
   const LayerCall call = check_forward(kCell, convlstm::kWeightH, x, h0, c0, params, activation);
+  const StepMask mask(lengths, x);
   if (call.empty) return empty_layer_result(x, h0, c0, call.saved_shapes);
   LayerDeviceGuard guard(x.device());
   const int64_t T = x.size(0), B = x.size(1), H = x.size(3), W = x.size(4);
@@ -111,11 +112,18 @@ LayerResult convlstm_layer(const Tensor& x, const Tensor& h0, const Tensor& c0,
   const SavedSteps saved(call.saved_shapes, x.options(), save);
   Tensor cell_state = channels_last_copy(c0, acc_dtype(x));
   const int64_t total = B * HW * C;
+  // With lengths: the carried H_{t−1}, channels-last [B, H, W, C] as output_cl (step_mask.h);
+  // C carries in cell_state.
+  Tensor h_carry;
+  if (mask.active()) h_carry = channels_last_copy(h0, dtype);
   const Walk walk{T, reverse};
   for (int64_t s = 0; s < T; ++s) {
     const int64_t t = walk.time(s);
-    const Tensor h_prev =
-        walk.is_first(t) ? h0 : nchw_view(output_cl[walk.prev(t)], B, H, W, C);
+    const Tensor h_prev = mask.active()      ? nchw_view(h_carry, B, H, W, C)
+                          : walk.is_first(t) ? h0
+                                             : nchw_view(output_cl[walk.prev(t)], B, H, W, C);
+    Tensor cell_before;
+    if (mask.active()) cell_before = cell_state.clone();
     const Tensor hz =
         channels_last_copy(same_conv(h_prev, params[convlstm::kWeightH], Tensor()), dtype);
     AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, dtype, "convlstm_layer", [&] {
@@ -129,9 +137,16 @@ LayerResult convlstm_layer(const Tensor& x, const Tensor& h0, const Tensor& c0,
               saved(convlstm::kSavedCell, t).mutable_data_ptr<scalar_t>(), C},
           total, x);
     });
+    if (mask.active()) {
+      // Samples whose step does not count keep C and H and output zero.
+      mask.carry(t, cell_state, cell_before);
+      mask.advance(t, h_carry, output_cl[t]);
+      mask.zero_output(t, output_cl[t]);
+    }
   }
   Tensor output = channels_first_copy(output_cl, dtype);
-  Tensor h_n = output[walk.last()].clone();
+  Tensor h_n =
+      mask.active() ? channels_first_copy(h_carry, dtype) : output[walk.last()].clone();
   Tensor c_n = channels_first_copy(cell_state, dtype);
   return {output, h_n, c_n, saved.all()};
 }
@@ -140,16 +155,20 @@ BackwardResult convlstm_layer_backward(const Tensor& grad_output, const Tensor& 
                                        const Tensor& grad_c_n, const Tensor& x, const Tensor& h0,
                                        const Tensor& c0, at::TensorList params,
                                        const Tensor& output, at::TensorList saved,
-                                       int64_t activation, bool reverse) {
+                                       int64_t activation, bool reverse,
+                                       const std::optional<at::Tensor>& lengths) {
   const LayerCall call = check_backward(kCell, convlstm::kWeightH, grad_output, grad_h_n,
                                         grad_c_n, x, h0, c0, params, output, saved, activation);
+  const StepMask mask(lengths, x);
   if (call.empty) return empty_backward_result(x, grad_h_n, grad_c_n, params);
   LayerDeviceGuard guard(x.device());
   const int64_t T = x.size(0), B = x.size(1), Cin = x.size(2), H = x.size(3), W = x.size(4);
   const int64_t C = h0.size(1), HW = H * W;
   const auto dtype = x.scalar_type();
   const auto acc = acc_dtype(x);
-  const Tensor grad_out_cl = channels_last_copy(grad_output.contiguous(), dtype);
+  // Steps that do not count (lengths) ignore their grad_output.
+  const Tensor grad_out_cl =
+      channels_last_copy(mask.output_gradient(grad_output).contiguous(), dtype);
   const Tensor c0_cl = channels_last_copy(c0, dtype);
   const Tensor output_c = output.contiguous();
   Tensor dh = channels_last_copy(grad_h_n, acc);  // [B, H, W, C]
@@ -159,7 +178,10 @@ BackwardResult convlstm_layer_backward(const Tensor& grad_output, const Tensor& 
   const Walk walk{T, reverse};
   for (int64_t s = T - 1; s >= 0; --s) {
     const int64_t t = walk.time(s);
-    const Tensor cell_prev = state_before(walk, t, c0_cl, saved[convlstm::kSavedCell]);
+    const Tensor cell_prev = mask.state_before(walk, t, saved[convlstm::kSavedCell], c0_cl);
+    // With lengths a step that does not count runs on zero dH, dC (so forms a zero dZ) and
+    // passes the incoming ones through.
+    const Tensor held_dh = mask.feed(t, dh), held_dc = mask.feed(t, dc);
     AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, dtype, "convlstm_layer_backward",
                                     [&] {
       using acc_t = at::opmath_type<scalar_t>;
@@ -178,11 +200,16 @@ BackwardResult convlstm_layer_backward(const Tensor& grad_output, const Tensor& 
     const Tensor dh_prev = std::get<0>(same_conv_backward(
         nchw_view(dz_all[t], B, H, W, 4 * C), h_prev, params[convlstm::kWeightH], true, false));
     dh.copy_(dh_prev.permute({0, 2, 3, 1}));
+    mask.pass(t, dh, held_dh);
+    mask.pass(t, dc, held_dc);
   }
   // Weight gradients over all steps at once.
   const Tensor dz_nchw = nchw_view(dz_all, T * B, H, W, 4 * C);
+  // H_{t−1} of every step (with lengths: h0 at a reverse walk's first valid step)
   const Tensor h_prev_all =
-      states_before(walk, h0, starting_steps(walk, output_c)).view({T * B, C, H, W});
+      mask.states_before(walk, states_before(walk, h0, starting_steps(walk, output_c)), h0)
+          .contiguous()
+          .view({T * B, C, H, W});
   std::vector<Tensor> grad_params(kCell.parameters.size);
   grad_params[convlstm::kWeightH] =
       std::get<1>(same_conv_backward(dz_nchw, h_prev_all, params[convlstm::kWeightH], false,

@@ -35,6 +35,7 @@
 
 #include "cell_math.h"
 #include "cells.h"
+#include "step_mask.h"
 
 // The dispatch key the kernels register for (TORCH_LIBRARY_IMPL in each *_kernel.cu): CUDA; the
 // test-only emulation build (-DCONVLSTM_CUDA_EMULATE, see tests/test_native_cuda.py) runs the
@@ -348,6 +349,20 @@ inline Tensor state_before(const Walk& walk, int64_t t, const Tensor& initial,
   return walk.is_first(t) ? initial : states[walk.prev(t)];
 }
 
+// After forward step t of a pooled cell (a–d) with lengths (step_mask.h): the samples whose step
+// does not count keep C (`cell_state` [B·HW, C] back to `cell_before`), GAP(H) (`h_mean_next`
+// back to `h_mean`) and their H carry, and output zero; the others' carry becomes H_t.
+inline void mask_pooled_step(const StepMask& mask, int64_t t, const Tensor& cell_state,
+                             const Tensor& cell_before, const Tensor& h_mean_next,
+                             const Tensor& h_mean, const Tensor& h_carry, const Tensor& output_t,
+                             int64_t B) {
+  if (!mask.active()) return;
+  mask.carry(t, cell_state.view({B, -1}), cell_before.view({B, -1}));
+  mask.carry(t, h_mean_next, h_mean);
+  mask.advance(t, h_carry, output_t);
+  mask.zero_output(t, output_t);
+}
+
 // The T − 1 steps of `states` ([T, ...]) that some step starts from: all but the walk's last.
 inline Tensor starting_steps(const Walk& walk, const Tensor& states) {
   return states.narrow(0, walk.reverse ? 1 : 0, walk.steps - 1);
@@ -377,6 +392,18 @@ inline Tensor channels_last_copy(const Tensor& t, at::ScalarType dtype) {
   Tensor out = at::empty(sizes, t.options().dtype(dtype));
   out.copy_(t.permute(perm));
   return out;
+}
+
+// H_{t−1} of every step for a backward's batched calls, channels-last [T, B, H, W, C] of dtype:
+// h0 at the walk's first step (with lengths also at a reverse walk's first valid step,
+// step_mask.h), else the previous step's `output` (NCHW [T, B, C, H, W]).
+inline Tensor hidden_states_before(const StepMask& mask, const Walk& walk, const Tensor& h0_cl,
+                                   const Tensor& output, at::ScalarType dtype) {
+  return mask.states_before(
+      walk,
+      states_before(walk, h0_cl,
+                    channels_last_copy(starting_steps(walk, output).contiguous(), dtype)),
+      h0_cl);
 }
 
 // Channels-last [.., H, W, C] -> a new contiguous NCHW [.., C, H, W] tensor of dtype.

@@ -22,8 +22,9 @@ namespace spatial = cells::spatial_attention;
 
 LayerResult spatial_attention_layer(const Tensor& x, const Tensor& h0, const Tensor& c0,
                                     at::TensorList params, int64_t activation, bool reverse,
-                                    bool save) {
+                                    const std::optional<at::Tensor>& lengths, bool save) {
   const LayerCall call = check_forward(kCell, pooled::kCandDwX, x, h0, c0, params, activation);
+  const StepMask mask(lengths, x);
   if (call.empty) return empty_layer_result(x, h0, c0, call.saved_shapes);
   LayerDeviceGuard guard(x.device());
   const int64_t T = x.size(0), B = x.size(1), Cin = x.size(2), H = x.size(3), W = x.size(4);
@@ -44,10 +45,15 @@ LayerResult spatial_attention_layer(const Tensor& x, const Tensor& h0, const Ten
   const Tensor h0_cl = channels_last_copy(h0, dtype);
   Tensor cell_state = channels_last_copy(c0, acc).view({rows, C});
   Tensor h_mean = h0_cl.view({B, HW, C}).mean({1}, false, acc);
+  // With lengths: the carried H_{t−1} (step_mask.h); C carries in cell_state, GAP(H) in h_mean.
+  Tensor h_carry;
+  if (mask.active()) h_carry = h0_cl.clone();
   const Walk walk{T, reverse};
   for (int64_t s = 0; s < T; ++s) {
     const int64_t t = walk.time(s);
-    const Tensor h_prev = state_before(walk, t, h0_cl, output_cl);
+    const Tensor h_prev = mask.active() ? h_carry : state_before(walk, t, h0_cl, output_cl);
+    Tensor cell_before;
+    if (mask.active()) cell_before = cell_state.clone();
     // F = tanh(SepConv_ha(H_{t−1}) + xa_t); Z = W_z * F; A = softmax_HW(Z)
     const Tensor dw_ha = depthwise_forward(h_prev, params[attention::kAttDwH], B, H, W);
     const Tensor features =
@@ -68,13 +74,16 @@ LayerResult spatial_attention_layer(const Tensor& x, const Tensor& h0, const Ten
     Tensor gate_pre = saved(pooled::kSavedGatePreact, t);
     gate_pre.copy_(at::addmm(gate_bias, x_attended.mean({1}, false, acc), gate_weight_x.t())
                        .addmm_(h_mean, gate_weight_h.t()));
-    h_mean = pooled_cell_forward(cand_preact, gate_pre, Tensor(), Tensor(), kCell.map_gate(),
-                                 activation, cell_state, output_cl[t],
-                                 saved(pooled::kSavedCell, t), saved(pooled::kSavedCandidate, t),
-                                 Tensor(), B, HW, C);
+    Tensor h_mean_next = pooled_cell_forward(
+        cand_preact, gate_pre, Tensor(), Tensor(), kCell.map_gate(), activation, cell_state,
+        output_cl[t], saved(pooled::kSavedCell, t), saved(pooled::kSavedCandidate, t), Tensor(),
+        B, HW, C);
+    mask_pooled_step(mask, t, cell_state, cell_before, h_mean_next, h_mean, h_carry,
+                     output_cl[t], B);
+    h_mean = h_mean_next;
   }
   Tensor output = channels_first_copy(output_cl, dtype);
-  Tensor h_n = output[walk.last()].clone();
+  Tensor h_n = mask.active() ? channels_first_copy(h_carry, dtype) : output[walk.last()].clone();
   Tensor c_n = channels_first_copy(cell_state.view({B, H, W, C}), dtype);
   return {output, h_n, c_n, saved.all()};
 }
@@ -82,9 +91,11 @@ LayerResult spatial_attention_layer(const Tensor& x, const Tensor& h0, const Ten
 BackwardResult spatial_attention_layer_backward(
     const Tensor& grad_output, const Tensor& grad_h_n, const Tensor& grad_c_n, const Tensor& x,
     const Tensor& h0, const Tensor& c0, at::TensorList params, const Tensor& output,
-    at::TensorList saved, int64_t activation, bool reverse) {
+    at::TensorList saved, int64_t activation, bool reverse,
+    const std::optional<at::Tensor>& lengths) {
   const LayerCall call = check_backward(kCell, pooled::kCandDwX, grad_output, grad_h_n, grad_c_n,
                                         x, h0, c0, params, output, saved, activation);
+  const StepMask mask(lengths, x);
   if (call.empty) return empty_backward_result(x, grad_h_n, grad_c_n, params);
   LayerDeviceGuard guard(x.device());
   const int64_t T = x.size(0), B = x.size(1), Cin = x.size(2), H = x.size(3), W = x.size(4);
@@ -92,12 +103,13 @@ BackwardResult spatial_attention_layer_backward(
   const auto dtype = x.scalar_type();
   const auto acc = acc_dtype(x);
   const Tensor x_cl = channels_last_copy(x, dtype);
-  const Tensor grad_out_cl = channels_last_copy(grad_output.contiguous(), dtype);
+  // Steps that do not count (lengths) ignore their grad_output.
+  const Tensor grad_out_cl =
+      channels_last_copy(mask.output_gradient(grad_output).contiguous(), dtype);
   const Tensor c0_cl = channels_last_copy(c0, dtype);
   const Walk walk{T, reverse};
-  const Tensor h_prev_all = states_before(
-      walk, channels_last_copy(h0, dtype),
-      channels_last_copy(starting_steps(walk, output).contiguous(), dtype));
+  const Tensor h0_cl = channels_last_copy(h0, dtype);
+  const Tensor h_prev_all = hidden_states_before(mask, walk, h0_cl, output, dtype);
   const Tensor h_prev_rows = h_prev_all.view({T * rows, C});
   const Tensor x_rows = x_cl.view({T * rows, Cin});
   Tensor dh = channels_last_copy(grad_h_n, acc).view({rows, C});
@@ -126,8 +138,15 @@ BackwardResult spatial_attention_layer_backward(
   for (int64_t s = T - 1; s >= 0; --s) {
     const int64_t t = walk.time(s);
     const auto step_rows = [&](const Tensor& all) { return all.narrow(0, t * rows, rows); };
-    const Tensor cell_prev = state_before(walk, t, c0_cl, saved[pooled::kSavedCell]);
+    const Tensor cell_prev = mask.state_before(walk, t, saved[pooled::kSavedCell], c0_cl);
     const Tensor dacc = step_rows(dacc_all);
+    // With lengths a step that does not count runs on zero dH, dC (so forms zero gradients)
+    // and passes the incoming ones through.
+    Tensor held_dh, held_dc;
+    if (mask.active()) {
+      held_dh = mask.feed(t, dh.view({B, HW, C}));
+      held_dc = mask.feed(t, dc.view({B, HW, C}));
+    }
     const PooledCellGrads grads = pooled_cell_backward(
         grad_out_cl[t], dh, dc, saved[pooled::kSavedGatePreact][t], Tensor(), kCell.map_gate(),
         activation, saved[pooled::kSavedCandidate][t], saved[pooled::kSavedCell][t], cell_prev,
@@ -164,6 +183,10 @@ BackwardResult spatial_attention_layer_backward(
     Tensor d_dwha = step_rows(d_dwha_all);
     at::mm_out(d_dwha, d_features_pre, params[attention::kAttPwH]);
     depthwise_transpose(d_dwha, params[attention::kAttDwH], B, H, W, dh, dh);
+    if (mask.active()) {
+      mask.pass(t, dh.view({B, HW, C}), held_dh);
+      mask.pass(t, dc.view({B, HW, C}), held_dc);
+    }
   }
 
   // Weight gradients, each one batched product over all steps.
