@@ -75,6 +75,8 @@ SHAPES = {
     "two_pixel_tiles": (2, 1, 2, 3, 17, 16, 3),
     "two_channel_tiles": (2, 1, 3, 66, 3, 2, 3),
     "w11": (2, 2, 3, 4, 3, 11, 3),
+    # A ragged batch (Case.ragged): lengths T, 1, 0 (every kind of sample) over T = 4 steps.
+    "ragged": (4, 3, 3, 5, 5, 6, 3),
     # The CPU ConvLSTM's Winograd path (3×3 convolutions with >= 256 channels on both sides).
     "winograd": (2, 1, 256, 256, 6, 5, 3),
     "winograd_f64": (2, 1, 256, 256, 4, 3, 3),
@@ -95,6 +97,8 @@ class Case:
     layout: str | None = None
     # The layer walks t = T − 1 … 0 inside the op (the reverse direction of a bidirectional layer).
     reverse: bool = False
+    # Each sample's number of valid steps, masked inside the op: ragged_lengths(T, B).
+    ragged: bool = False
 
 
 _DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
@@ -122,6 +126,10 @@ CASES = [
     Case("reverse-t1-fp32", torch.float32, "sigmoid", "t1", reverse=True),
     Case("reverse-batch-first-bf16", torch.bfloat16, "sigmoid", "small", extended=False,
          layout="batch_first", reverse=True),
+    Case("ragged-fp32", torch.float32, "hard_sigmoid", "ragged", ragged=True),
+    Case("ragged-reverse-fp32", torch.float32, "sigmoid", "ragged", reverse=True, ragged=True),
+    Case("ragged-reverse-batch-first-bf16", torch.bfloat16, "sigmoid", "ragged",
+         layout="batch_first", reverse=True, ragged=True),
     Case("winograd-fp32", torch.float32, "sigmoid", "winograd", backends=("cpu",)),
     Case("reverse-winograd-fp32", torch.float32, "sigmoid", "winograd", backends=("cpu",),
          variants=("convlstm",), reverse=True),
@@ -172,22 +180,28 @@ def _shape(variant: str, case: Case) -> tuple[int, ...]:
     return SHAPES[case.shape]
 
 
+def ragged_lengths(steps: int, batch: int) -> list[int]:
+    """A full sample, a one-step one, an empty one, one a step short, and again."""
+    return [(steps, 1, 0, steps - 1)[b % 4] for b in range(batch)]
+
+
 def _results(backend, variant, x, h0, c0, params, gate_activation, weights, transform=None,
-             reverse=False):
+             reverse=False, lengths=None):
     """{name: tensor} of the layer's outputs and the gradients of Σ w·(out, h_n, c_n);
     ``transform`` (e.g. a non-contiguous view) is applied to x inside the graph; ``reverse``
-    walks t = T − 1 … 0."""
+    walks t = T − 1 … 0; ``lengths`` masks each sample's steps past its end."""
     leaves = {"x": x, "h0": h0, "c0": c0, **params}
     leaves = {k: v.detach().clone().requires_grad_() for k, v in leaves.items()}
     named = {k: leaves[k] for k in params}
     x_in = transform(leaves["x"]) if transform else leaves["x"]
     if backend == "reference":
-        out, h_n, c_n = cells.layer(variant, x_in, leaves["h0"], leaves["c0"], named,
-                                    gate_activation, reverse=reverse)
+        out, h_n, c_n = cells.layer(
+            variant, x_in, leaves["h0"], leaves["c0"], named, gate_activation, reverse=reverse,
+            lengths=None if lengths is None else torch.tensor(lengths, device=x.device))
     else:
         out, (h_n, c_n) = convlstm_layer(x_in, named, variant, (leaves["h0"], leaves["c0"]),
                                          gate_activation=gate_activation, backend=backend,
-                                         reverse=reverse)
+                                         reverse=reverse, lengths=lengths)
     loss = sum((t.double() * w).sum() for t, w in zip((out, h_n, c_n), weights))
     grads = torch.autograd.grad(loss, list(leaves.values()))
     results = {"output": out, "h_n": h_n, "c_n": c_n}
@@ -253,18 +267,20 @@ def test_backend_matches_reference(backend, variant, case, find_separated_proble
         from convlstm_fast.triton_kernels import INTERPRETED as interpreted
 
         assert not interpreted, "GPU Triton tests must run compiled kernels"
-    x, h0, c0, params, weights = find_separated_problem(variant, _shape(variant, case),
-                                                        case.dtype, case.gate_activation)
+    shape = _shape(variant, case)
+    walk = dict(reverse=case.reverse, lengths=ragged_lengths(*shape[:2]) if case.ragged else None)
+    x, h0, c0, params, weights = find_separated_problem(variant, shape, case.dtype,
+                                                        case.gate_activation, **walk)
     on = lambda t: t.to(device)  # noqa: E731
     exact = _results("reference", variant, on(x), on(h0), on(c0),
                      {k: on(v) for k, v in params.items()}, case.gate_activation,
-                     [on(w) for w in weights], reverse=case.reverse)
+                     [on(w) for w in weights], **walk)
     low = lambda t: t.to(device, case.dtype)  # noqa: E731
     args = (low(x), low(h0), low(c0), {k: low(v) for k, v in params.items()},
             case.gate_activation, [on(w) for w in weights])
-    reference = _results("reference", variant, *args, reverse=case.reverse)
+    reference = _results("reference", variant, *args, **walk)
     got = _results(backend, variant, *args, transform=lambda t: layout_view(t, case.layout),
-                   reverse=case.reverse)
+                   **walk)
     notes = check_results(assert_close_to_float64, got, reference, exact, case.dtype)
     if backend == "triton" and device == "cuda":
         from convlstm_fast.info import triton_specializations

@@ -257,3 +257,39 @@ def test_bidirectional_onnx_with_dynamic_steps_matches_eager(onnxruntime, tmp_pa
         actual = session.run(None, {onnx_input.name: clip.numpy()})
         torch.testing.assert_close([torch.from_numpy(a) for a in actual], _eager(model, clip),
                                    rtol=0, atol=ONNX_ATOL)
+
+
+class _RaggedLayer(torch.nn.Module):
+    """A model that takes each sample's number of valid frames beside the clip."""
+
+    def __init__(self, lstm):
+        super().__init__()
+        self.lstm = lstm
+
+    def forward(self, x, lengths):
+        return self.lstm(x, lengths=lengths)
+
+
+def test_ragged_program_with_dynamic_steps_matches_eager():
+    """torch.export of a bidirectional layer fed ``lengths``, B and T dynamic (lengths' B too):
+    one fused op per direction with the lengths as its argument, masked inside it; the program
+    and its decomposition into scans match eager at another B, T and lengths."""
+    _needs_cpu_backend()
+    torch.manual_seed(0)
+    model = _RaggedLayer(convlstm_fast.ConvLSTM(IN_CHANNELS, HIDDEN, variant="a",
+                                                bidirectional=True, backend="cpu")).eval()
+    example = (_clip(*EXPORTED, seed=0), torch.tensor([EXPORTED[1], 1]))
+    program = export.export_program(model, example)
+    calls = [node for node in program.graph.nodes if node.op == "call_function"
+             and "convlstm_fast" in str(node.target)]
+    assert len(calls) == 2, calls
+    programs = [program]
+    if export.scan_unavailable_reason() is None:
+        programs.append(export.decompose(program))
+        assert not _fused_ops(programs[-1])
+    clip, lengths = _clip(*RUN, seed=2), torch.tensor([RUN[1], 0, 2])
+    with torch.no_grad():
+        want = _flat(model(clip, lengths))
+    for runnable in programs:
+        torch.testing.assert_close(_flat(runnable.module()(clip, lengths)), want, rtol=0,
+                                   atol=1e-6)

@@ -73,3 +73,20 @@ def test_reverse_direction_keeps_what_the_forward_keeps(backend, device, variant
                     bidirectional=True).to(device)
     x = torch.randn(BATCH, STEPS, CHANNELS, HEIGHT, WIDTH, device=device, requires_grad=True)
     assert _kept(both, x) == pytest.approx(2 * (_kept(forward, x) + 1), abs=1e-9)
+
+
+@pytest.mark.parametrize("variant", VARIANTS)
+@pytest.mark.parametrize("backend, device", BACKENDS)
+def test_ragged_batch_keeps_what_a_full_one_keeps(backend, device, variant):
+    """A backend that masks ``lengths`` inside its op keeps exactly what it keeps for the full
+    batch: the mask is applied in the loop, no per-step outputs or masked copies are saved."""
+    _skip_unsupported(backend, device, variant)
+    if not get_backend(backend).lengths_in_op:
+        pytest.skip(f"backend {backend!r} drives ragged steps one call at a time")
+    torch.manual_seed(0)
+    model = ConvLSTM(CHANNELS, CHANNELS, variant=variant, backend=backend).to(device)
+    x = torch.randn(BATCH, STEPS, CHANNELS, HEIGHT, WIDTH, device=device, requires_grad=True)
+    lengths = torch.tensor([STEPS, STEPS // 2], device=device)
+    ragged = saved_state_tensors(lambda: model(x, lengths=lengths)[0], [x, *model.parameters()],
+                                 BATCH * CHANNELS * HEIGHT * WIDTH, STEPS)
+    assert ragged == pytest.approx(_kept(model, x), abs=1e-9)

@@ -100,26 +100,65 @@ def test_gradcheck_float64(variant, gate_activation):
 
 
 def _op_args(variant, dtype=torch.float32):
-    x, h0, c0 = (t.detach() for t in make_inputs(2, 2, 3, 4, 4, 5, dtype=dtype))
+    x, h0, c0 = (t.detach() for t in make_inputs(3, 3, 3, 4, 4, 5, dtype=dtype))
     params = [p.detach() for p in make_params(variant, 3, 4, 3, dtype=dtype)]
     return x, h0, c0, params
 
 
-@pytest.mark.parametrize("reverse", [False, True])
+# The walks an op call can take (T = 3, B = 3): forwards or backwards, each with no lengths or
+# with a full, a one-step and an empty sample masked inside the op.
+WALKS = {"forward": (False, None), "reverse": (True, None),
+         "ragged": (False, [3, 1, 0]), "ragged-reverse": (True, [3, 1, 0])}
+
+
+def _walk_args(walk):
+    reverse, lengths = WALKS[walk]
+    return (reverse,) if lengths is None else (reverse, torch.tensor(lengths))
+
+
+@pytest.mark.parametrize("walk", WALKS)
 @pytest.mark.parametrize("variant", VARIANTS)
-def test_opcheck(variant, reverse):
+def test_opcheck(variant, walk):
     _load_ops()
     name = get_cell(variant).op
     x, h0, c0, params = _op_args(variant)
     forward = getattr(torch.ops.convlstm_fast, name).default
     torch.library.opcheck(forward, (x.requires_grad_(), h0.requires_grad_(), c0, params, 1,
-                                    reverse))
+                                    *_walk_args(walk)))
     x, h0 = x.detach(), h0.detach()
-    output, h_n, c_n, saved = forward(x, h0, c0, params, 1, reverse)
+    output, h_n, c_n, saved = forward(x, h0, c0, params, 1, *_walk_args(walk))
     backward = getattr(torch.ops.convlstm_fast, name + "_backward").default
     grads = (torch.randn_like(output), torch.randn_like(h_n), torch.randn_like(c_n))
-    torch.library.opcheck(backward, (*grads, x, h0, c0, params, output, saved, 1, reverse),
+    torch.library.opcheck(backward, (*grads, x, h0, c0, params, output, saved, 1,
+                                     *_walk_args(walk)),
                           test_utils=("test_schema", "test_faketensor"))
+
+
+@pytest.mark.parametrize("reverse", [False, True], ids=["forward", "reverse"])
+@pytest.mark.parametrize("variant", VARIANTS)
+def test_gradcheck_float64_lengths_inside_the_op(variant, reverse):
+    """The op itself with ``lengths`` (masked inside its loop: zero outputs and carried states
+    past each sample's end, a reverse walk starting at each sample's last valid step):
+    float64 gradcheck of every input, and the values against the reference layer with the same
+    lengths."""
+    from convlstm_fast.reference import cells
+
+    _load_ops()
+    spec = get_cell(variant)
+    x, h0, c0 = make_inputs(4, 4, 2, 3, 3, 4, dtype=torch.float64)
+    params = make_params(variant, 2, 3, 3, dtype=torch.float64)
+    lengths = torch.tensor([4, 1, 0, 2])
+    forward = getattr(torch.ops.convlstm_fast, spec.op)
+
+    def layer(x, h0, c0, *params):
+        return forward(x, h0, c0, list(params), 0, reverse, lengths)[:3]
+
+    want = cells.layer(variant, x, h0, c0, dict(zip(spec.parameter_names, params)), "sigmoid",
+                       reverse=reverse, lengths=lengths)
+    for got, expected in zip(layer(x, h0, c0, *params), want):
+        torch.testing.assert_close(got, expected, atol=1e-12, rtol=1e-10)
+    assert torch.autograd.gradcheck(layer, (x, h0, c0, *params), eps=1e-6, atol=1e-5,
+                                    rtol=1e-4, fast_mode=True)
 
 
 @pytest.mark.parametrize("variant", VARIANTS)
@@ -144,14 +183,14 @@ def test_empty_sequence():
     _load_ops()
     x, h0, c0, params = _op_args("a")
     output, h_n, c_n, saved = torch.ops.convlstm_fast.pooled_layer(x[:0], h0, c0, params, 0)
-    assert output.shape == (0, 2, 4, 4, 5)
+    assert output.shape == (0, 3, 4, 4, 5)
     torch.testing.assert_close(h_n, h0)
     assert h_n.data_ptr() != h0.data_ptr()
 
 
-@pytest.mark.parametrize("reverse", [False, True])
+@pytest.mark.parametrize("walk", WALKS)
 @pytest.mark.parametrize("variant", VARIANTS)
-def test_inference_op_equals_the_forward(variant, reverse):
+def test_inference_op_equals_the_forward(variant, walk):
     """``<op>_inference`` runs the same kernel without keeping the saved tensors: the same
     output and final states, bit for bit (its step buffers reused in either walk); and opcheck
     (schema, fake tensors, AOT dispatch)."""
@@ -159,12 +198,12 @@ def test_inference_op_equals_the_forward(variant, reverse):
     name = get_cell(variant).op
     x, h0, c0, params = _op_args(variant)
     inference = getattr(torch.ops.convlstm_fast, name + "_inference").default
-    want = getattr(torch.ops.convlstm_fast, name)(x, h0, c0, params, 1, reverse)[:3]
-    got = inference(x, h0, c0, params, 1, reverse)
+    want = getattr(torch.ops.convlstm_fast, name)(x, h0, c0, params, 1, *_walk_args(walk))[:3]
+    got = inference(x, h0, c0, params, 1, *_walk_args(walk))
     assert len(got) == 3
     for g, w in zip(got, want):
         torch.testing.assert_close(g, w, atol=0, rtol=0)
-    torch.library.opcheck(inference, (x, h0, c0, params, 1, reverse),
+    torch.library.opcheck(inference, (x, h0, c0, params, 1, *_walk_args(walk)),
                           test_utils=("test_schema", "test_faketensor",
                                       "test_aot_dispatch_dynamic"))
 
@@ -237,3 +276,19 @@ def test_torch_compile_fullgraph():
     (grad_compiled,) = torch.autograd.grad(out.sum(), x)
     (grad_eager,) = torch.autograd.grad(eager_out.sum(), x)
     torch.testing.assert_close(grad_compiled, grad_eager, **FP32_TOL)
+
+
+@pytest.mark.parametrize("reverse", [False, True], ids=["forward", "reverse"])
+@pytest.mark.parametrize("variant", VARIANTS)
+def test_ragged_batch_is_one_op_call(variant, reverse):
+    """``lengths`` are masked inside the fused op: a ragged batch is one forward and one backward
+    call over the steps its longest sample reaches (none past it), not a call per step."""
+    x, h0, c0 = make_inputs(5, 3, 3, 4, 4, 5)
+    params = make_params(variant, 3, 4, 3)
+    name = "convlstm_fast::" + get_cell(variant).op
+    with _OpRecorder() as recorder:
+        out, (h_n, c_n) = convlstm_layer(x, params, variant, (h0, c0), backend="cpu",
+                                         reverse=reverse, lengths=torch.tensor([4, 1, 3]))
+        (out.sum() + h_n.sum() + c_n.sum()).backward()
+    assert recorder.ops.count(name) == 1 and recorder.ops.count(name + "_backward") == 1
+    assert out.shape[0] == 5 and out[4].abs().max() == 0

@@ -20,6 +20,10 @@ library of its own, loads it in a process that never imports convlstm_fast._C, a
   (tests/test_numerics.py holds every backend to it): every gate pre-activation at
   hard_sigmoid's kinks ±2.5 (float64, float32, bfloat16), activations of 1e-5 (float32), and NaN
   kept in its sample with the reference's isnan mask;
+- per-sample ``lengths`` (ops/registration.py; a full, a one-step, an empty and a T − 2 sample)
+  for every variant, both activations and both walks: every output and gradient against the
+  reference's ``cells.layer(..., lengths=)``, float64 within 1e-9 and float32 with STYLE.md's
+  rule, and the twin against the op;
 - the launches one more step adds, per op and direction — our own kernels (the emulation build
   counts the launch helpers' calls) and the ATen calls of the driver (each at least one kernel
   on a GPU) — against the ``LAUNCHES_PER_STEP`` line of its csrc/cuda/<op>_kernel.cu, in either
@@ -87,11 +91,11 @@ def build(build_dir: pathlib.Path) -> pathlib.Path:
 
 
 def run_ops(variant: str, x, h0, c0, params: dict, gate_activation: str, weights,
-            reverse: bool = False) -> tuple:
+            reverse: bool = False, lengths: torch.Tensor | None = None) -> tuple:
     """The emulated op, its ``_inference`` twin and its backward with ``weights`` as the output
     gradients (what autograd hands the backward for the loss Σ w·(out, h_n, c_n)), all walking
-    ``reverse`` as asked: ``({name: tensor} in the conformance suite's names, saved,
-    inference)``."""
+    ``reverse`` and masked by ``lengths`` as asked: ``({name: tensor} in the conformance suite's
+    names, saved, inference)``."""
     from convlstm_fast import get_cell
     from convlstm_fast.registry import GATE_ACTIVATIONS
 
@@ -99,11 +103,11 @@ def run_ops(variant: str, x, h0, c0, params: dict, gate_activation: str, weights
     code = GATE_ACTIVATIONS.index(gate_activation)
     plist = list(params.values())
     ops = torch.ops.convlstm_fast
-    out, h_n, c_n, saved = getattr(ops, name)(x, h0, c0, plist, code, reverse)
-    inference = getattr(ops, name + "_inference")(x, h0, c0, plist, code, reverse)
+    out, h_n, c_n, saved = getattr(ops, name)(x, h0, c0, plist, code, reverse, lengths)
+    inference = getattr(ops, name + "_inference")(x, h0, c0, plist, code, reverse, lengths)
     grads = [w.to(x.dtype) for w in weights]
     grad_x, grad_h0, grad_c0, grad_params = getattr(ops, name + "_backward")(
-        *grads, x, h0, c0, plist, out, saved, code, reverse)
+        *grads, x, h0, c0, plist, out, saved, code, reverse, lengths)
     results = {"output": out, "h_n": h_n, "c_n": c_n, "grad_x": grad_x, "grad_h0": grad_h0,
                "grad_c0": grad_c0}
     results.update({"grad_" + p: g for p, g in zip(params, grad_params)})
@@ -143,17 +147,20 @@ def check_conformance(cases, conftest, variant: str, case) -> bool:
     """One case of tests/test_backends.py for the emulated CUDA kernel, as
     test_backend_matches_reference runs it."""
     label = f"{variant} {case.name}"
-    problem = (variant, cases._shape(variant, case), case.dtype, case.gate_activation)
-    x, h0, c0, params, weights = conftest.separated_problem(*problem)
+    shape = cases._shape(variant, case)
+    lengths = cases.ragged_lengths(*shape[:2]) if case.ragged else None
+    walk = dict(reverse=case.reverse, lengths=lengths)
+    x, h0, c0, params, weights = conftest.separated_problem(
+        variant, shape, case.dtype, case.gate_activation, **walk)
     exact = cases._results("reference", variant, x, h0, c0, params, case.gate_activation, weights,
-                           reverse=case.reverse)
+                           **walk)
     low = lambda t: t.to(case.dtype)  # noqa: E731
     args = (low(x), low(h0), low(c0), {k: low(v) for k, v in params.items()})
-    reference = cases._results("reference", variant, *args, case.gate_activation, weights,
-                               reverse=case.reverse)
+    reference = cases._results("reference", variant, *args, case.gate_activation, weights, **walk)
     x_in = cases.layout_view(args[0], case.layout)
     got, saved, inference = run_ops(variant, x_in, *args[1:], case.gate_activation, weights,
-                                    case.reverse)
+                                    case.reverse,
+                                    None if lengths is None else torch.tensor(lengths))
     ok = check_twin_and_saved(label, variant, got, saved, inference, args[0], args[1], args[3])
     try:
         for note in cases.check_results(conftest.check_close_to_float64, got, reference, exact,
@@ -166,9 +173,10 @@ def check_conformance(cases, conftest, variant: str, case) -> bool:
 
 
 def check(variant: str, gate_activation: str, dtype: torch.dtype, shape, seed: int = 0,
-          case: str = "random", reverse: bool = False) -> bool:
-    """Every output and gradient of the op against the reference, both walking ``reverse`` as
-    asked: float64 within 1e-9 (relative), other dtypes with STYLE.md's rule. ``case``: "random"
+          case: str = "random", reverse: bool = False, lengths: list[int] | None = None) -> bool:
+    """Every output and gradient of the op against the reference, both walking ``reverse`` and
+    masked by ``lengths`` (one per sample, int64 on x's device) as asked: float64 within 1e-9
+    (relative), other dtypes with STYLE.md's rule. ``case``: "random"
     weights and inputs;
     "small", those with x, h0, c0 and the biases scaled by 1e-5 (every tanh argument and
     activation ~1e-5); "kinks", all weights 0 and the gate biases alternately +2.5 and −2.5 (with
@@ -200,11 +208,14 @@ def check(variant: str, gate_activation: str, dtype: torch.dtype, shape, seed: i
     weights = [randn(steps, batch, hidden, height, width), randn(batch, hidden, height, width),
                randn(batch, hidden, height, width)]
     label = f"{variant} {gate_activation} {dtype} {shape} {case}{' reverse' if reverse else ''}"
+    if lengths is not None:
+        label += f" lengths={lengths}"
+        lengths = torch.tensor(lengths, dtype=torch.int64)
 
     def reference(cast):
         leaves = [cast(t).requires_grad_() for t in (x, h0, c0, *params.values())]
         out, h_n, c_n = cells.layer(variant, *leaves[:3], dict(zip(params, leaves[3:])),
-                                    gate_activation, reverse=reverse)
+                                    gate_activation, reverse=reverse, lengths=lengths)
         loss = sum((t * cast(w)).sum() for t, w in zip((out, h_n, c_n), weights))
         return [out.detach(), h_n.detach(), c_n.detach(), *torch.autograd.grad(loss, leaves)]
 
@@ -213,7 +224,7 @@ def check(variant: str, gate_activation: str, dtype: torch.dtype, shape, seed: i
     args = [cast(t) for t in (x, h0, c0)]
     low_params = {n: cast(p) for n, p in params.items()}
     results, saved, inference = run_ops(variant, *args, low_params, gate_activation, weights,
-                                        reverse)
+                                        reverse, lengths)
     ok = check_twin_and_saved(label, variant, results, saved, inference, args[0], args[1],
                               low_params)
     want_low = None if dtype == torch.float64 else reference(lambda t: cast(t.detach()))
@@ -355,7 +366,10 @@ def main() -> int:
     float64_shapes = [(3, 2, 3, 5, 4, 6, 3), (1, 1, 3, 4, 5, 7, 1), (2, 1, 6, 3, 7, 5, 5),
                       (2, 1, 33, 40, 5, 5, 3)]
     kink_shape = (2, 2, 3, 3, 3, 4, 3)  # hidden 3: odd, see check
-    counts = {"conformance": 0, "float64": 0, "contract": 0, "launch-count": 0}
+    # lengths (ops/registration.py): a full, a one-step, an empty and a T − 2 sample; hidden 40
+    # spans two channel tiles.
+    lengths_shapes = [((4, 4, 3, 5, 4, 6, 3), [4, 1, 0, 2]), ((3, 4, 2, 40, 3, 3, 1), [3, 1, 0, 1])]
+    counts = {"conformance": 0, "float64": 0, "contract": 0, "lengths": 0, "launch-count": 0}
     ok = True
     for variant in (v for v in cell_names() if "cuda" in get_cell(v).kernels):
         variant_ok = True
@@ -373,6 +387,16 @@ def main() -> int:
         for shape in float64_shapes:
             variant_ok &= check(variant, "sigmoid", torch.float64, shape, reverse=True)
             counts["float64"] += 1
+        # Per-sample lengths, both walks, float64 (1e-9) and float32 (STYLE.md's rule).
+        for gate_activation in ("sigmoid", "hard_sigmoid"):
+            for reverse in (False, True):
+                for dtype in (torch.float64, torch.float32):
+                    for shape, lengths in lengths_shapes:
+                        if dtype == torch.float32 and shape is not lengths_shapes[0][0]:
+                            continue
+                        variant_ok &= check(variant, gate_activation, dtype, shape,
+                                            reverse=reverse, lengths=lengths)
+                        counts["lengths"] += 1
         # The numeric contract: kinks, tiny activations, NaN.
         contract = [check(variant, "hard_sigmoid", dtype, kink_shape, case="kinks")
                     for dtype in (torch.float64, torch.float32, torch.bfloat16)]
