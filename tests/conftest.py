@@ -183,7 +183,7 @@ ATTENTION_MIN_GAP = {torch.float64: 0.0, torch.float32: 1e-5, torch.float16: 0.0
 
 
 def separated_problem(variant: str, shape, dtype: torch.dtype, gate_activation: str,
-                      max_seeds: int = 200):
+                      max_seeds: int = 200, *, reverse: bool = False, lengths=None):
     """``(x, h0, c0, params, weights)``, float64 on the CPU, with values already rounded to
     ``dtype`` (so x64 and x_ref of the distance rule see the kernels' numbers) and ``weights``
     the output gradients' ``[out, h_n, c_n]``; ``shape`` is ``(T, B, Cin, C, H, W, K)``.
@@ -192,6 +192,8 @@ def separated_problem(variant: str, shape, dtype: torch.dtype, gate_activation: 
     logits Z exceeds the runner-up by ``ATTENTION_MIN_GAP[dtype]`` in the float64 reference:
     the gradient of exp(Z − max Z) jumps where the argmax changes, so a near-tie that rounding
     flips would move a whole map's Σ dA∘A to another pixel — in the kernel or in x_ref, by chance.
+    The maps are those of the walk the case takes (``reverse``, ``lengths``: a reverse walk goes
+    through other states, so a seed separated walking forwards need not be separated there).
     """
     from convlstm_fast.reference import cells
 
@@ -211,7 +213,8 @@ def separated_problem(variant: str, shape, dtype: torch.dtype, gate_activation: 
         if variant not in ("c", "d") or ATTENTION_MIN_GAP[dtype] == 0:
             return x, h0, c0, params, weights
         records = []
-        cells.layer(variant, x, h0, c0, params, gate_activation, records=records)
+        cells.layer(variant, x, h0, c0, params, gate_activation, records=records, reverse=reverse,
+                    lengths=None if lengths is None else torch.tensor(lengths))
         attention = torch.stack([r["attention"] for r in records]).flatten(-2)  # exp(Z − max)
         runner_up = attention.topk(2, dim=-1).values[..., 1]
         if (-runner_up.log()).min().item() >= ATTENTION_MIN_GAP[dtype]:
@@ -222,6 +225,6 @@ def separated_problem(variant: str, shape, dtype: torch.dtype, gate_activation: 
 
 @pytest.fixture
 def find_separated_problem():
-    """``(variant, shape, dtype, gate_activation) -> (x, h0, c0, params, weights)``, see
-    :func:`separated_problem`."""
+    """``(variant, shape, dtype, gate_activation, *, reverse, lengths) -> (x, h0, c0, params,
+    weights)``, see :func:`separated_problem`."""
     return separated_problem
