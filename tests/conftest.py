@@ -216,8 +216,12 @@ def separated_problem(variant: str, shape, dtype: torch.dtype, gate_activation: 
         cells.layer(variant, x, h0, c0, params, gate_activation, records=records, reverse=reverse,
                     lengths=None if lengths is None else torch.tensor(lengths))
         attention = torch.stack([r["attention"] for r in records]).flatten(-2)  # exp(Z − max)
-        runner_up = attention.topk(2, dim=-1).values[..., 1]
-        if (-runner_up.log()).min().item() >= ATTENTION_MIN_GAP[dtype]:
+        gap = -attention.topk(2, dim=-1).values[..., 1].log()  # [steps walked, B, C]
+        if lengths is not None:  # only the maps of steps that count matter
+            times = torch.arange(steps - 1, -1, -1) if reverse else torch.arange(steps)
+            counts = times[:, None] < torch.tensor(lengths)[None, :]
+            gap = gap[counts]
+        if gap.numel() == 0 or gap.min().item() >= ATTENTION_MIN_GAP[dtype]:
             return x, h0, c0, params, weights
     raise AssertionError(f"no seed < {max_seeds} separates the maxima of Z by "
                          f"{ATTENTION_MIN_GAP[dtype]} for {variant} {shape}")
