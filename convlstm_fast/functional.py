@@ -156,35 +156,24 @@ def _drive_steps(run, times: Sequence[int], x, h, c, lengths, weights):
 
 
 def _walk(steps: int, reverse: bool, lengths: torch.Tensor | None,
-          bounds: tuple[int, int] | None) -> list[tuple[str, list[int]]]:
+          bounds: tuple[int, int] | None, in_op: bool = False) -> list[tuple[str, list[int]]]:
     """The walk over the steps as segments ``(kind, times)`` in processing order: ``"layer"``,
     a run of steps every sample reaches, as one call of the backend's layer (walking it
     backwards with ``reverse``); ``"masked"``, one call per step with the lengths applied;
     ``"skip"``, steps no sample reaches (zero output, state unchanged). ``bounds`` are the
     lengths' min and max (:func:`check_lengths`); without them (under torch.compile) every step
-    is masked."""
+    is masked. A backend that masks ``lengths`` inside its layer (``in_op``) runs every step the
+    longest sample reaches as one ``"layer"`` call."""
     times = list(range(steps - 1, -1, -1) if reverse else range(steps))
-    if lengths is None:
+    if lengths is None or (in_op and bounds is None):
         return [("layer", times)]
     if bounds is None:
         return [("masked", times)]
     shortest, longest = bounds
+    if in_op:
+        shortest = longest
     segments = [("layer", [t for t in times if t < shortest]),
                 ("masked", [t for t in times if shortest <= t < longest]),
-                ("skip", [t for t in times if t >= longest])]
-    if reverse:
-        segments.reverse()
-    return [(kind, part) for kind, part in segments if part]
-
-
-def _masked_walk(steps: int, reverse: bool,
-                 bounds: tuple[int, int] | None) -> list[tuple[str, list[int]]]:
-    """:func:`_walk` for a backend that masks ``lengths`` inside its layer: one ``"layer"``
-    segment over the steps some sample reaches (every step under torch.compile, where the
-    lengths' bounds are unknown), then the ``"skip"`` steps past the longest sample."""
-    longest = steps if bounds is None else bounds[1]
-    times = list(range(steps - 1, -1, -1) if reverse else range(steps))
-    segments = [("layer", [t for t in times if t < longest]),
                 ("skip", [t for t in times if t >= longest])]
     if reverse:
         segments.reverse()
@@ -277,16 +266,14 @@ def convlstm_layer(
     checkpointed = recompute is not None and torch.is_grad_enabled()
     in_op = lengths is not None and chosen.lengths_in_op
     if in_op and bounds is not None and bounds[0] == steps:
-        lengths = None  # every sample runs the whole sequence: nothing to mask
+        lengths, in_op = None, False  # every sample runs the whole sequence: nothing to mask
     if not checkpointed and (lengths is None or in_op) and (bounds is None or bounds[1] == steps):
         output, h_n, c_n = run(x, h0, c0, lengths, *param_list)
         return output, (h_n, c_n)
     chunk = steps if not checkpointed or recompute == "layers" else recompute
     pieces = {}  # first time of a piece -> the outputs of its steps, [n, B, C, H, W]
     h_n, c_n = h0, c0
-    walk = _walk(steps, reverse, lengths, bounds) if lengths is None or not in_op else \
-        _masked_walk(steps, reverse, bounds)
-    for kind, times in walk:
+    for kind, times in _walk(steps, reverse, lengths, bounds, in_op):
         if kind == "skip":
             pieces[min(times)] = x.new_zeros(len(times), batch, hidden_channels, height, width)
             continue
@@ -294,7 +281,7 @@ def convlstm_layer(
             group = times[start:start + chunk]
             first, last = min(group), max(group)
             if kind == "layer":
-                part = None if lengths is None else (lengths - first).clamp(0, last + 1 - first)
+                part = (lengths - first).clamp(0, last + 1 - first) if in_op else None
                 args = (x[first:last + 1], h_n, c_n, part, *param_list)
                 output, h_n, c_n = (checkpoint(run, *args, use_reentrant=False)
                                     if checkpointed else run(*args))
