@@ -1,0 +1,87 @@
+"""The Triton ops with the GPU's tiling, under the interpreter.
+
+On CPU tensors the launchers pick interpreter-sized blocks (``_common.block_sizes``: as few, large
+programs as possible), so the rest of this folder never runs a kernel with the block sizes, the
+reduction chunks and the tile count a GPU launch uses. Here ``block_sizes`` answers as it does for
+a CUDA tensor, on shapes whose maps span several pixel tiles (a partial last one too) and whose
+channel counts span several channel tiles (partial too), so that every tiled index, mask and
+cross-tile reduction of the GPU launches is checked against the reference: every output and
+gradient, both walks, and per-sample lengths. Everything a launcher derives for the GPU (BLOCK_K,
+tile counts, partial-sum buffers) must come from ``block_sizes`` for this to hold.
+"""
+
+from __future__ import annotations
+
+import sys
+
+import pytest
+import torch
+
+from convlstm_fast.functional import convlstm_layer
+from convlstm_fast.reference import cells
+from convlstm_fast.triton_kernels import IMPLEMENTED, _common
+
+from helpers import make_inputs
+
+pytestmark = pytest.mark.triton_interpret
+
+RTOL, ATOL = 1e-4, 1e-5
+# (T, B, Cin, C, H, W, K): 9×11 = 99 pixels = 64 + 35 (two pixel tiles, the last partial),
+# C = 70 = 64 + 6 and Cin = 67 (two channel tiles each, the last partial).
+SHAPES = {"k3": (3, 2, 67, 70, 9, 11, 3), "k5": (2, 2, 5, 70, 11, 9, 5)}
+
+
+@pytest.fixture
+def gpu_tiling(monkeypatch):
+    def gpu_blocks(device, pixels, channels):
+        return _common.GPU_BLOCK_M, _common.GPU_BLOCK_CS[0]
+
+    for name, module in list(sys.modules.items()):
+        if name.startswith("convlstm_fast.triton_kernels") and hasattr(module, "block_sizes"):
+            monkeypatch.setattr(module, "block_sizes", gpu_blocks)
+    assert _common.GPU_BLOCK_M < 99, "the shapes must span more than one GPU pixel tile"
+    assert _common.GPU_BLOCK_CS[0] < 70, "the shapes must span more than one GPU channel tile"
+
+
+def _layer(variant, leaves, params, gate_activation, backend, reverse, lengths):
+    if backend == "reference":
+        out, h_n, c_n = cells.layer(variant, leaves["x"], leaves["h0"], leaves["c0"], params,
+                                    gate_activation, reverse=reverse, lengths=lengths)
+        return out, h_n, c_n
+    out, (h_n, c_n) = convlstm_layer(leaves["x"], params, variant, (leaves["h0"], leaves["c0"]),
+                                     gate_activation=gate_activation, backend=backend,
+                                     reverse=reverse, lengths=lengths)
+    return out, h_n, c_n
+
+
+def _results(variant, inputs, gate_activation, backend, reverse, lengths):
+    x, h0, c0, params = inputs
+    leaves = {"x": x, "h0": h0, "c0": c0, **params}
+    leaves = {k: v.detach().clone().requires_grad_() for k, v in leaves.items()}
+    outputs = _layer(variant, leaves, {k: leaves[k] for k in params}, gate_activation, backend,
+                     reverse, lengths)
+    gen = torch.Generator().manual_seed(1)
+    loss = sum((t * torch.randn(t.shape, generator=gen)).sum() for t in outputs)
+    grads = torch.autograd.grad(loss, list(leaves.values()))
+    result = dict(zip(("output", "h_n", "c_n"), outputs))
+    result.update({"grad_" + k: g for k, g in zip(leaves, grads)})
+    return {k: v.detach() for k, v in result.items()}
+
+
+# K = 3 in every walk; K = 5 (the widest halo) forward only: each case is ~10 s interpreted.
+WALKS = [("k3", "forward"), ("k3", "reverse"), ("k3", "ragged"), ("k5", "forward")]
+
+
+@pytest.mark.parametrize("shape, walk", WALKS, ids=[f"{s}-{w}" for s, w in WALKS])
+@pytest.mark.parametrize("variant", IMPLEMENTED)
+def test_gpu_tiling_matches_reference(gpu_tiling, variant, shape, walk):
+    steps, batch, cin, hidden, height, width, ksize = SHAPES[shape]
+    inputs = make_inputs(variant, steps, batch, cin, hidden, height, width, ksize)
+    reverse = walk != "forward"
+    lengths = torch.tensor([steps - 1, steps][:batch]) if walk == "ragged" else None
+    activation = "hard_sigmoid" if shape == "k5" else "sigmoid"
+    got = _results(variant, inputs, activation, "triton", reverse, lengths)
+    want = _results(variant, inputs, activation, "reference", reverse, lengths)
+    for name in want:
+        torch.testing.assert_close(got[name], want[name], rtol=RTOL, atol=ATOL,
+                                   msg=lambda m, name=name: f"{name}: {m}")
