@@ -8,11 +8,22 @@ on a one-step case, and checks the output against the reference loosely (a sanit
 the kernels ran: the tests own correctness). Prints one line per case; exits 1 if any case
 raised or came out non-finite or far from the reference, 0 otherwise. Backends or variants
 that are not available are listed with their reason.
+
+    python benchmarks/sanitizer_cases.py --initcheck-log FILE
+
+reads the log of an initcheck run that instrumented every kernel (no ``--kernel-name`` filter)
+and sorts its reports by the kernel that made the read: ours (a ``convlstm_fast`` frame) or a
+library's (cuBLAS and cuDNN read workspace they never initialise, by design). It prints the
+counts and the first of our reports, and exits 1 if any report is ours. The H200's first
+initcheck, filtered to our kernels, reported our convlstm elementwise kernel reading cuDNN's
+convolution outputs; a filtered run cannot say whether such a read is real or a write the
+sanitizer never saw (the writing kernel was not instrumented), an unfiltered one can.
 """
 
 from __future__ import annotations
 
 import argparse
+import re
 import sys
 
 import torch
@@ -53,6 +64,29 @@ def run_case(backend: str, variant: str, shape: CellShape, dtype: torch.dtype,
     return None
 
 
+def initcheck_reports(text: str) -> tuple[list[str], list[str]]:
+    """The reports of an initcheck log, split into (ours, the libraries'): a report is ours when
+    one of its device frames (or its "at" line) names convlstm_fast."""
+    blocks = re.split(r"^========= (?=Uninitialized)", text, flags=re.M)[1:]
+    ours, theirs = [], []
+    for block in blocks:
+        device = [line for line in block.splitlines()
+                  if "Device Frame" in line or line.lstrip("= ").startswith("at ")]
+        (ours if any("convlstm_fast" in line for line in device) else theirs).append(block)
+    return ours, theirs
+
+
+def summarize_initcheck(path: str) -> int:
+    text = open(path, errors="replace").read()
+    ours, theirs = initcheck_reports(text)
+    summary = re.findall(r"ERROR SUMMARY: .*", text)
+    print(f"initcheck: {len(ours)} reports in convlstm_fast kernels, {len(theirs)} in library "
+          f"kernels{' (' + summary[-1] + ')' if summary else ''}")
+    for block in ours[:3]:
+        print("\n".join(line for line in block.splitlines() if "Host Frame" not in line))
+    return 1 if ours or not summary else 0
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--backends", default="cuda", help="comma list (default: cuda)")
@@ -60,7 +94,11 @@ def main(argv=None) -> int:
     parser.add_argument("--device", default="cuda", help="cuda (cpu only to dry-run this script)")
     parser.add_argument("--quick", action="store_true",
                         help="one case per backend and variant (bf16, or float32 on the CPU)")
+    parser.add_argument("--initcheck-log", metavar="FILE",
+                        help="summarise an unfiltered initcheck log instead of running cases")
     args = parser.parse_args(argv)
+    if args.initcheck_log:
+        return summarize_initcheck(args.initcheck_log)
     if args.quick:
         dtypes = (torch.bfloat16,) if args.device == "cuda" else (torch.float32,)
         shapes, activations = (QUICK_SHAPE,), ("sigmoid",)

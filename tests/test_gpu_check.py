@@ -120,3 +120,39 @@ def test_gpu_tests_beside_the_interpreter_suite_are_refused():
     result = _collect("tests", "-m", "gpu")
     assert result.returncode != 0
     assert "would run Triton's interpreter" in result.stdout + result.stderr
+
+
+def test_initcheck_reports_are_split_by_the_kernel_that_read(tmp_path):
+    """An unfiltered initcheck log (the format of the H200's compute-sanitizer 2026.x): a
+    report whose device frames name convlstm_fast is ours and fails the stage; a library's
+    (cuBLAS reading its workspace) is counted apart."""
+    cases = _load("sanitizer_cases", REPO / "benchmarks" / "sanitizer_cases.py")
+    ours = """========= Uninitialized __global__ memory read of size 2 bytes
+=========     at c10::BFloat16::operator float() const+0x550 in BFloat16.h:143
+=========     by thread (32,0,0) in block (46,0,0)
+=========     Address 0x7f3a2c9347e0
+=========         Device Frame: convlstm_fast::cuda::<unnamed>::ConvLSTMCellForward<c10::BFloat16>::operator ()(long) const+0x180 in convlstm_layer_kernel.cu:46
+=========     Saved host backtrace up to driver entry point at kernel launch time
+=========         Host Frame: convlstm_fast::cuda::(anonymous namespace)::convlstm_layer() [0x1254fc] in _C.abi3.so
+========= 
+"""
+    theirs = """========= Uninitialized __global__ memory read of size 4 bytes
+=========     at sm90_xmma_gemm_bf16bf16_bf16f32_f32_tn_n+0x1c0
+=========     by thread (0,0,0) in block (0,0,0)
+=========     Address 0x7f3a2c000000
+=========     Saved host backtrace up to driver entry point at kernel launch time
+=========         Host Frame: convlstm_fast::cuda::(anonymous namespace)::pooled_layer() [0x1] in _C.abi3.so
+========= 
+"""
+    log = tmp_path / "initcheck.log"
+    log.write_text("========= COMPUTE-SANITIZER\nok   cuda a bfloat16 quick sigmoid\n" + theirs
+                   + "========= ERROR SUMMARY: 1 error\n")
+    mine, libraries = cases.initcheck_reports(log.read_text())
+    assert (len(mine), len(libraries)) == (0, 1)
+    assert cases.main(["--initcheck-log", str(log)]) == 0
+    log.write_text(ours + theirs + ours + "========= ERROR SUMMARY: 3 errors\n")
+    mine, libraries = cases.initcheck_reports(log.read_text())
+    assert (len(mine), len(libraries)) == (2, 1)
+    assert cases.main(["--initcheck-log", str(log)]) == 1
+    log.write_text(theirs)  # killed before its summary: no verdict to trust
+    assert cases.main(["--initcheck-log", str(log)]) == 1
