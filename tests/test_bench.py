@@ -199,3 +199,27 @@ def test_checkpoints_keep_every_finished_case(tmp_path, monkeypatch):
     assert len(seen) == 4 and all(not s["complete"] for s in seen)
     assert [len(s["latency"]) for s in seen] == [1, 2, 3, 4]
     assert json.loads((tmp_path / "run.json").read_text())["complete"] is True
+
+
+def test_profile_summary_counts_and_ranks_the_activities():
+    """The GPU-time table's figures (harness.device_profile on CUDA) from a profiler's events:
+    here the CPU ops of a known call, with the same aggregation."""
+    from torch.profiler import ProfilerActivity, profile
+
+    from convlstm_fast.bench.harness import profile_summary
+    from convlstm_fast.bench.report import _profile_markdown
+
+    a = torch.randn(64, 64)
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
+        for _ in range(3):
+            torch.mm(a, a)
+        torch.relu(a)
+    summary = profile_summary(prof.events(), torch.autograd.DeviceType.CPU, wall_ms=1.0)
+    counts = {entry["name"]: entry["count"] for entry in summary["top"]}
+    assert counts.get("aten::mm") == 3
+    assert summary["kernels"] >= 4 and summary["kernel_ms"] > 0
+    assert [e["ms"] for e in summary["top"]] == sorted((e["ms"] for e in summary["top"]),
+                                                       reverse=True)
+    record = {"variant": "a", "backend": "triton", "mode": "forward", "profile": summary}
+    table = _profile_markdown("paper", [record])
+    assert "| a | triton | forward | 1 |" in table and "busy" in table

@@ -132,6 +132,43 @@ def _time_cuda(fn, device: torch.device, warmup: int, repeats: int) -> Timing:
         return summarize(samples)
 
 
+def device_profile(fn: Callable[[], object], device: torch.device | str,
+                   top: int = 4) -> dict | None:
+    """Where one warm call of ``fn`` spends its time on a GPU (torch.profiler's CUDA activity):
+    ``wall_ms`` of the call (synchronised), ``kernel_ms`` summed over the device activities it
+    ran (kernels, copies, fills), ``kernels`` their count, and the ``top`` kernels by total
+    device time. ``kernel_ms`` well below ``wall_ms`` means the host (Python, dispatch,
+    launches) holds the GPU back, not the kernels. None off CUDA."""
+    device = torch.device(device)
+    if device.type != "cuda":
+        return None
+    from torch.profiler import ProfilerActivity, profile
+
+    fn()
+    torch.cuda.synchronize(device)
+    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+        begin = time.perf_counter()
+        fn()
+        torch.cuda.synchronize(device)
+        wall_ms = (time.perf_counter() - begin) * 1e3
+    return profile_summary(prof.events(), torch.autograd.DeviceType.CUDA, wall_ms, top)
+
+
+def profile_summary(events, device_type, wall_ms: float, top: int = 4) -> dict:
+    """:func:`device_profile`'s figures from a profiler's events of ``device_type``."""
+    kernels: dict[str, list[float]] = {}
+    for event in events:
+        if event.device_type == device_type:
+            entry = kernels.setdefault(event.name, [0.0, 0])
+            entry[0] += event.time_range.elapsed_us() / 1e3
+            entry[1] += 1
+    ranked = sorted(kernels.items(), key=lambda item: -item[1][0])
+    return {"wall_ms": wall_ms, "kernel_ms": sum(ms for ms, _ in kernels.values()),
+            "kernels": sum(count for _, count in kernels.values()),
+            "top": [{"name": name[:120], "ms": ms, "count": count}
+                    for name, (ms, count) in ranked[:top]]}
+
+
 def device_ceilings(device: torch.device | str, dtype: torch.dtype) -> dict:
     """The two ceilings a roofline needs, measured here (METHOD.md: datasheet rates are leads):
     a large device-to-device copy (bytes read + written per second) and a large matrix product

@@ -106,12 +106,33 @@ def latency_markdown(result: dict) -> str:
                       + ", ".join(sorted({f"{r['variant']} {r['mode']} {r['floor_ms']:.3g} "
                                           f"({r['floor_bound']})" for r in floors}))]
         blocks.append("\n".join(lines))
+        profiled = [by_key.get((label, v, b, m)) for v, b in rows for m in (FORWARD, FORWARD_BACKWARD)]
+        profiled = [r for r in profiled if r and r.get("profile")]
+        if profiled:
+            blocks.append(_profile_markdown(label, profiled))
     if result.get("skipped"):
         lines = ["Skipped:"]
         for s in result["skipped"]:
             lines.append(f"- {s['backend']} / {s['variant']} ({s['shape']}): {s['reason']}")
         blocks.append("\n".join(lines))
     return "\n\n".join(blocks)
+
+
+def _profile_markdown(label: str, records: list[dict]) -> str:
+    """Where one call's time goes on the GPU (harness.device_profile): device time summed over
+    its kernels against the call's wall time, the launches, the kernel that takes the most."""
+    lines = [f"GPU time of one call, {label} (torch.profiler; busy = kernel time / wall time: "
+             "far below 100 % the host holds the GPU back)", "",
+             "| cell | backend | mode | wall ms | kernel ms | busy | launches | top kernel (ms, count) |",
+             "|---|---|---|---:|---:|---:|---:|---|"]
+    for r in records:
+        p = r["profile"]
+        busy = p["kernel_ms"] / p["wall_ms"] if p["wall_ms"] else 0.0
+        top = p["top"][0] if p["top"] else None
+        top_text = "-" if top is None else f"`{top['name'][:60]}` ({top['ms']:.3g}, {top['count']})"
+        lines.append(f"| {r['variant']} | {r['backend']} | {r['mode']} | {p['wall_ms']:.3g} | "
+                     f"{p['kernel_ms']:.3g} | {busy:.0%} | {p['kernels']} | {top_text} |")
+    return "\n".join(lines)
 
 
 def network_markdown(result: dict) -> str:

@@ -16,7 +16,8 @@ from ..counting import count_parameters
 from ..info import triton_specializations
 from ..models import GestureNet
 from . import cases, roofline
-from .harness import device_ceilings, environment, time_function, time_interleaved
+from .harness import device_ceilings, device_profile, environment, time_function
+from .harness import time_interleaved
 from .report import FORWARD, FORWARD_BACKWARD
 
 
@@ -190,13 +191,15 @@ def _tasks(config: BenchConfig, result: dict):
                                        config.max_seconds)
             floor = cases.floor_ms(variant, shape, config.dtype, mode, result["ceilings"])
             for backend, timing in timings.items():
+                profiled = device_profile(fns[backend], config.device)
                 result["latency"].append({
                     "shape": shape.to_dict(), "variant": variant, "backend": backend,
                     "mode": mode, "dtype": result["config"]["dtype"], **timing.to_dict(),
                     "flops": cases.layer_flops(variant, shape, mode),
                     "compulsory_bytes": cases.compulsory_bytes(variant, shape, config.dtype, mode),
                     "floor_ms": None if floor is None else floor[0],
-                    "floor_bound": None if floor is None else floor[1]})
+                    "floor_bound": None if floor is None else floor[1],
+                    **({} if profiled is None else {"profile": profiled})})
             if mode != FORWARD_BACKWARD:
                 return
             state_bytes = shape.state_numel * x.element_size()
