@@ -6,7 +6,8 @@
 #      with FORCE_CUDA=1 alone (sm_80 + sm_90, the H200's among them): the main suite, the Triton interpreter suite (its
 #      own process: TRITON_INTERPRET=1 must precede importing triton) beside the Triton AOT compile
 #      check of every kernel for sm_90 with its resource report, the CUDA kernels in CPU emulation
-#      against the reference, and the GPU check's rehearsal;
+#      against the reference, their static resources for sm_90 (ptxas -v; fails on a spill), and
+#      the GPU check's rehearsal;
 #   2. the newest — torch 2.15.0 + triton 3.9.0 (what `pip install` gives a new user), built
 #      without CUDA (one CUDA build, ~15 min on 2 cores, is what the budget affords): the main
 #      suite, the benchmark cases in quick mode, the interpreter suite beside the compile check
@@ -104,6 +105,7 @@ if leg 1 "GPU machine, torch 2.11.0 + triton 3.6.0" .venv-torch211 \
   interpreter_suite
   joined
   run "$VENV/bin/python" csrc/cuda/emulation_check.py --build-dir "$ROOT/build/cuda-emulation"
+  run "$VENV/bin/python" csrc/cuda/resource_report.py --report "$RESULTS/cuda-resources-sm90.md"
   run "$VENV/bin/python" benchmarks/gpu_check.py --rehearse --out "$RESULTS/gpu-check-rehearsal"
 fi
 leg_done

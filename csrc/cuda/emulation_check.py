@@ -60,7 +60,9 @@ def _load(name: str, path: pathlib.Path):
     return module
 
 
-def build(build_dir: pathlib.Path) -> pathlib.Path:
+def toolkit_flags() -> tuple[str, list[str]]:
+    """(the CUDA toolkit folder, the include and ABI flags every nvcc run of csrc/ needs), found
+    as setup.py finds them (also for resource_report.py)."""
     from torch.utils import cpp_extension
 
     setup = _load("convlstm_fast_setup", REPO / "setup.py")
@@ -69,8 +71,13 @@ def build(build_dir: pathlib.Path) -> pathlib.Path:
     flags = [f"-I{p}" for p in cpp_extension.include_paths(device_type="cuda")]
     flags += [f"-I{p}" for p in setup.cuda_library_includes(cuda_home)]
     flags += [f"-I{CSRC}", f"-I{sysconfig.get_paths()['include']}",
-              f"-D_GLIBCXX_USE_CXX11_ABI={int(torch._C._GLIBCXX_USE_CXX11_ABI)}",
-              "-DCONVLSTM_CUDA_EMULATE", "-std=c++20"]
+              f"-D_GLIBCXX_USE_CXX11_ABI={int(torch._C._GLIBCXX_USE_CXX11_ABI)}", "-std=c++20"]
+    return cuda_home, flags
+
+
+def build(build_dir: pathlib.Path) -> pathlib.Path:
+    cuda_home, flags = toolkit_flags()
+    flags = [*flags, "-DCONVLSTM_CUDA_EMULATE"]
     build_dir.mkdir(parents=True, exist_ok=True)
     objects = []
     for source in sorted(HERE.glob("*_kernel.cu")):
