@@ -14,6 +14,7 @@ each writing its results as it goes, so that a kill keeps everything that finish
   correctness  ``tests/test_backends.py -m "gpu and not extended"``: every GPU backend × variant
                in fp32 (hard_sigmoid) and bf16 (sigmoid) against the float64 reference — the
                real kernels (tests/conftest.py refuses GPU tests in an interpreted session);
+               then benchmarks/wgrad_probe.py (cuDNN's fp32 weight gradient, batched or per step);
                like every test stage, in up to 8 pytest-xdist processes where it is installed,
                so that their Triton JIT compiles run side by side
   bench        variants a and convlstm at the paper's layer (B=8 T=16 256 ch 28×28 bf16):
@@ -169,7 +170,12 @@ def pytest_command(ctx: Context, name: str, paths: list[str], markers: str,
 
 
 def correctness_commands(ctx: Context, timeout_s: float) -> list[Command]:
-    return [pytest_command(ctx, "correctness", ["tests/test_backends.py"], CORRECTNESS_MARKERS)]
+    # Then a second of cuDNN: is its fp32 weight gradient less accurate batched over all steps
+    # (the fused backends) than step by step (the reference)? It reports, it never fails.
+    probe = os.path.join(REPO, "benchmarks", "wgrad_probe.py")
+    return [pytest_command(ctx, "correctness", ["tests/test_backends.py"], CORRECTNESS_MARKERS),
+            _python_cmd(ctx, probe, "--device", "cpu" if ctx.rehearse else "cuda", cwd=ctx.out,
+                        allow_failure=True)]
 
 
 def extended_command(ctx: Context, keyword: str) -> Command:
