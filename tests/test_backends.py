@@ -73,6 +73,10 @@ SHAPES = {
     "k1_b1": (2, 1, 3, 4, 4, 3, 1),
     "k5_t1": (1, 2, 4, 3, 6, 5, 5),
     "two_pixel_tiles": (2, 1, 2, 3, 17, 16, 3),
+    # Many steps × samples over few channels: a weight gradient summed over all T·B·H·W = 16384
+    # products at once is ~1.6× over STYLE.md's fp32 bound where the reference's per-step sum
+    # is not (benchmarks/wgrad_probe.py; the H200's fp32 convlstm grad_weight_h misses).
+    "long": (16, 4, 8, 8, 16, 16, 3),
     "two_channel_tiles": (2, 1, 3, 66, 3, 2, 3),
     "w11": (2, 2, 3, 4, 3, 11, 3),
     # A ragged batch (Case.ragged): lengths T, 1, 0 (every kind of sample) over T = 4 steps.
@@ -117,6 +121,7 @@ CASES = [
       for shape in ("k1", "k5_b1", "t1", "cin1", "w20", "w16_k5", "odd", "k1_b1", "k5_t1",
                     "two_pixel_tiles", "two_channel_tiles")),
     Case("odd-fp32-sigmoid", torch.float32, "sigmoid", "odd"),
+    Case("long-fp32", torch.float32, "sigmoid", "long"),
     Case("noncontiguous-fp32", torch.float32, "hard_sigmoid", "odd", layout="hw"),
     Case("batch-first-fp32", torch.float32, "sigmoid", "odd", layout="batch_first"),
     Case("batch-first-bf16", torch.bfloat16, "sigmoid", "small", extended=False,
@@ -149,7 +154,7 @@ BACKENDS = {"triton": "cpu"} if INTERPRETED else {"cpu": "cpu", "triton": "cuda"
 # (1–4 s per variant), the non-contiguous input included; the larger shapes are the GPU's and
 # the CUDA emulation's.
 INTERPRETED_SHAPES = ("k1", "k5_b1", "t1", "cin1", "w20", "w16_k5", "odd", "k1_b1", "k5_t1",
-                      "two_pixel_tiles", "two_channel_tiles")
+                      "two_pixel_tiles", "two_channel_tiles", "long")
 
 
 def selected(backend: str):

@@ -209,25 +209,25 @@ BackwardResult batched_input_layer_backward(
     }
   }
 
-  // Weight gradients, each one batched product over all steps.
+  // Weight gradients after the loop, over all steps (steps_mm: summed per step in fp32).
   std::vector<Tensor> grad_params(params.size());
   const Tensor h_prev_rows = h_prev_all.view({T * rows, C});
   const Tensor h_mean_prev = h_prev_all.view({T * B, HW, C}).mean({1}, false, acc);
   const Tensor gap_x = x_cl.view({T * B, HW, Cin}).mean({1}, false, acc);
-  grad_params[pooled::kGateWeightX] = at::mm(dgp_all.t(), gap_x).to(dtype);
-  grad_params[pooled::kGateWeightH] = at::mm(dgp_all.t(), h_mean_prev).to(dtype);
+  grad_params[pooled::kGateWeightX] = steps_mm(dgp_all, gap_x, T).to(dtype);
+  grad_params[pooled::kGateWeightH] = steps_mm(dgp_all, h_mean_prev, T).to(dtype);
   grad_params[pooled::kGateBias] = dgp_all.sum(0).to(dtype);
-  grad_params[pooled::kCandPwH] = at::mm(
-      dacc_all.t(), depthwise_forward(h_prev_all, params[pooled::kCandDwH], T * B, H, W));
+  grad_params[pooled::kCandPwH] = steps_mm(
+      dacc_all, depthwise_forward(h_prev_all, params[pooled::kCandDwH], T * B, H, W), T);
   grad_params[pooled::kCandDwH] =
-      depthwise_weight_grad(d_dwh_all, h_prev_rows, params[pooled::kCandDwH], H, W);
+      depthwise_weight_grad(d_dwh_all, h_prev_rows, params[pooled::kCandDwH], H, W, T);
   grad_params[pooled::kCandBias] = dacc_all.sum({0}, false, acc).to(dtype);
   const Tensor x_rows = x_cl.view({T * rows, Cin});
   grad_params[pooled::kCandPwX] =
-      at::mm(dacc_all.t(), depthwise_forward(x_cl, params[pooled::kCandDwX], T * B, H, W));
+      steps_mm(dacc_all, depthwise_forward(x_cl, params[pooled::kCandDwX], T * B, H, W), T);
   const Tensor d_dwx = at::mm(dacc_all, params[pooled::kCandPwX]);  // [T·rows, Cin]
   grad_params[pooled::kCandDwX] =
-      depthwise_weight_grad(d_dwx, x_rows, params[pooled::kCandDwX], H, W);
+      depthwise_weight_grad(d_dwx, x_rows, params[pooled::kCandDwX], H, W, T);
   // dX = SepConv_xᵀ(dacc) + (dgp·U_x)/HW spread over the pixels
   const Tensor d_gap_x = at::mm(dgp_all, params[pooled::kGateWeightX].to(acc));  // [T·B, Cin]
   Tensor grad_x_cl = depthwise_transpose(d_dwx, params[pooled::kCandDwX], T * B, H, W, Tensor(),
@@ -235,11 +235,11 @@ BackwardResult batched_input_layer_backward(
   if (has_map) {
     const Tensor dw_f_all = depthwise_forward(features_all, params[channel::kAttDwZ], T * B, H, W);
     const Tensor dw_ha_all = depthwise_forward(h_prev_all, params[attention::kAttDwH], T * B, H, W);
-    grad_params[channel::kAttPwZ] = at::mm(dz_all.t(), dw_f_all);
+    grad_params[channel::kAttPwZ] = steps_mm(dz_all, dw_f_all, T);
     grad_params[channel::kAttDwZ] =
-        depthwise_weight_grad(d_dwf_all, features_all, params[channel::kAttDwZ], H, W);
+        depthwise_weight_grad(d_dwf_all, features_all, params[channel::kAttDwZ], H, W, T);
     attention_features_backward(grad_params, params, d_features_pre_all, d_dwha_all, dw_ha_all,
-                                dw_xa_all, h_prev_rows, x_rows, grad_x_cl, T * B, H, W);
+                                dw_xa_all, h_prev_rows, x_rows, grad_x_cl, T, B, H, W);
   }
   Tensor grad_x = channels_first_copy(grad_x_cl.view({T, B, H, W, Cin}), dtype);
   Tensor grad_h0 = channels_first_copy(dh.view({B, H, W, C}), dtype);

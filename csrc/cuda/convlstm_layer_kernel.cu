@@ -6,15 +6,18 @@
 // all T·B samples in one call before the loop, W_h * H_{t−1} once per step); the gate
 // activations and the cell update are one fused elementwise kernel per step. Backward: one fused
 // elementwise kernel per step gives dZ for the four gates, cuDNN's data gradient gives dH_{t−1},
-// and the weight gradients of all steps are one cuDNN weight-gradient call each after the loop.
+// and the weight gradients of all steps are one cuDNN weight-gradient call each after the loop
+// (in fp32 d W_h and d W_x one per step, summed, as the reference's autograd:
+// same_conv_weight_grad).
 //
 // Parameters and saved tensors: cells.h kConvLSTMLayer (saved: cell C_t [T, B, H, W, C], the
 // gate pre-activations [T, B, H, W, 4C], rounded to x's dtype; the forward uses the rounded
 // values too).
 // One more step launches one kernel of ours and 2 ATen calls each way: forward the cuDNN
 // conv of H_{t-1} and a copy, backward its convolution_backward and a copy (emulation_check.py
-// counts them; issue 14 wants the copies gone).
-// LAUNCHES_PER_STEP forward=(1, 2) backward=(1, 2)
+// counts them, in fp32; issue 14 wants the copies gone) — and in fp32 the backward's per-step
+// d W_h and d W_x calls and their add_s (4 more; 16-bit dtypes make one call each for all steps).
+// LAUNCHES_PER_STEP forward=(1, 2) backward=(1, 6)
 #include "layer_common.cuh"
 
 namespace convlstm_fast {
@@ -212,11 +215,15 @@ BackwardResult convlstm_layer_backward(const Tensor& grad_output, const Tensor& 
           .view({T * B, C, H, W});
   std::vector<Tensor> grad_params(kCell.parameters.size);
   grad_params[convlstm::kWeightH] =
-      std::get<1>(same_conv_backward(dz_nchw, h_prev_all, params[convlstm::kWeightH], false,
-                                     true))
-          .contiguous();
-  auto [grad_x, grad_weight_x] = same_conv_backward(
-      dz_nchw, x.contiguous().view({T * B, Cin, H, W}), params[convlstm::kWeightX], true, true);
+      same_conv_weight_grad(dz_nchw, h_prev_all, params[convlstm::kWeightH], T).contiguous();
+  // dX and, but for fp32 (per step, as d W_h), d W_x in one call.
+  const Tensor x_frames = x.contiguous().view({T * B, Cin, H, W});
+  const bool per_step = dtype == at::kFloat;
+  auto [grad_x, grad_weight_x] =
+      same_conv_backward(dz_nchw, x_frames, params[convlstm::kWeightX], true, !per_step);
+  if (per_step) {
+    grad_weight_x = same_conv_weight_grad(dz_nchw, x_frames, params[convlstm::kWeightX], T);
+  }
   grad_params[convlstm::kWeightX] = grad_weight_x.contiguous();
   grad_params[convlstm::kBias] = dz_all.view({-1, 4 * C}).sum({0}, false, acc).to(dtype);
   return {grad_x.contiguous().view({T, B, Cin, H, W}), channels_first_copy(dh, dtype),

@@ -632,16 +632,20 @@ struct DepthwiseWeightGrad {
   }
 };
 
-// grad, in [N·H·W, Cc] -> dw [Cc, 1, K, K] in weight's dtype.
+// grad, in [N·H·W, Cc] -> dw [Cc, 1, K, K] in weight's dtype, N = steps·B frames. At least one
+// pixel split per step, so that no partial sum runs over more than a step's B·H·W pixels (the
+// reference sums per step; one sum over all steps is less accurate in fp32, as steps_mm says).
 inline Tensor depthwise_weight_grad(const Tensor& grad, const Tensor& in, const Tensor& weight,
-                                    int64_t height, int64_t width) {
+                                    int64_t height, int64_t width, int64_t steps) {
   const int64_t channels = weight.size(0), kernel = weight.size(-1);
   if (grad.numel() == 0) return at::zeros_like(weight);
   const int64_t rows = grad.numel() / channels;
   TORCH_INTERNAL_ASSERT(grad.is_contiguous() && in.is_contiguous() && in.numel() == grad.numel());
   const int64_t tiles = ceil_div(channels, kTileC);
-  const int64_t splits =
-      std::min<int64_t>(reduction_splits(tiles * kernel * kernel, rows, grad), 65535);
+  const int64_t splits = std::min<int64_t>(
+      std::max<int64_t>(reduction_splits(tiles * kernel * kernel, rows, grad),
+                        std::min<int64_t>(steps, ceil_div(rows, kRows))),
+      65535);
   const int64_t rows_per_split = ceil_div(rows, splits);
   Tensor partial = at::empty({splits, kernel * kernel, channels},
                              grad.options().dtype(acc_dtype(grad)));
@@ -672,6 +676,41 @@ inline std::tuple<Tensor, Tensor> same_conv_backward(const Tensor& grad, const T
   auto grads = at::convolution_backward(grad, in, weight, std::nullopt, {1, 1}, {r, r}, {1, 1},
                                         false, {0, 0}, 1, {input_grad, weight_grad, false});
   return {std::get<0>(grads), std::get<1>(grads)};
+}
+
+// The weight gradient of a 'same' convolution over `steps` × B frames ([steps·B, ...],
+// step-major).
+// In fp32 one call per step (B frames), summed from the last step to the first: the reduction the
+// reference's autograd makes. One call over all steps·B frames sums B·H·W·steps products in one
+// accumulation and is measurably less accurate (benchmarks/wgrad_probe.py: 2.3× further from
+// float64 on the CPU; on the H200 the batched d W_h broke STYLE.md's fp32 bound by 1.6×).
+// Other dtypes: one call (16-bit results are far coarser than the order of an fp32 sum).
+inline Tensor same_conv_weight_grad(const Tensor& grad, const Tensor& in, const Tensor& weight,
+                                    int64_t steps) {
+  if (grad.scalar_type() != at::kFloat) {
+    return std::get<1>(same_conv_backward(grad, in, weight, false, true));
+  }
+  const int64_t batch = grad.size(0) / steps;
+  Tensor total;
+  for (int64_t t = steps - 1; t >= 0; --t) {
+    const Tensor part = std::get<1>(same_conv_backward(
+        grad.narrow(0, t * batch, batch), in.narrow(0, t * batch, batch), weight, false, true));
+    total = total.defined() ? total.add_(part) : part;
+  }
+  return total;
+}
+
+// The weight gradient gradᵀ · in [out, in] of a product over `steps` step-major blocks of rows
+// (grad [steps·R, out], in [steps·R, in]). In fp32 summed step by step — one batched product of
+// the steps' blocks, then their sum — as the reference's autograd sums per-step products: one
+// product over all steps·R rows is measurably less accurate at long sequences
+// (tests/test_backends.py "long": ~1.6× over STYLE.md's fp32 bound). Other dtypes: one product.
+inline Tensor steps_mm(const Tensor& grad, const Tensor& in, int64_t steps) {
+  if (grad.scalar_type() != at::kFloat) return at::mm(grad.t(), in);
+  const int64_t rows = grad.size(0) / steps;
+  return at::bmm(grad.view({steps, rows, grad.size(1)}).transpose(1, 2),
+                 in.reshape({steps, rows, in.size(1)}))
+      .sum(0);
 }
 
 // Rows [M, in] times a pointwise weight [out, in] transposed, plus `bias` when given:

@@ -286,20 +286,21 @@ inline void attention_features_backward(std::vector<Tensor>& grad_params, at::Te
                                         const Tensor& d_features_pre_all,
                                         const Tensor& d_dwha_all, const Tensor& dw_ha_all,
                                         const Tensor& dw_xa_all, const Tensor& h_prev_rows,
-                                        const Tensor& x_rows, Tensor& grad_x_cl, int64_t samples,
-                                        int64_t height, int64_t width) {
+                                        const Tensor& x_rows, Tensor& grad_x_cl, int64_t steps,
+                                        int64_t batch, int64_t height, int64_t width) {
   const auto acc = acc_dtype(d_features_pre_all);
   const auto dtype = d_features_pre_all.scalar_type();
-  grad_params[attention::kAttPwH] = at::mm(d_features_pre_all.t(), dw_ha_all);
+  grad_params[attention::kAttPwH] = steps_mm(d_features_pre_all, dw_ha_all, steps);
   grad_params[attention::kAttDwH] =
-      depthwise_weight_grad(d_dwha_all, h_prev_rows, params[attention::kAttDwH], height, width);
+      depthwise_weight_grad(d_dwha_all, h_prev_rows, params[attention::kAttDwH], height, width,
+                            steps);
   grad_params[attention::kAttBias] = d_features_pre_all.sum({0}, false, acc).to(dtype);
-  grad_params[attention::kAttPwX] = at::mm(d_features_pre_all.t(), dw_xa_all);
+  grad_params[attention::kAttPwX] = steps_mm(d_features_pre_all, dw_xa_all, steps);
   const Tensor d_dwxa = at::mm(d_features_pre_all, params[attention::kAttPwX]);
   grad_params[attention::kAttDwX] =
-      depthwise_weight_grad(d_dwxa, x_rows, params[attention::kAttDwX], height, width);
-  depthwise_transpose(d_dwxa, params[attention::kAttDwX], samples, height, width, grad_x_cl,
-                      grad_x_cl);
+      depthwise_weight_grad(d_dwxa, x_rows, params[attention::kAttDwX], height, width, steps);
+  depthwise_transpose(d_dwxa, params[attention::kAttDwX], steps * batch, height, width,
+                      grad_x_cl, grad_x_cl);
 }
 
 }  // namespace

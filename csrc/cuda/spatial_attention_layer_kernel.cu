@@ -8,9 +8,10 @@
 //
 // Parameters and saved tensors: cells.h kSpatialAttentionLayer (saved: cell, candidate
 // [T, B, H, W, C], gate_preact [T, B, 3C], the map A [T, B, H, W]).
-// One more step launches, forward, 4 kernels of ours and 14 ATen calls; backward 5 and 21
-// (emulation_check.py counts them).
-// LAUNCHES_PER_STEP forward=(4, 14) backward=(5, 21)
+// One more step launches, forward, 4 kernels of ours and 14 ATen calls; backward 5 and 23
+// (emulation_check.py counts them, in fp32: 2 of the 23 are d W_z's per-step call and add_,
+// same_conv_weight_grad; 16-bit dtypes make one d W_z call for all steps).
+// LAUNCHES_PER_STEP forward=(4, 14) backward=(5, 23)
 #include "pooled_cell.cuh"
 
 namespace convlstm_fast {
@@ -189,28 +190,28 @@ BackwardResult spatial_attention_layer_backward(
     }
   }
 
-  // Weight gradients, each one batched product over all steps.
+  // Weight gradients after the loop, over all steps (steps_mm: summed per step in fp32).
   std::vector<Tensor> grad_params(params.size());
   const Tensor h_mean_prev = h_prev_all.view({T * B, HW, C}).mean({1}, false, acc);
   grad_params[pooled::kGateWeightX] =
-      at::mm(dgp_all.t(), x_attended_all.mean({1}, false, acc)).to(dtype);
-  grad_params[pooled::kGateWeightH] = at::mm(dgp_all.t(), h_mean_prev).to(dtype);
+      steps_mm(dgp_all, x_attended_all.mean({1}, false, acc), T).to(dtype);
+  grad_params[pooled::kGateWeightH] = steps_mm(dgp_all, h_mean_prev, T).to(dtype);
   grad_params[pooled::kGateBias] = dgp_all.sum(0).to(dtype);
   grad_params[pooled::kCandDwX] = depthwise_weight_grad(
-      d_dwxt_all, x_attended_all.view({T * rows, Cin}), params[pooled::kCandDwX], H, W);
-  grad_params[pooled::kCandPwX] = at::mm(
-      dacc_all.t(), depthwise_forward(x_attended_all, params[pooled::kCandDwX], T * B, H, W));
+      d_dwxt_all, x_attended_all.view({T * rows, Cin}), params[pooled::kCandDwX], H, W, T);
+  grad_params[pooled::kCandPwX] = steps_mm(
+      dacc_all, depthwise_forward(x_attended_all, params[pooled::kCandDwX], T * B, H, W), T);
   grad_params[pooled::kCandDwH] =
-      depthwise_weight_grad(d_dwh_all, h_prev_rows, params[pooled::kCandDwH], H, W);
-  grad_params[pooled::kCandPwH] = at::mm(
-      dacc_all.t(), depthwise_forward(h_prev_all, params[pooled::kCandDwH], T * B, H, W));
+      depthwise_weight_grad(d_dwh_all, h_prev_rows, params[pooled::kCandDwH], H, W, T);
+  grad_params[pooled::kCandPwH] = steps_mm(
+      dacc_all, depthwise_forward(h_prev_all, params[pooled::kCandDwH], T * B, H, W), T);
   grad_params[pooled::kCandBias] = dacc_all.sum({0}, false, acc).to(dtype);
   grad_params[spatial::kAttWeightZ] =
-      std::get<1>(same_conv_backward(dz_all, nchw_view(features_all, T * B, H, W, C),
-                                     params[spatial::kAttWeightZ], false, true))
+      same_conv_weight_grad(dz_all, nchw_view(features_all, T * B, H, W, C),
+                            params[spatial::kAttWeightZ], T)
           .contiguous();
   attention_features_backward(grad_params, params, d_features_pre_all, d_dwha_all, dw_ha_all,
-                              dw_xa_all, h_prev_rows, x_rows, grad_x_cl, T * B, H, W);
+                              dw_xa_all, h_prev_rows, x_rows, grad_x_cl, T, B, H, W);
   Tensor grad_x = channels_first_copy(grad_x_cl.view({T, B, H, W, Cin}), dtype);
   Tensor grad_h0 = channels_first_copy(dh.view({B, H, W, C}), dtype);
   Tensor grad_c0 = channels_first_copy(dc.view({B, H, W, C}), dtype);
