@@ -46,7 +46,12 @@ The numeric contract every kernel keeps, whatever its backend (the reference def
 - NaN propagates: a NaN in a sample makes that sample's results NaN as the reference's do (the
   max of c/d's attention logits, clamps and activations keep NaN) and never reaches another
   sample;
-- accumulation in fp32 (fp64 for fp64 inputs), deterministic (no unordered atomics).
+- accumulation in fp32 (fp64 for fp64 inputs), deterministic (no unordered atomics);
+- a weight gradient over the steps is, in fp32, a sum of per-step sums (each over one step's
+  B·H·W positions), as the reference's autograd adds up its per-step cells' gradients: one
+  product over all T·B·H·W positions is measurably less accurate at long sequences
+  (tests/test_backends.py's "long" case; csrc/cuda/layer_common.cuh ``steps_mm``,
+  triton_kernels/_weight_grads.py).
 """
 
 from __future__ import annotations
