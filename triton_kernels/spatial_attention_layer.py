@@ -42,6 +42,25 @@ from ._common import layer_input_grads_traffic, layer_outputs_traffic, output_gr
 from ._common import pooled_layer_bwd_traffic, sepconv_rows_backward_traffic, sepconv_rows_traffic
 
 
+# Launch choices of the forward step kernels (sm_90, triton 3.6, compile_check): the reduction
+# chunks are narrower than the channel tile — never above it: BLOCK_K = min(BLOCK_C, ...) on CPU
+# and GPU alike. The logits kernel has no tl.dot; the input kernel's chunk is also its GEMM's K.
+# At BLOCK_K = 64 and 4 warps the input kernel took 255 registers and spilled 6-16 KB (bf16,
+# K = 3/5), the cell kernel (U_x/U_h tiles of 64 × 64) 2 KB, and the logits kernel 9-20 KB: at
+# 16 channels, 8 warps and maxnreg = 128 all three fit (25 % occupancy or more) without spilling.
+# maxnreg also keeps ptxas from picking a low register target of its own: without it the logits
+# kernel used 32-64 registers and spilled a few bytes.
+LOGITS_BLOCK_K = 16
+LOGITS_LAUNCH = dict(SEPCONV_LAUNCH, num_warps=8, maxnreg=128)
+INPUT_BLOCK_K = 16
+INPUT_LAUNCH = dict(SEPCONV_LAUNCH, num_warps=8, maxnreg=128)
+CELL_BLOCK_K = 16
+CELL_LAUNCH = dict(SEPCONV_LAUNCH, num_warps=8, maxnreg=128)
+# The backward's input and features kernels (no reduction chunk): at 4 warps they took 255
+# registers (triton 3.9 spilled), at 8 warps capped to 128 they fit without spilling.
+BWD_LAUNCH = dict(SEPCONV_LAUNCH, num_warps=8, maxnreg=128)
+
+
 @triton.jit
 def _spatial_logits_kernel(
     feat_ptr, wz_ptr, z_ptr, zstat_ptr,
@@ -63,8 +82,10 @@ def _spatial_logits_kernel(
     for k0 in range(0, C, BLOCK_K):
         offs_k = k0 + tl.arange(0, BLOCK_K)
         mask_k = offs_k < C
-        for a in tl.static_range(KSIZE):
-            for bb in tl.static_range(KSIZE):
+        # Runtime tap loops (as _common.depthwise_tile): unrolled, the K² pointer and mask
+        # tiles were hoisted out of the channel loop and spilled (sm_90, triton 3.6).
+        for a in range(KSIZE):
+            for bb in range(KSIZE):
                 iy = oy + (a - PAD)
                 ix = ox + (bb - PAD)
                 valid = mask_m & (iy >= 0) & (iy < H) & (ix >= 0) & (ix < W)
@@ -119,8 +140,8 @@ def _spatial_input_kernel(
         offs_k = k0 + tl.arange(0, BLOCK_K)
         mask_k = offs_k < CIN
         d = tl.zeros([BLOCK_M, BLOCK_K], dtype=tl.float32)
-        for a in tl.static_range(KSIZE):
-            for bb in tl.static_range(KSIZE):
+        for a in range(KSIZE):  # runtime tap loops (see _spatial_logits_kernel)
+            for bb in range(KSIZE):
                 iy = oy + (a - PAD)
                 ix = ox + (bb - PAD)
                 valid = mask_m & (iy >= 0) & (iy < H) & (ix >= 0) & (ix < W)
@@ -207,8 +228,8 @@ def _spatial_features_bwd_kernel(
         C, H, W, BLOCK_M, BLOCK_N)
     PAD: tl.constexpr = KSIZE // 2
     acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
-    for a in tl.static_range(KSIZE):
-        for bb in tl.static_range(KSIZE):
+    for a in range(KSIZE):  # runtime loops: unrolled, the K² pointer/mask tiles spilled
+        for bb in range(KSIZE):
             iy = oy - (a - PAD)
             ix = ox - (bb - PAD)
             valid = mask_m & (iy >= 0) & (iy < H) & (ix >= 0) & (ix < W)
@@ -279,13 +300,18 @@ def spatial_attention_layer_forward(x, h0, c0, params, gate_activation: int,
                                         RAW_CAND=True, **blocks)
         _spatial_logits_kernel[(tiles, 1, batch)](feat, wz, logits, zstat, hidden, height, width,
                                                   tiles, KSIZE=ksize, BLOCK_M=block_m,
-                                                  BLOCK_K=block_c, **SEPCONV_LAUNCH)
+                                                  BLOCK_K=min(block_c, LOGITS_BLOCK_K),
+                                                  **LOGITS_LAUNCH)
         _spatial_input_kernel[grid](x_rows[t], logits, zstat, hc, cdwx, cpwx, cb, att[t],
                                     cand[t], xpart, cin, hidden, height, width, tiles,
-                                    KSIZE=ksize, DOT_PRECISION=dot, **blocks)
+                                    KSIZE=ksize, DOT_PRECISION=dot, BLOCK_M=block_m,
+                                    BLOCK_N=block_c, BLOCK_K=min(block_c, INPUT_BLOCK_K),
+                                    **INPUT_LAUNCH)
         _spatial_cell_kernel[grid](c_state, cand[t], gb, xpart, gwx, hpart[(t + 1) % 2],
                                    hpart[t % 2], gwh, out[t], cell[t], gate_preact[t], cin,
-                                   hidden, height, width, tiles, ACT=gate_activation, **blocks)
+                                   hidden, height, width, tiles, ACT=gate_activation,
+                                   BLOCK_M=block_m, BLOCK_N=block_c,
+                                   BLOCK_K=min(block_c, CELL_BLOCK_K), **CELL_LAUNCH)
         if mask.active:
             mask.forward_step(t, out[t], cell[t], c_state, c_before, h_prev, hpart[t % 2],
                               hpart[(t + 1) % 2])
@@ -357,13 +383,14 @@ def spatial_attention_layer_backward(grad_output, grad_h_n, grad_c_n, x, h0, c0,
         torch.mm(dacc[t], cpwx, out=ddx[t])                  # d dw_x(X̃) = dacc · pw_x
         _spatial_input_bwd_kernel[(tiles, cin_tiles, batch)](
             ddx[t], cdwx, dxbar, x_rows[t], dxt[t], dapart, cin, height, width, cin_tiles,
-            KSIZE=ksize, **blocks)
+            KSIZE=ksize, BLOCK_M=block_m, BLOCK_N=block_c, **BWD_LAUNCH)
         # Softmax over H·W: dZ = A ∘ (dA − Σ_HW A ∘ dA), dA[p] = Σ_k dX̃[p, k] X[p, k].
         d_att = dapart.sum(1)
         a_t = att[t].float()
         dz[t] = a_t * (d_att - (a_t * d_att).sum(1, keepdim=True))
         _spatial_features_bwd_kernel[grid](dz[t], wz, feat[t], dfeat[t], hidden, height, width,
-                                           KSIZE=ksize, **blocks)
+                                           KSIZE=ksize, BLOCK_M=block_m, BLOCK_N=block_c,
+                                           **BWD_LAUNCH)
         torch.mm(dacc[t], cpwh, out=ddw_c[t])                # d dw_h(H_{t−1}) = dacc · pw_h
         torch.mm(dfeat[t], apwh, out=ddw_a[t])               # d dw_ha(H_{t−1}) = dF' · pw_ha
 
@@ -408,14 +435,16 @@ def compile_cases(dtype: torch.dtype, ksize: int, block_c: int, gate_activation:
     blocks = dict(BLOCK_M=GPU_BLOCK_M, BLOCK_N=block_c)
     return [
         (_spatial_logits_kernel, {"z_ptr", "zstat_ptr"},
-         dict(BLOCK_M=GPU_BLOCK_M, BLOCK_K=block_c, KSIZE=ksize), SEPCONV_LAUNCH),
+         dict(BLOCK_M=GPU_BLOCK_M, BLOCK_K=min(block_c, LOGITS_BLOCK_K), KSIZE=ksize),
+         LOGITS_LAUNCH),
         (_spatial_input_kernel, {"z_ptr", "zstat_ptr", "hc_ptr", "xpart_ptr"},
-         dict(blocks, BLOCK_K=block_c, KSIZE=ksize, DOT_PRECISION=dot), SEPCONV_LAUNCH),
+         dict(blocks, BLOCK_K=min(block_c, INPUT_BLOCK_K), KSIZE=ksize, DOT_PRECISION=dot),
+         INPUT_LAUNCH),
         (_spatial_cell_kernel, {"c_ptr", "xpart_ptr", "hpart_prev_ptr", "hpart_next_ptr"},
-         dict(blocks, BLOCK_K=block_c, ACT=gate_activation), SEPCONV_LAUNCH),
+         dict(blocks, BLOCK_K=min(block_c, CELL_BLOCK_K), ACT=gate_activation), CELL_LAUNCH),
         (_spatial_input_bwd_kernel, {"dxbar_ptr", "dapart_ptr"}, dict(blocks, KSIZE=ksize),
-         SEPCONV_LAUNCH),
-        (_spatial_features_bwd_kernel, {"dz_ptr"}, dict(blocks, KSIZE=ksize), SEPCONV_LAUNCH),
+         BWD_LAUNCH),
+        (_spatial_features_bwd_kernel, {"dz_ptr"}, dict(blocks, KSIZE=ksize), BWD_LAUNCH),
     ]
 
 
@@ -425,13 +454,15 @@ def traffic(shape, itemsize: int) -> list:
     a GPU's tiling. The step's input kernel reads X_t once per channel tile of the output (its
     K² taps per tile are ``loaded``); the backward's per-step ATen calls act on [B, 3C] and
     [B, H·W] tensors (the ``.float()`` copies are free in fp32, where the launch counts are
-    measured)."""
+    measured). The input kernel also reloads A's K² taps (the fp32 logits) for each chunk of
+    its reduction over Cin (INPUT_BLOCK_K channels)."""
     from convlstm_fast.bench.roofline import BACKWARD, Recorder, Sizes
 
     z, r = Sizes(shape, itemsize), Recorder()
     C, cin, T, k2 = z.C, z.cin, z.T, z.K * z.K
     tiles, channel_tiles, programs = gpu_grid(z)
     cin_tiles = -(-cin // GPU_BLOCK_CS[0])
+    cin_chunks = -(-cin // min(GPU_BLOCK_CS[0], INPUT_BLOCK_K))  # the input kernel's K loop
     amap, amap32 = z.B * z.HW * z.s, z.B * z.HW * 4
     hpart, xpart, zstat = z.B * tiles * C * 4, z.B * tiles * cin * 4, z.B * tiles * 2 * 4
     copies = 0 if itemsize == 4 else T  # .float() of a bf16/fp16 tensor is a copy
@@ -442,7 +473,7 @@ def traffic(shape, itemsize: int) -> list:
     r.kernel("_spatial_logits_kernel", z.state() + z.weight(k2 * C), amap32 + zstat,
              z.depthwise_flops(C), count=T, loaded=k2 * z.state())
     read = z.xstep() + amap32 + zstat + z.state32() + z.weight(k2 * cin + C * cin + C)
-    loaded = (channel_tiles * (k2 + 1) * z.xstep() + channel_tiles * cin_tiles * k2 * amap32
+    loaded = (channel_tiles * (k2 + 1) * z.xstep() + channel_tiles * cin_chunks * k2 * amap32
               + z.state32() + programs * (GPU_BLOCK_CS[0] * cin * z.s + tiles * 2 * 4))
     r.kernel("_spatial_input_kernel", read, amap + z.state() + xpart,
              channel_tiles * z.depthwise_flops(cin) + z.gemm_flops(z.rows, C, cin), count=T,
