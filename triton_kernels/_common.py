@@ -34,6 +34,8 @@ import torch.nn.functional as F
 import triton
 import triton.language as tl
 
+from ._weight_grads import depthwise_weight_grad, steps_mm
+
 # Triton decides at import time whether @triton.jit kernels run through its numpy interpreter;
 # only then can the ops run on CPU tensors (tests). Read once, like triton itself does.
 INTERPRETED = os.environ.get("TRITON_INTERPRET", "0") == "1"
@@ -52,6 +54,21 @@ KERNEL_SIZES_CHECKED = (1, 3, 5)
 # multiplies it by K²·stages (348 KB at K = 3, fp32, 3 stages, over sm_90's 227 KB) for no gain:
 # other programs hide their latency.
 SEPCONV_LAUNCH = dict(num_warps=4, num_stages=1)
+# The channel-attention forward step kernels' own launch choices (attention_features_kernel,
+# attention_logits_kernel, attention_cell_kernel; not SEPCONV_LAUNCH's), as pooled_layer's
+# FWD_LAUNCH: a 16-wide reduction chunk (tl.dot's K and the pooled gates' U_h·h̄ chunk), 8 warps
+# and at most 128 registers per thread (2 programs, 16 warps per SM: 25 % occupancy). At
+# SEPCONV_LAUNCH with BLOCK_K = 64 each needed 255 and spilled (sm_90, triton 3.6: 64-500 B in
+# bf16; the features kernel 4.6 KB in fp32 at K = 3). Never above the channel tile:
+# BLOCK_K = min(BLOCK_C, ATTENTION_FWD_BLOCK_K), on CPU as on a GPU.
+ATTENTION_FWD_BLOCK_K = 16
+ATTENTION_FWD_LAUNCH = dict(SEPCONV_LAUNCH, num_warps=8, maxnreg=128)
+# The backward step kernels of the pooled-gate cells (pooled_layer_bwd_kernel,
+# attention_cell_bwd_kernel): 8 warps, half the registers per thread of every 64 × 64 state
+# tile. At 4 warps both needed more than 255 and spilled (sm_90, triton 3.6: 0.3-0.8 KB even
+# with the tiles loaded late and stored early; 0.7-1.4 KB before); at 8 warps ~200, no spill.
+# They are not forward step kernels: one program per SM (12.5 %) is within the gate.
+POOLED_BWD_LAUNCH = dict(SEPCONV_LAUNCH, num_warps=8)
 
 
 # Activations, written with tl.exp and arithmetic only (libdevice is not available under the
@@ -208,6 +225,26 @@ def depthwise_tile(src_ptr, oy, ox, mask_m, offs_k, mask_k, C, H, W, dw_ptr,
     return out
 
 
+
+@triton.jit
+def sepconv_tile(h_ptr, oy, ox, mask_m, offs_n, mask_n, C, H, W, dw_ptr, pw_ptr,
+                 KSIZE: tl.constexpr, DOT_PRECISION: tl.constexpr, BLOCK_M: tl.constexpr,
+                 BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+    """SepConv of one sample's channels-last map ``h_ptr`` for a program's BLOCK_M pixels ×
+    BLOCK_N output channels, fp32: Σ_k dw(H)[:, k] · pw[n, k] over the C input channels in
+    chunks of BLOCK_K, the depthwise tile computed on the fly (:func:`depthwise_tile`)."""
+    acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
+    for k0 in range(0, C, BLOCK_K):
+        offs_k = k0 + tl.arange(0, BLOCK_K)
+        mask_k = offs_k < C
+        d = depthwise_tile(h_ptr, oy, ox, mask_m, offs_k, mask_k, C, H, W, dw_ptr,
+                           KSIZE, False, BLOCK_M, BLOCK_K)
+        w = tl.load(pw_ptr + offs_n[None, :] * C + offs_k[:, None],
+                    mask=mask_k[:, None] & mask_n[None, :], other=0.0)
+        acc = tl.dot(d.to(w.dtype), w, acc, input_precision=DOT_PRECISION)
+    return acc
+
+
 @triton.jit
 def pooled_gate_dot(part_ptr, w_ptr, b, offs_n, mask_n, C, CK, NMT, HW,
                     NUM_GATES: tl.constexpr, BLOCK_K: tl.constexpr):
@@ -296,14 +333,15 @@ def recurrent_hidden_grad(gout_ptr, gpart_next_ptr, gate_next_ptr, dgp_next_ptr,
     features') come from GEMMs between launches; dh̄_{t+1} = dgp_{t+1}·U_h
     (:func:`pooled_hidden_grad`, which stores dgp_{t+1} where ``store_here``)."""
     HW = H * W
+    if HAS_REC:  # first: only [BLOCK_N] vectors are live across its loops, no tile
+        dhbar = pooled_hidden_grad(gpart_next_ptr, gate_next_ptr, dgp_next_ptr, uh_ptr, b,
+                                   offs_n, mask_n, C, NMT, True, store_here,
+                                   NUM_GATES, ACT, BLOCK_N, BLOCK_K)
     if CELL:
         dh = tl.load(gout_ptr + offs, mask=mask, other=0.0).to(tl.float32)
     else:
         dh = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
     if HAS_REC:
-        dhbar = pooled_hidden_grad(gpart_next_ptr, gate_next_ptr, dgp_next_ptr, uh_ptr, b,
-                                   offs_n, mask_n, C, NMT, True, store_here,
-                                   NUM_GATES, ACT, BLOCK_N, BLOCK_K)
         dh += depthwise_tile(ddw_ptr + b * HW * C, oy, ox, mask_m, offs_n, mask_n, C, H, W,
                              dw_ptr, KSIZE, True, BLOCK_M, BLOCK_N)
         if ATT_PATH:
@@ -381,18 +419,20 @@ def pooled_layer_bwd_kernel(
         gi = gate_act(tl.load(zb, mask=mask_n, other=0.0).to(tl.float32), ACT)
         gf = gate_act(tl.load(zb + C, mask=mask_n, other=0.0).to(tl.float32), ACT)
         go = gate_act(tl.load(zb + 2 * C, mask=mask_n, other=0.0).to(tl.float32), ACT)
+        # Each state tile is loaded where it is first needed and each result stored as soon
+        # as it is complete, so that few tiles are live at once (the stores keep the order).
+        part = gpart_ptr + (b * NMT + pid_m) * 3 * C + offs_n
         c_t = tl.load(cell_ptr + offs, mask=mask, other=0.0).to(tl.float32)
-        c_prev = tl.load(cell_prev_ptr + offs, mask=mask, other=0.0).to(tl.float32)
-        g = tl.load(cand_ptr + offs, mask=mask, other=0.0).to(tl.float32)
         tc, dtc = tanh_with_grad(c_t)  # tanh C_t and 1 − tanh² C_t
         dc = tl.load(dc_ptr + offs, mask=mask, other=0.0) + dh * go[None, :] * dtc
+        tl.store(part + 2 * C, tl.sum(tl.where(mask, dh * tc, 0.0), axis=0), mask=mask_n)
         tl.store(dc_ptr + offs, dc * gf[None, :], mask=mask)
+        g = tl.load(cand_ptr + offs, mask=mask, other=0.0).to(tl.float32)
         dacc = dc * gi[None, :] * (1.0 - g * g)
         tl.store(dacc_ptr + offs, dacc.to(dacc_ptr.dtype.element_ty), mask=mask)
-        part = gpart_ptr + (b * NMT + pid_m) * 3 * C + offs_n
         tl.store(part, tl.sum(tl.where(mask, dc * g, 0.0), axis=0), mask=mask_n)
+        c_prev = tl.load(cell_prev_ptr + offs, mask=mask, other=0.0).to(tl.float32)
         tl.store(part + C, tl.sum(tl.where(mask, dc * c_prev, 0.0), axis=0), mask=mask_n)
-        tl.store(part + 2 * C, tl.sum(tl.where(mask, dh * tc, 0.0), axis=0), mask=mask_n)
     else:
         tl.store(dh_ptr + offs, dh.to(dh_ptr.dtype.element_ty), mask=mask)
 
@@ -405,34 +445,27 @@ def attention_features_kernel(
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
     """G = tanh(SepConv_h(H_{t−1}) + xc) and A = tanh(SepConv_ha(H_{t−1}) + xa) for BLOCK_M
-    pixels of sample b × BLOCK_N channels: the same H tiles feed both depthwise filters.
+    pixels of sample b × BLOCK_N channels: both depthwise filters read the same H_{t−1} tiles.
     RAW_CAND (variant b, whose X-side candidate term comes later in the step): store
-    SepConv_h(H_{t−1}) itself (fp32) instead of G; xc is not read."""
+    SepConv_h(H_{t−1}) itself (fp32) instead of G; xc is not read.
+    One SepConv after the other, G stored before A's loop: a single accumulator is live at a
+    time (both in one loop kept two, and fp32 at K = 3 spilled even at BLOCK_K = 16; each
+    depthwise tile loads its taps itself either way, so the loads are the same)."""
     pid_m, pid_n, b, HW, offs_m, mask_m, oy, ox, offs_n, mask_n = program_tile(
         C, H, W, BLOCK_M, BLOCK_N)
     h_prev = h_prev_ptr + b * HW * C
-    acc_c = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
-    acc_a = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
-    for k0 in range(0, C, BLOCK_K):
-        offs_k = k0 + tl.arange(0, BLOCK_K)
-        mask_k = offs_k < C
-        wmask = mask_k[:, None] & mask_n[None, :]
-        wt = offs_n[None, :] * C + offs_k[:, None]
-        d_c = depthwise_tile(h_prev, oy, ox, mask_m, offs_k, mask_k, C, H, W, cdw_ptr,
-                             KSIZE, False, BLOCK_M, BLOCK_K)
-        w_c = tl.load(cpw_ptr + wt, mask=wmask, other=0.0)
-        acc_c = tl.dot(d_c.to(w_c.dtype), w_c, acc_c, input_precision=DOT_PRECISION)
-        d_a = depthwise_tile(h_prev, oy, ox, mask_m, offs_k, mask_k, C, H, W, adw_ptr,
-                             KSIZE, False, BLOCK_M, BLOCK_K)
-        w_a = tl.load(apw_ptr + wt, mask=wmask, other=0.0)
-        acc_a = tl.dot(d_a.to(w_a.dtype), w_a, acc_a, input_precision=DOT_PRECISION)
+    acc = sepconv_tile(h_prev, oy, ox, mask_m, offs_n, mask_n, C, H, W, cdw_ptr, cpw_ptr,
+                       KSIZE, DOT_PRECISION, BLOCK_M, BLOCK_N, BLOCK_K)
     offs, mask = state_tile(b, HW, C, offs_m, mask_m, offs_n, mask_n)
     if RAW_CAND:
-        g = acc_c
+        g = acc
     else:
-        g = tanh(acc_c + tl.load(xc_ptr + offs, mask=mask, other=0.0).to(tl.float32))
-    a = tanh(acc_a + tl.load(xa_ptr + offs, mask=mask, other=0.0).to(tl.float32))
+        g = tanh(acc + tl.load(xc_ptr + offs, mask=mask, other=0.0).to(tl.float32))
     tl.store(cand_ptr + offs, g.to(cand_ptr.dtype.element_ty), mask=mask)
+    acc = sepconv_tile(h_prev, oy, ox, mask_m, offs_n, mask_n, C, H, W, adw_ptr, apw_ptr,
+                       KSIZE, DOT_PRECISION, BLOCK_M, BLOCK_N, BLOCK_K)
+    offs, mask = state_tile(b, HW, C, offs_m, mask_m, offs_n, mask_n)
+    a = tanh(acc + tl.load(xa_ptr + offs, mask=mask, other=0.0).to(tl.float32))
     tl.store(feat_ptr + offs, a.to(feat_ptr.dtype.element_ty), mask=mask)
 
 
@@ -479,21 +512,22 @@ def attention_cell_kernel(
     update with M as the input gate (c) or the output gate (OUTPUT_GATE, d)."""
     pid_m, pid_n, b, HW, offs_m, mask_m, oy, ox, offs_n, mask_n = program_tile(
         C, H, W, BLOCK_M, BLOCK_N)
-    offs, mask = state_tile(b, HW, C, offs_m, mask_m, offs_n, mask_n)
-
-    zmax = tl.full([BLOCK_N], float("-inf"), dtype=tl.float32)
-    for tile in range(NMT):
-        zmax = nan_maximum(zmax, tl.load(zpart_ptr + (b * NMT + tile) * C + offs_n, mask=mask_n,
-                                         other=0.0))
-    zmax = tl.where(mask_n, zmax, 0.0)
-    att = tl.exp(tl.load(z_ptr + offs, mask=mask, other=0.0) - zmax[None, :])
-    tl.store(att_ptr + offs, att.to(att_ptr.dtype.element_ty), mask=mask)
-
+    # The pooled gates and max Z first: only [BLOCK_N] vectors are live across their loops, no
+    # tile of the state (the tile's offsets and M after them).
     z0, z1, z2 = pooled_gate_preacts(xg_ptr, hpart_prev_ptr, uh_ptr, b, offs_n, mask_n, C,
                                      NMT, HW, 2, BLOCK_K)
     store_gate_preacts(gate_ptr, z0, z1, z2, b, pid_m, offs_n, mask_n, C, 2)
     g0 = gate_act(z0, ACT)
     g1 = gate_act(z1, ACT)
+    zmax = tl.full([BLOCK_N], float("-inf"), dtype=tl.float32)
+    for tile in range(NMT):
+        zmax = nan_maximum(zmax, tl.load(zpart_ptr + (b * NMT + tile) * C + offs_n, mask=mask_n,
+                                         other=0.0))
+    zmax = tl.where(mask_n, zmax, 0.0)
+
+    offs, mask = state_tile(b, HW, C, offs_m, mask_m, offs_n, mask_n)
+    att = tl.exp(tl.load(z_ptr + offs, mask=mask, other=0.0) - zmax[None, :])
+    tl.store(att_ptr + offs, att.to(att_ptr.dtype.element_ty), mask=mask)
     g = tl.load(cand_ptr + offs, mask=mask, other=0.0).to(tl.float32)
     c_prev = tl.load(c_ptr + offs, mask=mask, other=0.0)
     if OUTPUT_GATE:  # (d): [i f] pooled, o = M
@@ -537,31 +571,39 @@ def attention_cell_bwd_kernel(
                       .to(tl.float32), ACT)
         g1 = gate_act(tl.load(gate_ptr + b * 2 * C + C + offs_n, mask=mask_n, other=0.0)
                       .to(tl.float32), ACT)
-        att = tl.load(att_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+        # Each state tile is loaded where it is first needed and each result stored as soon
+        # as it is complete, so that few tiles are live at once (the stores keep the order).
+        part = gpart_ptr + (b * NMT + pid_m) * 2 * C + offs_n
+        spart = spart_ptr + (b * NMT + pid_m) * C + offs_n
         c_t = tl.load(cell_ptr + offs, mask=mask, other=0.0).to(tl.float32)
-        c_prev = tl.load(cell_prev_ptr + offs, mask=mask, other=0.0).to(tl.float32)
-        g = tl.load(cand_ptr + offs, mask=mask, other=0.0).to(tl.float32)
         tc, dtc = tanh_with_grad(c_t)  # tanh C_t and 1 − tanh² C_t
         carry = tl.load(dc_ptr + offs, mask=mask, other=0.0)
-        part = gpart_ptr + (b * NMT + pid_m) * 2 * C + offs_n
         if OUTPUT_GATE:
+            att = tl.load(att_ptr + offs, mask=mask, other=0.0).to(tl.float32)
             dc = carry + dh * att * dtc
             datt = dh * tc
+            tl.store(datt_ptr + offs, datt, mask=mask)
+            tl.store(spart, tl.sum(tl.where(mask, att * datt, 0.0), axis=0), mask=mask_n)
             tl.store(dc_ptr + offs, dc * g1[None, :], mask=mask)
+            g = tl.load(cand_ptr + offs, mask=mask, other=0.0).to(tl.float32)
             dacc = dc * g0[None, :] * (1.0 - g * g)
+            tl.store(dacc_ptr + offs, dacc.to(dacc_ptr.dtype.element_ty), mask=mask)
             tl.store(part, tl.sum(tl.where(mask, dc * g, 0.0), axis=0), mask=mask_n)
+            c_prev = tl.load(cell_prev_ptr + offs, mask=mask, other=0.0).to(tl.float32)
             tl.store(part + C, tl.sum(tl.where(mask, dc * c_prev, 0.0), axis=0), mask=mask_n)
         else:
             dc = carry + dh * g1[None, :] * dtc
-            datt = dc * g
-            tl.store(dc_ptr + offs, dc * g0[None, :], mask=mask)
-            dacc = dc * att * (1.0 - g * g)
-            tl.store(part, tl.sum(tl.where(mask, dc * c_prev, 0.0), axis=0), mask=mask_n)
             tl.store(part + C, tl.sum(tl.where(mask, dh * tc, 0.0), axis=0), mask=mask_n)
-        tl.store(dacc_ptr + offs, dacc.to(dacc_ptr.dtype.element_ty), mask=mask)
-        tl.store(datt_ptr + offs, datt, mask=mask)
-        tl.store(spart_ptr + (b * NMT + pid_m) * C + offs_n,
-                 tl.sum(tl.where(mask, att * datt, 0.0), axis=0), mask=mask_n)
+            tl.store(dc_ptr + offs, dc * g0[None, :], mask=mask)
+            c_prev = tl.load(cell_prev_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+            tl.store(part, tl.sum(tl.where(mask, dc * c_prev, 0.0), axis=0), mask=mask_n)
+            g = tl.load(cand_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+            datt = dc * g
+            att = tl.load(att_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+            dacc = dc * att * (1.0 - g * g)
+            tl.store(dacc_ptr + offs, dacc.to(dacc_ptr.dtype.element_ty), mask=mask)
+            tl.store(datt_ptr + offs, datt, mask=mask)
+            tl.store(spart, tl.sum(tl.where(mask, att * datt, 0.0), axis=0), mask=mask_n)
     else:
         tl.store(dh_ptr + offs, dh.to(dh_ptr.dtype.element_ty), mask=mask)
 
@@ -646,13 +688,25 @@ def depthwise(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
 
 
 def depthwise_backward(grad: torch.Tensor, x: torch.Tensor, weight: torch.Tensor,
-                       need_input: bool):
-    """Gradients of :func:`depthwise` w.r.t. its input (if ``need_input``) and weight."""
+                       need_input: bool, steps: int):
+    """Gradients of :func:`depthwise` w.r.t. its input (if ``need_input``) and weight, the
+    weight's over ``steps`` blocks of frames (_weight_grads: summed per step in fp32)."""
+    if x.dtype != torch.float32:
+        pad = weight.shape[-1] // 2
+        grad_input, grad_weight, _ = torch.ops.aten.convolution_backward(
+            grad, x, weight, None, [1, 1], [pad, pad], [1, 1], False, [0, 0], x.shape[1],
+            [need_input, True, False])
+        return grad_input, grad_weight
+    return (depthwise_input_grad(grad, x, weight) if need_input else None,
+            depthwise_weight_grad(grad, x, weight, steps))
+
+
+def depthwise_input_grad(grad: torch.Tensor, x: torch.Tensor, weight: torch.Tensor):
+    """The gradient of :func:`depthwise` w.r.t. its input."""
     pad = weight.shape[-1] // 2
-    grad_input, grad_weight, _ = torch.ops.aten.convolution_backward(
+    return torch.ops.aten.convolution_backward(
         grad, x, weight, None, [1, 1], [pad, pad], [1, 1], False, [0, 0], x.shape[1],
-        [need_input, True, False])
-    return grad_input, grad_weight
+        [True, False, False])[0]
 
 
 class SequenceFrames:
@@ -698,13 +752,14 @@ def sepconv_rows(x: torch.Tensor, dw: torch.Tensor, pw: torch.Tensor,
 
 
 def sepconv_rows_backward(grad_rows: torch.Tensor, x: torch.Tensor, d_rows: torch.Tensor,
-                          dw: torch.Tensor, pw: torch.Tensor, need_input: bool = True):
+                          dw: torch.Tensor, pw: torch.Tensor, steps: int, need_input: bool = True):
     """Backward of :func:`sepconv_rows` given ``grad_rows [N·H·W, C]`` (the bias gradient is the
-    column sum, taken by the caller): returns ``(grad_x or None, grad_dw, grad_pw)``."""
+    column sum, taken by the caller): returns ``(grad_x or None, grad_dw, grad_pw)``, the weights'
+    over ``steps`` blocks (_weight_grads)."""
     n, _, h, w = x.shape
-    grad_pw = grad_rows.t() @ d_rows
+    grad_pw = steps_mm(grad_rows, d_rows, steps)
     grad_d = nchw(grad_rows @ pw, n, h, w)
-    grad_x, grad_dw = depthwise_backward(grad_d, x, dw, need_input)
+    grad_x, grad_dw = depthwise_backward(grad_d, x, dw, need_input, steps)
     return grad_x, grad_dw, grad_pw
 
 
@@ -977,8 +1032,8 @@ def layer_input_grads(grad_frames: torch.Tensor, grad_h0_rows: torch.Tensor, dc:
 # Channel attention (c, d): forward and backward over a sequence
 # ---------------------------------------------------------------------------------------------
 # Forward: the X-side terms (``xc``, ``xa``, ``xg``) for all steps in batched ATen calls, then
-# three launches per step (KERNELS.md): (1) ``attention_features_kernel``: one pass over H_{t−1}
-# with both depthwise filters and two GEMMs -> G and A; (2) ``attention_logits_kernel``: Z =
+# three launches per step (KERNELS.md): (1) ``attention_features_kernel``: both depthwise filters
+# of H_{t−1} and two GEMMs, one SepConv after the other -> G, then A; (2) ``attention_logits_kernel``: Z =
 # SepConv_z(A) (needs A's neighbours, hence the launch boundary) and per-tile channel maxima;
 # (3) ``attention_cell_kernel``: M = exp(Z − max), pooled gates, cell update, column sums of H_t.
 # Backward (the walk backwards), per step: the cell backward fused with the two transposed depthwise
@@ -1040,7 +1095,8 @@ def channel_attention_forward(x, h0, c0, params, gate_activation: int, output_ga
     h_prev, c_state, hpart = initial_pooled_state(h0, c0, tiles, walk)
     h_prev = mask.carry_buffer(h_prev)
     grid = (tiles, triton.cdiv(hidden, block_c), batch)
-    launch = dict(BLOCK_M=block_m, BLOCK_N=block_c, BLOCK_K=block_c, **SEPCONV_LAUNCH)
+    launch = dict(BLOCK_M=block_m, BLOCK_N=block_c,
+                  BLOCK_K=min(block_c, ATTENTION_FWD_BLOCK_K), **ATTENTION_FWD_LAUNCH)
     dot = dot_precision(x.dtype)
     for t in walk.forward():
         c_before = mask.hold(c_state)
@@ -1100,7 +1156,9 @@ def channel_attention_backward(grad_output, grad_h_n, grad_c_n, x, h0, c0, param
     dgp = torch.empty(steps, batch, 2 * hidden, **f32)
     grad_h0_rows = torch.empty_like(gout[0])
     grid = (tiles, triton.cdiv(hidden, block_c), batch)
-    launch = dict(BLOCK_M=block_m, BLOCK_N=block_c, BLOCK_K=block_c, **SEPCONV_LAUNCH)
+    launch = dict(BLOCK_M=block_m, BLOCK_N=block_c,  # the forward's, for its recompute
+                  BLOCK_K=min(block_c, ATTENTION_FWD_BLOCK_K), **ATTENTION_FWD_LAUNCH)
+    cell_bwd = dict(BLOCK_M=block_m, BLOCK_N=block_c, BLOCK_K=block_c, **POOLED_BWD_LAUNCH)
     blocks = dict(BLOCK_M=block_m, BLOCK_N=block_c, **SEPCONV_LAUNCH)
     dot = dot_precision(x.dtype)
     for s in walk.backward():
@@ -1113,7 +1171,7 @@ def channel_attention_backward(grad_output, grad_h_n, grad_c_n, x, h0, c0, param
             gout[t], grad_h0_rows, cell[t], s.prev(cell, c0_rows), cand[t], att[t],
             gate_preact[t], dc, dacc[t], datt, spart, gpart[t],
             hidden, height, width, tiles, KSIZE=ksize, ACT=gate_activation,
-            OUTPUT_GATE=output_gate, HAS_REC=s.has_rec, CELL=s.cell, **launch)
+            OUTPUT_GATE=output_gate, HAS_REC=s.has_rec, CELL=s.cell, **cell_bwd)
         if not s.cell:
             mask.rec_written(s, dgp, dgp_rec)
             break
@@ -1140,19 +1198,19 @@ def channel_attention_backward(grad_output, grad_h_n, grad_c_n, x, h0, c0, param
         return nchw(flat(buffer), maps, height, width)
 
     feat_maps = as_maps(feat)
-    grad_cpwh = flat(dacc).t() @ rows(depthwise(h_prev, cdwh))
-    _, grad_cdwh = depthwise_backward(as_maps(ddw_c), h_prev, cdwh, False)
-    grad_apwh = flat(dfeat).t() @ rows(depthwise(h_prev, adwh))
-    _, grad_adwh = depthwise_backward(as_maps(ddw_a), h_prev, adwh, False)
-    grad_zpw = flat(dz).t() @ rows(depthwise(feat_maps, zdw))
-    _, grad_zdw = depthwise_backward(as_maps(ddz), feat_maps, zdw, False)
+    grad_cpwh = steps_mm(flat(dacc), rows(depthwise(h_prev, cdwh)), steps)
+    _, grad_cdwh = depthwise_backward(as_maps(ddw_c), h_prev, cdwh, False, steps)
+    grad_apwh = steps_mm(flat(dfeat), rows(depthwise(h_prev, adwh)), steps)
+    _, grad_adwh = depthwise_backward(as_maps(ddw_a), h_prev, adwh, False, steps)
+    grad_zpw = steps_mm(flat(dz), rows(depthwise(feat_maps, zdw)), steps)
+    _, grad_zdw = depthwise_backward(as_maps(ddz), feat_maps, zdw, False, steps)
     dgp_rows = dgp.view(maps, 2 * hidden)
-    grad_gwh = dgp_rows.t() @ h_prev.mean((-2, -1), dtype=torch.float32)
-    grad_gwx = dgp_rows.t() @ frames.mean((-2, -1), dtype=torch.float32)
-    grad_fc, grad_cdwx, grad_cpwx = sepconv_rows_backward(flat(dacc), frames,
-                                                          rows(depthwise(frames, cdwx)), cdwx, cpwx)
-    grad_fa, grad_adwx, grad_apwx = sepconv_rows_backward(flat(dfeat), frames,
-                                                          rows(depthwise(frames, adwx)), adwx, apwx)
+    grad_gwh = steps_mm(dgp_rows, h_prev.mean((-2, -1), dtype=torch.float32), steps)
+    grad_gwx = steps_mm(dgp_rows, frames.mean((-2, -1), dtype=torch.float32), steps)
+    grad_fc, grad_cdwx, grad_cpwx = sepconv_rows_backward(
+        flat(dacc), frames, rows(depthwise(frames, cdwx)), cdwx, cpwx, steps)
+    grad_fa, grad_adwx, grad_apwx = sepconv_rows_backward(
+        flat(dfeat), frames, rows(depthwise(frames, adwx)), adwx, apwx, steps)
     grad_frames = grad_fc + grad_fa
     grad_frames = grad_frames + ((dgp_rows @ gwx.float()) / pixels).to(x.dtype)[:, :, None, None]
     grads = [grad_gwx, grad_gwh, dgp_rows.sum(0), grad_cdwx, grad_cpwx, grad_cdwh, grad_cpwh,
@@ -1195,20 +1253,21 @@ def compile_cases(dtype: torch.dtype, ksize: int, block_c: int, gate_activation:
     each flag combination an op launches on a GPU (for compile_check); other pointers are
     x.dtype. Each kernel's most complete combination comes first."""
     blocks = dict(BLOCK_M=GPU_BLOCK_M, BLOCK_N=block_c)
-    gemm = dict(blocks, BLOCK_K=block_c, KSIZE=ksize, DOT_PRECISION=dot)
+    fwd_k = min(block_c, ATTENTION_FWD_BLOCK_K)
+    gemm = dict(blocks, BLOCK_K=fwd_k, KSIZE=ksize, DOT_PRECISION=dot)
     pooled_bwd = dict(blocks, BLOCK_K=block_c, KSIZE=ksize, ACT=gate_activation)
     pooled_bwd_fp32 = {"gpart_next_ptr", "dgp_next_ptr", "dc_ptr", "gpart_ptr"}
     cases = [
         (pooled_layer_bwd_kernel, pooled_bwd_fp32,
-         dict(pooled_bwd, HAS_REC=has_rec, CELL=cell, ATT_PATH=att_path), SEPCONV_LAUNCH)
+         dict(pooled_bwd, HAS_REC=has_rec, CELL=cell, ATT_PATH=att_path), POOLED_BWD_LAUNCH)
         for has_rec, cell in ((True, True), (False, True), (True, False))
         for att_path in (True, False)  # ATT_PATH: variant b (spatial_attention_layer)
     ]
     cases += [
-        (attention_features_kernel, set(), dict(gemm, RAW_CAND=False), SEPCONV_LAUNCH),
+        (attention_features_kernel, set(), dict(gemm, RAW_CAND=False), ATTENTION_FWD_LAUNCH),
         (attention_features_kernel, {"xc_ptr", "cand_ptr"}, dict(gemm, RAW_CAND=True),
-         SEPCONV_LAUNCH),  # b: spatial_attention_layer
-        (attention_logits_kernel, {"z_ptr", "zpart_ptr"}, gemm, SEPCONV_LAUNCH),
+         ATTENTION_FWD_LAUNCH),  # b: spatial_attention_layer
+        (attention_logits_kernel, {"z_ptr", "zpart_ptr"}, gemm, ATTENTION_FWD_LAUNCH),
         (attention_logits_bwd_kernel, {"datt_ptr", "tie_ptr", "spart_ptr"}, blocks,
          SEPCONV_LAUNCH),
         (attention_features_bwd_kernel, set(), dict(blocks, KSIZE=ksize), SEPCONV_LAUNCH),
@@ -1216,11 +1275,14 @@ def compile_cases(dtype: torch.dtype, ksize: int, block_c: int, gate_activation:
     fwd_fp32 = {"z_ptr", "zpart_ptr", "c_ptr", "xg_ptr", "hpart_prev_ptr", "hpart_next_ptr"}
     bwd_fp32 = {"gpart_next_ptr", "dgp_next_ptr", "dc_ptr", "datt_ptr", "spart_ptr", "gpart_ptr"}
     for output_gate in (False, True):  # c: input_attention_layer, d: output_attention_layer
-        cell = dict(blocks, BLOCK_K=block_c, ACT=gate_activation, OUTPUT_GATE=output_gate)
-        cases.append((attention_cell_kernel, fwd_fp32, cell, SEPCONV_LAUNCH))
+        flags = dict(ACT=gate_activation, OUTPUT_GATE=output_gate)
+        cases.append((attention_cell_kernel, fwd_fp32, dict(blocks, BLOCK_K=fwd_k, **flags),
+                      ATTENTION_FWD_LAUNCH))
+        cell = dict(blocks, BLOCK_K=block_c, **flags)
         for has_rec, is_cell in ((True, True), (False, True), (True, False)):
             cases.append((attention_cell_bwd_kernel, bwd_fp32,
-                          dict(cell, KSIZE=ksize, HAS_REC=has_rec, CELL=is_cell), SEPCONV_LAUNCH))
+                          dict(cell, KSIZE=ksize, HAS_REC=has_rec, CELL=is_cell),
+                          POOLED_BWD_LAUNCH))
     return cases
 
 
@@ -1337,8 +1399,8 @@ def cell_bwd_traffic(r, z, name: str, gates: int, paths: int, channel_map: bool)
 
 
 def attention_features_traffic(r, z, raw_cand: bool, count: int) -> None:
-    """:func:`attention_features_kernel`: one pass over H_{t−1} for both SepConvs (each of the
-    C/BLOCK_N channel tiles redoes both depthwise convs of all C channels: ``loaded``). RAW_CAND
+    """:func:`attention_features_kernel`: both SepConvs of H_{t−1}, one after the other (each of
+    the C/BLOCK_N channel tiles redoes both depthwise convs of all C channels: ``loaded``). RAW_CAND
     (b) stores SepConv_h(H) in fp32 and reads no xc."""
     tiles, channel_tiles, programs = gpu_grid(z)
     weights = z.weight(2 * (z.K * z.K * z.C + z.C * z.C))

@@ -22,16 +22,50 @@ import triton.language as tl
 from ._common import (GPU_BLOCK_M, SequenceFrames, StepMask, Walk, block_sizes, dot_precision,
                       gate_act, gate_act_grad, layer_input_grads, layer_outputs, nchw,
                       output_grad_rows, program_tile, rows, tanh, tanh_with_grad)
+from ._weight_grads import conv_weight_grad
 # The traffic models of the shared host helpers (for traffic() below).
 from ._common import (gpu_grid, h_prev_all_traffic, layer_input_grads_traffic,
                       layer_outputs_traffic, output_grad_rows_traffic)
 
 
-def launch_options(dtype: torch.dtype) -> dict:
-    """Four fp32 accumulators of BLOCK_M × BLOCK_N per program: 8 warps keep them in registers.
-    Two pipeline stages for 16-bit operands (40 KB of shared memory each); fp32 tiles are twice
-    as large, one stage keeps them within sm_80's 163 KB."""
-    return dict(num_warps=8, num_stages=1 if dtype == torch.float32 else 2)
+# Before sm_90 the forward's tensor-core path does not fit 16 warps' 128 registers: on sm_80 it
+# spills 4.3 KB a thread there (bf16, triton 3.9) and 0.3 KB at 8 warps, so sm_80's forward keeps
+# 8 (its backward is better at 16: at 8 the fp32 one spills 7 KB). compile_check compiles each
+# architecture with its own (the "per_arch" key).
+PER_ARCH_FWD_LAUNCH = {80: dict(num_warps=8)}
+
+
+def gpu_arch(device: torch.device) -> int:
+    """90 for sm_90 and newer (and off CUDA), else 80: the key of PER_ARCH_FWD_LAUNCH."""
+    if device.type != "cuda":
+        return 90
+    return 90 if torch.cuda.get_device_capability(device)[0] >= 9 else 80
+
+
+def launch_options(dtype: torch.dtype, arch: int | None = None, forward: bool = True) -> dict:
+    """16 warps (4 warpgroups): the four fp32 accumulators of BLOCK_M × BLOCK_N are 32 registers
+    per thread, and ptxas's 128-register cap at 16 warps (65536 per SM) still holds both step
+    kernels without spilling (compile_check, triton 3.6, sm_90): one program per SM, 16 warps,
+    25 % occupancy. At 8 warps both needed 255 registers and spilled (one program per SM, 12.5 %);
+    maxnreg=128 at 8 warps spills ~0.6-1.3 KB. Two pipeline stages for 16-bit operands; fp32
+    tiles are twice as large, one stage keeps them within sm_80's 163 KB.
+    Still spilling: the fp32 forward with IEEE dots (FMA, not tensor cores). Its H tile's FMA
+    operand fragment holds every one of BLOCK_K columns of the thread's rows and is shared by
+    the four gate dots, so it stays live across all four (with each dot's weight fragment on
+    top); far over the register file, ptxas falls back to 32 registers and keeps the rest in
+    local memory (0.2-14 KB of spill at every BLOCK_K and warp count tried)."""
+    options = dict(num_warps=16, num_stages=1 if dtype == torch.float32 else 2)
+    if not forward:
+        return options
+    if arch is None:  # compile_check: every architecture's, for it to pick from
+        return dict(options, per_arch=PER_ARCH_FWD_LAUNCH)
+    return dict(options, **PER_ARCH_FWD_LAUNCH.get(arch, {}))
+
+
+# The forward's reduction chunk: BLOCK_K = min(BLOCK_C, FWD_BLOCK_K). 32 keeps the TF32 (and the
+# 16-bit) forward free of spills at 16 warps, where 64 spilled 8 B in TF32 (compile_check). The
+# backward reduces over 4C in chunks of BLOCK_C.
+FWD_BLOCK_K = 32
 
 
 @triton.jit
@@ -80,25 +114,25 @@ def _convlstm_layer_fwd_kernel(
         acc_o = tl.dot(hv, tl.load(wbase + 3 * C, mask=wmask, other=0.0), acc_o,
                        input_precision=DOT_PRECISION)
 
-    # Epilogue (eqs. 3-6) on the four gate slices of the same channels.
+    # Epilogue (eqs. 3-6), one gate at a time so that each accumulator dies as it is used.
     row = (b * HW + offs_m)[:, None]
     mask = mask_m[:, None] & mask_n[None, :]
     zoffs = row * C4 + offs_n[None, :]
-    z_i = acc_i + tl.load(xz_ptr + zoffs, mask=mask, other=0.0).to(tl.float32)
-    z_f = acc_f + tl.load(xz_ptr + zoffs + C, mask=mask, other=0.0).to(tl.float32)
-    z_g = acc_g + tl.load(xz_ptr + zoffs + 2 * C, mask=mask, other=0.0).to(tl.float32)
-    z_o = acc_o + tl.load(xz_ptr + zoffs + 3 * C, mask=mask, other=0.0).to(tl.float32)
-    out_ty = gates_ptr.dtype.element_ty
-    tl.store(gates_ptr + zoffs, z_i.to(out_ty), mask=mask)
-    tl.store(gates_ptr + zoffs + C, z_f.to(out_ty), mask=mask)
-    tl.store(gates_ptr + zoffs + 2 * C, z_g.to(out_ty), mask=mask)
-    tl.store(gates_ptr + zoffs + 3 * C, z_o.to(out_ty), mask=mask)
     offs = row * C + offs_n[None, :]
-    c_new = gate_act(z_f, ACT) * tl.load(c_ptr + offs, mask=mask, other=0.0) \
-        + gate_act(z_i, ACT) * tanh(z_g)
-    h = gate_act(z_o, ACT) * tanh(c_new)
+    out_ty = gates_ptr.dtype.element_ty
+    z_i = acc_i + tl.load(xz_ptr + zoffs, mask=mask, other=0.0).to(tl.float32)
+    tl.store(gates_ptr + zoffs, z_i.to(out_ty), mask=mask)
+    z_g = acc_g + tl.load(xz_ptr + zoffs + 2 * C, mask=mask, other=0.0).to(tl.float32)
+    tl.store(gates_ptr + zoffs + 2 * C, z_g.to(out_ty), mask=mask)
+    ig = gate_act(z_i, ACT) * tanh(z_g)
+    z_f = acc_f + tl.load(xz_ptr + zoffs + C, mask=mask, other=0.0).to(tl.float32)
+    tl.store(gates_ptr + zoffs + C, z_f.to(out_ty), mask=mask)
+    c_new = gate_act(z_f, ACT) * tl.load(c_ptr + offs, mask=mask, other=0.0) + ig
     tl.store(c_ptr + offs, c_new, mask=mask)
     tl.store(cell_ptr + offs, c_new.to(cell_ptr.dtype.element_ty), mask=mask)
+    z_o = acc_o + tl.load(xz_ptr + zoffs + 3 * C, mask=mask, other=0.0).to(tl.float32)
+    tl.store(gates_ptr + zoffs + 3 * C, z_o.to(out_ty), mask=mask)
+    h = gate_act(z_o, ACT) * tanh(c_new)
     tl.store(h_out_ptr + offs, h.to(h_out_ptr.dtype.element_ty), mask=mask)
 
 
@@ -144,35 +178,36 @@ def _convlstm_layer_bwd_kernel(
                          mask=mask_j[:, None] & mask_n[None, :], other=0.0)
             dh = tl.dot(dzv, wv, dh, input_precision=DOT_PRECISION)
     if CELL:
+        # One gate at a time (o, f, then g and i), each loaded where it is first needed, so that
+        # few tiles are live at once.
         dh += tl.load(gout_ptr + offs, mask=mask, other=0.0).to(tl.float32)
         zoffs = row * C4 + offs_n[None, :]
-        z_i = tl.load(gates_ptr + zoffs, mask=mask, other=0.0).to(tl.float32)
-        z_f = tl.load(gates_ptr + zoffs + C, mask=mask, other=0.0).to(tl.float32)
-        z_g = tl.load(gates_ptr + zoffs + 2 * C, mask=mask, other=0.0).to(tl.float32)
-        z_o = tl.load(gates_ptr + zoffs + 3 * C, mask=mask, other=0.0).to(tl.float32)
-        c_t = tl.load(cell_ptr + offs, mask=mask, other=0.0).to(tl.float32)
-        c_prev = tl.load(cell_prev_ptr + offs, mask=mask, other=0.0).to(tl.float32)
-        g, dg = tanh_with_grad(z_g)  # G and 1 − G²
-        tc, dtc = tanh_with_grad(c_t)
-        dc = tl.load(dc_ptr + offs, mask=mask, other=0.0) \
-            + dh * gate_act(z_o, ACT) * dtc
-        tl.store(dc_ptr + offs, dc * gate_act(z_f, ACT), mask=mask)
         out_ty = dz_ptr.dtype.element_ty
-        tl.store(dz_ptr + zoffs, (dc * g * gate_act_grad(z_i, ACT)).to(out_ty), mask=mask)
+        z_o = tl.load(gates_ptr + zoffs + 3 * C, mask=mask, other=0.0).to(tl.float32)
+        tc, dtc = tanh_with_grad(tl.load(cell_ptr + offs, mask=mask, other=0.0).to(tl.float32))
+        tl.store(dz_ptr + zoffs + 3 * C, (dh * tc * gate_act_grad(z_o, ACT)).to(out_ty),
+                 mask=mask)
+        dc = tl.load(dc_ptr + offs, mask=mask, other=0.0) + dh * gate_act(z_o, ACT) * dtc
+        z_f = tl.load(gates_ptr + zoffs + C, mask=mask, other=0.0).to(tl.float32)
+        tl.store(dc_ptr + offs, dc * gate_act(z_f, ACT), mask=mask)
+        c_prev = tl.load(cell_prev_ptr + offs, mask=mask, other=0.0).to(tl.float32)
         tl.store(dz_ptr + zoffs + C, (dc * c_prev * gate_act_grad(z_f, ACT)).to(out_ty),
                  mask=mask)
+        g, dg = tanh_with_grad(tl.load(gates_ptr + zoffs + 2 * C, mask=mask,
+                                       other=0.0).to(tl.float32))  # G and 1 − G²
+        z_i = tl.load(gates_ptr + zoffs, mask=mask, other=0.0).to(tl.float32)
+        tl.store(dz_ptr + zoffs, (dc * g * gate_act_grad(z_i, ACT)).to(out_ty), mask=mask)
         tl.store(dz_ptr + zoffs + 2 * C, (dc * gate_act(z_i, ACT) * dg).to(out_ty),
-                 mask=mask)
-        tl.store(dz_ptr + zoffs + 3 * C, (dh * tc * gate_act_grad(z_o, ACT)).to(out_ty),
                  mask=mask)
     else:
         tl.store(dh_ptr + offs, dh.to(dh_ptr.dtype.element_ty), mask=mask)
 
 
-# What one more step launches (Triton kernels, ATen calls; launch_count.py measures it): one
-# kernel per step each way (the implicit GEMM with the LSTM epilogue, and its backward); W_x·X and
-# the weight gradients are batched over all steps.
-LAUNCHES_PER_STEP = {"forward": (1, 0), "backward": (1, 0)}
+# What one more step launches (Triton kernels, ATen calls; launch_count.py measures it, in fp32):
+# one kernel per step each way (the implicit GEMM with the LSTM epilogue, and its backward); W_x·X
+# and the weight gradients are batched over all steps — but in fp32 d W_h and d W_x, one call
+# and one add_ a step each (_weight_grads.conv_weight_grad; 16-bit dtypes: one call each).
+LAUNCHES_PER_STEP = {"forward": (1, 0), "backward": (1, 4)}
 
 
 def convlstm_layer_forward(x, h0, c0, params, gate_activation: int, reverse: bool = False,
@@ -203,7 +238,8 @@ def convlstm_layer_forward(x, h0, c0, params, gate_activation: int, reverse: boo
         _convlstm_layer_fwd_kernel[grid](
             h_prev, c_state, xz[t], w, out[t], cell[t], gates[t], hidden, height, width,
             KSIZE=ksize, ACT=gate_activation, DOT_PRECISION=dot_precision(x.dtype),
-            BLOCK_M=block_m, BLOCK_N=block_c, BLOCK_K=block_c, **launch_options(x.dtype),
+            BLOCK_M=block_m, BLOCK_N=block_c, BLOCK_K=min(block_c, FWD_BLOCK_K),
+            **launch_options(x.dtype, gpu_arch(x.device)),
         )
         if mask.active:
             mask.forward_step(t, out[t], cell[t], c_state, c_before, h_prev)
@@ -243,23 +279,26 @@ def convlstm_layer_backward(grad_output, grad_h_n, grad_c_n, x, h0, c0, params, 
             hidden, height, width,
             KSIZE=ksize, ACT=gate_activation, DOT_PRECISION=dot_precision(x.dtype),
             HAS_REC=s.has_rec, CELL=s.cell,
-            BLOCK_M=block_m, BLOCK_N=block_c, BLOCK_K=block_c, **launch_options(x.dtype),
+            BLOCK_M=block_m, BLOCK_N=block_c, BLOCK_K=block_c,
+            **launch_options(x.dtype, forward=False),
         )
         if s.cell:
             mask.backward_step(s.t, dc, dc_held, dz[s.t])
     mask.initial_hidden_grad(grad_h0_rows, grad_h_n)
 
-    # Weight and input gradients of all steps: two batched convolution backwards.
+    # Weight and input gradients of all steps: two batched convolution backwards (in fp32 the
+    # weights' per step, summed: _weight_grads, 2 ATen calls a step each).
     frames = x.reshape(steps * batch, cin, height, width)
     h_prev = mask.before_each(output, h0).reshape(steps * batch, hidden, height, width)
     dz_maps = nchw(dz.view(-1, 4 * hidden), steps * batch, height, width)
     pad = [ksize // 2] * 2
-    _, grad_wh, _ = torch.ops.aten.convolution_backward(
-        dz_maps, h_prev, weight_h, None, [1, 1], pad, [1, 1], False, [0, 0], 1,
-        [False, True, False])
+    grad_wh = conv_weight_grad(dz_maps, h_prev, weight_h, steps)
+    per_step = x.dtype == torch.float32
     grad_frames, grad_wx, _ = torch.ops.aten.convolution_backward(
         dz_maps, frames, weight_x, None, [1, 1], pad, [1, 1], False, [0, 0], 1,
-        [True, True, False])
+        [True, not per_step, False])
+    if per_step:
+        grad_wx = conv_weight_grad(dz_maps, frames, weight_x, steps)
     grad_bias = dz.view(-1, 4 * hidden).sum(0, dtype=torch.float32).to(bias.dtype)
     grad_x, grad_h0, grad_c0 = layer_input_grads(grad_frames, grad_h0_rows, dc, x)
     return grad_x, grad_h0, grad_c0, [g.contiguous() for g in (grad_wx, grad_wh, grad_bias)]
@@ -270,12 +309,13 @@ def compile_cases(dtype: torch.dtype, ksize: int, block_c: int, gate_activation:
     on a GPU with the given kernel size and channel block (for compile_check)."""
     blocks = dict(BLOCK_M=GPU_BLOCK_M, BLOCK_N=block_c, BLOCK_K=block_c, KSIZE=ksize,
                   ACT=gate_activation, DOT_PRECISION=dot)
-    launch = launch_options(dtype)
+    back = launch_options(dtype, forward=False)
     return [
-        (_convlstm_layer_fwd_kernel, {"c_ptr"}, blocks, launch),
-        (_convlstm_layer_bwd_kernel, {"dc_ptr"}, dict(blocks, HAS_REC=True, CELL=True), launch),
-        (_convlstm_layer_bwd_kernel, {"dc_ptr"}, dict(blocks, HAS_REC=False, CELL=True), launch),
-        (_convlstm_layer_bwd_kernel, {"dc_ptr"}, dict(blocks, HAS_REC=True, CELL=False), launch),
+        (_convlstm_layer_fwd_kernel, {"c_ptr"}, dict(blocks, BLOCK_K=min(block_c, FWD_BLOCK_K)),
+         launch_options(dtype)),
+        (_convlstm_layer_bwd_kernel, {"dc_ptr"}, dict(blocks, HAS_REC=True, CELL=True), back),
+        (_convlstm_layer_bwd_kernel, {"dc_ptr"}, dict(blocks, HAS_REC=False, CELL=True), back),
+        (_convlstm_layer_bwd_kernel, {"dc_ptr"}, dict(blocks, HAS_REC=True, CELL=False), back),
     ]
 
 
@@ -322,10 +362,19 @@ def traffic(shape, itemsize: int) -> list:
     r.kernel("_convlstm_layer_bwd_kernel (dH_0)", rec_read if z.T > 1 else 0, z.state(),
              gemm if z.T > 1 else 0, loaded=rec_loaded if z.T > 1 else 0)
     h_prev_all_traffic(r, z)
-    r.aten("convolution_backward (d W_h)", z.seq(4 * C) + z.seq(), weight_h,
-           z.gemm_flops(4 * C, C * k2, z.T * z.rows))
-    r.aten("convolution_backward (dX, d W_x)", z.seq(4 * C) + z.xseq(), z.xseq(),
-           2 * z.gemm_flops(z.T * z.rows, 4 * C, cin * k2))
+    if itemsize == 4:  # fp32: the weights' gradients one call a step, summed
+        weight_x = z.weight(4 * C * cin * k2)
+        r.aten("convolution_backward (dX)", z.seq(4 * C) + weight_x, z.xseq(),
+               z.gemm_flops(z.T * z.rows, 4 * C, cin * k2))
+        r.per_step_weight_grad("d W_h", z.state(4 * C) + z.state(), weight_h,
+                               z.gemm_flops(4 * C, C * k2, z.rows), z.T)
+        r.per_step_weight_grad("d W_x", z.state(4 * C) + z.xstep(), weight_x,
+                               z.gemm_flops(4 * C, cin * k2, z.rows), z.T)
+    else:
+        r.aten("convolution_backward (d W_h)", z.seq(4 * C) + z.seq(), weight_h,
+               z.gemm_flops(4 * C, C * k2, z.T * z.rows))
+        r.aten("convolution_backward (dX, d W_x)", z.seq(4 * C) + z.xseq(), z.xseq(),
+               2 * z.gemm_flops(z.T * z.rows, 4 * C, cin * k2))
     r.aten("sum (d bias)", z.seq(4 * C), 4 * C * 4)
     layer_input_grads_traffic(r, z)
     return r.launches

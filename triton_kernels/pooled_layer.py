@@ -23,12 +23,14 @@ import triton.language as tl
 
 # One import per kind: the step's @triton.jit helpers, the kernel shared with
 # spatial_attention_layer, launch choices, and the host-side layout and layer helpers.
-from ._common import depthwise_tile, gate_act, pooled_gate_preacts, program_tile, state_tile, tanh
+from ._common import gate_act, pooled_gate_preacts, program_tile, sepconv_tile, state_tile, tanh
 from ._common import store_cell_state, store_gate_preacts, store_hidden_state
 from ._common import pooled_layer_bwd_kernel
-from ._common import GPU_BLOCK_CS, GPU_BLOCK_M, SEPCONV_LAUNCH, block_sizes, dot_precision
+from ._common import GPU_BLOCK_CS, GPU_BLOCK_M, POOLED_BWD_LAUNCH, SEPCONV_LAUNCH, block_sizes
+from ._common import dot_precision
 from ._common import SequenceFrames, StepMask, Walk, depthwise, depthwise_backward, nchw, rows
 from ._common import sepconv_rows, sepconv_rows_backward
+from ._weight_grads import steps_mm
 from ._common import initial_pooled_state, layer_input_grads, layer_outputs, output_grad_rows
 # The traffic models of the shared host helpers and kernels (for traffic() below).
 from ._common import depthwise_backward_traffic, gpu_grid, h_prev_all_traffic
@@ -65,15 +67,8 @@ def _pooled_layer_fwd_kernel(
 
     # SepConv_h(H_{t−1}) = Σ_k dw(H_{t−1})[:, k] · pw_h[n, k]   (depthwise on the fly, then MMA)
     h_prev = h_prev_ptr + b * HW * C
-    acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
-    for k0 in range(0, C, BLOCK_K):
-        offs_k = k0 + tl.arange(0, BLOCK_K)
-        mask_k = offs_k < C
-        d = depthwise_tile(h_prev, oy, ox, mask_m, offs_k, mask_k, C, H, W, dw_ptr,
-                           KSIZE, False, BLOCK_M, BLOCK_K)
-        wt = tl.load(pw_ptr + offs_n[None, :] * C + offs_k[:, None],
-                     mask=mask_k[:, None] & mask_n[None, :], other=0.0)
-        acc = tl.dot(d.to(wt.dtype), wt, acc, input_precision=DOT_PRECISION)
+    acc = sepconv_tile(h_prev, oy, ox, mask_m, offs_n, mask_n, C, H, W, dw_ptr, pw_ptr,
+                       KSIZE, DOT_PRECISION, BLOCK_M, BLOCK_N, BLOCK_K)
 
     # [i f o] pre-activations for this program's channels (eqs. 10-12), U_h h̄ recomputed here;
     # after the main loop, so that they are not live across it (only the epilogue needs them).
@@ -193,7 +188,7 @@ def pooled_layer_backward(grad_output, grad_h_n, grad_c_n, x, h0, c0, params, ou
             hidden, height, width, tiles,
             KSIZE=ksize, ACT=gate_activation, HAS_REC=s.has_rec, CELL=s.cell,
             ATT_PATH=False,
-            BLOCK_M=block_m, BLOCK_N=block_c, BLOCK_K=block_c, **SEPCONV_LAUNCH,
+            BLOCK_M=block_m, BLOCK_N=block_c, BLOCK_K=block_c, **POOLED_BWD_LAUNCH,
         )
         if s.cell:
             mask.backward_step(t, dc, dc_held, dacc[t], gpart[t])
@@ -202,21 +197,23 @@ def pooled_layer_backward(grad_output, grad_h_n, grad_c_n, x, h0, c0, params, ou
             mask.rec_written(s, dgp, dgp_rec)
     mask.initial_hidden_grad(grad_h0_rows, grad_h_n)
 
-    # Weight gradients of all steps in batched products (KERNELS.md "after the loop").
+    # Weight gradients of all steps in batched products (KERNELS.md "after the loop"), summed
+    # per step in fp32 (_weight_grads).
     frames = x.reshape(steps * batch, cin, height, width)
     h_prev = mask.before_each(output, h0).reshape(steps * batch, hidden, height, width)
     dacc_rows = dacc.view(-1, hidden)
     dgp_rows = dgp.view(steps * batch, 3 * hidden)
-    grad_pwh = dacc_rows.t() @ rows(depthwise(h_prev, dwh))
+    grad_pwh = steps_mm(dacc_rows, rows(depthwise(h_prev, dwh)), steps)
     _, grad_dwh = depthwise_backward(nchw(ddw.view(-1, hidden), steps * batch, height, width),
-                                     h_prev, dwh, False)
+                                     h_prev, dwh, False, steps)
     grad_cb = dacc_rows.sum(0, dtype=torch.float32)
     grad_gb = dgp_rows.sum(0)
-    grad_gwh = dgp_rows.t() @ h_prev.mean((-2, -1), dtype=torch.float32)
+    grad_gwh = steps_mm(dgp_rows, h_prev.mean((-2, -1), dtype=torch.float32), steps)
     xbar = frames.mean((-2, -1), dtype=torch.float32)
-    grad_gwx = dgp_rows.t() @ xbar
+    grad_gwx = steps_mm(dgp_rows, xbar, steps)
     d_rows = rows(depthwise(frames, dwx))
-    grad_frames, grad_dwx, grad_pwx = sepconv_rows_backward(dacc_rows, frames, d_rows, dwx, pwx)
+    grad_frames, grad_dwx, grad_pwx = sepconv_rows_backward(dacc_rows, frames, d_rows, dwx, pwx,
+                                                            steps)
     # GAP(X) feeds the gates: dX += (dgp · U_x) / HW broadcast over the map.
     grad_frames = grad_frames + ((dgp_rows @ gwx.float()) / pixels).to(x.dtype)[:, :, None, None]
     grad_x, grad_h0, grad_c0 = layer_input_grads(grad_frames, grad_h0_rows, dc, x)

@@ -32,8 +32,10 @@ from ._common import program_tile, state_tile, store_cell_state, store_gate_prea
 from ._common import store_hidden_state, tanh
 from ._common import attention_features_kernel, pooled_layer_bwd_kernel
 from ._common import GPU_BLOCK_M, SEPCONV_LAUNCH, block_sizes, dot_precision
+from ._common import ATTENTION_FWD_BLOCK_K, ATTENTION_FWD_LAUNCH, POOLED_BWD_LAUNCH
 from ._common import SequenceFrames, StepMask, Walk, depthwise, depthwise_backward, nchw, rows
 from ._common import sepconv_rows, sepconv_rows_backward
+from ._weight_grads import conv_weight_grad, steps_mm
 from ._common import initial_pooled_state, layer_input_grads, layer_outputs, output_grad_rows
 # The traffic models of the shared host helpers and kernels (for traffic() below).
 from ._common import GPU_BLOCK_CS, attention_features_traffic, depthwise_backward_traffic
@@ -248,8 +250,9 @@ def _spatial_features_bwd_kernel(
 # attended input's and the attention features' backward) and 17 ATen calls: dgp = Σ gpart ·
 # act'(z) (sum, 2 sigmoid, neg, 2 mul: 6, plus its copy into dgp[t]), d_att's sum, the softmax
 # backward's 4 (mul, sum, sub, mul, with its copy into dz[t]), and 4 GEMMs into their buffers — the
-# hot spot of the Triton backward (issue 14).
-LAUNCHES_PER_STEP = {"forward": (4, 0), "backward": (3, 17)}
+# hot spot of the Triton backward (issue 14) — and, in fp32 (where it is measured), d W_z's
+# per-step call and add_ (_weight_grads.conv_weight_grad; 16-bit dtypes make one for all steps).
+LAUNCHES_PER_STEP = {"forward": (4, 0), "backward": (3, 19)}
 
 
 def _gate_act_grad(z: torch.Tensor, gate_activation: int) -> torch.Tensor:
@@ -291,7 +294,8 @@ def spatial_attention_layer_forward(x, h0, c0, params, gate_activation: int,
     h_prev, c_state, hpart = initial_pooled_state(h0, c0, tiles, walk)
     h_prev = mask.carry_buffer(h_prev)
     grid = (tiles, triton.cdiv(hidden, block_c), batch)
-    blocks = dict(BLOCK_M=block_m, BLOCK_N=block_c, BLOCK_K=block_c, **SEPCONV_LAUNCH)
+    blocks = dict(BLOCK_M=block_m, BLOCK_N=block_c,
+                  BLOCK_K=min(block_c, ATTENTION_FWD_BLOCK_K), **ATTENTION_FWD_LAUNCH)
     dot = dot_precision(x.dtype)
     for t in walk.forward():
         c_before = mask.hold(c_state)
@@ -363,7 +367,7 @@ def spatial_attention_layer_backward(grad_output, grad_h_n, grad_c_n, x, h0, c0,
     dgp_kernel = torch.empty_like(dgp)  # the backward kernel's copy of dgp (unused here)
     grad_h0_rows = torch.empty_like(gout[0])
     grid = (tiles, triton.cdiv(hidden, block_c), batch)
-    blocks = dict(BLOCK_M=block_m, BLOCK_N=block_c, **SEPCONV_LAUNCH)
+    blocks = dict(BLOCK_M=block_m, BLOCK_N=block_c, **POOLED_BWD_LAUNCH)
     for s in walk.backward():
         t = s.t
         dc_held = mask.hold(dc) if s.cell else None
@@ -404,21 +408,19 @@ def spatial_attention_layer_backward(grad_output, grad_h_n, grad_c_n, x, h0, c0,
     att_maps = att.view(maps, 1, height, width)
     attended = att_maps * frames  # X̃
     feat_maps = as_maps(feat)
-    grad_cpwx = flat(dacc).t() @ rows(depthwise(attended, cdwx))
-    _, grad_cdwx = depthwise_backward(as_maps(ddx, cin), attended, cdwx, False)
-    grad_cpwh = flat(dacc).t() @ rows(depthwise(h_prev, cdwh))
-    _, grad_cdwh = depthwise_backward(as_maps(ddw_c), h_prev, cdwh, False)
-    grad_apwh = flat(dfeat).t() @ dwh_a_rows
-    _, grad_adwh = depthwise_backward(as_maps(ddw_a), h_prev, adwh, False)
-    grad_fa, grad_adwx, grad_apwx = sepconv_rows_backward(flat(dfeat), frames,
-                                                          rows(depthwise(frames, adwx)), adwx, apwx)
-    pad = ksize // 2
-    _, grad_wz, _ = torch.ops.aten.convolution_backward(
-        dz.view(maps, 1, height, width).to(x.dtype), feat_maps, wz, None, [1, 1], [pad, pad],
-        [1, 1], False, [0, 0], 1, [False, True, False])
+    # The weights' gradients over all steps, summed per step in fp32 (_weight_grads).
+    grad_cpwx = steps_mm(flat(dacc), rows(depthwise(attended, cdwx)), steps)
+    _, grad_cdwx = depthwise_backward(as_maps(ddx, cin), attended, cdwx, False, steps)
+    grad_cpwh = steps_mm(flat(dacc), rows(depthwise(h_prev, cdwh)), steps)
+    _, grad_cdwh = depthwise_backward(as_maps(ddw_c), h_prev, cdwh, False, steps)
+    grad_apwh = steps_mm(flat(dfeat), dwh_a_rows, steps)
+    _, grad_adwh = depthwise_backward(as_maps(ddw_a), h_prev, adwh, False, steps)
+    grad_fa, grad_adwx, grad_apwx = sepconv_rows_backward(
+        flat(dfeat), frames, rows(depthwise(frames, adwx)), adwx, apwx, steps)
+    grad_wz = conv_weight_grad(dz.view(maps, 1, height, width).to(x.dtype), feat_maps, wz, steps)
     dgp_rows = dgp.view(maps, 3 * hidden)
-    grad_gwh = dgp_rows.t() @ h_prev.mean((-2, -1), dtype=torch.float32)
-    grad_gwx = dgp_rows.t() @ attended.mean((-2, -1), dtype=torch.float32)
+    grad_gwh = steps_mm(dgp_rows, h_prev.mean((-2, -1), dtype=torch.float32), steps)
+    grad_gwx = steps_mm(dgp_rows, attended.mean((-2, -1), dtype=torch.float32), steps)
     grad_frames = att_maps * as_maps(dxt, cin) + grad_fa  # X̃ = A ∘ X
     grads = [grad_gwx, grad_gwh, dgp_rows.sum(0), grad_cdwx, grad_cpwx, grad_cdwh, grad_cpwh,
              flat(dacc).sum(0, dtype=torch.float32), grad_adwx, grad_apwx, grad_adwh, grad_apwh,
@@ -536,8 +538,12 @@ def traffic(shape, itemsize: int) -> list:
     r.aten("convolution (depthwise dw_xa(X))", z.xseq(), z.xseq(), z.depthwise_flops(cin, T))
     r.aten("clone (rows)", z.xseq(), z.xseq())
     sepconv_rows_backward_traffic(r, z, cin, C, T)
-    r.aten("convolution_backward (d W_z)", T * amap + z.seq(), z.weight(k2 * C),
-           z.gemm_flops(1, k2 * C, T * z.rows))
+    if itemsize == 4:  # fp32: one call per step, summed (_weight_grads.conv_weight_grad)
+        r.per_step_weight_grad("d W_z", amap + z.state(), z.weight(k2 * C),
+                               z.gemm_flops(1, k2 * C, z.rows), T)
+    else:
+        r.aten("convolution_backward (d W_z)", T * amap + z.seq(), z.weight(k2 * C),
+               z.gemm_flops(1, k2 * C, T * z.rows))
     r.aten("mean (GAP(H_{t-1}))", z.seq(), T * z.vec(C))
     r.aten("mean (GAP(X̃))", z.xseq(), T * z.vec(cin))
     r.aten("mul (dX̃∘A)", z.xseq() + T * amap, z.xseq())

@@ -154,6 +154,14 @@ class Recorder:
     def aten(self, name, read, written, flops=0, count=1, loaded=None) -> None:
         self._add(name, ATEN, read, written, flops, count, loaded)
 
+    def per_step_weight_grad(self, name, step_read, weight, step_flops, steps) -> None:
+        """An fp32 weight gradient summed per step (ops/registration.py's contract): one
+        convolution backward a step reading ``step_read`` and writing the ``weight`` bytes,
+        and an add_ of each into the sum."""
+        self.aten(f"convolution_backward ({name} of one step)", step_read, weight, step_flops,
+                  count=steps)
+        self.aten(f"add_ ({name} over the steps)", 2 * weight, weight, count=steps - 1)
+
     def _add(self, name, kind, read, written, flops, count, loaded) -> None:
         if count:
             self.launches.append(Launch(name, kind, self.phase, int(read), int(written),

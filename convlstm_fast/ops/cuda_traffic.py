@@ -289,19 +289,16 @@ def convlstm_layer(shape, itemsize: int) -> list:
     r.aten("copy_ (dH_{t-1} to the fp32 rows)", z.state(), z.state32(), count=T)
     r.aten("cat (H_{t-1} of all steps)", z.seq(), z.seq())
     if itemsize == 4:  # fp32: d W_h and d W_x one call per step, summed (same_conv_weight_grad)
-        r.aten("convolution_backward (d W_h of one step)", z.state(4 * C) + z.state(), weight_h,
-               z.gemm_flops(4 * C, C * k2, z.rows), count=T)
-        r.aten("add_ (d W_h over the steps)", 2 * weight_h, weight_h, count=T - 1)
+        r.per_step_weight_grad("d W_h", z.state(4 * C) + z.state(), weight_h,
+                               z.gemm_flops(4 * C, C * k2, z.rows), T)
     else:
         r.aten("convolution_backward (d W_h)", z.seq(4 * C) + z.seq(), weight_h,
                z.gemm_flops(4 * C, C * k2, T * z.rows))
     if itemsize == 4:
         r.aten("convolution_backward (dX)", z.seq(4 * C) + z.weight(4 * C * cin * k2), z.xseq(),
                z.gemm_flops(T * z.rows, 4 * C, cin * k2))
-        r.aten("convolution_backward (d W_x of one step)", z.state(4 * C) + z.xstep(),
-               z.weight(4 * C * cin * k2), z.gemm_flops(4 * C, cin * k2, z.rows), count=T)
-        r.aten("add_ (d W_x over the steps)", 2 * z.weight(4 * C * cin * k2),
-               z.weight(4 * C * cin * k2), count=T - 1)
+        r.per_step_weight_grad("d W_x", z.state(4 * C) + z.xstep(), z.weight(4 * C * cin * k2),
+                               z.gemm_flops(4 * C, cin * k2, z.rows), T)
     else:
         r.aten("convolution_backward (dX, d W_x)", z.seq(4 * C) + z.xseq(), z.xseq(),
                2 * z.gemm_flops(T * z.rows, 4 * C, cin * k2))
@@ -408,10 +405,8 @@ def spatial_attention_layer(shape, itemsize: int) -> list:
     r.aten("mm (d pw_h)", 2 * z.seq(), z.weight(C * C), z.gemm_flops(C, C, T * z.rows))
     r.aten("sum (d b_c)", z.seq(), C * 4)
     if itemsize == 4:  # fp32: one call per step, summed (same_conv_weight_grad)
-        r.aten("convolution_backward (d W_z of one step)", amap + z.state(), z.weight(C * k2),
-               z.gemm_flops(1, C * k2, z.rows), count=T)
-        r.aten("add_ (d W_z over the steps)", 2 * z.weight(C * k2), z.weight(C * k2),
-               count=T - 1)
+        r.per_step_weight_grad("d W_z", amap + z.state(), z.weight(C * k2),
+                               z.gemm_flops(1, C * k2, z.rows), T)
     else:
         r.aten("convolution_backward (d W_z)", T * amap + z.seq(), z.weight(C * k2),
                z.gemm_flops(1, C * k2, T * z.rows))
