@@ -48,12 +48,8 @@ def launch_options(dtype: torch.dtype, arch: int | None = None, forward: bool = 
     kernels without spilling (compile_check, triton 3.6, sm_90): one program per SM, 16 warps,
     25 % occupancy. At 8 warps both needed 255 registers and spilled (one program per SM, 12.5 %);
     maxnreg=128 at 8 warps spills ~0.6-1.3 KB. Two pipeline stages for 16-bit operands; fp32
-    tiles are twice as large, one stage keeps them within sm_80's 163 KB.
-    Still spilling: the fp32 forward with IEEE dots (FMA, not tensor cores). Its H tile's FMA
-    operand fragment holds every one of BLOCK_K columns of the thread's rows and is shared by
-    the four gate dots, so it stays live across all four (with each dot's weight fragment on
-    top); far over the register file, ptxas falls back to 32 registers and keeps the rest in
-    local memory (0.2-14 KB of spill at every BLOCK_K and warp count tried)."""
+    tiles are twice as large, one stage keeps them within sm_80's 163 KB. The fp32 forward with
+    IEEE dots (FMA, not tensor cores) fits only one gate at a time (:func:`gate_at_a_time`)."""
     options = dict(num_warps=16, num_stages=1 if dtype == torch.float32 else 2)
     if not forward:
         return options
@@ -68,51 +64,103 @@ def launch_options(dtype: torch.dtype, arch: int | None = None, forward: bool = 
 FWD_BLOCK_K = 32
 
 
+def gate_at_a_time(dtype: torch.dtype, dot: str) -> bool:
+    """Whether the forward runs one reduction loop per gate (GATE_AT_A_TIME): for fp32 with IEEE
+    dots. Their FMA operand fragments (every BLOCK_K column of a thread's H rows, shared by the
+    four gate dots, with each dot's weight fragment on top) do not fit 16 warps' 128 registers:
+    ptxas falls back to 32 registers and spills 3.2 KB a thread on sm_90 (triton 3.6,
+    compile_check; 0.2-14 KB at every BLOCK_K and warp count tried). One loop per gate keeps one
+    H and one weight fragment live: 116 registers, no spill, at K = 1, 3 and 5. It reads each H
+    tile four times (from L1/L2: the modelled HBM traffic is the same); IEEE fp32 is the slow
+    FMA path either way."""
+    return dtype == torch.float32 and dot == "ieee"
+
+
+def forward_constexprs(dtype: torch.dtype, block_c: int, dot: str) -> dict:
+    """The forward kernel's GATE_AT_A_TIME and BLOCK_K for a launch."""
+    return dict(GATE_AT_A_TIME=gate_at_a_time(dtype, dot), BLOCK_K=min(block_c, FWD_BLOCK_K))
+
+
+@triton.jit
+def _h_tap_tiles(it, chunks, h_prev, w_ptr, C, C4, H, W, oy, ox, mask_m, offs_n, mask_n,
+                 KSIZE: tl.constexpr, BLOCK_K: tl.constexpr):
+    """Iteration ``it`` of the forward's (tap, channel chunk) loop: the shifted H_{t−1} tile
+    ``[BLOCK_M, BLOCK_K]`` and the address and mask of the gate-i weight tile
+    ``[BLOCK_K, BLOCK_N]`` (gate j's is ``j·C`` further on)."""
+    PAD: tl.constexpr = KSIZE // 2
+    tap = it // chunks
+    offs_k = (it % chunks) * BLOCK_K + tl.arange(0, BLOCK_K)
+    mask_k = offs_k < C
+    iy = oy + (tap // KSIZE - PAD)
+    ix = ox + (tap % KSIZE - PAD)
+    valid = mask_m & (iy >= 0) & (iy < H) & (ix >= 0) & (ix < W)
+    hv = tl.load(h_prev + (iy * W + ix)[:, None] * C + offs_k[None, :],
+                 mask=valid[:, None] & mask_k[None, :], other=0.0)
+    wbase = w_ptr + tap * C * C4 + offs_k[:, None] * C4 + offs_n[None, :]
+    return hv, wbase, mask_k[:, None] & mask_n[None, :]
+
+
+@triton.jit
+def _h_gate_conv(h_prev, w_gate, C, C4, H, W, oy, ox, mask_m, offs_n, mask_n,
+                 KSIZE: tl.constexpr, DOT_PRECISION: tl.constexpr,
+                 BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+    """W_h * H_{t−1} for one gate (``w_gate`` = w + j·C): one dot per loop iteration."""
+    acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
+    chunks = tl.cdiv(C, BLOCK_K)
+    for it in range(KSIZE * KSIZE * chunks):
+        hv, wbase, wmask = _h_tap_tiles(it, chunks, h_prev, w_gate, C, C4, H, W, oy, ox,
+                                        mask_m, offs_n, mask_n, KSIZE, BLOCK_K)
+        acc = tl.dot(hv, tl.load(wbase, mask=wmask, other=0.0), acc,
+                     input_precision=DOT_PRECISION)
+    return acc
+
+
 @triton.jit
 def _convlstm_layer_fwd_kernel(
     h_prev_ptr, c_ptr, xz_ptr, w_ptr,
     h_out_ptr, cell_ptr, gates_ptr,
     C, H, W,
     KSIZE: tl.constexpr, ACT: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    GATE_AT_A_TIME: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
     """One step for BLOCK_M pixels of sample b × BLOCK_N channels of each gate. Rows:
     h_prev ``[B·H·W, C]``, c fp32 ``[B·H·W, C]`` (C_{t−1} in, C_t out, in place), xz
     ``[B·H·W, 4C]`` (W_x * X_t + b), w ``[K·K, C, 4C]`` (w[a·K + b, k, j] = W_h[j, k, a, b]).
-        z_j[p] = xz[p, j] + Σ_{a,b,k} H_{t−1}[p + (a − P, b − P), k] · W_h[j, k, a, b]"""
+        z_j[p] = xz[p, j] + Σ_{a,b,k} H_{t−1}[p + (a − P, b − P), k] · W_h[j, k, a, b]
+    Without GATE_AT_A_TIME one loop over (tap, channel chunk) does the four gates' dots on each
+    H tile; with it (see :func:`gate_at_a_time`) each gate has its own loop, run where the
+    epilogue first needs it (i and g, then f, then o)."""
     pid_m, pid_n, b, HW, offs_m, mask_m, oy, ox, offs_n, mask_n = program_tile(
         C, H, W, BLOCK_M, BLOCK_N)
-    PAD: tl.constexpr = KSIZE // 2
     C4 = 4 * C
     h_prev = h_prev_ptr + b * HW * C
 
-    acc_i = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
-    acc_f = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
-    acc_g = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
-    acc_o = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
-    # One runtime loop over (tap, channel chunk): each iteration is one H tile and four weight
-    # tiles, which the software pipeliner can double-buffer (an unrolled tap loop would make it
-    # buffer all K² taps at once).
-    chunks = tl.cdiv(C, BLOCK_K)
-    for it in range(KSIZE * KSIZE * chunks):
-        tap = it // chunks
-        offs_k = (it % chunks) * BLOCK_K + tl.arange(0, BLOCK_K)
-        mask_k = offs_k < C
-        iy = oy + (tap // KSIZE - PAD)
-        ix = ox + (tap % KSIZE - PAD)
-        valid = mask_m & (iy >= 0) & (iy < H) & (ix >= 0) & (ix < W)
-        hv = tl.load(h_prev + (iy * W + ix)[:, None] * C + offs_k[None, :],
-                     mask=valid[:, None] & mask_k[None, :], other=0.0)
-        wmask = mask_k[:, None] & mask_n[None, :]
-        wbase = w_ptr + tap * C * C4 + offs_k[:, None] * C4 + offs_n[None, :]
-        acc_i = tl.dot(hv, tl.load(wbase, mask=wmask, other=0.0), acc_i,
-                       input_precision=DOT_PRECISION)
-        acc_f = tl.dot(hv, tl.load(wbase + C, mask=wmask, other=0.0), acc_f,
-                       input_precision=DOT_PRECISION)
-        acc_g = tl.dot(hv, tl.load(wbase + 2 * C, mask=wmask, other=0.0), acc_g,
-                       input_precision=DOT_PRECISION)
-        acc_o = tl.dot(hv, tl.load(wbase + 3 * C, mask=wmask, other=0.0), acc_o,
-                       input_precision=DOT_PRECISION)
+    if GATE_AT_A_TIME:
+        acc_i = _h_gate_conv(h_prev, w_ptr, C, C4, H, W, oy, ox, mask_m, offs_n, mask_n,
+                             KSIZE, DOT_PRECISION, BLOCK_M, BLOCK_N, BLOCK_K)
+        acc_g = _h_gate_conv(h_prev, w_ptr + 2 * C, C, C4, H, W, oy, ox, mask_m, offs_n,
+                             mask_n, KSIZE, DOT_PRECISION, BLOCK_M, BLOCK_N, BLOCK_K)
+    else:
+        acc_i = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
+        acc_f = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
+        acc_g = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
+        acc_o = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
+        # One runtime loop over (tap, channel chunk): each iteration is one H tile and four
+        # weight tiles, which the software pipeliner can double-buffer (an unrolled tap loop
+        # would make it buffer all K² taps at once).
+        chunks = tl.cdiv(C, BLOCK_K)
+        for it in range(KSIZE * KSIZE * chunks):
+            hv, wbase, wmask = _h_tap_tiles(it, chunks, h_prev, w_ptr, C, C4, H, W, oy, ox,
+                                            mask_m, offs_n, mask_n, KSIZE, BLOCK_K)
+            acc_i = tl.dot(hv, tl.load(wbase, mask=wmask, other=0.0), acc_i,
+                           input_precision=DOT_PRECISION)
+            acc_f = tl.dot(hv, tl.load(wbase + C, mask=wmask, other=0.0), acc_f,
+                           input_precision=DOT_PRECISION)
+            acc_g = tl.dot(hv, tl.load(wbase + 2 * C, mask=wmask, other=0.0), acc_g,
+                           input_precision=DOT_PRECISION)
+            acc_o = tl.dot(hv, tl.load(wbase + 3 * C, mask=wmask, other=0.0), acc_o,
+                           input_precision=DOT_PRECISION)
 
     # Epilogue (eqs. 3-6), one gate at a time so that each accumulator dies as it is used.
     row = (b * HW + offs_m)[:, None]
@@ -125,11 +173,17 @@ def _convlstm_layer_fwd_kernel(
     z_g = acc_g + tl.load(xz_ptr + zoffs + 2 * C, mask=mask, other=0.0).to(tl.float32)
     tl.store(gates_ptr + zoffs + 2 * C, z_g.to(out_ty), mask=mask)
     ig = gate_act(z_i, ACT) * tanh(z_g)
+    if GATE_AT_A_TIME:
+        acc_f = _h_gate_conv(h_prev, w_ptr + C, C, C4, H, W, oy, ox, mask_m, offs_n, mask_n,
+                             KSIZE, DOT_PRECISION, BLOCK_M, BLOCK_N, BLOCK_K)
     z_f = acc_f + tl.load(xz_ptr + zoffs + C, mask=mask, other=0.0).to(tl.float32)
     tl.store(gates_ptr + zoffs + C, z_f.to(out_ty), mask=mask)
     c_new = gate_act(z_f, ACT) * tl.load(c_ptr + offs, mask=mask, other=0.0) + ig
     tl.store(c_ptr + offs, c_new, mask=mask)
     tl.store(cell_ptr + offs, c_new.to(cell_ptr.dtype.element_ty), mask=mask)
+    if GATE_AT_A_TIME:
+        acc_o = _h_gate_conv(h_prev, w_ptr + 3 * C, C, C4, H, W, oy, ox, mask_m, offs_n,
+                             mask_n, KSIZE, DOT_PRECISION, BLOCK_M, BLOCK_N, BLOCK_K)
     z_o = acc_o + tl.load(xz_ptr + zoffs + 3 * C, mask=mask, other=0.0).to(tl.float32)
     tl.store(gates_ptr + zoffs + 3 * C, z_o.to(out_ty), mask=mask)
     h = gate_act(z_o, ACT) * tanh(c_new)
@@ -233,12 +287,13 @@ def convlstm_layer_forward(x, h0, c0, params, gate_activation: int, reverse: boo
     walk = Walk(steps, reverse)
     mask = StepMask(lengths, walk, batch)
     h_prev = mask.carry_buffer(rows(h0))
+    dot = dot_precision(x.dtype)
     for t in walk.forward():
         c_before = mask.hold(c_state)
         _convlstm_layer_fwd_kernel[grid](
             h_prev, c_state, xz[t], w, out[t], cell[t], gates[t], hidden, height, width,
-            KSIZE=ksize, ACT=gate_activation, DOT_PRECISION=dot_precision(x.dtype),
-            BLOCK_M=block_m, BLOCK_N=block_c, BLOCK_K=min(block_c, FWD_BLOCK_K),
+            KSIZE=ksize, ACT=gate_activation, DOT_PRECISION=dot, BLOCK_M=block_m,
+            BLOCK_N=block_c, **forward_constexprs(x.dtype, block_c, dot),
             **launch_options(x.dtype, gpu_arch(x.device)),
         )
         if mask.active:
@@ -311,8 +366,8 @@ def compile_cases(dtype: torch.dtype, ksize: int, block_c: int, gate_activation:
                   ACT=gate_activation, DOT_PRECISION=dot)
     back = launch_options(dtype, forward=False)
     return [
-        (_convlstm_layer_fwd_kernel, {"c_ptr"}, dict(blocks, BLOCK_K=min(block_c, FWD_BLOCK_K)),
-         launch_options(dtype)),
+        (_convlstm_layer_fwd_kernel, {"c_ptr"},
+         dict(blocks, **forward_constexprs(dtype, block_c, dot)), launch_options(dtype)),
         (_convlstm_layer_bwd_kernel, {"dc_ptr"}, dict(blocks, HAS_REC=True, CELL=True), back),
         (_convlstm_layer_bwd_kernel, {"dc_ptr"}, dict(blocks, HAS_REC=False, CELL=True), back),
         (_convlstm_layer_bwd_kernel, {"dc_ptr"}, dict(blocks, HAS_REC=True, CELL=False), back),

@@ -85,3 +85,36 @@ def test_gpu_tiling_matches_reference(gpu_tiling, variant, shape, walk):
     for name in want:
         torch.testing.assert_close(got[name], want[name], rtol=RTOL, atol=ATOL,
                                    msg=lambda m, name=name: f"{name}: {m}")
+
+
+@pytest.mark.parametrize("one_gate_loops", [True, False], ids=["gate-at-a-time", "four-dot-loop"])
+def test_convlstm_forward_loop_structures(gpu_tiling, monkeypatch, one_gate_loops):
+    """The ConvLSTM forward's two reduction structures (convlstm_layer.gate_at_a_time): fp32 with
+    IEEE dots, the interpreter's default, takes one loop per gate; the four-dot loop is what
+    16-bit and TF32 launches take. Both in fp32 against the reference, over 3 partial chunks."""
+    from convlstm_fast.triton_kernels import convlstm_layer as module
+
+    chosen = []
+
+    def choice(dtype, dot):
+        chosen.append(one_gate_loops)
+        return one_gate_loops
+
+    monkeypatch.setattr(module, "gate_at_a_time", choice)
+    steps, batch, cin, hidden, height, width, ksize = SHAPES["k3"]
+    inputs = make_inputs("convlstm", steps, batch, cin, hidden, height, width, ksize)
+    got = _results("convlstm", inputs, "sigmoid", "triton", False, None)
+    want = _results("convlstm", inputs, "sigmoid", "reference", False, None)
+    assert chosen, "the launcher did not ask gate_at_a_time"
+    for name in want:
+        torch.testing.assert_close(got[name], want[name], rtol=RTOL, atol=ATOL,
+                                   msg=lambda m, name=name: f"{name}: {m}")
+
+
+def test_gate_at_a_time_only_for_ieee_fp32():
+    from convlstm_fast.triton_kernels.convlstm_layer import gate_at_a_time
+
+    assert gate_at_a_time(torch.float32, "ieee")
+    assert not gate_at_a_time(torch.float32, "tf32")
+    assert not gate_at_a_time(torch.bfloat16, "ieee")
+    assert not gate_at_a_time(torch.float16, "ieee")
