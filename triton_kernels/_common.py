@@ -56,13 +56,16 @@ KERNEL_SIZES_CHECKED = (1, 3, 5)
 SEPCONV_LAUNCH = dict(num_warps=4, num_stages=1)
 # The channel-attention forward step kernels' own launch choices (attention_features_kernel,
 # attention_logits_kernel, attention_cell_kernel; not SEPCONV_LAUNCH's), as pooled_layer's
-# FWD_LAUNCH: a 16-wide reduction chunk (tl.dot's K and the pooled gates' U_h·h̄ chunk), 8 warps
-# and at most 128 registers per thread (2 programs, 16 warps per SM: 25 % occupancy). At
-# SEPCONV_LAUNCH with BLOCK_K = 64 each needed 255 and spilled (sm_90, triton 3.6: 64-500 B in
-# bf16; the features kernel 4.6 KB in fp32 at K = 3). Never above the channel tile:
-# BLOCK_K = min(BLOCK_C, ATTENTION_FWD_BLOCK_K), on CPU as on a GPU.
+# FWD_LAUNCH: a 16-wide reduction chunk (tl.dot's K and the pooled gates' U_h·h̄ chunk) and
+# 16 warps with maxnreg = 128 (the cap there anyway; named, it keeps ptxas from choosing 64 of
+# its own, where triton 3.8 spilled 8-12 B in the cell kernel): 64-114 registers on sm_90, one
+# or two programs per SM, 25-50 % occupancy. At SEPCONV_LAUNCH with BLOCK_K = 64 each needed
+# 255 and spilled (sm_90, triton 3.6: 64-500 B in bf16; the features kernel 4.6 KB in fp32 at
+# K = 3); 8 warps capped at 128 registers fit triton 3.6 but spilled 28 B in the fp32 features
+# kernel at K = 3 with triton 3.9's ptxas flags (--regAllocOptLevel=2). Never above the channel
+# tile: BLOCK_K = min(BLOCK_C, ATTENTION_FWD_BLOCK_K), on CPU as on a GPU.
 ATTENTION_FWD_BLOCK_K = 16
-ATTENTION_FWD_LAUNCH = dict(SEPCONV_LAUNCH, num_warps=8, maxnreg=128)
+ATTENTION_FWD_LAUNCH = dict(SEPCONV_LAUNCH, num_warps=16, maxnreg=128)
 # The backward step kernels of the pooled-gate cells (pooled_layer_bwd_kernel,
 # attention_cell_bwd_kernel): 8 warps, half the registers per thread of every 64 × 64 state
 # tile. At 4 warps both needed more than 255 and spilled (sm_90, triton 3.6: 0.3-0.8 KB even

@@ -39,14 +39,15 @@ from ._common import layer_outputs_traffic, output_grad_rows_traffic, pooled_lay
 from ._common import sepconv_rows_backward_traffic, sepconv_rows_traffic
 
 # This kernel's own launch choices (not SEPCONV_LAUNCH's, which other kernels share): a 16-wide
-# reduction chunk, 8 warps and at most 128 registers per thread (2 programs, 16 warps per SM:
-# 25 % occupancy). At SEPCONV_LAUNCH with BLOCK_K = BLOCK_C = 64 it needed more than 255 and
+# reduction chunk and 16 warps (82-100 registers on sm_90: one program, 16 warps per SM, 25 %
+# occupancy). At SEPCONV_LAUNCH with BLOCK_K = BLOCK_C = 64 it needed more than 255 and
 # spilled on sm_90 (~1 KB/thread in bf16 at K = 3 on triton 3.6, even with the depthwise taps as
 # a runtime loop and the gates after the main loop); BLOCK_K = 32 with 8 warps fits in 164
-# without spilling (one program per SM, 12.5 %), and only BLOCK_K = 16 fits in 128 (compile_check).
-# Never above the channel tile: BLOCK_K = min(BLOCK_C, 16).
+# without spilling (one program per SM, 12.5 %); BLOCK_K = 16 at 8 warps capped at 128 registers
+# fit triton 3.6 but spilled 8 B in 16-bit at K = 3 with triton 3.9's ptxas flags
+# (--regAllocOptLevel=2; compile_check). Never above the channel tile: BLOCK_K = min(BLOCK_C, 16).
 FWD_BLOCK_K = 16
-FWD_LAUNCH = dict(SEPCONV_LAUNCH, num_warps=8, maxnreg=128)
+FWD_LAUNCH = dict(SEPCONV_LAUNCH, num_warps=16)
 
 
 @triton.jit
