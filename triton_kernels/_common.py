@@ -199,9 +199,11 @@ def state_tile(b, HW, C, offs_m, mask_m, offs_n, mask_n):
 @triton.jit
 def depthwise_tile(src_ptr, oy, ox, mask_m, offs_k, mask_k, C, H, W, dw_ptr,
                    KSIZE: tl.constexpr, FLIP: tl.constexpr,
-                   BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr):
-    """Depthwise K×K 'same' convolution of one sample's channels-last map ``src [H·W, C]`` at
-    pixels (oy, ox) and channels offs_k, in fp32 (zero outside the map):
+                   BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr,
+                   CHANNELS_LAST: tl.constexpr = True):
+    """Depthwise K×K 'same' convolution of one sample's channels-last map ``src [H·W, C]`` (or,
+    without CHANNELS_LAST, of its NCHW planes ``src [C, H·W]``) at pixels (oy, ox) and channels
+    offs_k, in fp32 (zero outside the map):
         FLIP = False:  out[y, x, k] = Σ_{a,b} w[k, a, b] · src[y + a − P, x + b − P, k]
         FLIP = True:   out[y, x, k] = Σ_{a,b} w[k, a, b] · src[y − a + P, x − b + P, k]
     (the second is the transposed convolution: the gradient of the first w.r.t. src).
@@ -220,7 +222,10 @@ def depthwise_tile(src_ptr, oy, ox, mask_m, offs_k, mask_k, C, H, W, dw_ptr,
                 iy = oy + (a - PAD)
                 ix = ox + (b - PAD)
             valid = mask_m & (iy >= 0) & (iy < H) & (ix >= 0) & (ix < W)
-            ptrs = src_ptr + (iy * W + ix)[:, None] * C + offs_k[None, :]
+            if CHANNELS_LAST:
+                ptrs = src_ptr + (iy * W + ix)[:, None] * C + offs_k[None, :]
+            else:
+                ptrs = src_ptr + offs_k[None, :] * (H * W) + (iy * W + ix)[:, None]
             v = tl.load(ptrs, mask=valid[:, None] & mask_k[None, :], other=0.0).to(tl.float32)
             w = tl.load(dw_ptr + offs_k * (KSIZE * KSIZE) + (a * KSIZE + b), mask=mask_k,
                         other=0.0).to(tl.float32)
@@ -232,20 +237,55 @@ def depthwise_tile(src_ptr, oy, ox, mask_m, offs_k, mask_k, C, H, W, dw_ptr,
 @triton.jit
 def sepconv_tile(h_ptr, oy, ox, mask_m, offs_n, mask_n, C, H, W, dw_ptr, pw_ptr,
                  KSIZE: tl.constexpr, DOT_PRECISION: tl.constexpr, BLOCK_M: tl.constexpr,
-                 BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
-    """SepConv of one sample's channels-last map ``h_ptr`` for a program's BLOCK_M pixels ×
-    BLOCK_N output channels, fp32: Σ_k dw(H)[:, k] · pw[n, k] over the C input channels in
-    chunks of BLOCK_K, the depthwise tile computed on the fly (:func:`depthwise_tile`)."""
+                 BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+                 CHANNELS_LAST: tl.constexpr = True):
+    """SepConv of one sample's channels-last map ``h_ptr`` (NCHW planes without CHANNELS_LAST)
+    for a program's BLOCK_M pixels × BLOCK_N output channels, fp32: Σ_k dw(H)[:, k] · pw[n, k]
+    over the C input channels in chunks of BLOCK_K, the depthwise tile computed on the fly
+    (:func:`depthwise_tile`)."""
     acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
     for k0 in range(0, C, BLOCK_K):
         offs_k = k0 + tl.arange(0, BLOCK_K)
         mask_k = offs_k < C
         d = depthwise_tile(h_ptr, oy, ox, mask_m, offs_k, mask_k, C, H, W, dw_ptr,
-                           KSIZE, False, BLOCK_M, BLOCK_K)
+                           KSIZE, False, BLOCK_M, BLOCK_K, CHANNELS_LAST)
         w = tl.load(pw_ptr + offs_n[None, :] * C + offs_k[:, None],
                     mask=mask_k[:, None] & mask_n[None, :], other=0.0)
         acc = tl.dot(d.to(w.dtype), w, acc, input_precision=DOT_PRECISION)
     return acc
+
+
+@triton.jit(do_not_specialize=["B", "sums"])
+def sepconv_frames_kernel(x_ptr, dw_ptr, pw_ptr, bias_ptr, out_ptr, xpart_ptr,
+                          CIN, C, H, W, B, stride_t, stride_b, NMT, sums,
+                          KSIZE: tl.constexpr, DOT_PRECISION: tl.constexpr,
+                          BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+    """An X-side SepConv of every step at once (KERNELS.md "Before the recurrence"), for BLOCK_M
+    pixels of frame n = t·B + b (the grid's third axis) × BLOCK_N of the C output channels:
+        out[n·H·W + p, j] = bias[j] + Σ_k pw[j, k] · dw(X[t, b])[p, k]
+    as time-first channels-last rows ``[T·B·H·W, C]``. X[t, b] ``[CIN, H, W]`` (contiguous
+    planes) is read in place at ``x + t·stride_t + b·stride_b``: a time-first x and the
+    time-first view of a batch-first one alike. With ``sums`` ≠ 0 the programs of the first
+    channel tile also store their pixels' column sums of X[t, b], ``xpart [T·B, NMT, CIN]`` fp32
+    (x̄_t for the pooled gates, reduced over the NMT tiles by the caller). ``sums`` and B are
+    runtime values, not specialised on: one compile serves the X sides with and without x̄ and
+    every batch size (the GPU check's compile budget, tests/triton/test_gpu_check_budget.py)."""
+    pid_m, pid_n, n, HW, offs_m, mask_m, oy, ox, offs_n, mask_n = program_tile(
+        C, H, W, BLOCK_M, BLOCK_N)
+    src = x_ptr + (n // B) * stride_t + (n % B) * stride_b
+    acc = sepconv_tile(src, oy, ox, mask_m, offs_n, mask_n, CIN, H, W, dw_ptr, pw_ptr,
+                       KSIZE, DOT_PRECISION, BLOCK_M, BLOCK_N, BLOCK_K, False)
+    acc += tl.load(bias_ptr + offs_n, mask=mask_n, other=0.0).to(tl.float32)[None, :]
+    offs, mask = state_tile(n, HW, C, offs_m, mask_m, offs_n, mask_n)
+    tl.store(out_ptr + offs, acc.to(out_ptr.dtype.element_ty), mask=mask)
+    if (sums != 0) & (pid_n == 0):
+        for k0 in range(0, CIN, BLOCK_K):
+            offs_k = k0 + tl.arange(0, BLOCK_K)
+            mask_k = offs_k < CIN
+            v = tl.load(src + offs_k[None, :] * HW + offs_m[:, None],
+                        mask=mask_m[:, None] & mask_k[None, :], other=0.0)
+            tl.store(xpart_ptr + (n * NMT + pid_m) * CIN + offs_k,
+                     tl.sum(v.to(tl.float32), axis=0), mask=mask_k)
 
 
 @triton.jit
@@ -716,8 +756,8 @@ class SequenceFrames:
     """The frames of ``x [T, B, Cin, H, W]`` as one batch ``frames [N, Cin, H, W]`` for the X-side
     convolutions, read in place: a time-first x in its T·B order, the time-first view of a
     batch-first tensor (what ConvLSTM passes) in its own B·T order; other strides are copied
-    once. :meth:`rows` and :meth:`means` give per-frame results back in time-first order, the
-    reordering folded into the channels-last copy that :func:`rows` makes anyway."""
+    once. :meth:`rows` gives per-frame results back in time-first order, the reordering folded
+    into the channels-last copy that :func:`rows` makes anyway."""
 
     def __init__(self, x: torch.Tensor):
         self.x = x
@@ -736,22 +776,41 @@ class SequenceFrames:
         sequence = self._in_time_order(per_frame)
         return sequence.permute(0, 1, 3, 4, 2).reshape(-1, per_frame.shape[1]).contiguous()
 
-    def means(self) -> torch.Tensor:
-        """Every frame's mean over the map, fp32, ``[T·B, Cin]`` time-first (x̄ of every step),
-        reduced from x in its own order into a time-first buffer."""
-        out = self.x.new_empty(self.x.shape[:3], dtype=torch.float32)
-        torch.mean(self.x, (-2, -1), dtype=torch.float32, out=out)
-        return out.view(self.steps * self.batch, -1)
-
 
 def sepconv_rows(x: torch.Tensor, dw: torch.Tensor, pw: torch.Tensor,
-                 bias: torch.Tensor | None, to_rows=rows) -> tuple[torch.Tensor, torch.Tensor]:
-    """SepConv of ``x [N, Cin, H, W]`` for all N at once, as rows (``to_rows``, e.g.
-    :meth:`SequenceFrames.rows`): returns ``(depthwise rows [N·H·W, Cin], dw(x)·pwᵀ + bias
-    [N·H·W, C])``."""
-    d = to_rows(depthwise(x, dw))
+                 bias: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
+    """SepConv of ``x [N, Cin, H, W]`` for all N at once, as rows: returns ``(depthwise rows
+    [N·H·W, Cin], dw(x)·pwᵀ + bias [N·H·W, C])`` (the H side's, whose depthwise rows the
+    backward reuses; the X side's is :func:`sepconv_x_rows`)."""
+    d = rows(depthwise(x, dw))
     out = torch.addmm(bias, d, pw.t()) if bias is not None else d @ pw.t()
     return d, out
+
+
+def sepconv_x_rows(x: torch.Tensor, dw: torch.Tensor, pw: torch.Tensor, bias: torch.Tensor,
+                   means: bool = False) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """``SepConv(X_t) + bias`` of every step of ``x [T, B, Cin, H, W]`` in ONE launch
+    (sepconv_frames_kernel): time-first channels-last rows ``[T·B·H·W, C]``, with no depthwise
+    output written, no copy to rows and no separate GEMM; x is read in place whatever the order
+    of its first two dims (copied only if a frame's planes are not contiguous). With ``means`` also x̄ of every
+    step (fp32 ``[T·B, Cin]`` time-first, from the kernel's per-tile column sums: x is read
+    once), else None."""
+    steps, batch, cin, height, width = x.shape
+    if x.stride()[2:] != (height * width, width, 1):
+        x = x.contiguous()
+    hidden, pixels = pw.shape[0], height * width
+    block_m, block_c = block_sizes(x.device, pixels, hidden)
+    tiles = triton.cdiv(pixels, block_m)
+    out = x.new_empty(steps * batch * pixels, hidden)
+    xpart = torch.empty((steps * batch, tiles, cin) if means else (1,), device=x.device,
+                        dtype=torch.float32)
+    sepconv_frames_kernel[(tiles, triton.cdiv(hidden, block_c), steps * batch)](
+        x, dw.contiguous(), pw.contiguous(), bias, out, xpart,
+        cin, hidden, height, width, batch, x.stride(0), x.stride(1), tiles, int(means),
+        KSIZE=dw.shape[-1], DOT_PRECISION=dot_precision(x.dtype),
+        BLOCK_M=block_m, BLOCK_N=block_c, BLOCK_K=min(block_c, ATTENTION_FWD_BLOCK_K),
+        **ATTENTION_FWD_LAUNCH)
+    return out, (torch.sum(xpart, 1).div_(pixels) if means else None)
 
 
 def sepconv_rows_backward(grad_rows: torch.Tensor, x: torch.Tensor, d_rows: torch.Tensor,
@@ -1047,12 +1106,12 @@ def layer_input_grads(grad_frames: torch.Tensor, grad_h0_rows: torch.Tensor, dc:
 # are batched after the loop.
 # Saved per step (as the native op): C_t, G, M (3 state tensors) and the gate pre-activations.
 
-def _attention_x_side(seq: SequenceFrames, p, steps, batch, pixels, hidden):
+def _attention_x_side(x: torch.Tensor, p, steps, batch, pixels, hidden):
     """xc = SepConv_x(X) + b_c, xa = SepConv_xa(X) + b_a (rows), xg = U_x x̄ + b_g (fp32)."""
     gwx, _, gb, cdwx, cpwx, _, _, cb, adwx, apwx, _, _, ab, _, _ = p
-    _, xc = sepconv_rows(seq.frames, cdwx, cpwx, cb, seq.rows)
-    _, xa = sepconv_rows(seq.frames, adwx, apwx, ab, seq.rows)
-    xg = F.linear(seq.means(), gwx.float(), gb.float())
+    xc, x_bar = sepconv_x_rows(x, cdwx, cpwx, cb, means=True)
+    xa, _ = sepconv_x_rows(x, adwx, apwx, ab)
+    xg = F.linear(x_bar, gwx.float(), gb.float())
     shape = (steps, batch * pixels, hidden)
     return xc.view(shape), xa.view(shape), xg.view(steps, batch, 2 * hidden)
 
@@ -1083,7 +1142,7 @@ def channel_attention_forward(x, h0, c0, params, gate_activation: int, output_ga
     gwh = p[1]
     steps, batch, cin, height, width = x.shape
     hidden, pixels = h0.shape[1], height * width
-    xc, xa, xg = _attention_x_side(SequenceFrames(x), p, steps, batch, pixels, hidden)
+    xc, xa, xg = _attention_x_side(x, p, steps, batch, pixels, hidden)
 
     block_m, block_c = block_sizes(x.device, pixels, hidden)
     tiles = triton.cdiv(pixels, block_m)
@@ -1139,8 +1198,7 @@ def channel_attention_backward(grad_output, grad_h_n, grad_c_n, x, h0, c0, param
     mask = StepMask(lengths, walk, batch)
 
     # A_t and Z_t are not saved: each step of the loop recomputes them with the forward's kernels.
-    xc, xa, _ = _attention_x_side(SequenceFrames(frames.view(x.shape)), p, steps, batch, pixels,
-                                  hidden)
+    xc, xa, _ = _attention_x_side(x, p, steps, batch, pixels, hidden)
     h_prev = mask.before_each(output, h0).reshape(maps, hidden, height, width)
     h_prev_rows = rows(h_prev).view(state)
 
@@ -1266,6 +1324,9 @@ def compile_cases(dtype: torch.dtype, ksize: int, block_c: int, gate_activation:
         for has_rec, cell in ((True, True), (False, True), (True, False))
         for att_path in (True, False)  # ATT_PATH: variant b (spatial_attention_layer)
     ]
+    cases += [  # the X side of a, b, c, d (sepconv_x_rows), x̄ or not: one compile
+        (sepconv_frames_kernel, {"xpart_ptr"}, gemm, ATTENTION_FWD_LAUNCH),
+    ]
     cases += [
         (attention_features_kernel, set(), dict(gemm, RAW_CAND=False), ATTENTION_FWD_LAUNCH),
         (attention_features_kernel, {"xc_ptr", "cand_ptr"}, dict(gemm, RAW_CAND=True),
@@ -1302,14 +1363,24 @@ def gpu_grid(z) -> tuple[int, int, int]:
     return tiles, channel_tiles, tiles * channel_tiles * z.B
 
 
-def sepconv_rows_traffic(r, z, cin: int, cout: int, maps: int) -> None:
-    """:func:`sepconv_rows` over ``maps`` steps of NCHW frames: the depthwise conv (cuDNN), the
-    copy to rows, the pointwise addmm (bias epilogue)."""
-    frames = maps * z.state(cin)
-    r.aten("convolution (depthwise, sepconv_rows)", frames, frames, z.depthwise_flops(cin, maps))
-    r.aten("clone (rows)", frames, frames)
-    r.aten("addmm (pointwise, sepconv_rows)", frames + z.weight(cin * cout), maps * z.state(cout),
-           z.gemm_flops(maps * z.rows, cout, cin))
+def sepconv_x_rows_traffic(r, z, cin: int, cout: int, means: bool) -> None:
+    """:func:`sepconv_x_rows`: one kernel over every frame of X, reading it once and writing the
+    rows; each of its cout/BLOCK_N channel tiles loads the frames' K² shifted tiles over all cin
+    channels and its pw slice (``loaded``, from L2). With ``means`` the first channel tile also
+    writes its column sums, which two ATen calls reduce to x̄ (sum over the tiles, divide)."""
+    tiles, _, _ = gpu_grid(z)
+    channel_tiles = -(-cout // GPU_BLOCK_CS[0])
+    maps = z.T * z.B
+    frames, sums = z.xseq(), (maps * tiles * cin * 4 if means else 0)
+    read = frames + z.weight(z.K * z.K * cin + cin * cout + cout)
+    loaded = (channel_tiles * z.K * z.K * frames + (frames if means else 0)
+              + maps * tiles * channel_tiles * GPU_BLOCK_CS[0] * cin * z.s)
+    r.kernel("sepconv_frames_kernel", read, z.seq(cout) + sums,
+             channel_tiles * z.depthwise_flops(cin, z.T) + z.gemm_flops(z.T * z.rows, cout, cin),
+             loaded=loaded)
+    if means:
+        r.aten("sum (x̄ from the tile sums)", sums, maps * cin * 4)
+        r.aten("div_ (x̄)", maps * cin * 4, maps * cin * 4)
 
 
 def sepconv_rows_backward_traffic(r, z, cin: int, cout: int, maps: int, need_input=True) -> None:
@@ -1435,9 +1506,8 @@ def channel_attention_traffic(shape, itemsize: int) -> list:
     z, r = Sizes(shape, itemsize), Recorder()
     C, cin, T = z.C, z.cin, z.T
     tiles, channel_tiles, programs = gpu_grid(z)
-    for _ in ("xc", "xa"):
-        sepconv_rows_traffic(r, z, cin, C, T)
-    r.aten("mean (GAP(X))", z.xseq(), T * z.vec(cin))
+    sepconv_x_rows_traffic(r, z, cin, C, means=True)  # xc and x̄
+    sepconv_x_rows_traffic(r, z, cin, C, means=False)  # xa
     initial_pooled_state_traffic(r, z)
     attention_features_traffic(r, z, raw_cand=False, count=T)
     attention_logits_traffic(r, z, count=T)
@@ -1451,9 +1521,8 @@ def channel_attention_traffic(shape, itemsize: int) -> list:
     layer_outputs_traffic(r, z)
 
     r.phase = BACKWARD
-    for _ in ("xc", "xa"):
-        sepconv_rows_traffic(r, z, cin, C, T)
-    r.aten("mean (GAP(X))", z.xseq(), T * z.vec(cin))
+    sepconv_x_rows_traffic(r, z, cin, C, means=True)  # xc and x̄
+    sepconv_x_rows_traffic(r, z, cin, C, means=False)  # xa
     h_prev_all_traffic(r, z)
     r.aten("clone (rows of H_{t-1})", z.seq(), z.seq())
     output_grad_rows_traffic(r, z)

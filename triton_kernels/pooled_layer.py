@@ -28,15 +28,15 @@ from ._common import store_cell_state, store_gate_preacts, store_hidden_state
 from ._common import pooled_layer_bwd_kernel
 from ._common import GPU_BLOCK_CS, GPU_BLOCK_M, POOLED_BWD_LAUNCH, SEPCONV_LAUNCH, block_sizes
 from ._common import dot_precision
-from ._common import SequenceFrames, StepMask, Walk, depthwise, depthwise_backward, nchw, rows
-from ._common import sepconv_rows, sepconv_rows_backward
+from ._common import StepMask, Walk, depthwise, depthwise_backward, nchw, rows
+from ._common import sepconv_rows_backward, sepconv_x_rows
 from ._weight_grads import steps_mm
 from ._common import initial_pooled_state, layer_input_grads, layer_outputs, output_grad_rows
 # The traffic models of the shared host helpers and kernels (for traffic() below).
 from ._common import depthwise_backward_traffic, gpu_grid, h_prev_all_traffic
 from ._common import initial_pooled_state_traffic, layer_input_grads_traffic
 from ._common import layer_outputs_traffic, output_grad_rows_traffic, pooled_layer_bwd_traffic
-from ._common import sepconv_rows_backward_traffic, sepconv_rows_traffic
+from ._common import sepconv_rows_backward_traffic, sepconv_x_rows_traffic
 
 # This kernel's own launch choices (not SEPCONV_LAUNCH's, which other kernels share): a 16-wide
 # reduction chunk and 16 warps (82-100 registers on sm_90: one program, 16 warps per SM, 25 %
@@ -113,10 +113,9 @@ def pooled_layer_forward(x, h0, c0, params, gate_activation: int, reverse: bool 
     steps, batch, cin, height, width = x.shape
     hidden, pixels = h0.shape[1], height * width
     ksize = dwh.shape[-1]
-    seq = SequenceFrames(x)
     # Everything that depends only on X, for all steps at once (KERNELS.md "Before the recurrence").
-    _, xc = sepconv_rows(seq.frames, dwx, pwx, cb, seq.rows)
-    xg = F.linear(seq.means(), gwx.float(), gb.float())
+    xc, x_bar = sepconv_x_rows(x, dwx, pwx, cb, means=True)
+    xg = F.linear(x_bar, gwx.float(), gb.float())
     xc = xc.view(steps, batch * pixels, hidden)
     xg = xg.view(steps, batch, 3 * hidden)
 
@@ -243,8 +242,7 @@ def traffic(shape, itemsize: int) -> list:
     z, r = Sizes(shape, itemsize), Recorder()
     C, cin, maps = z.C, z.cin, z.T * z.B
     tiles, channel_tiles, programs = gpu_grid(z)
-    sepconv_rows_traffic(r, z, cin, C, z.T)
-    r.aten("mean (GAP(X))", z.xseq(), maps * cin * 4)
+    sepconv_x_rows_traffic(r, z, cin, C, means=True)
     initial_pooled_state_traffic(r, z)
     hpart = z.B * tiles * C * 4
     weights = z.weight(z.K * z.K * C + C * C + 3 * C * C)

@@ -34,14 +34,15 @@ from ._common import attention_features_kernel, pooled_layer_bwd_kernel
 from ._common import GPU_BLOCK_M, SEPCONV_LAUNCH, block_sizes, dot_precision
 from ._common import ATTENTION_FWD_BLOCK_K, ATTENTION_FWD_LAUNCH, POOLED_BWD_LAUNCH
 from ._common import SequenceFrames, StepMask, Walk, depthwise, depthwise_backward, nchw, rows
-from ._common import sepconv_rows, sepconv_rows_backward
+from ._common import sepconv_rows, sepconv_rows_backward, sepconv_x_rows
 from ._weight_grads import conv_weight_grad, steps_mm
 from ._common import initial_pooled_state, layer_input_grads, layer_outputs, output_grad_rows
 # The traffic models of the shared host helpers and kernels (for traffic() below).
 from ._common import GPU_BLOCK_CS, attention_features_traffic, depthwise_backward_traffic
 from ._common import gpu_grid, h_prev_all_traffic, initial_pooled_state_traffic
 from ._common import layer_input_grads_traffic, layer_outputs_traffic, output_grad_rows_traffic
-from ._common import pooled_layer_bwd_traffic, sepconv_rows_backward_traffic, sepconv_rows_traffic
+from ._common import pooled_layer_bwd_traffic, sepconv_rows_backward_traffic
+from ._common import sepconv_x_rows_traffic
 
 
 # Launch choices of the forward step kernels (sm_90, triton 3.6, compile_check): the reduction
@@ -273,7 +274,7 @@ def spatial_attention_layer_forward(x, h0, c0, params, gate_activation: int,
     steps, batch, cin, height, width = x.shape
     hidden, pixels, ksize = h0.shape[1], height * width, cdwh.shape[-1]
     seq = SequenceFrames(x)
-    _, xa = sepconv_rows(seq.frames, adwx, apwx, ab, seq.rows)  # the only X-side term free of A
+    xa, _ = sepconv_x_rows(x, adwx, apwx, ab)  # the only X-side term free of A
     xa = xa.view(steps, batch * pixels, hidden)
     x_rows = seq.rows(seq.frames).view(steps, batch * pixels, cin)
 
@@ -347,7 +348,7 @@ def spatial_attention_layer_backward(grad_output, grad_h_n, grad_c_n, x, h0, c0,
     mask = StepMask(lengths, walk, batch)
 
     # Recompute the attention features F for all steps (batched; not saved).
-    _, xa = sepconv_rows(frames, adwx, apwx, ab)
+    xa, _ = sepconv_x_rows(x, adwx, apwx, ab)
     h_prev = mask.before_each(output, h0).reshape(maps, hidden, height, width)
     dwh_a_rows, feat_pre = sepconv_rows(h_prev, adwh, apwh, None)
     feat = torch.tanh(feat_pre + xa).view(state)
@@ -468,7 +469,7 @@ def traffic(shape, itemsize: int) -> list:
     amap, amap32 = z.B * z.HW * z.s, z.B * z.HW * 4
     hpart, xpart, zstat = z.B * tiles * C * 4, z.B * tiles * cin * 4, z.B * tiles * 2 * 4
     copies = 0 if itemsize == 4 else T  # .float() of a bf16/fp16 tensor is a copy
-    sepconv_rows_traffic(r, z, cin, C, T)
+    sepconv_x_rows_traffic(r, z, cin, C, means=False)
     r.aten("clone (rows of X)", z.xseq(), z.xseq())
     initial_pooled_state_traffic(r, z)
     attention_features_traffic(r, z, raw_cand=True, count=T)
@@ -489,7 +490,7 @@ def traffic(shape, itemsize: int) -> list:
 
     r.phase = BACKWARD
     r.aten("clone (rows of X)", z.xseq(), z.xseq())
-    sepconv_rows_traffic(r, z, cin, C, T)
+    sepconv_x_rows_traffic(r, z, cin, C, means=False)
     h_prev_all_traffic(r, z)
     r.aten("convolution (depthwise dw_ha(H_{t-1}))", z.seq(), z.seq(), z.depthwise_flops(C, T))
     r.aten("clone (rows)", z.seq(), z.seq())

@@ -1,7 +1,8 @@
 """How many Triton specialisations the GPU check's default run compiles — bounded without a GPU.
 
 Each distinct (kernel, constexpr values, launch options, pointer dtypes and 16-byte alignment,
-integer arguments' class: multiple of 16 or not, equal to 1 or not) is one compile on the GPU, of
+integer arguments' class: multiple of 16 or not, equal to 1 or not, unless the kernel's
+``do_not_specialize`` names them) is one compile on the GPU, of
 a second or more each, inside a 15-minute lease. The Triton launches of the default run's Triton
 work — tests/test_backends.py's default cases, the bench's a and convlstm at the paper's layer,
 the sanitizer's quick cases — are replayed here with the GPU's block sizes and recorded without
@@ -40,12 +41,15 @@ def _backend_cases():
 def _key(kernel, args, kwargs):
     constexprs = {name for name, kind in kernel.fn.__annotations__.items()
                   if "constexpr" in str(kind)}
+    unspecialised = set(kernel.kwargs.get("do_not_specialize") or ())
     parts = [kernel.__name__]
     for name, value in zip(kernel.arg_names, args):
         if isinstance(value, torch.Tensor):
             parts.append((name, str(value.dtype), value.data_ptr() % 16 == 0))
         elif isinstance(value, bool) or name in constexprs:
             parts.append((name, value))
+        elif name in unspecialised:
+            parts.append((name, type(value).__name__))
         elif isinstance(value, int):
             parts.append((name, value % 16 == 0, value == 1))
         else:
