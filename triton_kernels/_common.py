@@ -197,6 +197,15 @@ def state_tile(b, HW, C, offs_m, mask_m, offs_n, mask_n):
 
 
 @triton.jit
+def map_tile(b, HW, C, offs_m, mask_m, offs_n, mask_n):
+    """Element offsets and mask of a :func:`program_tile` in an NCHW map ``[B, C, H, W]`` (the
+    layer's output and H_{t−1}: contiguous along the tile's pixels)."""
+    offs = b * C * HW + offs_n[None, :] * HW + offs_m[:, None]
+    mask = mask_m[:, None] & mask_n[None, :]
+    return offs, mask
+
+
+@triton.jit
 def depthwise_tile(src_ptr, oy, ox, mask_m, offs_k, mask_k, C, H, W, dw_ptr,
                    KSIZE: tl.constexpr, FLIP: tl.constexpr,
                    BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr,
@@ -415,10 +424,13 @@ def store_cell_state(c_new, c_ptr, cell_ptr, offs, mask):
 
 
 @triton.jit
-def store_hidden_state(h, h_out_ptr, hpart_next_ptr, offs, mask, b, pid_m, offs_n, mask_n, C,
-                       NMT):
-    """H_t of this tile (already in h_out's dtype) into ``h_out``, and the tile's column sums of
-    it into ``hpart_next [B, NMT, C]``: the next step's h̄ (a fixed-order reduction)."""
+def store_hidden_state(h, h_out_ptr, hpart_next_ptr, offs_m, mask_m, b, pid_m, offs_n, mask_n,
+                       C, HW, NMT):
+    """H_t of this tile (already in h_out's dtype) into ``h_out``, the step's slice ``[B, C, H,
+    W]`` of the layer's NCHW output (which the next step reads as H_{t−1}: no rows of H and no
+    copy to NCHW after the loop), and the tile's column sums of it into ``hpart_next [B, NMT,
+    C]``: the next step's h̄ (a fixed-order reduction)."""
+    offs, mask = map_tile(b, HW, C, offs_m, mask_m, offs_n, mask_n)
     tl.store(h_out_ptr + offs, h, mask=mask)
     hsum = tl.sum(tl.where(mask, h.to(tl.float32), 0.0), axis=0)
     tl.store(hpart_next_ptr + (b * NMT + pid_m) * C + offs_n, hsum, mask=mask_n)
@@ -488,7 +500,8 @@ def attention_features_kernel(
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
     """G = tanh(SepConv_h(H_{t−1}) + xc) and A = tanh(SepConv_ha(H_{t−1}) + xa) for BLOCK_M
-    pixels of sample b × BLOCK_N channels: both depthwise filters read the same H_{t−1} tiles.
+    pixels of sample b × BLOCK_N channels: both depthwise filters read the same H_{t−1} tiles
+    (``h_prev [B, C, H, W]``, NCHW: the previous step's output).
     RAW_CAND (variant b, whose X-side candidate term comes later in the step): store
     SepConv_h(H_{t−1}) itself (fp32) instead of G; xc is not read.
     One SepConv after the other, G stored before A's loop: a single accumulator is live at a
@@ -496,9 +509,9 @@ def attention_features_kernel(
     depthwise tile loads its taps itself either way, so the loads are the same)."""
     pid_m, pid_n, b, HW, offs_m, mask_m, oy, ox, offs_n, mask_n = program_tile(
         C, H, W, BLOCK_M, BLOCK_N)
-    h_prev = h_prev_ptr + b * HW * C
+    h_prev = h_prev_ptr + b * C * HW
     acc = sepconv_tile(h_prev, oy, ox, mask_m, offs_n, mask_n, C, H, W, cdw_ptr, cpw_ptr,
-                       KSIZE, DOT_PRECISION, BLOCK_M, BLOCK_N, BLOCK_K)
+                       KSIZE, DOT_PRECISION, BLOCK_M, BLOCK_N, BLOCK_K, False)
     offs, mask = state_tile(b, HW, C, offs_m, mask_m, offs_n, mask_n)
     if RAW_CAND:
         g = acc
@@ -506,7 +519,7 @@ def attention_features_kernel(
         g = tanh(acc + tl.load(xc_ptr + offs, mask=mask, other=0.0).to(tl.float32))
     tl.store(cand_ptr + offs, g.to(cand_ptr.dtype.element_ty), mask=mask)
     acc = sepconv_tile(h_prev, oy, ox, mask_m, offs_n, mask_n, C, H, W, adw_ptr, apw_ptr,
-                       KSIZE, DOT_PRECISION, BLOCK_M, BLOCK_N, BLOCK_K)
+                       KSIZE, DOT_PRECISION, BLOCK_M, BLOCK_N, BLOCK_K, False)
     offs, mask = state_tile(b, HW, C, offs_m, mask_m, offs_n, mask_n)
     a = tanh(acc + tl.load(xa_ptr + offs, mask=mask, other=0.0).to(tl.float32))
     tl.store(feat_ptr + offs, a.to(feat_ptr.dtype.element_ty), mask=mask)
@@ -581,7 +594,8 @@ def attention_cell_kernel(
         h = g1[None, :] * tanh(c_new)
     h = h.to(h_out_ptr.dtype.element_ty)
     store_cell_state(c_new, c_ptr, cell_ptr, offs, mask)
-    store_hidden_state(h, h_out_ptr, hpart_next_ptr, offs, mask, b, pid_m, offs_n, mask_n, C, NMT)
+    store_hidden_state(h, h_out_ptr, hpart_next_ptr, offs_m, mask_m, b, pid_m, offs_n, mask_n, C,
+                       HW, NMT)
 
 
 @triton.jit
@@ -1030,8 +1044,9 @@ class StepMask:
 
 
 def initial_pooled_state(h0: torch.Tensor, c0: torch.Tensor, tiles: int, walk: Walk):
-    """The start of a pooled-gate cell's recurrence: ``(h_prev, c_state, hpart)``, H_0's rows,
-    C_0 as fp32 rows (the step kernels update them in place) and the two ping-pong buffers
+    """The start of a pooled-gate cell's recurrence: ``(h_prev, c_state, hpart)``, H_0 itself
+    (NCHW, as the step kernels read H_{t−1}; copied only if not contiguous), C_0 as fp32 rows
+    (the step kernels update them in place) and the two ping-pong buffers
     ``[2, B, tiles, C]`` (fp32) of per-pixel-tile column sums of H that the steps hand on (step t
     reads ``[(t + 1) % 2]``, writes ``[t % 2]``: the steps before and after t in the walk have
     the same parity, whichever its direction): buffer ``(first + 1) % 2`` holds H_0's, all in
@@ -1039,22 +1054,19 @@ def initial_pooled_state(h0: torch.Tensor, c0: torch.Tensor, tiles: int, walk: W
     batch, hidden = h0.shape[:2]
     hpart = torch.zeros(2, batch, tiles, hidden, device=h0.device, dtype=torch.float32)
     hpart[(walk.first + 1) % 2, :, 0] = h0.sum((-2, -1), dtype=torch.float32)
-    return rows(h0), rows(c0).to(torch.float32, copy=True), hpart
+    return h0.contiguous(), rows(c0).to(torch.float32, copy=True), hpart
 
 
 def layer_outputs(out: torch.Tensor, c_state: torch.Tensor, dtype: torch.dtype, batch: int,
                   height: int, width: int, walk: Walk, h_last: torch.Tensor | None = None):
-    """``(output [T, B, C, H, W], h_n, c_n)`` (contiguous, ``dtype``) from the steps' H rows
-    ``out [T, B·H·W, C]`` and the fp32 cell state rows ``c_state [B·H·W, C]`` after the walk's
-    last step; ``h_last``: the rows of h_n when they are not ``out[walk.last]`` (the H carry of
-    a call with lengths)."""
-    steps, _, hidden = out.shape
-    output = out.view(steps, batch, height, width, hidden).permute(0, 1, 4, 2, 3).contiguous()
-    h_last = out[walk.last] if h_last is None else h_last
-    h_n = nchw(h_last, batch, height, width).clone(memory_format=torch.contiguous_format)
+    """``(output [T, B, C, H, W], h_n, c_n)`` (contiguous, ``dtype``): the output is ``out``
+    itself, where the step kernels stored H_t; h_n a copy of ``out[walk.last]`` (or of
+    ``h_last``, the H carry of a call with lengths), c_n from the fp32 cell state rows
+    ``c_state [B·H·W, C]`` after the walk's last step."""
+    h_n = (out[walk.last] if h_last is None else h_last).clone()
     c_n = nchw(c_state, batch, height, width).to(dtype, memory_format=torch.contiguous_format,
                                                  copy=True)
-    return output, h_n, c_n
+    return out, h_n, c_n
 
 
 def output_grad_rows(grad_output: torch.Tensor, grad_h_n: torch.Tensor, grad_c_n: torch.Tensor,
@@ -1118,12 +1130,12 @@ def _attention_x_side(x: torch.Tensor, p, steps, batch, pixels, hidden):
 
 def _attention_logits_step(h_prev, xc, xa, p, cand, feat, logits, zpart, height, width, grid,
                            launch, dot):
-    """Launches (1) and (2) of one forward step, from ``h_prev`` rows ``[B·H·W, C]`` and the step's
+    """Launches (1) and (2) of one forward step, from ``h_prev [B, C, H, W]`` and the step's
     X-side terms: ``cand`` ← G_t, ``feat`` ← A_t, ``logits`` ← Z_t (fp32 rows) and ``zpart
     [B, tiles, C]`` ← its per-tile channel maxima. The backward recomputes A_t and Z_t through
     this same call: the tie mask of max_HW Z must be taken on the very numbers the forward
     normalised by (an ATen recompute rounds differently and, in bf16, can move the max)."""
-    hidden = h_prev.shape[1]
+    hidden = h_prev.shape[1]  # [B, C, H, W]
     cdwh, cpwh, adwh, apwh, zdw, zpw = (p[i] for i in (5, 6, 10, 11, 13, 14))
     ksize = cdwh.shape[-1]
     attention_features_kernel[grid](h_prev, xc, xa, cdwh, cpwh, adwh, apwh, cand, feat,
@@ -1146,10 +1158,10 @@ def channel_attention_forward(x, h0, c0, params, gate_activation: int, output_ga
 
     block_m, block_c = block_sizes(x.device, pixels, hidden)
     tiles = triton.cdiv(pixels, block_m)
-    out = x.new_empty(steps, batch * pixels, hidden)
-    cell, cand, att = torch.empty_like(out), torch.empty_like(out), torch.empty_like(out)
+    out = x.new_empty(steps, batch, hidden, height, width)
+    cell, cand, att = (x.new_empty(steps, batch * pixels, hidden) for _ in range(3))
     gate_preact = x.new_empty(steps, batch, 2 * hidden)
-    feat = torch.empty_like(out[0])
+    feat = torch.empty_like(cell[0])
     logits = torch.empty(batch * pixels, hidden, device=x.device, dtype=torch.float32)
     zpart = torch.empty(batch, tiles, hidden, device=x.device, dtype=torch.float32)
     walk = Walk(steps, reverse)
@@ -1200,7 +1212,7 @@ def channel_attention_backward(grad_output, grad_h_n, grad_c_n, x, h0, c0, param
     # A_t and Z_t are not saved: each step of the loop recomputes them with the forward's kernels.
     xc, xa, _ = _attention_x_side(x, p, steps, batch, pixels, hidden)
     h_prev = mask.before_each(output, h0).reshape(maps, hidden, height, width)
-    h_prev_rows = rows(h_prev).view(state)
+    h_prev_maps = h_prev.view(steps, batch, hidden, height, width)  # NCHW, read in place
 
     gout, dc = output_grad_rows(grad_output, grad_h_n, grad_c_n, walk, mask)
     c0_rows = rows(c0)
@@ -1237,7 +1249,7 @@ def channel_attention_backward(grad_output, grad_h_n, grad_c_n, x, h0, c0, param
             mask.rec_written(s, dgp, dgp_rec)
             break
         mask.backward_step(t, dc, dc_held, dacc[t], datt, spart, gpart[t])
-        _attention_logits_step(h_prev_rows[t], xc[t], xa[t], p, cand_scratch, feat[t], logits,
+        _attention_logits_step(h_prev_maps[t], xc[t], xa[t], p, cand_scratch, feat[t], logits,
                                zpart, height, width, grid, launch, dot)
         # τ = [Z = max_HW Z] / #ties per (sample, channel), on the forward's own Z_t
         z_maps = logits.view(batch, pixels, hidden)
@@ -1401,16 +1413,15 @@ def depthwise_backward_traffic(r, z, channels: int, maps: int, need_input: bool)
 
 
 def initial_pooled_state_traffic(r, z) -> None:
-    """:func:`initial_pooled_state`: H_0's rows, C_0 as fp32 rows, the column sums of H_0."""
-    r.aten("clone (rows h0)", z.state(), z.state())
+    """:func:`initial_pooled_state`: C_0 as fp32 rows, the column sums of H_0 (H_0 is read in
+    place)."""
     r.aten("clone (rows c0)", z.state(), z.state())
     r.aten("_to_copy (c0 fp32)", z.state(), z.state32())
     r.aten("sum (h0 column sums)", z.state(), z.vec(z.C))
 
 
 def layer_outputs_traffic(r, z) -> None:
-    """:func:`layer_outputs`: the output to NCHW, h_n's copy, c_n from the fp32 state."""
-    r.aten("clone (output to NCHW)", z.seq(), z.seq())
+    """:func:`layer_outputs`: h_n's copy, c_n from the fp32 state (the steps wrote the output)."""
     r.aten("clone (h_n)", z.state(), z.state())
     r.aten("_to_copy (c_n)", z.state32(), z.state())
 
@@ -1524,7 +1535,6 @@ def channel_attention_traffic(shape, itemsize: int) -> list:
     sepconv_x_rows_traffic(r, z, cin, C, means=True)  # xc and x̄
     sepconv_x_rows_traffic(r, z, cin, C, means=False)  # xa
     h_prev_all_traffic(r, z)
-    r.aten("clone (rows of H_{t-1})", z.seq(), z.seq())
     output_grad_rows_traffic(r, z)
     cell_bwd_traffic(r, z, "attention_cell_bwd_kernel", 2, 2, channel_map=True)
     attention_features_traffic(r, z, raw_cand=False, count=T)

@@ -45,9 +45,12 @@ from ._common import sepconv_rows_backward_traffic, sepconv_x_rows_traffic
 # a runtime loop and the gates after the main loop); BLOCK_K = 32 with 8 warps fits in 164
 # without spilling (one program per SM, 12.5 %); BLOCK_K = 16 at 8 warps capped at 128 registers
 # fit triton 3.6 but spilled 8 B in 16-bit at K = 3 with triton 3.9's ptxas flags
-# (--regAllocOptLevel=2; compile_check). Never above the channel tile: BLOCK_K = min(BLOCK_C, 16).
+# (--regAllocOptLevel=2; compile_check). maxnreg = 128 (16 warps' share anyway) keeps ptxas
+# from a low target of its own: reading H_{t−1} from the NCHW output, it picked 64 registers
+# for fp32 at K = 1 and 5 and spilled 16-32 B. Never above the channel tile: BLOCK_K =
+# min(BLOCK_C, 16).
 FWD_BLOCK_K = 16
-FWD_LAUNCH = dict(SEPCONV_LAUNCH, num_warps=16)
+FWD_LAUNCH = dict(SEPCONV_LAUNCH, num_warps=16, maxnreg=128)
 
 
 @triton.jit
@@ -59,17 +62,18 @@ def _pooled_layer_fwd_kernel(
     KSIZE: tl.constexpr, ACT: tl.constexpr, DOT_PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
-    """One step for BLOCK_M pixels of sample b × BLOCK_N channels. Rows are ``[B·H·W, C]``:
-    h_prev (H_{t−1}), c (fp32 C_{t−1} in, C_t out, in place), xc (SepConv_x(X_t) + b_c),
-    xg ``[B, 3C]`` (U_x x̄_t + b_g, fp32), hpart ``[B, NMT, C]`` fp32 column sums of H per pixel
-    tile (prev: H_{t−1}, read; next: H_t, written). Writes H_t, C_t, G and the gates' z."""
+    """One step for BLOCK_M pixels of sample b × BLOCK_N channels. h_prev (H_{t−1}) and h_out
+    (H_t) are NCHW maps ``[B, C, H, W]`` (the layer's output, step by step); rows ``[B·H·W, C]``:
+    c (fp32 C_{t−1} in, C_t out, in place), xc (SepConv_x(X_t) + b_c); xg ``[B, 3C]`` (U_x x̄_t
+    + b_g, fp32), hpart ``[B, NMT, C]`` fp32 column sums of H per pixel tile (prev: H_{t−1},
+    read; next: H_t, written). Writes H_t, C_t, G and the gates' z."""
     pid_m, pid_n, b, HW, offs_m, mask_m, oy, ox, offs_n, mask_n = program_tile(
         C, H, W, BLOCK_M, BLOCK_N)
 
     # SepConv_h(H_{t−1}) = Σ_k dw(H_{t−1})[:, k] · pw_h[n, k]   (depthwise on the fly, then MMA)
-    h_prev = h_prev_ptr + b * HW * C
+    h_prev = h_prev_ptr + b * C * HW
     acc = sepconv_tile(h_prev, oy, ox, mask_m, offs_n, mask_n, C, H, W, dw_ptr, pw_ptr,
-                       KSIZE, DOT_PRECISION, BLOCK_M, BLOCK_N, BLOCK_K)
+                       KSIZE, DOT_PRECISION, BLOCK_M, BLOCK_N, BLOCK_K, False)
 
     # [i f o] pre-activations for this program's channels (eqs. 10-12), U_h h̄ recomputed here;
     # after the main loop, so that they are not live across it (only the epilogue needs them).
@@ -88,7 +92,8 @@ def _pooled_layer_fwd_kernel(
     store_cell_state(c_new, c_ptr, cell_ptr, offs, mask)
     tl.store(cand_ptr + offs, g.to(cand_ptr.dtype.element_ty), mask=mask)
     # H_t and its column sums over this tile's pixels: the next step's h̄.
-    store_hidden_state(h, h_out_ptr, hpart_next_ptr, offs, mask, b, pid_m, offs_n, mask_n, C, NMT)
+    store_hidden_state(h, h_out_ptr, hpart_next_ptr, offs_m, mask_m, b, pid_m, offs_n, mask_n, C,
+                       HW, NMT)
 
 
 # What one more step launches (Triton kernels, ATen calls; launch_count.py measures it): forward,
@@ -121,9 +126,9 @@ def pooled_layer_forward(x, h0, c0, params, gate_activation: int, reverse: bool 
 
     block_m, block_c = block_sizes(x.device, pixels, hidden)
     tiles = triton.cdiv(pixels, block_m)
-    out = x.new_empty(steps, batch * pixels, hidden)
-    cell = torch.empty_like(out)
-    cand = torch.empty_like(out)
+    out = x.new_empty(steps, batch, hidden, height, width)  # the output: H_t stored in place
+    cell = x.new_empty(steps, batch * pixels, hidden)
+    cand = torch.empty_like(cell)
     gate_preact = x.new_empty(steps, batch, 3 * hidden)
     walk = Walk(steps, reverse)
     mask = StepMask(lengths, walk, batch)

@@ -52,13 +52,14 @@ from ._common import sepconv_x_rows_traffic
 # K = 3/5), the cell kernel (U_x/U_h tiles of 64 × 64) 2 KB, and the logits kernel 9-20 KB: at
 # 16 channels, 8 warps and maxnreg = 128 all three fit (25 % occupancy or more) without spilling.
 # maxnreg also keeps ptxas from picking a low register target of its own: without it the logits
-# kernel used 32-64 registers and spilled a few bytes.
+# kernel used 32-64 registers and spilled a few bytes. The cell kernel runs 16 warps (its H_t
+# store into the NCHW output, a layout change of the tile, spilled 4 B in 16-bit at 8 warps).
 LOGITS_BLOCK_K = 16
 LOGITS_LAUNCH = dict(SEPCONV_LAUNCH, num_warps=8, maxnreg=128)
 INPUT_BLOCK_K = 16
 INPUT_LAUNCH = dict(SEPCONV_LAUNCH, num_warps=8, maxnreg=128)
 CELL_BLOCK_K = 16
-CELL_LAUNCH = dict(SEPCONV_LAUNCH, num_warps=8, maxnreg=128)
+CELL_LAUNCH = dict(SEPCONV_LAUNCH, num_warps=16, maxnreg=128)
 # The backward's input and features kernels (no reduction chunk): at 4 warps they took 255
 # registers (triton 3.9 spilled), at 8 warps capped to 128 they fit without spilling.
 BWD_LAUNCH = dict(SEPCONV_LAUNCH, num_warps=8, maxnreg=128)
@@ -179,7 +180,8 @@ def _spatial_cell_kernel(
     ACT: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
     """[i f o] = act(U_x GAP(X̃) + U_h GAP(H_{t−1}) + b_g), C_t = f∘C_{t−1} + i∘G,
-    H_t = o∘tanh C_t, and the column sums of H_t over this tile (the next step's h̄)."""
+    H_t = o∘tanh C_t (into the NCHW output, h_out ``[B, C, H, W]``), and the column sums of H_t
+    over this tile (the next step's h̄)."""
     pid_m, pid_n, b, HW, offs_m, mask_m, oy, ox, offs_n, mask_n = program_tile(
         C, H, W, BLOCK_M, BLOCK_N)
     x0, x1, x2 = pooled_gate_dot(xpart_ptr, ux_ptr, b, offs_n, mask_n, C, CIN, NMT, HW, 3,
@@ -196,7 +198,8 @@ def _spatial_cell_kernel(
         + gate_act(z_i, ACT)[None, :] * g
     h = (gate_act(z_o, ACT)[None, :] * tanh(c_new)).to(h_out_ptr.dtype.element_ty)
     store_cell_state(c_new, c_ptr, cell_ptr, offs, mask)
-    store_hidden_state(h, h_out_ptr, hpart_next_ptr, offs, mask, b, pid_m, offs_n, mask_n, C, NMT)
+    store_hidden_state(h, h_out_ptr, hpart_next_ptr, offs_m, mask_m, b, pid_m, offs_n, mask_n, C,
+                       HW, NMT)
 
 
 @triton.jit
@@ -280,13 +283,14 @@ def spatial_attention_layer_forward(x, h0, c0, params, gate_activation: int,
 
     block_m, block_c = block_sizes(x.device, pixels, hidden)
     tiles = triton.cdiv(pixels, block_m)
-    out = x.new_empty(steps, batch * pixels, hidden)
-    cell, cand = torch.empty_like(out), torch.empty_like(out)
+    out = x.new_empty(steps, batch, hidden, height, width)  # the output: H_t stored in place
+    cell = x.new_empty(steps, batch * pixels, hidden)
+    cand = torch.empty_like(cell)
     gate_preact = x.new_empty(steps, batch, 3 * hidden)
     att = x.new_empty(steps, batch, pixels)
     f32 = dict(device=x.device, dtype=torch.float32)
     hc = torch.empty(batch * pixels, hidden, **f32)
-    feat = torch.empty_like(out[0])
+    feat = torch.empty_like(cell[0])
     logits = torch.empty(batch * pixels, **f32)
     zstat = torch.empty(batch, tiles, 2, **f32)
     xpart = torch.empty(batch, tiles, cin, **f32)
