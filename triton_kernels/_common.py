@@ -734,6 +734,15 @@ def rows(x: torch.Tensor) -> torch.Tensor:
     return x.permute(0, 2, 3, 1).reshape(n * h * w, c).contiguous()
 
 
+def rows_fp32(x: torch.Tensor) -> torch.Tensor:
+    """``[N, C, H, W]`` -> fp32 channels-last rows ``[N·H·W, C]`` of its own, in one copy (what
+    the fp32 cell state and the carried dC start from)."""
+    n, c, h, w = x.shape
+    out = torch.empty(n * h * w, c, device=x.device, dtype=torch.float32)
+    out.view(n, h, w, c).copy_(x.permute(0, 2, 3, 1))
+    return out
+
+
 def nchw(x_rows: torch.Tensor, n: int, h: int, w: int) -> torch.Tensor:
     """Rows ``[N·H·W, C]`` -> an ``[N, C, H, W]`` view in channels_last memory format."""
     return x_rows.view(n, h, w, -1).permute(0, 3, 1, 2)
@@ -1054,7 +1063,7 @@ def initial_pooled_state(h0: torch.Tensor, c0: torch.Tensor, tiles: int, walk: W
     batch, hidden = h0.shape[:2]
     hpart = torch.zeros(2, batch, tiles, hidden, device=h0.device, dtype=torch.float32)
     hpart[(walk.first + 1) % 2, :, 0] = h0.sum((-2, -1), dtype=torch.float32)
-    return h0.contiguous(), rows(c0).to(torch.float32, copy=True), hpart
+    return h0.contiguous(), rows_fp32(c0), hpart
 
 
 def layer_outputs(out: torch.Tensor, c_state: torch.Tensor, dtype: torch.dtype, batch: int,
@@ -1086,7 +1095,7 @@ def output_grad_rows(grad_output: torch.Tensor, grad_h_n: torch.Tensor, grad_c_n
                                                accumulate=True)
     else:
         gout[walk.last] += rows(grad_h_n)
-    dc = rows(grad_c_n).to(torch.float32, copy=True)
+    dc = rows_fp32(grad_c_n)
     return gout, dc
 
 
@@ -1415,8 +1424,7 @@ def depthwise_backward_traffic(r, z, channels: int, maps: int, need_input: bool)
 def initial_pooled_state_traffic(r, z) -> None:
     """:func:`initial_pooled_state`: C_0 as fp32 rows, the column sums of H_0 (H_0 is read in
     place)."""
-    r.aten("clone (rows c0)", z.state(), z.state())
-    r.aten("_to_copy (c0 fp32)", z.state(), z.state32())
+    r.aten("copy_ (c0 to fp32 rows)", z.state(), z.state32())
     r.aten("sum (h0 column sums)", z.state(), z.vec(z.C))
 
 
@@ -1431,8 +1439,7 @@ def output_grad_rows_traffic(r, z) -> None:
     r.aten("clone (grad_output to rows)", z.seq(), z.seq())
     r.aten("clone (rows grad_h_n)", z.state(), z.state())
     r.aten("add_ (grad_h_n into the last step)", 2 * z.state(), z.state())
-    r.aten("clone (rows grad_c_n)", z.state(), z.state())
-    r.aten("_to_copy (dC fp32)", z.state(), z.state32())
+    r.aten("copy_ (grad_c_n to fp32 rows)", z.state(), z.state32())
     r.aten("clone (rows c0)", z.state(), z.state())
 
 

@@ -21,7 +21,7 @@ import triton.language as tl
 
 from ._common import (GPU_BLOCK_M, SequenceFrames, StepMask, Walk, block_sizes, dot_precision,
                       gate_act, gate_act_grad, layer_input_grads, layer_outputs, map_tile, nchw,
-                      output_grad_rows, program_tile, rows, tanh, tanh_with_grad)
+                      output_grad_rows, program_tile, rows, rows_fp32, tanh, tanh_with_grad)
 from ._weight_grads import conv_weight_grad
 # The traffic models of the shared host helpers (for traffic() below).
 from ._common import (gpu_grid, h_prev_all_traffic, layer_input_grads_traffic,
@@ -291,7 +291,7 @@ def convlstm_layer_forward(x, h0, c0, params, gate_activation: int, reverse: boo
     out = x.new_empty(steps, batch, hidden, height, width)  # the output: H_t stored in place
     cell = x.new_empty(steps, batch * pixels, hidden)
     gates = x.new_empty(steps, batch * pixels, 4 * hidden)
-    c_state = rows(c0).to(torch.float32, copy=True)
+    c_state = rows_fp32(c0)
     grid = (triton.cdiv(pixels, block_m), triton.cdiv(hidden, block_c), batch)
     walk = Walk(steps, reverse)
     mask = StepMask(lengths, walk, batch)
@@ -399,8 +399,7 @@ def traffic(shape, itemsize: int) -> list:
            z.gemm_flops(z.T * z.rows, 4 * C, cin * k2))
     r.aten("clone (xz to rows)", z.seq(4 * C), z.seq(4 * C))
     r.aten("clone (W_h to [K·K, C, 4C])", weight_h, weight_h)
-    r.aten("clone (rows c0)", z.state(), z.state())
-    r.aten("_to_copy (c0 fp32)", z.state(), z.state32())
+    r.aten("copy_ (c0 to fp32 rows)", z.state(), z.state32())
     gemm = z.gemm_flops(z.rows, 4 * C, C * k2)
     step_read = z.state() + z.state32() + z.state(4 * C) + weight_h
     step_written = z.state(4 * C) + z.state32() + 2 * z.state()
