@@ -960,10 +960,11 @@ class StepMask:
         for tensor in tensors:
             self._flat(tensor).masked_fill_(keep_out, 0)
 
-    def carry_buffer(self, h_rows: torch.Tensor) -> torch.Tensor:
-        """H_0's rows as the forward's H carry: a copy of its own under lengths (it is updated in
-        place; ``rows`` of a channels-last h0 is a view of it), else ``h_rows`` itself."""
-        return h_rows.clone() if self.active else h_rows
+    def carry_buffer(self, h_start: torch.Tensor) -> torch.Tensor:
+        """H_0 (``[B, C, H, W]``, as the step kernels read H_{t−1}) as the forward's H carry: a
+        copy of its own under lengths (it is updated in place, and ``h0.contiguous()`` is h0
+        itself), else ``h_start`` itself."""
+        return h_start.clone() if self.active else h_start
 
     def hold(self, tensor: torch.Tensor) -> torch.Tensor | None:
         """A copy of ``tensor`` before a step changes it in place (None without lengths)."""
