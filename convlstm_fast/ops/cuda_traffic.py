@@ -47,19 +47,43 @@ def _depthwise_weight_grad(r, z, channels: int, maps: int, what: str) -> None:
     r.aten("sum (depthwise_weight_grad partials)", 0, 0)
 
 
+def _hidden_sum_splits(z) -> int:
+    """pooled_cell.cuh ``pooled_cell_splits``: the pixel splits of H's column sums."""
+    return _splits(z, z.B * -(-z.C // TILE_C), z.HW)
+
+
+def _pooled_gate_preacts(r, z, gates: int) -> None:
+    """pooled_cell.cuh ``pooled_gate_preacts``: per step, xg[t] (fp32) and the previous step's
+    column sums of H in, the saved gate_pre out; every (b, j) thread reads all of its sample's
+    sums and its U_h row (``loaded``, from L2)."""
+    splits = _hidden_sum_splits(z)
+    sums = splits * z.vec(z.C)
+    weight = gates * z.C * z.C * 4
+    r.kernel("PooledGatePreacts", z.vec(gates * z.C) + sums + weight, z.vec(gates * z.C, z.s),
+             z.gemm_flops(z.B, gates * z.C, z.C) + z.B * gates * z.C * splits * z.C,
+             count=z.T, loaded=z.vec(gates * z.C) + z.B * gates * z.C * (splits + 1) * z.C * 4)
+
+
+def _initial_hidden_sums(r, z) -> None:
+    """pooled_cell.cuh ``initial_hidden_sums``: H_0's column sums into split 0 of a zeroed
+    [B, splits, C] buffer (zeros, the sum, its copy into place)."""
+    sums = _hidden_sum_splits(z) * z.vec(z.C)
+    r.aten("zeros (H sums)", 0, sums)
+    r.aten("sum (H_0 column sums)", z.state(), z.vec(z.C))
+    r.aten("copy_ (into split 0)", z.vec(z.C), z.vec(z.C))
+
+
 def _pooled_cell_forward(r, z, has_map: bool) -> None:
     """pooled_cell.cuh ``pooled_cell_forward``: the fused epilogue (cand_preact, gate_pre, the
-    fp32 C_{t−1} (and Z for c/d) in; the fp32 C_t, H_t, the saved C_t, G (and A) out), then the
-    host's sum and division of the H partials (GAP(H_t))."""
-    splits = _splits(z, z.B * -(-z.C // TILE_C), z.HW)
+    fp32 C_{t−1} (and Z for c/d) in; the fp32 C_t, H_t, the saved C_t, G (and A) out, and the
+    per-split column sums of H_t that the next step's gate kernel reads)."""
+    splits = _hidden_sum_splits(z)
     maps = 1 if has_map else 0
     r.kernel("PooledCellForward (tile reduce)",
              (1 + maps) * z.state() + z.state32() + z.vec(3 * z.C, z.s) + (z.vec(z.C) if has_map
                                                                            else 0),
              (3 + maps) * z.state() + z.state32() + splits * z.vec(z.C),
              z.cell_flops(), count=z.T)
-    r.aten("sum (GAP(H_t) partials)", splits * z.vec(z.C), z.vec(z.C), count=z.T)
-    r.aten("div_ (GAP(H_t))", z.vec(z.C), z.vec(z.C), count=z.T)
 
 
 def _pooled_cell_backward(r, z, gates: int, has_map: bool) -> None:
@@ -165,14 +189,12 @@ def _batched_input_layer(shape, itemsize: int, has_map: bool) -> list:
     r.aten("mean (GAP(X))", z.xseq(), T * z.vec(cin))
     _channels_last_copy(r, z, z.state(), z.state(), "h0")
     _channels_last_copy(r, z, z.state(), z.state32(), "c0 fp32")
-    r.aten("mean (GAP(h0))", z.state(), z.vec(C))
+    _initial_hidden_sums(r, z)
     # The step (batched_input_layer_forward's loop).
     r.kernel("depthwise (dw_h(H_{t-1}))", z.state(), z.state(), z.depthwise_flops(C), count=T,
              loaded=z.K * z.K * z.state())
     _addmm_2d_bias(r, z, "cand_preact = xc[t] + dw_h(H) · pw_hᵀ", z.rows, C, C, T)
-    r.aten("addmm (gate FC: xg[t] + U_h · h̄)", z.vec(gates * C) + z.vec(C), z.vec(gates * C),
-           z.gemm_flops(z.B, gates * C, C), count=T)
-    r.aten("copy_ (gate_pre, saved)", z.vec(gates * C), z.vec(gates * C, z.s), count=T)
+    _pooled_gate_preacts(r, z, gates)
     if has_map:
         r.kernel("depthwise (dw_ha(H_{t-1}))", z.state(), z.state(), z.depthwise_flops(C),
                  count=T, loaded=z.K * z.K * z.state())
@@ -325,7 +347,7 @@ def spatial_attention_layer(shape, itemsize: int) -> list:
            z.gemm_flops(T * z.rows, C, cin))
     _channels_last_copy(r, z, z.state(), z.state(), "h0")
     _channels_last_copy(r, z, z.state(), z.state32(), "c0 fp32")
-    r.aten("mean (GAP(h0))", z.state(), z.vec(C))
+    _initial_hidden_sums(r, z)
     r.kernel("depthwise (dw_ha(H_{t-1}))", z.state(), z.state(), z.depthwise_flops(C), count=T,
              loaded=k2 * z.state())
     _addmm_2d_bias(r, z, "F = xa[t] + dw_ha(H) · pw_haᵀ", z.rows, C, C, T)
@@ -346,9 +368,7 @@ def spatial_attention_layer(shape, itemsize: int) -> list:
     r.aten("mean (GAP(X̃))", z.xstep(), z.vec(cin), count=T)
     r.aten("addmm (U_x · GAP(X̃) + b_g)", z.vec(cin), z.vec(3 * C),
            z.gemm_flops(z.B, 3 * C, cin), count=T)
-    r.aten("addmm_ (+ U_h · h̄)", z.vec(3 * C) + z.vec(C), z.vec(3 * C),
-           z.gemm_flops(z.B, 3 * C, C), count=T)
-    r.aten("copy_ (gate_pre, saved)", z.vec(3 * C), z.vec(3 * C, z.s), count=T)
+    _pooled_gate_preacts(r, z, 3)
     _pooled_cell_forward(r, z, has_map=False)
     _layer_end(r, z)
 

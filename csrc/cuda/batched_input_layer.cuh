@@ -50,14 +50,18 @@ LayerResult batched_input_layer_forward(const Tensor& x, const Tensor& h0, const
     xa = pointwise(depthwise_forward(x_cl, params[attention::kAttDwX], T * B, H, W),
                    params[attention::kAttPwX], params[attention::kAttBias]);
   }
-  const Tensor gate_weight_h = params[pooled::kGateWeightH].to(acc);
+  const Tensor gate_weight_h = params[pooled::kGateWeightH].to(acc).contiguous();
 
   Tensor output_cl = at::empty({T, B, H, W, C}, x.options());
   const SavedSteps saved(call.saved_shapes, x.options(), save);
   const Tensor h0_cl = channels_last_copy(h0, x.scalar_type());
   Tensor cell_state = channels_last_copy(c0, acc).view({B * HW, C});
-  Tensor h_mean = h0_cl.view({B, HW, C}).mean({1}, false, acc);  // GAP(H_{t−1}) [B, C]
-  // With lengths: the carried H_{t−1} (step_mask.h); C carries in cell_state, GAP(H) in h_mean.
+  // Column sums of H_{t−1} per pixel split [B, splits, C], which the step's gate kernel reduces
+  // to h̄ (hsum) and its epilogue writes for H_t (hsum_next).
+  const int64_t splits = pooled_cell_splits(B, HW, C, x);
+  Tensor hsum = initial_hidden_sums(h0_cl, splits, acc);
+  Tensor hsum_next = at::empty_like(hsum);
+  // With lengths: the carried H_{t−1} (step_mask.h); C carries in cell_state, H's sums in hsum.
   Tensor h_carry;
   if (mask.active()) h_carry = h0_cl.clone();
 
@@ -73,8 +77,8 @@ LayerResult batched_input_layer_forward(const Tensor& x, const Tensor& h0, const
                   depthwise_forward(h_prev, params[pooled::kCandDwH], B, H, W),
                   params[pooled::kCandPwH].t());
     // gate pre-activations U_x·x̄ + U_h·h̄ + b_g, saved (rounded) and used rounded
-    Tensor gate_pre = saved(pooled::kSavedGatePreact, t);
-    gate_pre.copy_(at::addmm(xg.narrow(0, t * B, B), h_mean, gate_weight_h.t()));
+    const Tensor gate_pre = saved(pooled::kSavedGatePreact, t);
+    pooled_gate_preacts(xg.narrow(0, t * B, B), hsum, gate_weight_h, gate_pre, HW);
     Tensor logits, logits_max;
     if (has_map) {
       // F = tanh(SepConv_ha(H_{t−1}) + xa_t); Z = SepConv_z(F), per-(b, c) max over the pixels
@@ -85,13 +89,13 @@ LayerResult batched_input_layer_forward(const Tensor& x, const Tensor& h0, const
                          params[channel::kAttPwZ]);
       logits_max = logits.view({B, HW, C}).amax({1}).to(acc);
     }
-    Tensor h_mean_next = pooled_cell_forward(
-        cand_preact, gate_pre, logits, logits_max, map_gate, activation, cell_state, output_cl[t],
-        saved(pooled::kSavedCell, t), saved(pooled::kSavedCandidate, t),
-        has_map ? saved(channel::kSavedMap, t) : Tensor(), B, HW, C);
-    mask_pooled_step(mask, t, cell_state, cell_before, h_mean_next, h_mean, h_carry,
-                     output_cl[t], B);
-    h_mean = h_mean_next;
+    pooled_cell_forward(cand_preact, gate_pre, logits, logits_max, map_gate, activation,
+                        cell_state, output_cl[t], saved(pooled::kSavedCell, t),
+                        saved(pooled::kSavedCandidate, t),
+                        has_map ? saved(channel::kSavedMap, t) : Tensor(), hsum_next, B, HW, C);
+    mask_pooled_step(mask, t, cell_state, cell_before, hsum_next, hsum, h_carry, output_cl[t],
+                     B);
+    std::swap(hsum, hsum_next);
   }
   Tensor output = channels_first_copy(output_cl, x.scalar_type());
   Tensor h_n = mask.active() ? channels_first_copy(h_carry, x.scalar_type())

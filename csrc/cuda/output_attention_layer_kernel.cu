@@ -5,10 +5,11 @@
 //
 // Per forward step: two depthwise kernels + two GEMMs on H_{t−1} (candidate, attention
 // features), tanh, the depthwise + GEMM of SepConv_z, the per-(b, c) max over the pixels (ATen
-// amax), then the fused epilogue that forms exp(Z − max), the cell update and GAP(H_t).
-// One more step launches, forward, 4 kernels of ours and 9 ATen calls; backward 7 and 17
+// amax), the pooled gates from the previous step's column sums of H (one kernel, no GEMM call),
+// then the fused epilogue that forms exp(Z − max), the cell update and H_t's column sums.
+// One more step launches, forward, 5 kernels of ours and 5 ATen calls; backward 7 and 17
 // (the driver is shared with (c); emulation_check.py counts them).
-// LAUNCHES_PER_STEP forward=(4, 9) backward=(7, 17)
+// LAUNCHES_PER_STEP forward=(5, 5) backward=(7, 17)
 #include "batched_input_layer.cuh"
 
 namespace convlstm_fast {

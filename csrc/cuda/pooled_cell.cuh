@@ -11,8 +11,9 @@
 // d; `map_gate` (cells.h MapGate) says which gate A replaces.
 //
 // Both are tile reductions (layer_common.cuh): a block is kTileC channels × kRows pixel rows of one
-// sample and one split of the pixels; the pixel sums are per-block partials [split, B, ·] that the
-// host sums in order (deterministic).
+// sample and one split of the pixels; the pixel sums are per-block partials that are summed in
+// order (deterministic): the forward's column sums of H_t [B, split, C] by the next step's gate
+// kernel (PooledGatePreacts), the backward's [split, B, ·] by the host.
 #pragma once
 
 #include "layer_common.cuh"
@@ -58,8 +59,8 @@ struct PooledCellForward {
   scalar_t* cell_saved;
   scalar_t* cand_saved;
   scalar_t* map_saved;          // [B, HW, C] A (c/d)
-  acc_t* hsum_partial;          // [split, B, C]
-  int64_t batch, pixels, channels, pixels_per_split, tiles;
+  acc_t* hsum_partial;          // [B, split, C]
+  int64_t batch, pixels, channels, pixels_per_split, tiles, splits;
 
   // Block x = (sample b, channel tile), y = pixel split.
   __host__ __device__ void accumulate(unsigned bx, unsigned by, unsigned, unsigned tx,
@@ -97,24 +98,85 @@ struct PooledCellForward {
                                  const acc_t* totals) const {
     const int64_t b = bx / tiles;
     const int64_t c = (bx % tiles) * kTileC + tx;
-    if (c < channels) hsum_partial[(int64_t(by) * batch + b) * channels + c] = totals[0];
+    if (c < channels) hsum_partial[(b * splits + int64_t(by)) * channels + c] = totals[0];
   }
 };
+
+// The pooled gates' pre-activations of one step, one thread per (sample b, gate row j), straight
+// from the previous step's column sums of H (no GAP pass and no GEMM call of its own):
+//   gate_pre[b, j] = xg[b, j] + Σ_k (Σ_split hsum[b, split, k] / HW) · U_h[j, k]
+// in the accumulation dtype, rounded once into the saved slice (the epilogue reads it rounded).
+template <typename scalar_t>
+struct PooledGatePreacts {
+  using acc_t = at::opmath_type<scalar_t>;
+  const acc_t* xg;            // [B, n·C]: U_x·x̄_t + b_g
+  const acc_t* hsum_partial;  // [B, split, C]: column sums of H_{t−1}
+  const acc_t* weight_h;      // [n·C, C]: U_h
+  scalar_t* gate_pre;         // [B, n·C]
+  int64_t gate_rows, channels, splits;
+  acc_t inv_pixels;
+
+  __host__ __device__ void operator()(int64_t idx) const {
+    const int64_t b = idx / gate_rows, j = idx % gate_rows;
+    const acc_t* sums = hsum_partial + b * splits * channels;
+    const acc_t* w = weight_h + j * channels;
+    acc_t z = xg[idx];
+    for (int64_t k = 0; k < channels; ++k) {
+      acc_t column = acc_t(0);
+      for (int64_t s = 0; s < splits; ++s) column += sums[s * channels + k];
+      z += column * inv_pixels * w[k];
+    }
+    gate_pre[idx] = scalar_t(z);
+  }
+};
+
+// The pixel splits of pooled_cell_forward's grid: hsum_partial is [B, splits, C].
+inline int64_t pooled_cell_splits(int64_t batch, int64_t pixels, int64_t channels,
+                                  const Tensor& like) {
+  return std::min<int64_t>(reduction_splits(batch * ceil_div(channels, kTileC), pixels, like),
+                           65535);
+}
+
+// Column sums of H_0 [B, HW, C] (channels-last) in hsum_partial's layout [B, splits, C]: all in
+// split 0, the others zero, so that the first step's gates read them as any step's.
+inline Tensor initial_hidden_sums(const Tensor& h0_cl, int64_t splits, at::ScalarType acc) {
+  const int64_t B = h0_cl.size(0), C = h0_cl.size(-1);
+  Tensor sums = at::zeros({B, splits, C}, h0_cl.options().dtype(acc));
+  sums.select(1, 0).copy_(h0_cl.reshape({B, -1, C}).sum({1}, false, acc));
+  return sums;
+}
+
+// The gates of one step (PooledGatePreacts) into gate_pre [B, n·C] (the saved slice).
+inline void pooled_gate_preacts(const Tensor& xg, const Tensor& hsum_partial,
+                                const Tensor& weight_h, Tensor gate_pre, int64_t pixels) {
+  const int64_t B = hsum_partial.size(0), splits = hsum_partial.size(1);
+  const int64_t C = hsum_partial.size(2), rows = weight_h.size(0);
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, gate_pre.scalar_type(),
+                                  "pooled_gate_preacts", [&] {
+    using acc_t = at::opmath_type<scalar_t>;
+    launch_elementwise(
+        PooledGatePreacts<scalar_t>{xg.const_data_ptr<acc_t>(),
+                                    hsum_partial.const_data_ptr<acc_t>(),
+                                    weight_h.const_data_ptr<acc_t>(),
+                                    gate_pre.mutable_data_ptr<scalar_t>(), rows, C, splits,
+                                    acc_t(1) / acc_t(pixels)},
+        B * rows, gate_pre);
+  });
+}
 
 // One forward step. cand_preact [B·HW, C], gate_pre [B, n·C] (the saved slice), logits Z
 // [B·HW, C] and logits_max [B, C] for c/d (undefined otherwise); cell_state [B·HW, C] (acc dtype)
 // is updated in place; h_out, cell_saved, cand_saved (and map_saved, A) are this step's slices.
-// Returns GAP(H_t) [B, C] in the accumulation dtype.
-inline Tensor pooled_cell_forward(const Tensor& cand_preact, const Tensor& gate_pre,
-                                  const Tensor& logits, const Tensor& logits_max, int map_gate,
-                                  int64_t activation, Tensor& cell_state, Tensor h_out,
-                                  Tensor cell_saved, Tensor cand_saved, Tensor map_saved,
-                                  int64_t batch, int64_t pixels, int64_t channels) {
+// Writes the column sums of H_t into hsum_partial [B, splits, C] (pooled_cell_splits).
+inline void pooled_cell_forward(const Tensor& cand_preact, const Tensor& gate_pre,
+                                const Tensor& logits, const Tensor& logits_max, int map_gate,
+                                int64_t activation, Tensor& cell_state, Tensor h_out,
+                                Tensor cell_saved, Tensor cand_saved, Tensor map_saved,
+                                const Tensor& hsum_partial, int64_t batch, int64_t pixels,
+                                int64_t channels) {
   const int64_t tiles = ceil_div(channels, kTileC);
-  const int64_t splits =
-      std::min<int64_t>(reduction_splits(batch * tiles, pixels, cand_preact), 65535);
+  const int64_t splits = hsum_partial.size(1);
   const int64_t per_split = ceil_div(pixels, splits);
-  Tensor partial = at::empty({splits, batch, channels}, cell_state.options());
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, cand_preact.scalar_type(),
                                   "pooled_cell_forward", [&] {
     using acc_t = at::opmath_type<scalar_t>;
@@ -127,10 +189,10 @@ inline Tensor pooled_cell_forward(const Tensor& cand_preact, const Tensor& gate_
             cell_state.mutable_data_ptr<acc_t>(), h_out.mutable_data_ptr<scalar_t>(),
             cell_saved.mutable_data_ptr<scalar_t>(), cand_saved.mutable_data_ptr<scalar_t>(),
             has_map ? map_saved.mutable_data_ptr<scalar_t>() : nullptr,
-            partial.mutable_data_ptr<acc_t>(), batch, pixels, channels, per_split, tiles},
+            hsum_partial.mutable_data_ptr<acc_t>(), batch, pixels, channels, per_split, tiles,
+            splits},
         batch * tiles, splits, 1, cand_preact);
   });
-  return partial.sum(0).div_(static_cast<double>(pixels));
 }
 
 // Backward of one step (walked opposite to the forward), per element (cell_math.h

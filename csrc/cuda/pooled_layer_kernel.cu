@@ -2,10 +2,11 @@
 // pooled-FC gates + depthwise-separable candidate (shared/SPEC.md eqs. 8-15). The host driver
 // is shared with (c)/(d): batched_input_layer.cuh; the fused step epilogue with every pooled cell:
 // pooled_cell.cuh.
-// One more step launches, forward, 2 kernels of ours and 5 ATen calls (xc[t] copied into the
-// addmm bias, 2 addmm, sum, div_: 7 launches against the 1 of the Triton step); backward 3 and
+// One more step launches, forward, 3 kernels of ours (the depthwise of H_{t−1}, the pooled gates
+// straight from the previous step's column sums of H, the fused epilogue) and 1 ATen call (the
+// pointwise addmm, xc[t] its bias: 4 launches against the 1 of the Triton step); backward 3 and
 // 3 (2 mm, sum). emulation_check.py counts them.
-// LAUNCHES_PER_STEP forward=(2, 5) backward=(3, 3)
+// LAUNCHES_PER_STEP forward=(3, 1) backward=(3, 3)
 #include "batched_input_layer.cuh"
 
 namespace convlstm_fast {

@@ -8,10 +8,10 @@
 //
 // Parameters and saved tensors: cells.h kSpatialAttentionLayer (saved: cell, candidate
 // [T, B, H, W, C], gate_preact [T, B, 3C], the map A [T, B, H, W]).
-// One more step launches, forward, 4 kernels of ours and 14 ATen calls; backward 5 and 23
+// One more step launches, forward, 5 kernels of ours and 10 ATen calls; backward 5 and 23
 // (emulation_check.py counts them, in fp32: 2 of the 23 are d W_z's per-step call and add_,
 // same_conv_weight_grad; 16-bit dtypes make one d W_z call for all steps).
-// LAUNCHES_PER_STEP forward=(4, 14) backward=(5, 23)
+// LAUNCHES_PER_STEP forward=(5, 10) backward=(5, 23)
 #include "pooled_cell.cuh"
 
 namespace convlstm_fast {
@@ -38,15 +38,18 @@ LayerResult spatial_attention_layer(const Tensor& x, const Tensor& h0, const Ten
   const Tensor xa = pointwise(depthwise_forward(x_cl, params[attention::kAttDwX], T * B, H, W),
                               params[attention::kAttPwX], params[attention::kAttBias]);
   const Tensor gate_weight_x = params[pooled::kGateWeightX].to(acc);
-  const Tensor gate_weight_h = params[pooled::kGateWeightH].to(acc);
+  const Tensor gate_weight_h = params[pooled::kGateWeightH].to(acc).contiguous();
   const Tensor gate_bias = params[pooled::kGateBias].to(acc);
 
   Tensor output_cl = at::empty({T, B, H, W, C}, x.options());
   const SavedSteps saved(call.saved_shapes, x.options(), save);
   const Tensor h0_cl = channels_last_copy(h0, dtype);
   Tensor cell_state = channels_last_copy(c0, acc).view({rows, C});
-  Tensor h_mean = h0_cl.view({B, HW, C}).mean({1}, false, acc);
-  // With lengths: the carried H_{t−1} (step_mask.h); C carries in cell_state, GAP(H) in h_mean.
+  // Column sums of H_{t−1} per pixel split [B, splits, C] (batched_input_layer.cuh's).
+  const int64_t splits = pooled_cell_splits(B, HW, C, x);
+  Tensor hsum = initial_hidden_sums(h0_cl, splits, acc);
+  Tensor hsum_next = at::empty_like(hsum);
+  // With lengths: the carried H_{t−1} (step_mask.h); C carries in cell_state, H's sums in hsum.
   Tensor h_carry;
   if (mask.active()) h_carry = h0_cl.clone();
   const Walk walk{T, reverse};
@@ -71,17 +74,16 @@ LayerResult spatial_attention_layer(const Tensor& x, const Tensor& h0, const Ten
                   params[pooled::kCandPwX], params[pooled::kCandBias]);
     cand_preact.addmm_(depthwise_forward(h_prev, params[pooled::kCandDwH], B, H, W),
                        params[pooled::kCandPwH].t());
-    // gates U_x·GAP(X̃) + U_h·h̄ + b_g
-    Tensor gate_pre = saved(pooled::kSavedGatePreact, t);
-    gate_pre.copy_(at::addmm(gate_bias, x_attended.mean({1}, false, acc), gate_weight_x.t())
-                       .addmm_(h_mean, gate_weight_h.t()));
-    Tensor h_mean_next = pooled_cell_forward(
-        cand_preact, gate_pre, Tensor(), Tensor(), kCell.map_gate(), activation, cell_state,
-        output_cl[t], saved(pooled::kSavedCell, t), saved(pooled::kSavedCandidate, t), Tensor(),
-        B, HW, C);
-    mask_pooled_step(mask, t, cell_state, cell_before, h_mean_next, h_mean, h_carry,
-                     output_cl[t], B);
-    h_mean = h_mean_next;
+    // gates U_x·GAP(X̃) + b_g, then + U_h·h̄ from H_{t−1}'s column sums (PooledGatePreacts)
+    const Tensor gate_pre = saved(pooled::kSavedGatePreact, t);
+    pooled_gate_preacts(at::addmm(gate_bias, x_attended.mean({1}, false, acc), gate_weight_x.t()),
+                        hsum, gate_weight_h, gate_pre, HW);
+    pooled_cell_forward(cand_preact, gate_pre, Tensor(), Tensor(), kCell.map_gate(), activation,
+                        cell_state, output_cl[t], saved(pooled::kSavedCell, t),
+                        saved(pooled::kSavedCandidate, t), Tensor(), hsum_next, B, HW, C);
+    mask_pooled_step(mask, t, cell_state, cell_before, hsum_next, hsum, h_carry, output_cl[t],
+                     B);
+    std::swap(hsum, hsum_next);
   }
   Tensor output = channels_first_copy(output_cl, dtype);
   Tensor h_n = mask.active() ? channels_first_copy(h_carry, dtype) : output[walk.last()].clone();
