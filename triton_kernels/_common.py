@@ -389,8 +389,9 @@ def recurrent_hidden_grad(gout_ptr, gpart_next_ptr, gate_next_ptr, dgp_next_ptr,
         dhbar = pooled_hidden_grad(gpart_next_ptr, gate_next_ptr, dgp_next_ptr, uh_ptr, b,
                                    offs_n, mask_n, C, NMT, True, store_here,
                                    NUM_GATES, ACT, BLOCK_N, BLOCK_K)
-    if CELL:
-        dh = tl.load(gout_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+    if CELL:  # gout: grad_output[t], NCHW [B, C, H, W]
+        goffs, _ = map_tile(b, HW, C, oy * W + ox, mask_m, offs_n, mask_n)
+        dh = tl.load(gout_ptr + goffs, mask=mask, other=0.0).to(tl.float32)
     else:
         dh = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
     if HAS_REC:
@@ -925,7 +926,7 @@ class StepMask:
     :meth:`backward_step` after it restores the held dC) and its per-step gradients are zeroed
     after the launch, so that nothing of it reaches the weight gradients nor, through the next
     launch's recurrent term, dH of the step before. dH passes through by linearity: grad_h_n
-    enters at each sample's last valid step of the walk (:func:`output_grad_rows`), or is
+    enters at each sample's last valid step of the walk (:func:`output_grads`), or is
     grad_h0 itself at length 0 (:meth:`initial_hidden_grad`); walking in reverse, a sample's
     dH_0 is the recurrent term of its first valid step t = lengths[b] − 1, so the launch that
     stores dH_0 reads each sample's recurrent data of that step (:meth:`rec`)."""
@@ -1079,25 +1080,28 @@ def layer_outputs(out: torch.Tensor, c_state: torch.Tensor, dtype: torch.dtype, 
     return out, h_n, c_n
 
 
-def output_grad_rows(grad_output: torch.Tensor, grad_h_n: torch.Tensor, grad_c_n: torch.Tensor,
-                     walk: Walk, mask: StepMask | None = None):
-    """The backward's start: ``(gout, dc)``, grad_output ``[T, B, C, H, W]`` as rows
-    ``[T, B·H·W, C]`` with grad_h_n added to the walk's last step (with lengths: each sample's
-    last valid step, :meth:`StepMask.last_valid_step`; none at length 0), and grad_c_n as fp32
-    rows (the carried dC)."""
-    steps, batch, hidden, height, width = grad_output.shape
-    gout = grad_output.permute(0, 1, 3, 4, 2).clone(memory_format=torch.contiguous_format)
-    gout = gout.view(steps, batch * height * width, hidden)
+def output_grads(grad_output: torch.Tensor, grad_h_n: torch.Tensor, grad_c_n: torch.Tensor,
+                 walk: Walk, mask: StepMask | None = None):
+    """The backward's start: ``(gout, dc)``. ``gout[t]`` is the gradient reaching H_t from the
+    outputs, an NCHW map ``[B, C, H, W]`` as the step kernels read it: grad_output[t] in place
+    (made contiguous if it is not), and at the walk's last step a copy with grad_h_n added (with
+    lengths, grad_h_n enters at each sample's last valid step, :meth:`StepMask.last_valid_step`,
+    none at length 0: then gout is one copy of grad_output). ``dc``: grad_c_n as fp32 rows (the
+    carried dC)."""
+    steps, batch = grad_output.shape[:2]
+    grad_output = grad_output.contiguous()
     if mask is not None and mask.active:
-        entering = rows(grad_h_n).view(batch, -1)
+        gout = grad_output.clone()
+        entering = grad_h_n.reshape(batch, -1)
         entering = torch.where((mask.lengths > 0).view(-1, 1), entering, 0.0).to(gout.dtype)
         samples = torch.arange(batch, device=gout.device)
         gout.view(steps, batch, -1).index_put_((mask.last_valid_step(), samples), entering,
                                                accumulate=True)
+        gout = list(gout.unbind(0))
     else:
-        gout[walk.last] += rows(grad_h_n)
-    dc = rows_fp32(grad_c_n)
-    return gout, dc
+        gout = list(grad_output.unbind(0))
+        gout[walk.last] = gout[walk.last] + grad_h_n.to(memory_format=torch.contiguous_format)
+    return gout, rows_fp32(grad_c_n)
 
 
 def layer_input_grads(grad_frames: torch.Tensor, grad_h0_rows: torch.Tensor, dc: torch.Tensor,
@@ -1224,20 +1228,20 @@ def channel_attention_backward(grad_output, grad_h_n, grad_c_n, x, h0, c0, param
     h_prev = mask.before_each(output, h0).reshape(maps, hidden, height, width)
     h_prev_maps = h_prev.view(steps, batch, hidden, height, width)  # NCHW, read in place
 
-    gout, dc = output_grad_rows(grad_output, grad_h_n, grad_c_n, walk, mask)
+    gout, dc = output_grads(grad_output, grad_h_n, grad_c_n, walk, mask)
     c0_rows = rows(c0)
 
     block_m, block_c = block_sizes(x.device, pixels, hidden)
     tiles = triton.cdiv(pixels, block_m)
     f32 = dict(device=x.device, dtype=torch.float32)
-    dacc, ddw_c, dz, ddz, dfeat, ddw_a, feat = (torch.empty_like(gout) for _ in range(7))
-    cand_scratch = torch.empty_like(gout[0])  # the recompute's G (the saved G is used)
+    dacc, ddw_c, dz, ddz, dfeat, ddw_a, feat = (torch.empty_like(cell) for _ in range(7))
+    cand_scratch = torch.empty_like(cell[0])  # the recompute's G (the saved G is used)
     logits, datt = torch.empty(state[1:], **f32), torch.empty(state[1:], **f32)
     zpart = torch.empty(batch, tiles, hidden, **f32)
     spart = torch.empty(batch, tiles, hidden, **f32)
     gpart = torch.empty(steps, batch, tiles, 2 * hidden, **f32)
     dgp = torch.empty(steps, batch, 2 * hidden, **f32)
-    grad_h0_rows = torch.empty_like(gout[0])
+    grad_h0_rows = torch.empty_like(cell[0])
     grid = (tiles, triton.cdiv(hidden, block_c), batch)
     launch = dict(BLOCK_M=block_m, BLOCK_N=block_c,  # the forward's, for its recompute
                   BLOCK_K=min(block_c, ATTENTION_FWD_BLOCK_K), **ATTENTION_FWD_LAUNCH)
@@ -1435,11 +1439,10 @@ def layer_outputs_traffic(r, z) -> None:
     r.aten("_to_copy (c_n)", z.state32(), z.state())
 
 
-def output_grad_rows_traffic(r, z) -> None:
-    """:func:`output_grad_rows` and ``rows(c0)``: grad_output to rows plus grad_h_n, fp32 dC."""
-    r.aten("clone (grad_output to rows)", z.seq(), z.seq())
-    r.aten("clone (rows grad_h_n)", z.state(), z.state())
-    r.aten("add_ (grad_h_n into the last step)", 2 * z.state(), z.state())
+def output_grads_traffic(r, z) -> None:
+    """:func:`output_grads` and ``rows(c0)``: grad_h_n added to the last step's grad_output (the
+    others are read in place), fp32 dC."""
+    r.aten("add (grad_h_n into the last step)", 2 * z.state(), z.state())
     r.aten("copy_ (grad_c_n to fp32 rows)", z.state(), z.state32())
     r.aten("clone (rows c0)", z.state(), z.state())
 
@@ -1543,7 +1546,7 @@ def channel_attention_traffic(shape, itemsize: int) -> list:
     sepconv_x_rows_traffic(r, z, cin, C, means=True)  # xc and x̄
     sepconv_x_rows_traffic(r, z, cin, C, means=False)  # xa
     h_prev_all_traffic(r, z)
-    output_grad_rows_traffic(r, z)
+    output_grads_traffic(r, z)
     cell_bwd_traffic(r, z, "attention_cell_bwd_kernel", 2, 2, channel_map=True)
     attention_features_traffic(r, z, raw_cand=False, count=T)
     attention_logits_traffic(r, z, count=T)

@@ -21,11 +21,11 @@ import triton.language as tl
 
 from ._common import (GPU_BLOCK_M, SequenceFrames, StepMask, Walk, block_sizes, dot_precision,
                       gate_act, gate_act_grad, layer_input_grads, layer_outputs, map_tile, nchw,
-                      output_grad_rows, program_tile, rows, rows_fp32, tanh, tanh_with_grad)
+                      output_grads, program_tile, rows, rows_fp32, tanh, tanh_with_grad)
 from ._weight_grads import conv_weight_grad
 # The traffic models of the shared host helpers (for traffic() below).
 from ._common import (gpu_grid, h_prev_all_traffic, layer_input_grads_traffic,
-                      layer_outputs_traffic, output_grad_rows_traffic)
+                      layer_outputs_traffic, output_grads_traffic)
 
 
 # Before sm_90 the forward's tensor-core path does not fit 16 warps' 128 registers: on sm_80 it
@@ -243,7 +243,8 @@ def _convlstm_layer_bwd_kernel(
     if CELL:
         # One gate at a time (o, f, then g and i), each loaded where it is first needed, so that
         # few tiles are live at once.
-        dh += tl.load(gout_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+        goffs, _ = map_tile(b, HW, C, offs_m, mask_m, offs_n, mask_n)  # grad_output[t], NCHW
+        dh += tl.load(gout_ptr + goffs, mask=mask, other=0.0).to(tl.float32)
         zoffs = row * C4 + offs_n[None, :]
         out_ty = dz_ptr.dtype.element_ty
         z_o = tl.load(gates_ptr + zoffs + 3 * C, mask=mask, other=0.0).to(tl.float32)
@@ -328,10 +329,10 @@ def convlstm_layer_backward(grad_output, grad_h_n, grad_c_n, x, h0, c0, params, 
 
     walk = Walk(steps, reverse)
     mask = StepMask(lengths, walk, batch)
-    gout, dc = output_grad_rows(grad_output, grad_h_n, grad_c_n, walk, mask)
+    gout, dc = output_grads(grad_output, grad_h_n, grad_c_n, walk, mask)
     c0_rows = rows(c0)
     dz = torch.empty_like(gates)
-    grad_h0_rows = torch.empty_like(gout[0])
+    grad_h0_rows = torch.empty_like(cell[0])
 
     block_m, block_c = block_sizes(x.device, pixels, hidden)
     grid = (triton.cdiv(pixels, block_m), triton.cdiv(hidden, block_c), batch)
@@ -411,7 +412,7 @@ def traffic(shape, itemsize: int) -> list:
 
     r.phase = BACKWARD
     r.aten("clone (W_h to [K·K, 4C, C])", weight_h, weight_h)
-    output_grad_rows_traffic(r, z)
+    output_grads_traffic(r, z)
     cell_read = 3 * z.state() + z.state(4 * C) + z.state32()  # grad_output, C_t, C_{t−1}, z
     cell_written = z.state32() + z.state(4 * C)  # dC, dz
     rec_read = z.state(4 * C) + weight_h

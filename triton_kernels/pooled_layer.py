@@ -31,11 +31,11 @@ from ._common import dot_precision
 from ._common import StepMask, Walk, depthwise, depthwise_backward, nchw, rows
 from ._common import sepconv_rows_backward, sepconv_x_rows
 from ._weight_grads import steps_mm
-from ._common import initial_pooled_state, layer_input_grads, layer_outputs, output_grad_rows
+from ._common import initial_pooled_state, layer_input_grads, layer_outputs, output_grads
 # The traffic models of the shared host helpers and kernels (for traffic() below).
 from ._common import depthwise_backward_traffic, gpu_grid, h_prev_all_traffic
 from ._common import initial_pooled_state_traffic, layer_input_grads_traffic
-from ._common import layer_outputs_traffic, output_grad_rows_traffic, pooled_layer_bwd_traffic
+from ._common import layer_outputs_traffic, output_grads_traffic, pooled_layer_bwd_traffic
 from ._common import sepconv_rows_backward_traffic, sepconv_x_rows_traffic
 
 # This kernel's own launch choices (not SEPCONV_LAUNCH's, which other kernels share): a 16-wide
@@ -169,16 +169,16 @@ def pooled_layer_backward(grad_output, grad_h_n, grad_c_n, x, h0, c0, params, ou
 
     walk = Walk(steps, reverse)
     mask = StepMask(lengths, walk, batch)
-    gout, dc = output_grad_rows(grad_output, grad_h_n, grad_c_n, walk, mask)
+    gout, dc = output_grads(grad_output, grad_h_n, grad_c_n, walk, mask)
     c0_rows = rows(c0)
 
     block_m, block_c = block_sizes(x.device, pixels, hidden)
     tiles = triton.cdiv(pixels, block_m)
-    dacc = torch.empty_like(gout)
-    ddw = torch.empty_like(gout)
+    dacc = torch.empty_like(cell)
+    ddw = torch.empty_like(cell)
     gpart = torch.empty(steps, batch, tiles, 3 * hidden, device=x.device, dtype=torch.float32)
     dgp = torch.empty(steps, batch, 3 * hidden, device=x.device, dtype=torch.float32)
-    grad_h0_rows = torch.empty_like(gout[0])
+    grad_h0_rows = torch.empty_like(cell[0])
     grid = (tiles, triton.cdiv(hidden, block_c), batch)
     for s in walk.backward():
         t = s.t
@@ -261,7 +261,7 @@ def traffic(shape, itemsize: int) -> list:
     layer_outputs_traffic(r, z)
 
     r.phase = BACKWARD
-    output_grad_rows_traffic(r, z)
+    output_grads_traffic(r, z)
     pooled_layer_bwd_traffic(r, z, att_path=False)
     r.aten("mm (ddw = dacc · pw_h)", z.state() + z.weight(C * C), z.state(),
            z.gemm_flops(z.rows, C, C), count=z.T)

@@ -36,11 +36,11 @@ from ._common import ATTENTION_FWD_BLOCK_K, ATTENTION_FWD_LAUNCH, POOLED_BWD_LAU
 from ._common import SequenceFrames, StepMask, Walk, depthwise, depthwise_backward, nchw, rows
 from ._common import sepconv_rows, sepconv_rows_backward, sepconv_x_rows
 from ._weight_grads import conv_weight_grad, steps_mm
-from ._common import initial_pooled_state, layer_input_grads, layer_outputs, output_grad_rows
+from ._common import initial_pooled_state, layer_input_grads, layer_outputs, output_grads
 # The traffic models of the shared host helpers and kernels (for traffic() below).
 from ._common import GPU_BLOCK_CS, attention_features_traffic, depthwise_backward_traffic
 from ._common import gpu_grid, h_prev_all_traffic, initial_pooled_state_traffic
-from ._common import layer_input_grads_traffic, layer_outputs_traffic, output_grad_rows_traffic
+from ._common import layer_input_grads_traffic, layer_outputs_traffic, output_grads_traffic
 from ._common import pooled_layer_bwd_traffic, sepconv_rows_backward_traffic
 from ._common import sepconv_x_rows_traffic
 
@@ -357,20 +357,20 @@ def spatial_attention_layer_backward(grad_output, grad_h_n, grad_c_n, x, h0, c0,
     dwh_a_rows, feat_pre = sepconv_rows(h_prev, adwh, apwh, None)
     feat = torch.tanh(feat_pre + xa).view(state)
 
-    gout, dc = output_grad_rows(grad_output, grad_h_n, grad_c_n, walk, mask)
+    gout, dc = output_grads(grad_output, grad_h_n, grad_c_n, walk, mask)
     c0_rows = rows(c0)
 
     block_m, block_c = block_sizes(x.device, pixels, hidden)
     tiles, cin_tiles = triton.cdiv(pixels, block_m), triton.cdiv(cin, block_c)
     f32 = dict(device=x.device, dtype=torch.float32)
-    dacc, ddw_c, dfeat, ddw_a = (torch.empty_like(gout) for _ in range(4))
+    dacc, ddw_c, dfeat, ddw_a = (torch.empty_like(cell) for _ in range(4))
     ddx, dxt = torch.empty_like(x_rows), torch.empty_like(x_rows)
     dapart = torch.empty(batch, cin_tiles, pixels, **f32)
     dz = torch.empty(steps, batch, pixels, **f32)
     gpart = torch.empty(steps, batch, tiles, 3 * hidden, **f32)
     dgp = torch.empty(steps, batch, 3 * hidden, **f32)
     dgp_kernel = torch.empty_like(dgp)  # the backward kernel's copy of dgp (unused here)
-    grad_h0_rows = torch.empty_like(gout[0])
+    grad_h0_rows = torch.empty_like(cell[0])
     grid = (tiles, triton.cdiv(hidden, block_c), batch)
     blocks = dict(BLOCK_M=block_m, BLOCK_N=block_c, **POOLED_BWD_LAUNCH)
     for s in walk.backward():
@@ -502,7 +502,7 @@ def traffic(shape, itemsize: int) -> list:
            z.gemm_flops(T * z.rows, C, C))
     r.aten("add (F's pre-activation)", 2 * z.seq(), z.seq())
     r.aten("tanh (F)", z.seq(), z.seq())
-    output_grad_rows_traffic(r, z)
+    output_grads_traffic(r, z)
     pooled_layer_bwd_traffic(r, z, att_path=True)
     gates = z.vec(3 * C)
     r.aten("sum (gate partials over tiles)", z.B * tiles * 3 * C * 4, gates, count=T)
