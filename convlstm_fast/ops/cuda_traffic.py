@@ -47,16 +47,22 @@ def _depthwise_weight_grad(r, z, channels: int, maps: int, what: str) -> None:
     r.aten("sum (depthwise_weight_grad partials)", 0, 0)
 
 
-def _hidden_sum_splits(z) -> int:
-    """pooled_cell.cuh ``pooled_cell_splits``: the pixel splits of H's column sums."""
-    return _splits(z, z.B * -(-z.C // TILE_C), z.HW)
+# pooled_cell.cuh SepconvCellTile: pixels × channels per block, input channels per chunk, for
+# half/bfloat16/float (double: 32, 32, 16).
+STEP_M, STEP_N, STEP_K = 64, 64, 32
 
 
-def _pooled_gate_preacts(r, z, gates: int) -> None:
+def _hidden_sum_splits(z, fused: bool = False) -> int:
+    """The pixel splits of H's column sums: pooled_cell.cuh ``pooled_cell_splits`` (c, d, b), or
+    ``sepconv_cell_splits`` (``fused``, a: the fused step's pixel tiles per sample)."""
+    return -(-z.HW // STEP_M) if fused else _splits(z, z.B * -(-z.C // TILE_C), z.HW)
+
+
+def _pooled_gate_preacts(r, z, gates: int, fused: bool = False) -> None:
     """pooled_cell.cuh ``pooled_gate_preacts``: per step, xg[t] (fp32) and the previous step's
     column sums of H in, the saved gate_pre out; every (b, j) thread reads all of its sample's
     sums and its U_h row (``loaded``, from L2)."""
-    splits = _hidden_sum_splits(z)
+    splits = _hidden_sum_splits(z, fused)
     sums = splits * z.vec(z.C)
     weight = gates * z.C * z.C * 4
     r.kernel("PooledGatePreacts", z.vec(gates * z.C) + sums + weight, z.vec(gates * z.C, z.s),
@@ -64,10 +70,10 @@ def _pooled_gate_preacts(r, z, gates: int) -> None:
              count=z.T, loaded=z.vec(gates * z.C) + z.B * gates * z.C * (splits + 1) * z.C * 4)
 
 
-def _initial_hidden_sums(r, z) -> None:
+def _initial_hidden_sums(r, z, fused: bool = False) -> None:
     """pooled_cell.cuh ``initial_hidden_sums``: H_0's column sums into split 0 of a zeroed
     [B, splits, C] buffer (zeros, the sum, its copy into place)."""
-    sums = _hidden_sum_splits(z) * z.vec(z.C)
+    sums = _hidden_sum_splits(z, fused) * z.vec(z.C)
     r.aten("zeros (H sums)", 0, sums)
     r.aten("sum (H_0 column sums)", z.state(), z.vec(z.C))
     r.aten("copy_ (into split 0)", z.vec(z.C), z.vec(z.C))
@@ -84,6 +90,24 @@ def _pooled_cell_forward(r, z, has_map: bool) -> None:
                                                                            else 0),
              (3 + maps) * z.state() + z.state32() + splits * z.vec(z.C),
              z.cell_flops(), count=z.T)
+
+
+def _sepconv_cell_step(r, z) -> None:
+    """pooled_cell.cuh ``SepconvCellStep``, (a)'s fused step: H_{t−1}, the fp32 C_{t−1}, xc[t],
+    gate_pre and the H-side weights in; the fp32 C_t, H_t, the saved C_t and G and the column
+    sums of H_t out. Every one of the C/STEP_N channel tiles redoes the depthwise of its pixel
+    tile over all C input channels (K² taps per output, from L1/L2) and reads all of pw_h's
+    columns it needs (``loaded``)."""
+    splits = _hidden_sum_splits(z, fused=True)
+    channel_tiles = -(-z.C // STEP_N)
+    blocks = z.B * splits * channel_tiles
+    read = 2 * z.state() + z.state32() + z.vec(3 * z.C, z.s) + z.weight(z.K * z.K * z.C + z.C * z.C)
+    written = 3 * z.state() + z.state32() + splits * z.vec(z.C)
+    loaded = (channel_tiles * z.K * z.K * z.state() + blocks * STEP_N * z.C * z.s + z.state()
+              + z.state32() + z.vec(3 * z.C, z.s))
+    r.kernel("SepconvCellStep (phased)", read, written,
+             channel_tiles * z.depthwise_flops(z.C) + z.gemm_flops(z.rows, z.C, z.C)
+             + z.cell_flops(), count=z.T, loaded=loaded)
 
 
 def _pooled_cell_backward(r, z, gates: int, has_map: bool) -> None:
@@ -174,8 +198,9 @@ def output_attention_layer(shape, itemsize: int) -> list:
 
 def _batched_input_layer(shape, itemsize: int, has_map: bool) -> list:
     """batched_input_layer.cuh: the X side batched (channels-last copy, depthwise + addmm for xc
-    (and xa), GAP(X) and its FC), then per step the H-side depthwise(s), cuBLAS GEMMs (xc[t] as a
-    2-D addmm bias), the gate FC and the fused epilogue; c/d add F, Z = SepConv_z(F) and its max.
+    (and xa), GAP(X) and its FC), then per step the gate kernel and, for (a), the fused step;
+    for c/d the H-side depthwise convs, cuBLAS GEMMs (xc[t] as a 2-D addmm bias), F, Z =
+    SepConv_z(F) and its max, and the fused epilogue.
     Backward: the cell backward, the GEMMs and transposed depthwise convs per step (c/d recompute
     F and Z as the forward did), the weight gradients batched after the loop."""
     z, r = Sizes(shape, itemsize), Recorder()
@@ -189,13 +214,15 @@ def _batched_input_layer(shape, itemsize: int, has_map: bool) -> list:
     r.aten("mean (GAP(X))", z.xseq(), T * z.vec(cin))
     _channels_last_copy(r, z, z.state(), z.state(), "h0")
     _channels_last_copy(r, z, z.state(), z.state32(), "c0 fp32")
-    _initial_hidden_sums(r, z)
+    _initial_hidden_sums(r, z, fused=not has_map)
     # The step (batched_input_layer_forward's loop).
-    r.kernel("depthwise (dw_h(H_{t-1}))", z.state(), z.state(), z.depthwise_flops(C), count=T,
-             loaded=z.K * z.K * z.state())
-    _addmm_2d_bias(r, z, "cand_preact = xc[t] + dw_h(H) · pw_hᵀ", z.rows, C, C, T)
-    _pooled_gate_preacts(r, z, gates)
-    if has_map:
+    _pooled_gate_preacts(r, z, gates, fused=not has_map)
+    if not has_map:
+        _sepconv_cell_step(r, z)
+    else:
+        r.kernel("depthwise (dw_h(H_{t-1}))", z.state(), z.state(), z.depthwise_flops(C),
+                 count=T, loaded=z.K * z.K * z.state())
+        _addmm_2d_bias(r, z, "cand_preact = xc[t] + dw_h(H) · pw_hᵀ", z.rows, C, C, T)
         r.kernel("depthwise (dw_ha(H_{t-1}))", z.state(), z.state(), z.depthwise_flops(C),
                  count=T, loaded=z.K * z.K * z.state())
         _addmm_2d_bias(r, z, "F = xa[t] + dw_ha(H) · pw_haᵀ", z.rows, C, C, T)
@@ -206,7 +233,7 @@ def _batched_input_layer(shape, itemsize: int, has_map: bool) -> list:
                z.gemm_flops(z.rows, C, C), count=T)
         # amax, then .to(fp32) (a free view in fp32, where the launch counts are measured).
         r.aten("amax (max_HW Z)", z.state(), z.vec(C), count=T)
-    _pooled_cell_forward(r, z, has_map)
+        _pooled_cell_forward(r, z, has_map)
     _layer_end(r, z)
 
     r.phase = BACKWARD

@@ -8,9 +8,10 @@
 // output_attention_layer_kernel.cu) register the two drivers below for their cell.
 //
 // Structure (shared/KERNELS.md): everything that depends only on X is computed for all T steps
-// in batched ATen calls before the loop; a step runs the H-side depthwise convolutions (custom
-// kernels), the pointwise GEMMs (cuBLAS, fp32 accumulation) and one fused epilogue
-// (pooled_cell.cuh). Backward walks the steps in the forward's opposite order and reduces every
+// in batched ATen calls before the loop; a step of (a) runs two kernels of ours, its gates and
+// the fused step (SepconvCellStep, pooled_cell.cuh); one of c/d runs the H-side depthwise
+// convolutions (custom kernels), the pointwise GEMMs (cuBLAS, fp32 accumulation) and one fused
+// epilogue (pooled_cell.cuh). Backward walks the steps in the forward's opposite order and reduces every
 // weight gradient over all steps after it with one batched product each. Parameters and saved
 // tensors are named by cells.h (cells::pooled, cells::channel_attention).
 #pragma once
@@ -51,6 +52,8 @@ LayerResult batched_input_layer_forward(const Tensor& x, const Tensor& h0, const
                    params[attention::kAttPwX], params[attention::kAttBias]);
   }
   const Tensor gate_weight_h = params[pooled::kGateWeightH].to(acc).contiguous();
+  const Tensor dw_h = params[pooled::kCandDwH].contiguous();
+  const Tensor pw_h = params[pooled::kCandPwH].contiguous();
 
   Tensor output_cl = at::empty({T, B, H, W, C}, x.options());
   const SavedSteps saved(call.saved_shapes, x.options(), save);
@@ -58,7 +61,8 @@ LayerResult batched_input_layer_forward(const Tensor& x, const Tensor& h0, const
   Tensor cell_state = channels_last_copy(c0, acc).view({B * HW, C});
   // Column sums of H_{t−1} per pixel split [B, splits, C], which the step's gate kernel reduces
   // to h̄ (hsum) and its epilogue writes for H_t (hsum_next).
-  const int64_t splits = pooled_cell_splits(B, HW, C, x);
+  const int64_t splits =
+      has_map ? pooled_cell_splits(B, HW, C, x) : sepconv_cell_splits(HW, x.scalar_type());
   Tensor hsum = initial_hidden_sums(h0_cl, splits, acc);
   Tensor hsum_next = at::empty_like(hsum);
   // With lengths: the carried H_{t−1} (step_mask.h); C carries in cell_state, H's sums in hsum.
@@ -71,28 +75,33 @@ LayerResult batched_input_layer_forward(const Tensor& x, const Tensor& h0, const
     const Tensor h_prev = mask.active() ? h_carry : state_before(walk, t, h0_cl, output_cl);
     Tensor cell_before;
     if (mask.active()) cell_before = cell_state.clone();
-    // cand_preact = SepConv_h(H_{t−1}) + (SepConv_x(X_t) + b_c)
-    const Tensor cand_preact =
-        at::addmm(xc.narrow(0, t * B * HW, B * HW),
-                  depthwise_forward(h_prev, params[pooled::kCandDwH], B, H, W),
-                  params[pooled::kCandPwH].t());
+    const Tensor xc_t = xc.narrow(0, t * B * HW, B * HW);
     // gate pre-activations U_x·x̄ + U_h·h̄ + b_g, saved (rounded) and used rounded
     const Tensor gate_pre = saved(pooled::kSavedGatePreact, t);
     pooled_gate_preacts(xg.narrow(0, t * B, B), hsum, gate_weight_h, gate_pre, HW);
-    Tensor logits, logits_max;
-    if (has_map) {
+    if (!has_map) {
+      // (a): the rest of the step in one kernel (cand_preact = SepConv_h(H_{t−1}) + xc_t and
+      // the cell)
+      sepconv_cell_forward(h_prev, dw_h, pw_h, xc_t, gate_pre, activation, cell_state,
+                           output_cl[t], saved(pooled::kSavedCell, t),
+                           saved(pooled::kSavedCandidate, t), hsum_next, B, H, W, C);
+    } else {
+      // c/d: cand_preact = SepConv_h(H_{t−1}) + (SepConv_x(X_t) + b_c);
       // F = tanh(SepConv_ha(H_{t−1}) + xa_t); Z = SepConv_z(F), per-(b, c) max over the pixels
+      const Tensor cand_preact =
+          at::addmm(xc_t, depthwise_forward(h_prev, dw_h, B, H, W), pw_h.t());
       const Tensor dw_ha = depthwise_forward(h_prev, params[attention::kAttDwH], B, H, W);
       const Tensor features = at::addmm(xa.narrow(0, t * B * HW, B * HW), dw_ha,
                                         params[attention::kAttPwH].t()).tanh_();
-      logits = pointwise(depthwise_forward(features, params[channel::kAttDwZ], B, H, W),
-                         params[channel::kAttPwZ]);
-      logits_max = logits.view({B, HW, C}).amax({1}).to(acc);
+      const Tensor logits = pointwise(
+          depthwise_forward(features, params[channel::kAttDwZ], B, H, W),
+          params[channel::kAttPwZ]);
+      const Tensor logits_max = logits.view({B, HW, C}).amax({1}).to(acc);
+      pooled_cell_forward(cand_preact, gate_pre, logits, logits_max, map_gate, activation,
+                          cell_state, output_cl[t], saved(pooled::kSavedCell, t),
+                          saved(pooled::kSavedCandidate, t), saved(channel::kSavedMap, t),
+                          hsum_next, B, HW, C);
     }
-    pooled_cell_forward(cand_preact, gate_pre, logits, logits_max, map_gate, activation,
-                        cell_state, output_cl[t], saved(pooled::kSavedCell, t),
-                        saved(pooled::kSavedCandidate, t),
-                        has_map ? saved(channel::kSavedMap, t) : Tensor(), hsum_next, B, HW, C);
     mask_pooled_step(mask, t, cell_state, cell_before, hsum_next, hsum, h_carry, output_cl[t],
                      B);
     std::swap(hsum, hsum_next);

@@ -28,6 +28,7 @@
 
 #include <algorithm>
 #include <atomic>
+#include <memory>
 #include <string>
 #include <string_view>
 #include <tuple>
@@ -198,6 +199,68 @@ void launch_tile_reduce(const F& f, int64_t gx, int64_t gy, int64_t gz, const Te
   tile_reduce_kernel<Q, acc_t, F>
       <<<dim3(unsigned(gx), unsigned(gy), unsigned(gz)), dim3(kTileC, kRows), 0,
          at::cuda::getCurrentCUDAStream()>>>(f);
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+}
+
+// Phased block kernel: a block of kThreads threads with a shared-memory struct F::Shared and
+// per-thread registers F::Regs runs
+//   init(regs); for each chunk: stage(shared, chunk) | multiply(shared, regs)
+//   | finish(shared, regs) | epilogue(shared) | store(shared)
+// where each "|" is a __syncthreads(). The emulation build runs every phase for all threads of
+// a block before the next phase (the barrier's meaning), with one Shared per block and one Regs
+// per thread, so a kernel that is correct there is correct for any interleaving of the threads
+// between barriers.
+template <typename F>
+__global__ void __launch_bounds__(kThreads) phased_kernel(F f) {
+  __shared__ typename F::Shared shared;
+  typename F::Regs regs;
+  const dim3 block = blockIdx;
+  const unsigned tid = threadIdx.x;
+  f.init(regs, tid);
+  for (int64_t chunk = 0; chunk < f.chunks(); ++chunk) {
+    f.stage(shared, block, tid, chunk);
+    __syncthreads();
+    f.multiply(shared, regs, tid);
+    __syncthreads();
+  }
+  f.finish(shared, regs, tid);
+  __syncthreads();
+  f.epilogue(shared, block, tid);
+  __syncthreads();
+  f.store(shared, block, tid);
+}
+
+template <typename F>
+void launch_phased(const F& f, int64_t gx, int64_t gy, int64_t gz, const Tensor& like) {
+  if (gx == 0 || gy == 0 || gz == 0) return;
+  TORCH_CHECK(gx < (int64_t(1) << 31) && gy <= 65535 && gz <= 65535,
+              "convlstm_fast: step grid too large (", gx, ", ", gy, ", ", gz, ")");
+#ifdef CONVLSTM_CUDA_EMULATE
+  if (!like.is_cuda()) {
+    ++emulated_launches();
+    auto shared = std::make_unique<typename F::Shared>();
+    std::vector<typename F::Regs> regs(kThreads);
+    for (unsigned bz = 0; bz < gz; ++bz)
+      for (unsigned by = 0; by < gy; ++by)
+        for (unsigned bx = 0; bx < gx; ++bx) {
+          const dim3 block(bx, by, bz);
+          for (unsigned tid = 0; tid < unsigned(kThreads); ++tid) f.init(regs[tid], tid);
+          for (int64_t chunk = 0; chunk < f.chunks(); ++chunk) {
+            for (unsigned tid = 0; tid < unsigned(kThreads); ++tid)
+              f.stage(*shared, block, tid, chunk);
+            for (unsigned tid = 0; tid < unsigned(kThreads); ++tid)
+              f.multiply(*shared, regs[tid], tid);
+          }
+          for (unsigned tid = 0; tid < unsigned(kThreads); ++tid)
+            f.finish(*shared, regs[tid], tid);
+          for (unsigned tid = 0; tid < unsigned(kThreads); ++tid) f.epilogue(*shared, block, tid);
+          for (unsigned tid = 0; tid < unsigned(kThreads); ++tid) f.store(*shared, block, tid);
+        }
+    return;
+  }
+#endif
+  phased_kernel<F><<<dim3(unsigned(gx), unsigned(gy), unsigned(gz)), kThreads, 0,
+                     at::cuda::getCurrentCUDAStream()>>>(f);
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
 
@@ -457,6 +520,28 @@ inline Tensor nchw_view(const Tensor& t, int64_t n, int64_t h, int64_t w, int64_
 // ---------------------------------------------------------------------------------------------
 // Depthwise K×K convolution, 'same' padding r = K // 2, on channels-last maps [N, H, W, Cc]:
 //   out[n, y, x, c] = Σ_{ky,kx} w[c, ky, kx] · in[n, y + ky − r, x + kx − r, c]   (0 outside)
+// One output of it, in the accumulation dtype (taps in (ky, kx) order; the fused (a) step,
+// pooled_cell.cuh, computes its depthwise with this same sum).
+template <typename acc_t, typename scalar_t>
+__host__ __device__ inline acc_t depthwise_at(const scalar_t* in, const scalar_t* weight,
+                                              int64_t n, int64_t y, int64_t x, int64_t c,
+                                              int64_t height, int64_t width, int64_t channels,
+                                              int64_t kernel) {
+  const int64_t r = kernel / 2;
+  acc_t acc = 0;
+  for (int64_t ky = 0; ky < kernel; ++ky) {
+    const int64_t yy = y + ky - r;
+    if (yy < 0 || yy >= height) continue;
+    for (int64_t kx = 0; kx < kernel; ++kx) {
+      const int64_t xx = x + kx - r;
+      if (xx < 0 || xx >= width) continue;
+      acc += acc_t(weight[(c * kernel + ky) * kernel + kx]) *
+             acc_t(in[((n * height + yy) * width + xx) * channels + c]);
+    }
+  }
+  return acc;
+}
+
 template <typename scalar_t>
 struct DepthwiseForward {
   using acc_t = at::opmath_type<scalar_t>;
@@ -466,25 +551,14 @@ struct DepthwiseForward {
   int64_t height, width, channels, kernel;
 
   __host__ __device__ void operator()(int64_t idx) const {
-    const int64_t r = kernel / 2;
     const int64_t c = idx % channels;
     int64_t rest = idx / channels;
     const int64_t x = rest % width;
     rest /= width;
     const int64_t y = rest % height;
     const int64_t n = rest / height;
-    acc_t acc = 0;
-    for (int64_t ky = 0; ky < kernel; ++ky) {
-      const int64_t yy = y + ky - r;
-      if (yy < 0 || yy >= height) continue;
-      for (int64_t kx = 0; kx < kernel; ++kx) {
-        const int64_t xx = x + kx - r;
-        if (xx < 0 || xx >= width) continue;
-        acc += acc_t(weight[(c * kernel + ky) * kernel + kx]) *
-               acc_t(in[((n * height + yy) * width + xx) * channels + c]);
-      }
-    }
-    out[idx] = scalar_t(acc);
+    out[idx] = scalar_t(depthwise_at<acc_t>(in, weight, n, y, x, c, height, width, channels,
+                                            kernel));
   }
 };
 

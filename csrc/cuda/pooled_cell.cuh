@@ -16,6 +16,12 @@
 // kernel (PooledGatePreacts), the backward's [split, B, ·] by the host.
 #pragma once
 
+#include <cuda_bf16.h>
+#include <cuda_fp16.h>
+#include <mma.h>
+
+#include <type_traits>
+
 #include "layer_common.cuh"
 
 namespace convlstm_fast {
@@ -43,6 +49,24 @@ __host__ __device__ inline void pooled_gates(const scalar_t* gate_pre, int64_t c
   } else {
     *i = g0, *f = g1, *o = acc_t(1);
   }
+}
+
+// The cell update of one element (idx) given its gates and G (rounded): C_t into cell_state
+// (C_{t−1} there before), H_t, C_t and G stored rounded; returns H_t as rounded (what the column
+// sums add).
+template <typename scalar_t, typename acc_t>
+__host__ __device__ inline acc_t pooled_cell_element(acc_t i, acc_t f, acc_t o, scalar_t g,
+                                                     int64_t idx, acc_t* cell_state,
+                                                     scalar_t* h_out, scalar_t* cell_saved,
+                                                     scalar_t* cand_saved) {
+  acc_t h;
+  const acc_t c_new = cell_update(i, f, o, acc_t(g), cell_state[idx], &h);
+  cell_state[idx] = c_new;
+  const scalar_t h_rounded = scalar_t(h);
+  h_out[idx] = h_rounded;
+  cell_saved[idx] = scalar_t(c_new);
+  cand_saved[idx] = g;
+  return acc_t(h_rounded);
 }
 
 template <typename scalar_t>
@@ -82,15 +106,8 @@ struct PooledCellForward {
         map_saved[idx] = a;
         if (map_gate == cells::kMapIsInputGate) i = acc_t(a); else o = acc_t(a);
       }
-      const scalar_t g = scalar_t(math_tanh(acc_t(cand_preact[idx])));
-      acc_t h;
-      const acc_t c_new = cell_update(i, f, o, acc_t(g), cell_state[idx], &h);
-      cell_state[idx] = c_new;
-      const scalar_t h_rounded = scalar_t(h);
-      h_out[idx] = h_rounded;
-      cell_saved[idx] = scalar_t(c_new);
-      cand_saved[idx] = g;
-      sums[0] += acc_t(h_rounded);
+      sums[0] += pooled_cell_element(i, f, o, scalar_t(math_tanh(acc_t(cand_preact[idx]))), idx,
+                                     cell_state, h_out, cell_saved, cand_saved);
     }
   }
 
@@ -192,6 +209,229 @@ inline void pooled_cell_forward(const Tensor& cand_preact, const Tensor& gate_pr
             hsum_partial.mutable_data_ptr<acc_t>(), batch, pixels, channels, per_split, tiles,
             splits},
         batch * tiles, splits, 1, cand_preact);
+  });
+}
+
+// ---------------------------------------------------------------------------------------------
+// Variant (a)'s whole H side of a step in one phased kernel (layer_common.cuh), after the gate
+// kernel (PooledGatePreacts): a block is kM pixels of one sample × kN output channels; per chunk
+// of kK input channels it computes the depthwise of H_{t−1} on the fly (depthwise_at, rounded to
+// the input dtype as depthwise_forward rounds it) into shared memory beside its pw_h slice,
+// multiplies them (half/bfloat16: wmma tensor cores, 16×16×16 tiles, two per warp; float and
+// double, and every dtype in the emulation build: kMicro×kMicro register tiles), and its
+// epilogue adds xc[t] (cand_preact rounded once, as the addmm it replaces), runs the cell
+// (pooled_cell_element), stores H_t, C_t, G and the block's column sums of H_t into
+// hsum_partial [B, pixel tiles, C] (the next step's gates read them; summed in a fixed order).
+// No depthwise output, no candidate pre-activation and no GEMM call of its own.
+template <typename scalar_t>
+struct WmmaType {
+  using type = void;
+};
+template <>
+struct WmmaType<at::Half> {
+  using type = __half;
+};
+template <>
+struct WmmaType<at::BFloat16> {
+  using type = __nv_bfloat16;
+};
+
+template <typename scalar_t>
+struct SepconvCellTile {
+  static constexpr int kM = 64, kN = 64, kK = 32, kMicro = 4;
+};
+template <>
+struct SepconvCellTile<double> {
+  static constexpr int kM = 32, kN = 32, kK = 16, kMicro = 2;
+};
+
+template <typename scalar_t, bool tensor_cores = !std::is_void_v<typename WmmaType<scalar_t>::type>>
+struct SepconvFragments {};
+template <typename scalar_t>
+struct SepconvFragments<scalar_t, true> {
+  nvcuda::wmma::fragment<nvcuda::wmma::accumulator, 16, 16, 16, float> acc[2];
+};
+
+template <typename scalar_t>
+struct SepconvCellStep {
+  using acc_t = at::opmath_type<scalar_t>;
+  using Tile = SepconvCellTile<scalar_t>;
+  static constexpr int kM = Tile::kM, kN = Tile::kN, kK = Tile::kK, kMicro = Tile::kMicro;
+  static constexpr int kThreadCols = kN / kMicro;  // the register tiles' thread grid
+  static constexpr int kGroups = kThreads / kN;    // epilogue threads per channel
+  static constexpr bool kTensorCores = !std::is_void_v<typename WmmaType<scalar_t>::type>;
+  static_assert((kM / kMicro) * kThreadCols == kThreads, "one register tile per thread");
+  static_assert(!kTensorCores || (kM / 16) * (kN / 16) == 2 * (kThreads / 32),
+                "two 16×16 wmma tiles per warp");
+  static_assert(kK % 16 == 0 && kThreads % kN == 0);
+
+  struct Shared {
+    alignas(32) scalar_t a[kM][kK + 8];  // depthwise of H_{t−1}: this chunk's channels
+    alignas(32) scalar_t b[kK][kN + 8];  // pw_hᵀ: this chunk's rows, the block's columns
+    alignas(32) acc_t acc[kM][kN + 4];   // the product, for the epilogue
+    acc_t sums[kGroups][kN];             // column sums of H_t per epilogue group
+  };
+  struct Regs {
+    acc_t acc[kMicro][kMicro];
+    SepconvFragments<scalar_t> frags;
+  };
+
+  const scalar_t* h_prev;    // [B, HW, C] channels-last
+  const scalar_t* dw;        // [C, 1, K, K]
+  const scalar_t* pw;        // [C, C] (out, in)
+  const scalar_t* xc;        // [B, HW, C]: SepConv_x(X_t) + b_c
+  const scalar_t* gate_pre;  // [B, 3C]
+  acc_t* cell_state;         // [B, HW, C]: C_{t−1} in, C_t out
+  scalar_t* h_out;
+  scalar_t* cell_saved;
+  scalar_t* cand_saved;
+  acc_t* hsum_partial;       // [B, tiles_m, C]
+  int64_t activation, height, width, channels, kernel, tiles_m;
+
+  __host__ __device__ int64_t chunks() const { return (channels + kK - 1) / kK; }
+
+  // The wmma tiles of warp w: rows 16·(w / 2), columns 32·(w % 2) and 32·(w % 2) + 16.
+  __host__ __device__ static int warp_row(unsigned tid) { return int(tid / 32) / 2 * 16; }
+  __host__ __device__ static int warp_col(unsigned tid) { return int(tid / 32) % 2 * 32; }
+  // The register tile of thread tid: rows kMicro·(tid / kThreadCols) + i, columns
+  // tid % kThreadCols + j·kThreadCols (a warp reads consecutive columns of b).
+  __host__ __device__ static int micro_row(unsigned tid) { return int(tid) / kThreadCols * kMicro; }
+  __host__ __device__ static int micro_col(unsigned tid) { return int(tid) % kThreadCols; }
+
+  __host__ __device__ void init(Regs& r, unsigned) const {
+    for (int i = 0; i < kMicro; ++i)
+      for (int j = 0; j < kMicro; ++j) r.acc[i][j] = acc_t(0);
+#ifdef __CUDA_ARCH__
+    if constexpr (kTensorCores) {
+      for (auto& f : r.frags.acc) nvcuda::wmma::fill_fragment(f, 0.0f);
+    }
+#endif
+  }
+
+  // Block x: the channel tile, y: the pixel tile, z: the sample.
+  __host__ __device__ void stage(Shared& s, dim3 block, unsigned tid, int64_t chunk) const {
+    const int64_t k0 = chunk * kK, p0 = int64_t(block.y) * kM, n0 = int64_t(block.x) * kN;
+    const int64_t pixels = height * width;
+    for (int e = int(tid); e < kM * kK; e += kThreads) {
+      const int m = e / kK, k = e % kK;
+      const int64_t p = p0 + m, c = k0 + k;
+      const acc_t d = p < pixels && c < channels
+                          ? depthwise_at<acc_t>(h_prev, dw, block.z, p / width, p % width, c,
+                                                height, width, channels, kernel)
+                          : acc_t(0);
+      s.a[m][k] = scalar_t(d);
+    }
+    for (int e = int(tid); e < kK * kN; e += kThreads) {
+      const int n = e / kK, k = e % kK;
+      const int64_t c_out = n0 + n, c_in = k0 + k;
+      s.b[k][n] = c_out < channels && c_in < channels ? pw[c_out * channels + c_in] : scalar_t(0);
+    }
+  }
+
+  __host__ __device__ void multiply(Shared& s, Regs& r, unsigned tid) const {
+#ifdef __CUDA_ARCH__
+    if constexpr (kTensorCores) {
+      namespace wmma = nvcuda::wmma;
+      using T = typename WmmaType<scalar_t>::type;
+      const int m0 = warp_row(tid), n0 = warp_col(tid);
+      for (int k = 0; k < kK; k += 16) {
+        wmma::fragment<wmma::matrix_a, 16, 16, 16, T, wmma::row_major> a;
+        wmma::load_matrix_sync(a, reinterpret_cast<const T*>(&s.a[m0][k]), kK + 8);
+        for (int f = 0; f < 2; ++f) {
+          wmma::fragment<wmma::matrix_b, 16, 16, 16, T, wmma::row_major> b;
+          wmma::load_matrix_sync(b, reinterpret_cast<const T*>(&s.b[k][n0 + 16 * f]), kN + 8);
+          wmma::mma_sync(r.frags.acc[f], a, b, r.frags.acc[f]);
+        }
+      }
+      return;
+    }
+#endif
+    const int m0 = micro_row(tid), n0 = micro_col(tid);
+    for (int k = 0; k < kK; ++k) {
+      acc_t a[kMicro], b[kMicro];
+      for (int i = 0; i < kMicro; ++i) a[i] = acc_t(s.a[m0 + i][k]);
+      for (int j = 0; j < kMicro; ++j) b[j] = acc_t(s.b[k][n0 + j * kThreadCols]);
+      for (int i = 0; i < kMicro; ++i)
+        for (int j = 0; j < kMicro; ++j) r.acc[i][j] += a[i] * b[j];
+    }
+  }
+
+  __host__ __device__ void finish(Shared& s, Regs& r, unsigned tid) const {
+#ifdef __CUDA_ARCH__
+    if constexpr (kTensorCores) {
+      const int m0 = warp_row(tid), n0 = warp_col(tid);
+      for (int f = 0; f < 2; ++f) {
+        nvcuda::wmma::store_matrix_sync(&s.acc[m0][n0 + 16 * f], r.frags.acc[f], kN + 4,
+                                        nvcuda::wmma::mem_row_major);
+      }
+      return;
+    }
+#endif
+    const int m0 = micro_row(tid), n0 = micro_col(tid);
+    for (int i = 0; i < kMicro; ++i)
+      for (int j = 0; j < kMicro; ++j) s.acc[m0 + i][n0 + j * kThreadCols] = r.acc[i][j];
+  }
+
+  __host__ __device__ void epilogue(Shared& s, dim3 block, unsigned tid) const {
+    const int n = int(tid) % kN, group = int(tid) / kN;
+    const int64_t c = int64_t(block.x) * kN + n, b = block.z, p0 = int64_t(block.y) * kM;
+    const int64_t pixels = height * width;
+    acc_t sum = 0;
+    if (c < channels) {
+      acc_t i, f, o;
+      pooled_gates(gate_pre + b * 3 * channels, channels, c, cells::kNoMapGate, activation, &i,
+                   &f, &o);
+      for (int m = group; m < kM && p0 + m < pixels; m += kGroups) {
+        const int64_t idx = (b * pixels + p0 + m) * channels + c;
+        const scalar_t pre = scalar_t(s.acc[m][n] + acc_t(xc[idx]));
+        sum += pooled_cell_element(i, f, o, scalar_t(math_tanh(acc_t(pre))), idx, cell_state,
+                                   h_out, cell_saved, cand_saved);
+      }
+    }
+    s.sums[group][n] = sum;
+  }
+
+  __host__ __device__ void store(Shared& s, dim3 block, unsigned tid) const {
+    const int64_t c = int64_t(block.x) * kN + tid;
+    if (int(tid) >= kN || c >= channels) return;
+    acc_t total = 0;
+    for (int g = 0; g < kGroups; ++g) total += s.sums[g][tid];
+    hsum_partial[(int64_t(block.z) * tiles_m + block.y) * channels + c] = total;
+  }
+};
+
+// The pixel tiles per sample of the fused (a) step: the splits of its column sums.
+inline int64_t sepconv_cell_splits(int64_t pixels, at::ScalarType dtype) {
+  return ceil_div(pixels, dtype == at::kDouble ? SepconvCellTile<double>::kM
+                                               : SepconvCellTile<float>::kM);
+}
+
+// One forward step of (a) after its gates: h_prev [B, HW, C] channels-last, the H-side weights
+// dw [C, 1, K, K] and pw [C, C] (contiguous), xc_t [B·HW, C], gate_pre [B, 3C]; cell_state
+// updated in place; h_out, cell_saved, cand_saved this step's slices; the column sums of H_t into
+// hsum_partial [B, sepconv_cell_splits, C].
+inline void sepconv_cell_forward(const Tensor& h_prev, const Tensor& dw, const Tensor& pw,
+                                 const Tensor& xc_t, const Tensor& gate_pre, int64_t activation,
+                                 Tensor& cell_state, Tensor h_out, Tensor cell_saved,
+                                 Tensor cand_saved, const Tensor& hsum_partial, int64_t batch,
+                                 int64_t height, int64_t width, int64_t channels) {
+  const int64_t tiles_m = hsum_partial.size(1);
+  TORCH_INTERNAL_ASSERT(tiles_m == sepconv_cell_splits(height * width, h_prev.scalar_type()));
+  TORCH_INTERNAL_ASSERT(h_prev.is_contiguous() && dw.is_contiguous() && pw.is_contiguous() &&
+                        xc_t.is_contiguous());
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, h_prev.scalar_type(),
+                                  "sepconv_cell_forward", [&] {
+    using Step = SepconvCellStep<scalar_t>;
+    launch_phased(
+        Step{h_prev.const_data_ptr<scalar_t>(), dw.const_data_ptr<scalar_t>(),
+             pw.const_data_ptr<scalar_t>(), xc_t.const_data_ptr<scalar_t>(),
+             gate_pre.const_data_ptr<scalar_t>(),
+             cell_state.mutable_data_ptr<at::opmath_type<scalar_t>>(),
+             h_out.mutable_data_ptr<scalar_t>(), cell_saved.mutable_data_ptr<scalar_t>(),
+             cand_saved.mutable_data_ptr<scalar_t>(),
+             hsum_partial.mutable_data_ptr<at::opmath_type<scalar_t>>(), activation, height,
+             width, channels, dw.size(-1), tiles_m},
+        ceil_div(channels, Step::kN), tiles_m, batch, h_prev);
   });
 }
 

@@ -2,11 +2,12 @@
 // pooled-FC gates + depthwise-separable candidate (shared/SPEC.md eqs. 8-15). The host driver
 // is shared with (c)/(d): batched_input_layer.cuh; the fused step epilogue with every pooled cell:
 // pooled_cell.cuh.
-// One more step launches, forward, 3 kernels of ours (the depthwise of H_{t−1}, the pooled gates
-// straight from the previous step's column sums of H, the fused epilogue) and 1 ATen call (the
-// pointwise addmm, xc[t] its bias: 4 launches against the 1 of the Triton step); backward 3 and
-// 3 (2 mm, sum). emulation_check.py counts them.
-// LAUNCHES_PER_STEP forward=(3, 1) backward=(3, 3)
+// One more step launches, forward, 2 kernels of ours and no ATen call: the pooled gates straight
+// from the previous step's column sums of H (PooledGatePreacts), then the fused step
+// (SepconvCellStep, pooled_cell.cuh: the depthwise of H_{t−1} on the fly, the pointwise product
+// on tensor cores in half/bfloat16, xc[t], the cell and the column sums of H_t in one kernel);
+// backward 3 and 3 (2 mm, sum). emulation_check.py counts them.
+// LAUNCHES_PER_STEP forward=(2, 0) backward=(3, 3)
 #include "batched_input_layer.cuh"
 
 namespace convlstm_fast {
