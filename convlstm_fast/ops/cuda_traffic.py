@@ -7,8 +7,8 @@ models, and tests/test_roofline.py holds the launches one more step adds to the
 The drivers' own kernels (layer_common.cuh): ``launch_elementwise`` (one thread per element: a
 depthwise tap is a load of its own, served by L1/L2, ``loaded``) and ``launch_tile_reduce``
 (kTileC = 32 channels × kRows = 8 pixel rows per block, per-split partials ``[splits, B, ·]``
-summed by the host in ATen). GEMMs are cuBLAS (``addmm`` with a 2-D "bias" copies it into the
-output first, then accumulates into it: bytes of both), K×K convolutions cuDNN.
+summed by the host in ATen), ``launch_phased`` (pooled_cell.cuh's fused SepConv kernels:
+SepconvCellStep, SepconvRows). Other GEMMs are cuBLAS, K×K convolutions cuDNN.
 """
 
 from __future__ import annotations
@@ -110,6 +110,29 @@ def _sepconv_cell_step(r, z) -> None:
              + z.cell_flops(), count=z.T, loaded=loaded)
 
 
+def _sepconv_rows(r, z, name: str, cin: int, maps: int, count: int = 1,
+                  addend: bool = False) -> None:
+    """pooled_cell.cuh ``SepconvRows`` (sepconv_frames, sepconv_maps): the SepConv of ``maps``
+    maps of cin channels, each read once from HBM, as rows of C channels (with ``addend``, rows
+    of that shape read beside); each of the C/STEP_N channel tiles redoes the depthwise of its
+    maps (K² taps per output) and every block reads its pw columns (``loaded``, L1/L2)."""
+    channel_tiles = -(-z.C // STEP_N)
+    blocks = maps * -(-z.HW // STEP_M) * channel_tiles
+    inputs, out = maps * z.HW * cin * z.s, maps * z.HW * z.C * z.s
+    extra = out if addend else 0
+    r.kernel(f"SepconvRows ({name})", inputs + extra + z.weight(z.K * z.K * cin + z.C * cin + z.C),
+             out, 2 * maps * z.HW * cin * (channel_tiles * z.K * z.K + z.C), count=count,
+             loaded=channel_tiles * z.K * z.K * inputs + blocks * STEP_N * cin * z.s + extra)
+
+
+def _attention_logits(r, z, what: str) -> None:
+    """batched_input_layer.cuh ``attention_logits``: F = tanh(SepConv_ha(H_{t−1}) + xa[t]) and
+    Z = SepConv_z(F), one SepconvRows kernel each per step."""
+    _sepconv_rows(r, z, f"F = tanh(SepConv_ha(H_{{t-1}}) + xa[t]){what}", z.C, z.B, z.T,
+                  addend=True)
+    _sepconv_rows(r, z, f"Z = SepConv_z(F){what}", z.C, z.B, z.T)
+
+
 def _pooled_cell_backward(r, z, gates: int, has_map: bool) -> None:
     """pooled_cell.cuh ``pooled_cell_backward``: the cell backward (dO[t], the fp32 dH carry and
     dC, C_t, C_{t−1}, G (and A) in; dC, dacc (and dA∘A) out; gate partials), the host's sum of
@@ -124,14 +147,6 @@ def _pooled_cell_backward(r, z, gates: int, has_map: bool) -> None:
     r.kernel("PooledGateGrad", 2 * z.vec(gates * z.C), z.vec(gates * z.C), count=z.T)
     if has_map:
         r.aten("sum (dA∘A partials)", splits * z.vec(z.C), z.vec(z.C), count=z.T)
-
-
-def _addmm_2d_bias(r, z, name: str, rows: int, n: int, k: int, count: int) -> None:
-    """``at::addmm`` with a 2-D ``[rows, n]`` bias: cuBLAS copies the bias into the output, then
-    the GEMM reads it back and writes the sum (one ATen call, two GPU kernels)."""
-    out = rows * n * z.s
-    r.aten(f"addmm ({name}; 2-D bias copied in)", out + rows * k * z.s + z.weight(n * k) + out,
-           out + out, z.gemm_flops(rows, n, k), count=count)
 
 
 def _layer_end(r, z) -> None:
@@ -197,21 +212,18 @@ def output_attention_layer(shape, itemsize: int) -> list:
 
 
 def _batched_input_layer(shape, itemsize: int, has_map: bool) -> list:
-    """batched_input_layer.cuh: the X side batched (channels-last copy, depthwise + addmm for xc
-    (and xa), GAP(X) and its FC), then per step the gate kernel and, for (a), the fused step;
-    for c/d the H-side depthwise convs, cuBLAS GEMMs (xc[t] as a 2-D addmm bias), F, Z =
-    SepConv_z(F) and its max, and the fused epilogue.
+    """batched_input_layer.cuh: the X side batched (one SepconvRows kernel each for xc (and
+    xa), GAP(X) and its FC), then per step the gate kernel and, for (a), the fused step; for
+    c/d three SepconvRows kernels (the candidate's pre-activation, F, Z = SepConv_z(F)), Z's
+    max and the fused epilogue.
     Backward: the cell backward, the GEMMs and transposed depthwise convs per step (c/d recompute
     F and Z as the forward did), the weight gradients batched after the loop."""
     z, r = Sizes(shape, itemsize), Recorder()
     C, cin, T = z.C, z.cin, z.T
     gates = 2 if has_map else 3
-    _channels_last_copy(r, z, z.xseq(), z.xseq(), "x")
     for term in ("xc", "xa") if has_map else ("xc",):
-        _depthwise(r, z, cin, T, f"dw of X for {term}")
-        r.aten(f"addmm ({term} = pw · dw(X) + bias)", z.xseq() + z.weight(C * cin), z.seq(),
-               z.gemm_flops(T * z.rows, C, cin))
-    r.aten("mean (GAP(X))", z.xseq(), T * z.vec(cin))
+        _sepconv_rows(r, z, f"{term} = SepConv(X) + b, x in place", cin, T * z.B)
+    r.aten("mean (GAP(X), x in place)", z.xseq(), T * z.vec(cin))
     _channels_last_copy(r, z, z.state(), z.state(), "h0")
     _channels_last_copy(r, z, z.state(), z.state32(), "c0 fp32")
     _initial_hidden_sums(r, z, fused=not has_map)
@@ -220,17 +232,8 @@ def _batched_input_layer(shape, itemsize: int, has_map: bool) -> list:
     if not has_map:
         _sepconv_cell_step(r, z)
     else:
-        r.kernel("depthwise (dw_h(H_{t-1}))", z.state(), z.state(), z.depthwise_flops(C),
-                 count=T, loaded=z.K * z.K * z.state())
-        _addmm_2d_bias(r, z, "cand_preact = xc[t] + dw_h(H) · pw_hᵀ", z.rows, C, C, T)
-        r.kernel("depthwise (dw_ha(H_{t-1}))", z.state(), z.state(), z.depthwise_flops(C),
-                 count=T, loaded=z.K * z.K * z.state())
-        _addmm_2d_bias(r, z, "F = xa[t] + dw_ha(H) · pw_haᵀ", z.rows, C, C, T)
-        r.aten("tanh_ (F)", z.state(), z.state(), count=T)
-        r.kernel("depthwise (dw_z(F))", z.state(), z.state(), z.depthwise_flops(C), count=T,
-                 loaded=z.K * z.K * z.state())
-        r.aten("mm (Z = dw_z(F) · pw_zᵀ)", z.state() + z.weight(C * C), z.state(),
-               z.gemm_flops(z.rows, C, C), count=T)
+        _sepconv_rows(r, z, "cand_preact = SepConv_h(H_{t-1}) + xc[t]", C, z.B, T, addend=True)
+        _attention_logits(r, z, "")
         # amax, then .to(fp32) (a free view in fp32, where the launch counts are measured).
         r.aten("amax (max_HW Z)", z.state(), z.vec(C), count=T)
         _pooled_cell_forward(r, z, has_map)
@@ -240,8 +243,7 @@ def _batched_input_layer(shape, itemsize: int, has_map: bool) -> list:
     _backward_start(r, z)
     if has_map:
         _depthwise(r, z, cin, T, "dw_xa(X), recomputed")
-        r.aten("addmm (xa, recomputed)", z.xseq() + z.weight(C * cin), z.seq(),
-               z.gemm_flops(T * z.rows, C, cin))
+        _sepconv_rows(r, z, "xa = SepConv(X) + b, recomputed", cin, T * z.B)
     _pooled_cell_backward(r, z, gates, has_map)
     r.aten("mm (dh̄ = dgp · U_h)", z.vec(gates * C), z.vec(C), z.gemm_flops(z.B, C, gates * C),
            count=T)
@@ -252,15 +254,7 @@ def _batched_input_layer(shape, itemsize: int, has_map: bool) -> list:
              loaded=z.K * z.K * z.state() + z.vec(C))
     if has_map:
         # The recompute of F_t and Z_t, then dZ, dF_pre and SepConv_haᵀ into dH_{t−1}.
-        r.kernel("depthwise (dw_ha(H_{t-1}), recomputed)", z.state(), z.state(),
-                 z.depthwise_flops(C), count=T, loaded=z.K * z.K * z.state())
-        _addmm_2d_bias(r, z, "F recomputed", z.rows, C, C, T)
-        r.aten("tanh_ (F)", z.state(), z.state(), count=T)
-        r.aten("copy_ (F into features_all)", z.state(), z.state(), count=T)
-        r.kernel("depthwise (dw_z(F), recomputed)", z.state(), z.state(), z.depthwise_flops(C),
-                 count=T, loaded=z.K * z.K * z.state())
-        r.aten("mm (Z recomputed)", z.state() + z.weight(C * C), z.state(),
-               z.gemm_flops(z.rows, C, C), count=T)
+        _attention_logits(r, z, ", recomputed")
         r.aten("amax (max_HW Z)", z.state(), z.vec(C, z.s), count=T)
         # eq, then the bool mask .to(fp32): the launch counter does not see the conversion as
         # a call of its own, its bytes are the eq's here.
@@ -359,39 +353,29 @@ def convlstm_layer(shape, itemsize: int) -> list:
 
 def spatial_attention_layer(shape, itemsize: int) -> list:
     """Variant (b): csrc/cuda/spatial_attention_layer_kernel.cu ``spatial_attention_layer`` /
-    ``spatial_attention_layer_backward``. Only xa is batched; per step F (depthwise + 2-D-bias
-    addmm + tanh), Z = W_z * F (cuDNN), the softmax, X̃ = A∘X_t materialised, both candidate
-    SepConvs, the gate FCs and the fused epilogue. Backward: the cell backward, per-step GEMMs and
+    ``spatial_attention_layer_backward``. Only xa is batched (SepconvRows, x in place); per
+    step F (SepconvRows with xa[t] and tanh), Z = W_z * F (cuDNN), the softmax, X̃ = A∘X_t
+    materialised, both candidate SepConvs (SepconvRows each), the gate FCs and the fused
+    epilogue. Backward: the cell backward, per-step GEMMs and
     transposed depthwise convs, the softmax and W_z backward in ATen; F and X̃ recomputed for
     all steps before the loop."""
     z, r = Sizes(shape, itemsize), Recorder()
     C, cin, T, k2 = z.C, z.cin, z.T, z.K * z.K
     amap = z.B * z.HW * z.s  # A [B, H·W]
     amap32 = z.B * z.HW * 4
-    _channels_last_copy(r, z, z.xseq(), z.xseq(), "x")
-    _depthwise(r, z, cin, T, "dw of X for xa")
-    r.aten("addmm (xa = pw · dw(X) + bias)", z.xseq() + z.weight(C * cin), z.seq(),
-           z.gemm_flops(T * z.rows, C, cin))
+    _channels_last_copy(r, z, z.xseq(), z.xseq(), "x (for X̃)")
+    _sepconv_rows(r, z, "xa = SepConv(X) + b, x in place", cin, T * z.B)
     _channels_last_copy(r, z, z.state(), z.state(), "h0")
     _channels_last_copy(r, z, z.state(), z.state32(), "c0 fp32")
     _initial_hidden_sums(r, z)
-    r.kernel("depthwise (dw_ha(H_{t-1}))", z.state(), z.state(), z.depthwise_flops(C), count=T,
-             loaded=k2 * z.state())
-    _addmm_2d_bias(r, z, "F = xa[t] + dw_ha(H) · pw_haᵀ", z.rows, C, C, T)
-    r.aten("tanh_ (F)", z.state(), z.state(), count=T)
+    _sepconv_rows(r, z, "F = tanh(SepConv_ha(H_{t-1}) + xa[t])", C, z.B, T, addend=True)
     r.aten("conv2d (Z = W_z * F)", z.state() + z.weight(C * k2), amap,
            z.gemm_flops(z.rows, 1, C * k2), count=T)
     r.aten("softmax (A)", amap, amap32, count=T)
     r.aten("copy_ (A, saved)", amap32, amap, count=T)
     r.aten("mul (X̃ = A∘X_t)", z.xstep() + amap, z.xstep(), count=T)
-    r.kernel("depthwise (dw_x(X̃))", z.xstep(), z.xstep(), z.depthwise_flops(cin), count=T,
-             loaded=k2 * z.xstep())
-    r.aten("addmm (pw_x · dw_x(X̃) + b_c)", z.xstep() + z.weight(C * cin), z.state(),
-           z.gemm_flops(z.rows, C, cin), count=T)
-    r.kernel("depthwise (dw_h(H_{t-1}))", z.state(), z.state(), z.depthwise_flops(C), count=T,
-             loaded=k2 * z.state())
-    r.aten("addmm_ (cand_preact += dw_h(H) · pw_hᵀ)", 2 * z.state() + z.weight(C * C),
-           z.state(), z.gemm_flops(z.rows, C, C), count=T)
+    _sepconv_rows(r, z, "SepConv_x(X̃) + b_c", cin, z.B, T)
+    _sepconv_rows(r, z, "cand_preact = SepConv_h(H_{t-1}) + that", C, z.B, T, addend=True)
     r.aten("mean (GAP(X̃))", z.xstep(), z.vec(cin), count=T)
     r.aten("addmm (U_x · GAP(X̃) + b_g)", z.vec(cin), z.vec(3 * C),
            z.gemm_flops(z.B, 3 * C, cin), count=T)
@@ -403,10 +387,8 @@ def spatial_attention_layer(shape, itemsize: int) -> list:
     _backward_start(r, z)
     _depthwise(r, z, cin, T, "dw_xa(X), recomputed")
     _depthwise(r, z, C, T, "dw_ha(H_{t-1}), recomputed")
-    r.aten("addmm (xa, recomputed)", z.xseq() + z.weight(C * cin), z.seq(),
-           z.gemm_flops(T * z.rows, C, cin))
-    _addmm_2d_bias(r, z, "F of all steps, recomputed", T * z.rows, C, C, 1)
-    r.aten("tanh_ (F)", z.seq(), z.seq())
+    _sepconv_rows(r, z, "xa = SepConv(X) + b, recomputed", cin, T * z.B)
+    _sepconv_rows(r, z, "F of all steps, recomputed", C, T * z.B, addend=True)
     r.aten("mul (X̃ of all steps, recomputed)", z.xseq() + T * amap, z.xseq())
     _pooled_cell_backward(r, z, 3, has_map=False)
     r.aten("mm (dh̄ = dgp · U_h)", z.vec(3 * C), z.vec(C), z.gemm_flops(z.B, C, 3 * C), count=T)

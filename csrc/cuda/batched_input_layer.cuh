@@ -24,6 +24,17 @@ namespace {
 
 namespace channel = cells::channel_attention;
 
+// c/d's Z = SepConv_z(F) of one step, F = tanh(SepConv_ha(H_{t−1}) + xa_t) (written into
+// `features` [B·HW, C] when given, else a new tensor): two sepconv_maps kernels, which the backward's recompute
+// calls exactly as the forward did (so its Z, and where Z attains its max, are the forward's).
+inline Tensor attention_logits(const Tensor& h_prev, const Tensor& xa_t, at::TensorList params,
+                               Tensor features, int64_t B, int64_t H, int64_t W) {
+  const Tensor f = sepconv_maps(h_prev, params[attention::kAttDwH], params[attention::kAttPwH],
+                                Tensor(), xa_t, true, B, H, W, features);
+  return sepconv_maps(f, params[channel::kAttDwZ], params[channel::kAttPwZ], Tensor(), Tensor(),
+                      false, B, H, W);
+}
+
 template <const cells::Cell& cell>
 LayerResult batched_input_layer_forward(const Tensor& x, const Tensor& h0, const Tensor& c0,
                                         at::TensorList params, int64_t activation, bool reverse,
@@ -38,18 +49,18 @@ LayerResult batched_input_layer_forward(const Tensor& x, const Tensor& h0, const
   const bool has_map = map_gate != cells::kNoMapGate;
   const auto acc = acc_dtype(x);
 
-  // Input side for all T·B samples: xc = SepConv_x(X) + b_c, xg = U_x·GAP(X) + b_g,
-  // and for c/d xa = SepConv_xa(X) + b_a (F's X-side term).
-  const Tensor x_cl = channels_last_copy(x, x.scalar_type());              // [T, B, H, W, Cin]
-  const Tensor xc = pointwise(depthwise_forward(x_cl, params[pooled::kCandDwX], T * B, H, W),
-                              params[pooled::kCandPwX], params[pooled::kCandBias]);
-  const Tensor gap_x = x_cl.view({T * B, HW, Cin}).mean({1}, false, acc);  // [T·B, Cin]
+  // Input side for all T·B samples, x read in place (sepconv_frames, pooled_cell.cuh): xc =
+  // SepConv_x(X) + b_c, xg = U_x·GAP(X) + b_g, and for c/d xa = SepConv_xa(X) + b_a (F's
+  // X-side term); rows time-first channels-last [T·B·HW, ·].
+  const Tensor xc = sepconv_frames(x, params[pooled::kCandDwX], params[pooled::kCandPwX],
+                                   params[pooled::kCandBias]);
+  const Tensor gap_x = x.mean({3, 4}, false, acc).reshape({T * B, Cin});
   const Tensor xg = pointwise(gap_x, params[pooled::kGateWeightX].to(acc),
                               params[pooled::kGateBias].to(acc));  // [T·B, n·C]
   Tensor xa;
   if (has_map) {
-    xa = pointwise(depthwise_forward(x_cl, params[attention::kAttDwX], T * B, H, W),
-                   params[attention::kAttPwX], params[attention::kAttBias]);
+    xa = sepconv_frames(x, params[attention::kAttDwX], params[attention::kAttPwX],
+                        params[attention::kAttBias]);
   }
   const Tensor gate_weight_h = params[pooled::kGateWeightH].to(acc).contiguous();
   const Tensor dw_h = params[pooled::kCandDwH].contiguous();
@@ -86,16 +97,12 @@ LayerResult batched_input_layer_forward(const Tensor& x, const Tensor& h0, const
                            output_cl[t], saved(pooled::kSavedCell, t),
                            saved(pooled::kSavedCandidate, t), hsum_next, B, H, W, C);
     } else {
-      // c/d: cand_preact = SepConv_h(H_{t−1}) + (SepConv_x(X_t) + b_c);
-      // F = tanh(SepConv_ha(H_{t−1}) + xa_t); Z = SepConv_z(F), per-(b, c) max over the pixels
-      const Tensor cand_preact =
-          at::addmm(xc_t, depthwise_forward(h_prev, dw_h, B, H, W), pw_h.t());
-      const Tensor dw_ha = depthwise_forward(h_prev, params[attention::kAttDwH], B, H, W);
-      const Tensor features = at::addmm(xa.narrow(0, t * B * HW, B * HW), dw_ha,
-                                        params[attention::kAttPwH].t()).tanh_();
-      const Tensor logits = pointwise(
-          depthwise_forward(features, params[channel::kAttDwZ], B, H, W),
-          params[channel::kAttPwZ]);
+      // c/d (sepconv_maps, one kernel each): cand_preact = SepConv_h(H_{t−1}) + (SepConv_x(X_t)
+      // + b_c); F = tanh(SepConv_ha(H_{t−1}) + xa_t); Z = SepConv_z(F), per-(b, c) max over
+      // the pixels
+      const Tensor cand_preact = sepconv_maps(h_prev, dw_h, pw_h, Tensor(), xc_t, false, B, H, W);
+      const Tensor logits = attention_logits(h_prev, xa.narrow(0, t * B * HW, B * HW), params,
+                                             Tensor(), B, H, W);
       const Tensor logits_max = logits.view({B, HW, C}).amax({1}).to(acc);
       pooled_cell_forward(cand_preact, gate_pre, logits, logits_max, map_gate, activation,
                           cell_state, output_cl[t], saved(pooled::kSavedCell, t),
@@ -151,7 +158,8 @@ BackwardResult batched_input_layer_backward(
   Tensor dw_xa_all, xa_all, features_all;
   if (has_map) {
     dw_xa_all = depthwise_forward(x_cl, params[attention::kAttDwX], T * B, H, W);
-    xa_all = pointwise(dw_xa_all, params[attention::kAttPwX], params[attention::kAttBias]);
+    xa_all = sepconv_frames(x, params[attention::kAttDwX], params[attention::kAttPwX],
+                            params[attention::kAttBias]);  // the forward's xa, bit for bit
     features_all = at::empty({T * rows, C}, x.options());
   }
 
@@ -195,12 +203,8 @@ BackwardResult batched_input_layer_backward(
     if (has_map) {
       // Recompute F_t and Z_t as the forward did (see above).
       Tensor features = step_rows(features_all);
-      const Tensor dw_ha = depthwise_forward(h_prev_all[t], params[attention::kAttDwH], B, H, W);
-      features.copy_(at::addmm(xa_all.narrow(0, t * rows, rows), dw_ha,
-                               params[attention::kAttPwH].t()).tanh_());
-      const Tensor logits =
-          pointwise(depthwise_forward(features, params[channel::kAttDwZ], B, H, W),
-                    params[channel::kAttPwZ]).view({B, HW, C});
+      const Tensor logits = attention_logits(h_prev_all[t], step_rows(xa_all), params, features,
+                                             B, H, W).view({B, HW, C});
       const Tensor mask = logits.eq(logits.amax({1}, true)).to(acc);  // [B, HW, C]
       // dZ = dA∘A − [Z = max Z]·Σ_p(dA∘A)/count      (A = exp(Z − max Z))
       Tensor dz = step_rows(dz_all);

@@ -209,9 +209,11 @@ void launch_tile_reduce(const F& f, int64_t gx, int64_t gy, int64_t gz, const Te
 // where each "|" is a __syncthreads(). The emulation build runs every phase for all threads of
 // a block before the next phase (the barrier's meaning), with one Shared per block and one Regs
 // per thread, so a kernel that is correct there is correct for any interleaving of the threads
-// between barriers.
+// between barriers. Launch bounds: 256 threads and at least 2 blocks per SM, which leaves ptxas
+// 128 registers a thread (with the block size alone it held the fused (a) step to 64 and spilled
+// 8-24 bytes in bfloat16 and float).
 template <typename F>
-__global__ void __launch_bounds__(kThreads) phased_kernel(F f) {
+__global__ void __launch_bounds__(kThreads, 2) phased_kernel(F f) {
   __shared__ typename F::Shared shared;
   typename F::Regs regs;
   const dim3 block = blockIdx;
@@ -520,14 +522,17 @@ inline Tensor nchw_view(const Tensor& t, int64_t n, int64_t h, int64_t w, int64_
 // ---------------------------------------------------------------------------------------------
 // Depthwise K×K convolution, 'same' padding r = K // 2, on channels-last maps [N, H, W, Cc]:
 //   out[n, y, x, c] = Σ_{ky,kx} w[c, ky, kx] · in[n, y + ky − r, x + kx − r, c]   (0 outside)
-// One output of it, in the accumulation dtype (taps in (ky, kx) order; the fused (a) step,
-// pooled_cell.cuh, computes its depthwise with this same sum).
+// One output of it, in the accumulation dtype (taps in (ky, kx) order; the fused steps,
+// pooled_cell.cuh, compute their depthwise with this same sum), of one map `in` whose element
+// (pixel p, channel c) is in[c · channel_stride + p · pixel_stride]: channels-last (1, Cc) or
+// an NCHW plane stack (H·W, 1).
 template <typename acc_t, typename scalar_t>
 __host__ __device__ inline acc_t depthwise_at(const scalar_t* in, const scalar_t* weight,
-                                              int64_t n, int64_t y, int64_t x, int64_t c,
-                                              int64_t height, int64_t width, int64_t channels,
-                                              int64_t kernel) {
+                                              int64_t y, int64_t x, int64_t c, int64_t height,
+                                              int64_t width, int64_t channel_stride,
+                                              int64_t pixel_stride, int64_t kernel) {
   const int64_t r = kernel / 2;
+  const scalar_t* plane = in + c * channel_stride;
   acc_t acc = 0;
   for (int64_t ky = 0; ky < kernel; ++ky) {
     const int64_t yy = y + ky - r;
@@ -536,7 +541,7 @@ __host__ __device__ inline acc_t depthwise_at(const scalar_t* in, const scalar_t
       const int64_t xx = x + kx - r;
       if (xx < 0 || xx >= width) continue;
       acc += acc_t(weight[(c * kernel + ky) * kernel + kx]) *
-             acc_t(in[((n * height + yy) * width + xx) * channels + c]);
+             acc_t(plane[(yy * width + xx) * pixel_stride]);
     }
   }
   return acc;
@@ -557,8 +562,8 @@ struct DepthwiseForward {
     rest /= width;
     const int64_t y = rest % height;
     const int64_t n = rest / height;
-    out[idx] = scalar_t(depthwise_at<acc_t>(in, weight, n, y, x, c, height, width, channels,
-                                            kernel));
+    out[idx] = scalar_t(depthwise_at<acc_t>(in + n * height * width * channels, weight, y, x, c,
+                                            height, width, 1, channels, kernel));
   }
 };
 

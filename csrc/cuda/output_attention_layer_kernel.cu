@@ -3,13 +3,15 @@
 // Z = SepConv_z(F), F = tanh(SepConv_xa(X_t) + SepConv_ha(H_{t−1}) + b_a) (shared/SPEC.md
 // eqs. 21-23); the gates i, f are pooled FCs as in (a). Host driver: batched_input_layer.cuh.
 //
-// Per forward step: two depthwise kernels + two GEMMs on H_{t−1} (candidate, attention
-// features), tanh, the depthwise + GEMM of SepConv_z, the per-(b, c) max over the pixels (ATen
-// amax), the pooled gates from the previous step's column sums of H (one kernel, no GEMM call),
-// then the fused epilogue that forms exp(Z − max), the cell update and H_t's column sums.
-// One more step launches, forward, 5 kernels of ours and 5 ATen calls; backward 7 and 17
-// (the driver is shared with (c); emulation_check.py counts them).
-// LAUNCHES_PER_STEP forward=(5, 5) backward=(7, 17)
+// Per forward step: the pooled gates from the previous step's column sums of H (one kernel, no
+// GEMM call); three fused SepConv kernels (pooled_cell.cuh sepconv_maps: the depthwise on the fly
+// and the pointwise product on tensor cores, the X-side term and tanh in the epilogue) for the
+// candidate SepConv_h(H_{t−1}) + xc[t], F and Z = SepConv_z(F); the per-(b, c) max over the
+// pixels (ATen amax); then the fused epilogue that forms exp(Z − max), the cell update and H_t's
+// column sums. One more step launches, forward, 5 kernels of ours and 1 ATen call; backward 7
+// and 13 (its recompute of F and Z is the forward's two kernels; the driver is shared with
+// (c); emulation_check.py counts them).
+// LAUNCHES_PER_STEP forward=(5, 1) backward=(7, 13)
 #include "batched_input_layer.cuh"
 
 namespace convlstm_fast {

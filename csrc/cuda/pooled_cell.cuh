@@ -213,16 +213,21 @@ inline void pooled_cell_forward(const Tensor& cand_preact, const Tensor& gate_pr
 }
 
 // ---------------------------------------------------------------------------------------------
-// Variant (a)'s whole H side of a step in one phased kernel (layer_common.cuh), after the gate
-// kernel (PooledGatePreacts): a block is kM pixels of one sample × kN output channels; per chunk
-// of kK input channels it computes the depthwise of H_{t−1} on the fly (depthwise_at, rounded to
-// the input dtype as depthwise_forward rounds it) into shared memory beside its pw_h slice,
-// multiplies them (half/bfloat16: wmma tensor cores, 16×16×16 tiles, two per warp; float and
-// double, and every dtype in the emulation build: kMicro×kMicro register tiles), and its
-// epilogue adds xc[t] (cand_preact rounded once, as the addmm it replaces), runs the cell
-// (pooled_cell_element), stores H_t, C_t, G and the block's column sums of H_t into
-// hsum_partial [B, pixel tiles, C] (the next step's gates read them; summed in a fixed order).
-// No depthwise output, no candidate pre-activation and no GEMM call of its own.
+// Fused SepConv products (phased kernels, layer_common.cuh). A block is kM pixels of one map ×
+// kN output channels; per chunk of kK input channels it computes the depthwise of its map on the
+// fly (depthwise_at, rounded to the input dtype as depthwise_forward rounds it) into shared
+// memory beside its pw slice and multiplies them (half/bfloat16: wmma tensor cores, 16×16×16
+// tiles, two per warp; float and double, and every dtype in the emulation build, kMicro×kMicro
+// register tiles), so no depthwise output is written and no GEMM call is made. The product
+// lands in shared memory for an epilogue of the kernel's own:
+//   SepconvCellStep — variant (a)'s whole H side of a step, after the gate kernel
+//     (PooledGatePreacts): xc[t] added (cand_preact rounded once, as the addmm it replaces), the
+//     cell (pooled_cell_element), H_t, C_t, G and the block's column sums of H_t stored
+//     (hsum_partial [B, pixel tiles, C], which the next step's gates sum in a fixed order);
+//   SepconvRows — SepConv of maps as channels-last rows, with a bias, an addend and tanh on the
+//     way out: the X side of a, c, d from x read in place (NCHW planes, any order of its first
+//     two dims; sepconv_frames), and c/d's per-step SepConv_h(H) + xc[t], F = tanh(SepConv_ha(H)
+//     + xa[t]) and Z = SepConv_z(F) (sepconv_maps).
 template <typename scalar_t>
 struct WmmaType {
   using type = void;
@@ -237,11 +242,11 @@ struct WmmaType<at::BFloat16> {
 };
 
 template <typename scalar_t>
-struct SepconvCellTile {
+struct SepconvTile {
   static constexpr int kM = 64, kN = 64, kK = 32, kMicro = 4;
 };
 template <>
-struct SepconvCellTile<double> {
+struct SepconvTile<double> {
   static constexpr int kM = 32, kN = 32, kK = 16, kMicro = 2;
 };
 
@@ -252,10 +257,12 @@ struct SepconvFragments<scalar_t, true> {
   nvcuda::wmma::fragment<nvcuda::wmma::accumulator, 16, 16, 16, float> acc[2];
 };
 
+// The product part: the depthwise weight dw [Cin, 1, K, K] and pw [C, Cin] (out, in) of one
+// SepConv, over maps of height × width pixels.
 template <typename scalar_t>
-struct SepconvCellStep {
+struct SepconvProduct {
   using acc_t = at::opmath_type<scalar_t>;
-  using Tile = SepconvCellTile<scalar_t>;
+  using Tile = SepconvTile<scalar_t>;
   static constexpr int kM = Tile::kM, kN = Tile::kN, kK = Tile::kK, kMicro = Tile::kMicro;
   static constexpr int kThreadCols = kN / kMicro;  // the register tiles' thread grid
   static constexpr int kGroups = kThreads / kN;    // epilogue threads per channel
@@ -266,29 +273,32 @@ struct SepconvCellStep {
   static_assert(kK % 16 == 0 && kThreads % kN == 0);
 
   struct Shared {
-    alignas(32) scalar_t a[kM][kK + 8];  // depthwise of H_{t−1}: this chunk's channels
-    alignas(32) scalar_t b[kK][kN + 8];  // pw_hᵀ: this chunk's rows, the block's columns
+    alignas(32) scalar_t a[kM][kK + 8];  // the depthwise of the map: this chunk's channels
+    alignas(32) scalar_t b[kK][kN + 8];  // pwᵀ: this chunk's rows, the block's columns
     alignas(32) acc_t acc[kM][kN + 4];   // the product, for the epilogue
-    acc_t sums[kGroups][kN];             // column sums of H_t per epilogue group
+    acc_t sums[kGroups][kN];             // per-group column sums (SepconvCellStep)
   };
   struct Regs {
     acc_t acc[kMicro][kMicro];
     SepconvFragments<scalar_t> frags;
   };
 
-  const scalar_t* h_prev;    // [B, HW, C] channels-last
-  const scalar_t* dw;        // [C, 1, K, K]
-  const scalar_t* pw;        // [C, C] (out, in)
-  const scalar_t* xc;        // [B, HW, C]: SepConv_x(X_t) + b_c
-  const scalar_t* gate_pre;  // [B, 3C]
-  acc_t* cell_state;         // [B, HW, C]: C_{t−1} in, C_t out
-  scalar_t* h_out;
-  scalar_t* cell_saved;
-  scalar_t* cand_saved;
-  acc_t* hsum_partial;       // [B, tiles_m, C]
-  int64_t activation, height, width, channels, kernel, tiles_m;
+  const scalar_t* dw;
+  const scalar_t* pw;
+  int64_t height, width, in_channels, channels, kernel;
 
-  __host__ __device__ int64_t chunks() const { return (channels + kK - 1) / kK; }
+  __host__ __device__ int64_t chunks() const { return (in_channels + kK - 1) / kK; }
+
+  // The epilogues' threads: thread tid serves column n = tid % kN (channel c) of the block at
+  // its rows m = group, group + kGroups, … (group = tid / kN), pixels p0 + m.
+  struct Column {
+    int n, group;
+    int64_t c, p0;
+  };
+  __host__ __device__ static Column column(dim3 block, unsigned tid) {
+    const int n = int(tid) % kN;
+    return {n, int(tid) / kN, int64_t(block.x) * kN + n, int64_t(block.y) * kM};
+  }
 
   // The wmma tiles of warp w: rows 16·(w / 2), columns 32·(w % 2) and 32·(w % 2) + 16.
   __host__ __device__ static int warp_row(unsigned tid) { return int(tid / 32) / 2 * 16; }
@@ -308,23 +318,29 @@ struct SepconvCellStep {
 #endif
   }
 
-  // Block x: the channel tile, y: the pixel tile, z: the sample.
-  __host__ __device__ void stage(Shared& s, dim3 block, unsigned tid, int64_t chunk) const {
+  // Chunk `chunk` of the block's operands: the depthwise of `map` (element (pixel p, channel c)
+  // at map[c · channel_stride + p · pixel_stride]) at pixels block.y·kM …, and pw's block of
+  // columns block.x·kN …. Consecutive threads take consecutive addresses of the map: pixels of
+  // an NCHW plane (pixel_stride 1), else channels.
+  __host__ __device__ void stage_map(Shared& s, dim3 block, unsigned tid, int64_t chunk,
+                                     const scalar_t* map, int64_t channel_stride,
+                                     int64_t pixel_stride) const {
     const int64_t k0 = chunk * kK, p0 = int64_t(block.y) * kM, n0 = int64_t(block.x) * kN;
     const int64_t pixels = height * width;
     for (int e = int(tid); e < kM * kK; e += kThreads) {
-      const int m = e / kK, k = e % kK;
+      const int m = pixel_stride == 1 ? e % kM : e / kK, k = pixel_stride == 1 ? e / kM : e % kK;
       const int64_t p = p0 + m, c = k0 + k;
-      const acc_t d = p < pixels && c < channels
-                          ? depthwise_at<acc_t>(h_prev, dw, block.z, p / width, p % width, c,
-                                                height, width, channels, kernel)
+      const acc_t d = p < pixels && c < in_channels
+                          ? depthwise_at<acc_t>(map, dw, p / width, p % width, c, height, width,
+                                                channel_stride, pixel_stride, kernel)
                           : acc_t(0);
       s.a[m][k] = scalar_t(d);
     }
     for (int e = int(tid); e < kK * kN; e += kThreads) {
       const int n = e / kK, k = e % kK;
       const int64_t c_out = n0 + n, c_in = k0 + k;
-      s.b[k][n] = c_out < channels && c_in < channels ? pw[c_out * channels + c_in] : scalar_t(0);
+      s.b[k][n] = c_out < channels && c_in < in_channels ? pw[c_out * in_channels + c_in]
+                                                         : scalar_t(0);
     }
   }
 
@@ -371,39 +387,161 @@ struct SepconvCellStep {
     for (int i = 0; i < kMicro; ++i)
       for (int j = 0; j < kMicro; ++j) s.acc[m0 + i][n0 + j * kThreadCols] = r.acc[i][j];
   }
+};
+
+template <typename scalar_t>
+using SepconvShared = typename SepconvProduct<scalar_t>::Shared;
+
+// Block x: the channel tile, y: the pixel tile, z: the sample.
+template <typename scalar_t>
+struct SepconvCellStep : SepconvProduct<scalar_t> {
+  using acc_t = at::opmath_type<scalar_t>;
+  using Shared = SepconvShared<scalar_t>;
+
+  const scalar_t* h_prev;    // [B, HW, C] channels-last
+  const scalar_t* xc;        // [B, HW, C]: SepConv_x(X_t) + b_c
+  const scalar_t* gate_pre;  // [B, 3C]
+  acc_t* cell_state;         // [B, HW, C]: C_{t−1} in, C_t out
+  scalar_t* h_out;
+  scalar_t* cell_saved;
+  scalar_t* cand_saved;
+  acc_t* hsum_partial;       // [B, tiles_m, C]
+  int64_t activation, tiles_m;
+
+  __host__ __device__ void stage(Shared& s, dim3 block, unsigned tid, int64_t chunk) const {
+    const int64_t channels = this->channels;
+    this->stage_map(s, block, tid, chunk,
+                    h_prev + int64_t(block.z) * this->height * this->width * channels, 1,
+                    channels);
+  }
 
   __host__ __device__ void epilogue(Shared& s, dim3 block, unsigned tid) const {
-    const int n = int(tid) % kN, group = int(tid) / kN;
-    const int64_t c = int64_t(block.x) * kN + n, b = block.z, p0 = int64_t(block.y) * kM;
-    const int64_t pixels = height * width;
+    const int64_t channels = this->channels, pixels = this->height * this->width;
+    const auto col = this->column(block, tid);
+    const int64_t b = block.z;
     acc_t sum = 0;
-    if (c < channels) {
+    if (col.c < channels) {
       acc_t i, f, o;
-      pooled_gates(gate_pre + b * 3 * channels, channels, c, cells::kNoMapGate, activation, &i,
-                   &f, &o);
-      for (int m = group; m < kM && p0 + m < pixels; m += kGroups) {
-        const int64_t idx = (b * pixels + p0 + m) * channels + c;
-        const scalar_t pre = scalar_t(s.acc[m][n] + acc_t(xc[idx]));
+      pooled_gates(gate_pre + b * 3 * channels, channels, col.c, cells::kNoMapGate, activation,
+                   &i, &f, &o);
+      for (int m = col.group; m < this->kM && col.p0 + m < pixels; m += this->kGroups) {
+        const int64_t idx = (b * pixels + col.p0 + m) * channels + col.c;
+        const scalar_t pre = scalar_t(s.acc[m][col.n] + acc_t(xc[idx]));
         sum += pooled_cell_element(i, f, o, scalar_t(math_tanh(acc_t(pre))), idx, cell_state,
                                    h_out, cell_saved, cand_saved);
       }
     }
-    s.sums[group][n] = sum;
+    s.sums[col.group][col.n] = sum;
   }
 
   __host__ __device__ void store(Shared& s, dim3 block, unsigned tid) const {
-    const int64_t c = int64_t(block.x) * kN + tid;
-    if (int(tid) >= kN || c >= channels) return;
+    const int64_t c = int64_t(block.x) * this->kN + tid;
+    if (int(tid) >= this->kN || c >= this->channels) return;
     acc_t total = 0;
-    for (int g = 0; g < kGroups; ++g) total += s.sums[g][tid];
-    hsum_partial[(int64_t(block.z) * tiles_m + block.y) * channels + c] = total;
+    for (int g = 0; g < this->kGroups; ++g) total += s.sums[g][tid];
+    hsum_partial[(int64_t(block.z) * tiles_m + block.y) * this->channels + c] = total;
   }
 };
 
+// Block x: the channel tile, y: the pixel tile, z: the map. Map z is at
+// in + (z / batch)·stride_t + (z % batch)·stride_b with (channel_stride, pixel_stride) as in
+// depthwise_at; its rows out[z·HW + p] = act(product + bias[c] + addend[z·HW + p]) (each extra
+// only where given; rounded to the dtype once, then tanh rounded again: the addmm and tanh_
+// it replaces).
+template <typename scalar_t>
+struct SepconvRows : SepconvProduct<scalar_t> {
+  using acc_t = at::opmath_type<scalar_t>;
+  using Shared = SepconvShared<scalar_t>;
+
+  const scalar_t* in;
+  const scalar_t* bias;    // [C] or nullptr
+  const scalar_t* addend;  // [maps·HW, C] or nullptr
+  scalar_t* out;           // [maps·HW, C]
+  int64_t batch, stride_t, stride_b, channel_stride, pixel_stride;
+  bool tanh_out;
+
+  __host__ __device__ void stage(Shared& s, dim3 block, unsigned tid, int64_t chunk) const {
+    const int64_t map = block.z;
+    this->stage_map(s, block, tid, chunk, in + map / batch * stride_t + map % batch * stride_b,
+                    channel_stride, pixel_stride);
+  }
+
+  __host__ __device__ void epilogue(Shared& s, dim3 block, unsigned tid) const {
+    const int64_t channels = this->channels, pixels = this->height * this->width;
+    const auto col = this->column(block, tid);
+    if (col.c >= channels) return;
+    const acc_t b = bias != nullptr ? acc_t(bias[col.c]) : acc_t(0);
+    for (int m = col.group; m < this->kM && col.p0 + m < pixels; m += this->kGroups) {
+      const int64_t idx = (int64_t(block.z) * pixels + col.p0 + m) * channels + col.c;
+      const scalar_t pre =
+          scalar_t(s.acc[m][col.n] + b + (addend != nullptr ? acc_t(addend[idx]) : acc_t(0)));
+      out[idx] = tanh_out ? scalar_t(math_tanh(acc_t(pre))) : pre;
+    }
+  }
+
+  __host__ __device__ void store(Shared&, dim3, unsigned) const {}
+};
+
+template <typename scalar_t>
+void launch_sepconv_rows(const scalar_t* in, int64_t maps, int64_t batch, int64_t stride_t,
+                         int64_t stride_b, int64_t channel_stride, int64_t pixel_stride,
+                         const Tensor& dw, const Tensor& pw, const Tensor& bias,
+                         const Tensor& addend, bool tanh_out, Tensor& out, int64_t height,
+                         int64_t width, const Tensor& like) {
+  using Rows = SepconvRows<scalar_t>;
+  const int64_t cin = pw.size(1), channels = pw.size(0);
+  const Tensor dw_c = dw.contiguous(), pw_c = pw.contiguous();
+  const Tensor bias_c = bias.defined() ? bias.contiguous() : bias;
+  TORCH_INTERNAL_ASSERT(!addend.defined() || (addend.is_contiguous() &&
+                                              addend.numel() == out.numel()));
+  launch_phased(
+      Rows{{dw_c.const_data_ptr<scalar_t>(), pw_c.const_data_ptr<scalar_t>(), height, width, cin,
+            channels, dw.size(-1)},
+           in, bias_c.defined() ? bias_c.const_data_ptr<scalar_t>() : nullptr,
+           addend.defined() ? addend.const_data_ptr<scalar_t>() : nullptr,
+           out.mutable_data_ptr<scalar_t>(), batch, stride_t, stride_b, channel_stride,
+           pixel_stride, tanh_out},
+      ceil_div(channels, Rows::kN), ceil_div(height * width, Rows::kM), maps, like);
+}
+
+// SepConv(X) + bias of every frame of x [T, B, Cin, H, W] (read in place whatever the order of
+// its first two dims; copied once if a frame's planes are not contiguous), dw [Cin, 1, K, K],
+// pw [C, Cin], bias [C] -> time-first channels-last rows [T·B·H·W, C] of x's dtype.
+inline Tensor sepconv_frames(const Tensor& x, const Tensor& dw, const Tensor& pw,
+                             const Tensor& bias) {
+  const int64_t T = x.size(0), B = x.size(1), H = x.size(3), W = x.size(4);
+  const Tensor frames = x.stride(2) == H * W && x.stride(3) == W && x.stride(4) == 1
+                            ? x : x.contiguous();
+  Tensor out = at::empty({T * B * H * W, pw.size(0)}, x.options());
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "sepconv_frames",
+                                  [&] {
+    launch_sepconv_rows(frames.const_data_ptr<scalar_t>(), T * B, B, frames.stride(0),
+                        frames.stride(1), H * W, 1, dw, pw, bias, Tensor(), false, out, H, W, x);
+  });
+  return out;
+}
+
+// SepConv of channels-last maps [N, H, W, Cin] (contiguous) -> rows [N·H·W, C] (into `out`
+// when given, contiguous): plus `bias` [C] and `addend` (rows of the same shape) when given,
+// then tanh with `tanh_out`.
+inline Tensor sepconv_maps(const Tensor& maps, const Tensor& dw, const Tensor& pw,
+                           const Tensor& bias, const Tensor& addend, bool tanh_out, int64_t n,
+                           int64_t height, int64_t width, Tensor out = Tensor()) {
+  const int64_t cin = pw.size(1);
+  TORCH_INTERNAL_ASSERT(maps.is_contiguous() && maps.numel() == n * height * width * cin);
+  if (!out.defined()) out = at::empty({n * height * width, pw.size(0)}, maps.options());
+  TORCH_INTERNAL_ASSERT(out.is_contiguous() && out.numel() == n * height * width * pw.size(0));
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, maps.scalar_type(), "sepconv_maps",
+                                  [&] {
+    launch_sepconv_rows(maps.const_data_ptr<scalar_t>(), n, n, 0, height * width * cin, 1, cin,
+                        dw, pw, bias, addend, tanh_out, out, height, width, maps);
+  });
+  return out;
+}
+
 // The pixel tiles per sample of the fused (a) step: the splits of its column sums.
 inline int64_t sepconv_cell_splits(int64_t pixels, at::ScalarType dtype) {
-  return ceil_div(pixels, dtype == at::kDouble ? SepconvCellTile<double>::kM
-                                               : SepconvCellTile<float>::kM);
+  return ceil_div(pixels, dtype == at::kDouble ? SepconvTile<double>::kM : SepconvTile<float>::kM);
 }
 
 // One forward step of (a) after its gates: h_prev [B, HW, C] channels-last, the H-side weights
@@ -422,15 +560,15 @@ inline void sepconv_cell_forward(const Tensor& h_prev, const Tensor& dw, const T
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, h_prev.scalar_type(),
                                   "sepconv_cell_forward", [&] {
     using Step = SepconvCellStep<scalar_t>;
+    using acc_t = at::opmath_type<scalar_t>;
     launch_phased(
-        Step{h_prev.const_data_ptr<scalar_t>(), dw.const_data_ptr<scalar_t>(),
-             pw.const_data_ptr<scalar_t>(), xc_t.const_data_ptr<scalar_t>(),
-             gate_pre.const_data_ptr<scalar_t>(),
-             cell_state.mutable_data_ptr<at::opmath_type<scalar_t>>(),
+        Step{{dw.const_data_ptr<scalar_t>(), pw.const_data_ptr<scalar_t>(), height, width,
+              channels, channels, dw.size(-1)},
+             h_prev.const_data_ptr<scalar_t>(), xc_t.const_data_ptr<scalar_t>(),
+             gate_pre.const_data_ptr<scalar_t>(), cell_state.mutable_data_ptr<acc_t>(),
              h_out.mutable_data_ptr<scalar_t>(), cell_saved.mutable_data_ptr<scalar_t>(),
-             cand_saved.mutable_data_ptr<scalar_t>(),
-             hsum_partial.mutable_data_ptr<at::opmath_type<scalar_t>>(), activation, height,
-             width, channels, dw.size(-1), tiles_m},
+             cand_saved.mutable_data_ptr<scalar_t>(), hsum_partial.mutable_data_ptr<acc_t>(),
+             activation, tiles_m},
         ceil_div(channels, Step::kN), tiles_m, batch, h_prev);
   });
 }

@@ -2,16 +2,18 @@
 // (shared/SPEC.md eqs. 17-19):
 //   F = tanh(SepConv_xa(X_t) + SepConv_ha(H_{t−1}) + b_a);  Z = W_z * F  (K×K, C → 1)
 //   A = softmax of Z over the H·W pixels per sample;  X̃ = A∘X_t;  then cell (a) on X̃.
-// X̃ depends on H_{t−1}, so only SepConv_xa(X) is batched before the loop; per step: the
-// attention features (depthwise kernel + GEMM), W_z * F (cuDNN), the softmax (ATen), X̃ and
-// both candidate SepConvs, the pooled gates, and the fused epilogue of pooled_cell.cuh.
+// X̃ depends on H_{t−1}, so only SepConv_xa(X) is batched before the loop (one sepconv_frames
+// kernel, x read in place); per step: the attention features F (one fused SepConv kernel,
+// sepconv_maps, with xa[t] and tanh), W_z * F (cuDNN), the softmax (ATen), X̃, the two candidate
+// SepConvs (two sepconv_maps kernels: the second adds the first), the pooled gates, and the
+// fused epilogue of pooled_cell.cuh.
 //
 // Parameters and saved tensors: cells.h kSpatialAttentionLayer (saved: cell, candidate
 // [T, B, H, W, C], gate_preact [T, B, 3C], the map A [T, B, H, W]).
-// One more step launches, forward, 5 kernels of ours and 10 ATen calls; backward 5 and 23
+// One more step launches, forward, 5 kernels of ours and 6 ATen calls; backward 5 and 23
 // (emulation_check.py counts them, in fp32: 2 of the 23 are d W_z's per-step call and add_,
 // same_conv_weight_grad; 16-bit dtypes make one d W_z call for all steps).
-// LAUNCHES_PER_STEP forward=(5, 10) backward=(5, 23)
+// LAUNCHES_PER_STEP forward=(5, 6) backward=(5, 23)
 #include "pooled_cell.cuh"
 
 namespace convlstm_fast {
@@ -32,11 +34,11 @@ LayerResult spatial_attention_layer(const Tensor& x, const Tensor& h0, const Ten
   const int64_t C = h0.size(1), HW = H * W, rows = B * HW;
   const auto dtype = x.scalar_type();
   const auto acc = acc_dtype(x);
-  const Tensor x_cl = channels_last_copy(x, dtype);  // [T, B, H, W, Cin]
+  const Tensor x_cl = channels_last_copy(x, dtype);  // [T, B, H, W, Cin], for X̃
   // The only input-side term that does not depend on H: xa = SepConv_xa(X) + b_a (F's X-side
-  // term) for all steps.
-  const Tensor xa = pointwise(depthwise_forward(x_cl, params[attention::kAttDwX], T * B, H, W),
-                              params[attention::kAttPwX], params[attention::kAttBias]);
+  // term) for all steps, x read in place (sepconv_frames).
+  const Tensor xa = sepconv_frames(x, params[attention::kAttDwX], params[attention::kAttPwX],
+                                   params[attention::kAttBias]);
   const Tensor gate_weight_x = params[pooled::kGateWeightX].to(acc);
   const Tensor gate_weight_h = params[pooled::kGateWeightH].to(acc).contiguous();
   const Tensor gate_bias = params[pooled::kGateBias].to(acc);
@@ -59,21 +61,23 @@ LayerResult spatial_attention_layer(const Tensor& x, const Tensor& h0, const Ten
     Tensor cell_before;
     if (mask.active()) cell_before = cell_state.clone();
     // F = tanh(SepConv_ha(H_{t−1}) + xa_t); Z = W_z * F; A = softmax_HW(Z)
-    const Tensor dw_ha = depthwise_forward(h_prev, params[attention::kAttDwH], B, H, W);
     const Tensor features =
-        at::addmm(xa.narrow(0, t * rows, rows), dw_ha, params[attention::kAttPwH].t()).tanh_();
+        sepconv_maps(h_prev, params[attention::kAttDwH], params[attention::kAttPwH], Tensor(),
+                     xa.narrow(0, t * rows, rows), true, B, H, W);
     const Tensor logits =
         same_conv(nchw_view(features, B, H, W, C), params[spatial::kAttWeightZ], Tensor());
     const Tensor map = saved(spatial::kSavedMap, t).view({B, HW});
     map.copy_(logits.reshape({B, HW}).softmax(1, acc));
     // X̃ = A∘X_t (A rounded to x's dtype, as saved)
     const Tensor x_attended = x_cl[t].view({B, HW, Cin}).mul(map.view({B, HW, 1})).contiguous();
-    // cand_preact = SepConv_x(X̃) + b_c + SepConv_h(H_{t−1})
-    Tensor cand_preact =
-        pointwise(depthwise_forward(x_attended, params[pooled::kCandDwX], B, H, W),
-                  params[pooled::kCandPwX], params[pooled::kCandBias]);
-    cand_preact.addmm_(depthwise_forward(h_prev, params[pooled::kCandDwH], B, H, W),
-                       params[pooled::kCandPwH].t());
+    // cand_preact = SepConv_x(X̃) + b_c + SepConv_h(H_{t−1}), the first rounded as the addmm
+    // it replaces rounded it
+    const Tensor cand_x = sepconv_maps(x_attended, params[pooled::kCandDwX],
+                                       params[pooled::kCandPwX], params[pooled::kCandBias],
+                                       Tensor(), false, B, H, W);
+    const Tensor cand_preact = sepconv_maps(h_prev, params[pooled::kCandDwH],
+                                            params[pooled::kCandPwH], Tensor(), cand_x, false, B,
+                                            H, W);
     // gates U_x·GAP(X̃) + b_g, then + U_h·h̄ from H_{t−1}'s column sums (PooledGatePreacts)
     const Tensor gate_pre = saved(pooled::kSavedGatePreact, t);
     pooled_gate_preacts(at::addmm(gate_bias, x_attended.mean({1}, false, acc), gate_weight_x.t()),
@@ -118,12 +122,16 @@ BackwardResult spatial_attention_layer_backward(
   Tensor dh = channels_last_copy(grad_h_n, acc).view({rows, C});
   Tensor dc = channels_last_copy(grad_c_n, acc).view({rows, C});
 
-  // Recomputed for all steps at once: the attention features F and the attended input X̃.
+  // Recomputed for all steps at once: the attention features F (with the forward's two fused
+  // kernels, so bit for bit the forward's F) and the attended input X̃; the depthwise outputs
+  // for the weight gradients.
   const Tensor dw_xa_all = depthwise_forward(x_cl, params[attention::kAttDwX], T * B, H, W);
   const Tensor dw_ha_all = depthwise_forward(h_prev_all, params[attention::kAttDwH], T * B, H, W);
-  const Tensor features_all =
-      at::addmm(pointwise(dw_xa_all, params[attention::kAttPwX], params[attention::kAttBias]),
-                dw_ha_all, params[attention::kAttPwH].t()).tanh_();
+  const Tensor features_all = sepconv_maps(
+      h_prev_all, params[attention::kAttDwH], params[attention::kAttPwH], Tensor(),
+      sepconv_frames(x, params[attention::kAttDwX], params[attention::kAttPwX],
+                     params[attention::kAttBias]),
+      true, T * B, H, W);
   const Tensor maps = saved[spatial::kSavedMap].view({T * B, HW});  // A of every step
   const Tensor x_attended_all = x_cl.view({T * B, HW, Cin}).mul(maps.unsqueeze(2)).contiguous();
   const Tensor gate_weight_x = params[pooled::kGateWeightX].to(acc);
