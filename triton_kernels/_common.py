@@ -1132,13 +1132,16 @@ def layer_input_grads(grad_frames: torch.Tensor, grad_h0_rows: torch.Tensor, dc:
 # are batched after the loop.
 # Saved per step (as the native op): C_t, G, M (3 state tensors) and the gate pre-activations.
 
-def _attention_x_side(x: torch.Tensor, p, steps, batch, pixels, hidden):
-    """xc = SepConv_x(X) + b_c, xa = SepConv_xa(X) + b_a (rows), xg = U_x x̄ + b_g (fp32)."""
+def _attention_x_side(x: torch.Tensor, p, steps, batch, pixels, hidden, gates: bool = True):
+    """xc = SepConv_x(X) + b_c, xa = SepConv_xa(X) + b_a (rows), xg = U_x x̄ + b_g (fp32; None
+    without ``gates``: the backward reads the saved gate pre-activations, so it needs no x̄)."""
     gwx, _, gb, cdwx, cpwx, _, _, cb, adwx, apwx, _, _, ab, _, _ = p
-    xc, x_bar = sepconv_x_rows(x, cdwx, cpwx, cb, means=True)
+    xc, x_bar = sepconv_x_rows(x, cdwx, cpwx, cb, means=gates)
     xa, _ = sepconv_x_rows(x, adwx, apwx, ab)
-    xg = F.linear(x_bar, gwx.float(), gb.float())
     shape = (steps, batch * pixels, hidden)
+    if not gates:
+        return xc.view(shape), xa.view(shape), None
+    xg = F.linear(x_bar, gwx.float(), gb.float())
     return xc.view(shape), xa.view(shape), xg.view(steps, batch, 2 * hidden)
 
 
@@ -1224,7 +1227,7 @@ def channel_attention_backward(grad_output, grad_h_n, grad_c_n, x, h0, c0, param
     mask = StepMask(lengths, walk, batch)
 
     # A_t and Z_t are not saved: each step of the loop recomputes them with the forward's kernels.
-    xc, xa, _ = _attention_x_side(x, p, steps, batch, pixels, hidden)
+    xc, xa, _ = _attention_x_side(x, p, steps, batch, pixels, hidden, gates=False)
     h_prev = mask.before_each(output, h0).reshape(maps, hidden, height, width)
     h_prev_maps = h_prev.view(steps, batch, hidden, height, width)  # NCHW, read in place
 
@@ -1543,7 +1546,7 @@ def channel_attention_traffic(shape, itemsize: int) -> list:
     layer_outputs_traffic(r, z)
 
     r.phase = BACKWARD
-    sepconv_x_rows_traffic(r, z, cin, C, means=True)  # xc and x̄
+    sepconv_x_rows_traffic(r, z, cin, C, means=False)  # xc
     sepconv_x_rows_traffic(r, z, cin, C, means=False)  # xa
     h_prev_all_traffic(r, z)
     output_grads_traffic(r, z)
