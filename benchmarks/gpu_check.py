@@ -13,13 +13,15 @@ each writing its results as it goes, so that a kill keeps everything that finish
                ``python -m convlstm_fast.info --require cuda,triton``
   correctness  ``tests/test_backends.py -m "gpu and not extended"``: every GPU backend × variant
                in fp32 (hard_sigmoid) and bf16 (sigmoid) against the float64 reference — the
-               real kernels (tests/conftest.py refuses GPU tests in an interpreted session);
+               real kernels (tests/conftest.py refuses GPU tests in an interpreted session) —
+               and tests/test_graphs.py's CUDA-graph captures against eager;
                then benchmarks/wgrad_probe.py (cuDNN's fp32 weight gradient, batched or per step);
                like every test stage, in up to 8 pytest-xdist processes where it is installed,
                so that their Triton JIT compiles run side by side
   bench        variants a and convlstm at the paper's layer (B=8 T=16 256 ch 28×28 bf16):
-               triton, cuda, eager reference, torch.compile of the reference; forward and
-               forward+backward do_bench medians beside the memory/compute floor
+               triton, cuda (each also as CUDA graphs), eager reference, torch.compile of the
+               reference; forward and forward+backward do_bench medians beside the
+               memory/compute floor
   sanitizer    compute-sanitizer initcheck of every kernel (reports in our kernels counted apart
                from the libraries') on the CUDA backend, then memcheck of both GPU backends
                (PYTORCH_NO_CUDA_MEMORY_CACHING=1, so overruns inside the caching allocator's
@@ -62,6 +64,9 @@ SUMMARY = "summary.md"
 # The headline bench: the paper's layer (SPEC "The full network"), B,T,Cin,C,H,W.
 PAPER_LAYER = "8,16,256,256,28,28"
 CORRECTNESS_MARKERS = "gpu and not extended"
+# The bench stage's backends: both GPU backends, each also replayed as CUDA graphs (the launches
+# of its host loop gone), the eager reference and torch.compile of it.
+BENCH_BACKENDS = "triton,cuda,triton+graphs,cuda+graphs,reference,compile"
 
 
 @dataclasses.dataclass
@@ -173,7 +178,8 @@ def correctness_commands(ctx: Context, timeout_s: float) -> list[Command]:
     # Then a second of cuDNN: is its fp32 weight gradient less accurate batched over all steps
     # (the fused backends) than step by step (the reference)? It reports, it never fails.
     probe = os.path.join(REPO, "benchmarks", "wgrad_probe.py")
-    return [pytest_command(ctx, "correctness", ["tests/test_backends.py"], CORRECTNESS_MARKERS),
+    return [pytest_command(ctx, "correctness", ["tests/test_backends.py", "tests/test_graphs.py"],
+                           CORRECTNESS_MARKERS),
             _python_cmd(ctx, probe, "--device", "cpu" if ctx.rehearse else "cuda", cwd=ctx.out,
                         allow_failure=True)]
 
@@ -191,11 +197,10 @@ def bench_commands(ctx: Context, timeout_s: float) -> list[Command]:
               "--time-budget", f"{budget:.0f}"]
     if ctx.rehearse:
         return [_python_cmd(ctx, *common, "--device", "cpu", "--dtype", "float32", "--shape",
-                            "1,2,8,8,8,8", "--backends", "triton,cuda,reference", "--repeats",
-                            "2", cwd=ctx.out)]
+                            "1,2,8,8,8,8", "--backends", BENCH_BACKENDS.replace(",compile", ""),
+                            "--repeats", "2", cwd=ctx.out)]
     return [_python_cmd(ctx, *common, "--device", "cuda", "--dtype", "bfloat16", "--shape",
-                        PAPER_LAYER, "--backends", "triton,cuda,reference,compile",
-                        cwd=ctx.out)]
+                        PAPER_LAYER, "--backends", BENCH_BACKENDS, cwd=ctx.out)]
 
 
 def sanitizer_binary() -> str | None:
@@ -238,7 +243,7 @@ def sanitizer_commands(ctx: Context, timeout_s: float) -> list[Command]:
 
 def full_commands(ctx: Context, timeout_s: float) -> list[Command]:
     return [pytest_command(ctx, "full", ["tests/test_backends.py", "tests/test_triton_gpu.py",
-                                         "tests/test_native_cuda.py",
+                                         "tests/test_native_cuda.py", "tests/test_graphs.py",
                                          "tests/test_sequence_options.py"], "gpu")]
 
 

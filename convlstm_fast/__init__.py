@@ -5,7 +5,8 @@ Public API: :class:`ConvLSTMCell`, :class:`ConvLSTM`, :func:`convlstm_layer`,
 :func:`count_parameters`, :func:`count_mult_adds`, :func:`from_concat_conv`, and the registry of
 cells: :class:`CellSpec`, :class:`Parameter`, :class:`Gates`, :func:`register_cell`,
 :func:`get_cell`, :func:`cell_names` (``VARIANTS`` holds the paper's five). Deployment:
-:mod:`convlstm_fast.export` (torch.export, ONNX; imported on demand).
+:mod:`convlstm_fast.export` (torch.export, ONNX); replay as CUDA graphs:
+:mod:`convlstm_fast.graphs` (both imported on demand).
 """
 
 from ._extension import load_extension

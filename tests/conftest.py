@@ -129,6 +129,16 @@ def make_inputs():
     return random_inputs
 
 
+@pytest.fixture
+def fp32_ieee():
+    """fp32 products and convolutions in IEEE fp32 on CUDA (TF32 off) for the test, then back."""
+    previous = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = False
+    torch.backends.cudnn.allow_tf32 = False
+    yield
+    torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = previous
+
+
 # ε of STYLE.md's rule per dtype.
 EPSILON = {torch.float64: 1e-12, torch.float32: 1e-6, torch.float16: 1e-3, torch.bfloat16: 1e-3}
 

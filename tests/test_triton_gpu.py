@@ -41,15 +41,6 @@ def _run(variant, x, h0, c0, params, gate_activation, backend, weights):
     return [out.detach(), h_n.detach(), c_n.detach(), *grads]
 
 
-@pytest.fixture
-def fp32_ieee():
-    previous = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
-    torch.backends.cuda.matmul.allow_tf32 = False
-    torch.backends.cudnn.allow_tf32 = False
-    yield
-    torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = previous
-
-
 @pytest.mark.parametrize("variant", VARIANTS)
 def test_triton_deterministic_on_gpu(variant, make_params, make_inputs):
     """Under torch.use_deterministic_algorithms(True) two runs agree bitwise."""

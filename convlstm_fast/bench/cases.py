@@ -19,6 +19,7 @@ from ..registry import cell_names, get_cell
 from ..backends import BACKENDS, get_backend
 from ..counting import count_mult_adds, count_parameters, paper_mult_adds
 from ..functional import convlstm_layer
+from ..graphs import CUDAGraphed
 from ..modules import ConvLSTMCell
 from ..reference import cells
 from .harness import saved_state_tensors
@@ -29,10 +30,12 @@ COMPILE = "compile"
 # reverse=True (a bidirectional layer's second direction), "+ragged" with lengths drawn
 # uniformly in [T/2, T] and "+stepwise" one layer call per step, the state handed on (a cell
 # driven a step at a time, as ConvLSTMCell is by autoregressive models) (the --sequence-options
-# mode).
+# mode); "+graphs" (named in --backends, CUDA only) the layer call captured once as CUDA
+# graphs and replayed (convlstm_fast.graphs).
 RECOMPUTE = "+recompute"
 SEQUENCE_OPTIONS = ("+reverse", "+ragged", "+stepwise")
-OPTIONS = (RECOMPUTE, *SEQUENCE_OPTIONS)
+GRAPHS = "+graphs"
+OPTIONS = (RECOMPUTE, *SEQUENCE_OPTIONS, GRAPHS)
 
 
 def split_option(backend: str) -> tuple[str, str]:
@@ -96,7 +99,7 @@ def sweep_shapes(base: CellShape, spatial_sizes, channel_counts) -> list[CellSha
 def backend_names(requested=None, include_compile: bool = True) -> list[str]:
     """The backends to try: ``requested``, or every registered backend plus ``"compile"``."""
     if requested:
-        unknown = [b for b in requested if b not in BACKENDS and b != COMPILE]
+        unknown = [b for b in requested if split_option(b)[0] not in BACKENDS and b != COMPILE]
         if unknown:
             raise ValueError(f"unknown backends {unknown}; choose from {BACKENDS + (COMPILE,)}")
         return list(requested)
@@ -105,7 +108,9 @@ def backend_names(requested=None, include_compile: bool = True) -> list[str]:
 
 def unsupported_reason(backend: str, variant: str, x: torch.Tensor) -> str | None:
     """``None`` when ``backend`` can run ``variant`` on inputs like ``x``, else why not."""
-    backend = split_option(backend)[0]
+    backend, option = split_option(backend)
+    if option == GRAPHS and x.device.type != "cuda":
+        return "CUDA graphs need a CUDA device"
     if backend == COMPILE:
         if x.device.type == "cuda":
             try:
@@ -129,6 +134,18 @@ def make_inputs(variant: str, shape: CellShape, device, dtype, seed: int = 0):
     return x, params
 
 
+class _LayerCall(torch.nn.Module):
+    """One layer call as a module of (x, *params), for CUDAGraphed ("+graphs")."""
+
+    def __init__(self, variant: str, backend: str, gate_activation: str):
+        super().__init__()
+        self.variant, self.backend, self.gate_activation = variant, backend, gate_activation
+
+    def forward(self, x, *params):
+        return convlstm_layer(x, list(params), self.variant, gate_activation=self.gate_activation,
+                              backend=self.backend)[0]
+
+
 def layer_runner(backend: str, variant: str, shape: CellShape, gate_activation: str = "sigmoid",
                  recompute: str | int | None = None):
     """``fn(x, params) -> output`` running one layer on ``backend`` (or ``"compile"``); a
@@ -143,6 +160,10 @@ def layer_runner(backend: str, variant: str, shape: CellShape, gate_activation: 
         def run(x, params):
             return convlstm_layer(x, params, variant, gate_activation=gate_activation,
                                   backend=base, **options)[0]
+
+        if option == GRAPHS:
+            graphed = CUDAGraphed(_LayerCall(variant, base, gate_activation))
+            return lambda x, params: graphed(x, *params)
 
         def run_stepwise(x, params):
             outputs, state = [], None
