@@ -149,9 +149,11 @@ def _pooled_cell_backward(r, z, gates: int, has_map: bool) -> None:
         r.aten("sum (dA∘A partials)", splits * z.vec(z.C), z.vec(z.C), count=z.T)
 
 
-def _layer_end(r, z) -> None:
-    """The forward's end: output to NCHW, h_n's clone, c_n from the fp32 state."""
-    r.aten("copy_ (channels_first_copy output)", z.seq(), z.seq())
+def _layer_end(r, z, output_copy: bool = True) -> None:
+    """The forward's end: output to NCHW (unless the steps wrote it so), h_n's clone, c_n from
+    the fp32 state."""
+    if output_copy:
+        r.aten("copy_ (channels_first_copy output)", z.seq(), z.seq())
     r.aten("clone (h_n)", z.state(), z.state())
     r.aten("copy_ (channels_first_copy c_n)", z.state32(), z.state())
 
@@ -213,7 +215,8 @@ def output_attention_layer(shape, itemsize: int) -> list:
 
 def _batched_input_layer(shape, itemsize: int, has_map: bool) -> list:
     """batched_input_layer.cuh: the X side batched (one SepconvRows kernel each for xc (and
-    xa), GAP(X) and its FC), then per step the gate kernel and, for (a), the fused step; for
+    xa), GAP(X) and its FC), then per step the gate kernel and, for (a), the fused step (H_{t−1}
+    read from and H_t written to the NCHW output); for
     c/d three SepconvRows kernels (the candidate's pre-activation, F, Z = SepConv_z(F)), Z's
     max and the fused epilogue.
     Backward: the cell backward, the GEMMs and transposed depthwise convs per step (c/d recompute
@@ -224,7 +227,8 @@ def _batched_input_layer(shape, itemsize: int, has_map: bool) -> list:
     for term in ("xc", "xa") if has_map else ("xc",):
         _sepconv_rows(r, z, f"{term} = SepConv(X) + b, x in place", cin, T * z.B)
     r.aten("mean (GAP(X), x in place)", z.xseq(), T * z.vec(cin))
-    _channels_last_copy(r, z, z.state(), z.state(), "h0")
+    if has_map:  # (a) reads H_{t-1} NCHW, h0 in place
+        _channels_last_copy(r, z, z.state(), z.state(), "h0")
     _channels_last_copy(r, z, z.state(), z.state32(), "c0 fp32")
     _initial_hidden_sums(r, z, fused=not has_map)
     # The step (batched_input_layer_forward's loop).
@@ -237,7 +241,7 @@ def _batched_input_layer(shape, itemsize: int, has_map: bool) -> list:
         # amax, then .to(fp32) (a free view in fp32, where the launch counts are measured).
         r.aten("amax (max_HW Z)", z.state(), z.vec(C), count=T)
         _pooled_cell_forward(r, z, has_map)
-    _layer_end(r, z)
+    _layer_end(r, z, output_copy=has_map)  # (a)'s step writes the NCHW output itself
 
     r.phase = BACKWARD
     _backward_start(r, z)
@@ -302,20 +306,24 @@ def _attention_features_backward(r, z) -> None:
 
 def convlstm_layer(shape, itemsize: int) -> list:
     """The original ConvLSTM: csrc/cuda/convlstm_layer_kernel.cu ``convlstm_layer`` /
-    ``convlstm_layer_backward``. cuDNN convolves H_{t−1} (channels-last) with the NCHW W_h: it
-    re-lays the weight every step (read and written once more); the result is copied to rows
-    before the fused elementwise epilogue reads it."""
+    ``convlstm_layer_backward``. Both weights are laid out channels-last once per call, so cuDNN
+    convolves channels-last H_{t−1} without re-laying W_h and writes xz and hz as the rows the
+    fused elementwise epilogue reads (no copies); it makes X's frames channels-last itself (a
+    copy of X inside the W_x call), and the first step's NCHW h0 likewise. A time-first x
+    (a batch-first one's B·T order costs one more copy of xz). The backward's data gradient
+    keeps the NCHW W_h (re-laid each step)."""
     z, r = Sizes(shape, itemsize), Recorder()
     C, cin, T, k2 = z.C, z.cin, z.T, z.K * z.K
-    weight_h = z.weight(4 * C * C * k2)
-    r.aten("convolution (W_x * X + b)", z.xseq() + z.weight(4 * C * cin * k2), z.seq(4 * C),
-           z.gemm_flops(T * z.rows, 4 * C, cin * k2))
-    _channels_last_copy(r, z, z.seq(4 * C), z.seq(4 * C), "xz")
+    weight_h, weight_x = z.weight(4 * C * C * k2), z.weight(4 * C * cin * k2)
+    r.aten("contiguous (W_x channels-last)", weight_x, weight_x)
+    r.aten("convolution (W_x * X + b; X made channels-last inside)", 2 * z.xseq() + weight_x,
+           z.xseq() + z.seq(4 * C), z.gemm_flops(T * z.rows, 4 * C, cin * k2))
+    r.aten("contiguous (W_h channels-last)", weight_h, weight_h)
     _channels_last_copy(r, z, z.state(), z.state32(), "c0 fp32")
     conv = z.gemm_flops(z.rows, 4 * C, C * k2)
-    r.aten("convolution (W_h * H_{t-1}; W_h re-laid)", z.state() + 2 * weight_h,
-           z.state(4 * C) + weight_h, conv, count=T)
-    _channels_last_copy(r, z, z.state(4 * C), z.state(4 * C), "hz", count=T)
+    r.aten("copy_ (h0 made channels-last inside the first step's convolution)", z.state(),
+           z.state())
+    r.aten("convolution (W_h * H_{t-1})", z.state() + weight_h, z.state(4 * C), conv, count=T)
     r.kernel("ConvLSTMCellForward", 2 * z.state(4 * C) + z.state32(),
              z.state(4 * C) + z.state32() + 2 * z.state(), z.cell_flops(), count=T)
     _layer_end(r, z)
@@ -327,7 +335,7 @@ def convlstm_layer(shape, itemsize: int) -> list:
     _channels_last_copy(r, z, z.state(), z.state32(), "grad_c_n fp32")
     r.kernel("ConvLSTMCellBackward", 3 * z.state() + 2 * z.state32() + z.state(4 * C),
              z.state32() + z.state(4 * C), z.cell_backward_flops(), count=T)
-    r.aten("convolution_backward (dH_{t-1} = W_hᵀ ⋆ dZ_t; W_h re-laid)",
+    r.aten("convolution_backward (dH_{t-1} = W_hᵀ ⋆ dZ_t; NCHW W_h re-laid)",
            z.state(4 * C) + 2 * weight_h, z.state() + weight_h, conv, count=T)
     r.aten("copy_ (dH_{t-1} to the fp32 rows)", z.state(), z.state32(), count=T)
     r.aten("cat (H_{t-1} of all steps)", z.seq(), z.seq())

@@ -66,24 +66,28 @@ LayerResult batched_input_layer_forward(const Tensor& x, const Tensor& h0, const
   const Tensor dw_h = params[pooled::kCandDwH].contiguous();
   const Tensor pw_h = params[pooled::kCandPwH].contiguous();
 
-  Tensor output_cl = at::empty({T, B, H, W, C}, x.options());
+  // H of every step: (a)'s fused step reads H_{t−1} and writes H_t in the op's NCHW output
+  // itself; c/d's kernels work on channels-last maps, turned NCHW after the loop.
+  const bool nchw_steps = !has_map;
+  Tensor steps_out = nchw_steps ? at::empty({T, B, C, H, W}, x.options())
+                                : at::empty({T, B, H, W, C}, x.options());
   const SavedSteps saved(call.saved_shapes, x.options(), save);
-  const Tensor h0_cl = channels_last_copy(h0, x.scalar_type());
+  const Tensor h0_steps = nchw_steps ? h0.contiguous() : channels_last_copy(h0, x.scalar_type());
   Tensor cell_state = channels_last_copy(c0, acc).view({B * HW, C});
   // Column sums of H_{t−1} per pixel split [B, splits, C], which the step's gate kernel reduces
   // to h̄ (hsum) and its epilogue writes for H_t (hsum_next).
   const int64_t splits =
       has_map ? pooled_cell_splits(B, HW, C, x) : sepconv_cell_splits(HW, x.scalar_type());
-  Tensor hsum = initial_hidden_sums(h0_cl, splits, acc);
+  Tensor hsum = initial_hidden_sums(h0, splits, acc);
   Tensor hsum_next = at::empty_like(hsum);
   // With lengths: the carried H_{t−1} (step_mask.h); C carries in cell_state, H's sums in hsum.
   Tensor h_carry;
-  if (mask.active()) h_carry = h0_cl.clone();
+  if (mask.active()) h_carry = h0_steps.clone();
 
   const Walk walk{T, reverse};
   for (int64_t s = 0; s < T; ++s) {
     const int64_t t = walk.time(s);
-    const Tensor h_prev = mask.active() ? h_carry : state_before(walk, t, h0_cl, output_cl);
+    const Tensor h_prev = mask.active() ? h_carry : state_before(walk, t, h0_steps, steps_out);
     Tensor cell_before;
     if (mask.active()) cell_before = cell_state.clone();
     const Tensor xc_t = xc.narrow(0, t * B * HW, B * HW);
@@ -94,7 +98,7 @@ LayerResult batched_input_layer_forward(const Tensor& x, const Tensor& h0, const
       // (a): the rest of the step in one kernel (cand_preact = SepConv_h(H_{t−1}) + xc_t and
       // the cell)
       sepconv_cell_forward(h_prev, dw_h, pw_h, xc_t, gate_pre, activation, cell_state,
-                           output_cl[t], saved(pooled::kSavedCell, t),
+                           steps_out[t], saved(pooled::kSavedCell, t),
                            saved(pooled::kSavedCandidate, t), hsum_next, B, H, W, C);
     } else {
       // c/d (sepconv_maps, one kernel each): cand_preact = SepConv_h(H_{t−1}) + (SepConv_x(X_t)
@@ -105,17 +109,18 @@ LayerResult batched_input_layer_forward(const Tensor& x, const Tensor& h0, const
                                              Tensor(), B, H, W);
       const Tensor logits_max = logits.view({B, HW, C}).amax({1}).to(acc);
       pooled_cell_forward(cand_preact, gate_pre, logits, logits_max, map_gate, activation,
-                          cell_state, output_cl[t], saved(pooled::kSavedCell, t),
+                          cell_state, steps_out[t], saved(pooled::kSavedCell, t),
                           saved(pooled::kSavedCandidate, t), saved(channel::kSavedMap, t),
                           hsum_next, B, HW, C);
     }
-    mask_pooled_step(mask, t, cell_state, cell_before, hsum_next, hsum, h_carry, output_cl[t],
+    mask_pooled_step(mask, t, cell_state, cell_before, hsum_next, hsum, h_carry, steps_out[t],
                      B);
     std::swap(hsum, hsum_next);
   }
-  Tensor output = channels_first_copy(output_cl, x.scalar_type());
-  Tensor h_n = mask.active() ? channels_first_copy(h_carry, x.scalar_type())
-                             : output[walk.last()].clone();
+  Tensor output = nchw_steps ? steps_out : channels_first_copy(steps_out, x.scalar_type());
+  Tensor h_n = !mask.active() ? output[walk.last()].clone()
+               : nchw_steps   ? h_carry
+                              : channels_first_copy(h_carry, x.scalar_type());
   Tensor c_n = channels_first_copy(cell_state.view({B, H, W, C}), x.scalar_type());
   return {output, h_n, c_n, saved.all()};
 }

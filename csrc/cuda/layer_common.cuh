@@ -445,15 +445,20 @@ inline Tensor states_before(const Walk& walk, const Tensor& initial, const Tenso
 // ---------------------------------------------------------------------------------------------
 // Layout helpers.
 
+// The permutation of a [.., C, H, W] tensor of `dim` dimensions to [.., H, W, C].
+inline std::vector<int64_t> channels_last_order(int64_t dim) {
+  std::vector<int64_t> perm;
+  for (int64_t i = 0; i < dim - 3; ++i) perm.push_back(i);
+  perm.push_back(dim - 2);
+  perm.push_back(dim - 1);
+  perm.push_back(dim - 3);
+  return perm;
+}
+
 // [.., C, H, W] (NCHW, any strides: x may be the time-first view of a batch-first tensor) -> a
 // new contiguous channels-last [.., H, W, C] tensor of dtype, in one copy.
 inline Tensor channels_last_copy(const Tensor& t, at::ScalarType dtype) {
-  std::vector<int64_t> perm;
-  const int64_t d = t.dim();
-  for (int64_t i = 0; i < d - 3; ++i) perm.push_back(i);
-  perm.push_back(d - 2);
-  perm.push_back(d - 1);
-  perm.push_back(d - 3);
+  const std::vector<int64_t> perm = channels_last_order(t.dim());
   auto sizes = t.permute(perm).sizes().vec();
   Tensor out = at::empty(sizes, t.options().dtype(dtype));
   out.copy_(t.permute(perm));
@@ -470,6 +475,19 @@ inline Tensor hidden_states_before(const StepMask& mask, const Walk& walk, const
       states_before(walk, h0_cl,
                     channels_last_copy(starting_steps(walk, output).contiguous(), dtype)),
       h0_cl);
+}
+
+// A convolution's NCHW-shaped result [.., C, H, W] as channels-last [.., H, W, C]: itself
+// (a view, no copy) where its memory is already channels-last, as cuDNN writes it for a
+// channels-last weight, else one copy.
+inline Tensor channels_last_rows(const Tensor& t) {
+  return t.permute(channels_last_order(t.dim())).contiguous();
+}
+
+// A K×K convolution weight [out, in, K, K] in channels-last memory (a copy unless it is already):
+// what cuDNN takes without re-laying it per call, and writes its output channels-last for.
+inline Tensor channels_last_weight(const Tensor& weight) {
+  return weight.contiguous(at::MemoryFormat::ChannelsLast);
 }
 
 // Channels-last [.., H, W, C] -> a new contiguous NCHW [.., C, H, W] tensor of dtype.

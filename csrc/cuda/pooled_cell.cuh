@@ -52,8 +52,8 @@ __host__ __device__ inline void pooled_gates(const scalar_t* gate_pre, int64_t c
 }
 
 // The cell update of one element (idx) given its gates and G (rounded): C_t into cell_state
-// (C_{t−1} there before), H_t, C_t and G stored rounded; returns H_t as rounded (what the column
-// sums add).
+// (C_{t−1} there before), H_t (unless h_out is nullptr: the caller stores it), C_t and G stored
+// rounded; returns H_t as rounded (what the column sums add).
 template <typename scalar_t, typename acc_t>
 __host__ __device__ inline acc_t pooled_cell_element(acc_t i, acc_t f, acc_t o, scalar_t g,
                                                      int64_t idx, acc_t* cell_state,
@@ -63,7 +63,7 @@ __host__ __device__ inline acc_t pooled_cell_element(acc_t i, acc_t f, acc_t o, 
   const acc_t c_new = cell_update(i, f, o, acc_t(g), cell_state[idx], &h);
   cell_state[idx] = c_new;
   const scalar_t h_rounded = scalar_t(h);
-  h_out[idx] = h_rounded;
+  if (h_out != nullptr) h_out[idx] = h_rounded;
   cell_saved[idx] = scalar_t(c_new);
   cand_saved[idx] = g;
   return acc_t(h_rounded);
@@ -154,12 +154,12 @@ inline int64_t pooled_cell_splits(int64_t batch, int64_t pixels, int64_t channel
                            65535);
 }
 
-// Column sums of H_0 [B, HW, C] (channels-last) in hsum_partial's layout [B, splits, C]: all in
+// Column sums of H_0 [B, C, H, W] (the op's h0) in hsum_partial's layout [B, splits, C]: all in
 // split 0, the others zero, so that the first step's gates read them as any step's.
-inline Tensor initial_hidden_sums(const Tensor& h0_cl, int64_t splits, at::ScalarType acc) {
-  const int64_t B = h0_cl.size(0), C = h0_cl.size(-1);
-  Tensor sums = at::zeros({B, splits, C}, h0_cl.options().dtype(acc));
-  sums.select(1, 0).copy_(h0_cl.reshape({B, -1, C}).sum({1}, false, acc));
+inline Tensor initial_hidden_sums(const Tensor& h0, int64_t splits, at::ScalarType acc) {
+  const int64_t B = h0.size(0), C = h0.size(1);
+  Tensor sums = at::zeros({B, splits, C}, h0.options().dtype(acc));
+  sums.select(1, 0).copy_(h0.sum({2, 3}, false, acc));
   return sums;
 }
 
@@ -398,21 +398,20 @@ struct SepconvCellStep : SepconvProduct<scalar_t> {
   using acc_t = at::opmath_type<scalar_t>;
   using Shared = SepconvShared<scalar_t>;
 
-  const scalar_t* h_prev;    // [B, HW, C] channels-last
+  const scalar_t* h_prev;    // [B, C, H, W] NCHW (the layer's output at step t − 1, or h0)
   const scalar_t* xc;        // [B, HW, C]: SepConv_x(X_t) + b_c
   const scalar_t* gate_pre;  // [B, 3C]
   acc_t* cell_state;         // [B, HW, C]: C_{t−1} in, C_t out
-  scalar_t* h_out;
+  scalar_t* h_out;           // [B, C, H, W] NCHW (the layer's output at step t)
   scalar_t* cell_saved;
   scalar_t* cand_saved;
   acc_t* hsum_partial;       // [B, tiles_m, C]
   int64_t activation, tiles_m;
 
   __host__ __device__ void stage(Shared& s, dim3 block, unsigned tid, int64_t chunk) const {
-    const int64_t channels = this->channels;
-    this->stage_map(s, block, tid, chunk,
-                    h_prev + int64_t(block.z) * this->height * this->width * channels, 1,
-                    channels);
+    const int64_t pixels = this->height * this->width;
+    this->stage_map(s, block, tid, chunk, h_prev + int64_t(block.z) * this->channels * pixels,
+                    pixels, 1);
   }
 
   __host__ __device__ void epilogue(Shared& s, dim3 block, unsigned tid) const {
@@ -427,19 +426,31 @@ struct SepconvCellStep : SepconvProduct<scalar_t> {
       for (int m = col.group; m < this->kM && col.p0 + m < pixels; m += this->kGroups) {
         const int64_t idx = (b * pixels + col.p0 + m) * channels + col.c;
         const scalar_t pre = scalar_t(s.acc[m][col.n] + acc_t(xc[idx]));
-        sum += pooled_cell_element(i, f, o, scalar_t(math_tanh(acc_t(pre))), idx, cell_state,
-                                   h_out, cell_saved, cand_saved);
+        const acc_t h = pooled_cell_element(i, f, o, scalar_t(math_tanh(acc_t(pre))), idx,
+                                            cell_state, static_cast<scalar_t*>(nullptr),
+                                            cell_saved, cand_saved);
+        s.acc[m][col.n] = h;  // H_t (rounded), for store's NCHW write
+        sum += h;
       }
     }
     s.sums[col.group][col.n] = sum;
   }
 
+  // The column sums, and H_t into the NCHW output with pixels across the threads (coalesced).
   __host__ __device__ void store(Shared& s, dim3 block, unsigned tid) const {
-    const int64_t c = int64_t(block.x) * this->kN + tid;
-    if (int(tid) >= this->kN || c >= this->channels) return;
-    acc_t total = 0;
-    for (int g = 0; g < this->kGroups; ++g) total += s.sums[g][tid];
-    hsum_partial[(int64_t(block.z) * tiles_m + block.y) * this->channels + c] = total;
+    const int64_t channels = this->channels, pixels = this->height * this->width;
+    const int64_t n0 = int64_t(block.x) * this->kN, p0 = int64_t(block.y) * this->kM;
+    if (int(tid) < this->kN && n0 + tid < channels) {
+      acc_t total = 0;
+      for (int g = 0; g < this->kGroups; ++g) total += s.sums[g][tid];
+      hsum_partial[(int64_t(block.z) * tiles_m + block.y) * channels + n0 + tid] = total;
+    }
+    for (int e = int(tid); e < this->kM * this->kN; e += kThreads) {
+      const int m = e % this->kM, n = e / this->kM;
+      if (p0 + m < pixels && n0 + n < channels) {
+        h_out[(int64_t(block.z) * channels + n0 + n) * pixels + p0 + m] = scalar_t(s.acc[m][n]);
+      }
+    }
   }
 };
 
@@ -544,10 +555,10 @@ inline int64_t sepconv_cell_splits(int64_t pixels, at::ScalarType dtype) {
   return ceil_div(pixels, dtype == at::kDouble ? SepconvTile<double>::kM : SepconvTile<float>::kM);
 }
 
-// One forward step of (a) after its gates: h_prev [B, HW, C] channels-last, the H-side weights
-// dw [C, 1, K, K] and pw [C, C] (contiguous), xc_t [B·HW, C], gate_pre [B, 3C]; cell_state
-// updated in place; h_out, cell_saved, cand_saved this step's slices; the column sums of H_t into
-// hsum_partial [B, sepconv_cell_splits, C].
+// One forward step of (a) after its gates: h_prev and h_out [B, C, H, W] NCHW, the H-side
+// weights dw [C, 1, K, K] and pw [C, C] (contiguous), xc_t [B·HW, C], gate_pre [B, 3C];
+// cell_state updated in place; cell_saved, cand_saved this step's slices; the column sums of H_t
+// into hsum_partial [B, sepconv_cell_splits, C].
 inline void sepconv_cell_forward(const Tensor& h_prev, const Tensor& dw, const Tensor& pw,
                                  const Tensor& xc_t, const Tensor& gate_pre, int64_t activation,
                                  Tensor& cell_state, Tensor h_out, Tensor cell_saved,
@@ -555,8 +566,8 @@ inline void sepconv_cell_forward(const Tensor& h_prev, const Tensor& dw, const T
                                  int64_t height, int64_t width, int64_t channels) {
   const int64_t tiles_m = hsum_partial.size(1);
   TORCH_INTERNAL_ASSERT(tiles_m == sepconv_cell_splits(height * width, h_prev.scalar_type()));
-  TORCH_INTERNAL_ASSERT(h_prev.is_contiguous() && dw.is_contiguous() && pw.is_contiguous() &&
-                        xc_t.is_contiguous());
+  TORCH_INTERNAL_ASSERT(h_prev.is_contiguous() && h_out.is_contiguous() && dw.is_contiguous() &&
+                        pw.is_contiguous() && xc_t.is_contiguous());
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, h_prev.scalar_type(),
                                   "sepconv_cell_forward", [&] {
     using Step = SepconvCellStep<scalar_t>;

@@ -49,7 +49,7 @@ LayerResult spatial_attention_layer(const Tensor& x, const Tensor& h0, const Ten
   Tensor cell_state = channels_last_copy(c0, acc).view({rows, C});
   // Column sums of H_{t−1} per pixel split [B, splits, C] (batched_input_layer.cuh's).
   const int64_t splits = pooled_cell_splits(B, HW, C, x);
-  Tensor hsum = initial_hidden_sums(h0_cl, splits, acc);
+  Tensor hsum = initial_hidden_sums(h0, splits, acc);
   Tensor hsum_next = at::empty_like(hsum);
   // With lengths: the carried H_{t−1} (step_mask.h); C carries in cell_state, H's sums in hsum.
   Tensor h_carry;
