@@ -8,11 +8,11 @@
 // output_attention_layer_kernel.cu) register the two drivers below for their cell.
 //
 // Structure (shared/KERNELS.md): everything that depends only on X is computed for all T steps
-// in batched ATen calls before the loop; a step of (a) runs two kernels of ours, its gates and
-// the fused step (SepconvCellStep, pooled_cell.cuh); one of c/d runs the H-side depthwise
-// convolutions (custom kernels), the pointwise GEMMs (cuBLAS, fp32 accumulation) and one fused
-// epilogue (pooled_cell.cuh). Backward walks the steps in the forward's opposite order and reduces every
-// weight gradient over all steps after it with one batched product each. Parameters and saved
+// before the loop (fused SepConv kernels reading x in place); a step of (a) runs two kernels of
+// ours, its gates and the fused step (SepconvCellStep, pooled_cell.cuh); one of c/d its gates,
+// three fused SepConv kernels (candidate, F, Z), Z's max and the fused epilogue. Backward walks
+// the steps in the forward's opposite order and reduces every weight gradient over all steps
+// after it with one batched product each. Parameters and saved
 // tensors are named by cells.h (cells::pooled, cells::channel_attention).
 #pragma once
 
@@ -25,8 +25,9 @@ namespace {
 namespace channel = cells::channel_attention;
 
 // c/d's Z = SepConv_z(F) of one step, F = tanh(SepConv_ha(H_{t−1}) + xa_t) (written into
-// `features` [B·HW, C] when given, else a new tensor): two sepconv_maps kernels, which the backward's recompute
-// calls exactly as the forward did (so its Z, and where Z attains its max, are the forward's).
+// `features` [B·HW, C] when given, else a new tensor): two sepconv_maps kernels, which the
+// backward's recompute calls exactly as the forward did (so its Z, and where Z attains its max,
+// are the forward's).
 inline Tensor attention_logits(const Tensor& h_prev, const Tensor& xa_t, at::TensorList params,
                                Tensor features, int64_t B, int64_t H, int64_t W) {
   const Tensor f = sepconv_maps(h_prev, params[attention::kAttDwH], params[attention::kAttPwH],

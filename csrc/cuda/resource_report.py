@@ -6,8 +6,9 @@ builds them (the same nvcc flags, -O3), from ``ptxas -v``.
 
 Every kernel of ours is a ``__global__`` template of layer_common.cuh instantiated per functor
 (``elementwise_kernel<F>``, ``tile_reduce_kernel<F>``, ``phased_kernel<F>``), launched with 256
-threads (kThreads; kTileC × kRows), which is what the occupancy is computed for: resident warps per SM / 64, limited
-by registers, shared memory and blocks per SM (triton_kernels/compile_check.py's model). Exits 1
+threads (kThreads; kTileC × kRows), which is what the occupancy is computed for: resident warps
+per SM / 64, limited by registers, shared memory and blocks per SM
+(triton_kernels/compile_check.py's model). Exits 1
 if a kernel spills registers (the numeric kernels are small: a spill means something went wrong),
 or a compile fails.
 """
