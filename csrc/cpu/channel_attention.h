@@ -75,6 +75,8 @@ LayerResult channel_attention_forward(const at::Tensor& x, const at::Tensor& h0,
                                       lengths, save);
   // Without `save`, A in one step buffer.
   const StepBuffers map(shapes[channel::kSavedMap], options, save, 1);
+  const at::Tensor attention_pointwise =
+      at::cat({params[attention::kAttPwX], params[attention::kAttPwH]}, 1);
   // Step buffers, reused.
   const at::Tensor features = at::empty({batch, c, height, width}, options);
   const at::Tensor dw_z = at::empty({batch, c, height, width}, options);
@@ -82,8 +84,8 @@ LayerResult channel_attention_forward(const at::Tensor& x, const at::Tensor& h0,
   for (int64_t s = 0; s < steps; ++s) {
     const int64_t t = fwd.walk.time(s);
     // Attention: F, Z = SepConv_z(F), A = exp(Z − max Z); then the cell with A as a gate.
-    fwd.sepconvs(t, features, params[attention::kAttDwX], params[attention::kAttPwX],
-                 params[attention::kAttDwH], params[attention::kAttPwH]);
+    fwd.sepconvs(t, features, params[attention::kAttDwX], params[attention::kAttDwH],
+                 attention_pointwise);
     attention_features(features, params[attention::kAttBias]);
     sepconv_planes(logits, features, params[channel::kAttDwZ], params[channel::kAttPwZ], dw_z,
                    false);

@@ -358,10 +358,13 @@ void depthwise_conv_planes(const at::Tensor& out, const at::Tensor& input, const
   const int64_t n = out.size(0), channels = out.size(1), height = out.size(2),
                 width = out.size(3), k = weight.size(-1);
   const bool broadcast = input.size(1) == 1 && channels != 1;
-  TORCH_INTERNAL_ASSERT(input.is_contiguous() && out.is_contiguous() && input.dim() == 4 &&
-                        out.dim() == 4 && input.size(0) == n && input.size(2) == height &&
-                        input.size(3) == width && (broadcast || input.size(1) == channels) &&
-                        weight.size(0) == channels);
+  // `out` may be a channel slice of a wider buffer (sepconv_pair_planes): its planes contiguous,
+  // the samples out.stride(0) apart.
+  TORCH_INTERNAL_ASSERT(input.is_contiguous() && input.dim() == 4 && out.dim() == 4 &&
+                        out.stride(3) == 1 && out.stride(2) == width &&
+                        out.stride(1) == height * width && input.size(0) == n &&
+                        input.size(2) == height && input.size(3) == width &&
+                        (broadcast || input.size(1) == channels) && weight.size(0) == channels);
   const at::Tensor taps =
       (transposed ? weight.flip({2, 3}) : weight).reshape({channels, k * k}).contiguous();
   const at::Tensor init_c = init.defined() ? init.contiguous() : at::Tensor();
@@ -370,15 +373,16 @@ void depthwise_conv_planes(const at::Tensor& out, const at::Tensor& input, const
     const scalar_t* wt = taps.data_ptr<scalar_t>();
     const scalar_t* base = init_c.defined() ? init_c.data_ptr<scalar_t>() : nullptr;
     scalar_t* dst = out.data_ptr<scalar_t>();
-    const int64_t plane = height * width;
+    const int64_t plane = height * width, sample_stride = out.stride(0);
     const PaddedGeometry geo(height, width, k);
     const std::vector<int64_t> offsets = geo.tap_offsets();
     at::parallel_for(0, n * channels, 4, [&](int64_t first, int64_t last) {
       std::vector<scalar_t> padded(geo.padded_size(), scalar_t(0));
       for (int64_t p = first; p < last; ++p) {
-        stencil_plane(geo, offsets.data(), src + (broadcast ? p / channels : p) * plane,
-                      wt + (p % channels) * k * k, base ? base[p] : scalar_t(0), accumulate,
-                      padded.data(), dst + p * plane);
+        const int64_t b = p / channels, c = p % channels;
+        stencil_plane(geo, offsets.data(), src + (broadcast ? b : p) * plane, wt + c * k * k,
+                      base ? base[p] : scalar_t(0), accumulate, padded.data(),
+                      dst + b * sample_stride + c * plane);
       }
     });
   });

@@ -99,9 +99,11 @@ class StepFrames {
 };
 
 // A per-step tensor a forward writes, [T, ...]: every step kept when it is saved for backward,
-// else `ring` step buffers reused in turn (step t in buffer t % ring).
+// else `ring` step buffers reused in turn (step t in buffer t % ring). Default-constructed: none
+// (a tensor the forward does not write without `save`; all() is undefined).
 class StepBuffers {
  public:
+  StepBuffers() : ring_(0) {}
   StepBuffers(std::vector<int64_t> shape, const at::TensorOptions& options, bool save,
               int64_t ring)
       : ring_(save ? 0 : ring) {
@@ -181,7 +183,8 @@ void small_addmm_(const at::Tensor& out, const at::Tensor& in, const at::Tensor&
 // out[n, c] = init[n, c] (0 when init is undefined) + depthwise 'same' conv of in[n, c] with
 // weight [C, 1, K, K], flipped when `transposed` (the conv's input gradient); with `accumulate`,
 // out[n, c] += the same. An input of one channel, [N, 1, H, W], is broadcast: every out[n, c]
-// is then the conv of in[n, 0] with weight[c].
+// is then the conv of in[n, 0] with weight[c]. `out` may be a channel slice of a wider NCHW
+// buffer (its planes contiguous, its samples further apart).
 void depthwise_conv_planes(const at::Tensor& out, const at::Tensor& input, const at::Tensor& weight,
                            bool transposed, const at::Tensor& init, bool accumulate = false);
 
@@ -206,6 +209,20 @@ inline void sepconv_planes(const at::Tensor& out, const at::Tensor& in,
                            const at::Tensor& dw, bool accumulate) {
   depthwise_conv_planes(dw, in, depthwise, false, at::Tensor());
   pointwise_planes(out, pointwise, dw, accumulate);
+}
+
+// out = P_x·dw_x(x) + P_h·dw_h(h) as one GEMM per sample, [P_x | P_h] × [dw_x(x); dw_h(h)]:
+// the two depthwise outputs are written side by side into `stacked` [B, Cx + Ch, H, W] and
+// `pointwise` is [P_x | P_h] [C_out, Cx + Ch] (at::cat of the two, made once per call). Against
+// two GEMMs of which the second accumulates, the output is written once and not read back.
+inline void sepconv_pair_planes(const at::Tensor& out, const at::Tensor& x,
+                                const at::Tensor& depthwise_x, const at::Tensor& h,
+                                const at::Tensor& depthwise_h, const at::Tensor& pointwise,
+                                const at::Tensor& stacked) {
+  const int64_t cx = x.size(1);
+  depthwise_conv_planes(stacked.narrow(1, 0, cx), x, depthwise_x, false, at::Tensor());
+  depthwise_conv_planes(stacked.narrow(1, cx, h.size(1)), h, depthwise_h, false, at::Tensor());
+  pointwise_planes(out, pointwise, stacked, false);
 }
 
 // out [N, C] = mean over H·W of in [N, C, H, W].

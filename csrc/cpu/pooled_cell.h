@@ -108,9 +108,9 @@ void for_each_gated_plane(int64_t batch, int64_t channels, const scalar_t* gates
 }
 
 // Forward, one plane: G = tanh(preact + b_c); C_t = f∘C_{t−1} + i∘G; H_t = o∘tanh(C_t), with the
-// map gate read per element from `map`. Writes G, C_t, H_t and returns Σ H_t (the next step's
-// h̄ = Σ / HW).
-template <int kMapGate, typename scalar_t>
+// map gate read per element from `map`. Writes C_t, H_t and (kStoreCandidate: saved for
+// backward) G, and returns Σ H_t (the next step's h̄ = Σ / HW).
+template <int kMapGate, bool kStoreCandidate, typename scalar_t>
 CONVLSTM_CPU_MULTIVERSION scalar_t gated_plane_forward(
     int64_t n, scalar_t i, scalar_t f, scalar_t o, scalar_t bias,
     const scalar_t* __restrict__ map, const scalar_t* __restrict__ preact,
@@ -123,7 +123,7 @@ CONVLSTM_CPU_MULTIVERSION scalar_t gated_plane_forward(
     scalar_t h;
     cell[e] = cell_update(kMapGate == cells::kMapIsInputGate ? map[e] : i, f,
                           kMapGate == cells::kMapIsOutputGate ? map[e] : o, g, c_prev[e], &h);
-    candidate[e] = g;
+    if (kStoreCandidate) candidate[e] = g;
     hidden[e] = h;
     sum += h;
   }
@@ -190,9 +190,9 @@ inline void pooled_gate_preact(const at::Tensor& out, const at::Tensor& bias,
 
 // One forward step of the cell once the gates' and the candidate's pre-activations are known:
 // gates = σ(gate_preact [B, nC]) (n pooled gates, PooledGates); per plane G = tanh(preact + b_c),
-// C_t = f∘C_{t−1} + i∘G, H_t = o∘tanh(C_t) into candidate, cell and hidden (each [B, C, H, W]),
-// with the map gate from `map` [B, C, H, W] (c, d); h_bar [B, C] = GAP(H_t), the
-// next step's h̄.
+// C_t = f∘C_{t−1} + i∘G, H_t = o∘tanh(C_t) into candidate, cell and hidden (each [B, C, H, W];
+// candidate undefined: G is not kept), with the map gate from `map` [B, C, H, W] (c, d);
+// h_bar [B, C] = GAP(H_t), the next step's h̄.
 template <int kMapGate>
 void gated_planes_step_forward(const at::Tensor& gate_preact, int64_t activation,
                                const at::Tensor& gates, const at::Tensor& map,
@@ -210,7 +210,7 @@ void gated_planes_step_forward(const at::Tensor& gate_preact, int64_t activation
     const scalar_t* bc = bias.data_ptr<scalar_t>();
     const scalar_t* pre = preact.data_ptr<scalar_t>();
     const scalar_t* cp = c_prev.data_ptr<scalar_t>();
-    scalar_t* cand = candidate.data_ptr<scalar_t>();
+    scalar_t* cand = candidate.defined() ? candidate.data_ptr<scalar_t>() : nullptr;
     scalar_t* cn = cell.data_ptr<scalar_t>();
     scalar_t* hn = hidden.data_ptr<scalar_t>();
     scalar_t* hb = h_bar.data_ptr<scalar_t>();
@@ -218,10 +218,11 @@ void gated_planes_step_forward(const at::Tensor& gate_preact, int64_t activation
         batch, channels, gates.data_ptr<scalar_t>(),
         [&](int64_t p, scalar_t i, scalar_t f, scalar_t o) {
           const int64_t offset = p * pixels;
-          hb[p] = gated_plane_forward<kMapGate>(pixels, i, f, o, bc[p % channels],
-                                                m ? m + offset : nullptr, pre + offset,
-                                                cp + offset, cand + offset, cn + offset,
-                                                hn + offset) /
+          const auto plane = cand ? gated_plane_forward<kMapGate, true, scalar_t>
+                                  : gated_plane_forward<kMapGate, false, scalar_t>;
+          hb[p] = plane(pixels, i, f, o, bc[p % channels], m ? m + offset : nullptr,
+                        pre + offset, cp + offset, cand ? cand + offset : nullptr, cn + offset,
+                        hn + offset) /
                   scalar_t(pixels);
         });
   });
@@ -343,7 +344,7 @@ inline void attention_features_backward(const at::Tensor& features, const at::Te
 // What the forward of every pooled cell (a, b, c, d) shares: h0/c0 made contiguous and x as given
 // (read one step's frame at a time, frame()), the output, what is saved for backward
 // (cells::pooled::saved: cell C_t and candidate G, the gate pre-activations; with `save` false,
-// C_t in two step buffers — C_{t−1} is read while C_t is written — and G in one), the step
+// C_t in two step buffers — C_{t−1} is read while C_t is written — and G not written), the step
 // buffers of the candidate's SepConvs and of the pooled gates, and the cell step itself, in the
 // order of `walk` (cells::Walk: every per-step tensor indexed by time). With `lengths`
 // (step_mask.h) H_{t−1} is read from a carry buffer, and after each step C_t, the carry, h̄ and
@@ -352,19 +353,23 @@ template <int kMapGate>
 struct PooledForward {
   const std::vector<at::Tensor>& params;
   int64_t activation;
+  bool save;
   Walk walk;
   StepMask mask;
   at::Tensor x, h0, c0, output, gate_preact, h_carry;
   StepFrames frames;
   StepBuffers cell, candidate;
-  at::Tensor dw_x, dw_h, preact, x_bar, h_bar, gates;
+  // The candidate's two pointwise weights side by side [P_x | P_h] (sepconv_pair_planes), and
+  // the step buffer of the two depthwise outputs it multiplies.
+  at::Tensor cand_pointwise, stacked, preact, x_bar, h_bar, gates;
 
   PooledForward(const at::Tensor& x_, const at::Tensor& h0_, const at::Tensor& c0_,
                 const std::vector<at::Tensor>& params_, int64_t activation_,
                 const std::vector<std::vector<int64_t>>& saved_shapes, bool reverse,
-                const std::optional<at::Tensor>& lengths, bool save)
+                const std::optional<at::Tensor>& lengths, bool save_)
       : params(params_),
         activation(activation_),
+        save(save_),
         walk{x_.size(0), reverse},
         mask(lengths, x_),
         x(x_),
@@ -374,10 +379,12 @@ struct PooledForward {
                          x.options())),
         gate_preact(at::empty(saved_shapes[pooled::kSavedGatePreact], x.options())),
         frames(x_),
-        cell(saved_shapes[pooled::kSavedCell], x.options(), save, 2),
-        candidate(saved_shapes[pooled::kSavedCandidate], x.options(), save, 1),
-        dw_x(at::empty(x[0].sizes(), x.options())),
-        dw_h(at::empty_like(h0)),
+        cell(saved_shapes[pooled::kSavedCell], x.options(), save_, 2),
+        candidate(save_ ? StepBuffers(saved_shapes[pooled::kSavedCandidate], x.options(), true, 0)
+                        : StepBuffers()),
+        cand_pointwise(at::cat({params[pooled::kCandPwX], params[pooled::kCandPwH]}, 1)),
+        stacked(at::empty({x.size(1), x.size(2) + h0.size(1), h0.size(2), h0.size(3)},
+                          x.options())),
         preact(at::empty_like(h0)),
         x_bar(at::empty({x.size(1), x.size(2)}, x.options())),
         h_bar(at::empty({h0.size(0), h0.size(1)}, x.options())),
@@ -392,13 +399,12 @@ struct PooledForward {
     return walk.is_first(t) ? h0 : output[walk.prev(t)];
   }
 
-  // features = SepConv_xa(X_t) + SepConv_ha(H_{t−1}) with the given weights: F before its bias
-  // and tanh (attention_features).
+  // features = SepConv_xa(X_t) + SepConv_ha(H_{t−1}) with the given depthwise weights and
+  // pointwise pair [P_xa | P_ha]: F before its bias and tanh (attention_features).
   void sepconvs(int64_t t, const at::Tensor& features, const at::Tensor& dw_x_weight,
-                const at::Tensor& pw_x_weight, const at::Tensor& dw_h_weight,
-                const at::Tensor& pw_h_weight) const {
-    sepconv_planes(features, frame(t), dw_x_weight, pw_x_weight, dw_x, false);
-    sepconv_planes(features, h_prev(t), dw_h_weight, pw_h_weight, dw_h, true);
+                const at::Tensor& dw_h_weight, const at::Tensor& pointwise_pair) const {
+    sepconv_pair_planes(features, frame(t), dw_x_weight, h_prev(t), dw_h_weight, pointwise_pair,
+                        stacked);
   }
 
   // Step t of the cell on input x_in (X_t, or b's X̃): the pooled gates from x̄ (GAP(x_in),
@@ -409,14 +415,13 @@ struct PooledForward {
     const at::Tensor step_preact = gate_preact[t];
     pooled_gate_preact(step_preact, params[pooled::kGateBias], x_bar,
                        params[pooled::kGateWeightX], h_bar, params[pooled::kGateWeightH]);
-    sepconv_planes(preact, x_in, params[pooled::kCandDwX], params[pooled::kCandPwX], dw_x,
-                   false);
-    sepconv_planes(preact, h_prev(t), params[pooled::kCandDwH], params[pooled::kCandPwH], dw_h,
-                   true);
+    sepconv_pair_planes(preact, x_in, params[pooled::kCandDwX], h_prev(t),
+                        params[pooled::kCandDwH], cand_pointwise, stacked);
     const at::Tensor c_prev = walk.is_first(t) ? c0 : cell[walk.prev(t)];
     gated_planes_step_forward<kMapGate>(step_preact, activation, gates, map, preact,
-                                        params[pooled::kCandBias], c_prev, candidate[t], cell[t],
-                                        output[t], h_bar);
+                                        params[pooled::kCandBias], c_prev,
+                                        save ? candidate[t] : at::Tensor(), cell[t], output[t],
+                                        h_bar);
     if (mask.active()) {
       mask.carry(t, cell[t], c_prev);
       mask.advance(t, h_carry, output[t]);

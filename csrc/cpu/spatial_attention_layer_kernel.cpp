@@ -135,6 +135,8 @@ LayerResult spatial_attention_layer_forward(const at::Tensor& x, const at::Tenso
                                       lengths, save);
   // Without `save`, A in one step buffer.
   const StepBuffers map(shapes[spatial::kSavedMap], options, save, 1);
+  const at::Tensor attention_pointwise =
+      at::cat({params[attention::kAttPwX], params[attention::kAttPwH]}, 1);
   // Step buffers, reused.
   const at::Tensor x_attended = at::empty({batch, cin, height, width}, options);
   const at::Tensor features = at::empty({batch, c, height, width}, options);
@@ -144,8 +146,8 @@ LayerResult spatial_attention_layer_forward(const at::Tensor& x, const at::Tenso
   for (int64_t s = 0; s < steps; ++s) {
     const int64_t t = fwd.walk.time(s);
     // Attention: F, A = softmax(W_z * F), X̃ = A∘X_t and its GAP; then cell (a) on X̃.
-    fwd.sepconvs(t, features, params[attention::kAttDwX], params[attention::kAttPwX],
-                 params[attention::kAttDwH], params[attention::kAttPwH]);
+    fwd.sepconvs(t, features, params[attention::kAttDwX], params[attention::kAttDwH],
+                 attention_pointwise);
     attention_features(features, params[attention::kAttBias]);
     spatial_map.compute(map[t], features, scratch, logits);
     attend(x_attended, fwd.x_bar, map[t], fwd.frame(t));
