@@ -53,8 +53,8 @@ STEP_M, STEP_N, STEP_K = 64, 64, 32
 
 
 def _hidden_sum_splits(z, fused: bool = False) -> int:
-    """The pixel splits of H's column sums: pooled_cell.cuh ``pooled_cell_splits`` (c, d, b), or
-    ``sepconv_cell_splits`` (``fused``, a: the fused step's pixel tiles per sample)."""
+    """The pixel splits of H's column sums: pooled_cell.cuh ``pooled_cell_splits`` (b), or
+    ``sepconv_cell_splits`` (``fused``, a, c, d: the fused step's pixel tiles per sample)."""
     return -(-z.HW // STEP_M) if fused else _splits(z, z.B * -(-z.C // TILE_C), z.HW)
 
 
@@ -92,19 +92,22 @@ def _pooled_cell_forward(r, z, has_map: bool) -> None:
              z.cell_flops(), count=z.T)
 
 
-def _sepconv_cell_step(r, z) -> None:
-    """pooled_cell.cuh ``SepconvCellStep``, (a)'s fused step: H_{t−1}, the fp32 C_{t−1}, xc[t],
-    gate_pre and the H-side weights in; the fp32 C_t, H_t, the saved C_t and G and the column
-    sums of H_t out. Every one of the C/STEP_N channel tiles redoes the depthwise of its pixel
-    tile over all C input channels (K² taps per output, from L1/L2) and reads all of pw_h's
-    columns it needs (``loaded``)."""
+def _sepconv_cell_step(r, z, has_map: bool) -> None:
+    """pooled_cell.cuh ``SepconvCellStep``, the fused step of a, c, d: H_{t−1}, the fp32
+    C_{t−1}, xc[t], gate_pre, the H-side weights (and for c/d Z with its fp32 max) in; the fp32
+    C_t, H_t, the saved C_t and G (and A) and the column sums of H_t out. Every one of the
+    C/STEP_N channel tiles redoes the depthwise of its pixel tile over all C input channels (K²
+    taps per output, from L1/L2) and reads all of pw_h's columns it needs (``loaded``)."""
     splits = _hidden_sum_splits(z, fused=True)
     channel_tiles = -(-z.C // STEP_N)
     blocks = z.B * splits * channel_tiles
-    read = 2 * z.state() + z.state32() + z.vec(3 * z.C, z.s) + z.weight(z.K * z.K * z.C + z.C * z.C)
-    written = 3 * z.state() + z.state32() + splits * z.vec(z.C)
+    gate_pre = z.vec((2 if has_map else 3) * z.C, z.s)
+    logits = z.state() + z.vec(z.C) if has_map else 0
+    read = (2 * z.state() + z.state32() + gate_pre + logits
+            + z.weight(z.K * z.K * z.C + z.C * z.C))
+    written = (4 if has_map else 3) * z.state() + z.state32() + splits * z.vec(z.C)
     loaded = (channel_tiles * z.K * z.K * z.state() + blocks * STEP_N * z.C * z.s + z.state()
-              + z.state32() + z.vec(3 * z.C, z.s))
+              + z.state32() + gate_pre + logits)
     r.kernel("SepconvCellStep (phased)", read, written,
              channel_tiles * z.depthwise_flops(z.C) + z.gemm_flops(z.rows, z.C, z.C)
              + z.cell_flops(), count=z.T, loaded=loaded)
@@ -215,10 +218,9 @@ def output_attention_layer(shape, itemsize: int) -> list:
 
 def _batched_input_layer(shape, itemsize: int, has_map: bool) -> list:
     """batched_input_layer.cuh: the X side batched (one SepconvRows kernel each for xc (and
-    xa), GAP(X) and its FC), then per step the gate kernel and, for (a), the fused step (H_{t−1}
-    read from and H_t written to the NCHW output); for
-    c/d three SepconvRows kernels (the candidate's pre-activation, F, Z = SepConv_z(F)), Z's
-    max and the fused epilogue.
+    xa), GAP(X) and its FC), then per step the gate kernel, for c/d two SepconvRows kernels (F,
+    Z = SepConv_z(F)) and Z's max, and the fused step (H_{t−1} read from and H_t written to the
+    NCHW output, with c/d's A as a gate).
     Backward: the cell backward, the GEMMs and transposed depthwise convs per step (c/d recompute
     F and Z as the forward did), the weight gradients batched after the loop."""
     z, r = Sizes(shape, itemsize), Recorder()
@@ -227,21 +229,16 @@ def _batched_input_layer(shape, itemsize: int, has_map: bool) -> list:
     for term in ("xc", "xa") if has_map else ("xc",):
         _sepconv_rows(r, z, f"{term} = SepConv(X) + b, x in place", cin, T * z.B)
     r.aten("mean (GAP(X), x in place)", z.xseq(), T * z.vec(cin))
-    if has_map:  # (a) reads H_{t-1} NCHW, h0 in place
-        _channels_last_copy(r, z, z.state(), z.state(), "h0")
     _channels_last_copy(r, z, z.state(), z.state32(), "c0 fp32")
-    _initial_hidden_sums(r, z, fused=not has_map)
+    _initial_hidden_sums(r, z, fused=True)
     # The step (batched_input_layer_forward's loop).
-    _pooled_gate_preacts(r, z, gates, fused=not has_map)
-    if not has_map:
-        _sepconv_cell_step(r, z)
-    else:
-        _sepconv_rows(r, z, "cand_preact = SepConv_h(H_{t-1}) + xc[t]", C, z.B, T, addend=True)
+    _pooled_gate_preacts(r, z, gates, fused=True)
+    if has_map:
         _attention_logits(r, z, "")
         # amax, then .to(fp32) (a free view in fp32, where the launch counts are measured).
         r.aten("amax (max_HW Z)", z.state(), z.vec(C), count=T)
-        _pooled_cell_forward(r, z, has_map)
-    _layer_end(r, z, output_copy=has_map)  # (a)'s step writes the NCHW output itself
+    _sepconv_cell_step(r, z, has_map)
+    _layer_end(r, z, output_copy=False)  # the steps write the NCHW output themselves
 
     r.phase = BACKWARD
     _backward_start(r, z)

@@ -10,7 +10,8 @@
 // Structure (shared/KERNELS.md): everything that depends only on X is computed for all T steps
 // before the loop (fused SepConv kernels reading x in place); a step of (a) runs two kernels of
 // ours, its gates and the fused step (SepconvCellStep, pooled_cell.cuh); one of c/d its gates,
-// three fused SepConv kernels (candidate, F, Z), Z's max and the fused epilogue. Backward walks
+// two fused SepConv kernels (F, Z), Z's max (ATen) and the same fused step with A as a gate.
+// Every step reads H_{t−1} from and writes H_t into the op's NCHW output. Backward walks
 // the steps in the forward's opposite order and reduces every weight gradient over all steps
 // after it with one batched product each. Parameters and saved
 // tensors are named by cells.h (cells::pooled, cells::channel_attention).
@@ -25,15 +26,18 @@ namespace {
 namespace channel = cells::channel_attention;
 
 // c/d's Z = SepConv_z(F) of one step, F = tanh(SepConv_ha(H_{t−1}) + xa_t) (written into
-// `features` [B·HW, C] when given, else a new tensor): two sepconv_maps kernels, which the
-// backward's recompute calls exactly as the forward did (so its Z, and where Z attains its max,
-// are the forward's).
-inline Tensor attention_logits(const Tensor& h_prev, const Tensor& xa_t, at::TensorList params,
-                               Tensor features, int64_t B, int64_t H, int64_t W) {
-  const Tensor f = sepconv_maps(h_prev, params[attention::kAttDwH], params[attention::kAttPwH],
-                                Tensor(), xa_t, true, B, H, W, features);
-  return sepconv_maps(f, params[channel::kAttDwZ], params[channel::kAttPwZ], Tensor(), Tensor(),
-                      false, B, H, W);
+// `features` [B·HW, C] when given, else a new tensor), H_{t−1} in `h_layout` (the forward's NCHW
+// output, the backward's channels-last copy): two sepconv_maps kernels, which the backward's
+// recompute calls as the forward did (so its Z, and where Z attains its max, are the forward's:
+// sepconv_maps' rows do not depend on the input's layout).
+inline Tensor attention_logits(const Tensor& h_prev, MapLayout h_layout, const Tensor& xa_t,
+                               at::TensorList params, Tensor features, int64_t B, int64_t H,
+                               int64_t W) {
+  const Tensor f = sepconv_maps(h_prev, h_layout, params[attention::kAttDwH],
+                                params[attention::kAttPwH], Tensor(), xa_t, true, B, H, W,
+                                features);
+  return sepconv_maps(f, MapLayout::kChannelsLast, params[channel::kAttDwZ],
+                      params[channel::kAttPwZ], Tensor(), Tensor(), false, B, H, W);
 }
 
 template <const cells::Cell& cell>
@@ -67,61 +71,50 @@ LayerResult batched_input_layer_forward(const Tensor& x, const Tensor& h0, const
   const Tensor dw_h = params[pooled::kCandDwH].contiguous();
   const Tensor pw_h = params[pooled::kCandPwH].contiguous();
 
-  // H of every step: (a)'s fused step reads H_{t−1} and writes H_t in the op's NCHW output
-  // itself; c/d's kernels work on channels-last maps, turned NCHW after the loop.
-  const bool nchw_steps = !has_map;
-  Tensor steps_out = nchw_steps ? at::empty({T, B, C, H, W}, x.options())
-                                : at::empty({T, B, H, W, C}, x.options());
+  // H of every step in the op's NCHW output itself: the fused step (SepconvCellStep) writes H_t
+  // there, and it and c/d's attention SepConv read H_{t−1} there (no output copy after the loop).
+  Tensor output = at::empty({T, B, C, H, W}, x.options());
   const SavedSteps saved(call.saved_shapes, x.options(), save);
-  const Tensor h0_steps = nchw_steps ? h0.contiguous() : channels_last_copy(h0, x.scalar_type());
+  const Tensor h0_c = h0.contiguous();
   Tensor cell_state = channels_last_copy(c0, acc).view({B * HW, C});
-  // Column sums of H_{t−1} per pixel split [B, splits, C], which the step's gate kernel reduces
-  // to h̄ (hsum) and its epilogue writes for H_t (hsum_next).
-  const int64_t splits =
-      has_map ? pooled_cell_splits(B, HW, C, x) : sepconv_cell_splits(HW, x.scalar_type());
+  // Column sums of H_{t−1} per pixel tile [B, splits, C], which the step's gate kernel reduces
+  // to h̄ (hsum) and the fused step writes for H_t (hsum_next).
+  const int64_t splits = sepconv_cell_splits(HW, x.scalar_type());
   Tensor hsum = initial_hidden_sums(h0, splits, acc);
   Tensor hsum_next = at::empty_like(hsum);
   // With lengths: the carried H_{t−1} (step_mask.h); C carries in cell_state, H's sums in hsum.
   Tensor h_carry;
-  if (mask.active()) h_carry = h0_steps.clone();
+  if (mask.active()) h_carry = h0_c.clone();
 
   const Walk walk{T, reverse};
   for (int64_t s = 0; s < T; ++s) {
     const int64_t t = walk.time(s);
-    const Tensor h_prev = mask.active() ? h_carry : state_before(walk, t, h0_steps, steps_out);
+    const Tensor h_prev = mask.active() ? h_carry : state_before(walk, t, h0_c, output);
     Tensor cell_before;
     if (mask.active()) cell_before = cell_state.clone();
     const Tensor xc_t = xc.narrow(0, t * B * HW, B * HW);
     // gate pre-activations U_x·x̄ + U_h·h̄ + b_g, saved (rounded) and used rounded
     const Tensor gate_pre = saved(pooled::kSavedGatePreact, t);
     pooled_gate_preacts(xg.narrow(0, t * B, B), hsum, gate_weight_h, gate_pre, HW);
-    if (!has_map) {
-      // (a): the rest of the step in one kernel (cand_preact = SepConv_h(H_{t−1}) + xc_t and
-      // the cell)
-      sepconv_cell_forward(h_prev, dw_h, pw_h, xc_t, gate_pre, activation, cell_state,
-                           steps_out[t], saved(pooled::kSavedCell, t),
-                           saved(pooled::kSavedCandidate, t), hsum_next, B, H, W, C);
-    } else {
-      // c/d (sepconv_maps, one kernel each): cand_preact = SepConv_h(H_{t−1}) + (SepConv_x(X_t)
-      // + b_c); F = tanh(SepConv_ha(H_{t−1}) + xa_t); Z = SepConv_z(F), per-(b, c) max over
-      // the pixels
-      const Tensor cand_preact = sepconv_maps(h_prev, dw_h, pw_h, Tensor(), xc_t, false, B, H, W);
-      const Tensor logits = attention_logits(h_prev, xa.narrow(0, t * B * HW, B * HW), params,
-                                             Tensor(), B, H, W);
-      const Tensor logits_max = logits.view({B, HW, C}).amax({1}).to(acc);
-      pooled_cell_forward(cand_preact, gate_pre, logits, logits_max, map_gate, activation,
-                          cell_state, steps_out[t], saved(pooled::kSavedCell, t),
-                          saved(pooled::kSavedCandidate, t), saved(channel::kSavedMap, t),
-                          hsum_next, B, HW, C);
+    // c/d (sepconv_maps, one kernel each): F = tanh(SepConv_ha(H_{t−1}) + xa_t); Z =
+    // SepConv_z(F), per-(b, c) max over the pixels (ATen)
+    Tensor logits, logits_max;
+    if (has_map) {
+      logits = attention_logits(h_prev, MapLayout::kPlanes, xa.narrow(0, t * B * HW, B * HW),
+                                params, Tensor(), B, H, W);
+      logits_max = logits.view({B, HW, C}).amax({1}).to(acc);
     }
-    mask_pooled_step(mask, t, cell_state, cell_before, hsum_next, hsum, h_carry, steps_out[t],
-                     B);
+    // The rest of the step in one kernel: cand_preact = SepConv_h(H_{t−1}) + xc_t, (c/d: A =
+    // exp(Z − max Z) as a gate) and the cell
+    sepconv_cell_forward(h_prev, dw_h, pw_h, xc_t, gate_pre, logits, logits_max, map_gate,
+                         activation, cell_state, output[t], saved(pooled::kSavedCell, t),
+                         saved(pooled::kSavedCandidate, t),
+                         has_map ? saved(channel::kSavedMap, t) : Tensor(), hsum_next, B, H, W,
+                         C);
+    mask_pooled_step(mask, t, cell_state, cell_before, hsum_next, hsum, h_carry, output[t], B);
     std::swap(hsum, hsum_next);
   }
-  Tensor output = nchw_steps ? steps_out : channels_first_copy(steps_out, x.scalar_type());
-  Tensor h_n = !mask.active() ? output[walk.last()].clone()
-               : nchw_steps   ? h_carry
-                              : channels_first_copy(h_carry, x.scalar_type());
+  Tensor h_n = mask.active() ? h_carry : output[walk.last()].clone();
   Tensor c_n = channels_first_copy(cell_state.view({B, H, W, C}), x.scalar_type());
   return {output, h_n, c_n, saved.all()};
 }
@@ -209,8 +202,9 @@ BackwardResult batched_input_layer_backward(
     if (has_map) {
       // Recompute F_t and Z_t as the forward did (see above).
       Tensor features = step_rows(features_all);
-      const Tensor logits = attention_logits(h_prev_all[t], step_rows(xa_all), params, features,
-                                             B, H, W).view({B, HW, C});
+      const Tensor logits = attention_logits(h_prev_all[t], MapLayout::kChannelsLast,
+                                             step_rows(xa_all), params, features, B, H, W)
+                                .view({B, HW, C});
       const Tensor mask = logits.eq(logits.amax({1}, true)).to(acc);  // [B, HW, C]
       // dZ = dA∘A − [Z = max Z]·Σ_p(dA∘A)/count      (A = exp(Z − max Z))
       Tensor dz = step_rows(dz_all);

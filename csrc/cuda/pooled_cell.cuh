@@ -220,14 +220,15 @@ inline void pooled_cell_forward(const Tensor& cand_preact, const Tensor& gate_pr
 // tiles, two per warp; float and double, and every dtype in the emulation build, kMicro×kMicro
 // register tiles), so no depthwise output is written and no GEMM call is made. The product
 // lands in shared memory for an epilogue of the kernel's own:
-//   SepconvCellStep — variant (a)'s whole H side of a step, after the gate kernel
-//     (PooledGatePreacts): xc[t] added (cand_preact rounded once, as the addmm it replaces), the
-//     cell (pooled_cell_element), H_t, C_t, G and the block's column sums of H_t stored
-//     (hsum_partial [B, pixel tiles, C], which the next step's gates sum in a fixed order);
+//   SepconvCellStep — the candidate's H side and the cell of a step of a, c, d, after the gate
+//     kernel (PooledGatePreacts): xc[t] added (cand_preact rounded once, as the addmm it
+//     replaces), c/d's A = exp(Z − max Z) as a gate, the cell (pooled_cell_element), H_t (NCHW),
+//     C_t, G (and A) and the block's column sums of H_t stored (hsum_partial [B, pixel tiles,
+//     C], which the next step's gates sum in a fixed order);
 //   SepconvRows — SepConv of maps as channels-last rows, with a bias, an addend and tanh on the
 //     way out: the X side of a, c, d from x read in place (NCHW planes, any order of its first
-//     two dims; sepconv_frames), and c/d's per-step SepConv_h(H) + xc[t], F = tanh(SepConv_ha(H)
-//     + xa[t]) and Z = SepConv_z(F) (sepconv_maps).
+//     two dims; sepconv_frames), c/d's per-step F = tanh(SepConv_ha(H) + xa[t]) and Z =
+//     SepConv_z(F), and b's SepConvs (sepconv_maps).
 template <typename scalar_t>
 struct WmmaType {
   using type = void;
@@ -392,7 +393,8 @@ struct SepconvProduct {
 template <typename scalar_t>
 using SepconvShared = typename SepconvProduct<scalar_t>::Shared;
 
-// Block x: the channel tile, y: the pixel tile, z: the sample.
+// Block x: the channel tile, y: the pixel tile, z: the sample. With the channel attention
+// (c, d: map_gate), A = exp(Z − max Z) replaces the gate cells.h names, per element.
 template <typename scalar_t>
 struct SepconvCellStep : SepconvProduct<scalar_t> {
   using acc_t = at::opmath_type<scalar_t>;
@@ -400,12 +402,16 @@ struct SepconvCellStep : SepconvProduct<scalar_t> {
 
   const scalar_t* h_prev;    // [B, C, H, W] NCHW (the layer's output at step t − 1, or h0)
   const scalar_t* xc;        // [B, HW, C]: SepConv_x(X_t) + b_c
-  const scalar_t* gate_pre;  // [B, 3C]
+  const scalar_t* gate_pre;  // [B, n·C], n = pooled_gate_count(map_gate)
+  const scalar_t* logits;    // [B, HW, C] Z (c, d) or nullptr
+  const acc_t* logits_max;   // [B, C] max_p Z (c, d)
   acc_t* cell_state;         // [B, HW, C]: C_{t−1} in, C_t out
   scalar_t* h_out;           // [B, C, H, W] NCHW (the layer's output at step t)
   scalar_t* cell_saved;
   scalar_t* cand_saved;
+  scalar_t* map_saved;       // [B, HW, C] A (c, d)
   acc_t* hsum_partial;       // [B, tiles_m, C]
+  int map_gate;
   int64_t activation, tiles_m;
 
   __host__ __device__ void stage(Shared& s, dim3 block, unsigned tid, int64_t chunk) const {
@@ -421,10 +427,17 @@ struct SepconvCellStep : SepconvProduct<scalar_t> {
     acc_t sum = 0;
     if (col.c < channels) {
       acc_t i, f, o;
-      pooled_gates(gate_pre + b * 3 * channels, channels, col.c, cells::kNoMapGate, activation,
-                   &i, &f, &o);
+      pooled_gates(gate_pre + b * pooled_gate_count(map_gate) * channels, channels, col.c,
+                   map_gate, activation, &i, &f, &o);
+      const acc_t zmax = logits != nullptr ? logits_max[b * channels + col.c] : acc_t(0);
       for (int m = col.group; m < this->kM && col.p0 + m < pixels; m += this->kGroups) {
         const int64_t idx = (b * pixels + col.p0 + m) * channels + col.c;
+        if (logits != nullptr) {
+          // A = exp(Z − max Z) (eq. 23 without overflow), rounded once and used as saved.
+          const scalar_t a = scalar_t(math_exp(acc_t(logits[idx]) - zmax));
+          map_saved[idx] = a;
+          if (map_gate == cells::kMapIsInputGate) i = acc_t(a); else o = acc_t(a);
+        }
         const scalar_t pre = scalar_t(s.acc[m][col.n] + acc_t(xc[idx]));
         const acc_t h = pooled_cell_element(i, f, o, scalar_t(math_tanh(acc_t(pre))), idx,
                                             cell_state, static_cast<scalar_t*>(nullptr),
@@ -532,20 +545,27 @@ inline Tensor sepconv_frames(const Tensor& x, const Tensor& dw, const Tensor& pw
   return out;
 }
 
-// SepConv of channels-last maps [N, H, W, Cin] (contiguous) -> rows [N·H·W, C] (into `out`
-// when given, contiguous): plus `bias` [C] and `addend` (rows of the same shape) when given,
-// then tanh with `tanh_out`.
-inline Tensor sepconv_maps(const Tensor& maps, const Tensor& dw, const Tensor& pw,
-                           const Tensor& bias, const Tensor& addend, bool tanh_out, int64_t n,
-                           int64_t height, int64_t width, Tensor out = Tensor()) {
-  const int64_t cin = pw.size(1);
-  TORCH_INTERNAL_ASSERT(maps.is_contiguous() && maps.numel() == n * height * width * cin);
-  if (!out.defined()) out = at::empty({n * height * width, pw.size(0)}, maps.options());
-  TORCH_INTERNAL_ASSERT(out.is_contiguous() && out.numel() == n * height * width * pw.size(0));
+// How sepconv_maps' input is laid out: channels-last maps [N, H, W, Cin] (or their rows
+// [N·H·W, Cin]), or NCHW planes [N, Cin, H, W] (the op's own layout: its output, h0).
+enum class MapLayout { kChannelsLast, kPlanes };
+
+// SepConv of maps (contiguous, in `layout`) -> rows [N·H·W, C] (into `out` when given,
+// contiguous): plus `bias` [C] and `addend` (rows of the same shape) when given, then tanh with
+// `tanh_out`. The rows do not depend on the layout (depthwise_at sums the taps in one order).
+inline Tensor sepconv_maps(const Tensor& maps, MapLayout layout, const Tensor& dw,
+                           const Tensor& pw, const Tensor& bias, const Tensor& addend,
+                           bool tanh_out, int64_t n, int64_t height, int64_t width,
+                           Tensor out = Tensor()) {
+  const int64_t cin = pw.size(1), pixels = height * width;
+  TORCH_INTERNAL_ASSERT(maps.is_contiguous() && maps.numel() == n * pixels * cin);
+  if (!out.defined()) out = at::empty({n * pixels, pw.size(0)}, maps.options());
+  TORCH_INTERNAL_ASSERT(out.is_contiguous() && out.numel() == n * pixels * pw.size(0));
+  const bool planes = layout == MapLayout::kPlanes;
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, maps.scalar_type(), "sepconv_maps",
                                   [&] {
-    launch_sepconv_rows(maps.const_data_ptr<scalar_t>(), n, n, 0, height * width * cin, 1, cin,
-                        dw, pw, bias, addend, tanh_out, out, height, width, maps);
+    launch_sepconv_rows(maps.const_data_ptr<scalar_t>(), n, n, 0, pixels * cin,
+                        planes ? pixels : 1, planes ? 1 : cin, dw, pw, bias, addend, tanh_out,
+                        out, height, width, maps);
   });
   return out;
 }
@@ -555,15 +575,18 @@ inline int64_t sepconv_cell_splits(int64_t pixels, at::ScalarType dtype) {
   return ceil_div(pixels, dtype == at::kDouble ? SepconvTile<double>::kM : SepconvTile<float>::kM);
 }
 
-// One forward step of (a) after its gates: h_prev and h_out [B, C, H, W] NCHW, the H-side
-// weights dw [C, 1, K, K] and pw [C, C] (contiguous), xc_t [B·HW, C], gate_pre [B, 3C];
-// cell_state updated in place; cell_saved, cand_saved this step's slices; the column sums of H_t
-// into hsum_partial [B, sepconv_cell_splits, C].
+// One forward step of a, c or d after its gates: h_prev and h_out [B, C, H, W] NCHW, the H-side
+// weights dw [C, 1, K, K] and pw [C, C] (contiguous), xc_t [B·HW, C], gate_pre [B, n·C]; for c/d
+// (map_gate) Z [B·HW, C], its per-(b, c) max [B, C] (acc dtype) and map_saved (A), undefined
+// otherwise; cell_state updated in place; cell_saved, cand_saved this step's slices; the column
+// sums of H_t into hsum_partial [B, sepconv_cell_splits, C].
 inline void sepconv_cell_forward(const Tensor& h_prev, const Tensor& dw, const Tensor& pw,
-                                 const Tensor& xc_t, const Tensor& gate_pre, int64_t activation,
+                                 const Tensor& xc_t, const Tensor& gate_pre, const Tensor& logits,
+                                 const Tensor& logits_max, int map_gate, int64_t activation,
                                  Tensor& cell_state, Tensor h_out, Tensor cell_saved,
-                                 Tensor cand_saved, const Tensor& hsum_partial, int64_t batch,
-                                 int64_t height, int64_t width, int64_t channels) {
+                                 Tensor cand_saved, Tensor map_saved,
+                                 const Tensor& hsum_partial, int64_t batch, int64_t height,
+                                 int64_t width, int64_t channels) {
   const int64_t tiles_m = hsum_partial.size(1);
   TORCH_INTERNAL_ASSERT(tiles_m == sepconv_cell_splits(height * width, h_prev.scalar_type()));
   TORCH_INTERNAL_ASSERT(h_prev.is_contiguous() && h_out.is_contiguous() && dw.is_contiguous() &&
@@ -572,14 +595,19 @@ inline void sepconv_cell_forward(const Tensor& h_prev, const Tensor& dw, const T
                                   "sepconv_cell_forward", [&] {
     using Step = SepconvCellStep<scalar_t>;
     using acc_t = at::opmath_type<scalar_t>;
+    const bool has_map = logits.defined();
+    TORCH_INTERNAL_ASSERT(has_map == (map_gate != cells::kNoMapGate));
     launch_phased(
         Step{{dw.const_data_ptr<scalar_t>(), pw.const_data_ptr<scalar_t>(), height, width,
               channels, channels, dw.size(-1)},
              h_prev.const_data_ptr<scalar_t>(), xc_t.const_data_ptr<scalar_t>(),
-             gate_pre.const_data_ptr<scalar_t>(), cell_state.mutable_data_ptr<acc_t>(),
-             h_out.mutable_data_ptr<scalar_t>(), cell_saved.mutable_data_ptr<scalar_t>(),
-             cand_saved.mutable_data_ptr<scalar_t>(), hsum_partial.mutable_data_ptr<acc_t>(),
-             activation, tiles_m},
+             gate_pre.const_data_ptr<scalar_t>(),
+             has_map ? logits.const_data_ptr<scalar_t>() : nullptr,
+             has_map ? logits_max.const_data_ptr<acc_t>() : nullptr,
+             cell_state.mutable_data_ptr<acc_t>(), h_out.mutable_data_ptr<scalar_t>(),
+             cell_saved.mutable_data_ptr<scalar_t>(), cand_saved.mutable_data_ptr<scalar_t>(),
+             has_map ? map_saved.mutable_data_ptr<scalar_t>() : nullptr,
+             hsum_partial.mutable_data_ptr<acc_t>(), map_gate, activation, tiles_m},
         ceil_div(channels, Step::kN), tiles_m, batch, h_prev);
   });
 }

@@ -62,8 +62,9 @@ LayerResult spatial_attention_layer(const Tensor& x, const Tensor& h0, const Ten
     if (mask.active()) cell_before = cell_state.clone();
     // F = tanh(SepConv_ha(H_{t−1}) + xa_t); Z = W_z * F; A = softmax_HW(Z)
     const Tensor features =
-        sepconv_maps(h_prev, params[attention::kAttDwH], params[attention::kAttPwH], Tensor(),
-                     xa.narrow(0, t * rows, rows), true, B, H, W);
+        sepconv_maps(h_prev, MapLayout::kChannelsLast, params[attention::kAttDwH],
+                     params[attention::kAttPwH], Tensor(), xa.narrow(0, t * rows, rows), true, B,
+                     H, W);
     const Tensor logits =
         same_conv(nchw_view(features, B, H, W, C), params[spatial::kAttWeightZ], Tensor());
     const Tensor map = saved(spatial::kSavedMap, t).view({B, HW});
@@ -72,12 +73,12 @@ LayerResult spatial_attention_layer(const Tensor& x, const Tensor& h0, const Ten
     const Tensor x_attended = x_cl[t].view({B, HW, Cin}).mul(map.view({B, HW, 1})).contiguous();
     // cand_preact = SepConv_x(X̃) + b_c + SepConv_h(H_{t−1}), the first rounded as the addmm
     // it replaces rounded it
-    const Tensor cand_x = sepconv_maps(x_attended, params[pooled::kCandDwX],
-                                       params[pooled::kCandPwX], params[pooled::kCandBias],
-                                       Tensor(), false, B, H, W);
-    const Tensor cand_preact = sepconv_maps(h_prev, params[pooled::kCandDwH],
-                                            params[pooled::kCandPwH], Tensor(), cand_x, false, B,
-                                            H, W);
+    const Tensor cand_x =
+        sepconv_maps(x_attended, MapLayout::kChannelsLast, params[pooled::kCandDwX],
+                     params[pooled::kCandPwX], params[pooled::kCandBias], Tensor(), false, B, H, W);
+    const Tensor cand_preact =
+        sepconv_maps(h_prev, MapLayout::kChannelsLast, params[pooled::kCandDwH],
+                     params[pooled::kCandPwH], Tensor(), cand_x, false, B, H, W);
     // gates U_x·GAP(X̃) + b_g, then + U_h·h̄ from H_{t−1}'s column sums (PooledGatePreacts)
     const Tensor gate_pre = saved(pooled::kSavedGatePreact, t);
     pooled_gate_preacts(at::addmm(gate_bias, x_attended.mean({1}, false, acc), gate_weight_x.t()),
@@ -128,7 +129,8 @@ BackwardResult spatial_attention_layer_backward(
   const Tensor dw_xa_all = depthwise_forward(x_cl, params[attention::kAttDwX], T * B, H, W);
   const Tensor dw_ha_all = depthwise_forward(h_prev_all, params[attention::kAttDwH], T * B, H, W);
   const Tensor features_all = sepconv_maps(
-      h_prev_all, params[attention::kAttDwH], params[attention::kAttPwH], Tensor(),
+      h_prev_all, MapLayout::kChannelsLast, params[attention::kAttDwH], params[attention::kAttPwH],
+      Tensor(),
       sepconv_frames(x, params[attention::kAttDwX], params[attention::kAttPwX],
                      params[attention::kAttBias]),
       true, T * B, H, W);
