@@ -52,17 +52,17 @@ def _depthwise_weight_grad(r, z, channels: int, maps: int, what: str) -> None:
 STEP_M, STEP_N, STEP_K = 64, 64, 32
 
 
-def _hidden_sum_splits(z, fused: bool = False) -> int:
-    """The pixel splits of H's column sums: pooled_cell.cuh ``pooled_cell_splits`` (b), or
-    ``sepconv_cell_splits`` (``fused``, a, c, d: the fused step's pixel tiles per sample)."""
-    return -(-z.HW // STEP_M) if fused else _splits(z, z.B * -(-z.C // TILE_C), z.HW)
+def _hidden_sum_splits(z) -> int:
+    """The pixel splits of H's column sums: pooled_cell.cuh ``sepconv_cell_splits``, the fused
+    step's pixel tiles per sample."""
+    return -(-z.HW // STEP_M)
 
 
-def _pooled_gate_preacts(r, z, gates: int, fused: bool = False) -> None:
+def _pooled_gate_preacts(r, z, gates: int) -> None:
     """pooled_cell.cuh ``pooled_gate_preacts``: per step, xg[t] (fp32) and the previous step's
     column sums of H in, the saved gate_pre out; every (b, j) thread reads all of its sample's
     sums and its U_h row (``loaded``, from L2)."""
-    splits = _hidden_sum_splits(z, fused)
+    splits = _hidden_sum_splits(z)
     sums = splits * z.vec(z.C)
     weight = gates * z.C * z.C * 4
     r.kernel("PooledGatePreacts", z.vec(gates * z.C) + sums + weight, z.vec(gates * z.C, z.s),
@@ -70,35 +70,23 @@ def _pooled_gate_preacts(r, z, gates: int, fused: bool = False) -> None:
              count=z.T, loaded=z.vec(gates * z.C) + z.B * gates * z.C * (splits + 1) * z.C * 4)
 
 
-def _initial_hidden_sums(r, z, fused: bool = False) -> None:
+def _initial_hidden_sums(r, z) -> None:
     """pooled_cell.cuh ``initial_hidden_sums``: H_0's column sums into split 0 of a zeroed
     [B, splits, C] buffer (zeros, the sum, its copy into place)."""
-    sums = _hidden_sum_splits(z, fused) * z.vec(z.C)
+    sums = _hidden_sum_splits(z) * z.vec(z.C)
     r.aten("zeros (H sums)", 0, sums)
     r.aten("sum (H_0 column sums)", z.state(), z.vec(z.C))
     r.aten("copy_ (into split 0)", z.vec(z.C), z.vec(z.C))
 
 
-def _pooled_cell_forward(r, z, has_map: bool) -> None:
-    """pooled_cell.cuh ``pooled_cell_forward``: the fused epilogue (cand_preact, gate_pre, the
-    fp32 C_{t−1} (and Z for c/d) in; the fp32 C_t, H_t, the saved C_t, G (and A) out, and the
-    per-split column sums of H_t that the next step's gate kernel reads)."""
-    splits = _hidden_sum_splits(z)
-    maps = 1 if has_map else 0
-    r.kernel("PooledCellForward (tile reduce)",
-             (1 + maps) * z.state() + z.state32() + z.vec(3 * z.C, z.s) + (z.vec(z.C) if has_map
-                                                                           else 0),
-             (3 + maps) * z.state() + z.state32() + splits * z.vec(z.C),
-             z.cell_flops(), count=z.T)
-
-
 def _sepconv_cell_step(r, z, has_map: bool) -> None:
-    """pooled_cell.cuh ``SepconvCellStep``, the fused step of a, c, d: H_{t−1}, the fp32
-    C_{t−1}, xc[t], gate_pre, the H-side weights (and for c/d Z with its fp32 max) in; the fp32
+    """pooled_cell.cuh ``SepconvCellStep``, the fused step of a-d: H_{t−1}, the fp32 C_{t−1},
+    xc[t] (b: SepConv_x(X̃) + b_c), gate_pre, the H-side weights (and for c/d Z with its fp32
+    max) in; the fp32
     C_t, H_t, the saved C_t and G (and A) and the column sums of H_t out. Every one of the
     C/STEP_N channel tiles redoes the depthwise of its pixel tile over all C input channels (K²
     taps per output, from L1/L2) and reads all of pw_h's columns it needs (``loaded``)."""
-    splits = _hidden_sum_splits(z, fused=True)
+    splits = _hidden_sum_splits(z)
     channel_tiles = -(-z.C // STEP_N)
     blocks = z.B * splits * channel_tiles
     gate_pre = z.vec((2 if has_map else 3) * z.C, z.s)
@@ -230,9 +218,9 @@ def _batched_input_layer(shape, itemsize: int, has_map: bool) -> list:
         _sepconv_rows(r, z, f"{term} = SepConv(X) + b, x in place", cin, T * z.B)
     r.aten("mean (GAP(X), x in place)", z.xseq(), T * z.vec(cin))
     _channels_last_copy(r, z, z.state(), z.state32(), "c0 fp32")
-    _initial_hidden_sums(r, z, fused=True)
+    _initial_hidden_sums(r, z)
     # The step (batched_input_layer_forward's loop).
-    _pooled_gate_preacts(r, z, gates, fused=True)
+    _pooled_gate_preacts(r, z, gates)
     if has_map:
         _attention_logits(r, z, "")
         # amax, then .to(fp32) (a free view in fp32, where the launch counts are measured).
@@ -360,8 +348,8 @@ def spatial_attention_layer(shape, itemsize: int) -> list:
     """Variant (b): csrc/cuda/spatial_attention_layer_kernel.cu ``spatial_attention_layer`` /
     ``spatial_attention_layer_backward``. Only xa is batched (SepconvRows, x in place); per
     step F (SepconvRows with xa[t] and tanh), Z = W_z * F (cuDNN), the softmax, X̃ = A∘X_t
-    materialised, both candidate SepConvs (SepconvRows each), the gate FCs and the fused
-    epilogue. Backward: the cell backward, per-step GEMMs and
+    materialised, SepConv_x(X̃) + b_c (SepconvRows), the gate FCs and (a)'s fused step (H_{t−1}
+    read from and H_t written to the NCHW output). Backward: the cell backward, per-step GEMMs and
     transposed depthwise convs, the softmax and W_z backward in ATen; F and X̃ recomputed for
     all steps before the loop."""
     z, r = Sizes(shape, itemsize), Recorder()
@@ -370,7 +358,6 @@ def spatial_attention_layer(shape, itemsize: int) -> list:
     amap32 = z.B * z.HW * 4
     _channels_last_copy(r, z, z.xseq(), z.xseq(), "x (for X̃)")
     _sepconv_rows(r, z, "xa = SepConv(X) + b, x in place", cin, T * z.B)
-    _channels_last_copy(r, z, z.state(), z.state(), "h0")
     _channels_last_copy(r, z, z.state(), z.state32(), "c0 fp32")
     _initial_hidden_sums(r, z)
     _sepconv_rows(r, z, "F = tanh(SepConv_ha(H_{t-1}) + xa[t])", C, z.B, T, addend=True)
@@ -380,13 +367,12 @@ def spatial_attention_layer(shape, itemsize: int) -> list:
     r.aten("copy_ (A, saved)", amap32, amap, count=T)
     r.aten("mul (X̃ = A∘X_t)", z.xstep() + amap, z.xstep(), count=T)
     _sepconv_rows(r, z, "SepConv_x(X̃) + b_c", cin, z.B, T)
-    _sepconv_rows(r, z, "cand_preact = SepConv_h(H_{t-1}) + that", C, z.B, T, addend=True)
     r.aten("mean (GAP(X̃))", z.xstep(), z.vec(cin), count=T)
     r.aten("addmm (U_x · GAP(X̃) + b_g)", z.vec(cin), z.vec(3 * C),
            z.gemm_flops(z.B, 3 * C, cin), count=T)
     _pooled_gate_preacts(r, z, 3)
-    _pooled_cell_forward(r, z, has_map=False)
-    _layer_end(r, z)
+    _sepconv_cell_step(r, z, has_map=False)
+    _layer_end(r, z, output_copy=False)
 
     r.phase = BACKWARD
     _backward_start(r, z)

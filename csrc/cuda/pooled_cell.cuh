@@ -1,8 +1,9 @@
-// What the pooled cells' CUDA kernels share: the fused per-step epilogue of a, b, c, d and its
-// backward, and the weight gradients of the attention features F of b, c, d.
+// What the pooled cells' CUDA kernels share: the fused SepConv kernels, among them the fused
+// forward step of a, b, c, d (SepconvCellStep), the cell backward, and the weight gradients of
+// the attention features F of b, c, d.
 //
 // shared/SPEC.md (a)–(d): per sample b, channel c and pixel p
-//   G = tanh(cand_preact[b, p, c])       (cand_preact already holds both SepConvs + b_c)
+//   G = tanh(cand_preact[b, p, c])       (cand_preact: both candidate SepConvs + b_c)
 //   gates σ(gate_pre[b, ·]) are per (b, c); for c/d one gate is the attention map
 //   A[b, p, c] = exp(Z[b, p, c] − max_p Z[b, p, c])    (input gate for c, output gate for d)
 //   C_t = f∘C_{t−1} + i∘G,  H_t = o∘tanh(C_t)
@@ -10,10 +11,10 @@
 // Gate order in gate_pre (cells.h Cell::gates): (i, f, o) for a and b, (f, o) for c, (i, f) for
 // d; `map_gate` (cells.h MapGate) says which gate A replaces.
 //
-// Both are tile reductions (layer_common.cuh): a block is kTileC channels × kRows pixel rows of one
-// sample and one split of the pixels; the pixel sums are per-block partials that are summed in
-// order (deterministic): the forward's column sums of H_t [B, split, C] by the next step's gate
-// kernel (PooledGatePreacts), the backward's [split, B, ·] by the host.
+// The pixel sums are per-block partials summed in order (deterministic): the forward's column
+// sums of H_t [B, pixel tile, C] by the next step's gate kernel (PooledGatePreacts), the
+// backward's (a tile reduction, layer_common.cuh: a block is kTileC channels × kRows pixel rows
+// of one sample and one split of the pixels) [split, B, ·] by the host.
 #pragma once
 
 #include <cuda_bf16.h>
@@ -52,72 +53,20 @@ __host__ __device__ inline void pooled_gates(const scalar_t* gate_pre, int64_t c
 }
 
 // The cell update of one element (idx) given its gates and G (rounded): C_t into cell_state
-// (C_{t−1} there before), H_t (unless h_out is nullptr: the caller stores it), C_t and G stored
-// rounded; returns H_t as rounded (what the column sums add).
+// (C_{t−1} there before), C_t and G stored rounded; returns H_t rounded (what the caller stores
+// and the column sums add).
 template <typename scalar_t, typename acc_t>
 __host__ __device__ inline acc_t pooled_cell_element(acc_t i, acc_t f, acc_t o, scalar_t g,
                                                      int64_t idx, acc_t* cell_state,
-                                                     scalar_t* h_out, scalar_t* cell_saved,
-                                                     scalar_t* cand_saved) {
+                                                     scalar_t* cell_saved, scalar_t* cand_saved) {
   acc_t h;
   const acc_t c_new = cell_update(i, f, o, acc_t(g), cell_state[idx], &h);
   cell_state[idx] = c_new;
   const scalar_t h_rounded = scalar_t(h);
-  if (h_out != nullptr) h_out[idx] = h_rounded;
   cell_saved[idx] = scalar_t(c_new);
   cand_saved[idx] = g;
   return acc_t(h_rounded);
 }
-
-template <typename scalar_t>
-struct PooledCellForward {
-  using acc_t = at::opmath_type<scalar_t>;
-  const scalar_t* cand_preact;  // [B, HW, C] candidate pre-activation
-  const scalar_t* gate_pre;     // [B, n·C]
-  const scalar_t* logits;       // [B, HW, C] Z (c/d) or nullptr
-  const acc_t* logits_max;      // [B, C] max_p Z (c/d)
-  int map_gate;
-  int64_t activation;
-  acc_t* cell_state;            // [B, HW, C]: C_{t−1} in, C_t out
-  scalar_t* h_out;
-  scalar_t* cell_saved;
-  scalar_t* cand_saved;
-  scalar_t* map_saved;          // [B, HW, C] A (c/d)
-  acc_t* hsum_partial;          // [B, split, C]
-  int64_t batch, pixels, channels, pixels_per_split, tiles, splits;
-
-  // Block x = (sample b, channel tile), y = pixel split.
-  __host__ __device__ void accumulate(unsigned bx, unsigned by, unsigned, unsigned tx,
-                                      unsigned ty, acc_t* sums) const {
-    const int64_t b = bx / tiles;
-    const int64_t c = (bx % tiles) * kTileC + tx;
-    if (c >= channels) return;
-    const int64_t begin = int64_t(by) * pixels_per_split;
-    const int64_t end = begin + pixels_per_split < pixels ? begin + pixels_per_split : pixels;
-    acc_t i, f, o;
-    pooled_gates(gate_pre + b * pooled_gate_count(map_gate) * channels, channels, c, map_gate,
-                 activation, &i, &f, &o);
-    const acc_t zmax = logits != nullptr ? logits_max[b * channels + c] : acc_t(0);
-    for (int64_t p = begin + ty; p < end; p += kRows) {
-      const int64_t idx = (b * pixels + p) * channels + c;
-      if (logits != nullptr) {
-        // A = exp(Z − max Z): the overflow-free form of eq. 23; rounded once, used as saved.
-        const scalar_t a = scalar_t(math_exp(acc_t(logits[idx]) - zmax));
-        map_saved[idx] = a;
-        if (map_gate == cells::kMapIsInputGate) i = acc_t(a); else o = acc_t(a);
-      }
-      sums[0] += pooled_cell_element(i, f, o, scalar_t(math_tanh(acc_t(cand_preact[idx]))), idx,
-                                     cell_state, h_out, cell_saved, cand_saved);
-    }
-  }
-
-  __host__ __device__ void store(unsigned bx, unsigned by, unsigned, unsigned tx,
-                                 const acc_t* totals) const {
-    const int64_t b = bx / tiles;
-    const int64_t c = (bx % tiles) * kTileC + tx;
-    if (c < channels) hsum_partial[(b * splits + int64_t(by)) * channels + c] = totals[0];
-  }
-};
 
 // The pooled gates' pre-activations of one step, one thread per (sample b, gate row j), straight
 // from the previous step's column sums of H (no GAP pass and no GEMM call of its own):
@@ -147,13 +96,6 @@ struct PooledGatePreacts {
   }
 };
 
-// The pixel splits of pooled_cell_forward's grid: hsum_partial is [B, splits, C].
-inline int64_t pooled_cell_splits(int64_t batch, int64_t pixels, int64_t channels,
-                                  const Tensor& like) {
-  return std::min<int64_t>(reduction_splits(batch * ceil_div(channels, kTileC), pixels, like),
-                           65535);
-}
-
 // Column sums of H_0 [B, C, H, W] (the op's h0) in hsum_partial's layout [B, splits, C]: all in
 // split 0, the others zero, so that the first step's gates read them as any step's.
 inline Tensor initial_hidden_sums(const Tensor& h0, int64_t splits, at::ScalarType acc) {
@@ -178,37 +120,6 @@ inline void pooled_gate_preacts(const Tensor& xg, const Tensor& hsum_partial,
                                     gate_pre.mutable_data_ptr<scalar_t>(), rows, C, splits,
                                     acc_t(1) / acc_t(pixels)},
         B * rows, gate_pre);
-  });
-}
-
-// One forward step. cand_preact [B·HW, C], gate_pre [B, n·C] (the saved slice), logits Z
-// [B·HW, C] and logits_max [B, C] for c/d (undefined otherwise); cell_state [B·HW, C] (acc dtype)
-// is updated in place; h_out, cell_saved, cand_saved (and map_saved, A) are this step's slices.
-// Writes the column sums of H_t into hsum_partial [B, splits, C] (pooled_cell_splits).
-inline void pooled_cell_forward(const Tensor& cand_preact, const Tensor& gate_pre,
-                                const Tensor& logits, const Tensor& logits_max, int map_gate,
-                                int64_t activation, Tensor& cell_state, Tensor h_out,
-                                Tensor cell_saved, Tensor cand_saved, Tensor map_saved,
-                                const Tensor& hsum_partial, int64_t batch, int64_t pixels,
-                                int64_t channels) {
-  const int64_t tiles = ceil_div(channels, kTileC);
-  const int64_t splits = hsum_partial.size(1);
-  const int64_t per_split = ceil_div(pixels, splits);
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, cand_preact.scalar_type(),
-                                  "pooled_cell_forward", [&] {
-    using acc_t = at::opmath_type<scalar_t>;
-    const bool has_map = logits.defined();
-    launch_tile_reduce<1, acc_t>(
-        PooledCellForward<scalar_t>{
-            cand_preact.const_data_ptr<scalar_t>(), gate_pre.const_data_ptr<scalar_t>(),
-            has_map ? logits.const_data_ptr<scalar_t>() : nullptr,
-            has_map ? logits_max.const_data_ptr<acc_t>() : nullptr, map_gate, activation,
-            cell_state.mutable_data_ptr<acc_t>(), h_out.mutable_data_ptr<scalar_t>(),
-            cell_saved.mutable_data_ptr<scalar_t>(), cand_saved.mutable_data_ptr<scalar_t>(),
-            has_map ? map_saved.mutable_data_ptr<scalar_t>() : nullptr,
-            hsum_partial.mutable_data_ptr<acc_t>(), batch, pixels, channels, per_split, tiles,
-            splits},
-        batch * tiles, splits, 1, cand_preact);
   });
 }
 
@@ -440,8 +351,7 @@ struct SepconvCellStep : SepconvProduct<scalar_t> {
         }
         const scalar_t pre = scalar_t(s.acc[m][col.n] + acc_t(xc[idx]));
         const acc_t h = pooled_cell_element(i, f, o, scalar_t(math_tanh(acc_t(pre))), idx,
-                                            cell_state, static_cast<scalar_t*>(nullptr),
-                                            cell_saved, cand_saved);
+                                            cell_state, cell_saved, cand_saved);
         s.acc[m][col.n] = h;  // H_t (rounded), for store's NCHW write
         sum += h;
       }

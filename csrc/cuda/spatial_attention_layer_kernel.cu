@@ -4,16 +4,17 @@
 //   A = softmax of Z over the H·W pixels per sample;  X̃ = A∘X_t;  then cell (a) on X̃.
 // X̃ depends on H_{t−1}, so only SepConv_xa(X) is batched before the loop (one sepconv_frames
 // kernel, x read in place); per step: the attention features F (one fused SepConv kernel,
-// sepconv_maps, with xa[t] and tanh), W_z * F (cuDNN), the softmax (ATen), X̃, the two candidate
-// SepConvs (two sepconv_maps kernels: the second adds the first), the pooled gates, and the
-// fused epilogue of pooled_cell.cuh.
+// sepconv_maps, with xa[t] and tanh, reading H_{t−1} in the NCHW output), W_z * F (cuDNN), the
+// softmax (ATen), X̃, SepConv_x(X̃) + b_c (sepconv_maps), the pooled gates, and (a)'s fused step
+// (pooled_cell.cuh SepconvCellStep: SepConv_h(H_{t−1}) plus that, the cell, H_t into the NCHW
+// output).
 //
 // Parameters and saved tensors: cells.h kSpatialAttentionLayer (saved: cell, candidate
 // [T, B, H, W, C], gate_preact [T, B, 3C], the map A [T, B, H, W]).
-// One more step launches, forward, 5 kernels of ours and 6 ATen calls; backward 5 and 23
+// One more step launches, forward, 4 kernels of ours and 6 ATen calls; backward 5 and 23
 // (emulation_check.py counts them, in fp32: 2 of the 23 are d W_z's per-step call and add_,
 // same_conv_weight_grad; 16-bit dtypes make one d W_z call for all steps).
-// LAUNCHES_PER_STEP forward=(5, 6) backward=(5, 23)
+// LAUNCHES_PER_STEP forward=(4, 6) backward=(5, 23)
 #include "pooled_cell.cuh"
 
 namespace convlstm_fast {
@@ -43,26 +44,29 @@ LayerResult spatial_attention_layer(const Tensor& x, const Tensor& h0, const Ten
   const Tensor gate_weight_h = params[pooled::kGateWeightH].to(acc).contiguous();
   const Tensor gate_bias = params[pooled::kGateBias].to(acc);
 
-  Tensor output_cl = at::empty({T, B, H, W, C}, x.options());
+  // H of every step in the op's NCHW output, where the next step reads it (as in (a)).
+  Tensor output = at::empty({T, B, C, H, W}, x.options());
   const SavedSteps saved(call.saved_shapes, x.options(), save);
-  const Tensor h0_cl = channels_last_copy(h0, dtype);
+  const Tensor h0_c = h0.contiguous();
+  const Tensor dw_h = params[pooled::kCandDwH].contiguous();
+  const Tensor pw_h = params[pooled::kCandPwH].contiguous();
   Tensor cell_state = channels_last_copy(c0, acc).view({rows, C});
-  // Column sums of H_{t−1} per pixel split [B, splits, C] (batched_input_layer.cuh's).
-  const int64_t splits = pooled_cell_splits(B, HW, C, x);
+  // Column sums of H_{t−1} per pixel tile [B, splits, C] (batched_input_layer.cuh's).
+  const int64_t splits = sepconv_cell_splits(HW, dtype);
   Tensor hsum = initial_hidden_sums(h0, splits, acc);
   Tensor hsum_next = at::empty_like(hsum);
   // With lengths: the carried H_{t−1} (step_mask.h); C carries in cell_state, H's sums in hsum.
   Tensor h_carry;
-  if (mask.active()) h_carry = h0_cl.clone();
+  if (mask.active()) h_carry = h0_c.clone();
   const Walk walk{T, reverse};
   for (int64_t s = 0; s < T; ++s) {
     const int64_t t = walk.time(s);
-    const Tensor h_prev = mask.active() ? h_carry : state_before(walk, t, h0_cl, output_cl);
+    const Tensor h_prev = mask.active() ? h_carry : state_before(walk, t, h0_c, output);
     Tensor cell_before;
     if (mask.active()) cell_before = cell_state.clone();
     // F = tanh(SepConv_ha(H_{t−1}) + xa_t); Z = W_z * F; A = softmax_HW(Z)
     const Tensor features =
-        sepconv_maps(h_prev, MapLayout::kChannelsLast, params[attention::kAttDwH],
+        sepconv_maps(h_prev, MapLayout::kPlanes, params[attention::kAttDwH],
                      params[attention::kAttPwH], Tensor(), xa.narrow(0, t * rows, rows), true, B,
                      H, W);
     const Tensor logits =
@@ -71,27 +75,24 @@ LayerResult spatial_attention_layer(const Tensor& x, const Tensor& h0, const Ten
     map.copy_(logits.reshape({B, HW}).softmax(1, acc));
     // X̃ = A∘X_t (A rounded to x's dtype, as saved)
     const Tensor x_attended = x_cl[t].view({B, HW, Cin}).mul(map.view({B, HW, 1})).contiguous();
-    // cand_preact = SepConv_x(X̃) + b_c + SepConv_h(H_{t−1}), the first rounded as the addmm
-    // it replaces rounded it
+    // SepConv_x(X̃) + b_c, rounded as the addmm it replaces rounded it: the fused step's X-side
+    // term (a's xc[t])
     const Tensor cand_x =
         sepconv_maps(x_attended, MapLayout::kChannelsLast, params[pooled::kCandDwX],
                      params[pooled::kCandPwX], params[pooled::kCandBias], Tensor(), false, B, H, W);
-    const Tensor cand_preact =
-        sepconv_maps(h_prev, MapLayout::kChannelsLast, params[pooled::kCandDwH],
-                     params[pooled::kCandPwH], Tensor(), cand_x, false, B, H, W);
     // gates U_x·GAP(X̃) + b_g, then + U_h·h̄ from H_{t−1}'s column sums (PooledGatePreacts)
     const Tensor gate_pre = saved(pooled::kSavedGatePreact, t);
     pooled_gate_preacts(at::addmm(gate_bias, x_attended.mean({1}, false, acc), gate_weight_x.t()),
                         hsum, gate_weight_h, gate_pre, HW);
-    pooled_cell_forward(cand_preact, gate_pre, Tensor(), Tensor(), kCell.map_gate(), activation,
-                        cell_state, output_cl[t], saved(pooled::kSavedCell, t),
-                        saved(pooled::kSavedCandidate, t), Tensor(), hsum_next, B, HW, C);
-    mask_pooled_step(mask, t, cell_state, cell_before, hsum_next, hsum, h_carry, output_cl[t],
-                     B);
+    // cand_preact = SepConv_h(H_{t−1}) + cand_x and the cell, in one kernel
+    sepconv_cell_forward(h_prev, dw_h, pw_h, cand_x, gate_pre, Tensor(), Tensor(),
+                         kCell.map_gate(), activation, cell_state, output[t],
+                         saved(pooled::kSavedCell, t), saved(pooled::kSavedCandidate, t),
+                         Tensor(), hsum_next, B, H, W, C);
+    mask_pooled_step(mask, t, cell_state, cell_before, hsum_next, hsum, h_carry, output[t], B);
     std::swap(hsum, hsum_next);
   }
-  Tensor output = channels_first_copy(output_cl, dtype);
-  Tensor h_n = mask.active() ? channels_first_copy(h_carry, dtype) : output[walk.last()].clone();
+  Tensor h_n = mask.active() ? h_carry : output[walk.last()].clone();
   Tensor c_n = channels_first_copy(cell_state.view({B, H, W, C}), dtype);
   return {output, h_n, c_n, saved.all()};
 }
