@@ -90,7 +90,7 @@ def _sepconv_cell_step(r, z, has_map: bool) -> None:
     channel_tiles = -(-z.C // STEP_N)
     blocks = z.B * splits * channel_tiles
     gate_pre = z.vec((2 if has_map else 3) * z.C, z.s)
-    logits = z.state() + z.vec(z.C) if has_map else 0
+    logits = z.state() + splits * z.vec(z.C, z.s) if has_map else 0  # Z, its per-tile maxima
     read = (2 * z.state() + z.state32() + gate_pre + logits
             + z.weight(z.K * z.K * z.C + z.C * z.C))
     written = (4 if has_map else 3) * z.state() + z.state32() + splits * z.vec(z.C)
@@ -102,26 +102,30 @@ def _sepconv_cell_step(r, z, has_map: bool) -> None:
 
 
 def _sepconv_rows(r, z, name: str, cin: int, maps: int, count: int = 1,
-                  addend: bool = False) -> None:
+                  addend: bool = False, tile_max: bool = False) -> None:
     """pooled_cell.cuh ``SepconvRows`` (sepconv_frames, sepconv_maps): the SepConv of ``maps``
     maps of cin channels, each read once from HBM, as rows of C channels (with ``addend``, rows
-    of that shape read beside); each of the C/STEP_N channel tiles redoes the depthwise of its
-    maps (K² taps per output) and every block reads its pw columns (``loaded``, L1/L2)."""
+    of that shape read beside; with ``tile_max``, the per-channel max of every pixel tile
+    written beside); each of the C/STEP_N channel tiles redoes the depthwise of its maps (K²
+    taps per output) and every block reads its pw columns (``loaded``, L1/L2)."""
     channel_tiles = -(-z.C // STEP_N)
-    blocks = maps * -(-z.HW // STEP_M) * channel_tiles
+    pixel_tiles = -(-z.HW // STEP_M)
+    blocks = maps * pixel_tiles * channel_tiles
     inputs, out = maps * z.HW * cin * z.s, maps * z.HW * z.C * z.s
     extra = out if addend else 0
+    maxima = maps * pixel_tiles * z.C * z.s if tile_max else 0
     r.kernel(f"SepconvRows ({name})", inputs + extra + z.weight(z.K * z.K * cin + z.C * cin + z.C),
-             out, 2 * maps * z.HW * cin * (channel_tiles * z.K * z.K + z.C), count=count,
+             out + maxima, 2 * maps * z.HW * cin * (channel_tiles * z.K * z.K + z.C), count=count,
              loaded=channel_tiles * z.K * z.K * inputs + blocks * STEP_N * cin * z.s + extra)
 
 
-def _attention_logits(r, z, what: str) -> None:
+def _attention_logits(r, z, what: str, tile_max: bool = False) -> None:
     """batched_input_layer.cuh ``attention_logits``: F = tanh(SepConv_ha(H_{t−1}) + xa[t]) and
-    Z = SepConv_z(F), one SepconvRows kernel each per step."""
+    Z = SepConv_z(F) (the forward's with its per-tile maxima), one SepconvRows kernel each per
+    step."""
     _sepconv_rows(r, z, f"F = tanh(SepConv_ha(H_{{t-1}}) + xa[t]){what}", z.C, z.B, z.T,
                   addend=True)
-    _sepconv_rows(r, z, f"Z = SepConv_z(F){what}", z.C, z.B, z.T)
+    _sepconv_rows(r, z, f"Z = SepConv_z(F){what}", z.C, z.B, z.T, tile_max=tile_max)
 
 
 def _pooled_cell_backward(r, z, gates: int, has_map: bool) -> None:
@@ -207,7 +211,7 @@ def output_attention_layer(shape, itemsize: int) -> list:
 def _batched_input_layer(shape, itemsize: int, has_map: bool) -> list:
     """batched_input_layer.cuh: the X side batched (one SepconvRows kernel each for xc (and
     xa), GAP(X) and its FC), then per step the gate kernel, for c/d two SepconvRows kernels (F,
-    Z = SepConv_z(F)) and Z's max, and the fused step (H_{t−1} read from and H_t written to the
+    Z = SepConv_z(F) with its per-tile maxima), and the fused step (H_{t−1} read from and H_t written to the
     NCHW output, with c/d's A as a gate).
     Backward: the cell backward, the GEMMs and transposed depthwise convs per step (c/d recompute
     F and Z as the forward did), the weight gradients batched after the loop."""
@@ -222,9 +226,7 @@ def _batched_input_layer(shape, itemsize: int, has_map: bool) -> list:
     # The step (batched_input_layer_forward's loop).
     _pooled_gate_preacts(r, z, gates)
     if has_map:
-        _attention_logits(r, z, "")
-        # amax, then .to(fp32) (a free view in fp32, where the launch counts are measured).
-        r.aten("amax (max_HW Z)", z.state(), z.vec(C), count=T)
+        _attention_logits(r, z, "", tile_max=True)
     _sepconv_cell_step(r, z, has_map)
     _layer_end(r, z, output_copy=False)  # the steps write the NCHW output themselves
 

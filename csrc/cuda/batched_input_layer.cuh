@@ -10,7 +10,8 @@
 // Structure (shared/KERNELS.md): everything that depends only on X is computed for all T steps
 // before the loop (fused SepConv kernels reading x in place); a step of (a) runs two kernels of
 // ours, its gates and the fused step (SepconvCellStep, pooled_cell.cuh); one of c/d its gates,
-// two fused SepConv kernels (F, Z), Z's max (ATen) and the same fused step with A as a gate.
+// two fused SepConv kernels (F, Z and its max per pixel tile) and the same fused step with A as
+// a gate.
 // Every step reads H_{t−1} from and writes H_t into the op's NCHW output. Backward walks
 // the steps in the forward's opposite order and reduces every weight gradient over all steps
 // after it with one batched product each. Parameters and saved
@@ -27,17 +28,19 @@ namespace channel = cells::channel_attention;
 
 // c/d's Z = SepConv_z(F) of one step, F = tanh(SepConv_ha(H_{t−1}) + xa_t) (written into
 // `features` [B·HW, C] when given, else a new tensor), H_{t−1} in `h_layout` (the forward's NCHW
-// output, the backward's channels-last copy): two sepconv_maps kernels, which the backward's
-// recompute calls as the forward did (so its Z, and where Z attains its max, are the forward's:
-// sepconv_maps' rows do not depend on the input's layout).
+// output, the backward's channels-last copy), and with `tile_max` Z's per-channel max per pixel
+// tile (the forward's): two sepconv_maps kernels, which the backward's recompute calls as the
+// forward did (so its Z, and where Z attains its max, are the forward's: sepconv_maps' rows do
+// not depend on the input's layout).
 inline Tensor attention_logits(const Tensor& h_prev, MapLayout h_layout, const Tensor& xa_t,
                                at::TensorList params, Tensor features, int64_t B, int64_t H,
-                               int64_t W) {
+                               int64_t W, const Tensor& tile_max = Tensor()) {
   const Tensor f = sepconv_maps(h_prev, h_layout, params[attention::kAttDwH],
                                 params[attention::kAttPwH], Tensor(), xa_t, true, B, H, W,
                                 features);
   return sepconv_maps(f, MapLayout::kChannelsLast, params[channel::kAttDwZ],
-                      params[channel::kAttPwZ], Tensor(), Tensor(), false, B, H, W);
+                      params[channel::kAttPwZ], Tensor(), Tensor(), false, B, H, W, Tensor(),
+                      tile_max);
 }
 
 template <const cells::Cell& cell>
@@ -82,6 +85,8 @@ LayerResult batched_input_layer_forward(const Tensor& x, const Tensor& h0, const
   const int64_t splits = sepconv_cell_splits(HW, x.scalar_type());
   Tensor hsum = initial_hidden_sums(h0, splits, acc);
   Tensor hsum_next = at::empty_like(hsum);
+  // c/d: Z's per-channel max per pixel tile, which the fused step reduces to max_p Z.
+  const Tensor logits_tile_max = has_map ? at::empty({B, splits, C}, x.options()) : Tensor();
   // With lengths: the carried H_{t−1} (step_mask.h); C carries in cell_state, H's sums in hsum.
   Tensor h_carry;
   if (mask.active()) h_carry = h0_c.clone();
@@ -97,16 +102,15 @@ LayerResult batched_input_layer_forward(const Tensor& x, const Tensor& h0, const
     const Tensor gate_pre = saved(pooled::kSavedGatePreact, t);
     pooled_gate_preacts(xg.narrow(0, t * B, B), hsum, gate_weight_h, gate_pre, HW);
     // c/d (sepconv_maps, one kernel each): F = tanh(SepConv_ha(H_{t−1}) + xa_t); Z =
-    // SepConv_z(F), per-(b, c) max over the pixels (ATen)
-    Tensor logits, logits_max;
+    // SepConv_z(F) and its max per pixel tile
+    Tensor logits;
     if (has_map) {
       logits = attention_logits(h_prev, MapLayout::kPlanes, xa.narrow(0, t * B * HW, B * HW),
-                                params, Tensor(), B, H, W);
-      logits_max = logits.view({B, HW, C}).amax({1}).to(acc);
+                                params, Tensor(), B, H, W, logits_tile_max);
     }
     // The rest of the step in one kernel: cand_preact = SepConv_h(H_{t−1}) + xc_t, (c/d: A =
     // exp(Z − max Z) as a gate) and the cell
-    sepconv_cell_forward(h_prev, dw_h, pw_h, xc_t, gate_pre, logits, logits_max, map_gate,
+    sepconv_cell_forward(h_prev, dw_h, pw_h, xc_t, gate_pre, logits, logits_tile_max, map_gate,
                          activation, cell_state, output[t], saved(pooled::kSavedCell, t),
                          saved(pooled::kSavedCandidate, t),
                          has_map ? saved(channel::kSavedMap, t) : Tensor(), hsum_next, B, H, W,

@@ -6,13 +6,13 @@
 // Per forward step: the pooled gates from the previous step's column sums of H (one kernel, no
 // GEMM call); two fused SepConv kernels (pooled_cell.cuh sepconv_maps: the depthwise on the fly
 // and the pointwise product on tensor cores, the X-side term and tanh in the epilogue) for F
-// (reading H_{t−1} in the NCHW output) and Z = SepConv_z(F); the per-(b, c) max over the pixels
-// (ATen amax); then the fused step (SepconvCellStep, as (a)'s) that does the candidate's
-// SepConv_h(H_{t−1}) + xc[t], forms exp(Z − max), updates the cell and writes H_t into the NCHW
-// output and its column sums. One more step launches, forward, 4 kernels of ours and 1 ATen
-// call; backward 7 and 13 (its recompute of F and Z is the forward's two kernels; the driver is
-// shared with (d); emulation_check.py counts them).
-// LAUNCHES_PER_STEP forward=(4, 1) backward=(7, 13)
+// (reading H_{t−1} in the NCHW output) and Z = SepConv_z(F) with its max per pixel tile; then
+// the fused step (SepconvCellStep, as (a)'s) that does the candidate's SepConv_h(H_{t−1}) +
+// xc[t], forms exp(Z − max Z), updates the cell and writes H_t into the NCHW output and its
+// column sums. One more step launches, forward, 4 kernels of ours and no ATen call; backward 7
+// and 13 (its recompute of F and Z is the forward's two kernels; the driver is shared with
+// (d); emulation_check.py counts them).
+// LAUNCHES_PER_STEP forward=(4, 0) backward=(7, 13)
 #include "batched_input_layer.cuh"
 
 namespace convlstm_fast {

@@ -32,6 +32,12 @@ namespace {
 namespace pooled = cells::pooled;
 namespace attention = cells::attention;
 
+// max(a, b) that keeps a NaN of either (as torch.amax does).
+template <typename T>
+__host__ __device__ inline T nan_max(T a, T b) {
+  return b != b || b > a ? b : a;
+}
+
 __host__ __device__ inline int pooled_gate_count(int map_gate) {
   return map_gate == cells::kNoMapGate ? 3 : 2;
 }
@@ -315,7 +321,7 @@ struct SepconvCellStep : SepconvProduct<scalar_t> {
   const scalar_t* xc;        // [B, HW, C]: SepConv_x(X_t) + b_c
   const scalar_t* gate_pre;  // [B, n·C], n = pooled_gate_count(map_gate)
   const scalar_t* logits;    // [B, HW, C] Z (c, d) or nullptr
-  const acc_t* logits_max;   // [B, C] max_p Z (c, d)
+  const scalar_t* logits_tile_max;  // [B, tiles_m, C] Z's max per pixel tile (c, d; SepconvRows)
   acc_t* cell_state;         // [B, HW, C]: C_{t−1} in, C_t out
   scalar_t* h_out;           // [B, C, H, W] NCHW (the layer's output at step t)
   scalar_t* cell_saved;
@@ -340,7 +346,16 @@ struct SepconvCellStep : SepconvProduct<scalar_t> {
       acc_t i, f, o;
       pooled_gates(gate_pre + b * pooled_gate_count(map_gate) * channels, channels, col.c,
                    map_gate, activation, &i, &f, &o);
-      const acc_t zmax = logits != nullptr ? logits_max[b * channels + col.c] : acc_t(0);
+      // max_p Z of the column from Z's per-tile maxima (exact: the max of the rounded values,
+      // NaN kept, as torch.amax).
+      acc_t zmax = acc_t(0);
+      if (logits != nullptr) {
+        const scalar_t* tile_max = logits_tile_max + b * tiles_m * channels + col.c;
+        zmax = acc_t(tile_max[0]);
+        for (int64_t tile = 1; tile < tiles_m; ++tile) {
+          zmax = nan_max(zmax, acc_t(tile_max[tile * channels]));
+        }
+      }
       for (int m = col.group; m < this->kM && col.p0 + m < pixels; m += this->kGroups) {
         const int64_t idx = (b * pixels + col.p0 + m) * channels + col.c;
         if (logits != nullptr) {
@@ -381,7 +396,8 @@ struct SepconvCellStep : SepconvProduct<scalar_t> {
 // in + (z / batch)·stride_t + (z % batch)·stride_b with (channel_stride, pixel_stride) as in
 // depthwise_at; its rows out[z·HW + p] = act(product + bias[c] + addend[z·HW + p]) (each extra
 // only where given; rounded to the dtype once, then tanh rounded again: the addmm and tanh_
-// it replaces).
+// it replaces). With tile_max, each block also writes the max of its rows' values per channel
+// (c/d's Z: the per-(b, c) max over the pixels without a pass of its own).
 template <typename scalar_t>
 struct SepconvRows : SepconvProduct<scalar_t> {
   using acc_t = at::opmath_type<scalar_t>;
@@ -391,6 +407,7 @@ struct SepconvRows : SepconvProduct<scalar_t> {
   const scalar_t* bias;    // [C] or nullptr
   const scalar_t* addend;  // [maps·HW, C] or nullptr
   scalar_t* out;           // [maps·HW, C]
+  scalar_t* tile_max;      // [maps, pixel tiles, C] or nullptr
   int64_t batch, stride_t, stride_b, channel_stride, pixel_stride;
   bool tanh_out;
 
@@ -405,15 +422,27 @@ struct SepconvRows : SepconvProduct<scalar_t> {
     const auto col = this->column(block, tid);
     if (col.c >= channels) return;
     const acc_t b = bias != nullptr ? acc_t(bias[col.c]) : acc_t(0);
+    acc_t peak = acc_t(-INFINITY);
     for (int m = col.group; m < this->kM && col.p0 + m < pixels; m += this->kGroups) {
       const int64_t idx = (int64_t(block.z) * pixels + col.p0 + m) * channels + col.c;
       const scalar_t pre =
           scalar_t(s.acc[m][col.n] + b + (addend != nullptr ? acc_t(addend[idx]) : acc_t(0)));
-      out[idx] = tanh_out ? scalar_t(math_tanh(acc_t(pre))) : pre;
+      const scalar_t value = tanh_out ? scalar_t(math_tanh(acc_t(pre))) : pre;
+      out[idx] = value;
+      peak = nan_max(peak, acc_t(value));
     }
+    s.sums[col.group][col.n] = peak;
   }
 
-  __host__ __device__ void store(Shared&, dim3, unsigned) const {}
+  // With tile_max: the block's per-channel max over its pixel groups.
+  __host__ __device__ void store(Shared& s, dim3 block, unsigned tid) const {
+    const int64_t n0 = int64_t(block.x) * this->kN;
+    if (tile_max == nullptr || int(tid) >= this->kN || n0 + tid >= this->channels) return;
+    acc_t peak = s.sums[0][tid];
+    for (int g = 1; g < this->kGroups; ++g) peak = nan_max(peak, s.sums[g][tid]);
+    const int64_t tiles = (this->height * this->width + this->kM - 1) / this->kM;
+    tile_max[(int64_t(block.z) * tiles + block.y) * this->channels + n0 + tid] = scalar_t(peak);
+  }
 };
 
 template <typename scalar_t>
@@ -421,21 +450,25 @@ void launch_sepconv_rows(const scalar_t* in, int64_t maps, int64_t batch, int64_
                          int64_t stride_b, int64_t channel_stride, int64_t pixel_stride,
                          const Tensor& dw, const Tensor& pw, const Tensor& bias,
                          const Tensor& addend, bool tanh_out, Tensor& out, int64_t height,
-                         int64_t width, const Tensor& like) {
+                         int64_t width, const Tensor& like, const Tensor& tile_max = Tensor()) {
   using Rows = SepconvRows<scalar_t>;
   const int64_t cin = pw.size(1), channels = pw.size(0);
   const Tensor dw_c = dw.contiguous(), pw_c = pw.contiguous();
   const Tensor bias_c = bias.defined() ? bias.contiguous() : bias;
   TORCH_INTERNAL_ASSERT(!addend.defined() || (addend.is_contiguous() &&
                                               addend.numel() == out.numel()));
+  const int64_t tiles_m = ceil_div(height * width, Rows::kM);
+  TORCH_INTERNAL_ASSERT(!tile_max.defined() || (tile_max.is_contiguous() &&
+                                                tile_max.numel() == maps * tiles_m * channels));
   launch_phased(
       Rows{{dw_c.const_data_ptr<scalar_t>(), pw_c.const_data_ptr<scalar_t>(), height, width, cin,
             channels, dw.size(-1)},
            in, bias_c.defined() ? bias_c.const_data_ptr<scalar_t>() : nullptr,
            addend.defined() ? addend.const_data_ptr<scalar_t>() : nullptr,
-           out.mutable_data_ptr<scalar_t>(), batch, stride_t, stride_b, channel_stride,
-           pixel_stride, tanh_out},
-      ceil_div(channels, Rows::kN), ceil_div(height * width, Rows::kM), maps, like);
+           out.mutable_data_ptr<scalar_t>(),
+           tile_max.defined() ? tile_max.mutable_data_ptr<scalar_t>() : nullptr, batch, stride_t,
+           stride_b, channel_stride, pixel_stride, tanh_out},
+      ceil_div(channels, Rows::kN), tiles_m, maps, like);
 }
 
 // SepConv(X) + bias of every frame of x [T, B, Cin, H, W] (read in place whatever the order of
@@ -462,10 +495,11 @@ enum class MapLayout { kChannelsLast, kPlanes };
 // SepConv of maps (contiguous, in `layout`) -> rows [N·H·W, C] (into `out` when given,
 // contiguous): plus `bias` [C] and `addend` (rows of the same shape) when given, then tanh with
 // `tanh_out`. The rows do not depend on the layout (depthwise_at sums the taps in one order).
+// With `tile_max` [N, sepconv_cell_splits, C], the rows' per-channel max per pixel tile.
 inline Tensor sepconv_maps(const Tensor& maps, MapLayout layout, const Tensor& dw,
                            const Tensor& pw, const Tensor& bias, const Tensor& addend,
                            bool tanh_out, int64_t n, int64_t height, int64_t width,
-                           Tensor out = Tensor()) {
+                           Tensor out = Tensor(), const Tensor& tile_max = Tensor()) {
   const int64_t cin = pw.size(1), pixels = height * width;
   TORCH_INTERNAL_ASSERT(maps.is_contiguous() && maps.numel() == n * pixels * cin);
   if (!out.defined()) out = at::empty({n * pixels, pw.size(0)}, maps.options());
@@ -475,7 +509,7 @@ inline Tensor sepconv_maps(const Tensor& maps, MapLayout layout, const Tensor& d
                                   [&] {
     launch_sepconv_rows(maps.const_data_ptr<scalar_t>(), n, n, 0, pixels * cin,
                         planes ? pixels : 1, planes ? 1 : cin, dw, pw, bias, addend, tanh_out,
-                        out, height, width, maps);
+                        out, height, width, maps, tile_max);
   });
   return out;
 }
@@ -487,12 +521,12 @@ inline int64_t sepconv_cell_splits(int64_t pixels, at::ScalarType dtype) {
 
 // One forward step of a, c or d after its gates: h_prev and h_out [B, C, H, W] NCHW, the H-side
 // weights dw [C, 1, K, K] and pw [C, C] (contiguous), xc_t [B·HW, C], gate_pre [B, n·C]; for c/d
-// (map_gate) Z [B·HW, C], its per-(b, c) max [B, C] (acc dtype) and map_saved (A), undefined
-// otherwise; cell_state updated in place; cell_saved, cand_saved this step's slices; the column
+// (map_gate) Z [B·HW, C], its per-tile maxima [B, sepconv_cell_splits, C] (sepconv_maps'
+// tile_max) and map_saved (A), undefined otherwise; cell_state updated in place; cell_saved, cand_saved this step's slices; the column
 // sums of H_t into hsum_partial [B, sepconv_cell_splits, C].
 inline void sepconv_cell_forward(const Tensor& h_prev, const Tensor& dw, const Tensor& pw,
                                  const Tensor& xc_t, const Tensor& gate_pre, const Tensor& logits,
-                                 const Tensor& logits_max, int map_gate, int64_t activation,
+                                 const Tensor& logits_tile_max, int map_gate, int64_t activation,
                                  Tensor& cell_state, Tensor h_out, Tensor cell_saved,
                                  Tensor cand_saved, Tensor map_saved,
                                  const Tensor& hsum_partial, int64_t batch, int64_t height,
@@ -507,13 +541,14 @@ inline void sepconv_cell_forward(const Tensor& h_prev, const Tensor& dw, const T
     using acc_t = at::opmath_type<scalar_t>;
     const bool has_map = logits.defined();
     TORCH_INTERNAL_ASSERT(has_map == (map_gate != cells::kNoMapGate));
+    TORCH_INTERNAL_ASSERT(!has_map || logits_tile_max.numel() == batch * tiles_m * channels);
     launch_phased(
         Step{{dw.const_data_ptr<scalar_t>(), pw.const_data_ptr<scalar_t>(), height, width,
               channels, channels, dw.size(-1)},
              h_prev.const_data_ptr<scalar_t>(), xc_t.const_data_ptr<scalar_t>(),
              gate_pre.const_data_ptr<scalar_t>(),
              has_map ? logits.const_data_ptr<scalar_t>() : nullptr,
-             has_map ? logits_max.const_data_ptr<acc_t>() : nullptr,
+             has_map ? logits_tile_max.const_data_ptr<scalar_t>() : nullptr,
              cell_state.mutable_data_ptr<acc_t>(), h_out.mutable_data_ptr<scalar_t>(),
              cell_saved.mutable_data_ptr<scalar_t>(), cand_saved.mutable_data_ptr<scalar_t>(),
              has_map ? map_saved.mutable_data_ptr<scalar_t>() : nullptr,
