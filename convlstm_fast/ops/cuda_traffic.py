@@ -102,21 +102,25 @@ def _sepconv_cell_step(r, z, has_map: bool) -> None:
 
 
 def _sepconv_rows(r, z, name: str, cin: int, maps: int, count: int = 1,
-                  addend: bool = False, tile_max: bool = False) -> None:
-    """pooled_cell.cuh ``SepconvRows`` (sepconv_frames, sepconv_maps): the SepConv of ``maps``
-    maps of cin channels, each read once from HBM, as rows of C channels (with ``addend``, rows
-    of that shape read beside; with ``tile_max``, the per-channel max of every pixel tile
-    written beside); each of the C/STEP_N channel tiles redoes the depthwise of its maps (K²
-    taps per output) and every block reads its pw columns (``loaded``, L1/L2)."""
+                  addend: bool = False, tile_max: bool = False, scaled: bool = False) -> None:
+    """pooled_cell.cuh ``SepconvRows`` (sepconv_frames, sepconv_maps, sepconv_scaled_frame): the
+    SepConv of ``maps`` maps of cin channels, each read once from HBM, as rows of C channels
+    (with ``addend``, rows of that shape read beside; with ``tile_max``, the per-channel max of
+    every pixel tile written beside; ``scaled``, each map multiplied by a per-pixel map read
+    beside, at every tap); each of the C/STEP_N channel tiles redoes the depthwise of its maps
+    (K² taps per output) and every block reads its pw columns (``loaded``, L1/L2)."""
     channel_tiles = -(-z.C // STEP_N)
     pixel_tiles = -(-z.HW // STEP_M)
     blocks = maps * pixel_tiles * channel_tiles
     inputs, out = maps * z.HW * cin * z.s, maps * z.HW * z.C * z.s
     extra = out if addend else 0
     maxima = maps * pixel_tiles * z.C * z.s if tile_max else 0
-    r.kernel(f"SepconvRows ({name})", inputs + extra + z.weight(z.K * z.K * cin + z.C * cin + z.C),
-             out + maxima, 2 * maps * z.HW * cin * (channel_tiles * z.K * z.K + z.C), count=count,
-             loaded=channel_tiles * z.K * z.K * inputs + blocks * STEP_N * cin * z.s + extra)
+    scale = maps * z.HW * z.s if scaled else 0
+    r.kernel(f"SepconvRows ({name})",
+             inputs + extra + scale + z.weight(z.K * z.K * cin + z.C * cin + z.C), out + maxima,
+             2 * maps * z.HW * cin * (channel_tiles * z.K * z.K + z.C), count=count,
+             loaded=(channel_tiles * z.K * z.K * (inputs + scale) + blocks * STEP_N * cin * z.s
+                     + extra))
 
 
 def _attention_logits(r, z, what: str, tile_max: bool = False) -> None:
@@ -349,16 +353,15 @@ def convlstm_layer(shape, itemsize: int) -> list:
 def spatial_attention_layer(shape, itemsize: int) -> list:
     """Variant (b): csrc/cuda/spatial_attention_layer_kernel.cu ``spatial_attention_layer`` /
     ``spatial_attention_layer_backward``. Only xa is batched (SepconvRows, x in place); per
-    step F (SepconvRows with xa[t] and tanh), Z = W_z * F (cuDNN), the softmax, X̃ = A∘X_t
-    materialised, SepConv_x(X̃) + b_c (SepconvRows), the gate FCs and (a)'s fused step (H_{t−1}
-    read from and H_t written to the NCHW output). Backward: the cell backward, per-step GEMMs and
+    step F (SepconvRows with xa[t] and tanh), Z = W_z * F (cuDNN), the softmax, SepConv_x(X̃) +
+    b_c (SepconvRows reading X_t in place, scaled by A: X̃ never written), GAP(X̃) as X_t·A, the
+    gate FCs and (a)'s fused step (H_{t−1} read from and H_t written to the NCHW output). Backward: the cell backward, per-step GEMMs and
     transposed depthwise convs, the softmax and W_z backward in ATen; F and X̃ recomputed for
     all steps before the loop."""
     z, r = Sizes(shape, itemsize), Recorder()
     C, cin, T, k2 = z.C, z.cin, z.T, z.K * z.K
     amap = z.B * z.HW * z.s  # A [B, H·W]
     amap32 = z.B * z.HW * 4
-    _channels_last_copy(r, z, z.xseq(), z.xseq(), "x (for X̃)")
     _sepconv_rows(r, z, "xa = SepConv(X) + b, x in place", cin, T * z.B)
     _channels_last_copy(r, z, z.state(), z.state32(), "c0 fp32")
     _initial_hidden_sums(r, z)
@@ -367,9 +370,10 @@ def spatial_attention_layer(shape, itemsize: int) -> list:
            z.gemm_flops(z.rows, 1, C * k2), count=T)
     r.aten("softmax (A)", amap, amap32, count=T)
     r.aten("copy_ (A, saved)", amap32, amap, count=T)
-    r.aten("mul (X̃ = A∘X_t)", z.xstep() + amap, z.xstep(), count=T)
-    _sepconv_rows(r, z, "SepConv_x(X̃) + b_c", cin, z.B, T)
-    r.aten("mean (GAP(X̃))", z.xstep(), z.vec(cin), count=T)
+    _sepconv_rows(r, z, "SepConv_x(A∘X_t) + b_c, x in place", cin, z.B, T, scaled=True)
+    # bmm, then .to(fp32) (a free view in fp32, where the launch counts are measured).
+    r.aten("bmm (GAP(X̃)·HW = X_t·A)", z.xstep() + amap, z.vec(cin, z.s),
+           z.gemm_flops(z.B, cin, z.HW), count=T)
     r.aten("addmm (U_x · GAP(X̃) + b_g)", z.vec(cin), z.vec(3 * C),
            z.gemm_flops(z.B, 3 * C, cin), count=T)
     _pooled_gate_preacts(r, z, 3)

@@ -543,12 +543,14 @@ inline Tensor nchw_view(const Tensor& t, int64_t n, int64_t h, int64_t w, int64_
 // One output of it, in the accumulation dtype (taps in (ky, kx) order; the fused steps,
 // pooled_cell.cuh, compute their depthwise with this same sum), of one map `in` whose element
 // (pixel p, channel c) is in[c · channel_stride + p · pixel_stride]: channels-last (1, Cc) or
-// an NCHW plane stack (H·W, 1).
+// an NCHW plane stack (H·W, 1). With `scale` [H·W] the map is scale∘in, each product rounded to
+// the dtype as an ATen mul of the two rounds it (b's X̃ = A∘X_t, never written).
 template <typename acc_t, typename scalar_t>
 __host__ __device__ inline acc_t depthwise_at(const scalar_t* in, const scalar_t* weight,
                                               int64_t y, int64_t x, int64_t c, int64_t height,
                                               int64_t width, int64_t channel_stride,
-                                              int64_t pixel_stride, int64_t kernel) {
+                                              int64_t pixel_stride, int64_t kernel,
+                                              const scalar_t* scale = nullptr) {
   const int64_t r = kernel / 2;
   const scalar_t* plane = in + c * channel_stride;
   acc_t acc = 0;
@@ -558,8 +560,11 @@ __host__ __device__ inline acc_t depthwise_at(const scalar_t* in, const scalar_t
     for (int64_t kx = 0; kx < kernel; ++kx) {
       const int64_t xx = x + kx - r;
       if (xx < 0 || xx >= width) continue;
-      acc += acc_t(weight[(c * kernel + ky) * kernel + kx]) *
-             acc_t(plane[(yy * width + xx) * pixel_stride]);
+      const int64_t q = yy * width + xx;
+      const scalar_t v =
+          scale != nullptr ? scalar_t(acc_t(scale[q]) * acc_t(plane[q * pixel_stride]))
+                           : plane[q * pixel_stride];
+      acc += acc_t(weight[(c * kernel + ky) * kernel + kx]) * acc_t(v);
     }
   }
   return acc;

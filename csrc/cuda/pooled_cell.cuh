@@ -239,10 +239,12 @@ struct SepconvProduct {
   // Chunk `chunk` of the block's operands: the depthwise of `map` (element (pixel p, channel c)
   // at map[c · channel_stride + p · pixel_stride]) at pixels block.y·kM …, and pw's block of
   // columns block.x·kN …. Consecutive threads take consecutive addresses of the map: pixels of
-  // an NCHW plane (pixel_stride 1), else channels.
+  // an NCHW plane (pixel_stride 1), else channels. `scale` [H·W]: the map is scale∘map
+  // (depthwise_at).
   __host__ __device__ void stage_map(Shared& s, dim3 block, unsigned tid, int64_t chunk,
                                      const scalar_t* map, int64_t channel_stride,
-                                     int64_t pixel_stride) const {
+                                     int64_t pixel_stride,
+                                     const scalar_t* scale = nullptr) const {
     const int64_t k0 = chunk * kK, p0 = int64_t(block.y) * kM, n0 = int64_t(block.x) * kN;
     const int64_t pixels = height * width;
     for (int e = int(tid); e < kM * kK; e += kThreads) {
@@ -250,7 +252,7 @@ struct SepconvProduct {
       const int64_t p = p0 + m, c = k0 + k;
       const acc_t d = p < pixels && c < in_channels
                           ? depthwise_at<acc_t>(map, dw, p / width, p % width, c, height, width,
-                                                channel_stride, pixel_stride, kernel)
+                                                channel_stride, pixel_stride, kernel, scale)
                           : acc_t(0);
       s.a[m][k] = scalar_t(d);
     }
@@ -397,7 +399,8 @@ struct SepconvCellStep : SepconvProduct<scalar_t> {
 // depthwise_at; its rows out[z·HW + p] = act(product + bias[c] + addend[z·HW + p]) (each extra
 // only where given; rounded to the dtype once, then tanh rounded again: the addmm and tanh_
 // it replaces). With tile_max, each block also writes the max of its rows' values per channel
-// (c/d's Z: the per-(b, c) max over the pixels without a pass of its own).
+// (c/d's Z: the per-(b, c) max over the pixels without a pass of its own); with pixel_scale
+// [maps, HW], map z is multiplied by its row of it first (b's X̃ = A∘X_t, read as X_t).
 template <typename scalar_t>
 struct SepconvRows : SepconvProduct<scalar_t> {
   using acc_t = at::opmath_type<scalar_t>;
@@ -408,13 +411,16 @@ struct SepconvRows : SepconvProduct<scalar_t> {
   const scalar_t* addend;  // [maps·HW, C] or nullptr
   scalar_t* out;           // [maps·HW, C]
   scalar_t* tile_max;      // [maps, pixel tiles, C] or nullptr
+  const scalar_t* pixel_scale;  // [maps, HW] or nullptr
   int64_t batch, stride_t, stride_b, channel_stride, pixel_stride;
   bool tanh_out;
 
   __host__ __device__ void stage(Shared& s, dim3 block, unsigned tid, int64_t chunk) const {
     const int64_t map = block.z;
     this->stage_map(s, block, tid, chunk, in + map / batch * stride_t + map % batch * stride_b,
-                    channel_stride, pixel_stride);
+                    channel_stride, pixel_stride,
+                    pixel_scale != nullptr
+                        ? pixel_scale + map * this->height * this->width : nullptr);
   }
 
   __host__ __device__ void epilogue(Shared& s, dim3 block, unsigned tid) const {
@@ -450,7 +456,8 @@ void launch_sepconv_rows(const scalar_t* in, int64_t maps, int64_t batch, int64_
                          int64_t stride_b, int64_t channel_stride, int64_t pixel_stride,
                          const Tensor& dw, const Tensor& pw, const Tensor& bias,
                          const Tensor& addend, bool tanh_out, Tensor& out, int64_t height,
-                         int64_t width, const Tensor& like, const Tensor& tile_max = Tensor()) {
+                         int64_t width, const Tensor& like, const Tensor& tile_max = Tensor(),
+                         const Tensor& pixel_scale = Tensor()) {
   using Rows = SepconvRows<scalar_t>;
   const int64_t cin = pw.size(1), channels = pw.size(0);
   const Tensor dw_c = dw.contiguous(), pw_c = pw.contiguous();
@@ -460,30 +467,53 @@ void launch_sepconv_rows(const scalar_t* in, int64_t maps, int64_t batch, int64_
   const int64_t tiles_m = ceil_div(height * width, Rows::kM);
   TORCH_INTERNAL_ASSERT(!tile_max.defined() || (tile_max.is_contiguous() &&
                                                 tile_max.numel() == maps * tiles_m * channels));
+  TORCH_INTERNAL_ASSERT(!pixel_scale.defined() ||
+                        (pixel_scale.is_contiguous() && pixel_scale.numel() == maps * height * width));
   launch_phased(
       Rows{{dw_c.const_data_ptr<scalar_t>(), pw_c.const_data_ptr<scalar_t>(), height, width, cin,
             channels, dw.size(-1)},
            in, bias_c.defined() ? bias_c.const_data_ptr<scalar_t>() : nullptr,
            addend.defined() ? addend.const_data_ptr<scalar_t>() : nullptr,
            out.mutable_data_ptr<scalar_t>(),
-           tile_max.defined() ? tile_max.mutable_data_ptr<scalar_t>() : nullptr, batch, stride_t,
-           stride_b, channel_stride, pixel_stride, tanh_out},
+           tile_max.defined() ? tile_max.mutable_data_ptr<scalar_t>() : nullptr,
+           pixel_scale.defined() ? pixel_scale.const_data_ptr<scalar_t>() : nullptr, batch,
+           stride_t, stride_b, channel_stride, pixel_stride, tanh_out},
       ceil_div(channels, Rows::kN), tiles_m, maps, like);
 }
 
-// SepConv(X) + bias of every frame of x [T, B, Cin, H, W] (read in place whatever the order of
-// its first two dims; copied once if a frame's planes are not contiguous), dw [Cin, 1, K, K],
+// x [T, B, Cin, H, W] itself where every frame's planes are contiguous (whatever the order of
+// its first two dims), else one contiguous copy: what the SepConv kernels read X_t in place from.
+inline Tensor frame_planes(const Tensor& x) {
+  const int64_t H = x.size(3), W = x.size(4);
+  return x.stride(2) == H * W && x.stride(3) == W && x.stride(4) == 1 ? x : x.contiguous();
+}
+
+// SepConv(X) + bias of every frame of x [T, B, Cin, H, W] (frame_planes), dw [Cin, 1, K, K],
 // pw [C, Cin], bias [C] -> time-first channels-last rows [T·B·H·W, C] of x's dtype.
 inline Tensor sepconv_frames(const Tensor& x, const Tensor& dw, const Tensor& pw,
                              const Tensor& bias) {
   const int64_t T = x.size(0), B = x.size(1), H = x.size(3), W = x.size(4);
-  const Tensor frames = x.stride(2) == H * W && x.stride(3) == W && x.stride(4) == 1
-                            ? x : x.contiguous();
+  const Tensor frames = frame_planes(x);
   Tensor out = at::empty({T * B * H * W, pw.size(0)}, x.options());
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "sepconv_frames",
                                   [&] {
     launch_sepconv_rows(frames.const_data_ptr<scalar_t>(), T * B, B, frames.stride(0),
                         frames.stride(1), H * W, 1, dw, pw, bias, Tensor(), false, out, H, W, x);
+  });
+  return out;
+}
+
+// SepConv(scale∘X_t) + bias of frame t of `frames` (frame_planes of x), scale [B, H·W] (b's A,
+// so the rows are SepConv(X̃) + b_c with X̃ never written) -> rows [B·H·W, C].
+inline Tensor sepconv_scaled_frame(const Tensor& frames, int64_t t, const Tensor& scale,
+                                   const Tensor& dw, const Tensor& pw, const Tensor& bias) {
+  const int64_t B = frames.size(1), H = frames.size(3), W = frames.size(4);
+  Tensor out = at::empty({B * H * W, pw.size(0)}, frames.options());
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, frames.scalar_type(),
+                                  "sepconv_scaled_frame", [&] {
+    launch_sepconv_rows(frames.const_data_ptr<scalar_t>() + t * frames.stride(0), B, B, 0,
+                        frames.stride(1), H * W, 1, dw, pw, bias, Tensor(), false, out, H, W,
+                        frames, Tensor(), scale);
   });
   return out;
 }

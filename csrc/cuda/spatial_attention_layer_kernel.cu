@@ -5,16 +5,17 @@
 // X̃ depends on H_{t−1}, so only SepConv_xa(X) is batched before the loop (one sepconv_frames
 // kernel, x read in place); per step: the attention features F (one fused SepConv kernel,
 // sepconv_maps, with xa[t] and tanh, reading H_{t−1} in the NCHW output), W_z * F (cuDNN), the
-// softmax (ATen), X̃, SepConv_x(X̃) + b_c (sepconv_maps), the pooled gates, and (a)'s fused step
-// (pooled_cell.cuh SepconvCellStep: SepConv_h(H_{t−1}) plus that, the cell, H_t into the NCHW
-// output).
+// softmax (ATen), SepConv_x(X̃) + b_c (one fused kernel reading X_t in place and scaling it by
+// A on the fly: X̃ is never written), GAP(X̃) (one batched product), the pooled gates, and (a)'s
+// fused step (pooled_cell.cuh SepconvCellStep: SepConv_h(H_{t−1}) plus that, the cell, H_t into
+// the NCHW output).
 //
 // Parameters and saved tensors: cells.h kSpatialAttentionLayer (saved: cell, candidate
 // [T, B, H, W, C], gate_preact [T, B, 3C], the map A [T, B, H, W]).
-// One more step launches, forward, 4 kernels of ours and 6 ATen calls; backward 5 and 23
+// One more step launches, forward, 4 kernels of ours and 5 ATen calls; backward 5 and 23
 // (emulation_check.py counts them, in fp32: 2 of the 23 are d W_z's per-step call and add_,
 // same_conv_weight_grad; 16-bit dtypes make one d W_z call for all steps).
-// LAUNCHES_PER_STEP forward=(4, 6) backward=(5, 23)
+// LAUNCHES_PER_STEP forward=(4, 5) backward=(5, 23)
 #include "pooled_cell.cuh"
 
 namespace convlstm_fast {
@@ -35,7 +36,8 @@ LayerResult spatial_attention_layer(const Tensor& x, const Tensor& h0, const Ten
   const int64_t C = h0.size(1), HW = H * W, rows = B * HW;
   const auto dtype = x.scalar_type();
   const auto acc = acc_dtype(x);
-  const Tensor x_cl = channels_last_copy(x, dtype);  // [T, B, H, W, Cin], for X̃
+  // X_t is read in place (frame_planes): X̃ = A∘X_t is never written (sepconv_scaled_frame).
+  const Tensor frames = frame_planes(x);
   // The only input-side term that does not depend on H: xa = SepConv_xa(X) + b_a (F's X-side
   // term) for all steps, x read in place (sepconv_frames).
   const Tensor xa = sepconv_frames(x, params[attention::kAttDwX], params[attention::kAttPwX],
@@ -73,17 +75,18 @@ LayerResult spatial_attention_layer(const Tensor& x, const Tensor& h0, const Ten
         same_conv(nchw_view(features, B, H, W, C), params[spatial::kAttWeightZ], Tensor());
     const Tensor map = saved(spatial::kSavedMap, t).view({B, HW});
     map.copy_(logits.reshape({B, HW}).softmax(1, acc));
-    // X̃ = A∘X_t (A rounded to x's dtype, as saved)
-    const Tensor x_attended = x_cl[t].view({B, HW, Cin}).mul(map.view({B, HW, 1})).contiguous();
-    // SepConv_x(X̃) + b_c, rounded as the addmm it replaces rounded it: the fused step's X-side
-    // term (a's xc[t])
-    const Tensor cand_x =
-        sepconv_maps(x_attended, MapLayout::kChannelsLast, params[pooled::kCandDwX],
-                     params[pooled::kCandPwX], params[pooled::kCandBias], Tensor(), false, B, H, W);
-    // gates U_x·GAP(X̃) + b_g, then + U_h·h̄ from H_{t−1}'s column sums (PooledGatePreacts)
+    // SepConv_x(X̃) + b_c with X̃ = A∘X_t (A rounded to x's dtype, as saved; each product
+    // rounded as the mul it replaces), X_t read in place: the fused step's X-side term (a's
+    // xc[t])
+    const Tensor cand_x = sepconv_scaled_frame(frames, t, map, params[pooled::kCandDwX],
+                                               params[pooled::kCandPwX], params[pooled::kCandBias]);
+    // gates U_x·GAP(X̃) + b_g, GAP(X̃) = X_t·A / HW (one batched product), then + U_h·h̄ from
+    // H_{t−1}'s column sums (PooledGatePreacts)
+    const Tensor gap_x =
+        at::bmm(frames[t].reshape({B, Cin, HW}), map.view({B, HW, 1})).view({B, Cin}).to(acc);
     const Tensor gate_pre = saved(pooled::kSavedGatePreact, t);
-    pooled_gate_preacts(at::addmm(gate_bias, x_attended.mean({1}, false, acc), gate_weight_x.t()),
-                        hsum, gate_weight_h, gate_pre, HW);
+    pooled_gate_preacts(at::addmm(gate_bias, gap_x, gate_weight_x.t(), 1, 1.0 / HW), hsum,
+                        gate_weight_h, gate_pre, HW);
     // cand_preact = SepConv_h(H_{t−1}) + cand_x and the cell, in one kernel
     sepconv_cell_forward(h_prev, dw_h, pw_h, cand_x, gate_pre, Tensor(), Tensor(),
                          kCell.map_gate(), activation, cell_state, output[t],
