@@ -801,6 +801,14 @@ class SequenceFrames:
         return sequence.permute(0, 1, 3, 4, 2).reshape(-1, per_frame.shape[1]).contiguous()
 
 
+def frame_planes(x: torch.Tensor) -> torch.Tensor:
+    """``x [T, B, Cin, H, W]`` itself where every frame's planes are contiguous (whatever the
+    order of its first two dims), else one contiguous copy: what kernels read X_t in place from
+    (frame t's sample b at ``b · stride(1)`` from ``x[t]``)."""
+    height, width = x.shape[3:]
+    return x if x.stride()[2:] == (height * width, width, 1) else x.contiguous()
+
+
 def sepconv_rows(x: torch.Tensor, dw: torch.Tensor, pw: torch.Tensor,
                  bias: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
     """SepConv of ``x [N, Cin, H, W]`` for all N at once, as rows: returns ``(depthwise rows
@@ -820,8 +828,7 @@ def sepconv_x_rows(x: torch.Tensor, dw: torch.Tensor, pw: torch.Tensor, bias: to
     step (fp32 ``[T·B, Cin]`` time-first, from the kernel's per-tile column sums: x is read
     once), else None."""
     steps, batch, cin, height, width = x.shape
-    if x.stride()[2:] != (height * width, width, 1):
-        x = x.contiguous()
+    x = frame_planes(x)
     hidden, pixels = pw.shape[0], height * width
     block_m, block_c = block_sizes(x.device, pixels, hidden)
     tiles = triton.cdiv(pixels, block_m)

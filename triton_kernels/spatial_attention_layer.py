@@ -9,7 +9,7 @@ X̃ depends on H_{t−1}, so only ``xa = SepConv_xa(X) + b_a`` is precomputed. F
 launches per step: (1) one pass over H_{t−1} for SepConv_h and F (the c/d features kernel,
 ``_common.attention_features_kernel``, with RAW_CAND); (2) ``_spatial_logits_kernel``: Z and
 per-tile softmax statistics (max, Σexp); (3) ``_spatial_input_kernel``: A, SepConv_x(X̃) with X̃
-formed on the fly, G, and the per-tile column sums of X̃ (GAP(X̃) is a grid-wide reduction: the
+formed on the fly from X_t read in place (its NCHW planes: no channels-last copy of X), G, and the per-tile column sums of X̃ (GAP(X̃) is a grid-wide reduction: the
 launch boundary before the gates); (4) ``_spatial_cell_kernel``: pooled gates, cell update,
 column sums of H_t.
 Backward (the walk backwards), per step: the cell backward of (a) with the attention path's dH term
@@ -33,7 +33,7 @@ from ._common import store_hidden_state, tanh
 from ._common import attention_features_kernel, pooled_layer_bwd_kernel
 from ._common import GPU_BLOCK_M, SEPCONV_LAUNCH, block_sizes, dot_precision
 from ._common import ATTENTION_FWD_BLOCK_K, ATTENTION_FWD_LAUNCH, POOLED_BWD_LAUNCH
-from ._common import SequenceFrames, StepMask, Walk, depthwise, depthwise_backward, nchw, rows
+from ._common import StepMask, Walk, depthwise, depthwise_backward, frame_planes, nchw, rows
 from ._common import sepconv_rows, sepconv_rows_backward, sepconv_x_rows
 from ._weight_grads import conv_weight_grad, steps_mm
 from ._common import initial_pooled_state, layer_input_grads, layer_outputs, output_grads
@@ -111,14 +111,15 @@ def _spatial_logits_kernel(
 def _spatial_input_kernel(
     x_ptr, z_ptr, zstat_ptr, hc_ptr, dwx_ptr, pwx_ptr, cb_ptr,
     att_ptr, cand_ptr, xpart_ptr,
-    CIN, C, H, W, NMT,
+    CIN, C, H, W, NMT, X_STRIDE_B,
     KSIZE: tl.constexpr, DOT_PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
     """A = exp(Z − M) / S (M, S merged from the tiles' statistics), then
     G = tanh(SepConv_x(A∘X_t) + SepConv_h(H_{t−1}) + b_c) with the depthwise of X̃ = A∘X formed
-    on the fly. Programs of the first channel tile also store A and the column sums of X̃ over
-    their pixels (for GAP(X̃))."""
+    on the fly from X_t read in place (x_ptr: the frame's NCHW planes, samples X_STRIDE_B
+    apart). Programs of the first channel tile also store A and the column sums of X̃ over their
+    pixels (for GAP(X̃))."""
     pid_m, pid_n, b, HW, offs_m, mask_m, oy, ox, offs_n, mask_n = program_tile(
         C, H, W, BLOCK_M, BLOCK_N)
     PAD: tl.constexpr = KSIZE // 2
@@ -138,7 +139,7 @@ def _spatial_input_kernel(
     tl.store(att_ptr + b * HW + offs_m, att.to(att_ptr.dtype.element_ty),
              mask=mask_if(mask_m, first_n))
 
-    x_b = x_ptr + b * HW * CIN
+    x_b = x_ptr + b * X_STRIDE_B
     acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
     for k0 in range(0, CIN, BLOCK_K):
         offs_k = k0 + tl.arange(0, BLOCK_K)
@@ -151,14 +152,14 @@ def _spatial_input_kernel(
                 valid = mask_m & (iy >= 0) & (iy < H) & (ix >= 0) & (ix < W)
                 q = iy * W + ix
                 a_q = tl.exp(tl.load(z_b + q, mask=valid, other=0.0) - big) / total
-                v = tl.load(x_b + q[:, None] * CIN + offs_k[None, :],
+                v = tl.load(x_b + offs_k[None, :] * HW + q[:, None],
                             mask=valid[:, None] & mask_k[None, :], other=0.0).to(tl.float32)
                 # X̃ as the reference holds it: A∘X rounded to the input dtype.
                 v = (v * a_q[:, None]).to(x_ptr.dtype.element_ty).to(tl.float32)
                 w = tl.load(dwx_ptr + offs_k * (KSIZE * KSIZE) + (a * KSIZE + bb), mask=mask_k,
                             other=0.0).to(tl.float32)
                 d += v * w[None, :]
-        center = tl.load(x_b + offs_m[:, None] * CIN + offs_k[None, :],
+        center = tl.load(x_b + offs_k[None, :] * HW + offs_m[:, None],
                          mask=mask_m[:, None] & mask_k[None, :], other=0.0).to(tl.float32)
         xt = (center * att[:, None]).to(x_ptr.dtype.element_ty).to(tl.float32)
         tl.store(xpart_ptr + (b * NMT + pid_m) * CIN + offs_k, tl.sum(xt, axis=0),
@@ -276,10 +277,9 @@ def spatial_attention_layer_forward(x, h0, c0, params, gate_activation: int,
     gwx, gwh, gb, cdwx, cpwx, cdwh, cpwh, cb, adwx, apwx, adwh, apwh, ab, wz = p
     steps, batch, cin, height, width = x.shape
     hidden, pixels, ksize = h0.shape[1], height * width, cdwh.shape[-1]
-    seq = SequenceFrames(x)
     xa, _ = sepconv_x_rows(x, adwx, apwx, ab)  # the only X-side term free of A
     xa = xa.view(steps, batch * pixels, hidden)
-    x_rows = seq.rows(seq.frames).view(steps, batch * pixels, cin)
+    frames = frame_planes(x)  # X_t read in place by the step's input kernel
 
     block_m, block_c = block_sizes(x.device, pixels, hidden)
     tiles = triton.cdiv(pixels, block_m)
@@ -311,8 +311,9 @@ def spatial_attention_layer_forward(x, h0, c0, params, gate_activation: int,
                                                   tiles, KSIZE=ksize, BLOCK_M=block_m,
                                                   BLOCK_K=min(block_c, LOGITS_BLOCK_K),
                                                   **LOGITS_LAUNCH)
-        _spatial_input_kernel[grid](x_rows[t], logits, zstat, hc, cdwx, cpwx, cb, att[t],
+        _spatial_input_kernel[grid](frames[t], logits, zstat, hc, cdwx, cpwx, cb, att[t],
                                     cand[t], xpart, cin, hidden, height, width, tiles,
+                                    frames.stride(1),
                                     KSIZE=ksize, DOT_PRECISION=dot, BLOCK_M=block_m,
                                     BLOCK_N=block_c, BLOCK_K=min(block_c, INPUT_BLOCK_K),
                                     **INPUT_LAUNCH)
@@ -474,7 +475,6 @@ def traffic(shape, itemsize: int) -> list:
     hpart, xpart, zstat = z.B * tiles * C * 4, z.B * tiles * cin * 4, z.B * tiles * 2 * 4
     copies = 0 if itemsize == 4 else T  # .float() of a bf16/fp16 tensor is a copy
     sepconv_x_rows_traffic(r, z, cin, C, means=False)
-    r.aten("clone (rows of X)", z.xseq(), z.xseq())
     initial_pooled_state_traffic(r, z)
     attention_features_traffic(r, z, raw_cand=True, count=T)
     r.kernel("_spatial_logits_kernel", z.state() + z.weight(k2 * C), amap32 + zstat,
