@@ -9,8 +9,9 @@ X̃ depends on H_{t−1}, so only ``xa = SepConv_xa(X) + b_a`` is precomputed. F
 launches per step: (1) one pass over H_{t−1} for SepConv_h and F (the c/d features kernel,
 ``_common.attention_features_kernel``, with RAW_CAND); (2) ``_spatial_logits_kernel``: Z and
 per-tile softmax statistics (max, Σexp); (3) ``_spatial_input_kernel``: A, SepConv_x(X̃) with X̃
-formed on the fly from X_t read in place (its NCHW planes: no channels-last copy of X), G, and the per-tile column sums of X̃ (GAP(X̃) is a grid-wide reduction: the
-launch boundary before the gates); (4) ``_spatial_cell_kernel``: pooled gates, cell update,
+formed on the fly from X_t read in place (its NCHW planes: no channels-last copy of X), G, and
+the per-tile column sums of X̃ (GAP(X̃) is a grid-wide reduction: the launch boundary before the
+gates); (4) ``_spatial_cell_kernel``: pooled gates, cell update,
 column sums of H_t.
 Backward (the walk backwards), per step: the cell backward of (a) with the attention path's dH term
 (``_common.pooled_layer_bwd_kernel``, ATT_PATH), dX̃ and per-pixel dA

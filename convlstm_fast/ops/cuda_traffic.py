@@ -215,8 +215,8 @@ def output_attention_layer(shape, itemsize: int) -> list:
 def _batched_input_layer(shape, itemsize: int, has_map: bool) -> list:
     """batched_input_layer.cuh: the X side batched (one SepconvRows kernel each for xc (and
     xa), GAP(X) and its FC), then per step the gate kernel, for c/d two SepconvRows kernels (F,
-    Z = SepConv_z(F) with its per-tile maxima), and the fused step (H_{t−1} read from and H_t written to the
-    NCHW output, with c/d's A as a gate).
+    Z = SepConv_z(F) with its per-tile maxima), and the fused step (H_{t−1} read from and H_t
+    written to the NCHW output, with c/d's A as a gate).
     Backward: the cell backward, the GEMMs and transposed depthwise convs per step (c/d recompute
     F and Z as the forward did), the weight gradients batched after the loop."""
     z, r = Sizes(shape, itemsize), Recorder()
@@ -355,9 +355,9 @@ def spatial_attention_layer(shape, itemsize: int) -> list:
     ``spatial_attention_layer_backward``. Only xa is batched (SepconvRows, x in place); per
     step F (SepconvRows with xa[t] and tanh), Z = W_z * F (cuDNN), the softmax, SepConv_x(X̃) +
     b_c (SepconvRows reading X_t in place, scaled by A: X̃ never written), GAP(X̃) as X_t·A, the
-    gate FCs and (a)'s fused step (H_{t−1} read from and H_t written to the NCHW output). Backward: the cell backward, per-step GEMMs and
-    transposed depthwise convs, the softmax and W_z backward in ATen; F and X̃ recomputed for
-    all steps before the loop."""
+    gate FCs and (a)'s fused step (H_{t−1} read from and H_t written to the NCHW output).
+    Backward: the cell backward, per-step GEMMs and transposed depthwise convs, the softmax and
+    W_z backward in ATen; F and X̃ recomputed for all steps before the loop."""
     z, r = Sizes(shape, itemsize), Recorder()
     C, cin, T, k2 = z.C, z.cin, z.T, z.K * z.K
     amap = z.B * z.HW * z.s  # A [B, H·W]

@@ -137,15 +137,17 @@ inline void pooled_gate_preacts(const Tensor& xg, const Tensor& hsum_partial,
 // tiles, two per warp; float and double, and every dtype in the emulation build, kMicro×kMicro
 // register tiles), so no depthwise output is written and no GEMM call is made. The product
 // lands in shared memory for an epilogue of the kernel's own:
-//   SepconvCellStep — the candidate's H side and the cell of a step of a, c, d, after the gate
-//     kernel (PooledGatePreacts): xc[t] added (cand_preact rounded once, as the addmm it
-//     replaces), c/d's A = exp(Z − max Z) as a gate, the cell (pooled_cell_element), H_t (NCHW),
-//     C_t, G (and A) and the block's column sums of H_t stored (hsum_partial [B, pixel tiles,
-//     C], which the next step's gates sum in a fixed order);
+//   SepconvCellStep — the candidate's H side and the cell of a step of a–d, after the gate
+//     kernel (PooledGatePreacts): xc[t] (b: SepConv_x(X̃) + b_c) added (cand_preact rounded
+//     once, as the addmm it replaces), c/d's A = exp(Z − max Z) as a gate, the cell
+//     (pooled_cell_element), H_t (NCHW), C_t, G (and A) and the block's column sums of H_t
+//     stored (hsum_partial [B, pixel tiles, C], which the next step's gates sum in a fixed
+//     order);
 //   SepconvRows — SepConv of maps as channels-last rows, with a bias, an addend and tanh on the
 //     way out: the X side of a, c, d from x read in place (NCHW planes, any order of its first
 //     two dims; sepconv_frames), c/d's per-step F = tanh(SepConv_ha(H) + xa[t]) and Z =
-//     SepConv_z(F), and b's SepConvs (sepconv_maps).
+//     SepConv_z(F) (its per-tile max beside), and b's F and SepConv_x(A∘X_t) (sepconv_maps,
+//     sepconv_scaled_frame).
 template <typename scalar_t>
 struct WmmaType {
   using type = void;
@@ -467,8 +469,8 @@ void launch_sepconv_rows(const scalar_t* in, int64_t maps, int64_t batch, int64_
   const int64_t tiles_m = ceil_div(height * width, Rows::kM);
   TORCH_INTERNAL_ASSERT(!tile_max.defined() || (tile_max.is_contiguous() &&
                                                 tile_max.numel() == maps * tiles_m * channels));
-  TORCH_INTERNAL_ASSERT(!pixel_scale.defined() ||
-                        (pixel_scale.is_contiguous() && pixel_scale.numel() == maps * height * width));
+  TORCH_INTERNAL_ASSERT(!pixel_scale.defined() || (pixel_scale.is_contiguous() &&
+                                                   pixel_scale.numel() == maps * height * width));
   launch_phased(
       Rows{{dw_c.const_data_ptr<scalar_t>(), pw_c.const_data_ptr<scalar_t>(), height, width, cin,
             channels, dw.size(-1)},
@@ -549,11 +551,12 @@ inline int64_t sepconv_cell_splits(int64_t pixels, at::ScalarType dtype) {
   return ceil_div(pixels, dtype == at::kDouble ? SepconvTile<double>::kM : SepconvTile<float>::kM);
 }
 
-// One forward step of a, c or d after its gates: h_prev and h_out [B, C, H, W] NCHW, the H-side
-// weights dw [C, 1, K, K] and pw [C, C] (contiguous), xc_t [B·HW, C], gate_pre [B, n·C]; for c/d
-// (map_gate) Z [B·HW, C], its per-tile maxima [B, sepconv_cell_splits, C] (sepconv_maps'
-// tile_max) and map_saved (A), undefined otherwise; cell_state updated in place; cell_saved, cand_saved this step's slices; the column
-// sums of H_t into hsum_partial [B, sepconv_cell_splits, C].
+// One forward step of a–d after its gates: h_prev and h_out [B, C, H, W] NCHW, the H-side
+// weights dw [C, 1, K, K] and pw [C, C] (contiguous), xc_t [B·HW, C] (b: SepConv_x(X̃) + b_c),
+// gate_pre [B, n·C]; for c/d (map_gate) Z [B·HW, C], its per-tile maxima [B,
+// sepconv_cell_splits, C] (sepconv_maps' tile_max) and map_saved (A), undefined otherwise;
+// cell_state updated in place; cell_saved, cand_saved this step's slices; the column sums of H_t
+// into hsum_partial [B, sepconv_cell_splits, C].
 inline void sepconv_cell_forward(const Tensor& h_prev, const Tensor& dw, const Tensor& pw,
                                  const Tensor& xc_t, const Tensor& gate_pre, const Tensor& logits,
                                  const Tensor& logits_tile_max, int map_gate, int64_t activation,
