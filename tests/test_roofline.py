@@ -32,13 +32,12 @@ SMALL = cases.CellShape(2, 3, 6, 5, 7, 9, 3, label="small")
 # them): the reasons of the strict xfails below. Never loosen the target; when a kernel gets
 # under it, its case XPASSes and fails, and its line here goes.
 MISSED = {
-    ("a", "triton"): "modelled 1.49x the floor (610 MB of 411 MB)",
     ("a", "cuda"): "modelled 1.62x the floor (665 MB of 411 MB)",
-    ("b", "triton"): "modelled 2.23x the floor (1,033 MB of 462 MB)",
+    ("b", "triton"): "modelled 2.07x the floor (955 MB of 462 MB)",
     ("b", "cuda"): "modelled 2.12x the floor (980 MB of 462 MB)",
-    ("c", "triton"): "modelled 2.09x the floor (1,181 MB of 565 MB)",
+    ("c", "triton"): "modelled 1.95x the floor (1,104 MB of 565 MB)",
     ("c", "cuda"): "modelled 2.00x the floor (1,129 MB of 565 MB)",
-    ("d", "triton"): "modelled 2.09x the floor (1,181 MB of 565 MB)",
+    ("d", "triton"): "modelled 1.95x the floor (1,104 MB of 565 MB)",
     ("d", "cuda"): "modelled 2.00x the floor (1,129 MB of 565 MB)",
 }
 
@@ -190,11 +189,12 @@ def test_triton_a_models_the_redundant_depthwise_of_issue_14():
     channels of H_{t−1} (≈ 123 MB of L2 traffic per step at 64-pixel tiles, ≈ 116 MB for the
     784 valid pixels): the step kernel's loads hold at least that, its HBM bytes do not."""
     pytest.importorskip("triton")
-    step = next(r for r in roofline.triton_model("pooled_layer")(PAPER, BF16)
-                if r.name == "_pooled_layer_fwd_kernel")
+    steps = [r for r in roofline.triton_model("pooled_layer")(PAPER, BF16)
+             if r.name.startswith("_pooled_layer_fwd_kernel")]
     taps = 4 * 9 * 8 * 784 * 256 * 2
-    assert step.count == 16
-    assert step.loaded >= taps > 3 * (step.read + step.written)
+    assert sum(step.count for step in steps) == 16  # the first, 14 alike, the last
+    for step in steps:
+        assert step.loaded >= taps > 3 * (step.read + step.written)
 
 
 # ---------------------------------------------------------------------------------------------

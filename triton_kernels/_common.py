@@ -418,21 +418,67 @@ def store_gate_preacts(gate_ptr, z0, z1, z2, b, pid_m, offs_n, mask_n, C,
 
 
 @triton.jit
-def store_cell_state(c_new, c_ptr, cell_ptr, offs, mask):
-    """C_t of this tile into the fp32 state ``c`` (in place) and the saved ``cell``."""
-    tl.store(c_ptr + offs, c_new, mask=mask)
-    tl.store(cell_ptr + offs, c_new.to(cell_ptr.dtype.element_ty), mask=mask)
+def load_cell_state(c_ptr, prev_ptr, b, HW, C, offs_m, mask_m, offs_n, mask_n, first,
+                    SPLIT: tl.constexpr):
+    """C_{t−1} of this tile in fp32 from what :class:`CellState` hands the step: at the walk's
+    first step (``first``, a runtime flag: one compile serves every step) C_0 itself (``prev``:
+    the NCHW c0, in the layer's dtype); else the fp32 rows ``c``, or with SPLIT (bf16) the two
+    halves of their bits: ``prev`` is the saved bf16 C_{t−1} (rows), the high half rounded half
+    away from zero, and ``c`` (int16) the low half (exact)."""
+    if first != 0:
+        offs, mask = map_tile(b, HW, C, offs_m, mask_m, offs_n, mask_n)
+        c = tl.load(prev_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+    else:
+        offs, mask = state_tile(b, HW, C, offs_m, mask_m, offs_n, mask_n)
+        if SPLIT:
+            high = tl.load(prev_ptr + offs, mask=mask, other=0.0).to(tl.uint16, bitcast=True)
+            low = tl.load(c_ptr + offs, mask=mask, other=0).to(tl.uint16, bitcast=True)
+            low = low.to(tl.uint32)
+            # The high half was rounded up (by one unit of its last place) iff low >= 2^15.
+            bits = (high.to(tl.uint32) << 16) + low
+            c = tl.where(low >= 0x8000, bits - 0x10000, bits).to(tl.float32, bitcast=True)
+        else:
+            c = tl.load(c_ptr + offs, mask=mask, other=0.0)
+    return c
 
 
 @triton.jit
-def store_hidden_state(h, h_out_ptr, hpart_next_ptr, offs_m, mask_m, b, pid_m, offs_n, mask_n,
-                       C, HW, NMT):
+def store_cell_state(c_new, c_ptr, cell_ptr, c_n_ptr, b, HW, C, offs_m, mask_m, offs_n, mask_n,
+                     last, SPLIT: tl.constexpr):
+    """C_t of this tile into the saved ``cell`` (rows, the layer's dtype) and the state the next
+    step reads (:func:`load_cell_state`): the fp32 rows ``c`` (in place), or with SPLIT the low
+    16 bits of C_t's fp32 bits, the saved bf16 C_t being its high half rounded half away from zero
+    (a NaN stays one). At the walk's last step (``last``, a runtime flag) no state but c_n (NCHW,
+    the layer's output)."""
+    offs, mask = state_tile(b, HW, C, offs_m, mask_m, offs_n, mask_n)
+    if SPLIT:
+        bits = c_new.to(tl.uint32, bitcast=True)
+        high = tl.where(c_new != c_new, 0x7FC0, (bits + 0x8000) >> 16).to(tl.uint16)
+        cell = high.to(cell_ptr.dtype.element_ty, bitcast=True)
+        if last == 0:
+            low = (bits & 0xFFFF).to(tl.uint16).to(tl.int16, bitcast=True)
+            tl.store(c_ptr + offs, low, mask=mask)
+    else:
+        cell = c_new.to(cell_ptr.dtype.element_ty)
+        if last == 0:
+            tl.store(c_ptr + offs, c_new, mask=mask)
+    tl.store(cell_ptr + offs, cell, mask=mask)
+    if last != 0:
+        map_offs, _ = map_tile(b, HW, C, offs_m, mask_m, offs_n, mask_n)
+        tl.store(c_n_ptr + map_offs, cell, mask=mask)
+
+
+@triton.jit
+def store_hidden_state(h, h_out_ptr, h_n_ptr, hpart_next_ptr, offs_m, mask_m, b, pid_m, offs_n,
+                       mask_n, C, HW, NMT, last):
     """H_t of this tile (already in h_out's dtype) into ``h_out``, the step's slice ``[B, C, H,
     W]`` of the layer's NCHW output (which the next step reads as H_{t−1}: no rows of H and no
-    copy to NCHW after the loop), and the tile's column sums of it into ``hpart_next [B, NMT,
-    C]``: the next step's h̄ (a fixed-order reduction)."""
+    copy to NCHW after the loop), at the walk's last step (``last``) into h_n too, and the tile's column
+    sums of it into ``hpart_next [B, NMT, C]``: the next step's h̄ (a fixed-order reduction)."""
     offs, mask = map_tile(b, HW, C, offs_m, mask_m, offs_n, mask_n)
     tl.store(h_out_ptr + offs, h, mask=mask)
+    if last != 0:
+        tl.store(h_n_ptr + offs, h, mask=mask)
     hsum = tl.sum(tl.where(mask, h.to(tl.float32), 0.0), axis=0)
     tl.store(hpart_next_ptr + (b * NMT + pid_m) * C + offs_n, hsum, mask=mask_n)
 
@@ -557,16 +603,17 @@ def attention_logits_kernel(
     tl.store(zpart_ptr + (b * NMT + pid_m) * C + offs_n, tile_max, mask=mask_n)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["first", "last"])
 def attention_cell_kernel(
-    z_ptr, zpart_ptr, c_ptr, cand_ptr, xg_ptr, hpart_prev_ptr, hpart_next_ptr, uh_ptr,
-    h_out_ptr, cell_ptr, att_ptr, gate_ptr,
-    C, H, W, NMT,
-    ACT: tl.constexpr, OUTPUT_GATE: tl.constexpr,
+    z_ptr, zpart_ptr, c_ptr, cell_prev_ptr, cand_ptr, xg_ptr, hpart_prev_ptr, hpart_next_ptr,
+    uh_ptr, h_out_ptr, cell_ptr, att_ptr, gate_ptr, h_n_ptr, c_n_ptr,
+    C, H, W, NMT, first, last,
+    ACT: tl.constexpr, OUTPUT_GATE: tl.constexpr, SPLIT: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
     """M = exp(Z − max_HW Z) (never exp(Z)/max exp(Z)), the two pooled gates, and the cell
-    update with M as the input gate (c) or the output gate (OUTPUT_GATE, d)."""
+    update with M as the input gate (c) or the output gate (OUTPUT_GATE, d). The cell state:
+    ``c``, ``cell_prev``, ``first``, ``last`` and SPLIT as :class:`CellState` hands them."""
     pid_m, pid_n, b, HW, offs_m, mask_m, oy, ox, offs_n, mask_n = program_tile(
         C, H, W, BLOCK_M, BLOCK_N)
     # The pooled gates and max Z first: only [BLOCK_N] vectors are live across their loops, no
@@ -586,7 +633,8 @@ def attention_cell_kernel(
     att = tl.exp(tl.load(z_ptr + offs, mask=mask, other=0.0) - zmax[None, :])
     tl.store(att_ptr + offs, att.to(att_ptr.dtype.element_ty), mask=mask)
     g = tl.load(cand_ptr + offs, mask=mask, other=0.0).to(tl.float32)
-    c_prev = tl.load(c_ptr + offs, mask=mask, other=0.0)
+    c_prev = load_cell_state(c_ptr, cell_prev_ptr, b, HW, C, offs_m, mask_m, offs_n, mask_n,
+                             first, SPLIT)
     if OUTPUT_GATE:  # (d): [i f] pooled, o = M
         c_new = g1[None, :] * c_prev + g0[None, :] * g
         h = att * tanh(c_new)
@@ -594,9 +642,10 @@ def attention_cell_kernel(
         c_new = g0[None, :] * c_prev + att * g
         h = g1[None, :] * tanh(c_new)
     h = h.to(h_out_ptr.dtype.element_ty)
-    store_cell_state(c_new, c_ptr, cell_ptr, offs, mask)
-    store_hidden_state(h, h_out_ptr, hpart_next_ptr, offs_m, mask_m, b, pid_m, offs_n, mask_n, C,
-                       HW, NMT)
+    store_cell_state(c_new, c_ptr, cell_ptr, c_n_ptr, b, HW, C, offs_m, mask_m, offs_n, mask_n,
+                     last, SPLIT)
+    store_hidden_state(h, h_out_ptr, h_n_ptr, hpart_next_ptr, offs_m, mask_m, b, pid_m, offs_n,
+                       mask_n, C, HW, NMT, last)
 
 
 @triton.jit
@@ -979,15 +1028,19 @@ class StepMask:
         return tensor.clone() if self.active else None
 
     def forward_step(self, t: int, out_t, cell_t, c_state, c_before, h_carry,
-                     hpart_next=None, hpart_prev=None) -> None:
+                     hpart_next=None, hpart_prev=None, cell_before=None) -> None:
         """After forward step t: the samples whose step does not count keep C (``c_state`` ←
-        ``c_before``, and the saved ``cell_t`` is that carried C), their H carry and pooled
-        column sums (``hpart_next`` ← ``hpart_prev``, the sums the step read); the others'
-        carry becomes ``out_t``; ``out_t`` is zeroed where the step does not count."""
+        ``c_before``, and the saved ``cell_t`` is that carried C: ``c_state`` rounded, or
+        ``cell_before`` where the saved C is part of the state, :class:`CellState`), their H
+        carry and pooled column sums (``hpart_next`` ← ``hpart_prev``, the sums the step read);
+        the others' carry becomes ``out_t``; ``out_t`` is zeroed where the step does not count."""
         if not self.active:
             return
         self.restore(t, c_state, c_before)
-        cell_t.copy_(c_state)
+        if cell_before is None:
+            cell_t.copy_(c_state)
+        else:
+            self.restore(t, cell_t, cell_before)
         counts = self.counts(t)
         carry = self._flat(h_carry)
         carry.copy_(torch.where(counts, self._flat(out_t), carry))
@@ -1061,18 +1114,84 @@ class StepMask:
         return torch.where(previous_counted.view(shape), stored, initial[None])
 
 
-def initial_pooled_state(h0: torch.Tensor, c0: torch.Tensor, tiles: int, walk: Walk):
-    """The start of a pooled-gate cell's recurrence: ``(h_prev, c_state, hpart)``, H_0 itself
-    (NCHW, as the step kernels read H_{t−1}; copied only if not contiguous), C_0 as fp32 rows
-    (the step kernels update them in place) and the two ping-pong buffers
+def initial_pooled_state(h0: torch.Tensor, tiles: int, walk: Walk):
+    """The start of a pooled-gate cell's recurrence: ``(h_prev, hpart)``, H_0 itself (NCHW, as
+    the step kernels read H_{t−1}; copied only if not contiguous) and the two ping-pong buffers
     ``[2, B, tiles, C]`` (fp32) of per-pixel-tile column sums of H that the steps hand on (step t
     reads ``[(t + 1) % 2]``, writes ``[t % 2]``: the steps before and after t in the walk have
     the same parity, whichever its direction): buffer ``(first + 1) % 2`` holds H_0's, all in
-    tile 0."""
+    tile 0. The cell state: :class:`CellState`."""
     batch, hidden = h0.shape[:2]
     hpart = torch.zeros(2, batch, tiles, hidden, device=h0.device, dtype=torch.float32)
     hpart[(walk.first + 1) % 2, :, 0] = h0.sum((-2, -1), dtype=torch.float32)
-    return h0.contiguous(), rows_fp32(c0), hpart
+    return h0.contiguous(), hpart
+
+
+class CellState:
+    """The fp32 cell state C between the steps of a pooled-gate layer (a, b, c, d) as its step
+    kernels read and write it (:func:`load_cell_state`, :func:`store_cell_state`), and the
+    layer's h_n and c_n, which the walk's last step writes.
+
+    Every step writes the saved C_t (``cell [T, B·H·W, C]``, the layer's dtype) anyway; in bf16
+    that is the high half of C_t's fp32 bits (rounded half away from zero), so the state proper
+    is only the low halves (int16 rows, in place): 4 bytes read and 4 written per element and
+    step for an exact fp32 state, where an fp32 copy beside the saved C_t took 4 and 6. In fp32
+    and fp16 the state is fp32 rows (in place). The walk's first step reads c0 itself (NCHW, no
+    fp32 copy of it), its last writes c_n and h_n rather than a state no step reads.
+    With ``lengths`` the state starts as C_0 (a sample whose step does not count keeps it,
+    :meth:`forward_step`), first and last steps are steps like the others, and h_n, c_n are
+    taken after the loop (:meth:`outputs`)."""
+
+    def __init__(self, h0: torch.Tensor, c0: torch.Tensor, cell: torch.Tensor, walk: Walk,
+                 mask: StepMask):
+        self.cell, self.walk, self.mask = cell, walk, mask
+        self.c0 = c0.contiguous()
+        self.split = cell.dtype == torch.bfloat16
+        shape = cell.shape[1:]
+        if mask.active:
+            self.initial = rows(c0).to(cell.dtype) if self.split else None
+            self.state = (torch.zeros(shape, device=cell.device, dtype=torch.int16)
+                          if self.split else rows_fp32(c0))
+        else:
+            self.initial = None
+            self.state = torch.empty(shape, device=cell.device,
+                                     dtype=torch.int16 if self.split else torch.float32)
+        self.h_n = torch.empty_like(h0, memory_format=torch.contiguous_format)
+        self.c_n = torch.empty_like(c0, dtype=cell.dtype, memory_format=torch.contiguous_format)
+
+    def _prev(self, t: int) -> torch.Tensor:
+        """The saved C_{t−1} step t reads in split mode (C_0 as bf16 rows at the first)."""
+        before = self.walk.before(t)
+        return self.initial if before is None else self.cell[before]
+
+    def step(self, t: int) -> tuple[torch.Tensor, torch.Tensor, int, int]:
+        """``(c, cell_prev, first, last)`` of step t's launch: the state, the tensor read beside
+        it (always in the layer's dtype: one pointer type for every step), and the walk's
+        first/last-step flags (SPLIT: :attr:`split`; h_n, c_n: the attributes)."""
+        first = int(t == self.walk.first and not self.mask.active)
+        last = int(t == self.walk.last and not self.mask.active)
+        prev = self._prev(t) if self.split and not first else self.c0
+        return self.state, prev, first, last
+
+    def hold(self) -> torch.Tensor | None:
+        """The state before a step (with lengths; else None)."""
+        return self.mask.hold(self.state)
+
+    def forward_step(self, t: int, out_t, held, h_carry, hpart_next, hpart_prev) -> None:
+        """:meth:`StepMask.forward_step` after step t, for this state (with lengths)."""
+        self.mask.forward_step(t, out_t, self.cell[t], self.state, held, h_carry, hpart_next,
+                               hpart_prev, self._prev(t) if self.split else None)
+
+    def outputs(self, out: torch.Tensor, h_carry: torch.Tensor):
+        """``(output, h_n, c_n)`` after the walk: h_n and c_n as the last step wrote them, or
+        with lengths from the H carry and each sample's carried C."""
+        if not self.mask.active:
+            return out, self.h_n, self.c_n
+        batch, hidden, height, width = self.c_n.shape
+        last = self.cell[self.walk.last] if self.split else self.state
+        c_n = nchw(last, batch, height, width).to(self.cell.dtype,
+                                                 memory_format=torch.contiguous_format, copy=True)
+        return out, h_carry.clone(), c_n
 
 
 def layer_outputs(out: torch.Tensor, c_state: torch.Tensor, dtype: torch.dtype, batch: int,
@@ -1190,28 +1309,29 @@ def channel_attention_forward(x, h0, c0, params, gate_activation: int, output_ga
     zpart = torch.empty(batch, tiles, hidden, device=x.device, dtype=torch.float32)
     walk = Walk(steps, reverse)
     mask = StepMask(lengths, walk, batch)
-    h_prev, c_state, hpart = initial_pooled_state(h0, c0, tiles, walk)
+    h_prev, hpart = initial_pooled_state(h0, tiles, walk)
     h_prev = mask.carry_buffer(h_prev)
+    state = CellState(h0, c0, cell, walk, mask)
     grid = (tiles, triton.cdiv(hidden, block_c), batch)
     launch = dict(BLOCK_M=block_m, BLOCK_N=block_c,
                   BLOCK_K=min(block_c, ATTENTION_FWD_BLOCK_K), **ATTENTION_FWD_LAUNCH)
     dot = dot_precision(x.dtype)
     for t in walk.forward():
-        c_before = mask.hold(c_state)
+        held = state.hold()
         _attention_logits_step(h_prev, xc[t], xa[t], p, cand[t], feat, logits, zpart, height,
                                width, grid, launch, dot)
-        attention_cell_kernel[grid](logits, zpart, c_state, cand[t], xg[t], hpart[(t + 1) % 2],
+        c, c_prev, first, last = state.step(t)
+        attention_cell_kernel[grid](logits, zpart, c, c_prev, cand[t], xg[t], hpart[(t + 1) % 2],
                                     hpart[t % 2], gwh, out[t], cell[t], att[t], gate_preact[t],
-                                    hidden, height, width, tiles, ACT=gate_activation,
-                                    OUTPUT_GATE=output_gate, **launch)
+                                    state.h_n, state.c_n, hidden, height, width, tiles, first,
+                                    last, ACT=gate_activation, OUTPUT_GATE=output_gate,
+                                    SPLIT=state.split, **launch)
         if mask.active:
-            mask.forward_step(t, out[t], cell[t], c_state, c_before, h_prev, hpart[t % 2],
-                              hpart[(t + 1) % 2])
+            state.forward_step(t, out[t], held, h_prev, hpart[t % 2], hpart[(t + 1) % 2])
         else:
             h_prev = out[t]
     state_shape = (steps, batch, height, width, hidden)
-    output, h_n, c_n = layer_outputs(out, c_state, x.dtype, batch, height, width, walk,
-                                     h_prev if mask.active else None)
+    output, h_n, c_n = state.outputs(out, h_prev)
     return output, h_n, c_n, [cell.view(state_shape), cand.view(state_shape), gate_preact,
                               att.view(state_shape)]
 
@@ -1345,10 +1465,18 @@ def channel_attention_op(op: str, output_gate: bool):
     return forward, backward
 
 
+def cell_state_cases(dtype: torch.dtype) -> tuple[dict, dict]:
+    """For compile_check, what a forward step kernel's cell state (:class:`CellState`) makes of
+    its signature in ``dtype``: the type of ``c`` and the SPLIT flag."""
+    split = dtype == torch.bfloat16
+    return {"c_ptr": "i16" if split else "fp32"}, dict(SPLIT=split)
+
+
 def compile_cases(dtype: torch.dtype, ksize: int, block_c: int, gate_activation: int, dot: str):
-    """(kernel, fp32 pointer names, constexprs, launch options) of every kernel defined here, in
-    each flag combination an op launches on a GPU (for compile_check); other pointers are
-    x.dtype. Each kernel's most complete combination comes first."""
+    """(kernel, pointer types, constexprs, launch options) of every kernel defined here, in each
+    flag combination an op launches on a GPU (for compile_check): pointer types are the names of
+    the fp32 pointers, or a {name: type} dict; other pointers are x.dtype. Each kernel's most
+    complete combination comes first."""
     blocks = dict(BLOCK_M=GPU_BLOCK_M, BLOCK_N=block_c)
     fwd_k = min(block_c, ATTENTION_FWD_BLOCK_K)
     gemm = dict(blocks, BLOCK_K=fwd_k, KSIZE=ksize, DOT_PRECISION=dot)
@@ -1372,12 +1500,14 @@ def compile_cases(dtype: torch.dtype, ksize: int, block_c: int, gate_activation:
          SEPCONV_LAUNCH),
         (attention_features_bwd_kernel, set(), dict(blocks, KSIZE=ksize), SEPCONV_LAUNCH),
     ]
-    fwd_fp32 = {"z_ptr", "zpart_ptr", "c_ptr", "xg_ptr", "hpart_prev_ptr", "hpart_next_ptr"}
+    state_types, state_flags = cell_state_cases(dtype)
+    fwd_types = {**dict.fromkeys(("z_ptr", "zpart_ptr", "xg_ptr", "hpart_prev_ptr",
+                                  "hpart_next_ptr"), "fp32"), **state_types}
     bwd_fp32 = {"gpart_next_ptr", "dgp_next_ptr", "dc_ptr", "datt_ptr", "spart_ptr", "gpart_ptr"}
     for output_gate in (False, True):  # c: input_attention_layer, d: output_attention_layer
         flags = dict(ACT=gate_activation, OUTPUT_GATE=output_gate)
-        cases.append((attention_cell_kernel, fwd_fp32, dict(blocks, BLOCK_K=fwd_k, **flags),
-                      ATTENTION_FWD_LAUNCH))
+        cases.append((attention_cell_kernel, fwd_types,
+                      dict(blocks, BLOCK_K=fwd_k, **flags, **state_flags), ATTENTION_FWD_LAUNCH))
         cell = dict(blocks, BLOCK_K=block_c, **flags)
         for has_rec, is_cell in ((True, True), (False, True), (True, False)):
             cases.append((attention_cell_bwd_kernel, bwd_fp32,
@@ -1437,10 +1567,31 @@ def depthwise_backward_traffic(r, z, channels: int, maps: int, need_input: bool)
 
 
 def initial_pooled_state_traffic(r, z) -> None:
-    """:func:`initial_pooled_state`: C_0 as fp32 rows, the column sums of H_0 (H_0 is read in
-    place)."""
-    r.aten("copy_ (c0 to fp32 rows)", z.state(), z.state32())
+    """:func:`initial_pooled_state`: the column sums of H_0 (H_0 and C_0 are read in place)."""
     r.aten("sum (h0 column sums)", z.state(), z.vec(z.C))
+
+
+def cell_state_step_traffic(r, z, name, read, written, flops, loaded_extra) -> None:
+    """The T launches of a pooled-gate layer's step kernel ``name``: ``read`` and ``written``
+    its bytes beside the cell state, which :class:`CellState` adds (a 2-byte model is bf16's,
+    the split state): every step writes the saved C_t; the walk's first reads C_0 (the dtype),
+    the others the state (bf16: the saved C_{t−1} and the low halves; else fp32 rows); each but
+    the last writes the state, the last h_n and c_n instead. ``loaded_extra``: the programs'
+    loads beyond the HBM reads."""
+    state = z.state() * 2 if z.s == 2 else z.state32()
+    state_written = z.state() if z.s == 2 else z.state32()
+
+    def record(label, first, last, count):
+        read_ = read + (z.state() if first else state)
+        written_ = written + z.state() + (2 * z.state() if last else state_written)
+        r.kernel(name + label, read_, written_, flops, count=count, loaded=read_ + loaded_extra)
+
+    if z.T == 1:
+        record(" (the one step: c0 in, h_n and c_n out)", True, True, 1)
+        return
+    record(" (first step: c0 in)", True, False, 1)
+    record("", False, False, z.T - 2)
+    record(" (last step: h_n and c_n out)", False, True, 1)
 
 
 def layer_outputs_traffic(r, z) -> None:
@@ -1544,13 +1695,11 @@ def channel_attention_traffic(shape, itemsize: int) -> list:
     attention_features_traffic(r, z, raw_cand=False, count=T)
     attention_logits_traffic(r, z, count=T)
     hpart = z.B * tiles * C * 4
-    read = (z.state32() + hpart + z.state32() + z.state() + z.vec(2 * C) + hpart
-            + z.weight(2 * C * C))
-    written = 3 * z.state() + z.state32() + z.vec(2 * C, z.s) + hpart
-    r.kernel("attention_cell_kernel", read, written,
-             programs * 2 * 2 * GPU_BLOCK_CS[0] * C + z.cell_flops(), count=T,
-             loaded=read + programs * (2 * tiles * C * 4 + 2 * GPU_BLOCK_CS[0] * C * z.s))
-    layer_outputs_traffic(r, z)
+    read = z.state32() + hpart + z.state() + z.vec(2 * C) + hpart + z.weight(2 * C * C)
+    written = 2 * z.state() + z.vec(2 * C, z.s) + hpart
+    cell_state_step_traffic(r, z, "attention_cell_kernel", read, written,
+                            programs * 2 * 2 * GPU_BLOCK_CS[0] * C + z.cell_flops(),
+                            programs * (2 * tiles * C * 4 + 2 * GPU_BLOCK_CS[0] * C * z.s))
 
     r.phase = BACKWARD
     sepconv_x_rows_traffic(r, z, cin, C, means=False)  # xc

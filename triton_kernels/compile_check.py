@@ -66,13 +66,17 @@ FORWARD_STEP_KERNELS = frozenset(kernel.__name__ for kernel in (
     spatial_attention_layer._spatial_input_kernel, spatial_attention_layer._spatial_cell_kernel))
 
 
-def _signature(kernel, fp32_pointers, constexprs, dtype: str) -> dict:
+def _signature(kernel, pointer_types, constexprs, dtype: str) -> dict:
+    """``pointer_types``: the names of the fp32 pointers, or a {name: type} dict; other pointers
+    are ``dtype``."""
+    if not isinstance(pointer_types, dict):
+        pointer_types = dict.fromkeys(pointer_types, "fp32")
     signature = {}
     for name in kernel.arg_names:
         if name in constexprs:
             signature[name] = "constexpr"
         elif name.endswith("_ptr"):
-            signature[name] = "*fp32" if name in fp32_pointers else "*" + dtype
+            signature[name] = "*" + pointer_types.get(name, dtype)
         else:
             signature[name] = "i32"
     return signature
@@ -95,7 +99,7 @@ def cases(quick: bool = False):
             for combo in combos:
                 dtype, ksize, act, dot = combo
                 kernels_done = set()
-                for kernel, fp32_pointers, constexprs, options in module.compile_cases(
+                for kernel, pointer_types, constexprs, options in module.compile_cases(
                         TORCH_DTYPES[dtype], ksize, block_c, act, dot):
                     if combo != base and kernel.__name__ in kernels_done:
                         continue
@@ -110,7 +114,7 @@ def cases(quick: bool = False):
                                   for k, v in o.items()})
                     flags = ",".join(f"{k}={v}" for k, v in {**constexprs, **shown}.items())
                     label = f"{kernel.__name__}[{dtype},{flags}]"
-                    signature = _signature(kernel, fp32_pointers, constexprs, dtype)
+                    signature = _signature(kernel, pointer_types, constexprs, dtype)
                     yield label, kernel, signature, constexprs, options
 
 

@@ -24,18 +24,18 @@ import triton.language as tl
 # One import per kind: the step's @triton.jit helpers, the kernel shared with
 # spatial_attention_layer, launch choices, and the host-side layout and layer helpers.
 from ._common import gate_act, pooled_gate_preacts, program_tile, sepconv_tile, state_tile, tanh
-from ._common import store_cell_state, store_gate_preacts, store_hidden_state
+from ._common import load_cell_state, store_cell_state, store_gate_preacts, store_hidden_state
 from ._common import pooled_layer_bwd_kernel
 from ._common import GPU_BLOCK_CS, GPU_BLOCK_M, POOLED_BWD_LAUNCH, SEPCONV_LAUNCH, block_sizes
-from ._common import dot_precision
+from ._common import cell_state_cases, dot_precision
 from ._common import StepMask, Walk, depthwise, depthwise_backward, nchw, rows
 from ._common import sepconv_rows_backward, sepconv_x_rows
 from ._weight_grads import steps_mm
-from ._common import initial_pooled_state, layer_input_grads, layer_outputs, output_grads
+from ._common import CellState, initial_pooled_state, layer_input_grads, output_grads
 # The traffic models of the shared host helpers and kernels (for traffic() below).
 from ._common import depthwise_backward_traffic, gpu_grid, h_prev_all_traffic
 from ._common import initial_pooled_state_traffic, layer_input_grads_traffic
-from ._common import layer_outputs_traffic, output_grads_traffic, pooled_layer_bwd_traffic
+from ._common import cell_state_step_traffic, output_grads_traffic, pooled_layer_bwd_traffic
 from ._common import sepconv_rows_backward_traffic, sepconv_x_rows_traffic
 
 # This kernel's own launch choices (not SEPCONV_LAUNCH's, which other kernels share): a 16-wide
@@ -53,20 +53,21 @@ FWD_BLOCK_K = 16
 FWD_LAUNCH = dict(SEPCONV_LAUNCH, num_warps=16, maxnreg=128)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["first", "last"])
 def _pooled_layer_fwd_kernel(
-    h_prev_ptr, c_ptr, xc_ptr, xg_ptr, hpart_prev_ptr, hpart_next_ptr,
+    h_prev_ptr, c_ptr, cell_prev_ptr, xc_ptr, xg_ptr, hpart_prev_ptr, hpart_next_ptr,
     dw_ptr, pw_ptr, uh_ptr,
-    h_out_ptr, cell_ptr, cand_ptr, gate_ptr,
-    C, H, W, NMT,
-    KSIZE: tl.constexpr, ACT: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    h_out_ptr, cell_ptr, cand_ptr, gate_ptr, h_n_ptr, c_n_ptr,
+    C, H, W, NMT, first, last,
+    KSIZE: tl.constexpr, ACT: tl.constexpr, DOT_PRECISION: tl.constexpr, SPLIT: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
     """One step for BLOCK_M pixels of sample b × BLOCK_N channels. h_prev (H_{t−1}) and h_out
     (H_t) are NCHW maps ``[B, C, H, W]`` (the layer's output, step by step); rows ``[B·H·W, C]``:
-    c (fp32 C_{t−1} in, C_t out, in place), xc (SepConv_x(X_t) + b_c); xg ``[B, 3C]`` (U_x x̄_t
-    + b_g, fp32), hpart ``[B, NMT, C]`` fp32 column sums of H per pixel tile (prev: H_{t−1},
-    read; next: H_t, written). Writes H_t, C_t, G and the gates' z."""
+    xc (SepConv_x(X_t) + b_c); xg ``[B, 3C]`` (U_x x̄_t + b_g, fp32), hpart ``[B, NMT, C]`` fp32
+    column sums of H per pixel tile (prev: H_{t−1}, read; next: H_t, written); the cell state
+    (``c``, ``cell_prev``, ``first``, SPLIT) and the last step's h_n, c_n as
+    :class:`_common.CellState` hands them. Writes H_t, C_t, G and the gates' z."""
     pid_m, pid_n, b, HW, offs_m, mask_m, oy, ox, offs_n, mask_n = program_tile(
         C, H, W, BLOCK_M, BLOCK_N)
 
@@ -87,13 +88,16 @@ def _pooled_layer_fwd_kernel(
     # Epilogue (eqs. 13-15): G = tanh(acc + xc), C_t = f∘C_{t−1} + i∘G, H_t = o∘tanh(C_t).
     offs, mask = state_tile(b, HW, C, offs_m, mask_m, offs_n, mask_n)
     g = tanh(acc + tl.load(xc_ptr + offs, mask=mask, other=0.0).to(tl.float32))
-    c_new = gf[None, :] * tl.load(c_ptr + offs, mask=mask, other=0.0) + gi[None, :] * g
+    c_prev = load_cell_state(c_ptr, cell_prev_ptr, b, HW, C, offs_m, mask_m, offs_n, mask_n,
+                             first, SPLIT)
+    c_new = gf[None, :] * c_prev + gi[None, :] * g
     h = (go[None, :] * tanh(c_new)).to(h_out_ptr.dtype.element_ty)
-    store_cell_state(c_new, c_ptr, cell_ptr, offs, mask)
+    store_cell_state(c_new, c_ptr, cell_ptr, c_n_ptr, b, HW, C, offs_m, mask_m, offs_n, mask_n,
+                     last, SPLIT)
     tl.store(cand_ptr + offs, g.to(cand_ptr.dtype.element_ty), mask=mask)
     # H_t and its column sums over this tile's pixels: the next step's h̄.
-    store_hidden_state(h, h_out_ptr, hpart_next_ptr, offs_m, mask_m, b, pid_m, offs_n, mask_n, C,
-                       HW, NMT)
+    store_hidden_state(h, h_out_ptr, h_n_ptr, hpart_next_ptr, offs_m, mask_m, b, pid_m, offs_n,
+                       mask_n, C, HW, NMT, last)
 
 
 # What one more step launches (Triton kernels, ATen calls; launch_count.py measures it): forward,
@@ -132,26 +136,27 @@ def pooled_layer_forward(x, h0, c0, params, gate_activation: int, reverse: bool 
     gate_preact = x.new_empty(steps, batch, 3 * hidden)
     walk = Walk(steps, reverse)
     mask = StepMask(lengths, walk, batch)
-    h_prev, c_state, hpart = initial_pooled_state(h0, c0, tiles, walk)
+    h_prev, hpart = initial_pooled_state(h0, tiles, walk)
     h_prev = mask.carry_buffer(h_prev)
+    state = CellState(h0, c0, cell, walk, mask)
     grid = (tiles, triton.cdiv(hidden, block_c), batch)
     for t in walk.forward():
-        c_before = mask.hold(c_state)
+        held = state.hold()
+        c, c_prev, first, last = state.step(t)
         _pooled_layer_fwd_kernel[grid](
-            h_prev, c_state, xc[t], xg[t], hpart[(t + 1) % 2], hpart[t % 2], dwh, pwh, gwh,
-            out[t], cell[t], cand[t], gate_preact[t],
-            hidden, height, width, tiles,
+            h_prev, c, c_prev, xc[t], xg[t], hpart[(t + 1) % 2], hpart[t % 2], dwh, pwh, gwh,
+            out[t], cell[t], cand[t], gate_preact[t], state.h_n, state.c_n,
+            hidden, height, width, tiles, first, last,
             KSIZE=ksize, ACT=gate_activation, DOT_PRECISION=dot_precision(x.dtype),
+            SPLIT=state.split,
             BLOCK_M=block_m, BLOCK_N=block_c, BLOCK_K=min(block_c, FWD_BLOCK_K), **FWD_LAUNCH,
         )
         if mask.active:
-            mask.forward_step(t, out[t], cell[t], c_state, c_before, h_prev, hpart[t % 2],
-                              hpart[(t + 1) % 2])
+            state.forward_step(t, out[t], held, h_prev, hpart[t % 2], hpart[(t + 1) % 2])
         else:
             h_prev = out[t]
     state_shape = (steps, batch, height, width, hidden)
-    output, h_n, c_n = layer_outputs(out, c_state, x.dtype, batch, height, width, walk,
-                                     h_prev if mask.active else None)
+    output, h_n, c_n = state.outputs(out, h_prev)
     return output, h_n, c_n, [cell.view(state_shape), cand.view(state_shape), gate_preact]
 
 
@@ -227,21 +232,24 @@ def pooled_layer_backward(grad_output, grad_h_n, grad_c_n, x, h0, c0, params, ou
 
 
 def compile_cases(dtype: torch.dtype, ksize: int, block_c: int, gate_activation: int, dot: str):
-    """(kernel, fp32 pointer names, constexprs, launch options) of the kernel defined here, as
-    this op launches it on a GPU with the given kernel size and channel block (for
-    compile_check; _common's cases cover its backward kernel); other pointers are x.dtype."""
+    """(kernel, pointer types, constexprs, launch options) of the kernel defined here, as this
+    op launches it on a GPU with the given kernel size and channel block (for compile_check; _common's cases cover its backward kernel); other pointers are
+    x.dtype."""
     blocks = dict(BLOCK_M=GPU_BLOCK_M, BLOCK_N=block_c, BLOCK_K=min(block_c, FWD_BLOCK_K),
                   KSIZE=ksize, ACT=gate_activation, DOT_PRECISION=dot)
-    fwd_fp32 = {"c_ptr", "xg_ptr", "hpart_prev_ptr", "hpart_next_ptr"}
-    return [(_pooled_layer_fwd_kernel, fwd_fp32, blocks, FWD_LAUNCH)]
+    state_types, state_flags = cell_state_cases(dtype)
+    fwd_types = {**dict.fromkeys(("xg_ptr", "hpart_prev_ptr", "hpart_next_ptr"), "fp32"),
+                 **state_types}
+    return [(_pooled_layer_fwd_kernel, fwd_types, dict(blocks, **state_flags), FWD_LAUNCH)]
 
 
 def traffic(shape, itemsize: int) -> list:
     """Modelled HBM bytes and FLOPs of every launch of :func:`pooled_layer_forward` and
     :func:`pooled_layer_backward` (bench.roofline's conventions) at ``shape``, on a GPU's tiling.
-    The step kernel reads H_{t−1}, the fp32 C_{t−1}, xc[t] and writes H_t, the fp32 C_t, the
-    saved C_t and G: each of its C/BLOCK_N channel tiles redoes the depthwise of all C channels
-    of H_{t−1} (``loaded``: K² taps per tile) and U_h·h̄ for its channels."""
+    The step kernel reads H_{t−1}, C_{t−1}, xc[t] and writes H_t, C_t, the saved C_t and G
+    (the cell state as _common.CellState keeps it): each of its C/BLOCK_N channel tiles redoes
+    the depthwise of all C channels of H_{t−1} (``loaded``: K² taps per tile) and U_h·h̄ for its
+    channels."""
     from convlstm_fast.bench.roofline import BACKWARD, Recorder, Sizes
 
     z, r = Sizes(shape, itemsize), Recorder()
@@ -251,14 +259,13 @@ def traffic(shape, itemsize: int) -> list:
     initial_pooled_state_traffic(r, z)
     hpart = z.B * tiles * C * 4
     weights = z.weight(z.K * z.K * C + C * C + 3 * C * C)
-    read = 2 * z.state() + z.state32() + z.vec(3 * C) + hpart + weights
-    written = 3 * z.state() + z.state32() + z.vec(3 * C, z.s) + hpart
+    read = 2 * z.state() + z.vec(3 * C) + hpart + weights
+    written = 2 * z.state() + z.vec(3 * C, z.s) + hpart
     per_program = GPU_BLOCK_CS[0] * C * z.s * 4 + tiles * C * 4  # pw_h and U_h slices, h̄ sums
-    loaded = read + (channel_tiles * z.K * z.K - 1) * z.state() + programs * per_program
+    loaded_extra = (channel_tiles * z.K * z.K - 1) * z.state() + programs * per_program
     flops = (channel_tiles * z.depthwise_flops(C) + z.gemm_flops(z.rows, C, C)
              + programs * 2 * 3 * GPU_BLOCK_CS[0] * C + z.cell_flops())
-    r.kernel("_pooled_layer_fwd_kernel", read, written, flops, count=z.T, loaded=loaded)
-    layer_outputs_traffic(r, z)
+    cell_state_step_traffic(r, z, "_pooled_layer_fwd_kernel", read, written, flops, loaded_extra)
 
     r.phase = BACKWARD
     output_grads_traffic(r, z)

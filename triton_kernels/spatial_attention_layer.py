@@ -29,19 +29,19 @@ import triton.language as tl
 # One import per kind: the steps' @triton.jit helpers, the kernels shared with other ops,
 # launch choices, and the host-side layout and layer helpers.
 from ._common import depthwise_tile, gate_act, mask_if, nan_max, nan_maximum, pooled_gate_dot
-from ._common import program_tile, state_tile, store_cell_state, store_gate_preacts
-from ._common import store_hidden_state, tanh
+from ._common import load_cell_state, program_tile, state_tile, store_cell_state
+from ._common import store_gate_preacts, store_hidden_state, tanh
 from ._common import attention_features_kernel, pooled_layer_bwd_kernel
-from ._common import GPU_BLOCK_M, SEPCONV_LAUNCH, block_sizes, dot_precision
+from ._common import GPU_BLOCK_M, SEPCONV_LAUNCH, block_sizes, cell_state_cases, dot_precision
 from ._common import ATTENTION_FWD_BLOCK_K, ATTENTION_FWD_LAUNCH, POOLED_BWD_LAUNCH
 from ._common import StepMask, Walk, depthwise, depthwise_backward, frame_planes, nchw, rows
 from ._common import sepconv_rows, sepconv_rows_backward, sepconv_x_rows
 from ._weight_grads import conv_weight_grad, steps_mm
-from ._common import initial_pooled_state, layer_input_grads, layer_outputs, output_grads
+from ._common import CellState, initial_pooled_state, layer_input_grads, output_grads
 # The traffic models of the shared host helpers and kernels (for traffic() below).
 from ._common import GPU_BLOCK_CS, attention_features_traffic, depthwise_backward_traffic
 from ._common import gpu_grid, h_prev_all_traffic, initial_pooled_state_traffic
-from ._common import layer_input_grads_traffic, layer_outputs_traffic, output_grads_traffic
+from ._common import cell_state_step_traffic, layer_input_grads_traffic, output_grads_traffic
 from ._common import pooled_layer_bwd_traffic, sepconv_rows_backward_traffic
 from ._common import sepconv_x_rows_traffic
 
@@ -174,16 +174,18 @@ def _spatial_input_kernel(
     tl.store(cand_ptr + offs, tanh(pre).to(cand_ptr.dtype.element_ty), mask=mask)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["first", "last"])
 def _spatial_cell_kernel(
-    c_ptr, cand_ptr, gb_ptr, xpart_ptr, ux_ptr, hpart_prev_ptr, hpart_next_ptr, uh_ptr,
-    h_out_ptr, cell_ptr, gate_ptr,
-    CIN, C, H, W, NMT,
-    ACT: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+    c_ptr, cell_prev_ptr, cand_ptr, gb_ptr, xpart_ptr, ux_ptr, hpart_prev_ptr, hpart_next_ptr,
+    uh_ptr, h_out_ptr, cell_ptr, gate_ptr, h_n_ptr, c_n_ptr,
+    CIN, C, H, W, NMT, first, last,
+    ACT: tl.constexpr, SPLIT: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
     """[i f o] = act(U_x GAP(X̃) + U_h GAP(H_{t−1}) + b_g), C_t = f∘C_{t−1} + i∘G,
     H_t = o∘tanh C_t (into the NCHW output, h_out ``[B, C, H, W]``), and the column sums of H_t
-    over this tile (the next step's h̄)."""
+    over this tile (the next step's h̄). The cell state: ``c``, ``cell_prev``, ``first``,
+    ``last`` and SPLIT as :class:`_common.CellState` hands them."""
     pid_m, pid_n, b, HW, offs_m, mask_m, oy, ox, offs_n, mask_n = program_tile(
         C, H, W, BLOCK_M, BLOCK_N)
     x0, x1, x2 = pooled_gate_dot(xpart_ptr, ux_ptr, b, offs_n, mask_n, C, CIN, NMT, HW, 3,
@@ -196,12 +198,14 @@ def _spatial_cell_kernel(
     store_gate_preacts(gate_ptr, z_i, z_f, z_o, b, pid_m, offs_n, mask_n, C, 3)
     offs, mask = state_tile(b, HW, C, offs_m, mask_m, offs_n, mask_n)
     g = tl.load(cand_ptr + offs, mask=mask, other=0.0).to(tl.float32)
-    c_new = gate_act(z_f, ACT)[None, :] * tl.load(c_ptr + offs, mask=mask, other=0.0) \
-        + gate_act(z_i, ACT)[None, :] * g
+    c_prev = load_cell_state(c_ptr, cell_prev_ptr, b, HW, C, offs_m, mask_m, offs_n, mask_n,
+                             first, SPLIT)
+    c_new = gate_act(z_f, ACT)[None, :] * c_prev + gate_act(z_i, ACT)[None, :] * g
     h = (gate_act(z_o, ACT)[None, :] * tanh(c_new)).to(h_out_ptr.dtype.element_ty)
-    store_cell_state(c_new, c_ptr, cell_ptr, offs, mask)
-    store_hidden_state(h, h_out_ptr, hpart_next_ptr, offs_m, mask_m, b, pid_m, offs_n, mask_n, C,
-                       HW, NMT)
+    store_cell_state(c_new, c_ptr, cell_ptr, c_n_ptr, b, HW, C, offs_m, mask_m, offs_n, mask_n,
+                     last, SPLIT)
+    store_hidden_state(h, h_out_ptr, h_n_ptr, hpart_next_ptr, offs_m, mask_m, b, pid_m, offs_n,
+                       mask_n, C, HW, NMT, last)
 
 
 @triton.jit
@@ -297,14 +301,15 @@ def spatial_attention_layer_forward(x, h0, c0, params, gate_activation: int,
     xpart = torch.empty(batch, tiles, cin, **f32)
     walk = Walk(steps, reverse)
     mask = StepMask(lengths, walk, batch)
-    h_prev, c_state, hpart = initial_pooled_state(h0, c0, tiles, walk)
+    h_prev, hpart = initial_pooled_state(h0, tiles, walk)
     h_prev = mask.carry_buffer(h_prev)
+    state = CellState(h0, c0, cell, walk, mask)
     grid = (tiles, triton.cdiv(hidden, block_c), batch)
     blocks = dict(BLOCK_M=block_m, BLOCK_N=block_c,
                   BLOCK_K=min(block_c, ATTENTION_FWD_BLOCK_K), **ATTENTION_FWD_LAUNCH)
     dot = dot_precision(x.dtype)
     for t in walk.forward():
-        c_before = mask.hold(c_state)
+        held = state.hold()
         attention_features_kernel[grid](h_prev, hc, xa[t], cdwh, cpwh, adwh, apwh, hc, feat,
                                         hidden, height, width, KSIZE=ksize, DOT_PRECISION=dot,
                                         RAW_CAND=True, **blocks)
@@ -318,19 +323,20 @@ def spatial_attention_layer_forward(x, h0, c0, params, gate_activation: int,
                                     KSIZE=ksize, DOT_PRECISION=dot, BLOCK_M=block_m,
                                     BLOCK_N=block_c, BLOCK_K=min(block_c, INPUT_BLOCK_K),
                                     **INPUT_LAUNCH)
-        _spatial_cell_kernel[grid](c_state, cand[t], gb, xpart, gwx, hpart[(t + 1) % 2],
-                                   hpart[t % 2], gwh, out[t], cell[t], gate_preact[t], cin,
-                                   hidden, height, width, tiles, ACT=gate_activation,
-                                   BLOCK_M=block_m, BLOCK_N=block_c,
-                                   BLOCK_K=min(block_c, CELL_BLOCK_K), **CELL_LAUNCH)
+        c, c_prev, first, last = state.step(t)
+        _spatial_cell_kernel[grid](c, c_prev, cand[t], gb, xpart, gwx, hpart[(t + 1) % 2],
+                                   hpart[t % 2], gwh, out[t], cell[t], gate_preact[t],
+                                   state.h_n, state.c_n, cin, hidden, height, width, tiles,
+                                   first, last, ACT=gate_activation, SPLIT=state.split,
+                                   BLOCK_M=block_m,
+                                   BLOCK_N=block_c, BLOCK_K=min(block_c, CELL_BLOCK_K),
+                                   **CELL_LAUNCH)
         if mask.active:
-            mask.forward_step(t, out[t], cell[t], c_state, c_before, h_prev, hpart[t % 2],
-                              hpart[(t + 1) % 2])
+            state.forward_step(t, out[t], held, h_prev, hpart[t % 2], hpart[(t + 1) % 2])
         else:
             h_prev = out[t]
     state_shape = (steps, batch, height, width, hidden)
-    output, h_n, c_n = layer_outputs(out, c_state, x.dtype, batch, height, width, walk,
-                                     h_prev if mask.active else None)
+    output, h_n, c_n = state.outputs(out, h_prev)
     return output, h_n, c_n, [cell.view(state_shape), cand.view(state_shape), gate_preact,
                               att.view(steps, batch, height, width)]
 
@@ -438,10 +444,13 @@ def spatial_attention_layer_backward(grad_output, grad_h_n, grad_c_n, x, h0, c0,
 
 
 def compile_cases(dtype: torch.dtype, ksize: int, block_c: int, gate_activation: int, dot: str):
-    """(kernel, fp32 pointer names, constexprs, launch options) of the kernels defined here (this
+    """(kernel, pointer types, constexprs, launch options) of the kernels defined here (this
     op also runs _common's attention_features_kernel with RAW_CAND and pooled_layer_bwd_kernel
     with ATT_PATH, which _common's cases cover)."""
     blocks = dict(BLOCK_M=GPU_BLOCK_M, BLOCK_N=block_c)
+    state_types, state_flags = cell_state_cases(dtype)
+    cell_types = {**dict.fromkeys(("xpart_ptr", "hpart_prev_ptr", "hpart_next_ptr"), "fp32"),
+                  **state_types}
     return [
         (_spatial_logits_kernel, {"z_ptr", "zstat_ptr"},
          dict(BLOCK_M=GPU_BLOCK_M, BLOCK_K=min(block_c, LOGITS_BLOCK_K), KSIZE=ksize),
@@ -449,8 +458,9 @@ def compile_cases(dtype: torch.dtype, ksize: int, block_c: int, gate_activation:
         (_spatial_input_kernel, {"z_ptr", "zstat_ptr", "hc_ptr", "xpart_ptr"},
          dict(blocks, BLOCK_K=min(block_c, INPUT_BLOCK_K), KSIZE=ksize, DOT_PRECISION=dot),
          INPUT_LAUNCH),
-        (_spatial_cell_kernel, {"c_ptr", "xpart_ptr", "hpart_prev_ptr", "hpart_next_ptr"},
-         dict(blocks, BLOCK_K=min(block_c, CELL_BLOCK_K), ACT=gate_activation), CELL_LAUNCH),
+        (_spatial_cell_kernel, cell_types,
+         dict(blocks, BLOCK_K=min(block_c, CELL_BLOCK_K), ACT=gate_activation, **state_flags),
+         CELL_LAUNCH),
         (_spatial_input_bwd_kernel, {"dxbar_ptr", "dapart_ptr"}, dict(blocks, KSIZE=ksize),
          BWD_LAUNCH),
         (_spatial_features_bwd_kernel, {"dz_ptr"}, dict(blocks, KSIZE=ksize), BWD_LAUNCH),
@@ -486,12 +496,12 @@ def traffic(shape, itemsize: int) -> list:
     r.kernel("_spatial_input_kernel", read, amap + z.state() + xpart,
              channel_tiles * z.depthwise_flops(cin) + z.gemm_flops(z.rows, C, cin), count=T,
              loaded=loaded)
-    read = z.state32() + z.state() + xpart + hpart + z.weight(3 * C * (cin + C) + 3 * C)
+    read = z.state() + xpart + hpart + z.weight(3 * C * (cin + C) + 3 * C)
     per_program = tiles * (cin + C) * 4 + 3 * GPU_BLOCK_CS[0] * (cin + C) * z.s  # sums, U_x, U_h
-    r.kernel("_spatial_cell_kernel", read, 2 * z.state() + z.state32() + z.vec(3 * C, z.s) + hpart,
-             programs * 2 * 3 * GPU_BLOCK_CS[0] * (cin + C) + z.cell_flops(), count=T,
-             loaded=read + programs * per_program)
-    layer_outputs_traffic(r, z)
+    cell_state_step_traffic(r, z, "_spatial_cell_kernel", read,
+                            z.state() + z.vec(3 * C, z.s) + hpart,
+                            programs * 2 * 3 * GPU_BLOCK_CS[0] * (cin + C) + z.cell_flops(),
+                            programs * per_program)
 
     r.phase = BACKWARD
     r.aten("clone (rows of X)", z.xseq(), z.xseq())
