@@ -1571,29 +1571,6 @@ def initial_pooled_state_traffic(r, z) -> None:
     r.aten("sum (h0 column sums)", z.state(), z.vec(z.C))
 
 
-def cell_state_step_traffic(r, z, name, read, written, flops, loaded_extra) -> None:
-    """The T launches of a pooled-gate layer's step kernel ``name``: ``read`` and ``written``
-    its bytes beside the cell state, which :class:`CellState` adds (a 2-byte model is bf16's,
-    the split state): every step writes the saved C_t; the walk's first reads C_0 (the dtype),
-    the others the state (bf16: the saved C_{t−1} and the low halves; else fp32 rows); each but
-    the last writes the state, the last h_n and c_n instead. ``loaded_extra``: the programs'
-    loads beyond the HBM reads."""
-    state = z.state() * 2 if z.s == 2 else z.state32()
-    state_written = z.state() if z.s == 2 else z.state32()
-
-    def record(label, first, last, count):
-        read_ = read + (z.state() if first else state)
-        written_ = written + z.state() + (2 * z.state() if last else state_written)
-        r.kernel(name + label, read_, written_, flops, count=count, loaded=read_ + loaded_extra)
-
-    if z.T == 1:
-        record(" (the one step: c0 in, h_n and c_n out)", True, True, 1)
-        return
-    record(" (first step: c0 in)", True, False, 1)
-    record("", False, False, z.T - 2)
-    record(" (last step: h_n and c_n out)", False, True, 1)
-
-
 def layer_outputs_traffic(r, z) -> None:
     """:func:`layer_outputs`: h_n's copy, c_n from the fp32 state (the steps wrote the output)."""
     r.aten("clone (h_n)", z.state(), z.state())
@@ -1684,7 +1661,7 @@ def channel_attention_traffic(shape, itemsize: int) -> list:
     """Modelled HBM bytes and FLOPs of every launch of :func:`channel_attention_forward` and
     :func:`channel_attention_backward` (c and d move the same bytes), bench.roofline's
     conventions. The backward recomputes A_t and Z_t with the forward's two first kernels."""
-    from convlstm_fast.bench.roofline import BACKWARD, Recorder, Sizes
+    from convlstm_fast.bench.roofline import BACKWARD, Recorder, Sizes, cell_state_steps
 
     z, r = Sizes(shape, itemsize), Recorder()
     C, cin, T = z.C, z.cin, z.T
@@ -1697,7 +1674,7 @@ def channel_attention_traffic(shape, itemsize: int) -> list:
     hpart = z.B * tiles * C * 4
     read = z.state32() + hpart + z.state() + z.vec(2 * C) + hpart + z.weight(2 * C * C)
     written = 2 * z.state() + z.vec(2 * C, z.s) + hpart
-    cell_state_step_traffic(r, z, "attention_cell_kernel", read, written,
+    cell_state_steps(r, z, "attention_cell_kernel", read, written,
                             programs * 2 * 2 * GPU_BLOCK_CS[0] * C + z.cell_flops(),
                             programs * (2 * tiles * C * 4 + 2 * GPU_BLOCK_CS[0] * C * z.s))
 

@@ -35,7 +35,7 @@ from ._common import CellState, initial_pooled_state, layer_input_grads, output_
 # The traffic models of the shared host helpers and kernels (for traffic() below).
 from ._common import depthwise_backward_traffic, gpu_grid, h_prev_all_traffic
 from ._common import initial_pooled_state_traffic, layer_input_grads_traffic
-from ._common import cell_state_step_traffic, output_grads_traffic, pooled_layer_bwd_traffic
+from ._common import output_grads_traffic, pooled_layer_bwd_traffic
 from ._common import sepconv_rows_backward_traffic, sepconv_x_rows_traffic
 
 # This kernel's own launch choices (not SEPCONV_LAUNCH's, which other kernels share): a 16-wide
@@ -250,7 +250,7 @@ def traffic(shape, itemsize: int) -> list:
     (the cell state as _common.CellState keeps it): each of its C/BLOCK_N channel tiles redoes
     the depthwise of all C channels of H_{t−1} (``loaded``: K² taps per tile) and U_h·h̄ for its
     channels."""
-    from convlstm_fast.bench.roofline import BACKWARD, Recorder, Sizes
+    from convlstm_fast.bench.roofline import BACKWARD, Recorder, Sizes, cell_state_steps
 
     z, r = Sizes(shape, itemsize), Recorder()
     C, cin, maps = z.C, z.cin, z.T * z.B
@@ -265,7 +265,7 @@ def traffic(shape, itemsize: int) -> list:
     loaded_extra = (channel_tiles * z.K * z.K - 1) * z.state() + programs * per_program
     flops = (channel_tiles * z.depthwise_flops(C) + z.gemm_flops(z.rows, C, C)
              + programs * 2 * 3 * GPU_BLOCK_CS[0] * C + z.cell_flops())
-    cell_state_step_traffic(r, z, "_pooled_layer_fwd_kernel", read, written, flops, loaded_extra)
+    cell_state_steps(r, z, "_pooled_layer_fwd_kernel", read, written, flops, loaded_extra)
 
     r.phase = BACKWARD
     output_grads_traffic(r, z)

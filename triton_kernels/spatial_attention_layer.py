@@ -41,7 +41,7 @@ from ._common import CellState, initial_pooled_state, layer_input_grads, output_
 # The traffic models of the shared host helpers and kernels (for traffic() below).
 from ._common import GPU_BLOCK_CS, attention_features_traffic, depthwise_backward_traffic
 from ._common import gpu_grid, h_prev_all_traffic, initial_pooled_state_traffic
-from ._common import cell_state_step_traffic, layer_input_grads_traffic, output_grads_traffic
+from ._common import layer_input_grads_traffic, output_grads_traffic
 from ._common import pooled_layer_bwd_traffic, sepconv_rows_backward_traffic
 from ._common import sepconv_x_rows_traffic
 
@@ -475,7 +475,7 @@ def traffic(shape, itemsize: int) -> list:
     [B, H·W] tensors (the ``.float()`` copies are free in fp32, where the launch counts are
     measured). The input kernel also reloads A's K² taps (the fp32 logits) for each chunk of
     its reduction over Cin (INPUT_BLOCK_K channels)."""
-    from convlstm_fast.bench.roofline import BACKWARD, Recorder, Sizes
+    from convlstm_fast.bench.roofline import BACKWARD, Recorder, Sizes, cell_state_steps
 
     z, r = Sizes(shape, itemsize), Recorder()
     C, cin, T, k2 = z.C, z.cin, z.T, z.K * z.K
@@ -498,7 +498,7 @@ def traffic(shape, itemsize: int) -> list:
              loaded=loaded)
     read = z.state() + xpart + hpart + z.weight(3 * C * (cin + C) + 3 * C)
     per_program = tiles * (cin + C) * 4 + 3 * GPU_BLOCK_CS[0] * (cin + C) * z.s  # sums, U_x, U_h
-    cell_state_step_traffic(r, z, "_spatial_cell_kernel", read,
+    cell_state_steps(r, z, "_spatial_cell_kernel", read,
                             z.state() + z.vec(3 * C, z.s) + hpart,
                             programs * 2 * 3 * GPU_BLOCK_CS[0] * (cin + C) + z.cell_flops(),
                             programs * per_program)

@@ -169,6 +169,31 @@ class Recorder:
                                         None if loaded is None else int(loaded)))
 
 
+def cell_state_steps(r: Recorder, z: Sizes, name: str, read: int, written: int, flops: int,
+                     loaded_extra: int) -> None:
+    """The T launches of a pooled-gate layer's step kernel ``name`` (a-d, both GPU backends):
+    ``read`` and ``written`` its bytes beside the cell state, which this adds as the kernels
+    keep it (triton_kernels/_common.py CellState, csrc/cuda/pooled_cell.cuh StepCellState; a
+    2-byte model is bf16's, the split state): every step writes the saved C_t; the walk's first
+    reads C_0 (the dtype), the others the state (bf16: the saved C_{t−1} and the low halves;
+    else fp32 rows); each but the last writes the state, the last h_n and c_n instead.
+    ``loaded_extra``: the programs' loads beyond the HBM reads."""
+    state = z.state() * 2 if z.s == 2 else z.state32()
+    state_written = z.state() if z.s == 2 else z.state32()
+
+    def record(label, first, last, count):
+        read_ = read + (z.state() if first else state)
+        written_ = written + z.state() + (2 * z.state() if last else state_written)
+        r.kernel(name + label, read_, written_, flops, count=count, loaded=read_ + loaded_extra)
+
+    if z.T == 1:
+        record(" (the one step: c0 in, h_n and c_n out)", True, True, 1)
+        return
+    record(" (first step: c0 in)", True, False, 1)
+    record("", False, False, z.T - 2)
+    record(" (last step: h_n and c_n out)", False, True, 1)
+
+
 def totals(launches: list[Launch], phase: str | None = None) -> dict:
     """Bytes, loaded bytes, FLOPs and launches (by kind) of the launches of ``phase`` (all when
     None)."""

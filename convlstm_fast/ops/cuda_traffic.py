@@ -13,7 +13,7 @@ SepconvCellStep, SepconvRows). Other GEMMs are cuBLAS, K×K convolutions cuDNN.
 
 from __future__ import annotations
 
-from ..bench.roofline import BACKWARD, H200_SMS, Recorder, Sizes
+from ..bench.roofline import BACKWARD, H200_SMS, Recorder, Sizes, cell_state_steps
 
 TILE_C, ROWS = 32, 8  # layer_common.cuh kTileC, kRows
 
@@ -80,25 +80,24 @@ def _initial_hidden_sums(r, z) -> None:
 
 
 def _sepconv_cell_step(r, z, has_map: bool) -> None:
-    """pooled_cell.cuh ``SepconvCellStep``, the fused step of a-d: H_{t−1}, the fp32 C_{t−1},
-    xc[t] (b: SepConv_x(X̃) + b_c), gate_pre, the H-side weights (and for c/d Z with its fp32
-    max) in; the fp32
-    C_t, H_t, the saved C_t and G (and A) and the column sums of H_t out. Every one of the
-    C/STEP_N channel tiles redoes the depthwise of its pixel tile over all C input channels (K²
-    taps per output, from L1/L2) and reads all of pw_h's columns it needs (``loaded``)."""
+    """pooled_cell.cuh ``SepconvCellStep``, the fused step of a-d: H_{t−1}, xc[t] (b:
+    SepConv_x(X̃) + b_c), gate_pre, the H-side weights (and for c/d Z with its per-tile maxima)
+    and the cell state in; H_t, G (and A), the column sums of H_t and the cell state out (the
+    saved C_t part of it in bf16, StepCellState; the first step reads c0, the last writes h_n
+    and c_n: roofline.cell_state_steps). Every one of the C/STEP_N channel tiles redoes the
+    depthwise of its pixel tile over all C input channels (K² taps per output, from L1/L2) and
+    reads all of pw_h's columns it needs (``loaded``)."""
     splits = _hidden_sum_splits(z)
     channel_tiles = -(-z.C // STEP_N)
     blocks = z.B * splits * channel_tiles
     gate_pre = z.vec((2 if has_map else 3) * z.C, z.s)
     logits = z.state() + splits * z.vec(z.C, z.s) if has_map else 0  # Z, its per-tile maxima
-    read = (2 * z.state() + z.state32() + gate_pre + logits
-            + z.weight(z.K * z.K * z.C + z.C * z.C))
-    written = (4 if has_map else 3) * z.state() + z.state32() + splits * z.vec(z.C)
-    loaded = (channel_tiles * z.K * z.K * z.state() + blocks * STEP_N * z.C * z.s + z.state()
-              + z.state32() + gate_pre + logits)
-    r.kernel("SepconvCellStep (phased)", read, written,
-             channel_tiles * z.depthwise_flops(z.C) + z.gemm_flops(z.rows, z.C, z.C)
-             + z.cell_flops(), count=z.T, loaded=loaded)
+    read = 2 * z.state() + gate_pre + logits + z.weight(z.K * z.K * z.C + z.C * z.C)
+    written = (3 if has_map else 2) * z.state() + splits * z.vec(z.C)
+    loaded_extra = (channel_tiles * z.K * z.K - 1) * z.state() + blocks * STEP_N * z.C * z.s
+    cell_state_steps(r, z, "SepconvCellStep (phased)", read, written,
+                     channel_tiles * z.depthwise_flops(z.C) + z.gemm_flops(z.rows, z.C, z.C)
+                     + z.cell_flops(), loaded_extra)
 
 
 def _sepconv_rows(r, z, name: str, cin: int, maps: int, count: int = 1,
@@ -148,11 +147,9 @@ def _pooled_cell_backward(r, z, gates: int, has_map: bool) -> None:
         r.aten("sum (dA∘A partials)", splits * z.vec(z.C), z.vec(z.C), count=z.T)
 
 
-def _layer_end(r, z, output_copy: bool = True) -> None:
-    """The forward's end: output to NCHW (unless the steps wrote it so), h_n's clone, c_n from
-    the fp32 state."""
-    if output_copy:
-        r.aten("copy_ (channels_first_copy output)", z.seq(), z.seq())
+def _layer_end(r, z) -> None:
+    """The ConvLSTM forward's end: output to NCHW, h_n's clone, c_n from the fp32 state."""
+    r.aten("copy_ (channels_first_copy output)", z.seq(), z.seq())
     r.aten("clone (h_n)", z.state(), z.state())
     r.aten("copy_ (channels_first_copy c_n)", z.state32(), z.state())
 
@@ -225,14 +222,12 @@ def _batched_input_layer(shape, itemsize: int, has_map: bool) -> list:
     for term in ("xc", "xa") if has_map else ("xc",):
         _sepconv_rows(r, z, f"{term} = SepConv(X) + b, x in place", cin, T * z.B)
     r.aten("mean (GAP(X), x in place)", z.xseq(), T * z.vec(cin))
-    _channels_last_copy(r, z, z.state(), z.state32(), "c0 fp32")
     _initial_hidden_sums(r, z)
     # The step (batched_input_layer_forward's loop).
     _pooled_gate_preacts(r, z, gates)
     if has_map:
         _attention_logits(r, z, "", tile_max=True)
-    _sepconv_cell_step(r, z, has_map)
-    _layer_end(r, z, output_copy=False)  # the steps write the NCHW output themselves
+    _sepconv_cell_step(r, z, has_map)  # it writes the NCHW output, h_n and c_n itself
 
     r.phase = BACKWARD
     _backward_start(r, z)
@@ -363,7 +358,6 @@ def spatial_attention_layer(shape, itemsize: int) -> list:
     amap = z.B * z.HW * z.s  # A [B, H·W]
     amap32 = z.B * z.HW * 4
     _sepconv_rows(r, z, "xa = SepConv(X) + b, x in place", cin, T * z.B)
-    _channels_last_copy(r, z, z.state(), z.state32(), "c0 fp32")
     _initial_hidden_sums(r, z)
     _sepconv_rows(r, z, "F = tanh(SepConv_ha(H_{t-1}) + xa[t])", C, z.B, T, addend=True)
     r.aten("conv2d (Z = W_z * F)", z.state() + z.weight(C * k2), amap,
@@ -378,7 +372,6 @@ def spatial_attention_layer(shape, itemsize: int) -> list:
            z.gemm_flops(z.B, 3 * C, cin), count=T)
     _pooled_gate_preacts(r, z, 3)
     _sepconv_cell_step(r, z, has_map=False)
-    _layer_end(r, z, output_copy=False)
 
     r.phase = BACKWARD
     _backward_start(r, z)

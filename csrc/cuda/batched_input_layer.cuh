@@ -79,7 +79,6 @@ LayerResult batched_input_layer_forward(const Tensor& x, const Tensor& h0, const
   Tensor output = at::empty({T, B, C, H, W}, x.options());
   const SavedSteps saved(call.saved_shapes, x.options(), save);
   const Tensor h0_c = h0.contiguous();
-  Tensor cell_state = channels_last_copy(c0, acc).view({B * HW, C});
   // Column sums of H_{t−1} per pixel tile [B, splits, C], which the step's gate kernel reduces
   // to h̄ (hsum) and the fused step writes for H_t (hsum_next).
   const int64_t splits = sepconv_cell_splits(HW, x.scalar_type());
@@ -87,16 +86,17 @@ LayerResult batched_input_layer_forward(const Tensor& x, const Tensor& h0, const
   Tensor hsum_next = at::empty_like(hsum);
   // c/d: Z's per-channel max per pixel tile, which the fused step reduces to max_p Z.
   const Tensor logits_tile_max = has_map ? at::empty({B, splits, C}, x.options()) : Tensor();
-  // With lengths: the carried H_{t−1} (step_mask.h); C carries in cell_state, H's sums in hsum.
+  // With lengths: the carried H_{t−1} (step_mask.h); C carries in the cell state, H's sums in
+  // hsum.
   Tensor h_carry;
   if (mask.active()) h_carry = h0_c.clone();
 
   const Walk walk{T, reverse};
+  const LayerCellState cell_state(h0, c0, saved, pooled::kSavedCell, mask, walk);
   for (int64_t s = 0; s < T; ++s) {
     const int64_t t = walk.time(s);
     const Tensor h_prev = mask.active() ? h_carry : state_before(walk, t, h0_c, output);
-    Tensor cell_before;
-    if (mask.active()) cell_before = cell_state.clone();
+    const auto held = cell_state.hold(t);
     const Tensor xc_t = xc.narrow(0, t * B * HW, B * HW);
     // gate pre-activations U_x·x̄ + U_h·h̄ + b_g, saved (rounded) and used rounded
     const Tensor gate_pre = saved(pooled::kSavedGatePreact, t);
@@ -111,15 +111,15 @@ LayerResult batched_input_layer_forward(const Tensor& x, const Tensor& h0, const
     // The rest of the step in one kernel: cand_preact = SepConv_h(H_{t−1}) + xc_t, (c/d: A =
     // exp(Z − max Z) as a gate) and the cell
     sepconv_cell_forward(h_prev, dw_h, pw_h, xc_t, gate_pre, logits, logits_tile_max, map_gate,
-                         activation, cell_state, output[t], saved(pooled::kSavedCell, t),
+                         activation, cell_state.step(t), output[t],
                          saved(pooled::kSavedCandidate, t),
                          has_map ? saved(channel::kSavedMap, t) : Tensor(), hsum_next, B, H, W,
                          C);
-    mask_pooled_step(mask, t, cell_state, cell_before, hsum_next, hsum, h_carry, output[t], B);
+    cell_state.carry(t, held, B);
+    mask_pooled_step(mask, t, hsum_next, hsum, h_carry, output[t]);
     std::swap(hsum, hsum_next);
   }
-  Tensor h_n = mask.active() ? h_carry : output[walk.last()].clone();
-  Tensor c_n = channels_first_copy(cell_state.view({B, H, W, C}), x.scalar_type());
+  const auto [h_n, c_n] = cell_state.outputs(h_carry);
   return {output, h_n, c_n, saved.all()};
 }
 

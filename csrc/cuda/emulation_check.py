@@ -18,12 +18,13 @@ library of its own, loads it in a process that never imports convlstm_fast._C, a
 - what only this check holds the CUDA sources to: float64 on edge shapes (K = 1, 5, C over
   several channel tiles; both walks) within 1e-9, and the numeric contract of ops/registration.py
   (tests/test_numerics.py holds every backend to it): every gate pre-activation at
-  hard_sigmoid's kinks ±2.5 (float64, float32, bfloat16), activations of 1e-5 (float32), and NaN
-  kept in its sample with the reference's isnan mask;
+  hard_sigmoid's kinks ±2.5 (float64, float32, bfloat16), activations of 1e-5 (float32), NaN
+  kept in its sample with the reference's isnan mask, and (a–d) bfloat16's cell state exact
+  fp32 between the steps (``check_exact_cell_state``);
 - per-sample ``lengths`` (ops/registration.py; a full, a one-step, an empty and a T − 2 sample)
   for every variant, both activations and both walks: every output and gradient against the
-  reference's ``cells.layer(..., lengths=)``, float64 within 1e-9 and float32 with STYLE.md's
-  rule, and the twin against the op;
+  reference's ``cells.layer(..., lengths=)``, float64 within 1e-9, float32 and bfloat16 with
+  STYLE.md's rule, and the twin against the op;
 - the launches one more step adds, per op and direction — our own kernels (the emulation build
   counts the launch helpers' calls) and the ATen calls of the driver (each at least one kernel
   on a GPU) — against the ``LAUNCHES_PER_STEP`` line of its csrc/cuda/<op>_kernel.cu, in either
@@ -300,6 +301,54 @@ def check_nan(variant: str, gate_activation: str, poison: str, seed: int = 0) ->
 _TABLE = re.compile(r"LAUNCHES_PER_STEP forward=\((\d+), (\d+)\) backward=\((\d+), (\d+)\)")
 
 
+def check_exact_cell_state(variant: str, reverse: bool, seed: int = 0) -> bool:
+    """bfloat16, a–d: the fp32 cell state between the steps is exact (pooled_cell.cuh
+    StepCellState keeps it as the saved bf16 C_t plus the low halves of its bits). The recurrence
+    C_t = f∘C_{t−1} + i∘G is redone in float64 from the op's own saved G, gate pre-activations
+    (and c/d's map A), each as the kernel used it (rounded), and the saved C_t must be it rounded
+    to bf16 but where C_t lies within float32's error of a rounding boundary (< 0.1 % of the
+    elements; one kept in bf16 alone, i.e. without its low half, misses ~a quarter of them). The
+    STYLE.md rule of the conformance checks cannot tell: a bf16 state is as close to float64 as
+    the bf16 reference is."""
+    from convlstm_fast import get_cell
+    from convlstm_fast.reference.cells import gate_activation_fn
+
+    spec = get_cell(variant)
+    steps, batch, cin, hidden, height, width, k = 4, 2, 6, 24, 5, 6, 3
+    generator = torch.Generator().manual_seed(seed)
+    randn = lambda *size: torch.randn(size, generator=generator).to(torch.bfloat16)  # noqa: E731
+    params = {n: randn(*s) * 0.5 for n, s in spec.parameter_shapes(cin, hidden, k).items()}
+    x, h0, c0 = randn(steps, batch, cin, height, width), randn(batch, hidden, height, width), \
+        randn(batch, hidden, height, width) * 4
+    weights = [torch.zeros(steps, batch, hidden, height, width), torch.zeros_like(h0),
+               torch.zeros_like(c0)]
+    _, saved, _ = run_ops(variant, x, h0, c0, params, "sigmoid", weights, reverse)
+    cell, cand, gate_pre = (saved[i].double() for i in range(3))
+    gates = gate_pre.view(steps, batch, -1, hidden)
+    att = saved[3].double() if "att_pw_z" in spec.parameter_names else None
+    act = gate_activation_fn("sigmoid")
+    c = c0.double().permute(0, 2, 3, 1).reshape(batch, height * width, hidden)
+    misses, total = 0, 0
+    for t in (range(steps - 1, -1, -1) if reverse else range(steps)):
+        g = act(gates[t].float()).double()[:, :, None, :]  # [B, n, 1, C] as the kernel's fp32
+        g_cand = cand[t].reshape(batch, height * width, hidden)
+        if att is None:
+            i, f = g[:, 0], g[:, 1]
+        else:
+            a = att[t].reshape(batch, height * width, hidden)
+            i, f = (a, g[:, 0]) if variant == "c" else (g[:, 0], g[:, 1])
+        c = f * c + i * g_cand
+        want = c.float().to(torch.bfloat16).double()
+        got = cell[t].reshape(batch, height * width, hidden)
+        misses += int((got != want).sum())
+        total += got.numel()
+    ok = misses <= 0.001 * total
+    if not ok:
+        print(f"  FAIL {variant} bf16{' reverse' if reverse else ''}: the saved C_t is not the "
+              f"exact fp32 state rounded in {misses} of {total} elements")
+    return ok
+
+
 def declared_launches(op: str) -> dict[str, tuple[int, int]]:
     match = _TABLE.search((HERE / f"{op}_kernel.cu").read_text())
     if match is None:
@@ -394,16 +443,22 @@ def main() -> int:
         for shape in float64_shapes:
             variant_ok &= check(variant, "sigmoid", torch.float64, shape, reverse=True)
             counts["float64"] += 1
-        # Per-sample lengths, both walks, float64 (1e-9) and float32 (STYLE.md's rule).
+        # Per-sample lengths, both walks, float64 (1e-9), float32 and bfloat16 (STYLE.md's rule;
+        # bfloat16: the split cell state, pooled_cell.cuh LayerCellState, carried).
         for gate_activation in ("sigmoid", "hard_sigmoid"):
             for reverse in (False, True):
-                for dtype in (torch.float64, torch.float32):
+                for dtype in (torch.float64, torch.float32, torch.bfloat16):
                     for shape, lengths in lengths_shapes:
-                        if dtype == torch.float32 and shape is not lengths_shapes[0][0]:
+                        if dtype != torch.float64 and shape is not lengths_shapes[0][0]:
                             continue
                         variant_ok &= check(variant, gate_activation, dtype, shape,
                                             reverse=reverse, lengths=lengths)
                         counts["lengths"] += 1
+        # bfloat16's split cell state is exact (a-d).
+        if variant != "convlstm":
+            for reverse in (False, True):
+                variant_ok &= check_exact_cell_state(variant, reverse)
+                counts["contract"] += 1
         # The numeric contract: kinks, tiny activations, NaN.
         contract = [check(variant, "hard_sigmoid", dtype, kink_shape, case="kinks")
                     for dtype in (torch.float64, torch.float32, torch.bfloat16)]

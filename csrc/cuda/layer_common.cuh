@@ -415,15 +415,12 @@ inline Tensor state_before(const Walk& walk, int64_t t, const Tensor& initial,
 }
 
 // After forward step t of a pooled cell (a–d) with lengths (step_mask.h): the samples whose step
-// does not count keep C (`cell_state` [B·HW, C] back to `cell_before`), the column sums of H
-// that the next step's gates read (`hsum_next` [B, splits, C] back to `hsum`, what this step
-// read) and their H carry, and output zero; the others' carry becomes H_t.
-inline void mask_pooled_step(const StepMask& mask, int64_t t, const Tensor& cell_state,
-                             const Tensor& cell_before, const Tensor& hsum_next,
-                             const Tensor& hsum, const Tensor& h_carry, const Tensor& output_t,
-                             int64_t B) {
+// does not count keep the column sums of H that the next step's gates read (`hsum_next` [B,
+// splits, C] back to `hsum`, what this step read) and their H carry, and output zero; the
+// others' carry becomes H_t. (Their C: pooled_cell.cuh LayerCellState::carry.)
+inline void mask_pooled_step(const StepMask& mask, int64_t t, const Tensor& hsum_next,
+                             const Tensor& hsum, const Tensor& h_carry, const Tensor& output_t) {
   if (!mask.active()) return;
-  mask.carry(t, cell_state.view({B, -1}), cell_before.view({B, -1}));
   mask.carry(t, hsum_next, hsum);
   mask.advance(t, h_carry, output_t);
   mask.zero_output(t, output_t);

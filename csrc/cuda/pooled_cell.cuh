@@ -21,6 +21,8 @@
 #include <cuda_fp16.h>
 #include <mma.h>
 
+#include <cstdint>
+#include <cstring>
 #include <type_traits>
 
 #include "layer_common.cuh"
@@ -58,20 +60,77 @@ __host__ __device__ inline void pooled_gates(const scalar_t* gate_pre, int64_t c
   }
 }
 
-// The cell update of one element (idx) given its gates and G (rounded): C_t into cell_state
-// (C_{t−1} there before), C_t and G stored rounded; returns H_t rounded (what the caller stores
-// and the column sums add).
+// The bits of `value` as a `To` of the same size (memcpy: a register move on the device, where
+// CUDA supports it, and in the emulation build alike).
+template <typename To, typename From>
+__host__ __device__ inline To bits_as(From value) {
+  static_assert(sizeof(To) == sizeof(From), "bits_as: the sizes differ");
+  To out;
+  memcpy(&out, &value, sizeof out);
+  return out;
+}
+
+// The fp32 cell state between the forward steps of a–d as one step reads and writes it (the host
+// side: LayerCellState; the Triton twin: triton_kernels/_common.py CellState). In bfloat16 the
+// saved C_t, which every step writes for the backward anyway, is the high half of C_t's fp32
+// bits rounded half away from zero (a NaN stays one), and the state proper is only the low half
+// (int16 rows): exact, 4 bytes read and 4 written an element and step where an fp32 copy beside
+// the saved C_t took 4 and 6. Other dtypes keep fp32 (double: double) rows in place. The walk's
+// first step reads c0 itself (NCHW, in the dtype); its last writes c_n (NCHW) and no state.
+template <typename scalar_t>
+struct StepCellState {
+  using acc_t = at::opmath_type<scalar_t>;
+  static constexpr bool kSplit = std::is_same_v<scalar_t, at::BFloat16>;
+
+  acc_t* state;            // [B·HW, C] (not split) or nullptr
+  int16_t* low;            // [B·HW, C] the low halves (split) or nullptr
+  const scalar_t* prev;    // first: c0 [B, C, H, W]; else (split) the saved C_{t−1} rows
+  scalar_t* saved;         // [B·HW, C] this step's saved C_t (may be prev itself: read first)
+  scalar_t* c_n;           // [B, C, H, W] at the last step, else nullptr
+  bool first, last;
+
+  // C_{t−1} of element idx (rows) = nchw (NCHW).
+  __host__ __device__ acc_t load(int64_t idx, int64_t nchw) const {
+    if (first) return acc_t(prev[nchw]);
+    if constexpr (kSplit) {
+      const uint32_t high = prev[idx].x, lo = uint16_t(low[idx]);
+      // The high half was rounded up (by one unit of its last place) iff lo >= 2^15.
+      const uint32_t bits = (high << 16) + lo;
+      return bits_as<float>(lo >= 0x8000u ? bits - 0x10000u : bits);
+    } else {
+      return state[idx];
+    }
+  }
+
+  __host__ __device__ void store(int64_t idx, int64_t nchw, acc_t c) const {
+    scalar_t rounded;
+    if constexpr (kSplit) {
+      const uint32_t bits = bits_as<uint32_t>(c);
+      const uint16_t high = c != c ? uint16_t(0x7FC0) : uint16_t((bits + 0x8000u) >> 16);
+      rounded = scalar_t(high, scalar_t::from_bits());
+      if (!last) low[idx] = int16_t(uint16_t(bits & 0xFFFFu));
+    } else {
+      rounded = scalar_t(c);
+      if (!last) state[idx] = c;
+    }
+    saved[idx] = rounded;
+    if (last) c_n[nchw] = rounded;
+  }
+};
+
+// The cell update of one element (idx in rows, nchw in NCHW) given its gates and G (rounded):
+// C_{t−1} from the state, C_t into it (and the saved C_t), G stored; returns H_t rounded (what
+// the caller stores and the column sums add).
 template <typename scalar_t, typename acc_t>
 __host__ __device__ inline acc_t pooled_cell_element(acc_t i, acc_t f, acc_t o, scalar_t g,
-                                                     int64_t idx, acc_t* cell_state,
-                                                     scalar_t* cell_saved, scalar_t* cand_saved) {
+                                                     int64_t idx, int64_t nchw,
+                                                     const StepCellState<scalar_t>& cell,
+                                                     scalar_t* cand_saved) {
   acc_t h;
-  const acc_t c_new = cell_update(i, f, o, acc_t(g), cell_state[idx], &h);
-  cell_state[idx] = c_new;
-  const scalar_t h_rounded = scalar_t(h);
-  cell_saved[idx] = scalar_t(c_new);
+  const acc_t c_new = cell_update(i, f, o, acc_t(g), cell.load(idx, nchw), &h);
+  cell.store(idx, nchw, c_new);
   cand_saved[idx] = g;
-  return acc_t(h_rounded);
+  return acc_t(scalar_t(h));
 }
 
 // The pooled gates' pre-activations of one step, one thread per (sample b, gate row j), straight
@@ -326,9 +385,9 @@ struct SepconvCellStep : SepconvProduct<scalar_t> {
   const scalar_t* gate_pre;  // [B, n·C], n = pooled_gate_count(map_gate)
   const scalar_t* logits;    // [B, HW, C] Z (c, d) or nullptr
   const scalar_t* logits_tile_max;  // [B, tiles_m, C] Z's max per pixel tile (c, d; SepconvRows)
-  acc_t* cell_state;         // [B, HW, C]: C_{t−1} in, C_t out
+  StepCellState<scalar_t> cell;  // C_{t−1} in, C_t out (and the saved C_t, c_n at the last)
   scalar_t* h_out;           // [B, C, H, W] NCHW (the layer's output at step t)
-  scalar_t* cell_saved;
+  scalar_t* h_n;             // [B, C, H, W] at the walk's last step, else nullptr
   scalar_t* cand_saved;
   scalar_t* map_saved;       // [B, HW, C] A (c, d)
   acc_t* hsum_partial;       // [B, tiles_m, C]
@@ -362,6 +421,7 @@ struct SepconvCellStep : SepconvProduct<scalar_t> {
       }
       for (int m = col.group; m < this->kM && col.p0 + m < pixels; m += this->kGroups) {
         const int64_t idx = (b * pixels + col.p0 + m) * channels + col.c;
+        const int64_t nchw = (b * channels + col.c) * pixels + col.p0 + m;
         if (logits != nullptr) {
           // A = exp(Z − max Z) (eq. 23 without overflow), rounded once and used as saved.
           const scalar_t a = scalar_t(math_exp(acc_t(logits[idx]) - zmax));
@@ -370,7 +430,7 @@ struct SepconvCellStep : SepconvProduct<scalar_t> {
         }
         const scalar_t pre = scalar_t(s.acc[m][col.n] + acc_t(xc[idx]));
         const acc_t h = pooled_cell_element(i, f, o, scalar_t(math_tanh(acc_t(pre))), idx,
-                                            cell_state, cell_saved, cand_saved);
+                                            nchw, cell, cand_saved);
         s.acc[m][col.n] = h;  // H_t (rounded), for store's NCHW write
         sum += h;
       }
@@ -378,7 +438,8 @@ struct SepconvCellStep : SepconvProduct<scalar_t> {
     s.sums[col.group][col.n] = sum;
   }
 
-  // The column sums, and H_t into the NCHW output with pixels across the threads (coalesced).
+  // The column sums, and H_t into the NCHW output (and h_n at the last step) with pixels
+  // across the threads (coalesced).
   __host__ __device__ void store(Shared& s, dim3 block, unsigned tid) const {
     const int64_t channels = this->channels, pixels = this->height * this->width;
     const int64_t n0 = int64_t(block.x) * this->kN, p0 = int64_t(block.y) * this->kM;
@@ -390,7 +451,9 @@ struct SepconvCellStep : SepconvProduct<scalar_t> {
     for (int e = int(tid); e < this->kM * this->kN; e += kThreads) {
       const int m = e % this->kM, n = e / this->kM;
       if (p0 + m < pixels && n0 + n < channels) {
-        h_out[(int64_t(block.z) * channels + n0 + n) * pixels + p0 + m] = scalar_t(s.acc[m][n]);
+        const int64_t nchw = (int64_t(block.z) * channels + n0 + n) * pixels + p0 + m;
+        h_out[nchw] = scalar_t(s.acc[m][n]);
+        if (h_n != nullptr) h_n[nchw] = scalar_t(s.acc[m][n]);
       }
     }
   }
@@ -551,19 +614,98 @@ inline int64_t sepconv_cell_splits(int64_t pixels, at::ScalarType dtype) {
   return ceil_div(pixels, dtype == at::kDouble ? SepconvTile<double>::kM : SepconvTile<float>::kM);
 }
 
+// What one forward step of a–d reads and writes of the cell state (StepCellState, as
+// LayerCellState hands it): the state (int16 low halves in bfloat16, else fp32/double rows),
+// `prev` (c0 at the walk's first step, the saved C_{t−1} in bfloat16), the step's saved C_t, and
+// at the last step h_n and c_n.
+struct CellStep {
+  Tensor state, prev, saved, h_n, c_n;
+  bool first, last;
+};
+
+// The host side of StepCellState over a layer's walk (the Triton twin: _common.py CellState):
+// the state, what each step reads beside it, h_n and c_n. With lengths (step_mask.h) the state
+// starts as C_0 (a sample whose step does not count keeps it, carry), the first and last steps
+// are steps like the others, and h_n, c_n are taken after the loop (outputs).
+class LayerCellState {
+ public:
+  // `cells`: the saved C_t of every step (SavedSteps' index `cell_index`).
+  LayerCellState(const Tensor& h0, const Tensor& c0, const SavedSteps& cells, size_t cell_index,
+                 const StepMask& mask, const Walk& walk)
+      : cells_(cells), cell_index_(cell_index), mask_(mask), walk_(walk),
+        split_(c0.scalar_type() == at::kBFloat16), c0_(c0.contiguous()) {
+    const int64_t rows = c0.size(0) * c0.size(2) * c0.size(3), channels = c0.size(1);
+    const auto acc = acc_dtype(c0);
+    if (mask.active()) {
+      if (split_) initial_ = channels_last_copy(c0, c0.scalar_type()).view({rows, channels});
+      state_ = split_ ? at::zeros({rows, channels}, c0.options().dtype(at::kShort))
+                      : channels_last_copy(c0, acc).view({rows, channels});
+    } else {
+      state_ = at::empty({rows, channels}, c0.options().dtype(split_ ? at::kShort : acc));
+      h_n_ = at::empty(h0.sizes(), h0.options());
+      c_n_ = at::empty(c0.sizes(), c0.options());
+    }
+  }
+
+  CellStep step(int64_t t) const {
+    const bool first = !mask_.active() && walk_.is_first(t);
+    const bool last = !mask_.active() && walk_.is_last(t);
+    return {state_, split_ && !first ? prev(t) : c0_, cells_(cell_index_, t),
+            last ? h_n_ : Tensor(), last ? c_n_ : Tensor(), first, last};
+  }
+
+  // With lengths, before step t: the state and the saved C_{t−1} it reads (copies: without
+  // saving, the saved C_t is written over it).
+  std::pair<Tensor, Tensor> hold(int64_t t) const {
+    if (!mask_.active()) return {};
+    return {state_.clone(), split_ ? prev(t).clone() : Tensor()};
+  }
+
+  // With lengths, after step t: the samples whose step does not count keep C (the state, and in
+  // bfloat16 the saved C_t, which is part of it).
+  void carry(int64_t t, const std::pair<Tensor, Tensor>& held, int64_t batch) const {
+    if (!mask_.active()) return;
+    mask_.carry(t, state_.view({batch, -1}), held.first.view({batch, -1}));
+    if (split_) {
+      mask_.carry(t, cells_(cell_index_, t).view({batch, -1}), held.second.view({batch, -1}));
+    }
+  }
+
+  // (h_n, c_n): as the last step wrote them, or with lengths the H carry and each sample's
+  // carried C.
+  std::pair<Tensor, Tensor> outputs(const Tensor& h_carry) const {
+    if (!mask_.active()) return {h_n_, c_n_};
+    const int64_t batch = c0_.size(0), channels = c0_.size(1);
+    const Tensor rows = split_ ? cells_(cell_index_, walk_.last()) : state_;
+    return {h_carry, channels_first_copy(rows.view({batch, c0_.size(2), c0_.size(3), channels}),
+                                         c0_.scalar_type())};
+  }
+
+ private:
+  Tensor prev(int64_t t) const {
+    return walk_.is_first(t) ? initial_ : cells_(cell_index_, walk_.prev(t));
+  }
+
+  const SavedSteps& cells_;
+  size_t cell_index_;
+  const StepMask& mask_;
+  Walk walk_;
+  bool split_;
+  Tensor c0_, initial_, state_, h_n_, c_n_;
+};
+
 // One forward step of a–d after its gates: h_prev and h_out [B, C, H, W] NCHW, the H-side
 // weights dw [C, 1, K, K] and pw [C, C] (contiguous), xc_t [B·HW, C] (b: SepConv_x(X̃) + b_c),
 // gate_pre [B, n·C]; for c/d (map_gate) Z [B·HW, C], its per-tile maxima [B,
-// sepconv_cell_splits, C] (sepconv_maps' tile_max) and map_saved (A), undefined otherwise;
-// cell_state updated in place; cell_saved, cand_saved this step's slices; the column sums of H_t
-// into hsum_partial [B, sepconv_cell_splits, C].
+// sepconv_cell_splits, C] (sepconv_maps' tile_max) and map_saved (A), undefined otherwise; the
+// cell state as LayerCellState hands it (`cell`); cand_saved this step's slice; the column sums
+// of H_t into hsum_partial [B, sepconv_cell_splits, C].
 inline void sepconv_cell_forward(const Tensor& h_prev, const Tensor& dw, const Tensor& pw,
                                  const Tensor& xc_t, const Tensor& gate_pre, const Tensor& logits,
                                  const Tensor& logits_tile_max, int map_gate, int64_t activation,
-                                 Tensor& cell_state, Tensor h_out, Tensor cell_saved,
-                                 Tensor cand_saved, Tensor map_saved,
-                                 const Tensor& hsum_partial, int64_t batch, int64_t height,
-                                 int64_t width, int64_t channels) {
+                                 const CellStep& cell, Tensor h_out, Tensor cand_saved,
+                                 Tensor map_saved, const Tensor& hsum_partial, int64_t batch,
+                                 int64_t height, int64_t width, int64_t channels) {
   const int64_t tiles_m = hsum_partial.size(1);
   TORCH_INTERNAL_ASSERT(tiles_m == sepconv_cell_splits(height * width, h_prev.scalar_type()));
   TORCH_INTERNAL_ASSERT(h_prev.is_contiguous() && h_out.is_contiguous() && dw.is_contiguous() &&
@@ -572,18 +714,28 @@ inline void sepconv_cell_forward(const Tensor& h_prev, const Tensor& dw, const T
                                   "sepconv_cell_forward", [&] {
     using Step = SepconvCellStep<scalar_t>;
     using acc_t = at::opmath_type<scalar_t>;
+    using State = StepCellState<scalar_t>;
     const bool has_map = logits.defined();
     TORCH_INTERNAL_ASSERT(has_map == (map_gate != cells::kNoMapGate));
     TORCH_INTERNAL_ASSERT(!has_map || logits_tile_max.numel() == batch * tiles_m * channels);
+    TORCH_INTERNAL_ASSERT(cell.state.scalar_type() ==
+                          (State::kSplit ? at::kShort : c10::CppTypeToScalarType<acc_t>::value));
+    TORCH_INTERNAL_ASSERT(cell.prev.is_contiguous() && cell.last == cell.c_n.defined());
+    const State state{State::kSplit ? nullptr : cell.state.mutable_data_ptr<acc_t>(),
+                      State::kSplit ? cell.state.mutable_data_ptr<int16_t>() : nullptr,
+                      cell.prev.const_data_ptr<scalar_t>(), cell.saved.mutable_data_ptr<scalar_t>(),
+                      cell.last ? cell.c_n.mutable_data_ptr<scalar_t>() : nullptr, cell.first,
+                      cell.last};
     launch_phased(
         Step{{dw.const_data_ptr<scalar_t>(), pw.const_data_ptr<scalar_t>(), height, width,
               channels, channels, dw.size(-1)},
              h_prev.const_data_ptr<scalar_t>(), xc_t.const_data_ptr<scalar_t>(),
              gate_pre.const_data_ptr<scalar_t>(),
              has_map ? logits.const_data_ptr<scalar_t>() : nullptr,
-             has_map ? logits_tile_max.const_data_ptr<scalar_t>() : nullptr,
-             cell_state.mutable_data_ptr<acc_t>(), h_out.mutable_data_ptr<scalar_t>(),
-             cell_saved.mutable_data_ptr<scalar_t>(), cand_saved.mutable_data_ptr<scalar_t>(),
+             has_map ? logits_tile_max.const_data_ptr<scalar_t>() : nullptr, state,
+             h_out.mutable_data_ptr<scalar_t>(),
+             cell.last ? cell.h_n.mutable_data_ptr<scalar_t>() : nullptr,
+             cand_saved.mutable_data_ptr<scalar_t>(),
              has_map ? map_saved.mutable_data_ptr<scalar_t>() : nullptr,
              hsum_partial.mutable_data_ptr<acc_t>(), map_gate, activation, tiles_m},
         ceil_div(channels, Step::kN), tiles_m, batch, h_prev);

@@ -52,20 +52,20 @@ LayerResult spatial_attention_layer(const Tensor& x, const Tensor& h0, const Ten
   const Tensor h0_c = h0.contiguous();
   const Tensor dw_h = params[pooled::kCandDwH].contiguous();
   const Tensor pw_h = params[pooled::kCandPwH].contiguous();
-  Tensor cell_state = channels_last_copy(c0, acc).view({rows, C});
   // Column sums of H_{t−1} per pixel tile [B, splits, C] (batched_input_layer.cuh's).
   const int64_t splits = sepconv_cell_splits(HW, dtype);
   Tensor hsum = initial_hidden_sums(h0, splits, acc);
   Tensor hsum_next = at::empty_like(hsum);
-  // With lengths: the carried H_{t−1} (step_mask.h); C carries in cell_state, H's sums in hsum.
+  // With lengths: the carried H_{t−1} (step_mask.h); C carries in the cell state, H's sums in
+  // hsum.
   Tensor h_carry;
   if (mask.active()) h_carry = h0_c.clone();
   const Walk walk{T, reverse};
+  const LayerCellState cell_state(h0, c0, saved, pooled::kSavedCell, mask, walk);
   for (int64_t s = 0; s < T; ++s) {
     const int64_t t = walk.time(s);
     const Tensor h_prev = mask.active() ? h_carry : state_before(walk, t, h0_c, output);
-    Tensor cell_before;
-    if (mask.active()) cell_before = cell_state.clone();
+    const auto held = cell_state.hold(t);
     // F = tanh(SepConv_ha(H_{t−1}) + xa_t); Z = W_z * F; A = softmax_HW(Z)
     const Tensor features =
         sepconv_maps(h_prev, MapLayout::kPlanes, params[attention::kAttDwH],
@@ -89,14 +89,13 @@ LayerResult spatial_attention_layer(const Tensor& x, const Tensor& h0, const Ten
                         gate_weight_h, gate_pre, HW);
     // cand_preact = SepConv_h(H_{t−1}) + cand_x and the cell, in one kernel
     sepconv_cell_forward(h_prev, dw_h, pw_h, cand_x, gate_pre, Tensor(), Tensor(),
-                         kCell.map_gate(), activation, cell_state, output[t],
-                         saved(pooled::kSavedCell, t), saved(pooled::kSavedCandidate, t),
-                         Tensor(), hsum_next, B, H, W, C);
-    mask_pooled_step(mask, t, cell_state, cell_before, hsum_next, hsum, h_carry, output[t], B);
+                         kCell.map_gate(), activation, cell_state.step(t), output[t],
+                         saved(pooled::kSavedCandidate, t), Tensor(), hsum_next, B, H, W, C);
+    cell_state.carry(t, held, B);
+    mask_pooled_step(mask, t, hsum_next, hsum, h_carry, output[t]);
     std::swap(hsum, hsum_next);
   }
-  Tensor h_n = mask.active() ? h_carry : output[walk.last()].clone();
-  Tensor c_n = channels_first_copy(cell_state.view({B, H, W, C}), dtype);
+  const auto [h_n, c_n] = cell_state.outputs(h_carry);
   return {output, h_n, c_n, saved.all()};
 }
 
