@@ -473,8 +473,9 @@ def store_hidden_state(h, h_out_ptr, h_n_ptr, hpart_next_ptr, offs_m, mask_m, b,
                        mask_n, C, HW, NMT, last):
     """H_t of this tile (already in h_out's dtype) into ``h_out``, the step's slice ``[B, C, H,
     W]`` of the layer's NCHW output (which the next step reads as H_{t−1}: no rows of H and no
-    copy to NCHW after the loop), at the walk's last step (``last``) into h_n too, and the tile's column
-    sums of it into ``hpart_next [B, NMT, C]``: the next step's h̄ (a fixed-order reduction)."""
+    copy to NCHW after the loop), at the walk's last step (``last``) into h_n too, and the
+    tile's column sums of it into ``hpart_next [B, NMT, C]``: the next step's h̄ (a fixed-order
+    reduction)."""
     offs, mask = map_tile(b, HW, C, offs_m, mask_m, offs_n, mask_n)
     tl.store(h_out_ptr + offs, h, mask=mask)
     if last != 0:
@@ -1675,8 +1676,8 @@ def channel_attention_traffic(shape, itemsize: int) -> list:
     read = z.state32() + hpart + z.state() + z.vec(2 * C) + hpart + z.weight(2 * C * C)
     written = 2 * z.state() + z.vec(2 * C, z.s) + hpart
     cell_state_steps(r, z, "attention_cell_kernel", read, written,
-                            programs * 2 * 2 * GPU_BLOCK_CS[0] * C + z.cell_flops(),
-                            programs * (2 * tiles * C * 4 + 2 * GPU_BLOCK_CS[0] * C * z.s))
+                     programs * 2 * 2 * GPU_BLOCK_CS[0] * C + z.cell_flops(),
+                     programs * (2 * tiles * C * 4 + 2 * GPU_BLOCK_CS[0] * C * z.s))
 
     r.phase = BACKWARD
     sepconv_x_rows_traffic(r, z, cin, C, means=False)  # xc

@@ -498,10 +498,9 @@ def traffic(shape, itemsize: int) -> list:
              loaded=loaded)
     read = z.state() + xpart + hpart + z.weight(3 * C * (cin + C) + 3 * C)
     per_program = tiles * (cin + C) * 4 + 3 * GPU_BLOCK_CS[0] * (cin + C) * z.s  # sums, U_x, U_h
-    cell_state_steps(r, z, "_spatial_cell_kernel", read,
-                            z.state() + z.vec(3 * C, z.s) + hpart,
-                            programs * 2 * 3 * GPU_BLOCK_CS[0] * (cin + C) + z.cell_flops(),
-                            programs * per_program)
+    cell_state_steps(r, z, "_spatial_cell_kernel", read, z.state() + z.vec(3 * C, z.s) + hpart,
+                     programs * 2 * 3 * GPU_BLOCK_CS[0] * (cin + C) + z.cell_flops(),
+                     programs * per_program)
 
     r.phase = BACKWARD
     r.aten("clone (rows of X)", z.xseq(), z.xseq())
