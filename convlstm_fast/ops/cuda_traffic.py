@@ -58,16 +58,26 @@ def _hidden_sum_splits(z) -> int:
     return -(-z.HW // STEP_M)
 
 
-def _pooled_gate_preacts(r, z, gates: int) -> None:
-    """pooled_cell.cuh ``pooled_gate_preacts``: per step, xg[t] (fp32) and the previous step's
-    column sums of H in, the saved gate_pre out; every (b, j) thread reads all of its sample's
-    sums and its U_h row (``loaded``, from L2)."""
-    splits = _hidden_sum_splits(z)
-    sums = splits * z.vec(z.C)
-    weight = gates * z.C * z.C * 4
-    r.kernel("PooledGatePreacts", z.vec(gates * z.C) + sums + weight, z.vec(gates * z.C, z.s),
-             z.gemm_flops(z.B, gates * z.C, z.C) + z.B * gates * z.C * splits * z.C,
-             count=z.T, loaded=z.vec(gates * z.C) + z.B * gates * z.C * (splits + 1) * z.C * 4)
+def _pooled_gate_preacts(r, z, gates: int, base: bool = True, x_sums: bool = False,
+                         h_sums: bool = True, all_steps: bool = False) -> None:
+    """pooled_cell.cuh ``pooled_gate_preacts`` (PooledGatePreacts): per step, B samples × gates·C
+    rows, each from a base (xg[t], fp32) or else b_g, plus the means from X's (X̃'s) column sums
+    per pixel tile against U_x and from H_{t−1}'s against U_h, where given (weights and bias in
+    the dtype), into the saved gate_pre; with ``all_steps``, one launch for all T·B samples
+    into a/c/d's xg (fp32). Every (b, j) thread reads all of its sample's sums and its weight
+    rows (``loaded``, from L2)."""
+    maps, count = (z.T * z.B, 1) if all_steps else (z.B, z.T)
+    splits, rows = _hidden_sum_splits(z), gates * z.C
+    read = maps * rows * 4 if base else z.weight(rows)
+    loaded, flops = read, 0
+    for given, channels in ((x_sums, z.cin), (h_sums, z.C)):
+        if given:
+            read += maps * splits * channels * 4 + z.weight(rows * channels)
+            loaded += maps * rows * channels * (splits * 4 + z.s)
+            flops += 2 * maps * rows * channels + maps * rows * splits * channels
+    written = maps * rows * (4 if all_steps else z.s)
+    r.kernel("PooledGatePreacts" + (" (xg = U_x·x̄ + b_g, all steps)" if all_steps else ""),
+             read, written, flops, count=count, loaded=loaded)
 
 
 def _initial_hidden_sums(r, z) -> None:
@@ -101,13 +111,16 @@ def _sepconv_cell_step(r, z, has_map: bool) -> None:
 
 
 def _sepconv_rows(r, z, name: str, cin: int, maps: int, count: int = 1,
-                  addend: bool = False, tile_max: bool = False, scaled: bool = False) -> None:
+                  addend: bool = False, tile_max: bool = False, scaled: bool = False,
+                  in_sums: bool = False) -> None:
     """pooled_cell.cuh ``SepconvRows`` (sepconv_frames, sepconv_maps, sepconv_scaled_frame): the
     SepConv of ``maps`` maps of cin channels, each read once from HBM, as rows of C channels
     (with ``addend``, rows of that shape read beside; with ``tile_max``, the per-channel max of
     every pixel tile written beside; ``scaled``, each map multiplied by a per-pixel map read
-    beside, at every tap); each of the C/STEP_N channel tiles redoes the depthwise of its maps
-    (K² taps per output) and every block reads its pw columns (``loaded``, L1/L2)."""
+    beside, at every tap; ``in_sums``, the first channel tile's blocks write the (scaled) maps'
+    column sums per pixel tile, fp32, from one more read of their pixels in L1); each of the
+    C/STEP_N channel tiles redoes the depthwise of its maps (K² taps per output) and every
+    block reads its pw columns (``loaded``, L1/L2)."""
     channel_tiles = -(-z.C // STEP_N)
     pixel_tiles = -(-z.HW // STEP_M)
     blocks = maps * pixel_tiles * channel_tiles
@@ -115,11 +128,14 @@ def _sepconv_rows(r, z, name: str, cin: int, maps: int, count: int = 1,
     extra = out if addend else 0
     maxima = maps * pixel_tiles * z.C * z.s if tile_max else 0
     scale = maps * z.HW * z.s if scaled else 0
+    sums = maps * pixel_tiles * cin * 4 if in_sums else 0
+    taps = channel_tiles * z.K * z.K + (1 if in_sums else 0)
     r.kernel(f"SepconvRows ({name})",
-             inputs + extra + scale + z.weight(z.K * z.K * cin + z.C * cin + z.C), out + maxima,
-             2 * maps * z.HW * cin * (channel_tiles * z.K * z.K + z.C), count=count,
-             loaded=(channel_tiles * z.K * z.K * (inputs + scale) + blocks * STEP_N * cin * z.s
-                     + extra))
+             inputs + extra + scale + z.weight(z.K * z.K * cin + z.C * cin + z.C),
+             out + maxima + sums,
+             2 * maps * z.HW * cin * (channel_tiles * z.K * z.K + z.C)
+             + (maps * z.HW * cin if in_sums else 0), count=count,
+             loaded=(taps * (inputs + scale) + blocks * STEP_N * cin * z.s + extra))
 
 
 def _attention_logits(r, z, what: str, tile_max: bool = False) -> None:
@@ -210,8 +226,8 @@ def output_attention_layer(shape, itemsize: int) -> list:
 
 
 def _batched_input_layer(shape, itemsize: int, has_map: bool) -> list:
-    """batched_input_layer.cuh: the X side batched (one SepconvRows kernel each for xc (and
-    xa), GAP(X) and its FC), then per step the gate kernel, for c/d two SepconvRows kernels (F,
+    """batched_input_layer.cuh: the X side batched (one SepconvRows kernel each for xc with X's
+    tile sums (and xa), then GAP(X)'s FC), then per step the gate kernel, for c/d two SepconvRows kernels (F,
     Z = SepConv_z(F) with its per-tile maxima), and the fused step (H_{t−1} read from and H_t
     written to the NCHW output, with c/d's A as a gate).
     Backward: the cell backward, the GEMMs and transposed depthwise convs per step (c/d recompute
@@ -219,9 +235,11 @@ def _batched_input_layer(shape, itemsize: int, has_map: bool) -> list:
     z, r = Sizes(shape, itemsize), Recorder()
     C, cin, T = z.C, z.cin, z.T
     gates = 2 if has_map else 3
-    for term in ("xc", "xa") if has_map else ("xc",):
-        _sepconv_rows(r, z, f"{term} = SepConv(X) + b, x in place", cin, T * z.B)
-    r.aten("mean (GAP(X), x in place)", z.xseq(), T * z.vec(cin))
+    _sepconv_rows(r, z, "xc = SepConv(X) + b and X's tile sums, x in place", cin, T * z.B,
+                  in_sums=True)
+    if has_map:
+        _sepconv_rows(r, z, "xa = SepConv(X) + b, x in place", cin, T * z.B)
+    _pooled_gate_preacts(r, z, gates, base=False, x_sums=True, h_sums=False, all_steps=True)
     _initial_hidden_sums(r, z)
     # The step (batched_input_layer_forward's loop).
     _pooled_gate_preacts(r, z, gates)
@@ -349,8 +367,8 @@ def spatial_attention_layer(shape, itemsize: int) -> list:
     """Variant (b): csrc/cuda/spatial_attention_layer_kernel.cu ``spatial_attention_layer`` /
     ``spatial_attention_layer_backward``. Only xa is batched (SepconvRows, x in place); per
     step F (SepconvRows with xa[t] and tanh), Z = W_z * F (cuDNN), the softmax, SepConv_x(X̃) +
-    b_c (SepconvRows reading X_t in place, scaled by A: X̃ never written), GAP(X̃) as X_t·A, the
-    gate FCs and (a)'s fused step (H_{t−1} read from and H_t written to the NCHW output).
+    b_c (SepconvRows reading X_t in place, scaled by A: X̃ never written) with X̃'s tile sums
+    beside, the gate FCs and (a)'s fused step (H_{t−1} read from and H_t written to the NCHW output).
     Backward: the cell backward, per-step GEMMs and transposed depthwise convs, the softmax and
     W_z backward in ATen; F and X̃ recomputed for all steps before the loop."""
     z, r = Sizes(shape, itemsize), Recorder()
@@ -364,13 +382,9 @@ def spatial_attention_layer(shape, itemsize: int) -> list:
            z.gemm_flops(z.rows, 1, C * k2), count=T)
     r.aten("softmax (A)", amap, amap32, count=T)
     r.aten("copy_ (A, saved)", amap32, amap, count=T)
-    _sepconv_rows(r, z, "SepConv_x(A∘X_t) + b_c, x in place", cin, z.B, T, scaled=True)
-    # bmm, then .to(fp32) (a free view in fp32, where the launch counts are measured).
-    r.aten("bmm (GAP(X̃)·HW = X_t·A)", z.xstep() + amap, z.vec(cin, z.s),
-           z.gemm_flops(z.B, cin, z.HW), count=T)
-    r.aten("addmm (U_x · GAP(X̃) + b_g)", z.vec(cin), z.vec(3 * C),
-           z.gemm_flops(z.B, 3 * C, cin), count=T)
-    _pooled_gate_preacts(r, z, 3)
+    _sepconv_rows(r, z, "SepConv_x(A∘X_t) + b_c and X̃'s tile sums, x in place", cin, z.B, T,
+                  scaled=True, in_sums=True)
+    _pooled_gate_preacts(r, z, 3, base=False, x_sums=True)
     _sepconv_cell_step(r, z, has_map=False)
 
     r.phase = BACKWARD

@@ -57,20 +57,24 @@ LayerResult batched_input_layer_forward(const Tensor& x, const Tensor& h0, const
   const bool has_map = map_gate != cells::kNoMapGate;
   const auto acc = acc_dtype(x);
 
+  // The SepConv kernels' pixel tiles per map, which split the column sums of X and of H.
+  const int64_t splits = sepconv_cell_splits(HW, x.scalar_type());
   // Input side for all T·B samples, x read in place (sepconv_frames, pooled_cell.cuh): xc =
-  // SepConv_x(X) + b_c, xg = U_x·GAP(X) + b_g, and for c/d xa = SepConv_xa(X) + b_a (F's
-  // X-side term); rows time-first channels-last [T·B·HW, ·].
+  // SepConv_x(X) + b_c and X's column sums per pixel tile beside, from which xg = U_x·GAP(X) +
+  // b_g, and for c/d xa = SepConv_xa(X) + b_a (F's X-side term); rows time-first channels-last
+  // [T·B·HW, ·].
+  const Tensor x_sums = at::empty({T * B, splits, Cin}, x.options().dtype(acc));
   const Tensor xc = sepconv_frames(x, params[pooled::kCandDwX], params[pooled::kCandPwX],
-                                   params[pooled::kCandBias]);
-  const Tensor gap_x = x.mean({3, 4}, false, acc).reshape({T * B, Cin});
-  const Tensor xg = pointwise(gap_x, params[pooled::kGateWeightX].to(acc),
-                              params[pooled::kGateBias].to(acc));  // [T·B, n·C]
+                                   params[pooled::kCandBias], x_sums);
+  const Tensor gate_weight_h = params[pooled::kGateWeightH].contiguous();
+  Tensor xg = at::empty({T * B, gate_weight_h.size(0)}, x.options().dtype(acc));  // [T·B, n·C]
+  pooled_gate_preacts(Tensor(), params[pooled::kGateBias].contiguous(), x_sums,
+                      params[pooled::kGateWeightX].contiguous(), Tensor(), Tensor(), xg, HW);
   Tensor xa;
   if (has_map) {
     xa = sepconv_frames(x, params[attention::kAttDwX], params[attention::kAttPwX],
                         params[attention::kAttBias]);
   }
-  const Tensor gate_weight_h = params[pooled::kGateWeightH].to(acc).contiguous();
   const Tensor dw_h = params[pooled::kCandDwH].contiguous();
   const Tensor pw_h = params[pooled::kCandPwH].contiguous();
 
@@ -81,7 +85,6 @@ LayerResult batched_input_layer_forward(const Tensor& x, const Tensor& h0, const
   const Tensor h0_c = h0.contiguous();
   // Column sums of H_{t−1} per pixel tile [B, splits, C], which the step's gate kernel reduces
   // to h̄ (hsum) and the fused step writes for H_t (hsum_next).
-  const int64_t splits = sepconv_cell_splits(HW, x.scalar_type());
   Tensor hsum = initial_hidden_sums(h0, splits, acc);
   Tensor hsum_next = at::empty_like(hsum);
   // c/d: Z's per-channel max per pixel tile, which the fused step reduces to max_p Z.
@@ -100,7 +103,8 @@ LayerResult batched_input_layer_forward(const Tensor& x, const Tensor& h0, const
     const Tensor xc_t = xc.narrow(0, t * B * HW, B * HW);
     // gate pre-activations U_x·x̄ + U_h·h̄ + b_g, saved (rounded) and used rounded
     const Tensor gate_pre = saved(pooled::kSavedGatePreact, t);
-    pooled_gate_preacts(xg.narrow(0, t * B, B), hsum, gate_weight_h, gate_pre, HW);
+    pooled_gate_preacts(xg.narrow(0, t * B, B), Tensor(), Tensor(), Tensor(), hsum, gate_weight_h,
+                        gate_pre, HW);
     // c/d (sepconv_maps, one kernel each): F = tanh(SepConv_ha(H_{t−1}) + xa_t); Z =
     // SepConv_z(F) and its max per pixel tile
     Tensor logits;

@@ -204,7 +204,7 @@ void launch_tile_reduce(const F& f, int64_t gx, int64_t gy, int64_t gz, const Te
 
 // Phased block kernel: a block of kThreads threads with a shared-memory struct F::Shared and
 // per-thread registers F::Regs runs
-//   init(regs); for each chunk: stage(shared, chunk) | multiply(shared, regs)
+//   init(regs); for each chunk: stage(shared, chunk) | multiply(shared, regs, chunk)
 //   | finish(shared, regs) | epilogue(shared) | store(shared)
 // where each "|" is a __syncthreads(). The emulation build runs every phase for all threads of
 // a block before the next phase (the barrier's meaning), with one Shared per block and one Regs
@@ -222,7 +222,7 @@ __global__ void __launch_bounds__(kThreads, 2) phased_kernel(F f) {
   for (int64_t chunk = 0; chunk < f.chunks(); ++chunk) {
     f.stage(shared, block, tid, chunk);
     __syncthreads();
-    f.multiply(shared, regs, tid);
+    f.multiply(shared, regs, block, tid, chunk);
     __syncthreads();
   }
   f.finish(shared, regs, tid);
@@ -251,7 +251,7 @@ void launch_phased(const F& f, int64_t gx, int64_t gy, int64_t gz, const Tensor&
             for (unsigned tid = 0; tid < unsigned(kThreads); ++tid)
               f.stage(*shared, block, tid, chunk);
             for (unsigned tid = 0; tid < unsigned(kThreads); ++tid)
-              f.multiply(*shared, regs[tid], tid);
+              f.multiply(*shared, regs[tid], block, tid, chunk);
           }
           for (unsigned tid = 0; tid < unsigned(kThreads); ++tid)
             f.finish(*shared, regs[tid], tid);
@@ -541,7 +541,15 @@ inline Tensor nchw_view(const Tensor& t, int64_t n, int64_t h, int64_t w, int64_
 // pooled_cell.cuh, compute their depthwise with this same sum), of one map `in` whose element
 // (pixel p, channel c) is in[c · channel_stride + p · pixel_stride]: channels-last (1, Cc) or
 // an NCHW plane stack (H·W, 1). With `scale` [H·W] the map is scale∘in, each product rounded to
-// the dtype as an ATen mul of the two rounds it (b's X̃ = A∘X_t, never written).
+// the dtype as an ATen mul of the two rounds it (b's X̃ = A∘X_t, never written): map_value,
+// which SepconvRows' column sums of the map read too.
+template <typename acc_t, typename scalar_t>
+__host__ __device__ inline scalar_t map_value(const scalar_t* plane, int64_t q,
+                                              int64_t pixel_stride, const scalar_t* scale) {
+  return scale != nullptr ? scalar_t(acc_t(scale[q]) * acc_t(plane[q * pixel_stride]))
+                          : plane[q * pixel_stride];
+}
+
 template <typename acc_t, typename scalar_t>
 __host__ __device__ inline acc_t depthwise_at(const scalar_t* in, const scalar_t* weight,
                                               int64_t y, int64_t x, int64_t c, int64_t height,
@@ -557,10 +565,7 @@ __host__ __device__ inline acc_t depthwise_at(const scalar_t* in, const scalar_t
     for (int64_t kx = 0; kx < kernel; ++kx) {
       const int64_t xx = x + kx - r;
       if (xx < 0 || xx >= width) continue;
-      const int64_t q = yy * width + xx;
-      const scalar_t v =
-          scale != nullptr ? scalar_t(acc_t(scale[q]) * acc_t(plane[q * pixel_stride]))
-                           : plane[q * pixel_stride];
+      const scalar_t v = map_value<acc_t>(plane, yy * width + xx, pixel_stride, scale);
       acc += acc_t(weight[(c * kernel + ky) * kernel + kx]) * acc_t(v);
     }
   }
@@ -811,12 +816,6 @@ inline Tensor steps_mm(const Tensor& grad, const Tensor& in, int64_t steps) {
   return at::bmm(grad.view({steps, rows, grad.size(1)}).transpose(1, 2),
                  in.reshape({steps, rows, in.size(1)}))
       .sum(0);
-}
-
-// Rows [M, in] times a pointwise weight [out, in] transposed, plus `bias` when given:
-// the 1×1 convolution of channels-last rows (cuBLAS, fp32 accumulation).
-inline Tensor pointwise(const Tensor& rows, const Tensor& weight, const Tensor& bias = Tensor()) {
-  return bias.defined() ? at::addmm(bias, rows, weight.t()) : at::mm(rows, weight.t());
 }
 
 }  // namespace

@@ -133,31 +133,52 @@ __host__ __device__ inline acc_t pooled_cell_element(acc_t i, acc_t f, acc_t o, 
   return acc_t(scalar_t(h));
 }
 
-// The pooled gates' pre-activations of one step, one thread per (sample b, gate row j), straight
-// from the previous step's column sums of H (no GAP pass and no GEMM call of its own):
-//   gate_pre[b, j] = xg[b, j] + Σ_k (Σ_split hsum[b, split, k] / HW) · U_h[j, k]
-// in the accumulation dtype, rounded once into the saved slice (the epilogue reads it rounded).
+// One term of the pooled gates: Σ_k (Σ_split sums[b, split, k] / HW) · weight[j, k], the mean of
+// maps over the pixels from their column sums per pixel tile [B, splits, K] (the SepConv
+// kernels': SepconvCellStep's of H_t, SepconvRows' of X or X̃) against a weight row [·, K] in
+// the dtype; `sums` nullptr: no term.
 template <typename scalar_t>
+struct PooledTerm {
+  using acc_t = at::opmath_type<scalar_t>;
+  const acc_t* sums;
+  const scalar_t* weight;
+  int64_t splits, channels;
+
+  __host__ __device__ acc_t dot(int64_t b, int64_t j, acc_t inv_pixels) const {
+    const acc_t* maps = sums + b * splits * channels;
+    const scalar_t* w = weight + j * channels;
+    acc_t z = acc_t(0);
+    for (int64_t k = 0; k < channels; ++k) {
+      acc_t column = acc_t(0);
+      for (int64_t s = 0; s < splits; ++s) column += maps[s * channels + k];
+      z += column * inv_pixels * acc_t(w[k]);
+    }
+    return z;
+  }
+};
+
+// The pooled gates' pre-activations, one thread per (sample b, gate row j), straight from the
+// column sums (no GAP pass and no GEMM call of their own):
+//   out[b, j] = base[b, j] (or bias[j]) + Σ_k x̄[b, k]·U_x[j, k] + Σ_k h̄[b, k]·U_h[j, k]
+// each term only where given, in the accumulation dtype, stored once as out_t: a step's saved
+// gate_pre (rounded; the epilogue reads it rounded), or a/c/d's xg = U_x·x̄ + b_g of all T·B
+// samples before the loop (fp32), which their steps' gates take as the base.
+template <typename scalar_t, typename out_t>
 struct PooledGatePreacts {
   using acc_t = at::opmath_type<scalar_t>;
-  const acc_t* xg;            // [B, n·C]: U_x·x̄_t + b_g
-  const acc_t* hsum_partial;  // [B, split, C]: column sums of H_{t−1}
-  const acc_t* weight_h;      // [n·C, C]: U_h
-  scalar_t* gate_pre;         // [B, n·C]
-  int64_t gate_rows, channels, splits;
+  const acc_t* base;     // [B, rows] or nullptr
+  const scalar_t* bias;  // [rows] (without base)
+  PooledTerm<scalar_t> x, h;
+  out_t* out;            // [B, rows]
+  int64_t rows;
   acc_t inv_pixels;
 
   __host__ __device__ void operator()(int64_t idx) const {
-    const int64_t b = idx / gate_rows, j = idx % gate_rows;
-    const acc_t* sums = hsum_partial + b * splits * channels;
-    const acc_t* w = weight_h + j * channels;
-    acc_t z = xg[idx];
-    for (int64_t k = 0; k < channels; ++k) {
-      acc_t column = acc_t(0);
-      for (int64_t s = 0; s < splits; ++s) column += sums[s * channels + k];
-      z += column * inv_pixels * w[k];
-    }
-    gate_pre[idx] = scalar_t(z);
+    const int64_t b = idx / rows, j = idx % rows;
+    acc_t z = base != nullptr ? base[idx] : acc_t(bias[j]);
+    if (x.sums != nullptr) z += x.dot(b, j, inv_pixels);
+    if (h.sums != nullptr) z += h.dot(b, j, inv_pixels);
+    out[idx] = out_t(z);
   }
 };
 
@@ -170,21 +191,41 @@ inline Tensor initial_hidden_sums(const Tensor& h0, int64_t splits, at::ScalarTy
   return sums;
 }
 
-// The gates of one step (PooledGatePreacts) into gate_pre [B, n·C] (the saved slice).
-inline void pooled_gate_preacts(const Tensor& xg, const Tensor& hsum_partial,
-                                const Tensor& weight_h, Tensor gate_pre, int64_t pixels) {
-  const int64_t B = hsum_partial.size(0), splits = hsum_partial.size(1);
-  const int64_t C = hsum_partial.size(2), rows = weight_h.size(0);
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, gate_pre.scalar_type(),
+// PooledGatePreacts into `out` [B, rows] (x's dtype or the accumulation dtype, contiguous): the
+// base [B, rows] (accumulation dtype) or else `bias` [rows], plus the term of `x_sums` [B,
+// splits, Cin] with weight_x [rows, Cin] and that of `h_sums` [B, splits, C] with weight_h
+// [rows, C] where defined (sums in the accumulation dtype, weights and bias in x's dtype).
+inline void pooled_gate_preacts(const Tensor& base, const Tensor& bias, const Tensor& x_sums,
+                                const Tensor& weight_x, const Tensor& h_sums,
+                                const Tensor& weight_h, Tensor out, int64_t pixels) {
+  const int64_t rows = out.size(1);
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, bias.defined() ? bias.scalar_type()
+                                                                            : weight_h.scalar_type(),
                                   "pooled_gate_preacts", [&] {
     using acc_t = at::opmath_type<scalar_t>;
-    launch_elementwise(
-        PooledGatePreacts<scalar_t>{xg.const_data_ptr<acc_t>(),
-                                    hsum_partial.const_data_ptr<acc_t>(),
-                                    weight_h.const_data_ptr<acc_t>(),
-                                    gate_pre.mutable_data_ptr<scalar_t>(), rows, C, splits,
-                                    acc_t(1) / acc_t(pixels)},
-        B * rows, gate_pre);
+    const auto term = [&](const Tensor& sums, const Tensor& weight) {
+      if (!sums.defined()) return PooledTerm<scalar_t>{nullptr, nullptr, 0, 0};
+      TORCH_INTERNAL_ASSERT(sums.is_contiguous() && weight.is_contiguous() &&
+                            weight.size(0) == rows && weight.size(1) == sums.size(2));
+      return PooledTerm<scalar_t>{sums.const_data_ptr<acc_t>(), weight.const_data_ptr<scalar_t>(),
+                                  sums.size(1), sums.size(2)};
+    };
+    const acc_t* base_ptr = base.defined() ? base.const_data_ptr<acc_t>() : nullptr;
+    const scalar_t* bias_ptr = bias.defined() ? bias.const_data_ptr<scalar_t>() : nullptr;
+    TORCH_INTERNAL_ASSERT(out.is_contiguous() && (base_ptr != nullptr || bias_ptr != nullptr));
+    const auto launch = [&](auto* out_ptr) {
+      using out_t = std::remove_pointer_t<decltype(out_ptr)>;
+      launch_elementwise(
+          PooledGatePreacts<scalar_t, out_t>{base_ptr, bias_ptr, term(x_sums, weight_x),
+                                             term(h_sums, weight_h), out_ptr, rows,
+                                             acc_t(1) / acc_t(pixels)},
+          out.numel(), out);
+    };
+    if (out.scalar_type() == c10::CppTypeToScalarType<scalar_t>::value) {
+      launch(out.mutable_data_ptr<scalar_t>());
+    } else {
+      launch(out.mutable_data_ptr<acc_t>());
+    }
   });
 }
 
@@ -325,7 +366,7 @@ struct SepconvProduct {
     }
   }
 
-  __host__ __device__ void multiply(Shared& s, Regs& r, unsigned tid) const {
+  __host__ __device__ void multiply(Shared& s, Regs& r, dim3, unsigned tid, int64_t) const {
 #ifdef __CUDA_ARCH__
     if constexpr (kTensorCores) {
       namespace wmma = nvcuda::wmma;
@@ -465,11 +506,19 @@ struct SepconvCellStep : SepconvProduct<scalar_t> {
 // only where given; rounded to the dtype once, then tanh rounded again: the addmm and tanh_
 // it replaces). With tile_max, each block also writes the max of its rows' values per channel
 // (c/d's Z: the per-(b, c) max over the pixels without a pass of its own); with pixel_scale
-// [maps, HW], map z is multiplied by its row of it first (b's X̃ = A∘X_t, read as X_t).
+// [maps, HW], map z is multiplied by its row of it first (b's X̃ = A∘X_t, read as X_t). With
+// in_sums, the blocks of the first channel tile also write the column sums of their pixels of
+// the (scaled) map [maps, pixel tiles, Cin] in the accumulation dtype: GAP(X) (a, c, d) and
+// GAP(X̃) (b) without a pass over X of their own. Per chunk, stage leaves kK × kSumGroups
+// partials (kSumGroups pixels apart) in shared memory, which multiply adds in a fixed order.
 template <typename scalar_t>
 struct SepconvRows : SepconvProduct<scalar_t> {
   using acc_t = at::opmath_type<scalar_t>;
   using Shared = SepconvShared<scalar_t>;
+  using Regs = typename SepconvProduct<scalar_t>::Regs;
+  static constexpr int kSumGroups = kThreads / SepconvProduct<scalar_t>::kK;
+  static_assert(kThreads <= SepconvProduct<scalar_t>::kGroups * SepconvProduct<scalar_t>::kN,
+                "the partial column sums fit in Shared::sums");
 
   const scalar_t* in;
   const scalar_t* bias;    // [C] or nullptr
@@ -477,15 +526,42 @@ struct SepconvRows : SepconvProduct<scalar_t> {
   scalar_t* out;           // [maps·HW, C]
   scalar_t* tile_max;      // [maps, pixel tiles, C] or nullptr
   const scalar_t* pixel_scale;  // [maps, HW] or nullptr
+  acc_t* in_sums;               // [maps, pixel tiles, Cin] or nullptr
   int64_t batch, stride_t, stride_b, channel_stride, pixel_stride;
   bool tanh_out;
 
   __host__ __device__ void stage(Shared& s, dim3 block, unsigned tid, int64_t chunk) const {
-    const int64_t map = block.z;
-    this->stage_map(s, block, tid, chunk, in + map / batch * stride_t + map % batch * stride_b,
-                    channel_stride, pixel_stride,
-                    pixel_scale != nullptr
-                        ? pixel_scale + map * this->height * this->width : nullptr);
+    const int64_t map = block.z, pixels = this->height * this->width;
+    const scalar_t* plane = in + map / batch * stride_t + map % batch * stride_b;
+    const scalar_t* scale = pixel_scale != nullptr ? pixel_scale + map * pixels : nullptr;
+    this->stage_map(s, block, tid, chunk, plane, channel_stride, pixel_stride, scale);
+    if (in_sums == nullptr || block.x != 0) return;
+    // Partial (k, g): the chunk's channel k over the pixels g, g + kSumGroups, … of the tile;
+    // consecutive threads take consecutive addresses of the map, as stage_map's.
+    const int e = int(tid);
+    const int k = pixel_stride == 1 ? e / kSumGroups : e % this->kK;
+    const int g = pixel_stride == 1 ? e % kSumGroups : e / this->kK;
+    const int64_t c = chunk * this->kK + k, p0 = int64_t(block.y) * this->kM;
+    acc_t sum = acc_t(0);
+    if (c < this->in_channels) {
+      for (int m = g; m < this->kM && p0 + m < pixels; m += kSumGroups) {
+        sum += acc_t(map_value<acc_t>(plane + c * channel_stride, p0 + m, pixel_stride, scale));
+      }
+    }
+    (&s.sums[0][0])[k * kSumGroups + g] = sum;
+  }
+
+  __host__ __device__ void multiply(Shared& s, Regs& r, dim3 block, unsigned tid,
+                                    int64_t chunk) const {
+    SepconvProduct<scalar_t>::multiply(s, r, block, tid, chunk);
+    const int64_t c = chunk * this->kK + tid;
+    if (in_sums == nullptr || block.x != 0 || int(tid) >= this->kK || c >= this->in_channels) {
+      return;
+    }
+    acc_t total = acc_t(0);
+    for (int g = 0; g < kSumGroups; ++g) total += (&s.sums[0][0])[tid * kSumGroups + g];
+    const int64_t tiles = (this->height * this->width + this->kM - 1) / this->kM;
+    in_sums[(int64_t(block.z) * tiles + block.y) * this->in_channels + c] = total;
   }
 
   __host__ __device__ void epilogue(Shared& s, dim3 block, unsigned tid) const {
@@ -522,7 +598,8 @@ void launch_sepconv_rows(const scalar_t* in, int64_t maps, int64_t batch, int64_
                          const Tensor& dw, const Tensor& pw, const Tensor& bias,
                          const Tensor& addend, bool tanh_out, Tensor& out, int64_t height,
                          int64_t width, const Tensor& like, const Tensor& tile_max = Tensor(),
-                         const Tensor& pixel_scale = Tensor()) {
+                         const Tensor& pixel_scale = Tensor(), const Tensor& in_sums = Tensor()) {
+  using acc_t = at::opmath_type<scalar_t>;
   using Rows = SepconvRows<scalar_t>;
   const int64_t cin = pw.size(1), channels = pw.size(0);
   const Tensor dw_c = dw.contiguous(), pw_c = pw.contiguous();
@@ -534,6 +611,9 @@ void launch_sepconv_rows(const scalar_t* in, int64_t maps, int64_t batch, int64_
                                                 tile_max.numel() == maps * tiles_m * channels));
   TORCH_INTERNAL_ASSERT(!pixel_scale.defined() || (pixel_scale.is_contiguous() &&
                                                    pixel_scale.numel() == maps * height * width));
+  TORCH_INTERNAL_ASSERT(!in_sums.defined() ||
+                        (in_sums.is_contiguous() && in_sums.numel() == maps * tiles_m * cin &&
+                         in_sums.scalar_type() == c10::CppTypeToScalarType<acc_t>::value));
   launch_phased(
       Rows{{dw_c.const_data_ptr<scalar_t>(), pw_c.const_data_ptr<scalar_t>(), height, width, cin,
             channels, dw.size(-1)},
@@ -541,8 +621,9 @@ void launch_sepconv_rows(const scalar_t* in, int64_t maps, int64_t batch, int64_
            addend.defined() ? addend.const_data_ptr<scalar_t>() : nullptr,
            out.mutable_data_ptr<scalar_t>(),
            tile_max.defined() ? tile_max.mutable_data_ptr<scalar_t>() : nullptr,
-           pixel_scale.defined() ? pixel_scale.const_data_ptr<scalar_t>() : nullptr, batch,
-           stride_t, stride_b, channel_stride, pixel_stride, tanh_out},
+           pixel_scale.defined() ? pixel_scale.const_data_ptr<scalar_t>() : nullptr,
+           in_sums.defined() ? in_sums.mutable_data_ptr<acc_t>() : nullptr, batch, stride_t,
+           stride_b, channel_stride, pixel_stride, tanh_out},
       ceil_div(channels, Rows::kN), tiles_m, maps, like);
 }
 
@@ -554,31 +635,36 @@ inline Tensor frame_planes(const Tensor& x) {
 }
 
 // SepConv(X) + bias of every frame of x [T, B, Cin, H, W] (frame_planes), dw [Cin, 1, K, K],
-// pw [C, Cin], bias [C] -> time-first channels-last rows [T·B·H·W, C] of x's dtype.
+// pw [C, Cin], bias [C] -> time-first channels-last rows [T·B·H·W, C] of x's dtype; with
+// `pixel_sums` [T·B, sepconv_cell_splits, Cin] (accumulation dtype), each frame's column sums
+// per pixel tile into it (pooled_gate_preacts' x_sums).
 inline Tensor sepconv_frames(const Tensor& x, const Tensor& dw, const Tensor& pw,
-                             const Tensor& bias) {
+                             const Tensor& bias, const Tensor& pixel_sums = Tensor()) {
   const int64_t T = x.size(0), B = x.size(1), H = x.size(3), W = x.size(4);
   const Tensor frames = frame_planes(x);
   Tensor out = at::empty({T * B * H * W, pw.size(0)}, x.options());
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "sepconv_frames",
                                   [&] {
     launch_sepconv_rows(frames.const_data_ptr<scalar_t>(), T * B, B, frames.stride(0),
-                        frames.stride(1), H * W, 1, dw, pw, bias, Tensor(), false, out, H, W, x);
+                        frames.stride(1), H * W, 1, dw, pw, bias, Tensor(), false, out, H, W, x,
+                        Tensor(), Tensor(), pixel_sums);
   });
   return out;
 }
 
 // SepConv(scale∘X_t) + bias of frame t of `frames` (frame_planes of x), scale [B, H·W] (b's A,
-// so the rows are SepConv(X̃) + b_c with X̃ never written) -> rows [B·H·W, C].
+// so the rows are SepConv(X̃) + b_c with X̃ never written) -> rows [B·H·W, C]; with
+// `pixel_sums` [B, sepconv_cell_splits, Cin], X̃'s column sums per pixel tile into it.
 inline Tensor sepconv_scaled_frame(const Tensor& frames, int64_t t, const Tensor& scale,
-                                   const Tensor& dw, const Tensor& pw, const Tensor& bias) {
+                                   const Tensor& dw, const Tensor& pw, const Tensor& bias,
+                                   const Tensor& pixel_sums = Tensor()) {
   const int64_t B = frames.size(1), H = frames.size(3), W = frames.size(4);
   Tensor out = at::empty({B * H * W, pw.size(0)}, frames.options());
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, frames.scalar_type(),
                                   "sepconv_scaled_frame", [&] {
     launch_sepconv_rows(frames.const_data_ptr<scalar_t>() + t * frames.stride(0), B, B, 0,
                         frames.stride(1), H * W, 1, dw, pw, bias, Tensor(), false, out, H, W,
-                        frames, Tensor(), scale);
+                        frames, Tensor(), scale, pixel_sums);
   });
   return out;
 }

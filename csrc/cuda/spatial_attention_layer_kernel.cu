@@ -6,16 +6,16 @@
 // kernel, x read in place); per step: the attention features F (one fused SepConv kernel,
 // sepconv_maps, with xa[t] and tanh, reading H_{t−1} in the NCHW output), W_z * F (cuDNN), the
 // softmax (ATen), SepConv_x(X̃) + b_c (one fused kernel reading X_t in place and scaling it by
-// A on the fly: X̃ is never written), GAP(X̃) (one batched product), the pooled gates, and (a)'s
-// fused step (pooled_cell.cuh SepconvCellStep: SepConv_h(H_{t−1}) plus that, the cell, H_t into
-// the NCHW output).
+// A on the fly: X̃ is never written; X̃'s column sums beside), the pooled gates from those and
+// H_{t−1}'s (one kernel), and (a)'s fused step (pooled_cell.cuh SepconvCellStep:
+// SepConv_h(H_{t−1}) plus that, the cell, H_t into the NCHW output).
 //
 // Parameters and saved tensors: cells.h kSpatialAttentionLayer (saved: cell, candidate
 // [T, B, H, W, C], gate_preact [T, B, 3C], the map A [T, B, H, W]).
-// One more step launches, forward, 4 kernels of ours and 5 ATen calls; backward 5 and 23
+// One more step launches, forward, 4 kernels of ours and 3 ATen calls; backward 5 and 23
 // (emulation_check.py counts them, in fp32: 2 of the 23 are d W_z's per-step call and add_,
 // same_conv_weight_grad; 16-bit dtypes make one d W_z call for all steps).
-// LAUNCHES_PER_STEP forward=(4, 5) backward=(5, 23)
+// LAUNCHES_PER_STEP forward=(4, 3) backward=(5, 23)
 #include "pooled_cell.cuh"
 
 namespace convlstm_fast {
@@ -42,9 +42,9 @@ LayerResult spatial_attention_layer(const Tensor& x, const Tensor& h0, const Ten
   // term) for all steps, x read in place (sepconv_frames).
   const Tensor xa = sepconv_frames(x, params[attention::kAttDwX], params[attention::kAttPwX],
                                    params[attention::kAttBias]);
-  const Tensor gate_weight_x = params[pooled::kGateWeightX].to(acc);
-  const Tensor gate_weight_h = params[pooled::kGateWeightH].to(acc).contiguous();
-  const Tensor gate_bias = params[pooled::kGateBias].to(acc);
+  const Tensor gate_weight_x = params[pooled::kGateWeightX].contiguous();
+  const Tensor gate_weight_h = params[pooled::kGateWeightH].contiguous();
+  const Tensor gate_bias = params[pooled::kGateBias].contiguous();
 
   // H of every step in the op's NCHW output, where the next step reads it (as in (a)).
   Tensor output = at::empty({T, B, C, H, W}, x.options());
@@ -56,6 +56,8 @@ LayerResult spatial_attention_layer(const Tensor& x, const Tensor& h0, const Ten
   const int64_t splits = sepconv_cell_splits(HW, dtype);
   Tensor hsum = initial_hidden_sums(h0, splits, acc);
   Tensor hsum_next = at::empty_like(hsum);
+  // X̃'s column sums per pixel tile [B, splits, Cin], which the step's X-side SepConv writes.
+  const Tensor x_sums = at::empty({B, splits, Cin}, x.options().dtype(acc));
   // With lengths: the carried H_{t−1} (step_mask.h); C carries in the cell state, H's sums in
   // hsum.
   Tensor h_carry;
@@ -77,16 +79,14 @@ LayerResult spatial_attention_layer(const Tensor& x, const Tensor& h0, const Ten
     map.copy_(logits.reshape({B, HW}).softmax(1, acc));
     // SepConv_x(X̃) + b_c with X̃ = A∘X_t (A rounded to x's dtype, as saved; each product
     // rounded as the mul it replaces), X_t read in place: the fused step's X-side term (a's
-    // xc[t])
-    const Tensor cand_x = sepconv_scaled_frame(frames, t, map, params[pooled::kCandDwX],
-                                               params[pooled::kCandPwX], params[pooled::kCandBias]);
-    // gates U_x·GAP(X̃) + b_g, GAP(X̃) = X_t·A / HW (one batched product), then + U_h·h̄ from
-    // H_{t−1}'s column sums (PooledGatePreacts)
-    const Tensor gap_x =
-        at::bmm(frames[t].reshape({B, Cin, HW}), map.view({B, HW, 1})).view({B, Cin}).to(acc);
+    // xc[t]), and X̃'s column sums beside
+    const Tensor cand_x =
+        sepconv_scaled_frame(frames, t, map, params[pooled::kCandDwX], params[pooled::kCandPwX],
+                             params[pooled::kCandBias], x_sums);
+    // gates b_g + U_x·GAP(X̃) + U_h·h̄ from those sums and H_{t−1}'s (one PooledGatePreacts)
     const Tensor gate_pre = saved(pooled::kSavedGatePreact, t);
-    pooled_gate_preacts(at::addmm(gate_bias, gap_x, gate_weight_x.t(), 1, 1.0 / HW), hsum,
-                        gate_weight_h, gate_pre, HW);
+    pooled_gate_preacts(Tensor(), gate_bias, x_sums, gate_weight_x, hsum, gate_weight_h, gate_pre,
+                        HW);
     // cand_preact = SepConv_h(H_{t−1}) + cand_x and the cell, in one kernel
     sepconv_cell_forward(h_prev, dw_h, pw_h, cand_x, gate_pre, Tensor(), Tensor(),
                          kCell.map_gate(), activation, cell_state.step(t), output[t],
