@@ -586,7 +586,8 @@ def attention_logits_kernel(
     KSIZE: tl.constexpr, DOT_PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
-    """Z = SepConv_z(A) (fp32) and the tile's per-channel maximum of Z over its valid pixels."""
+    """Z = SepConv_z(A), rounded to z's dtype (the input's, as the reference's Z), and the
+    tile's per-channel maximum of the rounded Z over its valid pixels (fp32, exact)."""
     pid_m, pid_n, b, HW, offs_m, mask_m, oy, ox, offs_n, mask_n = program_tile(
         C, H, W, BLOCK_M, BLOCK_N)
     acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
@@ -599,8 +600,9 @@ def attention_logits_kernel(
                     mask=mask_k[:, None] & mask_n[None, :], other=0.0)
         acc = tl.dot(d.to(w.dtype), w, acc, input_precision=DOT_PRECISION)
     offs, mask = state_tile(b, HW, C, offs_m, mask_m, offs_n, mask_n)
-    tl.store(z_ptr + offs, acc, mask=mask)
-    tile_max = nan_max(tl.where(mask, acc, float("-inf")), 0)
+    z = acc.to(z_ptr.dtype.element_ty)
+    tl.store(z_ptr + offs, z, mask=mask)
+    tile_max = nan_max(tl.where(mask, z.to(tl.float32), float("-inf")), 0)
     tl.store(zpart_ptr + (b * NMT + pid_m) * C + offs_n, tile_max, mask=mask_n)
 
 
@@ -631,7 +633,7 @@ def attention_cell_kernel(
     zmax = tl.where(mask_n, zmax, 0.0)
 
     offs, mask = state_tile(b, HW, C, offs_m, mask_m, offs_n, mask_n)
-    att = tl.exp(tl.load(z_ptr + offs, mask=mask, other=0.0) - zmax[None, :])
+    att = tl.exp(tl.load(z_ptr + offs, mask=mask, other=0.0).to(tl.float32) - zmax[None, :])
     tl.store(att_ptr + offs, att.to(att_ptr.dtype.element_ty), mask=mask)
     g = tl.load(cand_ptr + offs, mask=mask, other=0.0).to(tl.float32)
     c_prev = load_cell_state(c_ptr, cell_prev_ptr, b, HW, C, offs_m, mask_m, offs_n, mask_n,
@@ -1275,7 +1277,7 @@ def _attention_x_side(x: torch.Tensor, p, steps, batch, pixels, hidden, gates: b
 def _attention_logits_step(h_prev, xc, xa, p, cand, feat, logits, zpart, height, width, grid,
                            launch, dot):
     """Launches (1) and (2) of one forward step, from ``h_prev [B, C, H, W]`` and the step's
-    X-side terms: ``cand`` ← G_t, ``feat`` ← A_t, ``logits`` ← Z_t (fp32 rows) and ``zpart
+    X-side terms: ``cand`` ← G_t, ``feat`` ← A_t, ``logits`` ← Z_t (rows, x's dtype) and ``zpart
     [B, tiles, C]`` ← its per-tile channel maxima. The backward recomputes A_t and Z_t through
     this same call: the tie mask of max_HW Z must be taken on the very numbers the forward
     normalised by (an ATen recompute rounds differently and, in bf16, can move the max)."""
@@ -1306,7 +1308,7 @@ def channel_attention_forward(x, h0, c0, params, gate_activation: int, output_ga
     cell, cand, att = (x.new_empty(steps, batch * pixels, hidden) for _ in range(3))
     gate_preact = x.new_empty(steps, batch, 2 * hidden)
     feat = torch.empty_like(cell[0])
-    logits = torch.empty(batch * pixels, hidden, device=x.device, dtype=torch.float32)
+    logits = torch.empty_like(feat)
     zpart = torch.empty(batch, tiles, hidden, device=x.device, dtype=torch.float32)
     walk = Walk(steps, reverse)
     mask = StepMask(lengths, walk, batch)
@@ -1367,7 +1369,7 @@ def channel_attention_backward(grad_output, grad_h_n, grad_c_n, x, h0, c0, param
     f32 = dict(device=x.device, dtype=torch.float32)
     dacc, ddw_c, dz, ddz, dfeat, ddw_a, feat = (torch.empty_like(cell) for _ in range(7))
     cand_scratch = torch.empty_like(cell[0])  # the recompute's G (the saved G is used)
-    logits, datt = torch.empty(state[1:], **f32), torch.empty(state[1:], **f32)
+    logits, datt = torch.empty_like(cand_scratch), torch.empty(state[1:], **f32)
     zpart = torch.empty(batch, tiles, hidden, **f32)
     spart = torch.empty(batch, tiles, hidden, **f32)
     gpart = torch.empty(steps, batch, tiles, 2 * hidden, **f32)
@@ -1496,14 +1498,14 @@ def compile_cases(dtype: torch.dtype, ksize: int, block_c: int, gate_activation:
         (attention_features_kernel, set(), dict(gemm, RAW_CAND=False), ATTENTION_FWD_LAUNCH),
         (attention_features_kernel, {"xc_ptr", "cand_ptr"}, dict(gemm, RAW_CAND=True),
          ATTENTION_FWD_LAUNCH),  # b: spatial_attention_layer
-        (attention_logits_kernel, {"z_ptr", "zpart_ptr"}, gemm, ATTENTION_FWD_LAUNCH),
+        (attention_logits_kernel, {"zpart_ptr"}, gemm, ATTENTION_FWD_LAUNCH),
         (attention_logits_bwd_kernel, {"datt_ptr", "tie_ptr", "spart_ptr"}, blocks,
          SEPCONV_LAUNCH),
         (attention_features_bwd_kernel, set(), dict(blocks, KSIZE=ksize), SEPCONV_LAUNCH),
     ]
     state_types, state_flags = cell_state_cases(dtype)
-    fwd_types = {**dict.fromkeys(("z_ptr", "zpart_ptr", "xg_ptr", "hpart_prev_ptr",
-                                  "hpart_next_ptr"), "fp32"), **state_types}
+    fwd_types = {**dict.fromkeys(("zpart_ptr", "xg_ptr", "hpart_prev_ptr", "hpart_next_ptr"),
+                                 "fp32"), **state_types}
     bwd_fp32 = {"gpart_next_ptr", "dgp_next_ptr", "dc_ptr", "datt_ptr", "spart_ptr", "gpart_ptr"}
     for output_gate in (False, True):  # c: input_attention_layer, d: output_attention_layer
         flags = dict(ACT=gate_activation, OUTPUT_GATE=output_gate)
@@ -1648,12 +1650,13 @@ def attention_features_traffic(r, z, raw_cand: bool, count: int) -> None:
 
 
 def attention_logits_traffic(r, z, count: int) -> None:
-    """:func:`attention_logits_kernel`: Z = SepConv_z(A) in fp32 and the tiles' channel maxima."""
+    """:func:`attention_logits_kernel`: Z = SepConv_z(A) in the dtype and the tiles' channel
+    maxima (fp32)."""
     tiles, channel_tiles, programs = gpu_grid(z)
     read = z.state() + z.weight(z.K * z.K * z.C + z.C * z.C)
     loaded = (read + (channel_tiles * z.K * z.K - 1) * z.state()
               + programs * GPU_BLOCK_CS[0] * z.C * z.s)
-    r.kernel("attention_logits_kernel", read, z.state32() + z.B * tiles * z.C * 4,
+    r.kernel("attention_logits_kernel", read, z.state() + z.B * tiles * z.C * 4,
              channel_tiles * z.depthwise_flops(z.C) + z.gemm_flops(z.rows, z.C, z.C),
              count=count, loaded=loaded)
 
@@ -1673,7 +1676,7 @@ def channel_attention_traffic(shape, itemsize: int) -> list:
     attention_features_traffic(r, z, raw_cand=False, count=T)
     attention_logits_traffic(r, z, count=T)
     hpart = z.B * tiles * C * 4
-    read = z.state32() + hpart + z.state() + z.vec(2 * C) + hpart + z.weight(2 * C * C)
+    read = z.state() + hpart + z.state() + z.vec(2 * C) + hpart + z.weight(2 * C * C)
     written = 2 * z.state() + z.vec(2 * C, z.s) + hpart
     cell_state_steps(r, z, "attention_cell_kernel", read, written,
                      programs * 2 * 2 * GPU_BLOCK_CS[0] * C + z.cell_flops(),
@@ -1687,8 +1690,8 @@ def channel_attention_traffic(shape, itemsize: int) -> list:
     cell_bwd_traffic(r, z, "attention_cell_bwd_kernel", 2, 2, channel_map=True)
     attention_features_traffic(r, z, raw_cand=False, count=T)
     attention_logits_traffic(r, z, count=T)
-    r.aten("amax (max_HW Z)", z.state32(), z.vec(C), count=T)
-    r.aten("eq (Z = max Z)", z.state32() + z.vec(C), z.state(itemsize=1), count=T)
+    r.aten("amax (max_HW Z)", z.state(), z.vec(C, z.s), count=T)
+    r.aten("eq (Z = max Z)", z.state() + z.vec(C, z.s), z.state(itemsize=1), count=T)
     r.aten("sum (ties)", z.state(itemsize=1), z.vec(C, 8), count=T)
     r.aten("div (τ)", z.state(itemsize=1) + z.vec(C, 8), z.state32(), count=T)
     r.kernel("attention_logits_bwd_kernel", z.state() + 2 * z.state32() + hpart, z.state(),
