@@ -2,7 +2,7 @@
 from another op file): activations, the program's tile, the on-the-fly depthwise tile, the pooled
 gates and the cell-step stores, block sizes, dot precision and the channels-last layout helpers;
 then the kernels more than one op launches: ``pooled_layer_bwd_kernel`` (a; b with ATT_PATH),
-``attention_features_kernel`` (b with RAW_CAND; c, d) and the kernels and forward/backward
+``attention_features_kernel`` (b without CAND; c, d) and the kernels and forward/backward
 drivers of the channel-attention cells c and d (``channel_attention_forward`` and
 ``channel_attention_backward``, which input_attention_layer and output_attention_layer take through
 ``channel_attention_op`` with ``output_gate`` False and True).
@@ -544,28 +544,26 @@ def pooled_layer_bwd_kernel(
 def attention_features_kernel(
     h_prev_ptr, xc_ptr, xa_ptr, cdw_ptr, cpw_ptr, adw_ptr, apw_ptr, cand_ptr, feat_ptr,
     C, H, W,
-    KSIZE: tl.constexpr, DOT_PRECISION: tl.constexpr, RAW_CAND: tl.constexpr,
+    KSIZE: tl.constexpr, DOT_PRECISION: tl.constexpr, CAND: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
-    """G = tanh(SepConv_h(H_{t−1}) + xc) and A = tanh(SepConv_ha(H_{t−1}) + xa) for BLOCK_M
-    pixels of sample b × BLOCK_N channels: both depthwise filters read the same H_{t−1} tiles
-    (``h_prev [B, C, H, W]``, NCHW: the previous step's output).
-    RAW_CAND (variant b, whose X-side candidate term comes later in the step): store
-    SepConv_h(H_{t−1}) itself (fp32) instead of G; xc is not read.
+    """G = tanh(SepConv_h(H_{t−1}) + xc) (with CAND) and A = tanh(SepConv_ha(H_{t−1}) + xa) for
+    BLOCK_M pixels of sample b × BLOCK_N channels: both depthwise filters read the same H_{t−1}
+    tiles (``h_prev [B, C, H, W]``, NCHW: the previous step's output).
+    Without CAND (variant b, whose X-side candidate term comes later in the step, and whose
+    input kernel adds SepConv_h(H_{t−1}) itself) only A; xc and cand are not touched.
     One SepConv after the other, G stored before A's loop: a single accumulator is live at a
     time (both in one loop kept two, and fp32 at K = 3 spilled even at BLOCK_K = 16; each
     depthwise tile loads its taps itself either way, so the loads are the same)."""
     pid_m, pid_n, b, HW, offs_m, mask_m, oy, ox, offs_n, mask_n = program_tile(
         C, H, W, BLOCK_M, BLOCK_N)
     h_prev = h_prev_ptr + b * C * HW
-    acc = sepconv_tile(h_prev, oy, ox, mask_m, offs_n, mask_n, C, H, W, cdw_ptr, cpw_ptr,
-                       KSIZE, DOT_PRECISION, BLOCK_M, BLOCK_N, BLOCK_K, False)
-    offs, mask = state_tile(b, HW, C, offs_m, mask_m, offs_n, mask_n)
-    if RAW_CAND:
-        g = acc
-    else:
+    if CAND:
+        acc = sepconv_tile(h_prev, oy, ox, mask_m, offs_n, mask_n, C, H, W, cdw_ptr, cpw_ptr,
+                           KSIZE, DOT_PRECISION, BLOCK_M, BLOCK_N, BLOCK_K, False)
+        offs, mask = state_tile(b, HW, C, offs_m, mask_m, offs_n, mask_n)
         g = tanh(acc + tl.load(xc_ptr + offs, mask=mask, other=0.0).to(tl.float32))
-    tl.store(cand_ptr + offs, g.to(cand_ptr.dtype.element_ty), mask=mask)
+        tl.store(cand_ptr + offs, g.to(cand_ptr.dtype.element_ty), mask=mask)
     acc = sepconv_tile(h_prev, oy, ox, mask_m, offs_n, mask_n, C, H, W, adw_ptr, apw_ptr,
                        KSIZE, DOT_PRECISION, BLOCK_M, BLOCK_N, BLOCK_K, False)
     offs, mask = state_tile(b, HW, C, offs_m, mask_m, offs_n, mask_n)
@@ -1286,7 +1284,7 @@ def _attention_logits_step(h_prev, xc, xa, p, cand, feat, logits, zpart, height,
     ksize = cdwh.shape[-1]
     attention_features_kernel[grid](h_prev, xc, xa, cdwh, cpwh, adwh, apwh, cand, feat,
                                     hidden, height, width, KSIZE=ksize, DOT_PRECISION=dot,
-                                    RAW_CAND=False, **launch)
+                                    CAND=True, **launch)
     attention_logits_kernel[grid](feat, zdw, zpw, logits, zpart, hidden, height, width,
                                   zpart.shape[1], KSIZE=ksize, DOT_PRECISION=dot, **launch)
 
@@ -1495,8 +1493,8 @@ def compile_cases(dtype: torch.dtype, ksize: int, block_c: int, gate_activation:
         (sepconv_frames_kernel, {"xpart_ptr"}, gemm, ATTENTION_FWD_LAUNCH),
     ]
     cases += [
-        (attention_features_kernel, set(), dict(gemm, RAW_CAND=False), ATTENTION_FWD_LAUNCH),
-        (attention_features_kernel, {"xc_ptr", "cand_ptr"}, dict(gemm, RAW_CAND=True),
+        (attention_features_kernel, set(), dict(gemm, CAND=True), ATTENTION_FWD_LAUNCH),
+        (attention_features_kernel, set(), dict(gemm, CAND=False),
          ATTENTION_FWD_LAUNCH),  # b: spatial_attention_layer
         (attention_logits_kernel, {"zpart_ptr"}, gemm, ATTENTION_FWD_LAUNCH),
         (attention_logits_bwd_kernel, {"datt_ptr", "tie_ptr", "spart_ptr"}, blocks,
@@ -1635,17 +1633,18 @@ def cell_bwd_traffic(r, z, name: str, gates: int, paths: int, channel_map: bool)
         r.kernel(f"{name} (dH_0)", 0, z.state())
 
 
-def attention_features_traffic(r, z, raw_cand: bool, count: int) -> None:
-    """:func:`attention_features_kernel`: both SepConvs of H_{t−1}, one after the other (each of
-    the C/BLOCK_N channel tiles redoes both depthwise convs of all C channels: ``loaded``). RAW_CAND
-    (b) stores SepConv_h(H) in fp32 and reads no xc."""
+def attention_features_traffic(r, z, cand: bool, count: int) -> None:
+    """:func:`attention_features_kernel`: both SepConvs of H_{t−1} (without ``cand``, b: only
+    F's), one after the other (each of the C/BLOCK_N channel tiles redoes the depthwise convs of
+    all C channels: ``loaded``)."""
     tiles, channel_tiles, programs = gpu_grid(z)
-    weights = z.weight(2 * (z.K * z.K * z.C + z.C * z.C))
-    read = (2 if raw_cand else 3) * z.state() + weights
-    written = (z.state32() if raw_cand else z.state()) + z.state()
-    loaded = (read + (2 * channel_tiles * z.K * z.K - 1) * z.state()
-              + programs * 2 * GPU_BLOCK_CS[0] * z.C * z.s)
-    flops = 2 * (channel_tiles * z.depthwise_flops(z.C) + z.gemm_flops(z.rows, z.C, z.C))
+    convs = 2 if cand else 1
+    weights = z.weight(convs * (z.K * z.K * z.C + z.C * z.C))
+    read = (3 if cand else 2) * z.state() + weights
+    written = convs * z.state()
+    loaded = (read + (convs * channel_tiles * z.K * z.K - 1) * z.state()
+              + programs * convs * GPU_BLOCK_CS[0] * z.C * z.s)
+    flops = convs * (channel_tiles * z.depthwise_flops(z.C) + z.gemm_flops(z.rows, z.C, z.C))
     r.kernel("attention_features_kernel", read, written, flops, count=count, loaded=loaded)
 
 
@@ -1673,7 +1672,7 @@ def channel_attention_traffic(shape, itemsize: int) -> list:
     sepconv_x_rows_traffic(r, z, cin, C, means=True)  # xc and x̄
     sepconv_x_rows_traffic(r, z, cin, C, means=False)  # xa
     initial_pooled_state_traffic(r, z)
-    attention_features_traffic(r, z, raw_cand=False, count=T)
+    attention_features_traffic(r, z, cand=True, count=T)
     attention_logits_traffic(r, z, count=T)
     hpart = z.B * tiles * C * 4
     read = z.state() + hpart + z.state() + z.vec(2 * C) + hpart + z.weight(2 * C * C)
@@ -1688,7 +1687,7 @@ def channel_attention_traffic(shape, itemsize: int) -> list:
     h_prev_all_traffic(r, z)
     output_grads_traffic(r, z)
     cell_bwd_traffic(r, z, "attention_cell_bwd_kernel", 2, 2, channel_map=True)
-    attention_features_traffic(r, z, raw_cand=False, count=T)
+    attention_features_traffic(r, z, cand=True, count=T)
     attention_logits_traffic(r, z, count=T)
     r.aten("amax (max_HW Z)", z.state(), z.vec(C, z.s), count=T)
     r.aten("eq (Z = max Z)", z.state() + z.vec(C, z.s), z.state(itemsize=1), count=T)

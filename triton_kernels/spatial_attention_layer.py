@@ -6,10 +6,10 @@
     G = tanh(SepConv_x(X̃) + SepConv_h(H_{t−1}) + b_c), C_t = f∘C_{t−1} + i∘G, H_t = o∘tanh C_t
 
 X̃ depends on H_{t−1}, so only ``xa = SepConv_xa(X) + b_a`` is precomputed. Forward, four
-launches per step: (1) one pass over H_{t−1} for SepConv_h and F (the c/d features kernel,
-``_common.attention_features_kernel``, with RAW_CAND); (2) ``_spatial_logits_kernel``: Z and
-per-tile softmax statistics (max, Σexp); (3) ``_spatial_input_kernel``: A, SepConv_x(X̃) with X̃
-formed on the fly from X_t read in place (its NCHW planes: no channels-last copy of X), G, and
+launches per step: (1) F (the c/d features kernel, ``_common.attention_features_kernel``,
+without CAND); (2) ``_spatial_logits_kernel``: Z and per-tile softmax statistics (max, Σexp);
+(3) ``_spatial_input_kernel``: A, SepConv_h(H_{t−1}) and SepConv_x(X̃) into one accumulator,
+X̃ formed on the fly from X_t read in place (its NCHW planes: no channels-last copy of X), G, and
 the per-tile column sums of X̃ (GAP(X̃) is a grid-wide reduction: the launch boundary before the
 gates); (4) ``_spatial_cell_kernel``: pooled gates, cell update,
 column sums of H_t.
@@ -29,7 +29,7 @@ import triton.language as tl
 # One import per kind: the steps' @triton.jit helpers, the kernels shared with other ops,
 # launch choices, and the host-side layout and layer helpers.
 from ._common import depthwise_tile, gate_act, mask_if, nan_max, nan_maximum, pooled_gate_dot
-from ._common import load_cell_state, program_tile, state_tile, store_cell_state
+from ._common import load_cell_state, program_tile, sepconv_tile, state_tile, store_cell_state
 from ._common import store_gate_preacts, store_hidden_state, tanh
 from ._common import attention_features_kernel, pooled_layer_bwd_kernel
 from ._common import GPU_BLOCK_M, SEPCONV_LAUNCH, block_sizes, cell_state_cases, dot_precision
@@ -110,7 +110,7 @@ def _spatial_logits_kernel(
 
 @triton.jit
 def _spatial_input_kernel(
-    x_ptr, z_ptr, zstat_ptr, hc_ptr, dwx_ptr, pwx_ptr, cb_ptr,
+    x_ptr, z_ptr, zstat_ptr, h_prev_ptr, dwh_ptr, pwh_ptr, dwx_ptr, pwx_ptr, cb_ptr,
     att_ptr, cand_ptr, xpart_ptr,
     CIN, C, H, W, NMT, X_STRIDE_B,
     KSIZE: tl.constexpr, DOT_PRECISION: tl.constexpr,
@@ -119,8 +119,9 @@ def _spatial_input_kernel(
     """A = exp(Z − M) / S (M, S merged from the tiles' statistics), then
     G = tanh(SepConv_x(A∘X_t) + SepConv_h(H_{t−1}) + b_c) with the depthwise of X̃ = A∘X formed
     on the fly from X_t read in place (x_ptr: the frame's NCHW planes, samples X_STRIDE_B
-    apart). Programs of the first channel tile also store A and the column sums of X̃ over their
-    pixels (for GAP(X̃))."""
+    apart) and SepConv_h(H_{t−1}) (h_prev ``[B, C, H, W]``, the previous step's output) first,
+    into the same accumulator. Programs of the first channel tile also store A and the column
+    sums of X̃ over their pixels (for GAP(X̃))."""
     pid_m, pid_n, b, HW, offs_m, mask_m, oy, ox, offs_n, mask_n = program_tile(
         C, H, W, BLOCK_M, BLOCK_N)
     PAD: tl.constexpr = KSIZE // 2
@@ -141,7 +142,8 @@ def _spatial_input_kernel(
              mask=mask_if(mask_m, first_n))
 
     x_b = x_ptr + b * X_STRIDE_B
-    acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
+    acc = sepconv_tile(h_prev_ptr + b * C * HW, oy, ox, mask_m, offs_n, mask_n, C, H, W, dwh_ptr,
+                       pwh_ptr, KSIZE, DOT_PRECISION, BLOCK_M, BLOCK_N, BLOCK_K, False)
     for k0 in range(0, CIN, BLOCK_K):
         offs_k = k0 + tl.arange(0, BLOCK_K)
         mask_k = offs_k < CIN
@@ -169,8 +171,7 @@ def _spatial_input_kernel(
                      mask=mask_k[:, None] & mask_n[None, :], other=0.0)
         acc = tl.dot(d.to(wt.dtype), wt, acc, input_precision=DOT_PRECISION)
     offs, mask = state_tile(b, HW, C, offs_m, mask_m, offs_n, mask_n)
-    pre = acc + tl.load(hc_ptr + offs, mask=mask, other=0.0) \
-        + tl.load(cb_ptr + offs_n, mask=mask_n, other=0.0).to(tl.float32)[None, :]
+    pre = acc + tl.load(cb_ptr + offs_n, mask=mask_n, other=0.0).to(tl.float32)[None, :]
     tl.store(cand_ptr + offs, tanh(pre).to(cand_ptr.dtype.element_ty), mask=mask)
 
 
@@ -294,7 +295,6 @@ def spatial_attention_layer_forward(x, h0, c0, params, gate_activation: int,
     gate_preact = x.new_empty(steps, batch, 3 * hidden)
     att = x.new_empty(steps, batch, pixels)
     f32 = dict(device=x.device, dtype=torch.float32)
-    hc = torch.empty(batch * pixels, hidden, **f32)
     feat = torch.empty_like(cell[0])
     logits = torch.empty(batch * pixels, **f32)
     zstat = torch.empty(batch, tiles, 2, **f32)
@@ -310,17 +310,16 @@ def spatial_attention_layer_forward(x, h0, c0, params, gate_activation: int,
     dot = dot_precision(x.dtype)
     for t in walk.forward():
         held = state.hold()
-        attention_features_kernel[grid](h_prev, hc, xa[t], cdwh, cpwh, adwh, apwh, hc, feat,
+        attention_features_kernel[grid](h_prev, feat, xa[t], cdwh, cpwh, adwh, apwh, feat, feat,
                                         hidden, height, width, KSIZE=ksize, DOT_PRECISION=dot,
-                                        RAW_CAND=True, **blocks)
+                                        CAND=False, **blocks)
         _spatial_logits_kernel[(tiles, 1, batch)](feat, wz, logits, zstat, hidden, height, width,
                                                   tiles, KSIZE=ksize, BLOCK_M=block_m,
                                                   BLOCK_K=min(block_c, LOGITS_BLOCK_K),
                                                   **LOGITS_LAUNCH)
-        _spatial_input_kernel[grid](frames[t], logits, zstat, hc, cdwx, cpwx, cb, att[t],
-                                    cand[t], xpart, cin, hidden, height, width, tiles,
-                                    frames.stride(1),
-                                    KSIZE=ksize, DOT_PRECISION=dot, BLOCK_M=block_m,
+        _spatial_input_kernel[grid](frames[t], logits, zstat, h_prev, cdwh, cpwh, cdwx, cpwx, cb,
+                                    att[t], cand[t], xpart, cin, hidden, height, width, tiles,
+                                    frames.stride(1), KSIZE=ksize, DOT_PRECISION=dot, BLOCK_M=block_m,
                                     BLOCK_N=block_c, BLOCK_K=min(block_c, INPUT_BLOCK_K),
                                     **INPUT_LAUNCH)
         c, c_prev, first, last = state.step(t)
@@ -445,7 +444,7 @@ def spatial_attention_layer_backward(grad_output, grad_h_n, grad_c_n, x, h0, c0,
 
 def compile_cases(dtype: torch.dtype, ksize: int, block_c: int, gate_activation: int, dot: str):
     """(kernel, pointer types, constexprs, launch options) of the kernels defined here (this
-    op also runs _common's attention_features_kernel with RAW_CAND and pooled_layer_bwd_kernel
+    op also runs _common's attention_features_kernel without CAND and pooled_layer_bwd_kernel
     with ATT_PATH, which _common's cases cover)."""
     blocks = dict(BLOCK_M=GPU_BLOCK_M, BLOCK_N=block_c)
     state_types, state_flags = cell_state_cases(dtype)
@@ -455,7 +454,7 @@ def compile_cases(dtype: torch.dtype, ksize: int, block_c: int, gate_activation:
         (_spatial_logits_kernel, {"z_ptr", "zstat_ptr"},
          dict(BLOCK_M=GPU_BLOCK_M, BLOCK_K=min(block_c, LOGITS_BLOCK_K), KSIZE=ksize),
          LOGITS_LAUNCH),
-        (_spatial_input_kernel, {"z_ptr", "zstat_ptr", "hc_ptr", "xpart_ptr"},
+        (_spatial_input_kernel, {"z_ptr", "zstat_ptr", "xpart_ptr"},
          dict(blocks, BLOCK_K=min(block_c, INPUT_BLOCK_K), KSIZE=ksize, DOT_PRECISION=dot),
          INPUT_LAUNCH),
         (_spatial_cell_kernel, cell_types,
@@ -487,14 +486,18 @@ def traffic(shape, itemsize: int) -> list:
     copies = 0 if itemsize == 4 else T  # .float() of a bf16/fp16 tensor is a copy
     sepconv_x_rows_traffic(r, z, cin, C, means=False)
     initial_pooled_state_traffic(r, z)
-    attention_features_traffic(r, z, raw_cand=True, count=T)
+    attention_features_traffic(r, z, cand=False, count=T)
     r.kernel("_spatial_logits_kernel", z.state() + z.weight(k2 * C), amap32 + zstat,
              z.depthwise_flops(C), count=T, loaded=k2 * z.state())
-    read = z.xstep() + amap32 + zstat + z.state32() + z.weight(k2 * cin + C * cin + C)
+    # X_t and A's logits, and H_{t−1} for SepConv_h (each channel tile redoes its depthwise)
+    read = (z.xstep() + amap32 + zstat + z.state()
+            + z.weight(k2 * cin + C * cin + C + k2 * C + C * C))
     loaded = (channel_tiles * (k2 + 1) * z.xstep() + channel_tiles * cin_chunks * k2 * amap32
-              + z.state32() + programs * (GPU_BLOCK_CS[0] * cin * z.s + tiles * 2 * 4))
+              + channel_tiles * k2 * z.state()
+              + programs * (GPU_BLOCK_CS[0] * (cin + C) * z.s + tiles * 2 * 4))
     r.kernel("_spatial_input_kernel", read, amap + z.state() + xpart,
-             channel_tiles * z.depthwise_flops(cin) + z.gemm_flops(z.rows, C, cin), count=T,
+             channel_tiles * (z.depthwise_flops(cin) + z.depthwise_flops(C))
+             + z.gemm_flops(z.rows, C, cin) + z.gemm_flops(z.rows, C, C), count=T,
              loaded=loaded)
     read = z.state() + xpart + hpart + z.weight(3 * C * (cin + C) + 3 * C)
     per_program = tiles * (cin + C) * 4 + 3 * GPU_BLOCK_CS[0] * (cin + C) * z.s  # sums, U_x, U_h
