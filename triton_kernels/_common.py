@@ -298,6 +298,16 @@ def sepconv_frames_kernel(x_ptr, dw_ptr, pw_ptr, bias_ptr, out_ptr, xpart_ptr,
 
 
 @triton.jit
+def tile_sum(part_ptr, b, NMT, width, offs, mask):
+    """Σ_tile part[b, tile, offs] of per-pixel-tile partials ``part [B, NMT, width]`` (fp32),
+    added in a fixed order: deterministic."""
+    total = tl.zeros_like(offs).to(tl.float32)
+    for tile in range(NMT):
+        total += tl.load(part_ptr + (b * NMT + tile) * width + offs, mask=mask, other=0.0)
+    return total
+
+
+@triton.jit
 def pooled_gate_dot(part_ptr, w_ptr, b, offs_n, mask_n, C, CK, NMT, HW,
                     NUM_GATES: tl.constexpr, BLOCK_K: tl.constexpr):
     """Σ_k W[g·C + n, k] · ȳ[k] for gates g < NUM_GATES and channels offs_n of sample b, where
@@ -310,10 +320,7 @@ def pooled_gate_dot(part_ptr, w_ptr, b, offs_n, mask_n, C, CK, NMT, HW,
     for k0 in range(0, CK, BLOCK_K):
         offs_k = k0 + tl.arange(0, BLOCK_K)
         mask_k = offs_k < CK
-        ybar = tl.zeros([BLOCK_K], dtype=tl.float32)
-        for tile in range(NMT):
-            ybar += tl.load(part_ptr + (b * NMT + tile) * CK + offs_k, mask=mask_k, other=0.0)
-        ybar = ybar / HW
+        ybar = tile_sum(part_ptr, b, NMT, CK, offs_k, mask_k) / HW
         wmask = mask_n[:, None] & mask_k[None, :]
         rows = offs_n[:, None] * CK + offs_k[None, :]
         u0 = tl.load(w_ptr + rows, mask=wmask, other=0.0).to(tl.float32)
@@ -345,6 +352,31 @@ def pooled_gate_preacts(xg_ptr, hpart_ptr, uh_ptr, b, offs_n, mask_n, C, NMT, HW
     return z0, z1, z2
 
 
+@triton.jit(do_not_specialize=["C", "CIN", "NMT", "HW", "GATES"])
+def pooled_input_gates_kernel(xpart_ptr, ux_ptr, gb_ptr, xg_ptr, C, CIN, NMT, HW, GATES,
+                              BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+    """xg[n, g·C + c] = b_g[g·C + c] + Σ_k U_x[g·C + c, k] · x̄_n[k] (fp32) for the GATES gates
+    and BLOCK_N channels of map n, x̄ = (Σ_tiles xpart[n, tile, :]) / HW from the X-side kernel's
+    per-pixel-tile column sums ``xpart [N, NMT, CIN]`` (summed in a fixed order); U_x and b_g in
+    their own dtype. GATES is a runtime count (a: 3, c/d: 2): one compile serves both."""
+    pid_n = tl.program_id(0)
+    n = tl.program_id(1)
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    mask_n = offs_n < C
+    for g in range(GATES):
+        rows = g * C + offs_n
+        z = tl.zeros([BLOCK_N], dtype=tl.float32)
+        for k0 in range(0, CIN, BLOCK_K):
+            offs_k = k0 + tl.arange(0, BLOCK_K)
+            mask_k = offs_k < CIN
+            xbar = tile_sum(xpart_ptr, n, NMT, CIN, offs_k, mask_k)
+            u = tl.load(ux_ptr + rows[:, None] * CIN + offs_k[None, :],
+                        mask=mask_n[:, None] & mask_k[None, :], other=0.0).to(tl.float32)
+            z += tl.sum(u * (xbar / HW)[None, :], axis=1)
+        z += tl.load(gb_ptr + rows, mask=mask_n, other=0.0).to(tl.float32)
+        tl.store(xg_ptr + n * GATES * C + rows, z, mask=mask_n)
+
+
 @triton.jit
 def pooled_hidden_grad(gpart_ptr, gate_ptr, dgp_ptr, uh_ptr, b, offs_n, mask_n, C, NMT,
                        STORE: tl.constexpr, store_here, NUM_GATES: tl.constexpr, ACT: tl.constexpr,
@@ -358,9 +390,7 @@ def pooled_hidden_grad(gpart_ptr, gate_ptr, dgp_ptr, uh_ptr, b, offs_n, mask_n, 
     for j0 in range(0, GC, BLOCK_K):
         offs_j = j0 + tl.arange(0, BLOCK_K)
         mask_j = offs_j < GC
-        raw = tl.zeros([BLOCK_K], dtype=tl.float32)
-        for tile in range(NMT):
-            raw += tl.load(gpart_ptr + (b * NMT + tile) * GC + offs_j, mask=mask_j, other=0.0)
+        raw = tile_sum(gpart_ptr, b, NMT, GC, offs_j, mask_j)
         z = tl.load(gate_ptr + b * GC + offs_j, mask=mask_j, other=0.0).to(tl.float32)
         dgp = raw * gate_act_grad(z, ACT)
         if STORE:
@@ -604,17 +634,18 @@ def attention_logits_kernel(
     tl.store(zpart_ptr + (b * NMT + pid_m) * C + offs_n, tile_max, mask=mask_n)
 
 
-@triton.jit(do_not_specialize=["first", "last"])
+@triton.jit(do_not_specialize=["first", "last", "output_gate"])
 def attention_cell_kernel(
     z_ptr, zpart_ptr, c_ptr, cell_prev_ptr, cand_ptr, xg_ptr, hpart_prev_ptr, hpart_next_ptr,
     uh_ptr, h_out_ptr, cell_ptr, att_ptr, gate_ptr, h_n_ptr, c_n_ptr,
-    C, H, W, NMT, first, last,
-    ACT: tl.constexpr, OUTPUT_GATE: tl.constexpr, SPLIT: tl.constexpr,
+    C, H, W, NMT, first, last, output_gate,
+    ACT: tl.constexpr, SPLIT: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
     """M = exp(Z − max_HW Z) (never exp(Z)/max exp(Z)), the two pooled gates, and the cell
-    update with M as the input gate (c) or the output gate (OUTPUT_GATE, d). The cell state:
-    ``c``, ``cell_prev``, ``first``, ``last`` and SPLIT as :class:`CellState` hands them."""
+    update with M as the input gate (c) or the output gate (``output_gate`` ≠ 0, d: a runtime
+    flag, so that c and d share one compile). The cell state: ``c``, ``cell_prev``, ``first``,
+    ``last`` and SPLIT as :class:`CellState` hands them."""
     pid_m, pid_n, b, HW, offs_m, mask_m, oy, ox, offs_n, mask_n = program_tile(
         C, H, W, BLOCK_M, BLOCK_N)
     # The pooled gates and max Z first: only [BLOCK_N] vectors are live across their loops, no
@@ -636,7 +667,7 @@ def attention_cell_kernel(
     g = tl.load(cand_ptr + offs, mask=mask, other=0.0).to(tl.float32)
     c_prev = load_cell_state(c_ptr, cell_prev_ptr, b, HW, C, offs_m, mask_m, offs_n, mask_n,
                              first, SPLIT)
-    if OUTPUT_GATE:  # (d): [i f] pooled, o = M
+    if output_gate != 0:  # (d): [i f] pooled, o = M
         c_new = g1[None, :] * c_prev + g0[None, :] * g
         h = att * tanh(c_new)
     else:  # (c): i = M, [f o] pooled
@@ -732,9 +763,7 @@ def attention_logits_bwd_kernel(
     mask_n = offs_n < C
     mask = (offs_m < HW)[:, None] & mask_n[None, :]
     offs = (b * HW + offs_m)[:, None] * C + offs_n[None, :]
-    total = tl.zeros([BLOCK_N], dtype=tl.float32)
-    for tile in range(NMT):
-        total += tl.load(spart_ptr + (b * NMT + tile) * C + offs_n, mask=mask_n, other=0.0)
+    total = tile_sum(spart_ptr, b, NMT, C, offs_n, mask_n)
     att = tl.load(att_ptr + offs, mask=mask, other=0.0).to(tl.float32)
     datt = tl.load(datt_ptr + offs, mask=mask, other=0.0)
     tie = tl.load(tie_ptr + offs, mask=mask, other=0.0)
@@ -870,28 +899,40 @@ def sepconv_rows(x: torch.Tensor, dw: torch.Tensor, pw: torch.Tensor,
 
 
 def sepconv_x_rows(x: torch.Tensor, dw: torch.Tensor, pw: torch.Tensor, bias: torch.Tensor,
-                   means: bool = False) -> tuple[torch.Tensor, torch.Tensor | None]:
+                   gate_weight: torch.Tensor | None = None,
+                   gate_bias: torch.Tensor | None = None
+                   ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """``SepConv(X_t) + bias`` of every step of ``x [T, B, Cin, H, W]`` in ONE launch
     (sepconv_frames_kernel): time-first channels-last rows ``[T·B·H·W, C]``, with no depthwise
     output written, no copy to rows and no separate GEMM; x is read in place whatever the order
-    of its first two dims (copied only if a frame's planes are not contiguous). With ``means`` also x̄ of every
-    step (fp32 ``[T·B, Cin]`` time-first, from the kernel's per-tile column sums: x is read
-    once), else None."""
+    of its first two dims (copied only if a frame's planes are not contiguous). With
+    ``gate_weight`` U_x ``[n·C, Cin]`` (and ``gate_bias`` b_g) also the pooled gates' X-side
+    terms xg = U_x x̄ + b_g of every step (fp32 ``[T·B, n·C]`` time-first), from the kernel's
+    per-tile column sums of X in one more launch (pooled_input_gates_kernel: x is read once, U_x
+    in its dtype), else None."""
     steps, batch, cin, height, width = x.shape
     x = frame_planes(x)
     hidden, pixels = pw.shape[0], height * width
     block_m, block_c = block_sizes(x.device, pixels, hidden)
     tiles = triton.cdiv(pixels, block_m)
-    out = x.new_empty(steps * batch * pixels, hidden)
-    xpart = torch.empty((steps * batch, tiles, cin) if means else (1,), device=x.device,
+    maps, means = steps * batch, gate_weight is not None
+    out = x.new_empty(maps * pixels, hidden)
+    xpart = torch.empty((maps, tiles, cin) if means else (1,), device=x.device,
                         dtype=torch.float32)
-    sepconv_frames_kernel[(tiles, triton.cdiv(hidden, block_c), steps * batch)](
+    block_k = min(block_c, ATTENTION_FWD_BLOCK_K)
+    sepconv_frames_kernel[(tiles, triton.cdiv(hidden, block_c), maps)](
         x, dw.contiguous(), pw.contiguous(), bias, out, xpart,
         cin, hidden, height, width, batch, x.stride(0), x.stride(1), tiles, int(means),
         KSIZE=dw.shape[-1], DOT_PRECISION=dot_precision(x.dtype),
-        BLOCK_M=block_m, BLOCK_N=block_c, BLOCK_K=min(block_c, ATTENTION_FWD_BLOCK_K),
-        **ATTENTION_FWD_LAUNCH)
-    return out, (torch.sum(xpart, 1).div_(pixels) if means else None)
+        BLOCK_M=block_m, BLOCK_N=block_c, BLOCK_K=block_k, **ATTENTION_FWD_LAUNCH)
+    if not means:
+        return out, None
+    gates = gate_weight.shape[0] // hidden
+    xg = torch.empty(maps, gates * hidden, device=x.device, dtype=torch.float32)
+    pooled_input_gates_kernel[(triton.cdiv(hidden, block_c), maps)](
+        xpart, gate_weight.contiguous(), gate_bias.contiguous(), xg, hidden, cin, tiles, pixels,
+        gates, BLOCK_N=block_c, BLOCK_K=block_k, **SEPCONV_LAUNCH)
+    return out, xg
 
 
 def sepconv_rows_backward(grad_rows: torch.Tensor, x: torch.Tensor, d_rows: torch.Tensor,
@@ -1263,12 +1304,11 @@ def _attention_x_side(x: torch.Tensor, p, steps, batch, pixels, hidden, gates: b
     """xc = SepConv_x(X) + b_c, xa = SepConv_xa(X) + b_a (rows), xg = U_x x̄ + b_g (fp32; None
     without ``gates``: the backward reads the saved gate pre-activations, so it needs no x̄)."""
     gwx, _, gb, cdwx, cpwx, _, _, cb, adwx, apwx, _, _, ab, _, _ = p
-    xc, x_bar = sepconv_x_rows(x, cdwx, cpwx, cb, means=gates)
+    xc, xg = sepconv_x_rows(x, cdwx, cpwx, cb, gwx if gates else None, gb)
     xa, _ = sepconv_x_rows(x, adwx, apwx, ab)
     shape = (steps, batch * pixels, hidden)
     if not gates:
         return xc.view(shape), xa.view(shape), None
-    xg = F.linear(x_bar, gwx.float(), gb.float())
     return xc.view(shape), xa.view(shape), xg.view(steps, batch, 2 * hidden)
 
 
@@ -1325,7 +1365,7 @@ def channel_attention_forward(x, h0, c0, params, gate_activation: int, output_ga
         attention_cell_kernel[grid](logits, zpart, c, c_prev, cand[t], xg[t], hpart[(t + 1) % 2],
                                     hpart[t % 2], gwh, out[t], cell[t], att[t], gate_preact[t],
                                     state.h_n, state.c_n, hidden, height, width, tiles, first,
-                                    last, ACT=gate_activation, OUTPUT_GATE=output_gate,
+                                    last, int(output_gate), ACT=gate_activation,
                                     SPLIT=state.split, **launch)
         if mask.active:
             state.forward_step(t, out[t], held, h_prev, hpart[t % 2], hpart[(t + 1) % 2])
@@ -1491,6 +1531,9 @@ def compile_cases(dtype: torch.dtype, ksize: int, block_c: int, gate_activation:
     ]
     cases += [  # the X side of a, b, c, d (sepconv_x_rows), x̄ or not: one compile
         (sepconv_frames_kernel, {"xpart_ptr"}, gemm, ATTENTION_FWD_LAUNCH),
+        # xg from its tile sums (a: 3 gates, c/d: 2; a runtime count)
+        (pooled_input_gates_kernel, {"xpart_ptr", "xg_ptr"}, dict(BLOCK_N=block_c, BLOCK_K=fwd_k),
+         SEPCONV_LAUNCH),
     ]
     cases += [
         (attention_features_kernel, set(), dict(gemm, CAND=True), ATTENTION_FWD_LAUNCH),
@@ -1505,11 +1548,13 @@ def compile_cases(dtype: torch.dtype, ksize: int, block_c: int, gate_activation:
     fwd_types = {**dict.fromkeys(("zpart_ptr", "xg_ptr", "hpart_prev_ptr", "hpart_next_ptr"),
                                  "fp32"), **state_types}
     bwd_fp32 = {"gpart_next_ptr", "dgp_next_ptr", "dc_ptr", "datt_ptr", "spart_ptr", "gpart_ptr"}
-    for output_gate in (False, True):  # c: input_attention_layer, d: output_attention_layer
-        flags = dict(ACT=gate_activation, OUTPUT_GATE=output_gate)
-        cases.append((attention_cell_kernel, fwd_types,
-                      dict(blocks, BLOCK_K=fwd_k, **flags, **state_flags), ATTENTION_FWD_LAUNCH))
-        cell = dict(blocks, BLOCK_K=block_c, **flags)
+    # c and d (input_attention_layer, output_attention_layer): one forward cell kernel (its
+    # output_gate a runtime flag), the backward's per gate
+    cases.append((attention_cell_kernel, fwd_types,
+                  dict(blocks, BLOCK_K=fwd_k, ACT=gate_activation, **state_flags),
+                  ATTENTION_FWD_LAUNCH))
+    for output_gate in (False, True):
+        cell = dict(blocks, BLOCK_K=block_c, ACT=gate_activation, OUTPUT_GATE=output_gate)
         for has_rec, is_cell in ((True, True), (False, True), (True, False)):
             cases.append((attention_cell_bwd_kernel, bwd_fp32,
                           dict(cell, KSIZE=ksize, HAS_REC=has_rec, CELL=is_cell),
@@ -1530,24 +1575,29 @@ def gpu_grid(z) -> tuple[int, int, int]:
     return tiles, channel_tiles, tiles * channel_tiles * z.B
 
 
-def sepconv_x_rows_traffic(r, z, cin: int, cout: int, means: bool) -> None:
+def sepconv_x_rows_traffic(r, z, cin: int, cout: int, gates: int = 0) -> None:
     """:func:`sepconv_x_rows`: one kernel over every frame of X, reading it once and writing the
     rows; each of its cout/BLOCK_N channel tiles loads the frames' K² shifted tiles over all cin
-    channels and its pw slice (``loaded``, from L2). With ``means`` the first channel tile also
-    writes its column sums, which two ATen calls reduce to x̄ (sum over the tiles, divide)."""
+    channels and its pw slice (``loaded``, from L2). With ``gates`` (the pooled gates' count)
+    the first channel tile also writes its column sums, from which pooled_input_gates_kernel
+    makes xg = U_x x̄ + b_g (every program of it reads its sample's sums once per gate and its
+    U_x rows: ``loaded``)."""
     tiles, _, _ = gpu_grid(z)
     channel_tiles = -(-cout // GPU_BLOCK_CS[0])
     maps = z.T * z.B
-    frames, sums = z.xseq(), (maps * tiles * cin * 4 if means else 0)
+    frames, sums = z.xseq(), (maps * tiles * cin * 4 if gates else 0)
     read = frames + z.weight(z.K * z.K * cin + cin * cout + cout)
-    loaded = (channel_tiles * z.K * z.K * frames + (frames if means else 0)
+    loaded = (channel_tiles * z.K * z.K * frames + (frames if gates else 0)
               + maps * tiles * channel_tiles * GPU_BLOCK_CS[0] * cin * z.s)
     r.kernel("sepconv_frames_kernel", read, z.seq(cout) + sums,
              channel_tiles * z.depthwise_flops(cin, z.T) + z.gemm_flops(z.T * z.rows, cout, cin),
              loaded=loaded)
-    if means:
-        r.aten("sum (x̄ from the tile sums)", sums, maps * cin * 4)
-        r.aten("div_ (x̄)", maps * cin * 4, maps * cin * 4)
+    if gates:
+        rows = gates * cout
+        weight = z.weight(rows * cin + rows)
+        r.kernel("pooled_input_gates_kernel", sums + weight, maps * rows * 4,
+                 z.gemm_flops(maps, rows, cin) + maps * channel_tiles * gates * tiles * cin,
+                 loaded=channel_tiles * gates * sums + maps * weight)
 
 
 def sepconv_rows_backward_traffic(r, z, cin: int, cout: int, maps: int, need_input=True) -> None:
@@ -1568,8 +1618,12 @@ def depthwise_backward_traffic(r, z, channels: int, maps: int, need_input: bool)
 
 
 def initial_pooled_state_traffic(r, z) -> None:
-    """:func:`initial_pooled_state`: the column sums of H_0 (H_0 and C_0 are read in place)."""
+    """:func:`initial_pooled_state`: the zeroed ping-pong buffers of H's column sums and H_0's
+    in tile 0 of one (H_0 and C_0 are read in place)."""
+    tiles, _, _ = gpu_grid(z)
+    r.aten("zeros (hpart)", 0, 2 * z.B * tiles * z.C * 4)
     r.aten("sum (h0 column sums)", z.state(), z.vec(z.C))
+    r.aten("copy_ (into tile 0)", z.vec(z.C), z.vec(z.C))
 
 
 def layer_outputs_traffic(r, z) -> None:
@@ -1669,8 +1723,8 @@ def channel_attention_traffic(shape, itemsize: int) -> list:
     z, r = Sizes(shape, itemsize), Recorder()
     C, cin, T = z.C, z.cin, z.T
     tiles, channel_tiles, programs = gpu_grid(z)
-    sepconv_x_rows_traffic(r, z, cin, C, means=True)  # xc and x̄
-    sepconv_x_rows_traffic(r, z, cin, C, means=False)  # xa
+    sepconv_x_rows_traffic(r, z, cin, C, gates=2)  # xc and xg
+    sepconv_x_rows_traffic(r, z, cin, C)  # xa
     initial_pooled_state_traffic(r, z)
     attention_features_traffic(r, z, cand=True, count=T)
     attention_logits_traffic(r, z, count=T)
@@ -1682,8 +1736,8 @@ def channel_attention_traffic(shape, itemsize: int) -> list:
                      programs * (2 * tiles * C * 4 + 2 * GPU_BLOCK_CS[0] * C * z.s))
 
     r.phase = BACKWARD
-    sepconv_x_rows_traffic(r, z, cin, C, means=False)  # xc
-    sepconv_x_rows_traffic(r, z, cin, C, means=False)  # xa
+    sepconv_x_rows_traffic(r, z, cin, C)  # xc
+    sepconv_x_rows_traffic(r, z, cin, C)  # xa
     h_prev_all_traffic(r, z)
     output_grads_traffic(r, z)
     cell_bwd_traffic(r, z, "attention_cell_bwd_kernel", 2, 2, channel_map=True)

@@ -5,7 +5,7 @@
     C_t = f ∘ C_{t−1} + i ∘ G;   H_t = o ∘ tanh(C_t)                              (eqs. 14-15)
 
 Forward: the X-side terms ``xc = SepConv_x(X) + b_c`` and ``xg = U_x x̄ + b_g`` for all steps in
-batched ATen calls, then ONE launch per step (``_pooled_layer_fwd_kernel``): pooled gates from
+two launches (_common.sepconv_x_rows), then ONE launch per step (``_pooled_layer_fwd_kernel``): pooled gates from
 the previous step's per-tile column sums of H, depthwise K×K of H_{t−1} on the fly, pointwise
 GEMM (tl.dot), tanh, cell update, H_t, and this step's column sums of H_t.
 Backward (the walk backwards): per step one launch (``_common.pooled_layer_bwd_kernel``, which
@@ -17,7 +17,6 @@ Saved per step (as the native op): C_t and G (2 state tensors) and the gate pre-
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 import triton
 import triton.language as tl
 
@@ -123,8 +122,7 @@ def pooled_layer_forward(x, h0, c0, params, gate_activation: int, reverse: bool 
     hidden, pixels = h0.shape[1], height * width
     ksize = dwh.shape[-1]
     # Everything that depends only on X, for all steps at once (KERNELS.md "Before the recurrence").
-    xc, x_bar = sepconv_x_rows(x, dwx, pwx, cb, means=True)
-    xg = F.linear(x_bar, gwx.float(), gb.float())
+    xc, xg = sepconv_x_rows(x, dwx, pwx, cb, gwx, gb)
     xc = xc.view(steps, batch * pixels, hidden)
     xg = xg.view(steps, batch, 3 * hidden)
 
@@ -255,7 +253,7 @@ def traffic(shape, itemsize: int) -> list:
     z, r = Sizes(shape, itemsize), Recorder()
     C, cin, maps = z.C, z.cin, z.T * z.B
     tiles, channel_tiles, programs = gpu_grid(z)
-    sepconv_x_rows_traffic(r, z, cin, C, means=True)
+    sepconv_x_rows_traffic(r, z, cin, C, gates=3)
     initial_pooled_state_traffic(r, z)
     hpart = z.B * tiles * C * 4
     weights = z.weight(z.K * z.K * C + C * C + 3 * C * C)

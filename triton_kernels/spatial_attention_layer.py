@@ -484,7 +484,7 @@ def traffic(shape, itemsize: int) -> list:
     amap, amap32 = z.B * z.HW * z.s, z.B * z.HW * 4
     hpart, xpart, zstat = z.B * tiles * C * 4, z.B * tiles * cin * 4, z.B * tiles * 2 * 4
     copies = 0 if itemsize == 4 else T  # .float() of a bf16/fp16 tensor is a copy
-    sepconv_x_rows_traffic(r, z, cin, C, means=False)
+    sepconv_x_rows_traffic(r, z, cin, C)
     initial_pooled_state_traffic(r, z)
     attention_features_traffic(r, z, cand=False, count=T)
     r.kernel("_spatial_logits_kernel", z.state() + z.weight(k2 * C), amap32 + zstat,
@@ -507,7 +507,7 @@ def traffic(shape, itemsize: int) -> list:
 
     r.phase = BACKWARD
     r.aten("clone (rows of X)", z.xseq(), z.xseq())
-    sepconv_x_rows_traffic(r, z, cin, C, means=False)
+    sepconv_x_rows_traffic(r, z, cin, C)
     h_prev_all_traffic(r, z)
     r.aten("convolution (depthwise dw_ha(H_{t-1}))", z.seq(), z.seq(), z.depthwise_flops(C, T))
     r.aten("clone (rows)", z.seq(), z.seq())

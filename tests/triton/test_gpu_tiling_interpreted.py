@@ -123,10 +123,11 @@ def test_gate_at_a_time_only_for_ieee_fp32():
 
 @pytest.mark.parametrize("layout", ["time-first", "batch-first", "strided"])
 def test_x_side_sepconv_kernel_matches_aten(gpu_tiling, layout):
-    """The X side of a, b, c, d in one launch (_common.sepconv_x_rows, GPU tiles over 2 partial
-    pixel and channel tiles, Cin over 5 reduction chunks) against ATen's depthwise and pointwise
-    convolutions and torch.mean: time-first rows from x in either order, read in place, and
-    from frames whose planes are not contiguous."""
+    """The X side of a, b, c, d (_common.sepconv_x_rows, GPU tiles over 2 partial pixel and
+    channel tiles, Cin over 5 reduction chunks) against ATen's depthwise and pointwise
+    convolutions, torch.mean and F.linear: time-first rows from x in either order, read in
+    place, and from frames whose planes are not contiguous; the pooled gates' X-side terms U_x x̄
+    + b_g (3 gates: a; 2: c, d) from the kernel's tile sums."""
     steps, batch, cin, hidden, height, width = 3, 2, 67, 70, 9, 11
     gen = torch.Generator().manual_seed(3)
     x = torch.randn(batch, steps, cin, height, width, generator=gen).transpose(0, 1)
@@ -137,13 +138,17 @@ def test_x_side_sepconv_kernel_matches_aten(gpu_tiling, layout):
     dw = torch.randn(cin, 1, 3, 3, generator=gen) / 3
     pw = torch.randn(hidden, cin, generator=gen) / cin ** 0.5
     bias = torch.randn(hidden, generator=gen)
-    got, x_bar = _common.sepconv_x_rows(x, dw, pw, bias, means=True)
     frames = x.reshape(steps * batch, cin, height, width)  # time-first: n = t·B + b
     want = F.conv2d(F.conv2d(frames, dw, padding=1, groups=cin), pw[:, :, None, None], bias)
     want = want.permute(0, 2, 3, 1).reshape(-1, hidden)
-    torch.testing.assert_close(got, want, rtol=RTOL, atol=ATOL)
-    torch.testing.assert_close(x_bar, x.mean((-2, -1)).reshape(steps * batch, cin),
-                               rtol=RTOL, atol=ATOL)
+    x_bar = x.mean((-2, -1)).reshape(steps * batch, cin)
+    for gates in (3, 2):
+        gate_weight = torch.randn(gates * hidden, cin, generator=gen) / cin ** 0.5
+        gate_bias = torch.randn(gates * hidden, generator=gen)
+        got, xg = _common.sepconv_x_rows(x, dw, pw, bias, gate_weight, gate_bias)
+        torch.testing.assert_close(got, want, rtol=RTOL, atol=ATOL)
+        torch.testing.assert_close(xg, F.linear(x_bar, gate_weight, gate_bias),
+                                   rtol=RTOL, atol=ATOL)
     alone, none = _common.sepconv_x_rows(x, dw, pw, bias)
     assert none is None
     torch.testing.assert_close(alone, got, rtol=0, atol=0)
