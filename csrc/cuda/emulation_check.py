@@ -28,7 +28,8 @@ library of its own, loads it in a process that never imports convlstm_fast._C, a
 - the launches one more step adds, per op and direction — our own kernels (the emulation build
   counts the launch helpers' calls) and the ATen calls of the driver (each at least one kernel
   on a GPU) — against the ``LAUNCHES_PER_STEP`` line of its csrc/cuda/<op>_kernel.cu, in either
-  walk (reverse launches what the forward walk does).
+  walk (reverse launches what the forward walk does), and every launch of the forward in its
+  traffic model (``check_modelled_launches``).
 What it cannot check: launch configurations, shared memory and anything cuBLAS/cuDNN-specific.
 
     python csrc/cuda/emulation_check.py [--build-dir DIR] [--no-build]
@@ -406,6 +407,48 @@ def check_launches(library: pathlib.Path, variant: str, reverse: bool) -> bool:
     return True
 
 
+def check_modelled_launches(library: pathlib.Path, variant: str) -> bool:
+    """The forward's traffic model (convlstm_fast/ops/cuda_traffic.py, bench --roofline) has a
+    record for every launch the emulated forward issues at T = 2, the batched ones before the
+    loop included: as many of our kernels, and (a–d) its ATen calls by the name each record
+    starts with. convlstm's ATen calls are convolutions, which CPU tensors take through other
+    ATen calls than cuDNN's (the model names the GPU's)."""
+    from collections import Counter
+
+    from convlstm_fast import get_cell
+    from convlstm_fast.bench import cases as bench_cases
+    from convlstm_fast.bench import roofline
+    from convlstm_fast.ops import cuda_traffic
+    from convlstm_fast.ops.aten_calls import AtenCalls
+
+    counter = ctypes.CDLL(str(library)).convlstm_fast_emulated_launches
+    counter.restype = ctypes.c_int64
+    spec = get_cell(variant)
+    steps, batch, cin, hidden, height, width, k = 2, 2, 3, 4, 5, 6, 3
+    generator = torch.Generator().manual_seed(0)
+    params = [torch.randn(p.shape(cin, hidden, k), generator=generator) * 0.3
+              for p in spec.parameters]
+    x = torch.randn(steps, batch, cin, height, width, generator=generator)
+    h0, c0 = (torch.randn(batch, hidden, height, width, generator=generator) for _ in range(2))
+    before = counter()
+    with AtenCalls(into_own_ops=True) as aten:
+        getattr(torch.ops.convlstm_fast, spec.op)(x, h0, c0, params, 0, False)
+    kernels = counter() - before
+    shape = bench_cases.CellShape(batch, steps, cin, hidden, height, width, k)
+    records = [r for r in getattr(cuda_traffic, spec.op)(shape, 4) if r.phase == roofline.FORWARD]
+    modelled = Counter()
+    for record in records:
+        if record.kind != roofline.KERNEL:
+            modelled[record.name.split(" ")[0]] += record.count
+    modelled_kernels = sum(r.count for r in records if r.kind == roofline.KERNEL)
+    ok = kernels == modelled_kernels and (variant == "convlstm" or aten.calls == modelled)
+    if not ok:
+        print(f"  FAIL {variant} forward launches against its traffic model: {kernels} kernels "
+              f"and ATen calls {dict(aten.calls)}, modelled {modelled_kernels} and "
+              f"{dict(modelled)}")
+    return ok
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--build-dir", default="/tmp/convlstm_fast_cuda_emulation")
@@ -432,6 +475,8 @@ def main() -> int:
         for reverse in (False, True):
             variant_ok &= check_launches(library, variant, reverse)
             counts["launch-count"] += 1
+        variant_ok &= check_modelled_launches(library, variant)
+        counts["launch-count"] += 1
         for case in conformance_cases(cases, variant):
             variant_ok &= check_conformance(cases, conftest, variant, case)
             counts["conformance"] += 1

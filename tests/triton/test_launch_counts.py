@@ -4,10 +4,13 @@ backward), counted by convlstm_fast.triton_kernels.launch_count under the interp
 loops are the GPU's own. A change that adds a launch to a step fails here until its table says
 so (sigmoid gates: hard_sigmoid's derivative is other ATen calls)."""
 
+from collections import Counter
+
 import pytest
 import torch
 
 from convlstm_fast import get_cell
+from convlstm_fast.bench import cases, roofline
 from convlstm_fast.triton_kernels import OP_MODULES, launch_count
 
 
@@ -73,6 +76,27 @@ def test_reverse_issues_the_launches_of_the_forward_direction(op):
                             for mode, launches in (("forward", forward_launches),
                                                    ("backward", backward_launches))}
     assert counted[True] == counted[False]
+
+
+@pytest.mark.parametrize("op", sorted(OP_MODULES))
+def test_the_roofline_model_has_every_forward_launch(op):
+    """The op module's traffic() (bench --roofline's model) has a record for every launch the
+    forward issues, the batched ones before the loop included: by the kernel or ATen operation
+    its name starts with, at T = 2 (the walk's first and last steps are records of their own).
+    ``_unsafe_view`` is a view that ATen's schema does not mark as one (no kernel)."""
+    module = OP_MODULES[op]
+    x, h0, c0, params = _inputs(VARIANTS[op])(2)
+    with launch_count.count_launches() as launches:
+        getattr(module, f"{op}_forward")(x, h0, c0, params, 0)
+    counted = launches.triton + launches.aten
+    counted.pop("_unsafe_view", None)
+    steps, batch, cin, height, width = x.shape
+    shape = cases.CellShape(batch, steps, cin, h0.shape[1], height, width, 3)  # _inputs' K
+    modelled = Counter()
+    for record in module.traffic(shape, 4):
+        if record.phase == roofline.FORWARD:
+            modelled[record.name.split(" ")[0]] += record.count
+    assert counted == modelled
 
 
 def test_counter_sees_a_launch_and_an_aten_call():
