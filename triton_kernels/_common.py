@@ -312,8 +312,8 @@ def pooled_gate_dot(part_ptr, w_ptr, b, offs_n, mask_n, C, CK, NMT, HW,
                     NUM_GATES: tl.constexpr, BLOCK_K: tl.constexpr):
     """Σ_k W[g·C + n, k] · ȳ[k] for gates g < NUM_GATES and channels offs_n of sample b, where
     ȳ = (Σ_tiles part[b, tile, :]) / HW is the GAP of a map from its per-pixel-tile column sums
-    ``part [B, NMT, CK]`` (reduced here in a fixed order: deterministic); ``W [NUM_GATES·C, CK]``.
-    Returns three vectors (the unused ones are zero)."""
+    ``part [B, NMT, CK]`` (reduced here in a fixed order: deterministic); ``W [NUM_GATES·C, CK]``
+    (NUM_GATES 1 to 3). Returns three vectors (the unused ones are zero)."""
     z0 = tl.zeros_like(offs_n).to(tl.float32)
     z1 = tl.zeros_like(offs_n).to(tl.float32)
     z2 = tl.zeros_like(offs_n).to(tl.float32)
@@ -325,8 +325,9 @@ def pooled_gate_dot(part_ptr, w_ptr, b, offs_n, mask_n, C, CK, NMT, HW,
         rows = offs_n[:, None] * CK + offs_k[None, :]
         u0 = tl.load(w_ptr + rows, mask=wmask, other=0.0).to(tl.float32)
         z0 += tl.sum(u0 * ybar[None, :], axis=1)
-        u1 = tl.load(w_ptr + C * CK + rows, mask=wmask, other=0.0).to(tl.float32)
-        z1 += tl.sum(u1 * ybar[None, :], axis=1)
+        if NUM_GATES >= 2:
+            u1 = tl.load(w_ptr + C * CK + rows, mask=wmask, other=0.0).to(tl.float32)
+            z1 += tl.sum(u1 * ybar[None, :], axis=1)
         if NUM_GATES == 3:
             u2 = tl.load(w_ptr + 2 * C * CK + rows, mask=wmask, other=0.0).to(tl.float32)
             z2 += tl.sum(u2 * ybar[None, :], axis=1)
@@ -363,16 +364,10 @@ def pooled_input_gates_kernel(xpart_ptr, ux_ptr, gb_ptr, xg_ptr, C, CIN, NMT, HW
     n = tl.program_id(1)
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     mask_n = offs_n < C
-    for g in range(GATES):
+    for g in range(GATES):  # one gate at a time: pooled_gate_dot of U_x's rows of gate g
         rows = g * C + offs_n
-        z = tl.zeros([BLOCK_N], dtype=tl.float32)
-        for k0 in range(0, CIN, BLOCK_K):
-            offs_k = k0 + tl.arange(0, BLOCK_K)
-            mask_k = offs_k < CIN
-            xbar = tile_sum(xpart_ptr, n, NMT, CIN, offs_k, mask_k)
-            u = tl.load(ux_ptr + rows[:, None] * CIN + offs_k[None, :],
-                        mask=mask_n[:, None] & mask_k[None, :], other=0.0).to(tl.float32)
-            z += tl.sum(u * (xbar / HW)[None, :], axis=1)
+        z, _, _ = pooled_gate_dot(xpart_ptr, ux_ptr + g * C * CIN, n, offs_n, mask_n, C, CIN, NMT,
+                                  HW, 1, BLOCK_K)
         z += tl.load(gb_ptr + rows, mask=mask_n, other=0.0).to(tl.float32)
         tl.store(xg_ptr + n * GATES * C + rows, z, mask=mask_n)
 
